@@ -1,0 +1,81 @@
+"""django-clustershm: shared memory for the worker processes of one Django server.
+
+    import django_clustershm as clustershm
+
+    clustershm.set("myObj", {"name": "Tom", "age": 10})
+    clustershm.get("myObj")
+    clustershm.incr("hits")
+    clustershm.remove("myObj")
+"""
+
+from .api import add, clear, decr, delete_many, get, get_many, has, incr, keys, ping, remove, set, set_many, stats, touch
+from .client import Client, EmbeddedClient, SocketClient
+from .conf import configure, connect, get_client
+from .engine import Engine, Limits
+from .exceptions import (
+    AuthenticationFailed,
+    ClusterShmError,
+    IntegerOverflow,
+    InvalidKey,
+    KeyNotFound,
+    KeyTooLarge,
+    LimitExceeded,
+    LockNotOwned,
+    LockTimeout,
+    ManagerUnavailable,
+    NotAnInteger,
+    ProtocolError,
+    RemoteError,
+    SerializationError,
+    StoreFull,
+    ValueTooLarge,
+)
+from .manager import Manager
+
+__version__ = "0.1.0"
+
+__all__ = [
+    # the shared store (the seed's set/get/remove and more)
+    "add",
+    "clear",
+    "decr",
+    "delete_many",
+    "get",
+    "get_many",
+    "has",
+    "incr",
+    "keys",
+    "ping",
+    "remove",
+    "set",
+    "set_many",
+    "stats",
+    "touch",
+    # clients and the Manager
+    "Client",
+    "EmbeddedClient",
+    "Engine",
+    "Limits",
+    "Manager",
+    "SocketClient",
+    "configure",
+    "connect",
+    "get_client",
+    # errors
+    "AuthenticationFailed",
+    "ClusterShmError",
+    "IntegerOverflow",
+    "InvalidKey",
+    "KeyNotFound",
+    "KeyTooLarge",
+    "LimitExceeded",
+    "LockNotOwned",
+    "LockTimeout",
+    "ManagerUnavailable",
+    "NotAnInteger",
+    "ProtocolError",
+    "RemoteError",
+    "SerializationError",
+    "StoreFull",
+    "ValueTooLarge",
+]

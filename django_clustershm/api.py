@@ -1,0 +1,79 @@
+"""The module-level API: ``import django_clustershm as clustershm; clustershm.set(...)``.
+
+Each function calls the process-wide client (:func:`~.conf.get_client`):
+the cluster's Manager inside ``runcluster`` workers, an embedded one
+elsewhere. See :class:`~.client.Client` for the full signatures.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable, Mapping
+
+from .conf import get_client
+
+_MISSING: Any = None
+
+
+def get(key: str, default: Any = None) -> Any:
+    """The value of ``key``, or ``default`` if it is missing or expired (seed: ``get``)."""
+    return get_client().get(key, default)
+
+
+def set(key: str, value: Any, timeout: float | None = None) -> None:  # noqa: A001 - the seed's name
+    """Store ``value`` under ``key``, optionally expiring after ``timeout`` seconds (seed: ``set``)."""
+    get_client().set(key, value, timeout)
+
+
+def remove(key: str) -> bool:
+    """Remove ``key``; True if it existed (seed: ``remove``)."""
+    return get_client().remove(key)
+
+
+def has(key: str) -> bool:
+    return get_client().has(key)
+
+
+def add(key: str, value: Any, timeout: float | None = None) -> bool:
+    """Store only if ``key`` is absent, atomically; True if stored."""
+    return get_client().add(key, value, timeout)
+
+
+def incr(key: str, delta: int = 1, *, default: int | None = 0) -> int:
+    """Atomically add ``delta``; a missing key starts at ``default`` (None: raise KeyNotFound)."""
+    return get_client().incr(key, delta, default=default)
+
+
+def decr(key: str, delta: int = 1, *, default: int | None = 0) -> int:
+    return get_client().decr(key, delta, default=default)
+
+
+def touch(key: str, timeout: float | None = None) -> bool:
+    return get_client().touch(key, timeout)
+
+
+def get_many(keys: Iterable[str]) -> dict:
+    return get_client().get_many(keys)
+
+
+def set_many(mapping: Mapping[str, Any], timeout: float | None = None) -> None:
+    get_client().set_many(mapping, timeout)
+
+
+def delete_many(keys: Iterable[str]) -> int:
+    return get_client().delete_many(keys)
+
+
+def keys(prefix: str = "") -> list[str]:
+    return get_client().keys(prefix)
+
+
+def clear() -> int:
+    return get_client().clear()
+
+
+def stats() -> dict:
+    return get_client().stats()
+
+
+def ping() -> bool:
+    return get_client().ping()

@@ -1,0 +1,6 @@
+from django.apps import AppConfig
+
+
+class ClusterShmConfig(AppConfig):
+    name = "django_clustershm"
+    verbose_name = "Cluster shared memory"

@@ -1,0 +1,435 @@
+"""Clients of the Manager: over its Unix socket, or embedded in this process.
+
+:class:`Client` holds the whole API and everything done on the caller's
+side: key checks, size limits, and serialisation (pickle, except native
+64-bit integers so that ``incr`` works in the Manager). Its two transports
+only move requests:
+
+* :class:`SocketClient` keeps one connection per thread, made lazily. It is
+  fork-safe: an at-fork hook closes a child's copies of the parent's
+  connections and gives the child fresh thread-local state, so a child never
+  writes into its parent's socket (which would interleave frames of two
+  processes on one stream). Every call has a timeout. A connection found dead
+  when sending (the Manager restarted) is replaced and the request sent once
+  more; on a Unix socket a send to a closed peer fails at once, so the request
+  cannot have been applied before. A connection that dies while waiting for a
+  reply is dropped and the call fails: the request may have been applied, and
+  a retry could apply it twice (an ``incr``).
+* :class:`EmbeddedClient` calls an in-process :class:`~.engine.Engine` under
+  one mutex, with the same engine code as the Manager, so the same semantics.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import logging
+import os
+import pickle
+import socket
+import struct
+import threading
+import weakref
+from typing import Any, Iterable, Mapping
+
+from . import protocol as P
+from .engine import Engine, Limits
+from .exceptions import (
+    AuthenticationFailed,
+    ClusterShmError,
+    InvalidKey,
+    KeyTooLarge,
+    ManagerUnavailable,
+    ProtocolError,
+    SerializationError,
+    ValueTooLarge,
+    error_from_code,
+)
+from .store import INT64_MAX, INT64_MIN
+
+logger = logging.getLogger("django_clustershm.client")
+
+DEFAULT_TIMEOUT = 5.0
+_RECV_SIZE = 64 * 1024  # under glibc's mmap threshold: a larger recv() buffer costs an mmap+munmap per call
+_PICKLE_PROTOCOL = pickle.HIGHEST_PROTOCOL
+_dumps = pickle.dumps
+_loads = pickle.loads
+_MISSING = object()
+
+
+def encode_value(value: Any, max_value: int) -> bytes | int:
+    """What the Manager stores for ``value``: a native int, or its pickle."""
+    if type(value) is int and INT64_MIN <= value <= INT64_MAX:
+        return value
+    try:
+        data = _dumps(value, _PICKLE_PROTOCOL)
+    except Exception as exc:  # PicklingError, TypeError, AttributeError...
+        raise SerializationError(f"cannot pickle a value of type {type(value).__name__}: {exc}") from exc
+    if len(data) > max_value:
+        raise ValueTooLarge(f"value pickles to {len(data)} bytes; the maximum is {max_value} (MAX_VALUE_SIZE)")
+    return data
+
+
+def decode_value(data: bytes | int) -> Any:
+    if type(data) is int:
+        return data
+    return _loads(data)
+
+
+class Client:
+    """The API shared by both transports. Subclasses implement :meth:`_call`."""
+
+    limits: Limits
+
+    def _call(self, op: int, args: list):  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _key(self, key: str) -> str:
+        if type(key) is not str:
+            if isinstance(key, str):
+                return self._key(str(key))
+            raise InvalidKey(f"keys are str, not {type(key).__name__}")
+        max_key = self.limits.max_key
+        if key.isascii():
+            if len(key) > max_key:
+                raise KeyTooLarge(f"key is {len(key)} bytes; the maximum is {max_key} (MAX_KEY_SIZE)")
+        else:
+            try:
+                size = len(key.encode("utf-8"))
+            except UnicodeEncodeError as exc:
+                raise InvalidKey(f"key cannot be encoded as UTF-8: {exc}") from exc
+            if size > max_key:
+                raise KeyTooLarge(f"key is {size} bytes in UTF-8; the maximum is {max_key} (MAX_KEY_SIZE)")
+        return key
+
+    def _value(self, value):
+        return encode_value(value, self.limits.max_value)
+
+    # -- the seed's operations -----------------------------------------------
+
+    def get(self, key: str, default: Any = None, *, ns: str = "") -> Any:
+        """The value of ``key``, or ``default`` if it is missing or expired."""
+        data = self._call(P.GET, [ns, self._key(key)])
+        return default if data is None else decode_value(data)
+
+    def set(self, key: str, value: Any, timeout: float | None = None, *, ns: str = "") -> None:
+        """Store ``value`` under ``key``; ``timeout`` seconds until it expires (None: never)."""
+        self._call(P.SET, [ns, self._key(key), self._value(value), timeout])
+
+    def remove(self, key: str, *, ns: str = "") -> bool:
+        """Remove ``key``; True if it existed."""
+        return self._call(P.REMOVE, [ns, self._key(key)])
+
+    delete = remove
+
+    # -- more atomic operations ------------------------------------------------
+
+    def has(self, key: str, *, ns: str = "") -> bool:
+        return self._call(P.HAS, [ns, self._key(key)])
+
+    def add(self, key: str, value: Any, timeout: float | None = None, *, ns: str = "") -> bool:
+        """Store ``value`` only if ``key`` is absent; True if it was stored."""
+        return self._call(P.ADD, [ns, self._key(key), self._value(value), timeout])
+
+    def incr(self, key: str, delta: int = 1, *, default: int | None = 0, ns: str = "") -> int:
+        """Add ``delta`` atomically and return the new value.
+
+        A missing key starts from ``default``; with ``default=None`` a missing
+        key raises :class:`KeyNotFound` instead (Django's cache semantics).
+        """
+        return self._call(P.INCR, [ns, self._key(key), _int(delta), None if default is None else _int(default)])
+
+    def decr(self, key: str, delta: int = 1, *, default: int | None = 0, ns: str = "") -> int:
+        return self.incr(key, -_int(delta), default=default, ns=ns)
+
+    def touch(self, key: str, timeout: float | None = None, *, ns: str = "") -> bool:
+        """Give ``key`` a new expiry (None: never expires); True if the key exists."""
+        return self._call(P.TOUCH, [ns, self._key(key), timeout])
+
+    def get_many(self, keys: Iterable[str], *, ns: str = "") -> dict:
+        """The values of the keys that exist, in one round trip."""
+        found = self._call(P.GET_MANY, [ns, [self._key(k) for k in keys]])
+        return {key: decode_value(data) for key, data in found.items()}
+
+    def set_many(self, mapping: Mapping[str, Any], timeout: float | None = None, *, ns: str = "") -> None:
+        """Store every item in one round trip (all or none)."""
+        encoded = {self._key(k): self._value(v) for k, v in mapping.items()}
+        self._call(P.SET_MANY, [ns, encoded, timeout])
+
+    def delete_many(self, keys: Iterable[str], *, ns: str = "") -> int:
+        """Remove the keys in one round trip; return how many existed."""
+        return self._call(P.DELETE_MANY, [ns, [self._key(k) for k in keys]])
+
+    def keys(self, prefix: str = "", *, ns: str = "") -> list[str]:
+        """The live keys that start with ``prefix`` (all keys by default)."""
+        if type(prefix) is not str:
+            raise InvalidKey("a prefix is a str")
+        return self._call(P.KEYS, [ns, prefix])
+
+    def clear(self, *, ns: str = "") -> int:
+        """Remove every key of the namespace; return how many there were."""
+        return self._call(P.CLEAR, [ns])
+
+    def stats(self) -> dict:
+        """The Manager's figures: keys, bytes, hits, ops/s, connected clients..."""
+        return self._call(P.STATS, [])
+
+    def ping(self) -> bool:
+        return self._call(P.PING, []) == "pong"
+
+    def close(self) -> None:
+        """Release what this client holds in this process (it stays usable)."""
+
+
+def _int(n) -> int:
+    if type(n) is not int:
+        if isinstance(n, int):  # bool, IntEnum
+            return int(n)
+        raise TypeError(f"expected an int, got {type(n).__name__}")
+    return n
+
+
+# -- over the socket ---------------------------------------------------------------
+
+_live_connections: "weakref.WeakSet[_Connection]" = weakref.WeakSet()
+_socket_clients: "weakref.WeakSet[SocketClient]" = weakref.WeakSet()
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1e6))
+
+
+class _Connection:
+    """One authenticated connection, used by one thread at a time."""
+
+    __slots__ = ("sock", "reader", "limits", "session_id", "rid", "timeout", "__weakref__")
+
+    def __init__(self, address: str, secret: bytes, timeout: float) -> None:
+        self.timeout = timeout
+        self.rid = 0
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock = sock
+        try:
+            sock.settimeout(timeout)
+            try:
+                sock.connect(address)
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                raise ManagerUnavailable(f"no Manager is listening on {address} ({exc.strerror})") from exc
+            except OSError as exc:
+                raise ManagerUnavailable(f"cannot connect to the Manager on {address}: {exc}") from exc
+            self._handshake(secret)
+            # From here on the socket is blocking with kernel timeouts: one
+            # recv() per reply, without the poll() that settimeout() adds.
+            sock.settimeout(None)
+            tv = _timeval(timeout)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        except BaseException:
+            sock.close()
+            raise
+        _live_connections.add(self)
+
+    def _read_frame(self):
+        while True:
+            try:
+                data = self.sock.recv(P.HANDSHAKE_MAX_FRAME)
+            except socket.timeout as exc:
+                raise ManagerUnavailable(f"the Manager did not complete the handshake within {self.timeout}s") from exc
+            except OSError as exc:
+                raise ManagerUnavailable(f"the Manager closed the connection during the handshake: {exc}") from exc
+            if not data:
+                raise AuthenticationFailed("the Manager closed the connection during the handshake")
+            frames = self.reader.feed(data)
+            if frames:
+                return frames[0]
+
+    def _handshake(self, secret: bytes) -> None:
+        self.reader = P.FrameReader(P.HANDSHAKE_MAX_FRAME)
+        op, _rid, payload = self._read_frame()
+        if op != P.HELLO:
+            raise ProtocolError(f"expected HELLO from the Manager, got opcode 0x{op:02x}")
+        version, server_nonce, _manager_pid = P.decode_payload(payload)
+        if version != P.VERSION:
+            raise AuthenticationFailed(f"the Manager speaks protocol {version}, this client {P.VERSION}")
+        client_nonce = os.urandom(P.NONCE_SIZE)
+        self.sock.sendall(P.encode(P.AUTH, 0, [P.client_proof(secret, server_nonce), client_nonce, os.getpid()]))
+        op, _rid, payload = self._read_frame()
+        reply = P.decode_payload(payload)
+        if op == P.ERR:
+            raise AuthenticationFailed(f"the Manager refused this client: {reply[1]}")
+        proof, limits, self.session_id = reply
+        if not hmac.compare_digest(proof, P.server_proof(secret, client_nonce)):
+            raise AuthenticationFailed("the process on the socket does not hold the cluster secret")
+        self.limits = Limits(limits["max_key"], limits["max_value"], limits["max_frame"])
+        self.reader.max_frame = self.limits.max_frame
+
+    def send(self, frame: bytes) -> None:
+        self.sock.sendall(frame)
+
+    def receive(self, rid: int):
+        """Wait for the reply to ``rid``; return ``(opcode, payload)``."""
+        reader = self.reader
+        while True:
+            try:
+                data = self.sock.recv(_RECV_SIZE)
+            except (BlockingIOError, socket.timeout) as exc:  # SO_RCVTIMEO expired
+                raise ManagerUnavailable(f"no reply from the Manager within {self.timeout}s") from exc
+            except OSError as exc:
+                raise ManagerUnavailable(f"lost the connection to the Manager: {exc}") from exc
+            if not data:
+                raise ManagerUnavailable("the Manager closed the connection")
+            for op, frid, payload in reader.feed(data):
+                if op >= P.PUSH_MIN:
+                    continue  # pushes are consumed by the modules that subscribe to them
+                if frid != rid:
+                    raise ProtocolError(f"reply for request {frid} while waiting for {rid}")
+                return op, payload
+
+    def close(self) -> None:
+        sock = getattr(self, "sock", None)
+        if sock is not None:
+            sock.close()
+
+    # A thread's connection goes when its thread-local storage goes.
+    __del__ = close
+
+
+class SocketClient(Client):
+    """A client of a Manager at ``address``; one lazy connection per thread."""
+
+    def __init__(self, address: str, secret: bytes, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self.address = address
+        self.secret = secret
+        self.timeout = timeout
+        self._local = threading.local()
+        self._limits: Limits | None = None
+        _socket_clients.add(self)
+
+    def __repr__(self) -> str:
+        return f"<SocketClient {self.address}>"
+
+    @property
+    def limits(self) -> Limits:  # type: ignore[override]
+        if self._limits is None:
+            self._connection()
+        return self._limits  # type: ignore[return-value]
+
+    def _connection(self) -> _Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = _Connection(self.address, self.secret, self.timeout)
+            self._local.conn = conn
+            self._limits = conn.limits
+        return conn
+
+    def _drop(self, conn: _Connection) -> None:
+        conn.close()
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+
+    def _call(self, op: int, args: list):
+        conn = self._connection()
+        conn.rid = rid = (conn.rid + 1) & 0xFFFFFFFF or 1
+        try:
+            frame = P.encode(op, rid, args)
+        except UnicodeEncodeError as exc:
+            raise InvalidKey(f"a key cannot be encoded as UTF-8: {exc}") from exc
+        if len(frame) - P.HEADER_SIZE > conn.limits.max_frame:
+            raise ValueTooLarge(f"request of {len(frame)} bytes exceeds the maximum frame of {conn.limits.max_frame}; send fewer items at once")
+        try:
+            conn.send(frame)
+        except OSError as exc:
+            self._drop(conn)
+            if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
+                raise ManagerUnavailable(f"cannot send to the Manager: {exc}") from exc
+            # The Manager closed this connection before reading the request
+            # (it restarted): nothing was applied, so sending again is safe.
+            conn = self._connection()
+            conn.rid = rid
+            try:
+                conn.send(frame)
+            except OSError as exc2:
+                self._drop(conn)
+                raise ManagerUnavailable(f"cannot send to the Manager: {exc2}") from exc2
+        try:
+            op, payload = conn.receive(rid)
+        except ClusterShmError:
+            self._drop(conn)
+            raise
+        result = P.decode_payload(payload)
+        if op == P.OK:
+            return result
+        if op == P.ERR:
+            raise error_from_code(result[0], result[1])
+        self._drop(conn)
+        raise ProtocolError(f"unexpected reply opcode 0x{op:02x}")
+
+    def close(self) -> None:
+        """Close this thread's connection (a later call opens a new one)."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            self._drop(conn)
+
+    def _after_fork_in_child(self) -> None:
+        self._local = threading.local()
+
+
+def _after_fork_in_child() -> None:
+    # Close the child's copies of every connection the parent had (in any
+    # thread), then give each client empty thread-local state.
+    for conn in list(_live_connections):
+        conn.close()
+    for client in list(_socket_clients):
+        client._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+# -- embedded ------------------------------------------------------------------------
+
+_embedded_clients: "weakref.WeakSet[EmbeddedClient]" = weakref.WeakSet()
+
+
+class EmbeddedClient(Client):
+    """The API on an in-process engine: for runserver, shells and test suites.
+
+    State lives in this process only. A process forked from this one gets its
+    own copy, which is not shared: that is logged once in the child, since it
+    usually means a prefork server runs without ``runcluster``.
+    """
+
+    def __init__(self, engine: Engine | None = None, **engine_options) -> None:
+        self.engine = engine or Engine(**engine_options)
+        self.limits = self.engine.limits
+        self._lock = threading.Lock()
+        self._session = self.engine.open_session(pid=os.getpid())
+        self._forked = False
+        _embedded_clients.add(self)
+
+    def __repr__(self) -> str:
+        return "<EmbeddedClient>"
+
+    def _call(self, op: int, args: list):
+        if self._forked:
+            self._forked = False
+            logger.warning(
+                "django-clustershm: process %d uses an embedded Manager inherited through fork(); its state "
+                "is a private copy, not shared with other processes. Serve with 'manage.py runcluster' "
+                "(or the gunicorn config module) to share state between workers.",
+                os.getpid(),
+            )
+        engine = self.engine
+        with self._lock:
+            engine.tick()
+            return engine.dispatch(self._session, op, args)
+
+
+def _after_fork_embedded() -> None:
+    for client in list(_embedded_clients):
+        client._lock = threading.Lock()  # the parent may have held it mid-fork
+        client._forked = True
+
+
+os.register_at_fork(after_in_child=_after_fork_embedded)

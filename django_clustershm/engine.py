@@ -1,0 +1,238 @@
+"""The Manager's state and its operations, with no I/O.
+
+:class:`Engine` owns the namespaces and answers decoded requests. Two
+transports drive it: :class:`~django_clustershm.manager.Manager` (a Unix
+socket server whose event loop is the only thread that touches the engine)
+and :class:`~django_clustershm.client.EmbeddedClient` (in-process calls under
+one mutex). Both therefore share one implementation of every operation and
+every limit: the embedded mode has the cluster's semantics by construction.
+
+Arguments may come from a rogue client, so every handler checks types and
+sizes itself; it raises a :class:`ClusterShmError` for a request it refuses
+(sent back as an error, the connection stays open). Any other exception
+means the request was malformed, and the transport closes that connection.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Callable
+
+from . import protocol as P
+from .exceptions import InvalidKey, KeyTooLarge, ProtocolError, ValueTooLarge
+from .store import INT64_MAX, INT64_MIN, Store
+
+DEFAULT_MAX_KEY = 4096
+DEFAULT_MAX_VALUE = 32 * 1024 * 1024
+
+
+class Session:
+    """One client connection (or one embedded client), as the engine sees it."""
+
+    __slots__ = ("id", "pid", "since", "ops", "peer_uid", "__weakref__")
+
+    def __init__(self, sid: int, pid: int = 0, peer_uid: int | None = None) -> None:
+        self.id = sid
+        self.pid = pid
+        self.peer_uid = peer_uid
+        self.since = time.time()
+        self.ops = 0
+
+
+class Limits:
+    """Sizes a client must respect; told to clients at the handshake."""
+
+    __slots__ = ("max_key", "max_value", "max_frame")
+
+    def __init__(self, max_key: int = DEFAULT_MAX_KEY, max_value: int = DEFAULT_MAX_VALUE, max_frame: int | None = None):
+        if max_frame is None:
+            max_frame = max(P.DEFAULT_MAX_FRAME, max_value + P.FRAME_OVERHEAD)
+        if max_value + P.FRAME_OVERHEAD > max_frame:
+            raise ValueError("max_frame must exceed max_value by at least FRAME_OVERHEAD")
+        self.max_key = max_key
+        self.max_value = max_value
+        self.max_frame = max_frame
+
+    def as_dict(self) -> dict:
+        return {"max_key": self.max_key, "max_value": self.max_value, "max_frame": self.max_frame}
+
+
+class Engine:
+    """All state of a Manager, and the dispatch of requests to it."""
+
+    def __init__(
+        self,
+        *,
+        limits: Limits | None = None,
+        max_store_bytes: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limits = limits or Limits()
+        self.clock = clock
+        self.store = Store(clock=clock, max_bytes=max_store_bytes)
+        self.sessions: dict[int, Session] = {}
+        self._next_sid = 1
+        self.started = time.time()
+        self.ops = 0
+        # ops/s over the last whole second
+        self._rate_second = int(clock())
+        self._rate_count = 0
+        self.ops_per_second = 0
+        self.handlers: dict[int, Callable] = {
+            P.PING: self._ping,
+            P.GET: self._get,
+            P.SET: self._set,
+            P.ADD: self._add,
+            P.REMOVE: self._remove,
+            P.HAS: self._has,
+            P.INCR: self._incr,
+            P.TOUCH: self._touch,
+            P.GET_MANY: self._get_many,
+            P.SET_MANY: self._set_many,
+            P.DELETE_MANY: self._delete_many,
+            P.KEYS: self._keys,
+            P.CLEAR: self._clear,
+            P.STATS: self._stats,
+        }
+
+    # -- sessions ------------------------------------------------------------
+
+    def open_session(self, pid: int = 0, peer_uid: int | None = None) -> Session:
+        session = Session(self._next_sid, pid, peer_uid)
+        self._next_sid += 1
+        self.sessions[session.id] = session
+        return session
+
+    def close_session(self, session: Session) -> None:
+        """Forget a client; later issues release its locks and listeners here."""
+        self.sessions.pop(session.id, None)
+
+    # -- dispatch ------------------------------------------------------------
+
+    def dispatch(self, session: Session, op: int, args: list):
+        handler = self.handlers.get(op)
+        if handler is None:
+            raise ProtocolError(f"unknown opcode 0x{op:02x}")
+        session.ops += 1
+        self.ops += 1
+        second = int(self.clock())
+        if second != self._rate_second:
+            self.ops_per_second = self._rate_count if second == self._rate_second + 1 else 0
+            self._rate_second = second
+            self._rate_count = 0
+        self._rate_count += 1
+        return handler(session, *args)
+
+    def tick(self) -> float | None:
+        """Reclaim expired keys; return the next deadline (monotonic) or None."""
+        self.store.reap()
+        return self.store.next_deadline()
+
+    # -- validation of what a client sent -----------------------------------
+
+    def _ns(self, ns) -> Store:
+        if ns != "":
+            # Named caches arrive with the cache-backend issue.
+            raise InvalidKey(f"unknown namespace {ns!r}")
+        return self.store
+
+    def _key(self, key) -> str:
+        if type(key) is not str:
+            raise InvalidKey(f"keys are str, not {type(key).__name__}")
+        if len(key) > self.limits.max_key:
+            # len() counts characters; a client checks UTF-8 bytes before sending.
+            raise KeyTooLarge(f"key of {len(key)} characters exceeds the maximum of {self.limits.max_key}")
+        return key
+
+    def _value(self, value):
+        kind = type(value)
+        if kind is bytes:
+            if len(value) > self.limits.max_value:
+                raise ValueTooLarge(f"value of {len(value)} bytes exceeds the maximum of {self.limits.max_value}")
+            return value
+        if kind is int:
+            return value
+        raise ProtocolError(f"values are bin or int on the wire, not {kind.__name__}")
+
+    @staticmethod
+    def _ttl(ttl):
+        if ttl is None or type(ttl) in (int, float):
+            return ttl
+        raise ProtocolError(f"a timeout is a number or nil, not {type(ttl).__name__}")
+
+    @staticmethod
+    def _int(n):
+        if type(n) is not int or not INT64_MIN <= n <= INT64_MAX:
+            raise ProtocolError("expected a 64-bit integer")
+        return n
+
+    # -- handlers --------------------------------------------------------------
+
+    def _ping(self, session):
+        return "pong"
+
+    def _get(self, session, ns, key):
+        return self._ns(ns).get(self._key(key))
+
+    def _set(self, session, ns, key, value, ttl):
+        self._ns(ns).set(self._key(key), self._value(value), self._ttl(ttl))
+
+    def _add(self, session, ns, key, value, ttl):
+        return self._ns(ns).add(self._key(key), self._value(value), self._ttl(ttl))
+
+    def _remove(self, session, ns, key):
+        return self._ns(ns).remove(self._key(key))
+
+    def _has(self, session, ns, key):
+        return self._ns(ns).has(self._key(key))
+
+    def _incr(self, session, ns, key, delta, initial):
+        return self._ns(ns).incr(self._key(key), self._int(delta), None if initial is None else self._int(initial))
+
+    def _touch(self, session, ns, key, ttl):
+        return self._ns(ns).touch(self._key(key), self._ttl(ttl))
+
+    def _get_many(self, session, ns, keys):
+        store = self._ns(ns)
+        return store.get_many([self._key(k) for k in keys])
+
+    def _set_many(self, session, ns, mapping, ttl):
+        if type(mapping) is not dict:
+            raise ProtocolError("set_many takes a map")
+        checked = {self._key(k): self._value(v) for k, v in mapping.items()}
+        self._ns(ns).set_many(checked, self._ttl(ttl))
+
+    def _delete_many(self, session, ns, keys):
+        store = self._ns(ns)
+        return store.delete_many([self._key(k) for k in keys])
+
+    def _keys(self, session, ns, prefix):
+        if type(prefix) is not str:
+            raise InvalidKey("a prefix is a str")
+        return self._ns(ns).keys(prefix)
+
+    def _clear(self, session, ns):
+        return self._ns(ns).clear()
+
+    def _stats(self, session):
+        store = self.store
+        return {
+            "manager_pid": os.getpid(),
+            "uptime": time.time() - self.started,
+            "ops": self.ops,
+            "ops_per_second": self.ops_per_second,
+            "store": {
+                "keys": len(store),
+                "bytes": store.bytes,
+                "max_bytes": store.max_bytes,
+                "hits": store.hits,
+                "misses": store.misses,
+                "expired": store.expired,
+            },
+            "clients": [
+                {"id": s.id, "pid": s.pid, "since": s.since, "ops": s.ops}
+                for s in self.sessions.values()
+            ],
+            "limits": self.limits.as_dict(),
+        }

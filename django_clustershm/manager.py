@@ -1,0 +1,443 @@
+"""The Manager: a Unix-socket server around the :class:`~.engine.Engine`.
+
+One selector loop owns every connection and is the only code that touches
+the engine, so operations need no locks and each is atomic with respect to
+all others. The loop runs in a thread of the process that starts it (the
+cluster master under ``runcluster``), or in the foreground with
+:meth:`Manager.serve_forever`.
+
+Why a thread of the master rather than the arbiter's own idle wait: the
+Manager must answer while the arbiter is busy in its own sleeps (a graceful
+stop waits up to ``graceful_timeout`` for workers that may still be calling
+the Manager to finish their requests). A thread is safe to fork from here
+because a forked worker never touches the Manager's objects: the at-fork
+hook below only closes the child's copies of the Manager's descriptors, and
+CPython re-initialises the locks (logging, the GIL) that a child could need.
+``tests/test_manager.py`` forks children while the loop is under load.
+
+Security: the socket lives in a fresh directory of mode 0700 and is itself
+0600; every peer's uid is checked with ``SO_PEERCRED``; and the peer must
+prove it holds the cluster secret with an HMAC over a random challenge (see
+:mod:`~.protocol`). A peer gets :data:`~.protocol.HANDSHAKE_MAX_FRAME` bytes
+and :attr:`Manager.handshake_timeout` seconds to do so.
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import logging
+import os
+import selectors
+import shutil
+import socket
+import struct
+import tempfile
+import threading
+import time
+import weakref
+
+from . import protocol as P
+from .engine import Engine, Limits
+from .exceptions import ClusterShmError, ProtocolError, ValueTooLarge
+
+logger = logging.getLogger("django_clustershm.manager")
+
+_RECV_SIZE = 64 * 1024  # under glibc's mmap threshold: a larger recv() buffer costs an mmap+munmap per call
+_PEERCRED = struct.Struct("3i")  # pid, uid, gid
+
+
+def _remove_files(address: str, own_dir: str | None, pid: int) -> None:
+    if os.getpid() != pid:
+        return
+    try:
+        os.unlink(address)
+    except FileNotFoundError:
+        pass
+    if own_dir is not None:
+        shutil.rmtree(own_dir, ignore_errors=True)
+
+
+class _Conn:
+    __slots__ = ("sock", "fd", "reader", "out", "out_size", "session", "nonce", "deadline", "peer_pid", "peer_uid", "mask")
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock = sock
+        self.fd = sock.fileno()
+        self.reader = P.FrameReader(P.HANDSHAKE_MAX_FRAME)
+        self.out: list[bytes] = []
+        self.out_size = 0
+        self.session = None
+        self.nonce = os.urandom(P.NONCE_SIZE)
+        self.deadline = deadline
+        self.peer_pid = 0
+        self.peer_uid = -1
+        self.mask = selectors.EVENT_READ
+
+
+class Manager:
+    """Serve an :class:`Engine` over a Unix socket.
+
+    ``address``: the socket path; by default a fresh private directory is
+    made for it (and removed on :meth:`close`), with the secret beside the
+    socket in a 0600 file named ``secret`` so that other processes of the same
+    user on this host can attach (``django_clustershm.connect(address)``).
+    """
+
+    #: Seconds a new connection has to complete the handshake.
+    handshake_timeout = 10.0
+    #: Reply bytes queued for one client beyond which we stop reading its requests.
+    max_pending_output = 128 * 1024 * 1024
+    #: Seconds the loop keeps polling after activity before it sleeps (0: never spin).
+    spin = 50e-6
+    #: Connections beyond this are refused (closed at once, with a log line).
+    max_connections = 4096
+
+    def __init__(
+        self,
+        address: str | None = None,
+        secret: bytes | None = None,
+        *,
+        engine: Engine | None = None,
+        limits: Limits | None = None,
+        max_store_bytes: int | None = None,
+        write_secret_file: bool = True,
+    ) -> None:
+        self.engine = engine or Engine(limits=limits, max_store_bytes=max_store_bytes)
+        self.secret = secret if secret is not None else os.urandom(32)
+        self._own_dir = None
+        if address is None:
+            self._own_dir = tempfile.mkdtemp(prefix="clustershm-")  # mode 0700
+            address = os.path.join(self._own_dir, "manager.sock")
+        self.address = address
+        self.secret_file = None
+        self._pid = os.getpid()
+        self._uid = os.getuid()
+        self._conns: dict[int, _Conn] = {}
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._serving: threading.Thread | None = None
+        self._closed = False
+
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            old_umask = os.umask(0o177)  # the socket is born 0600, no window at 0755
+            try:
+                listener.bind(address)
+            finally:
+                os.umask(old_umask)
+            listener.listen(512)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            self._remove_files()
+            raise
+        self._listener = listener
+        if write_secret_file and self._own_dir is not None:
+            self.secret_file = os.path.join(self._own_dir, "secret")
+            fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(self.secret)
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._sel = selectors.DefaultSelector()
+        self._sel.register(listener, selectors.EVENT_READ, None)
+        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        # Files are removed even if the Manager is never closed (at exit, or
+        # when collected), but only by the process that made them.
+        self._finalizer = weakref.finalize(self, _remove_files, address, self._own_dir, self._pid)
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m._forget_in_child())
+        logger.debug("Manager listening on %s", address)
+
+    # -- lifecycle -------------------------------------------------------------
+
+    def start(self) -> "Manager":
+        """Serve in a daemon thread of this process; return self."""
+        if self._thread is not None:
+            raise RuntimeError("the Manager is already running")
+        self._thread = threading.Thread(target=self.serve_forever, name="clustershm-manager", daemon=True)
+        self._serving = self._thread
+        self._thread.start()
+        return self
+
+    def serve_forever(self) -> None:
+        """Serve in the calling thread until :meth:`close`."""
+        self._serving = threading.current_thread()
+        try:
+            self._loop()
+        finally:
+            self._shutdown()
+            self._serving = None
+
+    def close(self, timeout: float = 5.0) -> None:
+        """Stop serving, close every connection, remove the socket and its directory.
+
+        Safe from any thread, and from a signal handler of the serving thread
+        (then the loop finishes its iteration and shuts down by itself).
+        """
+        if self._closed or os.getpid() != self._pid:
+            return
+        self._stopping = True
+        self._wake()
+        serving = self._serving
+        if serving is None:
+            self._shutdown()
+        elif serving is not threading.current_thread():
+            serving.join(timeout)
+            if serving.is_alive():
+                logger.error("the Manager thread did not stop within %.1fs", timeout)
+
+    def __enter__(self) -> "Manager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (BlockingIOError, OSError):
+            pass
+
+    def _shutdown(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for conn in list(self._conns.values()):
+            self._close(conn, None)
+        self._sel.close()
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+        self._remove_files()
+        logger.debug("Manager on %s stopped", self.address)
+
+    def _remove_files(self) -> None:
+        _remove_files(self.address, self._own_dir, self._pid)
+
+    def _forget_in_child(self) -> None:
+        # A forked child (a worker) gets copies of our descriptors. Close them
+        # so that the child holds no socket of the Manager's: a worker that
+        # kept a client connection's fd open would keep that client alive in
+        # the Manager's eyes after the client's own process died. Never unlink
+        # or shut down here: the parent still serves on them.
+        if self._closed:
+            return
+        self._closed = True
+        self._thread = self._serving = None
+        for conn in list(self._conns.values()):
+            conn.sock.close()
+        self._conns = {}
+        for obj in (self._listener, self._wake_r, self._wake_w, self._sel):
+            try:
+                obj.close()
+            except OSError:
+                pass
+
+    # -- the loop --------------------------------------------------------------
+
+    def _loop(self) -> None:
+        sel = self._sel
+        engine = self.engine
+        listener_fd = self._listener.fileno()
+        wake_fd = self._wake_r.fileno()
+        clock = time.monotonic
+        spin = self.spin
+        next_check = clock() + 1.0
+        while not self._stopping:
+            deadline = engine.tick()
+            now = clock()
+            timeout = min(next_check, deadline) - now if deadline is not None else next_check - now
+            events = sel.select(0)
+            if not events and spin:
+                # Poll a little before sleeping: a worker that just got its
+                # reply usually sends its next request within microseconds,
+                # and waking a sleeping CPU costs more than that (on a 2-vCPU
+                # VM, 20-40 us a wake-up). Measured with bench/bench_core.py:
+                # get latency 51 -> 31 us, 4-process ops/s 78k -> 85k. The
+                # cost is at most `spin` seconds of CPU after each burst.
+                spin_until = clock() + spin
+                while not events and clock() < spin_until:
+                    events = sel.select(0)
+            if not events:
+                events = sel.select(max(timeout, 0.0))
+            for key, mask in events:
+                conn = key.data
+                if conn is not None:
+                    if mask & selectors.EVENT_READ:
+                        self._on_readable(conn)
+                    if mask & selectors.EVENT_WRITE and conn.fd in self._conns:
+                        self._flush(conn)
+                elif key.fd == listener_fd:
+                    self._accept()
+                elif key.fd == wake_fd:
+                    try:
+                        while self._wake_r.recv(4096):
+                            pass
+                    except BlockingIOError:
+                        pass
+            now = clock()
+            if now >= next_check:
+                next_check = now + 1.0
+                self._drop_slow_handshakes(now)
+
+    def _accept(self) -> None:
+        for _ in range(64):
+            try:
+                sock, _addr = self._listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    logger.error("cannot accept a client: %s", exc)
+                    return
+                raise
+            if len(self._conns) >= self.max_connections:
+                logger.error("refusing a client: %d connections already open", len(self._conns))
+                sock.close()
+                continue
+            sock.setblocking(False)
+            conn = _Conn(sock, time.monotonic() + self.handshake_timeout)
+            try:
+                pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+            except OSError as exc:
+                logger.warning("refusing a client whose credentials cannot be read: %s", exc)
+                sock.close()
+                continue
+            conn.peer_pid, conn.peer_uid = pid, uid
+            self._conns[conn.fd] = conn
+            self._sel.register(sock, selectors.EVENT_READ, conn)
+            conn.out.append(P.encode(P.HELLO, 0, [P.VERSION, conn.nonce, self._pid]))
+            conn.out_size = len(conn.out[0])
+            self._flush(conn)
+
+    def _drop_slow_handshakes(self, now: float) -> None:
+        for conn in [c for c in self._conns.values() if c.session is None and c.deadline <= now]:
+            self._close(conn, "no handshake within %.0fs" % self.handshake_timeout)
+
+    def _close(self, conn: _Conn, reason: str | None) -> None:
+        if self._conns.pop(conn.fd, None) is None:
+            return
+        if reason:
+            logger.warning("closing client (pid %s): %s", conn.peer_pid, reason)
+        try:
+            self._sel.unregister(conn.sock)
+        except (KeyError, ValueError):
+            pass
+        conn.sock.close()
+        if conn.session is not None:
+            self.engine.close_session(conn.session)
+            conn.session = None
+
+    def _on_readable(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(_RECV_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._close(conn, f"receive failed: {exc}")
+            return
+        if not data:
+            if conn.reader.pending():
+                self._close(conn, f"connection ended inside a frame ({conn.reader.pending()} bytes pending)")
+            else:
+                self._close(conn, None)
+            return
+        try:
+            frames = conn.reader.feed(data)
+        except ProtocolError as exc:
+            self._close(conn, str(exc))
+            return
+        if not frames:
+            return
+        session = conn.session
+        if session is None:
+            self._handshake(conn, frames)
+            return
+        engine = self.engine
+        encode = P.encode
+        max_frame = self.engine.limits.max_frame
+        out = conn.out
+        for op, rid, payload in frames:
+            try:
+                args = P.decode_payload(payload)
+                if type(args) is not list:
+                    raise ProtocolError("a request's payload is a list of arguments")
+                reply = encode(P.OK, rid, engine.dispatch(session, op, args))
+                if len(reply) - P.HEADER_SIZE > max_frame:
+                    raise ValueTooLarge(f"the reply would be {len(reply)} bytes, over the maximum frame of {max_frame}; ask for fewer keys")
+            except ProtocolError as exc:
+                self._close(conn, str(exc))
+                return
+            except ClusterShmError as exc:
+                reply = encode(P.ERR, rid, [exc.code, str(exc)])
+            except Exception as exc:  # arguments of the wrong shape from a rogue client
+                self._close(conn, f"malformed request (opcode 0x{op:02x}): {exc!r}")
+                return
+            out.append(reply)
+            conn.out_size += len(reply)
+        self._flush(conn)
+
+    def _handshake(self, conn: _Conn, frames) -> None:
+        op, rid, payload = frames[0]
+        try:
+            if op != P.AUTH or len(frames) > 1:
+                raise ProtocolError("expected one AUTH frame")
+            proof, client_nonce, client_pid = P.decode_payload(payload)
+            if type(proof) is not bytes or type(client_nonce) is not bytes or type(client_pid) is not int:
+                raise ProtocolError("malformed AUTH frame")
+        except (ProtocolError, TypeError, ValueError) as exc:
+            self._close(conn, f"handshake failed: {exc}")
+            return
+        if conn.peer_uid != self._uid:
+            self._refuse(conn, f"peer uid {conn.peer_uid} is not the Manager's uid {self._uid}")
+            return
+        if not hmac.compare_digest(proof, P.client_proof(self.secret, conn.nonce)):
+            self._refuse(conn, "wrong secret")
+            return
+        conn.session = self.engine.open_session(pid=conn.peer_pid or client_pid, peer_uid=conn.peer_uid)
+        conn.reader.max_frame = self.engine.limits.max_frame
+        reply = P.encode(P.OK, 0, [P.server_proof(self.secret, client_nonce), self.engine.limits.as_dict(), conn.session.id])
+        conn.out.append(reply)
+        conn.out_size += len(reply)
+        self._flush(conn)
+
+    def _refuse(self, conn: _Conn, reason: str) -> None:
+        logger.warning("refusing client (pid %s): %s", conn.peer_pid, reason)
+        try:
+            conn.sock.send(P.encode(P.ERR, 0, [2, "authentication failed"]))
+        except OSError:
+            pass
+        self._close(conn, None)
+
+    def _flush(self, conn: _Conn) -> None:
+        if conn.out:
+            data = conn.out[0] if len(conn.out) == 1 else b"".join(conn.out)
+            try:
+                sent = conn.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError as exc:
+                self._close(conn, None if exc.errno in (errno.EPIPE, errno.ECONNRESET) else f"send failed: {exc}")
+                return
+            if sent == len(data):
+                conn.out = []
+                conn.out_size = 0
+            else:
+                conn.out = [data[sent:]]
+                conn.out_size = len(data) - sent
+        if conn.out:
+            # A client that does not read its replies is not served more
+            # requests until it does: its backlog cannot grow without bound.
+            mask = selectors.EVENT_WRITE if conn.out_size > self.max_pending_output else selectors.EVENT_READ | selectors.EVENT_WRITE
+        else:
+            mask = selectors.EVENT_READ
+        if mask != conn.mask:
+            conn.mask = mask
+            self._sel.modify(conn.sock, mask, conn)

@@ -1,0 +1,207 @@
+"""The wire protocol between the Manager and its clients.
+
+Every message, in both directions, is one frame on a Unix stream socket::
+
+     0       2       3       4               8              12
+     +-------+-------+-------+---------------+---------------+====================+
+     | magic |version|opcode |  request id   |    length     |  payload           |
+     | "CS"  |  u8   |  u8   |  u32, BE      |  u32, BE      |  `length` bytes,   |
+     |       |       |       |               |               |  one msgpack value |
+     +-------+-------+-------+---------------+---------------+====================+
+
+* ``magic`` is ``b"CS"`` and ``version`` is :data:`VERSION`; anything else is a
+  :class:`~django_clustershm.exceptions.ProtocolError` and closes the connection.
+* ``length`` counts the payload only and may not exceed the connection's
+  maximum frame size (:data:`DEFAULT_MAX_FRAME`, set by the Manager and told to
+  the client at the handshake). Before the handshake completes the maximum is
+  :data:`HANDSHAKE_MAX_FRAME`, so an unauthenticated peer cannot make the
+  Manager buffer more than a few hundred bytes.
+* The payload is one msgpack value (for a request: the list of arguments).
+  msgpack is a safe encoding: decoding it never runs code. User values travel
+  inside it as opaque ``bin`` (the client's pickle) or as a native integer; the
+  Manager never unpickles anything.
+
+Opcodes 0x01-0x7F are requests, sent by a client with a request id of its
+choosing (a client may pipeline several; replies carry the id of their
+request). 0x80 and 0x81 are replies. 0xC0-0xFF are *pushes*: messages the
+Manager sends on its own (lock grants, listener events, invalidations) with
+request id 0, which a client must be ready to receive between replies.
+
+Handshake (request id 0)::
+
+    Manager -> client   HELLO  [VERSION, server_nonce, manager_pid]
+    client  -> Manager  AUTH   [hmac(secret, b"client" + server_nonce), client_nonce, client_pid]
+    Manager -> client   OK     [hmac(secret, b"server" + client_nonce), limits, session_id]
+                     or ERR    [code, message], then the Manager closes
+
+The secret never crosses the socket, and both sides prove they hold it
+(CPython's ``multiprocessing.connection`` does the same challenge one-way).
+The Manager also checks the peer's uid with ``SO_PEERCRED``.
+
+Requests and their payloads (``ns`` is the namespace: ``""`` for the shared
+store; the value ``v`` is ``bin`` or ``int``; ``ttl`` is seconds or nil)::
+
+    PING         []                      -> "pong"
+    GET          [ns, key]               -> v or nil
+    SET          [ns, key, v, ttl]       -> nil
+    ADD          [ns, key, v, ttl]       -> bool (stored)
+    REMOVE       [ns, key]               -> bool (existed)
+    HAS          [ns, key]               -> bool
+    INCR         [ns, key, delta, init]  -> int (init nil: KeyNotFound if missing)
+    TOUCH        [ns, key, ttl]          -> bool
+    GET_MANY     [ns, [key...]]          -> {key: v} (hits only)
+    SET_MANY     [ns, {key: v}, ttl]     -> nil
+    DELETE_MANY  [ns, [key...]]          -> int (how many existed)
+    KEYS         [ns, prefix]            -> [key...]
+    CLEAR        [ns]                    -> int (how many removed)
+    STATS        []                      -> {...}
+
+A reply is ``OK`` with the result, or ``ERR`` with ``[code, message]``
+(codes in :mod:`django_clustershm.exceptions`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import struct
+
+import msgpack
+
+from .exceptions import ProtocolError
+
+MAGIC = b"CS"
+VERSION = 1
+
+#: The one struct format of the header: magic, version, opcode, request id, length.
+HEADER = struct.Struct("!2sBBII")
+HEADER_SIZE = HEADER.size  # 12
+
+#: Default maximum payload of one frame (64 MiB): large values are welcome,
+#: unbounded ones are not (the seed capped values at what one IPC message held).
+DEFAULT_MAX_FRAME = 64 * 1024 * 1024
+#: Maximum payload before a peer has authenticated.
+HANDSHAKE_MAX_FRAME = 512
+#: Room kept in a frame for everything around a value (key, args, msgpack tags).
+FRAME_OVERHEAD = 64 * 1024
+
+# Requests.
+PING = 0x01
+GET = 0x02
+SET = 0x03
+ADD = 0x04
+REMOVE = 0x05
+HAS = 0x06
+INCR = 0x07
+TOUCH = 0x08
+GET_MANY = 0x09
+SET_MANY = 0x0A
+DELETE_MANY = 0x0B
+KEYS = 0x0C
+CLEAR = 0x0D
+STATS = 0x0E
+# Handshake.
+HELLO = 0x70
+AUTH = 0x71
+# Replies.
+OK = 0x80
+ERR = 0x81
+# Pushes (0xC0-0xFF) are defined by the modules that send them.
+PUSH_MIN = 0xC0
+
+OPCODE_NAMES = {
+    value: name
+    for name, value in list(globals().items())
+    if name.isupper() and isinstance(value, int) and name not in {"VERSION", "HEADER_SIZE"}
+    and not name.startswith(("DEFAULT_", "HANDSHAKE_", "FRAME_", "PUSH_"))
+}
+
+_pack = msgpack.Packer(use_bin_type=True).pack
+_header_pack = HEADER.pack
+
+
+def encode(op: int, rid: int, obj) -> bytes:
+    """One frame: the header and the msgpack payload of ``obj``, in one buffer."""
+    payload = _pack(obj)
+    return _header_pack(MAGIC, VERSION, op, rid, len(payload)) + payload
+
+
+def decode_payload(payload: bytes):
+    """Decode a payload; any malformation becomes :class:`ProtocolError`."""
+    try:
+        return msgpack.unpackb(payload, raw=False, use_list=True, strict_map_key=True)
+    except Exception as exc:  # msgpack raises several unrelated types
+        raise ProtocolError(f"malformed payload: {exc}") from exc
+
+
+class FrameReader:
+    """Incremental frame parser: feed it bytes, take out whole frames.
+
+    Used by the Manager for each connection and by the client, so both sides
+    reject the same malformations with the same words. A large frame arrives
+    in many reads; its chunks are kept in a list and joined once, when the
+    header says they are all there (concatenating on every read would copy a
+    32 MiB value a hundred times).
+    """
+
+    __slots__ = ("_chunks", "_have", "_need", "max_frame")
+
+    def __init__(self, max_frame: int = HANDSHAKE_MAX_FRAME) -> None:
+        self._chunks: list[bytes] = []
+        self._have = 0
+        self._need = HEADER_SIZE
+        self.max_frame = max_frame
+
+    def pending(self) -> int:
+        """Bytes received but not yet part of a returned frame."""
+        return self._have
+
+    def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
+        """Add ``data``; return the complete frames as ``(opcode, rid, payload)``."""
+        if self._chunks:
+            self._chunks.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return []
+            buf = b"".join(self._chunks)
+            self._chunks = []
+        else:
+            buf = data
+        frames = []
+        pos = 0
+        end = len(buf)
+        need = HEADER_SIZE
+        while end - pos >= HEADER_SIZE:
+            magic, version, op, rid, length = HEADER.unpack_from(buf, pos)
+            if magic != MAGIC:
+                raise ProtocolError(f"bad magic {magic!r}")
+            if version != VERSION:
+                raise ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})")
+            if length > self.max_frame:
+                raise ProtocolError(f"frame of {length} bytes exceeds the maximum of {self.max_frame}")
+            stop = pos + HEADER_SIZE + length
+            if stop > end:
+                need = HEADER_SIZE + length
+                break
+            frames.append((op, rid, buf[pos + HEADER_SIZE : stop]))
+            pos = stop
+        if pos < end:
+            rest = buf[pos:]
+            self._chunks = [rest]
+            self._have = len(rest)
+            self._need = need
+        else:
+            self._have = 0
+            self._need = HEADER_SIZE
+        return frames
+
+
+def client_proof(secret: bytes, server_nonce: bytes) -> bytes:
+    return hmac.new(secret, b"client" + server_nonce, hashlib.sha256).digest()
+
+
+def server_proof(secret: bytes, client_nonce: bytes) -> bytes:
+    return hmac.new(secret, b"server" + client_nonce, hashlib.sha256).digest()
+
+
+NONCE_SIZE = 32

@@ -1,0 +1,148 @@
+"""Process helpers for the tests: a Manager in its own forked process, and
+forked workers whose exit codes are asserted.
+
+Everything here ends only the processes it started, by pid.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+import traceback
+
+
+def wait_until(predicate, timeout: float = 10.0, interval: float = 0.005, message: str = "condition"):
+    """Poll ``predicate`` until it is true; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {message}")
+        time.sleep(interval)
+
+
+class ManagerProcess:
+    """A Manager serving in a forked child, as in a cluster master.
+
+    The child logs to ``self.log_path`` so tests can read the reasons it gives
+    for closing a connection.
+    """
+
+    def __init__(self, **manager_options) -> None:
+        self.dir = tempfile.mkdtemp(prefix="cshm-test-")
+        self.address = os.path.join(self.dir, "m.sock")
+        self.secret = os.urandom(32)
+        self.log_path = os.path.join(self.dir, "manager.log")
+        self.options = manager_options
+        self.pid: int | None = None
+
+    def start(self) -> "ManagerProcess":
+        r, w = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: serve until SIGTERM
+            code = 1
+            try:
+                os.close(r)
+                from django_clustershm.manager import Manager
+
+                handler = logging.FileHandler(self.log_path)
+                log = logging.getLogger("django_clustershm")
+                log.handlers[:] = [handler]
+                log.setLevel(logging.DEBUG)
+                manager = Manager(self.address, self.secret, **self.options)
+                signal.signal(signal.SIGTERM, lambda *_: manager.close())
+                os.write(w, b"1")
+                os.close(w)
+                manager.serve_forever()
+                handler.close()
+                code = 0
+            except BaseException:
+                traceback.print_exc()
+            finally:
+                os._exit(code)
+        os.close(w)
+        try:
+            if os.read(r, 1) != b"1":
+                raise RuntimeError("the Manager process failed to start")
+        finally:
+            os.close(r)
+        self.pid = pid
+        return self
+
+    def log(self) -> str:
+        try:
+            with open(self.log_path) as fh:
+                return fh.read()
+        except FileNotFoundError:
+            return ""
+
+    def stop(self) -> int:
+        """SIGTERM and reap; return the exit status (0 for a clean stop)."""
+        if self.pid is None:
+            return 0
+        pid, self.pid = self.pid, None
+        os.kill(pid, signal.SIGCONT)
+        os.kill(pid, signal.SIGTERM)
+        return reap(pid, 10)
+
+    def kill(self) -> None:
+        if self.pid is not None:
+            pid, self.pid = self.pid, None
+            os.kill(pid, signal.SIGKILL)
+            reap(pid, 10)
+            try:
+                os.unlink(self.address)
+            except FileNotFoundError:
+                pass
+
+    def cleanup(self) -> None:
+        try:
+            self.stop()
+        finally:
+            shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def reap(pid: int, timeout: float) -> int:
+    """waitpid with a deadline; SIGKILL the child (ours) if it overstays."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            _, status = os.waitpid(pid, 0)
+            raise AssertionError(f"process {pid} did not exit within {timeout}s (killed)")
+        time.sleep(0.005)
+
+
+def fork_call(fn, *args) -> int:
+    """Run ``fn(*args)`` in a forked child; return its pid. Exit 0 on success."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fn(*args)
+            code = 0
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    return pid
+
+
+def run_forked(n: int, fn, *args, timeout: float = 60) -> list[int]:
+    """Run ``fn(i, *args)`` in ``n`` forked children at once; return their exit codes."""
+    pids = [fork_call(fn, i, *args) for i in range(n)]
+    return [reap(pid, timeout) for pid in pids]

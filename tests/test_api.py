@@ -1,0 +1,133 @@
+"""The module-level API, the choice of mode, and the pinned public names."""
+
+import logging
+import os
+
+import pytest
+
+import django_clustershm as clustershm
+from django_clustershm import conf
+from django_clustershm.client import EmbeddedClient, SocketClient
+
+from .helpers import fork_call, reap
+
+
+def test_public_names_are_pinned():
+    assert sorted(clustershm.__all__) == sorted(
+        [
+            "add", "clear", "decr", "delete_many", "get", "get_many", "has", "incr", "keys", "ping",
+            "remove", "set", "set_many", "stats", "touch",
+            "Client", "EmbeddedClient", "Engine", "Limits", "Manager", "SocketClient",
+            "configure", "connect", "get_client",
+            "AuthenticationFailed", "ClusterShmError", "IntegerOverflow", "InvalidKey", "KeyNotFound",
+            "KeyTooLarge", "LimitExceeded", "LockNotOwned", "LockTimeout", "ManagerUnavailable",
+            "NotAnInteger", "ProtocolError", "RemoteError", "SerializationError", "StoreFull",
+            "ValueTooLarge",
+        ]
+    )  # fmt: skip
+    for name in clustershm.__all__:
+        assert hasattr(clustershm, name), name
+
+
+def test_exception_tree():
+    for name in clustershm.__all__:
+        obj = getattr(clustershm, name)
+        if isinstance(obj, type) and issubclass(obj, Exception):
+            assert issubclass(obj, clustershm.ClusterShmError)
+    assert issubclass(clustershm.ManagerUnavailable, ConnectionError)
+    assert issubclass(clustershm.ValueTooLarge, ValueError)
+    assert issubclass(clustershm.InvalidKey, ValueError)
+    assert issubclass(clustershm.LockTimeout, TimeoutError)
+
+
+def test_seed_operations_in_embedded_mode(caplog):
+    with caplog.at_level(logging.INFO, logger="django_clustershm"):
+        clustershm.set("myObj", {"name": "Tom", "age": 10})
+        assert clustershm.get("myObj") == {"name": "Tom", "age": 10}
+        assert clustershm.remove("myObj")
+        assert clustershm.get("myObj", "gone") == "gone"
+        assert clustershm.incr("hits") == 1
+        assert clustershm.decr("hits") == 0
+        assert clustershm.add("a", 1) and not clustershm.add("a", 2)
+        assert clustershm.has("a")
+        clustershm.set_many({"x": 1, "y": 2})
+        assert clustershm.get_many(["x", "y"]) == {"x": 1, "y": 2}
+        assert clustershm.delete_many(["x", "y"]) == 2
+        assert clustershm.touch("a", 100)
+        assert clustershm.keys() == ["a", "hits"] or sorted(clustershm.keys()) == ["a", "hits"]
+        assert clustershm.stats()["store"]["keys"] == 2
+        assert clustershm.ping()
+        assert clustershm.clear() == 2
+    assert isinstance(clustershm.get_client(), EmbeddedClient)
+    mode_lines = [r for r in caplog.records if "embedded mode" in r.getMessage()]
+    assert len(mode_lines) == 1  # said once, not on every call
+
+
+def test_embedded_limits_come_from_settings(settings):
+    settings.CLUSTERSHM = {"MAX_KEY_SIZE": 10, "MAX_VALUE_SIZE": 100}
+    conf.reset()
+    with pytest.raises(clustershm.KeyTooLarge):
+        clustershm.set("k" * 11, 1)
+    with pytest.raises(clustershm.ValueTooLarge):
+        clustershm.set("k", b"x" * 200)
+
+
+def test_configure_points_the_api_at_a_cluster(manager_process, caplog):
+    with caplog.at_level(logging.INFO, logger="django_clustershm"):
+        clustershm.configure(manager_process.address, manager_process.secret)
+        clustershm.set("via-api", 42)
+    assert isinstance(clustershm.get_client(), SocketClient)
+    assert "cluster mode" in caplog.text
+    # A forked child inherits the configuration in memory and shares the state.
+
+    def child():
+        assert clustershm.get("via-api") == 42
+        clustershm.incr("children")
+
+    assert [reap(fork_call(child), 10) for _ in range(3)] == [0, 0, 0]
+    assert clustershm.get("children") == 3
+
+
+def test_attach_by_address_with_the_secret_file(settings, tmp_path):
+    manager = clustershm.Manager().start()
+    try:
+        settings.CLUSTERSHM = {"ADDRESS": manager.address}
+        conf.reset()
+        clustershm.set("from-cron", 1)
+        assert clustershm.connect(manager.address).get("from-cron") == 1
+        # The environment variable works as well (for a cron job's command line).
+        settings.CLUSTERSHM = {}
+        os.environ["CLUSTERSHM_ADDRESS"] = manager.address
+        try:
+            conf.reset()
+            assert clustershm.get("from-cron") == 1
+        finally:
+            del os.environ["CLUSTERSHM_ADDRESS"]
+        conf.reset()
+        with pytest.raises(clustershm.ManagerUnavailable, match="cannot read the cluster secret"):
+            clustershm.connect(manager.address, secret_file=str(tmp_path / "nope"))
+    finally:
+        conf.reset()
+        manager.close()
+
+
+def test_embedded_state_is_not_shared_after_fork_and_says_so(caplog):
+    clustershm.set("k", "parent")
+    log_path = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"cshm-fork-{os.getpid()}.log")
+
+    def child():
+        handler = logging.FileHandler(log_path)
+        logging.getLogger("django_clustershm").addHandler(handler)
+        try:
+            assert clustershm.get("k") == "parent"  # a copy
+            clustershm.set("k", "child")
+        finally:
+            handler.close()
+
+    try:
+        assert reap(fork_call(child), 10) == 0
+        assert clustershm.get("k") == "parent"
+        with open(log_path) as fh:
+            assert "not shared with other processes" in fh.read()
+    finally:
+        os.unlink(log_path)

@@ -1,0 +1,276 @@
+"""The client API, run on both transports (socket and embedded) for the same semantics."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from django_clustershm import SocketClient
+from django_clustershm.engine import Limits
+from django_clustershm.exceptions import (
+    ClusterShmError,
+    IntegerOverflow,
+    InvalidKey,
+    KeyNotFound,
+    KeyTooLarge,
+    ManagerUnavailable,
+    NotAnInteger,
+    SerializationError,
+    ValueTooLarge,
+)
+
+from .helpers import ManagerProcess
+
+
+def test_set_get_remove(client):
+    client.set("myObj", {"name": "Tom", "age": 10})
+    assert client.get("myObj") == {"name": "Tom", "age": 10}
+    assert client.remove("myObj") is True
+    assert client.get("myObj") is None
+    assert client.get("myObj", "dflt") == "dflt"
+    assert client.remove("myObj") is False
+
+
+def test_values_are_copies(client):
+    value = {"list": [1, 2]}
+    client.set("v", value)
+    value["list"].append(3)
+    got = client.get("v")
+    assert got == {"list": [1, 2]}
+    got["list"].append(4)
+    assert client.get("v") == {"list": [1, 2]}
+
+
+@pytest.mark.parametrize(
+    "value",
+    [0, -1, 2**63 - 1, -(2**63), 2**64, True, False, None, 1.5, "s", b"b", [1, "a"], {"x": (1, 2)}, {1, 2}],
+)
+def test_value_types_round_trip(client, value):
+    client.set("k", value)
+    got = client.get("k", default="missing")
+    assert got == value and type(got) is type(value)
+
+
+def test_none_is_a_value_not_a_miss(client):
+    client.set("n", None)
+    assert client.has("n")
+    assert client.get("n", "dflt") is None
+
+
+def test_unicode_keys(client):
+    client.set("clé-ключ-鍵", 1)
+    assert client.get("clé-ключ-鍵") == 1
+    assert client.keys("clé") == ["clé-ключ-鍵"]
+
+
+def test_has_and_add(client):
+    assert not client.has("a")
+    assert client.add("a", 1) is True
+    assert client.add("a", 2) is False
+    assert client.get("a") == 1
+
+
+def test_expiry(client):
+    client.set("t", "v", timeout=0.05)
+    assert client.get("t") == "v"
+    deadline = time.monotonic() + 5
+    while client.get("t") is not None:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    assert not client.has("t")
+
+
+def test_touch(client):
+    client.set("t", 1, timeout=0.05)
+    assert client.touch("t", None)
+    time.sleep(0.1)
+    assert client.get("t") == 1
+    assert not client.touch("nope", 10)
+
+
+def test_incr_decr(client):
+    assert client.incr("n") == 1
+    assert client.incr("n", 10) == 11
+    assert client.decr("n", 20) == -9
+    assert client.decr("fresh") == -1
+    assert client.get("n") == -9
+    with pytest.raises(KeyNotFound):
+        client.incr("missing", default=None)
+    assert not client.has("missing")
+    client.set("s", "text")
+    with pytest.raises(NotAnInteger):
+        client.incr("s")
+    client.set("big", 2**63 - 1)
+    with pytest.raises(IntegerOverflow):
+        client.incr("big")
+    with pytest.raises(TypeError):
+        client.incr("n", 1.5)
+
+
+def test_many(client):
+    client.set_many({"a": 1, "b": [2], "c": "3"})
+    assert client.get_many(["a", "b", "zz"]) == {"a": 1, "b": [2]}
+    assert client.delete_many(["a", "zz", "b"]) == 2
+    assert client.get_many([]) == {}
+    assert client.keys() == ["c"]
+
+
+def test_keys_and_clear(client):
+    for i in range(5):
+        client.set(f"flags:{i}", i)
+    client.set("other", 1)
+    assert sorted(client.keys("flags:")) == [f"flags:{i}" for i in range(5)]
+    assert client.clear() == 6
+    assert client.keys() == []
+
+
+def test_stats(client):
+    client.set("a", b"x" * 100)
+    client.get("a")
+    client.get("missing")
+    stats = client.stats()
+    assert stats["store"]["keys"] == 1
+    assert stats["store"]["bytes"] >= 100
+    assert stats["store"]["hits"] == 1 and stats["store"]["misses"] == 1
+    assert stats["ops"] >= 3
+    assert os.getpid() in [c["pid"] for c in stats["clients"]]
+    assert client.ping()
+
+
+# -- bad input: a clear error in the caller, nothing sent, nothing lost --------
+
+
+def test_bad_keys(client):
+    client.set("keep", 1)
+    for bad in (None, 1, b"bytes", ("t",)):
+        with pytest.raises(InvalidKey):
+            client.set(bad, 1)
+    with pytest.raises(InvalidKey):
+        client.set("\ud800" * 2000, 1)  # a lone surrogate cannot be UTF-8
+    with pytest.raises(InvalidKey):
+        client.set("\ud800", 1)
+    with pytest.raises(KeyTooLarge):
+        client.set("k" * 5000, 1)
+    with pytest.raises(ValueTooLarge):  # KeyTooLarge is a ValueTooLarge too
+        client.get("é" * 3000)
+    assert client.get("keep") == 1
+    assert client.keys() == ["keep"]
+
+
+def test_value_too_large_is_raised_before_sending(client):
+    client.set("keep", 1)
+    too_big = b"x" * (client.limits.max_value + 1)
+    with pytest.raises(ValueTooLarge, match="MAX_VALUE_SIZE"):
+        client.set("big", too_big)
+    with pytest.raises(ValueTooLarge):
+        client.set_many({"ok": 1, "big": too_big})
+    assert client.get("ok") is None and client.get("big") is None
+    assert client.get("keep") == 1
+
+
+def test_large_values_are_welcome(client):
+    big = os.urandom(8 * 1024 * 1024)
+    client.set("big", big)
+    assert client.get("big") == big
+
+
+def test_unpicklable_value(client):
+    lock = threading.Lock()
+    with pytest.raises(SerializationError, match="cannot pickle"):
+        client.set("k", lock)
+    import pickle
+
+    with pytest.raises(pickle.PickleError):  # what Django's cache tests expect
+        client.set("k", lambda: None)
+    assert not client.has("k")
+
+
+def test_errors_share_one_root(client):
+    with pytest.raises(ClusterShmError):
+        client.incr("missing", default=None)
+
+
+# -- the socket transport only -------------------------------------------------------
+
+
+def test_no_manager_fails_fast(tmp_path):
+    client = SocketClient(str(tmp_path / "none.sock"), b"s", timeout=5)
+    start = time.monotonic()
+    with pytest.raises(ManagerUnavailable, match="no Manager is listening"):
+        client.get("a")
+    assert time.monotonic() - start < 1
+
+
+def test_a_hung_manager_times_out_instead_of_hanging(manager_process):
+    client = SocketClient(manager_process.address, manager_process.secret, timeout=0.3)
+    client.set("a", 1)
+    os.kill(manager_process.pid, signal.SIGSTOP)
+    try:
+        start = time.monotonic()
+        with pytest.raises(ManagerUnavailable, match="within 0.3s"):
+            client.get("a")
+        assert time.monotonic() - start < 2
+    finally:
+        os.kill(manager_process.pid, signal.SIGCONT)
+    # The connection that timed out was dropped; the next call uses a new one.
+    assert client.get("a") == 1
+    client.close()
+
+
+def test_manager_death_then_restart_reconnects():
+    proc = ManagerProcess().start()
+    client = SocketClient(proc.address, proc.secret, timeout=2)
+    try:
+        client.set("a", 1)
+        proc.kill()  # SIGKILL: no goodbye
+        with pytest.raises(ManagerUnavailable):
+            client.get("a")
+        proc.start()  # same address and secret, empty state
+        assert client.get("a") is None
+        client.set("a", 2)
+        # A restart while the client holds an idle connection: the next call
+        # finds the socket dead on send and transparently uses a new one.
+        proc.stop()
+        proc.start()
+        assert client.get("a") is None
+    finally:
+        client.close()
+        proc.cleanup()
+
+
+def test_each_thread_has_its_own_connection(socket_client):
+    seen = set()
+    errors = []
+
+    def work(i):
+        try:
+            for j in range(200):
+                socket_client.incr("t")
+            seen.add(id(socket_client._local.conn))
+        except Exception as exc:  # pragma: no cover - reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert socket_client.get("t") == 800
+    assert len(seen) == 4
+
+
+def test_limits_come_from_the_manager():
+    proc = ManagerProcess(limits=Limits(max_key=16, max_value=1000)).start()
+    client = SocketClient(proc.address, proc.secret)
+    try:
+        with pytest.raises(KeyTooLarge):
+            client.set("k" * 17, 1)
+        with pytest.raises(ValueTooLarge):
+            client.set("k", b"x" * 1001)
+        client.set("k" * 16, b"x" * 900)
+    finally:
+        client.close()
+        proc.cleanup()

@@ -1,0 +1,362 @@
+"""The Manager with real processes: sharing, atomicity, fork safety, rogue clients, auth."""
+
+import os
+import signal
+import socket
+import stat
+import struct
+import threading
+import time
+
+import msgpack
+import pytest
+
+from django_clustershm import Manager, SocketClient
+from django_clustershm import protocol as P
+from django_clustershm.exceptions import AuthenticationFailed, ManagerUnavailable
+
+from .helpers import ManagerProcess, fork_call, reap, run_forked, wait_until
+
+
+def _handshaked_socket(address: str, secret: bytes) -> socket.socket:
+    """A raw connection that completes the handshake, for sending crafted frames."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(5)
+    sock.connect(address)
+    reader = P.FrameReader()
+    (op, _, payload), = reader.feed(sock.recv(512))
+    assert op == P.HELLO
+    _version, nonce, _pid = P.decode_payload(payload)
+    sock.sendall(P.encode(P.AUTH, 0, [P.client_proof(secret, nonce), os.urandom(32), os.getpid()]))
+    (op, _, _), = reader.feed(sock.recv(512))
+    assert op == P.OK
+    return sock
+
+
+def _closed_by_peer(sock: socket.socket) -> bool:
+    try:
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                return True
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+# -- sharing and atomicity across processes ----------------------------------------
+
+
+def test_four_processes_incr_one_key_exactly(manager_process):
+    def worker(i):
+        client = SocketClient(manager_process.address, manager_process.secret)
+        for _ in range(5000):
+            client.incr("counter")
+        client.close()
+
+    assert run_forked(4, worker) == [0, 0, 0, 0]
+    client = SocketClient(manager_process.address, manager_process.secret)
+    assert client.get("counter") == 20000
+    client.close()
+
+
+def test_a_write_in_one_process_is_read_in_another(manager_process):
+    addr, secret = manager_process.address, manager_process.secret
+
+    def writer():
+        SocketClient(addr, secret).set("shared", {"user": "Tom"})
+
+    assert reap(fork_call(writer), 10) == 0
+
+    def reader():
+        assert SocketClient(addr, secret).get("shared") == {"user": "Tom"}
+
+    assert reap(fork_call(reader), 10) == 0
+
+
+def test_add_is_won_by_exactly_one_process(manager_process):
+    addr, secret = manager_process.address, manager_process.secret
+
+    def racer(i):
+        client = SocketClient(addr, secret)
+        for k in range(300):
+            if client.add(f"slot{k}", i):
+                client.incr(f"won{i}")
+
+    assert run_forked(4, racer) == [0] * 4
+    client = SocketClient(addr, secret)
+    assert sum(client.get(f"won{i}", 0) for i in range(4)) == 300
+    client.close()
+
+
+def test_clients_are_listed_with_their_pids_and_dropped_when_they_die(manager_process):
+    addr, secret = manager_process.address, manager_process.secret
+    r, w = os.pipe()
+
+    def idle():
+        client = SocketClient(addr, secret)
+        client.ping()
+        os.write(w, b"1")
+        time.sleep(60)
+        client.close()
+
+    pid = fork_call(idle)
+    os.read(r, 1)
+    os.close(r)
+    os.close(w)
+    client = SocketClient(addr, secret)
+    assert pid in [c["pid"] for c in client.stats()["clients"]]
+    os.kill(pid, signal.SIGKILL)
+    reap(pid, 10)
+    wait_until(lambda: pid not in [c["pid"] for c in client.stats()["clients"]], message="dead client dropped")
+    client.close()
+
+
+# -- fork safety ---------------------------------------------------------------------
+
+
+def test_fork_while_the_manager_is_under_load():
+    """A Manager thread busy serving others while this process forks children.
+
+    This is the runcluster situation: the master's Manager thread is
+    mid-operation when the arbiter forks a worker. The children must neither
+    deadlock nor reuse a descriptor of the parent's, and the Manager must keep
+    serving.
+    """
+    manager = Manager().start()
+    client = SocketClient(manager.address, manager.secret)
+    stop = threading.Event()
+    counts = [0, 0]
+
+    def load(i):
+        c = SocketClient(manager.address, manager.secret)
+        while not stop.is_set():
+            c.incr("load")
+            c.set(f"v{i}", b"x" * 1000)
+            counts[i] += 1
+        c.close()
+
+    threads = [threading.Thread(target=load, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: min(counts) > 50, message="load running")
+        client.set("before-fork", "hello")  # this thread's connection exists at fork time
+        inherited = client._local.conn
+
+        def child(i):
+            # The parent's connection was closed in the child by the at-fork hook.
+            assert inherited.sock.fileno() == -1
+            # The Manager's listening socket was closed too.
+            assert manager._listener.fileno() == -1
+            c = SocketClient(manager.address, manager.secret)
+            assert c.get("before-fork") == "hello"
+            for _ in range(200):
+                c.incr("from-children")
+            # The module-level client in the child is a new connection too.
+            assert client.get("before-fork") == "hello"
+            assert client._local.conn is not inherited
+
+        codes = run_forked(8, child, timeout=30)
+        assert codes == [0] * 8
+        assert client.get("from-children") == 1600
+        # The parent's own connection still works and was never shared.
+        assert client._local.conn is inherited
+        assert client.get("before-fork") == "hello"
+        before = sum(counts)
+        wait_until(lambda: sum(counts) > before + 50, message="load continues after forks")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        client.close()
+        manager.close()
+    assert not os.path.exists(manager.address)
+
+
+def test_close_removes_files_and_is_idempotent():
+    manager = Manager().start()
+    directory = os.path.dirname(manager.address)
+    assert stat.S_IMODE(os.stat(directory).st_mode) == 0o700
+    assert stat.S_IMODE(os.stat(manager.address).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(manager.secret_file).st_mode) == 0o600
+    manager.close()
+    manager.close()
+    assert not os.path.exists(directory)
+
+
+# -- rogue clients: only that connection closes, everyone else is served ---------------
+
+
+GARBAGE = [
+    ("bad magic", b"XX" + bytes([P.VERSION, P.GET]) + struct.pack("!II", 1, 2) + b"\x90\x90"),
+    ("unsupported protocol version", b"CS" + bytes([9, P.GET]) + struct.pack("!II", 1, 1) + b"\x90"),
+    ("exceeds the maximum", b"CS" + bytes([P.VERSION, P.SET]) + struct.pack("!II", 1, 2**31)),
+    ("malformed payload", P.HEADER.pack(b"CS", P.VERSION, P.GET, 1, 1) + b"\xc1"),
+    ("unknown opcode", P.encode(0x5F, 1, [])),
+    ("malformed request", P.encode(P.GET, 1, ["", "k", "extra", "args"])),
+    ("a list of arguments", P.encode(P.GET, 1, 42)),
+    ("values are bin or int", P.encode(P.SET, 1, ["", "k", "a str value", None])),
+    ("a timeout is a number", P.encode(P.SET, 1, ["", "k", b"v", "soon"])),
+    ("set_many takes a map", P.encode(P.SET_MANY, 1, ["", ["k"], None])),
+    ("expected a 64-bit integer", P.encode(P.INCR, 1, ["", "k", 1.5, 0])),
+]
+
+
+@pytest.mark.parametrize("reason, frame", GARBAGE, ids=[g[0] + str(i) for i, g in enumerate(GARBAGE)])
+def test_rogue_frame_closes_only_that_connection(manager_process, reason, frame):
+    good = SocketClient(manager_process.address, manager_process.secret)
+    good.set("precious", [1, 2, 3])
+    rogue = _handshaked_socket(manager_process.address, manager_process.secret)
+    rogue.sendall(frame)
+    assert _closed_by_peer(rogue)
+    rogue.close()
+    assert good.get("precious") == [1, 2, 3]
+    wait_until(lambda: reason in manager_process.log(), message=f"log line {reason!r}")
+    good.close()
+
+
+def test_truncated_frame_then_eof(manager_process):
+    rogue = _handshaked_socket(manager_process.address, manager_process.secret)
+    rogue.sendall(P.encode(P.SET, 1, ["", "k", b"v" * 100, None])[:50])
+    rogue.close()
+    wait_until(lambda: "ended inside a frame" in manager_process.log(), message="truncation logged")
+    client = SocketClient(manager_process.address, manager_process.secret)
+    assert not client.has("k")
+    client.close()
+
+
+def test_rogue_process_spraying_garbage_while_others_work(manager_process):
+    addr, secret = manager_process.address, manager_process.secret
+
+    def rogue():
+        rng = __import__("random").Random(7)
+        for i in range(300):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(2)
+            try:
+                s.connect(addr)
+                if i % 2:
+                    s.sendall(bytes(rng.getrandbits(8) for _ in range(rng.randint(1, 300))))
+                else:
+                    s.sendall(b"CS" + bytes([P.VERSION]) + bytes(rng.getrandbits(8) for _ in range(40)))
+                s.recv(1024)
+            except OSError:
+                pass
+            finally:
+                s.close()
+
+    def worker(i):
+        c = SocketClient(addr, secret)
+        for _ in range(2000):
+            c.incr("work")
+
+    rogue_pid = fork_call(rogue)
+    assert run_forked(3, worker) == [0, 0, 0]
+    assert reap(rogue_pid, 60) == 0
+    client = SocketClient(addr, secret)
+    assert client.get("work") == 6000
+    assert len(client.stats()["clients"]) == 1
+    client.close()
+
+
+def test_a_slow_handshake_is_cut_off():
+    manager = Manager()
+    manager.handshake_timeout = 0.1
+    manager.start()
+    try:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.settimeout(5)
+        s.connect(manager.address)
+        start = time.monotonic()
+        assert _closed_by_peer(s)
+        assert time.monotonic() - start < 3
+        s.close()
+    finally:
+        manager.close()
+
+
+def test_an_unauthenticated_peer_cannot_make_the_manager_buffer(manager_process):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(manager_process.address)
+    s.sendall(P.HEADER.pack(b"CS", P.VERSION, P.AUTH, 0, 10_000))
+    assert _closed_by_peer(s)
+    s.close()
+    wait_until(lambda: "exceeds the maximum of 512" in manager_process.log(), message="handshake cap")
+
+
+# -- authentication ------------------------------------------------------------------
+
+
+def test_wrong_secret_is_refused(manager_process):
+    client = SocketClient(manager_process.address, b"not the secret")
+    with pytest.raises(AuthenticationFailed, match="refused"):
+        client.get("a")
+    wait_until(lambda: "wrong secret" in manager_process.log(), message="refusal logged")
+
+
+def test_the_client_checks_the_manager_knows_the_secret(tmp_path):
+    # An impostor on the socket that answers the handshake without the secret.
+    path = str(tmp_path / "impostor.sock")
+    server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    server.bind(path)
+    server.listen(1)
+
+    def impostor():
+        conn, _ = server.accept()
+        conn.sendall(P.encode(P.HELLO, 0, [P.VERSION, os.urandom(32), os.getpid()]))
+        conn.recv(512)
+        conn.sendall(P.encode(P.OK, 0, [b"\0" * 32, {"max_key": 1, "max_value": 1, "max_frame": 1}, 1]))
+        conn.recv(512)
+        conn.close()
+
+    t = threading.Thread(target=impostor)
+    t.start()
+    client = SocketClient(path, b"secret")
+    with pytest.raises(AuthenticationFailed, match="does not hold the cluster secret"):
+        client.get("a")
+    t.join()
+    server.close()
+
+
+def test_another_uid_is_refused(manager_process):
+    if os.getuid() != 0:
+        pytest.skip("needs root to run a child as another uid")  # CI runs as root
+    # Open the directory and socket so that only the uid check stands in the way.
+    os.chmod(manager_process.dir, 0o755)
+    os.chmod(manager_process.address, 0o777)
+
+    def other_user():
+        os.setgid(65534)
+        os.setuid(65534)
+        client = SocketClient(manager_process.address, manager_process.secret)
+        try:
+            client.get("a")
+        except AuthenticationFailed:
+            return
+        raise AssertionError("a client of another uid was accepted")
+
+    assert reap(fork_call(other_user), 10) == 0
+    wait_until(lambda: "is not the Manager's uid" in manager_process.log(), message="uid refusal logged")
+
+
+def test_handshake_version_mismatch_is_refused(manager_process):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(manager_process.address)
+    s.recv(512)
+    payload = msgpack.packb([b"x" * 32, b"y" * 32, 1])
+    s.sendall(b"CS" + bytes([P.VERSION + 1, P.AUTH]) + struct.pack("!II", 0, len(payload)) + payload)
+    assert _closed_by_peer(s)
+    s.close()
+
+
+def test_manager_gone_mid_call(manager_process):
+    client = SocketClient(manager_process.address, manager_process.secret, timeout=5)
+    client.set("a", 1)
+    manager_process.kill()
+    with pytest.raises(ManagerUnavailable):
+        client.get("a")
+    client.close()
