@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 import weakref
+from collections import deque
 
 from . import protocol as P
 from .engine import Engine, Limits
@@ -114,6 +115,7 @@ class Manager:
         self._pid = os.getpid()
         self._uid = os.getuid()
         self._conns: dict[int, _Conn] = {}
+        self._calls: deque = deque()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._serving: threading.Thread | None = None
@@ -199,6 +201,25 @@ class Manager:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    def call_soon(self, fn, *args) -> None:
+        """Run ``fn(*args)`` on the Manager's loop (safe from any thread)."""
+        self._calls.append((fn, args))
+        self._wake()
+
+    def forget_pid(self, pid: int) -> None:
+        """Drop every connection of process ``pid`` (gunicorn's ``child_exit``).
+
+        A dead worker's sockets close by themselves and the Manager sees EOF;
+        this is the backstop for a descriptor that outlived the worker (a
+        grandchild that inherited it), so that what the worker held is
+        released at once whatever became of its descriptors.
+        """
+        self.call_soon(self._forget_pid, pid)
+
+    def _forget_pid(self, pid: int) -> None:
+        for conn in [c for c in self._conns.values() if c.peer_pid == pid]:
+            self._close(conn, None)
+
     def _wake(self) -> None:
         try:
             self._wake_w.send(b"\0")
@@ -282,6 +303,13 @@ class Manager:
                             pass
                     except BlockingIOError:
                         pass
+                    calls = self._calls
+                    while calls:
+                        fn, args = calls.popleft()
+                        try:
+                            fn(*args)
+                        except Exception:
+                            logger.exception("error in a call scheduled on the Manager")
             now = clock()
             if now >= next_check:
                 next_check = now + 1.0

@@ -1,6 +1,15 @@
+import os
+
 from django.apps import AppConfig
 
 
 class DemoConfig(AppConfig):
     name = "testproject.demo"
     label = "demo"
+
+    def ready(self):
+        # Under runcluster this runs once, in the master, before the workers
+        # are forked: what it stores is in the Manager every worker sees.
+        import django_clustershm as clustershm
+
+        clustershm.add("demo:booted_by", os.getpid())

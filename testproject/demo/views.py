@@ -23,3 +23,17 @@ def whoami(request):
             "clients": [c["pid"] for c in stats["clients"]],
         }
     )
+
+
+def slow(request):
+    """Sleeps ``?s=`` seconds: lets the tests show a hung worker being replaced."""
+    import time
+
+    seconds = float(request.GET.get("s", "1"))
+    time.sleep(seconds)
+    return JsonResponse({"slept": seconds, "pid": os.getpid()})
+
+
+def booted(request):
+    """What the master stored in AppConfig.ready() before it forked the workers."""
+    return JsonResponse({"booted_by": clustershm.get("demo:booted_by"), "pid": os.getpid()})

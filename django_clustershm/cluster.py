@@ -1,0 +1,121 @@
+"""The Manager inside a gunicorn master: shared by ``runcluster`` and the gunicorn config module.
+
+The master starts the Manager before the arbiter forks any worker, and points
+its own process-wide client at it (:func:`~.conf.configure`); the workers
+inherit that configuration (address and secret) in memory through fork. The
+hooks used are gunicorn's documented server hooks:
+
+* ``on_starting`` starts the Manager (in a thread of the master);
+* ``child_exit`` tells the Manager a worker died, so whatever it held is
+  released at once even if one of its descriptors outlived it;
+* ``on_exit`` stops the Manager and removes its socket directory.
+
+What the master wrote before the Manager started (for example initial state
+set in an ``AppConfig.ready()``, which runs in the master when Django is set
+up there) is not lost: the Manager adopts the master's embedded engine, so
+the workers see it, as in the seed, where the master declares the shared
+memory before it forks.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from . import conf
+from .client import EmbeddedClient
+from .engine import Engine
+from .manager import Manager
+
+logger = logging.getLogger("django_clustershm.cluster")
+
+_manager: Manager | None = None
+
+
+def manager() -> Manager | None:
+    """The Manager this process started, if any."""
+    return _manager
+
+
+def start_manager() -> Manager:
+    """Start the Manager in this (master) process, once; return it."""
+    global _manager
+    if _manager is not None:
+        return _manager
+    settings = conf.settings()
+    current = conf._client
+    if isinstance(current, EmbeddedClient):
+        engine = current.engine  # adopt what the master stored before the cluster started
+    else:
+        max_store = settings["MAX_STORE_BYTES"]
+        engine = Engine(
+            limits=conf.limits_from_settings(settings),
+            max_store_bytes=None if max_store is None else int(max_store),
+        )
+    _manager = Manager(engine=engine).start()
+    conf.configure(_manager.address, _manager.secret)
+    logger.info("django-clustershm: Manager started in the master (pid %d) on %s", _pid(), _manager.address)
+    return _manager
+
+
+def stop_manager() -> None:
+    global _manager
+    if _manager is not None:
+        _manager.close()
+        _manager = None
+        conf.configure(None)
+
+
+def _pid() -> int:
+    import os
+
+    return os.getpid()
+
+
+# -- gunicorn server hooks ------------------------------------------------------
+
+
+def on_starting(server) -> None:
+    start_manager()
+
+
+def child_exit(server, worker) -> None:
+    if _manager is not None:
+        _manager.forget_pid(worker.pid)
+
+
+def on_exit(server) -> None:
+    stop_manager()
+
+
+HOOKS = {"on_starting": on_starting, "child_exit": child_exit, "on_exit": on_exit}
+
+
+def chain(ours, theirs):
+    """A hook that runs ours and then the user's (``on_exit``: theirs first,
+    so that it can still use the Manager). gunicorn checks a hook's arity,
+    so the result takes exactly the arguments of the hook it stands for.
+    """
+    if theirs is None or theirs is ours:
+        return ours
+    if ours is child_exit:
+
+        def hook2(server, worker):
+            ours(server, worker)
+            theirs(server, worker)
+
+        return hook2
+    if ours is on_exit:
+
+        def hook_exit(server):
+            try:
+                theirs(server)
+            finally:
+                ours(server)
+
+        return hook_exit
+
+    def hook1(server):
+        ours(server)
+        theirs(server)
+
+    return hook1

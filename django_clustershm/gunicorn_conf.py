@@ -1,0 +1,29 @@
+"""A gunicorn config module that runs the Manager in gunicorn's master.
+
+For users who start gunicorn themselves::
+
+    DJANGO_SETTINGS_MODULE=mysite.settings \\
+        gunicorn -c python:django_clustershm.gunicorn_conf mysite.wsgi
+
+With a config file of your own, import the hooks into it; if you already
+define one of them, call ours from yours (or use :func:`chain`)::
+
+    # gunicorn.conf.py
+    from django_clustershm.gunicorn_conf import on_starting, child_exit, on_exit  # noqa: F401
+
+    # or, keeping your own hooks:
+    from django_clustershm.gunicorn_conf import chain, on_starting as cs_on_starting
+
+    def my_on_starting(server):
+        ...
+
+    on_starting = chain(cs_on_starting, my_on_starting)
+
+Do not use ``preload_app`` *together with* writes in ``AppConfig.ready()``
+unless the Manager starts first: ``on_starting`` runs before the app is
+loaded, so this is the case with this module.
+"""
+
+from .cluster import chain, child_exit, on_exit, on_starting
+
+__all__ = ["chain", "child_exit", "on_exit", "on_starting"]

@@ -1,0 +1,366 @@
+"""runcluster end to end: a real server process in its own process group, used over HTTP."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from .helpers import wait_until
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+pytestmark = pytest.mark.slow
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as fh:
+                    fields = fh.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid and fields[0] != "Z":
+                found.add(int(entry))
+    return found
+
+
+class Server:
+    """``manage.py runcluster`` (or any command) in its own session and process group."""
+
+    def __init__(self, tmp_path, *extra, argv=None, env=None, workers: int = 4) -> None:
+        self.port = free_port()
+        self.expected_workers = workers
+        self.log_path = tmp_path / f"server-{self.port}.log"
+        self.argv = argv or [
+            sys.executable, "manage.py", "runcluster", "--workers", "4",
+            "--bind", f"127.0.0.1:{self.port}", "--timeout", "5", "--graceful-timeout", "5", *extra,
+        ]  # fmt: skip
+        self.env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.proc: subprocess.Popen | None = None
+
+    def start(self, wait: bool = True) -> "Server":
+        self._log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            self.argv, cwd=ROOT, env=self.env, stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        if wait:
+            wait_until(self._ready, timeout=30, interval=0.05, message=f"server on {self.port}")
+            wait_until(lambda: len(self.workers()) == self.expected_workers, timeout=30, message="all workers")
+        return self
+
+    def _ready(self) -> bool:
+        if self.proc.poll() is not None:
+            raise AssertionError(f"server exited with {self.proc.returncode}:\n{self.log()}")
+        try:
+            return self.get("/whoami/")[0] == 200
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def get(self, path: str, timeout: float = 10) -> tuple[int, dict]:
+        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        try:
+            conn.request("GET", path)
+            resp = conn.getresponse()
+            body = resp.read()
+            return resp.status, (json.loads(body) if resp.status == 200 else {"body": body.decode(errors="replace")})
+        finally:
+            conn.close()
+
+    @property
+    def master(self) -> int:
+        return self.proc.pid
+
+    def workers(self) -> set[int]:
+        return children_of(self.master)
+
+    def manager_address(self) -> str:
+        match = re.search(r"Manager \(cluster mode\) in the master, pid \d+, at (\S+)", self.log())
+        assert match, self.log()
+        return match.group(1)
+
+    def signal(self, sig) -> None:
+        os.kill(self.master, sig)
+
+    def wait(self, timeout: float = 30) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        """End everything we started: the whole process group, whatever state it is in."""
+        if self.proc is None:
+            return
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                pass
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        if self.proc.poll() is None:
+            self.proc.wait(5)
+        self._log.close()
+        self.proc = None
+
+
+@pytest.fixture
+def server(tmp_path):
+    srv = Server(tmp_path).start()
+    yield srv
+    srv.stop()
+
+
+def hammer(server: Server, path: str, count: int, threads: int = 16) -> list[dict]:
+    def one(_):
+        status, body = server.get(path)
+        assert status == 200, body
+        return body
+
+    with ThreadPoolExecutor(threads) as pool:
+        return list(pool.map(one, range(count)))
+
+
+def test_two_thousand_concurrent_increments_are_exact(server):
+    results = hammer(server, "/hit/", 2000)
+    hits = sorted(r["hits"] for r in results)
+    assert hits == list(range(1, 2001))  # every value once: no lost or doubled update
+    assert len({r["pid"] for r in results}) > 1  # really spread over several workers
+    assert server.get("/hit/")[1]["hits"] == 2001
+
+
+def test_master_state_set_before_fork_is_seen_by_workers(server):
+    # testproject.demo's AppConfig.ready() ran in the master before the fork.
+    bodies = hammer(server, "/booted/", 40, threads=8)
+    assert {b["booted_by"] for b in bodies} == {server.master}
+    assert {b["pid"] for b in bodies} <= server.workers()
+
+
+def test_state_survives_sighup_and_workers_are_replaced(server):
+    for _ in range(10):
+        server.get("/hit/")
+    before = server.workers()
+    assert len(before) == 4
+    server.signal(signal.SIGHUP)
+    wait_until(lambda: len(server.workers()) == 4 and not (server.workers() & before), timeout=30, message="new workers")
+    assert server.get("/hit/")[1]["hits"] == 11
+    assert server.get("/whoami/")[1]["manager_pid"] == server.master
+
+
+def test_sigkill_of_a_worker(server):
+    hammer(server, "/hit/", 100)
+    stats = server.get("/whoami/")[1]
+    victim = stats["pid"]
+    os.kill(victim, signal.SIGKILL)
+    wait_until(lambda: victim not in server.workers() and len(server.workers()) == 4, timeout=30, message="replacement")
+
+    # The Manager dropped the dead worker's connection.
+    def dropped():
+        return victim not in server.get("/whoami/")[1]["clients"]
+
+    wait_until(dropped, timeout=10, message="dead worker's connection dropped")
+    assert server.get("/hit/")[1]["hits"] == 101
+
+
+def resize(server: Server, sig, expected: int) -> None:
+    server.signal(sig)
+    wait_until(lambda: len(server.workers()) == expected, timeout=20, message=f"{expected} workers")
+
+
+def test_ttin_ttou_change_the_worker_count(server):
+    # One signal at a time: two of a kind sent at once would coalesce.
+    resize(server, signal.SIGTTIN, 5)
+    resize(server, signal.SIGTTOU, 4)
+    resize(server, signal.SIGTTOU, 3)
+    assert server.get("/hit/")[1]["hits"] == 1
+
+
+def test_forking_workers_while_the_manager_is_busy(server):
+    """TTIN/TTOU make the arbiter fork while requests keep the Manager busy."""
+    stop = threading.Event()
+    errors: list[BaseException] = []
+    done = [0]
+
+    def load():
+        while not stop.is_set():
+            try:
+                status, _ = server.get("/hit/")
+                assert status == 200
+                done[0] += 1
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+                return
+
+    threads = [threading.Thread(target=load) for _ in range(6)]
+    for t in threads:
+        t.start()
+    try:
+        for _ in range(3):
+            resize(server, signal.SIGTTIN, 5)
+            resize(server, signal.SIGTTIN, 6)
+            resize(server, signal.SIGTTOU, 5)
+            resize(server, signal.SIGTTOU, 4)
+        count = done[0]
+        wait_until(lambda: done[0] > count + 50, timeout=20, message="requests still served")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert not errors, errors[:3]
+    assert server.get("/hit/")[1]["hits"] == done[0] + 1
+
+
+def test_a_hung_worker_is_timed_out_and_replaced(server):
+    status, body = server.get("/whoami/")
+    hung_result = {}
+
+    def hang():
+        try:
+            hung_result["status"] = server.get("/slow/?s=60", timeout=30)[0]
+        except OSError as exc:
+            hung_result["error"] = exc
+
+    t = threading.Thread(target=hang)
+    t.start()
+    t.join(40)
+    assert "error" in hung_result or hung_result.get("status") != 200  # killed after --timeout 5
+    wait_until(lambda: len(server.workers()) == 4, timeout=20, message="replacement of the hung worker")
+    assert "WORKER TIMEOUT" in server.log()
+    assert server.get("/hit/")[1]["hits"] == 1
+
+
+def test_sigterm_stops_everything_cleanly(server):
+    server.get("/hit/")
+    address = server.manager_address()
+    assert os.path.exists(address)
+    workers = server.workers()
+    server.signal(signal.SIGTERM)
+    assert server.wait(30) == 0
+    assert not os.path.exists(os.path.dirname(address))  # socket, secret and directory removed
+    for pid in workers:
+        assert not os.path.exists(f"/proc/{pid}") or open(f"/proc/{pid}/stat").read().split()[2] == "Z"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(server.master, 0)  # nothing left in the process group
+
+
+def test_sigint_and_sigquit_exit_zero(tmp_path):
+    for sig in (signal.SIGINT, signal.SIGQUIT):
+        srv = Server(tmp_path).start()
+        try:
+            address = srv.manager_address()
+            srv.signal(sig)
+            assert srv.wait(30) == 0
+            assert not os.path.exists(address)
+        finally:
+            srv.stop()
+
+
+def test_port_in_use_is_one_sentence(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(1)
+        port = busy.getsockname()[1]
+        srv = Server(tmp_path, argv=[sys.executable, "manage.py", "runcluster", "--bind", f"127.0.0.1:{port}"])
+        srv.start(wait=False)
+        try:
+            assert srv.wait(30) != 0
+            assert "That port is already in use." in srv.log()
+            assert "Traceback" not in srv.log()
+        finally:
+            srv.stop()
+
+
+@pytest.mark.parametrize("bind", ["127.0.0.1:notaport", "127.0.0.1:70000", "unix:"])
+def test_bad_bind_is_one_sentence(tmp_path, bind):
+    srv = Server(tmp_path, argv=[sys.executable, "manage.py", "runcluster", "--bind", bind]).start(wait=False)
+    try:
+        assert srv.wait(30) != 0
+        assert "is not a valid address" in srv.log()
+        assert "Traceback" not in srv.log()
+    finally:
+        srv.stop()
+
+
+def test_app_that_fails_to_import_is_one_sentence(tmp_path):
+    srv = Server(
+        tmp_path,
+        argv=[sys.executable, "manage.py", "runcluster", "--bind", f"127.0.0.1:{free_port()}"],
+        env={"DJANGO_SETTINGS_MODULE": "tests.settings_broken_urls"},
+    ).start(wait=False)
+    try:
+        assert srv.wait(30) != 0
+        assert "The application failed to import: ModuleNotFoundError" in srv.log()
+        assert "Traceback" not in srv.log()
+    finally:
+        srv.stop()
+
+
+def test_plain_gunicorn_with_the_config_module(tmp_path):
+    port = free_port()
+    srv = Server(
+        tmp_path,
+        argv=[
+            sys.executable, "-m", "gunicorn", "-c", "python:django_clustershm.gunicorn_conf",
+            "-w", "3", "-b", f"127.0.0.1:{port}", "testproject.wsgi",
+        ],  # fmt: skip
+        env={"DJANGO_SETTINGS_MODULE": "testproject.settings"},
+        workers=3,
+    )
+    srv.port = port
+    srv.start()
+    try:
+        results = hammer(srv, "/hit/", 300, threads=8)
+        assert sorted(r["hits"] for r in results) == list(range(1, 301))
+        assert srv.get("/whoami/")[1]["manager_pid"] == srv.master
+        srv.signal(signal.SIGTERM)
+        assert srv.wait(30) == 0
+    finally:
+        srv.stop()
+
+
+def test_user_hooks_in_a_config_file_keep_working(tmp_path):
+    marker = tmp_path / "hooks.log"
+    config = tmp_path / "gunicorn_user.conf.py"
+    config.write_text(
+        "def on_starting(server):\n"
+        f"    open({str(marker)!r}, 'a').write('on_starting\\n')\n"
+        "def post_fork(server, worker):\n"
+        f"    open({str(marker)!r}, 'a').write('post_fork\\n')\n"
+        "def on_exit(server):\n"
+        "    import django_clustershm as c\n"
+        f"    open({str(marker)!r}, 'a').write('on_exit %s\\n' % c.get('demo:hits'))\n"
+    )
+    srv = Server(tmp_path, "--config", str(config)).start()
+    try:
+        srv.get("/hit/")
+        srv.get("/hit/")
+        srv.signal(signal.SIGTERM)
+        assert srv.wait(30) == 0
+    finally:
+        srv.stop()
+    lines = marker.read_text().splitlines()
+    assert lines[0] == "on_starting"
+    assert lines.count("post_fork") == 4
+    assert lines[-1] == "on_exit 2"  # the user's on_exit ran while the Manager was still up
