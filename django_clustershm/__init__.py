@@ -8,7 +8,26 @@
     clustershm.remove("myObj")
 """
 
-from .api import add, clear, decr, delete_many, get, get_many, has, incr, keys, ping, remove, set, set_many, stats, touch
+from .api import (
+    add,
+    clear,
+    decr,
+    delete_many,
+    get,
+    get_lru,
+    get_many,
+    has,
+    incr,
+    keys,
+    ping,
+    remove,
+    remove_lru,
+    set,
+    set_lru,
+    set_many,
+    stats,
+    touch,
+)
 from .client import Client, EmbeddedClient, SocketClient
 from .conf import configure, connect, get_client
 from .engine import Engine, Limits
@@ -51,6 +70,10 @@ __all__ = [
     "set_many",
     "stats",
     "touch",
+    # the seed's LRU operations on the default cache
+    "get_lru",
+    "remove_lru",
+    "set_lru",
     # clients and the Manager
     "Client",
     "EmbeddedClient",

@@ -11,7 +11,7 @@ from typing import Any, Iterable, Mapping
 
 from .conf import get_client
 
-_MISSING: Any = None
+_MISSING: Any = object()
 
 
 def get(key: str, default: Any = None) -> Any:
@@ -77,3 +77,46 @@ def stats() -> dict:
 
 def ping() -> bool:
     return get_client().ping()
+
+
+# -- the seed's LRU operations, on the default cache ------------------------------
+
+_standalone_lru = None
+
+
+def _default_cache():
+    """``caches["default"]`` when it is a ClusterShmCache, else a ClusterShmCache
+    on the Manager's cache named "default" with Django's default bounds."""
+    global _standalone_lru
+    from django.conf import settings as dj_settings
+
+    from .cache import ClusterShmCache
+
+    if dj_settings.configured and "default" in getattr(dj_settings, "CACHES", {}):
+        from django.core.cache import caches
+
+        cache = caches["default"]
+        if isinstance(cache, ClusterShmCache):
+            return cache
+    if _standalone_lru is None:
+        _standalone_lru = ClusterShmCache("default", {})
+    return _standalone_lru
+
+
+def set_lru(key: str, value: Any, timeout: Any = _MISSING) -> None:
+    """Store ``value`` in the default LRU cache (seed: ``setLRU``); ``timeout`` as Django's."""
+    cache = _default_cache()
+    if timeout is _MISSING:
+        cache.set(key, value)
+    else:
+        cache.set(key, value, timeout)
+
+
+def get_lru(key: str, default: Any = None) -> Any:
+    """The value of ``key`` in the default LRU cache, or ``default`` (seed: ``getLRU``)."""
+    return _default_cache().get(key, default)
+
+
+def remove_lru(key: str) -> bool:
+    """Remove ``key`` from the default LRU cache (seed: ``removeLRU``)."""
+    return _default_cache().delete(key)

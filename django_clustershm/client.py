@@ -170,6 +170,19 @@ class Client:
         """Remove every key of the namespace; return how many there were."""
         return self._call(P.CLEAR, [ns])
 
+    # -- named caches (the Django backend's writes) ----------------------------------
+
+    def cache_set(self, ns: str, key: str, value: Any, timeout: float | None, opts: list) -> None:
+        """Store into cache ``ns``; ``opts`` is [max_entries, cull_frequency, max_bytes]."""
+        self._call(P.CACHE_SET, [ns, self._key(key), self._value(value), timeout, opts])
+
+    def cache_add(self, ns: str, key: str, value: Any, timeout: float | None, opts: list) -> bool:
+        return self._call(P.CACHE_ADD, [ns, self._key(key), self._value(value), timeout, opts])
+
+    def cache_set_many(self, ns: str, mapping: Mapping[str, Any], timeout: float | None, opts: list) -> None:
+        encoded = {self._key(k): self._value(v) for k, v in mapping.items()}
+        self._call(P.CACHE_SET_MANY, [ns, encoded, timeout, opts])
+
     def stats(self) -> dict:
         """The Manager's figures: keys, bytes, hits, ops/s, connected clients..."""
         return self._call(P.STATS, [])

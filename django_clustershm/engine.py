@@ -20,11 +20,16 @@ import time
 from typing import Callable
 
 from . import protocol as P
-from .exceptions import InvalidKey, KeyTooLarge, ProtocolError, ValueTooLarge
+from .caches import LruCache, NullCache
+from .exceptions import InvalidKey, KeyTooLarge, LimitExceeded, ProtocolError, ValueTooLarge
 from .store import INT64_MAX, INT64_MIN, Store
 
 DEFAULT_MAX_KEY = 4096
 DEFAULT_MAX_VALUE = 32 * 1024 * 1024
+#: Named caches one Manager holds at most (each is bounded by its MAX_BYTES).
+MAX_CACHES = 256
+MAX_CACHE_NAME = 256
+_NULL_CACHE = NullCache()
 
 
 class Session:
@@ -71,6 +76,7 @@ class Engine:
         self.limits = limits or Limits()
         self.clock = clock
         self.store = Store(clock=clock, max_bytes=max_store_bytes)
+        self.caches: dict[str, LruCache] = {}
         self.sessions: dict[int, Session] = {}
         self._next_sid = 1
         self.started = time.time()
@@ -94,6 +100,9 @@ class Engine:
             P.KEYS: self._keys,
             P.CLEAR: self._clear,
             P.STATS: self._stats,
+            P.CACHE_SET: self._cache_set,
+            P.CACHE_ADD: self._cache_add,
+            P.CACHE_SET_MANY: self._cache_set_many,
         }
 
     # -- sessions ------------------------------------------------------------
@@ -127,15 +136,39 @@ class Engine:
     def tick(self) -> float | None:
         """Reclaim expired keys; return the next deadline (monotonic) or None."""
         self.store.reap()
+        for cache in self.caches.values():
+            cache.reap()
         return self.store.next_deadline()
 
     # -- validation of what a client sent -----------------------------------
 
-    def _ns(self, ns) -> Store:
-        if ns != "":
-            # Named caches arrive with the cache-backend issue.
-            raise InvalidKey(f"unknown namespace {ns!r}")
-        return self.store
+    def _ns(self, ns):
+        """The store, or the named cache (an empty stand-in if none exists yet)."""
+        if ns == "":
+            return self.store
+        cache = self.caches.get(ns)
+        if cache is not None:
+            return cache
+        if type(ns) is not str:
+            raise ProtocolError("a namespace is a str")
+        return _NULL_CACHE
+
+    def _cache_for_write(self, ns, opts) -> tuple:
+        if type(ns) is not str or not ns:
+            raise ProtocolError("a cache name is a non-empty str")
+        if type(opts) is not list or len(opts) != 3 or not all(type(o) is int for o in opts):
+            raise ProtocolError("cache options are [max_entries, cull_frequency, max_bytes]")
+        max_entries, cull_frequency, max_bytes = opts
+        if cull_frequency < 0 or max_bytes < 1:
+            raise ProtocolError("cull_frequency must be >= 0 and max_bytes >= 1")
+        cache = self.caches.get(ns)
+        if cache is None:
+            if len(ns) > MAX_CACHE_NAME:
+                raise InvalidKey(f"a cache name is at most {MAX_CACHE_NAME} characters")
+            if len(self.caches) >= MAX_CACHES:
+                raise LimitExceeded(f"the Manager holds {MAX_CACHES} caches already; use fewer cache LOCATIONs")
+            cache = self.caches[ns] = LruCache(max_bytes, clock=self.clock)
+        return cache, max_entries, cull_frequency
 
     def _key(self, key) -> str:
         if type(key) is not str:
@@ -215,6 +248,21 @@ class Engine:
     def _clear(self, session, ns):
         return self._ns(ns).clear()
 
+    def _cache_set(self, session, ns, key, value, ttl, opts):
+        cache, max_entries, cull = self._cache_for_write(ns, opts)
+        cache.set(self._key(key), self._value(value), self._ttl(ttl), max_entries, cull)
+
+    def _cache_add(self, session, ns, key, value, ttl, opts):
+        cache, max_entries, cull = self._cache_for_write(ns, opts)
+        return cache.add(self._key(key), self._value(value), self._ttl(ttl), max_entries, cull)
+
+    def _cache_set_many(self, session, ns, mapping, ttl, opts):
+        if type(mapping) is not dict:
+            raise ProtocolError("set_many takes a map")
+        cache, max_entries, cull = self._cache_for_write(ns, opts)
+        checked = {self._key(k): self._value(v) for k, v in mapping.items()}
+        cache.set_many(checked, self._ttl(ttl), max_entries, cull)
+
     def _stats(self, session):
         store = self.store
         return {
@@ -229,6 +277,18 @@ class Engine:
                 "hits": store.hits,
                 "misses": store.misses,
                 "expired": store.expired,
+            },
+            "caches": {
+                name: {
+                    "keys": len(cache),
+                    "bytes": cache.bytes,
+                    "max_bytes": cache.max_bytes,
+                    "hits": cache.hits,
+                    "misses": cache.misses,
+                    "evictions": cache.evictions,
+                    "expired": cache.expired,
+                }
+                for name, cache in self.caches.items()
             },
             "clients": [
                 {"id": s.id, "pid": s.pid, "since": s.since, "ops": s.ops}

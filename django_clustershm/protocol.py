@@ -55,6 +55,14 @@ store; the value ``v`` is ``bin`` or ``int``; ``ttl`` is seconds or nil)::
     KEYS         [ns, prefix]            -> [key...]
     CLEAR        [ns]                    -> int (how many removed)
     STATS        []                      -> {...}
+    CACHE_SET    [ns, key, v, ttl, opts]     -> nil     (opts: [max_entries,
+    CACHE_ADD    [ns, key, v, ttl, opts]     -> bool     cull_frequency,
+    CACHE_SET_MANY [ns, {key: v}, ttl, opts] -> nil      max_bytes])
+
+A named cache (``ns`` not empty) is created by its first write, with that
+write's ``max_bytes``; every other request on a cache that does not exist
+yet sees an empty one. GET, HAS, REMOVE, INCR, TOUCH, GET_MANY, DELETE_MANY,
+KEYS and CLEAR work on both the store and the caches.
 
 A reply is ``OK`` with the result, or ``ERR`` with ``[code, message]``
 (codes in :mod:`django_clustershm.exceptions`).
@@ -100,6 +108,10 @@ DELETE_MANY = 0x0B
 KEYS = 0x0C
 CLEAR = 0x0D
 STATS = 0x0E
+# Named caches (the Django cache backend): writes carry the alias's bounds.
+CACHE_SET = 0x10
+CACHE_ADD = 0x11
+CACHE_SET_MANY = 0x12
 # Handshake.
 HELLO = 0x70
 AUTH = 0x71

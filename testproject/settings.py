@@ -53,6 +53,26 @@ LOGGING = {
     "loggers": {"django_clustershm": {"handlers": ["console"], "level": "INFO"}},
 }
 
+# Django's cache framework on the Manager: every worker shares these caches.
+CACHES = {
+    "default": {
+        "BACKEND": "django_clustershm.cache.ClusterShmCache",
+        "LOCATION": "default",
+        "TIMEOUT": 300,
+        "OPTIONS": {"MAX_ENTRIES": 10000, "CULL_FREQUENCY": 3},
+    },
+    "sessions": {
+        "BACKEND": "django_clustershm.cache.ClusterShmCache",
+        "LOCATION": "sessions",
+        "TIMEOUT": 1209600,
+        "OPTIONS": {"MAX_ENTRIES": 100000},
+    },
+}
+
+# Login state in the cache session engine: any worker sees any session.
+SESSION_ENGINE = "django.contrib.sessions.backends.cache"
+SESSION_CACHE_ALIAS = "sessions"
+
 # django-clustershm: all optional, shown with their defaults.
 CLUSTERSHM = {
     "TIMEOUT": 5.0,

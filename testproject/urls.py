@@ -3,7 +3,13 @@ from django.urls import path
 from testproject.demo import views
 
 urlpatterns = [
+    path("", views.index, name="index"),
     path("hit/", views.hit, name="hit"),
+    path("cached/", views.cached, name="cached"),
+    path("fragment/", views.fragment, name="fragment"),
+    path("login/", views.login, name="login"),
+    path("me/", views.me, name="me"),
+    path("logout/", views.logout, name="logout"),
     path("whoami/", views.whoami, name="whoami"),
     path("slow/", views.slow, name="slow"),
     path("booted/", views.booted, name="booted"),

@@ -16,7 +16,7 @@ def test_public_names_are_pinned():
     assert sorted(clustershm.__all__) == sorted(
         [
             "add", "clear", "decr", "delete_many", "get", "get_many", "has", "incr", "keys", "ping",
-            "remove", "set", "set_many", "stats", "touch",
+            "remove", "set", "set_many", "stats", "touch", "get_lru", "set_lru", "remove_lru",
             "Client", "EmbeddedClient", "Engine", "Limits", "Manager", "SocketClient",
             "configure", "connect", "get_client",
             "AuthenticationFailed", "ClusterShmError", "IntegerOverflow", "InvalidKey", "KeyNotFound",

@@ -1,15 +1,51 @@
 """Demo views: state shared by every worker process of the server."""
 
 import os
+import time
 
 from django.http import JsonResponse
+from django.shortcuts import render
+from django.views.decorators.cache import cache_page
 
 import django_clustershm as clustershm
+
+
+def index(request):
+    return render(
+        request,
+        "demo/index.html",
+        {"pid": os.getpid(), "stats": clustershm.stats(), "hits": clustershm.get("demo:hits", 0)},
+    )
 
 
 def hit(request):
     """A hit counter that stays exact whichever worker serves the request."""
     return JsonResponse({"hits": clustershm.incr("demo:hits"), "pid": os.getpid()})
+
+
+@cache_page(30)
+def cached(request):
+    """Rendered once per 30 s by whichever worker comes first; every worker serves that copy."""
+    return JsonResponse({"rendered_by": os.getpid(), "at": time.time()})
+
+
+def fragment(request):
+    return render(request, "demo/fragment.html", {"pid": os.getpid()})
+
+
+def login(request):
+    """A stand-in for a login: the user's name goes into the session (in the shared cache)."""
+    request.session["user"] = request.GET.get("name", "tom")
+    return JsonResponse({"user": request.session["user"], "pid": os.getpid()})
+
+
+def me(request):
+    return JsonResponse({"user": request.session.get("user"), "pid": os.getpid()})
+
+
+def logout(request):
+    request.session.flush()
+    return JsonResponse({"user": None, "pid": os.getpid()})
 
 
 def whoami(request):
@@ -21,14 +57,13 @@ def whoami(request):
             "manager_pid": stats["manager_pid"],
             "keys": stats["store"]["keys"],
             "clients": [c["pid"] for c in stats["clients"]],
+            "caches": {name: c["keys"] for name, c in stats["caches"].items()},
         }
     )
 
 
 def slow(request):
     """Sleeps ``?s=`` seconds: lets the tests show a hung worker being replaced."""
-    import time
-
     seconds = float(request.GET.get("s", "1"))
     time.sleep(seconds)
     return JsonResponse({"slept": seconds, "pid": os.getpid()})

@@ -1,0 +1,306 @@
+"""The Django cache backend beyond Django's own contract (tests/test_cache_contract.py):
+sharing between real processes, the Manager-side bounds, IGNORE_EXCEPTIONS, and
+what Django users plug into a cache (sessions, cache middleware, cache_page,
+template fragments), each across forked processes."""
+
+import os
+import re
+import time
+
+import pytest
+from django.core.cache import caches
+from django.core.cache.backends.base import InvalidCacheBackendError
+from django.test import Client, override_settings
+
+import django_clustershm as clustershm
+from django_clustershm.cache import ClusterShmCache
+
+from .helpers import ManagerProcess, fork_call, reap, run_forked, wait_until
+
+BACKEND = "django_clustershm.cache.ClusterShmCache"
+
+
+def cache_settings(**aliases):
+    base = {"BACKEND": BACKEND, "LOCATION": "t"}
+    return {name: {**base, **conf} for name, conf in {"default": {}, **aliases}.items()}
+
+
+@pytest.fixture
+def cluster():
+    """A Manager in its own process; this process and its forks use it."""
+    proc = ManagerProcess().start()
+    clustershm.configure(proc.address, proc.secret)
+    yield proc
+    clustershm.configure(None)
+    proc.cleanup()
+
+
+def pipe_value():
+    r, w = os.pipe()
+
+    def send(text):
+        os.write(w, text.encode() + b"\n")
+
+    def receive():
+        os.close(w)
+        with os.fdopen(r) as fh:
+            return fh.read().split()
+
+    return send, receive
+
+
+# -- sharing across processes ---------------------------------------------------------
+
+
+@override_settings(CACHES=cache_settings())
+def test_processes_share_one_cache(cluster):
+    cache = caches["default"]
+    cache.set("from-parent", {"a": 1}, 60)
+
+    def child(i):
+        c = caches["default"]
+        assert c.get("from-parent") == {"a": 1}
+        c.set(f"from-child-{i}", i)
+
+    assert run_forked(3, child) == [0, 0, 0]
+    assert cache.get_many([f"from-child-{i}" for i in range(3)]) == {f"from-child-{i}": i for i in range(3)}
+
+
+@override_settings(CACHES=cache_settings())
+def test_four_processes_incr_exactly(cluster):
+    caches["default"].set("counter", 0)
+
+    def child(i):
+        c = caches["default"]
+        for _ in range(2000):
+            c.incr("counter")
+
+    assert run_forked(4, child) == [0] * 4
+    assert caches["default"].get("counter") == 8000
+
+
+@override_settings(CACHES=cache_settings())
+def test_get_or_set_stores_once_across_processes(cluster):
+    send, receive = pipe_value()
+
+    def child(i):
+        value = caches["default"].get_or_set("once", lambda: f"made-by-{os.getpid()}", 60)
+        send(value)
+
+    assert run_forked(4, child) == [0] * 4
+    values = receive()
+    assert len(values) == 4 and len(set(values)) == 1  # every process got the one stored value
+
+
+@override_settings(
+    CACHES=cache_settings(
+        prefixed={"KEY_PREFIX": "p"},
+        prefixed_too={"KEY_PREFIX": "p", "OPTIONS": {"MAX_ENTRIES": 5}},
+        v2={"VERSION": 2},
+        elsewhere={"LOCATION": "other"},
+    )
+)
+def test_aliases_with_one_location_share_one_cache(cluster):
+    caches["prefixed"].set("k", "shared")
+    assert caches["prefixed_too"].get("k") == "shared"  # same LOCATION, same key function
+    assert caches["default"].get("k") is None  # another prefix: another key
+    caches["default"].set("k", "v1")
+    assert caches["v2"].get("k") is None and caches["v2"].get("k", version=1) == "v1"
+    assert caches["elsewhere"].get("k", version=1) is None  # another LOCATION: another cache
+    caches["elsewhere"].set("x", 1)
+    caches["default"].clear()  # clears the LOCATION for every alias on it
+    assert caches["prefixed_too"].get("k") is None
+    assert caches["elsewhere"].get("x") == 1
+
+
+@override_settings(CACHES=cache_settings())
+def test_caches_live_apart_from_the_shared_store(cluster):
+    clustershm.set("k", "store")
+    caches["default"].set("k", "cache")
+    clustershm.clear()
+    assert caches["default"].get("k") == "cache"
+    caches["default"].clear()
+    clustershm.set("k", "store")
+    assert clustershm.get("k") == "store"
+
+
+# -- the Manager's bounds -------------------------------------------------------------
+
+
+@override_settings(CACHES=cache_settings(small={"LOCATION": "small", "OPTIONS": {"MAX_BYTES": 100_000, "MAX_ENTRIES": 10**6}}))
+def test_max_bytes_bounds_the_cache_by_evicting_lru(cluster):
+    cache = caches["small"]
+    for i in range(100):
+        cache.set(f"k{i}", b"x" * 5000)
+        cache.get("k0")  # keep k0 recently used
+    stats = clustershm.stats()["caches"]["small"]
+    assert stats["bytes"] <= 100_000
+    assert stats["evictions"] >= 80
+    assert cache.get("k0") is not None  # LRU, not FIFO
+    assert cache.get("k99") is not None
+    assert cache.get("k1") is None
+    with pytest.raises(clustershm.ValueTooLarge, match="MAX_BYTES"):
+        cache.set("huge", b"x" * 200_000)
+
+
+@override_settings(CACHES=cache_settings())
+def test_expired_entries_are_reclaimed_without_being_read(cluster):
+    cache = caches["default"]
+    cache.set_many({f"k{i}": i for i in range(50)}, 0.05)
+    cache.set("stays", 1, None)
+    wait_until(lambda: clustershm.stats()["caches"]["t"]["keys"] == 1, timeout=5, message="expired entries reclaimed")
+    assert clustershm.stats()["caches"]["t"]["expired"] == 50
+
+
+# -- a missing Manager ----------------------------------------------------------------
+
+
+@override_settings(CACHES=cache_settings(lenient={"OPTIONS": {"IGNORE_EXCEPTIONS": True}}))
+def test_ignore_exceptions_reads_a_missing_manager_as_a_miss(tmp_path, caplog):
+    clustershm.configure(str(tmp_path / "gone.sock"), b"secret")
+    try:
+        lenient = caches["lenient"]
+        assert lenient.get("k", "dflt") == "dflt"
+        assert lenient.get("k", default="d2") == "d2"
+        assert lenient.set("k", 1) is None
+        assert lenient.add("k", 1) is False
+        assert lenient.set_many({"a": 1, "b": 2}) == ["a", "b"]
+        assert lenient.get_many(["a"]) == {}
+        assert lenient.has_key("a") is False
+        assert "IGNORE_EXCEPTIONS" in caplog.text
+        with pytest.raises(clustershm.ManagerUnavailable):
+            caches["default"].get("k")
+        with pytest.raises(clustershm.ManagerUnavailable):
+            lenient.incr("k")  # a counter must not silently stop counting
+    finally:
+        clustershm.configure(None)
+
+
+# -- the seed's LRU functions -----------------------------------------------------------
+
+
+@override_settings(CACHES=cache_settings())
+def test_seed_lru_functions_use_the_default_cache(cluster):
+    clustershm.set_lru("item", {"user": "Tom"})
+    assert clustershm.get_lru("item") == {"user": "Tom"}
+    assert caches["default"].get("item") == {"user": "Tom"}
+    assert clustershm.remove_lru("item") is True
+    assert clustershm.get_lru("item", "gone") == "gone"
+    clustershm.set_lru("short", 1, 0.05)
+    wait_until(lambda: clustershm.get_lru("short") is None, timeout=5, message="expiry")
+
+    def child():
+        clustershm.set_lru("from-child", 7)
+
+    assert reap(fork_call(child), 10) == 0
+    assert clustershm.get_lru("from-child") == 7
+
+
+@override_settings(CACHES={"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}})
+def test_seed_lru_functions_without_a_clustershm_default_cache(cluster):
+    clustershm.set_lru("item", 1)
+    assert clustershm.get_lru("item") == 1
+    assert caches["default"].get("item") is None  # not the user's LocMem cache
+
+
+# -- what Django users plug into a cache, across processes -----------------------------
+
+
+def _session_cookie(response):
+    return response.cookies["sessionid"].value
+
+
+@override_settings(CACHES=cache_settings(sessions={"LOCATION": "sessions"}))
+def test_cache_session_engine_across_processes(cluster):
+    send, receive = pipe_value()
+
+    def log_in():
+        response = Client().get("/login/?name=alice")
+        assert response.json()["user"] == "alice"
+        send(_session_cookie(response))
+
+    assert reap(fork_call(log_in), 20) == 0
+    (cookie,) = receive()
+
+    def read_session(i):
+        client = Client()
+        client.cookies["sessionid"] = cookie
+        assert client.get("/me/").json()["user"] == "alice"
+
+    assert run_forked(2, read_session) == [0, 0]
+
+    def log_out():
+        client = Client()
+        client.cookies["sessionid"] = cookie
+        client.get("/logout/")
+
+    assert reap(fork_call(log_out), 20) == 0
+    client = Client()
+    client.cookies["sessionid"] = cookie
+    assert client.get("/me/").json()["user"] is None
+
+
+@override_settings(CACHES=cache_settings(sessions={"LOCATION": "sessions"}))
+def test_cache_page_decorator_across_processes(cluster):
+    send, receive = pipe_value()
+
+    def fetch(i):
+        send(str(Client().get("/cached/").json()["rendered_by"]))
+
+    assert run_forked(4, fetch) == [0] * 4
+    rendered_by = receive()
+    assert len(set(rendered_by)) == 1  # rendered once, served from the shared cache by the others
+
+
+SITE_CACHE_MIDDLEWARE = [
+    "django.middleware.cache.UpdateCacheMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.cache.FetchFromCacheMiddleware",
+]
+
+
+@override_settings(
+    CACHES=cache_settings(sessions={"LOCATION": "sessions"}),
+    MIDDLEWARE=SITE_CACHE_MIDDLEWARE,
+    CACHE_MIDDLEWARE_SECONDS=60,
+)
+def test_per_site_cache_middleware_across_processes(cluster):
+    send, receive = pipe_value()
+
+    def fetch(i):
+        body = Client().get("/booted/")
+        send(f"{body.json()['pid']}:{'max-age=60' in body['Cache-Control']}")
+
+    assert reap(fork_call(fetch, 0), 20) == 0  # the first renders and stores
+    assert run_forked(3, fetch) == [0] * 3
+    results = receive()
+    assert len({r.split(":")[0] for r in results}) == 1  # the first renderer's pid, every time
+    assert all(r.endswith("True") for r in results)
+
+
+@override_settings(CACHES=cache_settings(sessions={"LOCATION": "sessions"}))
+def test_template_fragment_cache_across_processes(cluster):
+    send, receive = pipe_value()
+
+    def fetch(i):
+        html = Client().get("/fragment/").content.decode()
+        served = re.search(r"served by worker (\d+)", html).group(1)
+        fragment = re.search(r"fragment rendered by worker (\d+)", html).group(1)
+        send(f"{served}:{fragment}")
+
+    assert reap(fork_call(fetch, 0), 20) == 0
+    assert run_forked(3, fetch) == [0] * 3
+    pairs = [r.split(":") for r in receive()]
+    assert len({served for served, _ in pairs}) == 4  # four different processes rendered the page
+    assert len({fragment for _, fragment in pairs}) == 1  # one of them rendered the fragment
+
+
+def test_backend_is_importable_by_path():
+    from django.core.cache import caches as _caches
+
+    with override_settings(CACHES={"default": {"BACKEND": BACKEND}}):
+        assert isinstance(_caches["default"], ClusterShmCache)
+    with pytest.raises(InvalidCacheBackendError):
+        with override_settings(CACHES={"default": {"BACKEND": "django_clustershm.cache.Nope"}}):
+            _caches["default"]
