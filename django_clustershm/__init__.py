@@ -48,7 +48,9 @@ from .exceptions import (
     SerializationError,
     StoreFull,
     ValueTooLarge,
+    WouldDeadlock,
 )
+from .lock import Lock, amutex, get_lock, mutex, release_lock
 from .manager import Manager
 
 __version__ = "0.1.0"
@@ -74,6 +76,12 @@ __all__ = [
     "get_lru",
     "remove_lru",
     "set_lru",
+    # locks
+    "Lock",
+    "amutex",
+    "get_lock",
+    "mutex",
+    "release_lock",
     # clients and the Manager
     "Client",
     "EmbeddedClient",
@@ -101,4 +109,5 @@ __all__ = [
     "SerializationError",
     "StoreFull",
     "ValueTooLarge",
+    "WouldDeadlock",
 ]

@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 from functools import wraps
 
+from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 
 from . import conf
@@ -162,3 +163,29 @@ class ClusterShmCache(BaseCache):
         # thread's and is kept for the next request (as RedisCache keeps its
         # pool); the cache stays usable after close().
         pass
+
+
+def _async_of(name: str):
+    # The blocking call runs in a thread of asgiref's pool; each of those
+    # threads has a connection of its own. Every a* method maps to our own
+    # sync method, so aincr stays atomic in the Manager and aget_many stays
+    # one round trip (BaseCache's generic async versions of Django 5.2 fall
+    # back to get/set per key).
+    def method(self, *args, **kwargs):
+        return sync_to_async(getattr(self, name), thread_sensitive=False)(*args, **kwargs)
+
+    method.__name__ = f"a{name}"
+    method.__doc__ = f"Async :meth:`{name}`."
+    return method
+
+
+for _name in ("add", "get", "set", "touch", "delete", "get_many", "set_many", "delete_many", "has_key",
+              "incr", "decr", "clear"):
+    setattr(ClusterShmCache, f"a{_name}", _async_of(_name))
+
+
+async def _aclose(self, **kwargs):
+    self.close(**kwargs)
+
+
+ClusterShmCache.aclose = _aclose

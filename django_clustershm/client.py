@@ -33,7 +33,7 @@ import weakref
 from typing import Any, Iterable, Mapping
 
 from . import protocol as P
-from .engine import Engine, Limits
+from .engine import DEFERRED, Engine, Limits
 from .exceptions import (
     AuthenticationFailed,
     ClusterShmError,
@@ -183,6 +183,28 @@ class Client:
         encoded = {self._key(k): self._value(v) for k, v in mapping.items()}
         self._call(P.CACHE_SET_MANY, [ns, encoded, timeout, opts])
 
+    # -- locks (see django_clustershm.lock for the user-facing API) -----------------------
+
+    def lock_acquire(self, key: str, lease: float | None = None, wait: float | None = None):
+        """``[token, fence]``, or None if not acquired within ``wait`` seconds (None: forever, 0: try)."""
+        if wait is None:
+            reply_timeout = 0  # no limit: the Manager answers when the lock is granted
+        elif wait <= 0:
+            reply_timeout = None
+        else:
+            reply_timeout = wait + getattr(self, "timeout", DEFAULT_TIMEOUT)
+        return self._call(P.LOCK_ACQUIRE, [self._key(key), _seconds(lease), _seconds(wait)], reply_timeout)
+
+    def lock_release(self, key: str, token: bytes) -> bool:
+        return self._call(P.LOCK_RELEASE, [self._key(key), token])
+
+    def lock_extend(self, key: str, token: bytes, lease: float | None) -> bool:
+        return self._call(P.LOCK_EXTEND, [self._key(key), token, _seconds(lease)])
+
+    def lock_status(self, key: str, token: bytes | None = None) -> list:
+        """``[locked, owned]``: held by anyone; held with ``token``."""
+        return self._call(P.LOCK_STATUS, [self._key(key), token])
+
     def stats(self) -> dict:
         """The Manager's figures: keys, bytes, hits, ops/s, connected clients..."""
         return self._call(P.STATS, [])
@@ -192,6 +214,14 @@ class Client:
 
     def close(self) -> None:
         """Release what this client holds in this process (it stays usable)."""
+
+
+def _seconds(value):
+    if value is None or type(value) in (int, float):
+        return value
+    if isinstance(value, (int, float)):
+        return float(value)
+    raise TypeError(f"expected seconds as a number, got {type(value).__name__}")
 
 
 def _int(n) -> int:
@@ -280,14 +310,27 @@ class _Connection:
     def send(self, frame: bytes) -> None:
         self.sock.sendall(frame)
 
-    def receive(self, rid: int):
-        """Wait for the reply to ``rid``; return ``(opcode, payload)``."""
+    def receive(self, rid: int, timeout=None):
+        """Wait for the reply to ``rid``; return ``(opcode, payload)``.
+
+        ``timeout`` overrides the connection's for this reply (a lock wait):
+        a number of seconds, or 0 for no limit.
+        """
+        if timeout is not None:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+            try:
+                return self._receive(rid, timeout or "no limit")
+            finally:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout))
+        return self._receive(rid, self.timeout)
+
+    def _receive(self, rid: int, timeout):
         reader = self.reader
         while True:
             try:
                 data = self.sock.recv(_RECV_SIZE)
             except (BlockingIOError, socket.timeout) as exc:  # SO_RCVTIMEO expired
-                raise ManagerUnavailable(f"no reply from the Manager within {self.timeout}s") from exc
+                raise ManagerUnavailable(f"no reply from the Manager within {timeout}s") from exc
             except OSError as exc:
                 raise ManagerUnavailable(f"lost the connection to the Manager: {exc}") from exc
             if not data:
@@ -341,7 +384,7 @@ class SocketClient(Client):
         if getattr(self._local, "conn", None) is conn:
             self._local.conn = None
 
-    def _call(self, op: int, args: list):
+    def _call(self, op: int, args: list, reply_timeout=None):
         conn = self._connection()
         conn.rid = rid = (conn.rid + 1) & 0xFFFFFFFF or 1
         try:
@@ -366,8 +409,12 @@ class SocketClient(Client):
                 self._drop(conn)
                 raise ManagerUnavailable(f"cannot send to the Manager: {exc2}") from exc2
         try:
-            op, payload = conn.receive(rid)
-        except ClusterShmError:
+            op, payload = conn.receive(rid, reply_timeout)
+        except BaseException:
+            # A timeout, a lost Manager, or an interruption (KeyboardInterrupt,
+            # gunicorn's worker abort) while a reply may still come: the
+            # stream's state is unknown, so the connection goes. The Manager
+            # then drops whatever this connection held or waited for.
             self._drop(conn)
             raise
         result = P.decode_payload(payload)
@@ -405,26 +452,71 @@ os.register_at_fork(after_in_child=_after_fork_in_child)
 _embedded_clients: "weakref.WeakSet[EmbeddedClient]" = weakref.WeakSet()
 
 
+class _ThreadSession:
+    """One thread's session on an embedded engine (the counterpart of one
+    connection per thread): when the thread ends, this object is collected
+    and its session closed, which releases the locks the thread held."""
+
+    __slots__ = ("session", "rid", "replies", "dead")
+
+    def __init__(self, engine: Engine, dead: list) -> None:
+        self.session = engine.open_session(pid=os.getpid())
+        self.rid = 0
+        self.replies: dict[int, Any] = {}
+        # Called under the client's mutex, which is then notified. The dict's
+        # own method, not one of ours: no reference cycle, so this object is
+        # freed (and its session closed) as soon as its thread ends.
+        self.session.deliver = self.replies.__setitem__
+        self.dead = dead
+
+    def __del__(self) -> None:
+        # Not closed here: this may run anywhere, even inside the engine.
+        self.dead.append(self.session)
+
+
 class EmbeddedClient(Client):
     """The API on an in-process engine: for runserver, shells and test suites.
+
+    Each thread has a session of its own, as each has a connection of its
+    own in a cluster, so locks behave the same (a lock is its holder
+    thread's, and is released when that thread ends). A waiting thread waits
+    on a condition without holding the engine's mutex, and moves the engine's
+    clock along (lease and wait expiry) every few milliseconds.
 
     State lives in this process only. A process forked from this one gets its
     own copy, which is not shared: that is logged once in the child, since it
     usually means a prefork server runs without ``runcluster``.
     """
 
+    #: How often a waiting thread checks leases, deadlines and dead threads.
+    wait_slice = 0.005
+
     def __init__(self, engine: Engine | None = None, **engine_options) -> None:
         self.engine = engine or Engine(**engine_options)
         self.limits = self.engine.limits
-        self._lock = threading.Lock()
-        self._session = self.engine.open_session(pid=os.getpid())
+        self._cond = threading.Condition(threading.Lock())
+        self._local = threading.local()
+        self._dead: list = []
         self._forked = False
         _embedded_clients.add(self)
 
     def __repr__(self) -> str:
         return "<EmbeddedClient>"
 
-    def _call(self, op: int, args: list):
+    def _thread_session(self) -> _ThreadSession:
+        state = getattr(self._local, "state", None)
+        if state is None:
+            state = self._local.state = _ThreadSession(self.engine, self._dead)
+        return state
+
+    def _housekeeping(self) -> None:
+        engine = self.engine
+        dead = self._dead
+        while dead:
+            engine.close_session(dead.pop())
+        engine.tick()
+
+    def _call(self, op: int, args: list, reply_timeout=None):
         if self._forked:
             self._forked = False
             logger.warning(
@@ -433,15 +525,36 @@ class EmbeddedClient(Client):
                 "(or the gunicorn config module) to share state between workers.",
                 os.getpid(),
             )
-        engine = self.engine
-        with self._lock:
-            engine.tick()
-            return engine.dispatch(self._session, op, args)
+        state = self._thread_session()
+        with self._cond:
+            self._housekeeping()
+            state.rid += 1
+            rid = state.rid
+            result = self.engine.dispatch(state.session, op, args, rid)
+            if result is not DEFERRED:
+                if state.replies:
+                    self._cond.notify_all()
+                return result
+            replies = state.replies
+            while rid not in replies:
+                self._cond.wait(self.wait_slice)
+                self._housekeeping()
+                self._cond.notify_all()
+            return replies.pop(rid)
+
+    def close(self) -> None:
+        """Close this thread's session: whatever locks it held are released."""
+        state = getattr(self._local, "state", None)
+        if state is not None:
+            self._local.state = None
+            with self._cond:
+                self.engine.close_session(state.session)
+                self._cond.notify_all()
 
 
 def _after_fork_embedded() -> None:
     for client in list(_embedded_clients):
-        client._lock = threading.Lock()  # the parent may have held it mid-fork
+        client._cond = threading.Condition(threading.Lock())  # the parent may have held it mid-fork
         client._forked = True
 
 

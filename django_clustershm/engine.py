@@ -22,6 +22,7 @@ from typing import Callable
 from . import protocol as P
 from .caches import LruCache, NullCache
 from .exceptions import InvalidKey, KeyTooLarge, LimitExceeded, ProtocolError, ValueTooLarge
+from .locks import LockTable
 from .store import INT64_MAX, INT64_MIN, Store
 
 DEFAULT_MAX_KEY = 4096
@@ -32,10 +33,14 @@ MAX_CACHE_NAME = 256
 _NULL_CACHE = NullCache()
 
 
+#: What dispatch returns for a request that will be answered later.
+DEFERRED = object()
+
+
 class Session:
     """One client connection (or one embedded client), as the engine sees it."""
 
-    __slots__ = ("id", "pid", "since", "ops", "peer_uid", "__weakref__")
+    __slots__ = ("id", "pid", "since", "ops", "peer_uid", "waiting", "deliver", "__weakref__")
 
     def __init__(self, sid: int, pid: int = 0, peer_uid: int | None = None) -> None:
         self.id = sid
@@ -43,6 +48,10 @@ class Session:
         self.peer_uid = peer_uid
         self.since = time.time()
         self.ops = 0
+        self.waiting = 0  # queued lock requests
+        # deliver(rid, result): how a reply that comes later (a lock grant)
+        # reaches this client; set by the transport.
+        self.deliver: Callable | None = None
 
 
 class Limits:
@@ -77,6 +86,8 @@ class Engine:
         self.clock = clock
         self.store = Store(clock=clock, max_bytes=max_store_bytes)
         self.caches: dict[str, LruCache] = {}
+        self.locks = LockTable(self._answer_waiter, clock=clock)
+        self._rid = 0
         self.sessions: dict[int, Session] = {}
         self._next_sid = 1
         self.started = time.time()
@@ -103,6 +114,10 @@ class Engine:
             P.CACHE_SET: self._cache_set,
             P.CACHE_ADD: self._cache_add,
             P.CACHE_SET_MANY: self._cache_set_many,
+            P.LOCK_ACQUIRE: self._lock_acquire,
+            P.LOCK_RELEASE: self._lock_release,
+            P.LOCK_EXTEND: self._lock_extend,
+            P.LOCK_STATUS: self._lock_status,
         }
 
     # -- sessions ------------------------------------------------------------
@@ -114,12 +129,16 @@ class Engine:
         return session
 
     def close_session(self, session: Session) -> None:
-        """Forget a client; later issues release its locks and listeners here."""
-        self.sessions.pop(session.id, None)
+        """Forget a client: its locks are released (and granted to the next
+        waiter) at once, its queued lock requests dropped."""
+        if self.sessions.pop(session.id, None) is not None:
+            self.locks.drop_session(session)
 
     # -- dispatch ------------------------------------------------------------
 
-    def dispatch(self, session: Session, op: int, args: list):
+    def dispatch(self, session: Session, op: int, args: list, rid: int = 0):
+        """The result of one request, or ``DEFERRED`` if it is answered later
+        through ``session.deliver`` (a lock acquire that has to wait)."""
         handler = self.handlers.get(op)
         if handler is None:
             raise ProtocolError(f"unknown opcode 0x{op:02x}")
@@ -131,6 +150,7 @@ class Engine:
             self._rate_second = second
             self._rate_count = 0
         self._rate_count += 1
+        self._rid = rid
         return handler(session, *args)
 
     def tick(self) -> float | None:
@@ -138,7 +158,16 @@ class Engine:
         self.store.reap()
         for cache in self.caches.values():
             cache.reap()
-        return self.store.next_deadline()
+        store_next = self.store.next_deadline()
+        locks_next = self.locks.tick()
+        if store_next is None:
+            return locks_next
+        return store_next if locks_next is None else min(store_next, locks_next)
+
+    def _answer_waiter(self, waiter, result) -> None:
+        deliver = waiter.session.deliver
+        if deliver is not None:
+            deliver(waiter.rid, result)
 
     # -- validation of what a client sent -----------------------------------
 
@@ -263,6 +292,39 @@ class Engine:
         checked = {self._key(k): self._value(v) for k, v in mapping.items()}
         cache.set_many(checked, self._ttl(ttl), max_entries, cull)
 
+    @staticmethod
+    def _seconds(value, what: str):
+        if value is None:
+            return None
+        if type(value) not in (int, float) or value != value:
+            raise ProtocolError(f"{what} is a number of seconds or nil")
+        return value
+
+    @staticmethod
+    def _token(token):
+        if type(token) is not bytes or len(token) != 16:
+            raise ProtocolError("a lock token is 16 bytes")
+        return token
+
+    def _lock_acquire(self, session, key, lease, wait):
+        lease = self._seconds(lease, "a lease")
+        if lease is not None and lease <= 0:
+            raise ProtocolError("a lease is a positive number of seconds")
+        result = self.locks.acquire(session, self._rid, self._key(key), lease, self._seconds(wait, "a wait"))
+        return DEFERRED if result is ... else result
+
+    def _lock_release(self, session, key, token):
+        return self.locks.release(self._key(key), self._token(token))
+
+    def _lock_extend(self, session, key, token, lease):
+        lease = self._seconds(lease, "a lease")
+        if lease is not None and lease <= 0:
+            raise ProtocolError("a lease is a positive number of seconds")
+        return self.locks.extend(self._key(key), self._token(token), lease)
+
+    def _lock_status(self, session, key, token):
+        return self.locks.status(self._key(key), None if token is None else self._token(token))
+
     def _stats(self, session):
         store = self.store
         return {
@@ -294,5 +356,6 @@ class Engine:
                 {"id": s.id, "pid": s.pid, "since": s.since, "ops": s.ops}
                 for s in self.sessions.values()
             ],
+            "locks": self.locks.describe(),
             "limits": self.limits.as_dict(),
         }

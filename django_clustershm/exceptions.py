@@ -19,6 +19,7 @@ catches ``ValueError`` or ``ConnectionError`` keeps working::
      ├── LimitExceeded                           a per-connection limit (waiters, listeners)
      ├── LockNotOwned                            release/extend of a lock we do not hold
      ├── LockTimeout (TimeoutError)              a lock not acquired within its timeout
+     ├── WouldDeadlock (RuntimeError)            a thread asking again for a lock it holds
      └── RemoteError                             an error from the Manager with no local class
 
 Errors travel from the Manager to the client as data (a code and a message,
@@ -47,6 +48,7 @@ __all__ = [
     "SerializationError",
     "StoreFull",
     "ValueTooLarge",
+    "WouldDeadlock",
 ]
 
 
@@ -141,6 +143,12 @@ class LockTimeout(ClusterShmError, TimeoutError):
     code = 14
 
 
+class WouldDeadlock(ClusterShmError, RuntimeError):
+    """A thread asked again for a non-reentrant lock it already holds."""
+
+    code = 15
+
+
 class RemoteError(ClusterShmError):
     """An error reported by the Manager that has no more specific class here."""
 
@@ -164,6 +172,7 @@ _BY_CODE = {
         LimitExceeded,
         LockNotOwned,
         LockTimeout,
+        WouldDeadlock,
         RemoteError,
     )
 }

@@ -39,7 +39,7 @@ import weakref
 from collections import deque
 
 from . import protocol as P
-from .engine import Engine, Limits
+from .engine import DEFERRED, Engine, Limits
 from .exceptions import ClusterShmError, ProtocolError, ValueTooLarge
 
 logger = logging.getLogger("django_clustershm.manager")
@@ -116,6 +116,10 @@ class Manager:
         self._uid = os.getuid()
         self._conns: dict[int, _Conn] = {}
         self._calls: deque = deque()
+        # Connections given a reply outside their own request (a lock grant
+        # caused by another client's release): flushed at the end of the
+        # loop iteration, never from inside the engine's own bookkeeping.
+        self._dirty: set[_Conn] = set()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._serving: threading.Thread | None = None
@@ -293,7 +297,7 @@ class Manager:
                 if conn is not None:
                     if mask & selectors.EVENT_READ:
                         self._on_readable(conn)
-                    if mask & selectors.EVENT_WRITE and conn.fd in self._conns:
+                    if mask & selectors.EVENT_WRITE and self._conns.get(conn.fd) is conn:
                         self._flush(conn)
                 elif key.fd == listener_fd:
                     self._accept()
@@ -310,6 +314,11 @@ class Manager:
                             fn(*args)
                         except Exception:
                             logger.exception("error in a call scheduled on the Manager")
+            if self._dirty:
+                dirty, self._dirty = self._dirty, set()
+                for conn in dirty:
+                    if self._conns.get(conn.fd) is conn:
+                        self._flush(conn)
             now = clock()
             if now >= next_check:
                 next_check = now + 1.0
@@ -397,7 +406,10 @@ class Manager:
                 args = P.decode_payload(payload)
                 if type(args) is not list:
                     raise ProtocolError("a request's payload is a list of arguments")
-                reply = encode(P.OK, rid, engine.dispatch(session, op, args))
+                result = engine.dispatch(session, op, args, rid)
+                if result is DEFERRED:
+                    continue
+                reply = encode(P.OK, rid, result)
                 if len(reply) - P.HEADER_SIZE > max_frame:
                     raise ValueTooLarge(f"the reply would be {len(reply)} bytes, over the maximum frame of {max_frame}; ask for fewer keys")
             except ProtocolError as exc:
@@ -430,11 +442,20 @@ class Manager:
             self._refuse(conn, "wrong secret")
             return
         conn.session = self.engine.open_session(pid=conn.peer_pid or client_pid, peer_uid=conn.peer_uid)
+        conn.session.deliver = lambda rid, result, conn=conn: self._deliver(conn, rid, result)
         conn.reader.max_frame = self.engine.limits.max_frame
         reply = P.encode(P.OK, 0, [P.server_proof(self.secret, client_nonce), self.engine.limits.as_dict(), conn.session.id])
         conn.out.append(reply)
         conn.out_size += len(reply)
         self._flush(conn)
+
+    def _deliver(self, conn: _Conn, rid: int, result) -> None:
+        if self._conns.get(conn.fd) is not conn:
+            return
+        reply = P.encode(P.OK, rid, result)
+        conn.out.append(reply)
+        conn.out_size += len(reply)
+        self._dirty.add(conn)
 
     def _refuse(self, conn: _Conn, reason: str) -> None:
         logger.warning("refusing client (pid %s): %s", conn.peer_pid, reason)

@@ -59,6 +59,17 @@ store; the value ``v`` is ``bin`` or ``int``; ``ttl`` is seconds or nil)::
     CACHE_ADD    [ns, key, v, ttl, opts]     -> bool     cull_frequency,
     CACHE_SET_MANY [ns, {key: v}, ttl, opts] -> nil      max_bytes])
 
+    LOCK_ACQUIRE [key, lease, wait]      -> [token, fence], or nil (not acquired)
+    LOCK_RELEASE [key, token]            -> true (LockNotOwned otherwise)
+    LOCK_EXTEND  [key, token, lease]     -> true (LockNotOwned otherwise)
+    LOCK_STATUS  [key, token]            -> [locked, owned]
+
+LOCK_ACQUIRE with ``wait`` nil waits forever, 0 does not wait, and any
+other number of seconds waits that long: the Manager replies when the lock
+is granted or the wait runs out, so other requests of that connection must
+not be sent meanwhile (a blocking client sends none; a pipelining client
+matches replies by request id).
+
 A named cache (``ns`` not empty) is created by its first write, with that
 write's ``max_bytes``; every other request on a cache that does not exist
 yet sees an empty one. GET, HAS, REMOVE, INCR, TOUCH, GET_MANY, DELETE_MANY,
@@ -112,6 +123,11 @@ STATS = 0x0E
 CACHE_SET = 0x10
 CACHE_ADD = 0x11
 CACHE_SET_MANY = 0x12
+# Locks (their own table: no cache or store operation touches them).
+LOCK_ACQUIRE = 0x20
+LOCK_RELEASE = 0x21
+LOCK_EXTEND = 0x22
+LOCK_STATUS = 0x23
 # Handshake.
 HELLO = 0x70
 AUTH = 0x71

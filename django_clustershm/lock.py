@@ -1,0 +1,253 @@
+"""Locks for views and tasks: ``mutex()``, ``Lock``, ``get_lock``/``release_lock``, ``amutex()``.
+
+::
+
+    import django_clustershm as clustershm
+
+    with clustershm.mutex("order:42", timeout=5, lease=30):   # or @clustershm.mutex(...)
+        ...
+
+    lock = clustershm.Lock("report", lease=60)
+    if lock.acquire(blocking=False):
+        try:
+            ...
+            lock.extend()          # another 60 s
+        finally:
+            lock.release()
+
+    token = clustershm.get_lock("myObj", timeout=5)      # the seed's getLock/releaseLock
+    clustershm.release_lock("myObj", token)
+
+Semantics, kept by the Manager (:mod:`.locks`): waiters are granted in FIFO
+order; only the holder's token releases or extends; an optional lease frees
+the lock for the next waiter if the holder overruns it; every grant of a key
+has a larger fencing token (``lock.fence``) than the last, so a store that
+records it can refuse a late writer; a waiter whose timeout passes is never
+granted afterwards; and a lock is freed the moment its holder's process dies
+(its connection closes), with no lease needed.
+
+Ownership is per thread, as with redis-py's ``thread_local=True``: a lock
+that one thread holds is not released, extended or re-acquired by another
+thread through the same ``Lock`` object. Locks are not reentrant by default:
+a thread that asks again for a lock it already holds gets
+:class:`WouldDeadlock` at once instead of waiting for itself forever. With
+``reentrant=True``, the holding thread may enter again (any ``Lock`` or
+``mutex`` on that key, in that thread); the Manager's lock is released when
+the outermost holder releases.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import threading
+from contextlib import ContextDecorator
+
+from . import conf
+from .exceptions import LockNotOwned, LockTimeout, WouldDeadlock
+
+__all__ = ["Lock", "amutex", "get_lock", "mutex", "release_lock"]
+
+# The locks this thread holds through Lock objects: key -> [token, fence, depth, client].
+_held = threading.local()
+
+
+def _forget_held_in_child() -> None:
+    # A forked child holds none of its parent's locks: they belong to the
+    # parent's connections, which the child does not have.
+    _held.table = {}
+
+
+os.register_at_fork(after_in_child=_forget_held_in_child)
+
+
+def _held_by_this_thread() -> dict:
+    table = getattr(_held, "table", None)
+    if table is None:
+        table = _held.table = {}
+    return table
+
+
+class Lock(ContextDecorator):
+    """A lock on ``key`` shared by every process of the cluster, shaped like redis-py's.
+
+    ``timeout``: seconds ``acquire()`` waits by default (None: forever).
+    ``lease``: seconds after which the Manager frees the lock if it is still
+    held (None: held until released or until the holder's process dies).
+    ``blocking=False`` makes ``acquire()`` a try-acquire by default.
+    """
+
+    def __init__(
+        self,
+        key: str,
+        timeout: float | None = None,
+        lease: float | None = None,
+        *,
+        blocking: bool = True,
+        reentrant: bool = False,
+    ) -> None:
+        self.key = key
+        self.timeout = timeout
+        self.lease = lease
+        self.blocking = blocking
+        self.reentrant = reentrant
+        self._local = threading.local()
+
+    def __repr__(self) -> str:
+        return f"<Lock {self.key!r} lease={self.lease} reentrant={self.reentrant}>"
+
+    # -- acquire / release ----------------------------------------------------------
+
+    def acquire(self, blocking: bool | None = None, timeout: float | None = None) -> bool:
+        """Wait for the lock; True once held, False if ``timeout`` (or a try) failed."""
+        blocking = self.blocking if blocking is None else blocking
+        if timeout is None:
+            timeout = self.timeout
+        held = _held_by_this_thread()
+        mine = held.get(self.key)
+        client = conf.get_client()
+        if mine is not None and (mine[3] is not client or not client.lock_status(self.key, mine[0])[1]):
+            # A hold this thread recorded but no longer has: its lease ran out,
+            # or its connection or Manager is gone. Forget it (one round trip,
+            # only on this path).
+            del held[self.key]
+            mine = None
+        if mine is not None:
+            if self.reentrant:
+                mine[2] += 1
+                self._local.entry = mine
+                return True
+            if not blocking:
+                return False
+            raise WouldDeadlock(
+                f"this thread already holds lock {self.key!r}; waiting for it would wait for itself "
+                "(release it first, or use reentrant=True)"
+            )
+        wait = 0 if not blocking else timeout
+        granted = client.lock_acquire(self.key, self.lease, wait)
+        if granted is None:
+            return False
+        token, fence = granted
+        entry = held[self.key] = [token, fence, 1, client]
+        self._local.entry = entry
+        return True
+
+    def release(self) -> None:
+        """Release the lock; LockNotOwned if this thread does not hold it (any more)."""
+        entry = getattr(self._local, "entry", None)
+        held = _held_by_this_thread()
+        if entry is None or held.get(self.key) is not entry:
+            raise LockNotOwned(f"lock {self.key!r} is not held by this thread through this Lock")
+        entry[2] -= 1
+        if entry[2] > 0:
+            return
+        self._local.entry = None
+        del held[self.key]
+        token, _fence, _depth, client = entry
+        client.lock_release(self.key, token)  # LockNotOwned if the lease ran out meanwhile
+
+    def extend(self, lease: float | None = None) -> None:
+        """Restart the lease: ``lease`` seconds from now (default: this lock's lease)."""
+        entry = self._entry()
+        token, _fence, _depth, client = entry
+        client.lock_extend(self.key, token, self.lease if lease is None else lease)
+
+    def locked(self) -> bool:
+        """Whether anyone holds the lock now."""
+        return conf.get_client().lock_status(self.key)[0]
+
+    def owned(self) -> bool:
+        """Whether this thread holds the lock now (False once its lease has run out)."""
+        entry = getattr(self._local, "entry", None)
+        if entry is None or _held_by_this_thread().get(self.key) is not entry:
+            return False
+        return entry[3].lock_status(self.key, entry[0])[1]
+
+    @property
+    def fence(self) -> int | None:
+        """The fencing token of this thread's hold: larger for every later grant of the key."""
+        entry = getattr(self._local, "entry", None)
+        return None if entry is None else entry[1]
+
+    def _entry(self) -> list:
+        entry = getattr(self._local, "entry", None)
+        if entry is None or _held_by_this_thread().get(self.key) is not entry:
+            raise LockNotOwned(f"lock {self.key!r} is not held by this thread through this Lock")
+        return entry
+
+    # -- context manager and decorator ---------------------------------------------------
+
+    def __enter__(self) -> "Lock":
+        if not self.acquire():
+            raise LockTimeout(f"lock {self.key!r} not acquired within {self.timeout}s")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def mutex(key: str, timeout: float | None = None, lease: float | None = None, *, reentrant: bool = False) -> Lock:
+    """``with clustershm.mutex(key, timeout=5, lease=30):`` or ``@clustershm.mutex(key)``.
+
+    Raises :class:`LockTimeout` if the lock is not acquired within ``timeout``
+    seconds; releases on the way out, exceptions included.
+    """
+    return Lock(key, timeout, lease, reentrant=reentrant)
+
+
+def get_lock(key: str, timeout: float | None = None, lease: float | None = None) -> bytes:
+    """Acquire ``key`` and return its owner token (the seed's ``getLock``).
+
+    Raises :class:`LockTimeout` if not acquired within ``timeout`` seconds
+    (None: wait forever, 0: do not wait). The token, not the thread, owns
+    the lock: pass it to :func:`release_lock`.
+    """
+    granted = conf.get_client().lock_acquire(key, lease, timeout)
+    if granted is None:
+        raise LockTimeout(f"lock {key!r} not acquired within {timeout}s")
+    return granted[0]
+
+
+def release_lock(key: str, token: bytes) -> None:
+    """Release ``key`` held with ``token`` (the seed's ``releaseLock``); LockNotOwned otherwise."""
+    conf.get_client().lock_release(key, token)
+
+
+class amutex:
+    """``async with clustershm.amutex(key, timeout=5, lease=30):`` for async views.
+
+    The wait runs in a worker thread, so the event loop is never blocked. If
+    the awaiting task is cancelled while waiting, a lock granted afterwards is
+    released at once rather than leaked.
+    """
+
+    def __init__(self, key: str, timeout: float | None = None, lease: float | None = None) -> None:
+        self.key = key
+        self.timeout = timeout
+        self.lease = lease
+        self.token: bytes | None = None
+        self.fence: int | None = None
+
+    async def __aenter__(self) -> "amutex":
+        client = conf.get_client()
+        future = asyncio.ensure_future(asyncio.to_thread(client.lock_acquire, self.key, self.lease, self.timeout))
+        try:
+            granted = await asyncio.shield(future)
+        except asyncio.CancelledError:
+            future.add_done_callback(lambda f: self._release_late(client, f))
+            raise
+        if granted is None:
+            raise LockTimeout(f"lock {self.key!r} not acquired within {self.timeout}s")
+        self.token, self.fence = granted
+        self._client = client
+        return self
+
+    def _release_late(self, client, future) -> None:
+        if not future.cancelled() and future.exception() is None and future.result() is not None:
+            client.lock_release(self.key, future.result()[0])
+
+    async def __aexit__(self, *exc) -> None:
+        token, self.token = self.token, None
+        if token is not None:
+            await asyncio.to_thread(self._client.lock_release, self.key, token)
+

@@ -1,0 +1,241 @@
+"""Lock state held by the Manager: fair, leased, fenced, and freed when the holder dies.
+
+Pure data structure with an injected clock, like :mod:`.store`. Waiting is
+not done here: an acquire that cannot be granted at once leaves a *waiter*
+in the key's FIFO queue, and the engine answers that request later, when
+:meth:`LockTable.release` (or a lease expiry, or the holder's session
+closing) hands the lock over, or when the waiter's own deadline passes.
+A waiter whose deadline has passed is never granted: it is removed from the
+queue and answered "not acquired" at that moment, by the Manager, so the
+client and the Manager cannot disagree about who holds the lock.
+
+Locks live in their own table: no cache eviction, ``clear()`` or store
+operation can touch them.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import time
+from collections import deque
+from typing import Callable
+
+from .exceptions import LimitExceeded, LockNotOwned
+
+#: Queued acquires one session may have at once (a blocking client has one).
+MAX_WAITERS_PER_SESSION = 1024
+
+
+class Holder:
+    __slots__ = ("session", "token", "fence", "since", "lease_until")
+
+    def __init__(self, session, token: bytes, fence: int, since: float, lease_until: float | None) -> None:
+        self.session = session
+        self.token = token
+        self.fence = fence
+        self.since = since
+        self.lease_until = lease_until
+
+
+class Waiter:
+    __slots__ = ("session", "rid", "lease", "deadline", "done")
+
+    def __init__(self, session, rid: int, lease: float | None, deadline: float | None) -> None:
+        self.session = session
+        self.rid = rid
+        self.lease = lease
+        self.deadline = deadline
+        self.done = False
+
+
+class _Key:
+    __slots__ = ("holder", "queue")
+
+    def __init__(self) -> None:
+        self.holder: Holder | None = None
+        self.queue: deque[Waiter] = deque()
+
+
+class LockTable:
+    """Every lock of one Manager.
+
+    ``answer(waiter, result)`` is called for each waiter that gets its answer
+    later: ``[token, fence]`` when granted, ``None`` when its deadline passed.
+    """
+
+    def __init__(self, answer: Callable, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.answer = answer
+        self.clock = clock
+        self._keys: dict[str, _Key] = {}
+        self._timers: list[tuple[float, int, str, object]] = []  # (when, seq, key, waiter|holder)
+        self._seq = 0
+        # One counter for all keys: a key's state is forgotten when no one
+        # holds or waits for it, and its next fence must still be larger.
+        # Fences grow for the Manager's lifetime (the server's).
+        self._fence = 0
+        self.granted = 0
+        self.expired_leases = 0
+        self.timed_out = 0
+
+    # -- requests ------------------------------------------------------------------
+
+    def acquire(self, session, rid: int, key: str, lease: float | None, wait: float | None):
+        """``[token, fence]`` now, ``None`` (not acquired, no wait), or ``...`` (answered later)."""
+        now = self.clock()
+        state = self._keys.get(key)
+        if state is not None:
+            self._expire_lease(key, state, now)  # may hand over, or forget the key
+            state = self._keys.get(key)
+        if state is None:
+            state = self._keys[key] = _Key()
+        if state.holder is None and not state.queue:
+            return self._grant(key, state, session, lease, now)
+        if wait is not None and wait <= 0:
+            return None
+        if session.waiting >= MAX_WAITERS_PER_SESSION:
+            raise LimitExceeded(f"this connection already waits for {session.waiting} locks")
+        waiter = Waiter(session, rid, lease, None if wait is None else now + wait)
+        state.queue.append(waiter)
+        session.waiting += 1
+        if waiter.deadline is not None:
+            self._timer(waiter.deadline, key, waiter)
+        return ...
+
+    def release(self, key: str, token: bytes) -> bool:
+        state = self._keys.get(key)
+        if state is not None:
+            self._expire_lease(key, state, self.clock())
+        if state is None or state.holder is None or state.holder.token != token:
+            raise LockNotOwned(f"lock {key!r} is not held with this token (released, expired, or never acquired)")
+        self._hand_over(key, state)
+        return True
+
+    def extend(self, key: str, token: bytes, lease: float | None) -> bool:
+        state = self._keys.get(key)
+        now = self.clock()
+        if state is not None:
+            self._expire_lease(key, state, now)
+        if state is None or state.holder is None or state.holder.token != token:
+            raise LockNotOwned(f"lock {key!r} is not held with this token; it cannot be extended")
+        holder = state.holder
+        holder.lease_until = None if lease is None else now + lease
+        if holder.lease_until is not None:
+            self._timer(holder.lease_until, key, holder)
+        return True
+
+    def status(self, key: str, token: bytes | None) -> list:
+        state = self._keys.get(key)
+        if state is None:
+            return [False, False]
+        self._expire_lease(key, state, self.clock())
+        holder = state.holder
+        return [holder is not None, holder is not None and token is not None and holder.token == token]
+
+    def drop_session(self, session) -> None:
+        """The session is gone (its process died): free its locks, forget its waits."""
+        for key, state in list(self._keys.items()):
+            if state.queue:
+                kept = deque(w for w in state.queue if w.session is not session)
+                for w in state.queue:
+                    if w.session is session:
+                        w.done = True
+                state.queue = kept
+            if state.holder is not None and state.holder.session is session:
+                self._hand_over(key, state)
+            elif state.holder is None and not state.queue:
+                del self._keys[key]
+        session.waiting = 0
+
+    # -- time -----------------------------------------------------------------------
+
+    def tick(self) -> float | None:
+        """Expire leases and waiters that are due; return the next due time."""
+        timers = self._timers
+        now = self.clock()
+        while timers and timers[0][0] <= now:
+            _, _, key, item = heapq.heappop(timers)
+            state = self._keys.get(key)
+            if state is None:
+                continue
+            if isinstance(item, Waiter):
+                if not item.done:
+                    self._time_out(key, state, item)
+            else:
+                self._expire_lease(key, state, now)
+        return timers[0][0] if timers else None
+
+    # -- internals --------------------------------------------------------------------
+
+    def _timer(self, when: float, key: str, item) -> None:
+        self._seq += 1
+        heapq.heappush(self._timers, (when, self._seq, key, item))
+
+    def _grant(self, key: str, state: _Key, session, lease: float | None, now: float) -> list:
+        self._fence += 1
+        holder = Holder(session, os.urandom(16), self._fence, now, None if lease is None else now + lease)
+        state.holder = holder
+        self.granted += 1
+        if holder.lease_until is not None:
+            self._timer(holder.lease_until, key, holder)
+        return [holder.token, holder.fence]
+
+    def _hand_over(self, key: str, state: _Key) -> None:
+        """The holder is done: grant the first waiter still waiting, in FIFO order."""
+        state.holder = None
+        now = self.clock()
+        while state.queue:
+            waiter = state.queue.popleft()
+            waiter.session.waiting -= 1
+            waiter.done = True
+            if waiter.deadline is not None and waiter.deadline <= now:
+                self.timed_out += 1
+                self.answer(waiter, None)  # its time ran out: never granted afterwards
+                continue
+            self.answer(waiter, self._grant(key, state, waiter.session, waiter.lease, now))
+            return
+        del self._keys[key]
+
+    def _time_out(self, key: str, state: _Key, waiter: Waiter) -> None:
+        try:
+            state.queue.remove(waiter)
+        except ValueError:
+            return
+        waiter.done = True
+        waiter.session.waiting -= 1
+        self.timed_out += 1
+        self.answer(waiter, None)
+        if state.holder is None and not state.queue:
+            del self._keys[key]
+
+    def _expire_lease(self, key: str, state: _Key, now: float) -> None:
+        holder = state.holder
+        if holder is not None and holder.lease_until is not None and holder.lease_until <= now:
+            self.expired_leases += 1
+            self._hand_over(key, state)
+
+    # -- introspection --------------------------------------------------------------
+
+    def describe(self) -> dict:
+        now = self.clock()
+        held = []
+        for key, state in self._keys.items():
+            holder = state.holder
+            if holder is not None:
+                held.append(
+                    {
+                        "key": key,
+                        "pid": holder.session.pid,
+                        "fence": holder.fence,
+                        "held_for": now - holder.since,
+                        "lease_left": None if holder.lease_until is None else holder.lease_until - now,
+                        "waiters": [w.session.pid for w in state.queue],
+                    }
+                )
+        return {
+            "held": held,
+            "waiting": sum(len(s.queue) for s in self._keys.values()),
+            "granted": self.granted,
+            "expired_leases": self.expired_leases,
+            "timed_out": self.timed_out,
+        }
