@@ -13,4 +13,5 @@ urlpatterns = [
     path("whoami/", views.whoami, name="whoami"),
     path("slow/", views.slow, name="slow"),
     path("booted/", views.booted, name="booted"),
+    path("bench/", views.bench, name="bench"),
 ]

@@ -72,3 +72,16 @@ def slow(request):
 def booted(request):
     """What the master stored in AppConfig.ready() before it forked the workers."""
     return JsonResponse({"booted_by": clustershm.get("demo:booted_by"), "pid": os.getpid()})
+
+
+def bench(request):
+    """One cache get and one incr: what bench/bench_http.py serves under load."""
+    from django.core.cache import cache
+
+    value = cache.get("bench:key")
+    try:
+        count = cache.incr("bench:counter")
+    except ValueError:  # the first request: create the counter (add: only one process wins)
+        cache.add("bench:counter", 0, None)
+        count = cache.incr("bench:counter")
+    return JsonResponse({"value": value, "count": count})
