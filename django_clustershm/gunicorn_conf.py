@@ -19,9 +19,9 @@ define one of them, call ours from yours (or use :func:`chain`)::
 
     on_starting = chain(cs_on_starting, my_on_starting)
 
-Do not use ``preload_app`` *together with* writes in ``AppConfig.ready()``
-unless the Manager starts first: ``on_starting`` runs before the app is
-loaded, so this is the case with this module.
+``on_starting`` runs before gunicorn loads the application, so with
+``--preload`` too, what the app stores at import (or in ``AppConfig.ready()``)
+goes to the Manager the workers share.
 """
 
 from .cluster import chain, child_exit, on_exit, on_starting
