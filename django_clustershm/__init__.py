@@ -50,6 +50,7 @@ from .exceptions import (
     ValueTooLarge,
     WouldDeadlock,
 )
+from .listen import Handle, listen
 from .lock import Lock, amutex, get_lock, mutex, release_lock
 from .manager import Manager
 
@@ -76,6 +77,9 @@ __all__ = [
     "get_lru",
     "remove_lru",
     "set_lru",
+    # listeners
+    "Handle",
+    "listen",
     # locks
     "Lock",
     "amutex",

@@ -24,6 +24,7 @@ from typing import Callable, Iterable
 from cachetools import TLRUCache
 
 from .exceptions import IntegerOverflow, KeyNotFound, NotAnInteger, ValueTooLarge
+from .protocol import EVENT_CLEAR, EVENT_EVICT, EVENT_EXPIRE, EVENT_REMOVE, EVENT_SET
 from .store import INT64_MAX, INT64_MIN, INT_SIZE
 
 #: What one entry costs beyond its key and value (the tuple, the heap item, dict slots).
@@ -48,15 +49,22 @@ class _TLRU(TLRUCache):
         super().__init__(*args, **kwargs)
         self.evictions = 0
         self.expirations = 0
+        self.on_event: Callable | None = None
 
     def popitem(self):  # called by cachetools to make room (MAX_BYTES)
         item = super().popitem()
         self.evictions += 1
+        if self.on_event is not None:
+            self.on_event(EVENT_EVICT, item[0], None)
         return item
 
     def expire(self, time=None):
         expired = super().expire(time)
-        self.expirations += len(expired)
+        if expired:
+            self.expirations += len(expired)
+            if self.on_event is not None:
+                for key, _ in expired:
+                    self.on_event(EVENT_EXPIRE, key, None)
         return expired
 
 
@@ -69,6 +77,14 @@ class LruCache:
         self._c = _TLRU(maxsize=max_bytes, ttu=_ttu, timer=clock, getsizeof=_sizeof)
         self.hits = 0
         self.misses = 0
+
+    @property
+    def on_event(self):
+        return self._c.on_event
+
+    @on_event.setter
+    def on_event(self, callback) -> None:
+        self._c.on_event = callback
 
     @property
     def bytes(self) -> int:
@@ -95,18 +111,24 @@ class LruCache:
 
     def _cull(self, cull_frequency: int) -> None:
         cache = self._c
+        emit = cache.on_event
         if cull_frequency == 0:
+            keys = list(cache) if emit is not None else ()
             cache.evictions += len(cache)
             cache.clear()
+            for key in keys:
+                emit(EVENT_EVICT, key, None)
             return
         pop = TLRUCache.popitem
         for _ in range(len(cache) // cull_frequency):
-            pop(cache)
+            key, _value = pop(cache)
             cache.evictions += 1
+            if emit is not None:
+                emit(EVENT_EVICT, key, None)
 
     def _store(self, key: str, value, ttl, max_entries: int, cull_frequency: int) -> None:
         if ttl is not None and ttl <= 0:
-            self._c.pop(key, None)  # a timeout of 0 or less stores nothing (Django's meaning)
+            self.remove(key)  # a timeout of 0 or less stores nothing (Django's meaning)
             return
         size = len(key) + (len(value) if type(value) is bytes else INT_SIZE) + ENTRY_OVERHEAD
         if size > self.max_bytes:
@@ -116,6 +138,8 @@ class LruCache:
             if len(self._c) >= max_entries:
                 self._cull(cull_frequency)
         self._c[key] = (value, _INF if ttl is None else self.clock() + ttl, size)
+        if self._c.on_event is not None:
+            self._c.on_event(EVENT_SET, key, value)
 
     # -- operations ----------------------------------------------------------------
 
@@ -148,6 +172,8 @@ class LruCache:
             del self._c[key]
         except KeyError:  # absent, or present but expired (removed all the same)
             return False
+        if self._c.on_event is not None:
+            self._c.on_event(EVENT_REMOVE, key, None)
         return True
 
     def touch(self, key: str, ttl) -> bool:
@@ -176,6 +202,8 @@ class LruCache:
         if entry is not None and type(entry[0]) is int:
             size = entry[2]
         self._c[key] = (result, deadline, size)  # keeps its expiry
+        if self._c.on_event is not None:
+            self._c.on_event(EVENT_SET, key, result)
         return result
 
     def get_many(self, keys: Iterable[str]) -> dict:
@@ -195,6 +223,8 @@ class LruCache:
     def clear(self) -> int:
         count = len(self._c)
         self._c.clear()
+        if self._c.on_event is not None:
+            self._c.on_event(EVENT_CLEAR, None, None)
         return count
 
     def reap(self) -> list:

@@ -97,6 +97,9 @@ def configure(address: str | None, secret: bytes | None = None) -> None:
         old, _client = _client, None
     if old is not None:
         old.close()
+    from .listen import _hub
+
+    _hub.client_changed()
 
 
 def cluster() -> tuple[str, bytes] | None:

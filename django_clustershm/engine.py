@@ -22,6 +22,7 @@ from typing import Callable
 from . import protocol as P
 from .caches import LruCache, NullCache
 from .exceptions import InvalidKey, KeyTooLarge, LimitExceeded, ProtocolError, ValueTooLarge
+from .listeners import Listeners
 from .locks import LockTable
 from .store import INT64_MAX, INT64_MIN, Store
 
@@ -40,7 +41,7 @@ DEFERRED = object()
 class Session:
     """One client connection (or one embedded client), as the engine sees it."""
 
-    __slots__ = ("id", "pid", "since", "ops", "peer_uid", "waiting", "deliver", "__weakref__")
+    __slots__ = ("id", "pid", "since", "ops", "peer_uid", "waiting", "deliver", "push", "__weakref__")
 
     def __init__(self, sid: int, pid: int = 0, peer_uid: int | None = None) -> None:
         self.id = sid
@@ -52,6 +53,8 @@ class Session:
         # deliver(rid, result): how a reply that comes later (a lock grant)
         # reaches this client; set by the transport.
         self.deliver: Callable | None = None
+        # push(event): how a listener event reaches this client; set by the transport.
+        self.push: Callable | None = None
 
 
 class Limits:
@@ -87,6 +90,9 @@ class Engine:
         self.store = Store(clock=clock, max_bytes=max_store_bytes)
         self.caches: dict[str, LruCache] = {}
         self.locks = LockTable(self._answer_waiter, clock=clock)
+        self.listeners = Listeners()
+        notify = self.listeners.notify
+        self.store.on_event = lambda event, key, value: notify("", event, key, value)
         self._rid = 0
         self.sessions: dict[int, Session] = {}
         self._next_sid = 1
@@ -118,6 +124,8 @@ class Engine:
             P.LOCK_RELEASE: self._lock_release,
             P.LOCK_EXTEND: self._lock_extend,
             P.LOCK_STATUS: self._lock_status,
+            P.LISTEN: self._listen,
+            P.UNLISTEN: self._unlisten,
         }
 
     # -- sessions ------------------------------------------------------------
@@ -133,6 +141,7 @@ class Engine:
         waiter) at once, its queued lock requests dropped."""
         if self.sessions.pop(session.id, None) is not None:
             self.locks.drop_session(session)
+            self.listeners.drop_session(session)
 
     # -- dispatch ------------------------------------------------------------
 
@@ -197,6 +206,8 @@ class Engine:
             if len(self.caches) >= MAX_CACHES:
                 raise LimitExceeded(f"the Manager holds {MAX_CACHES} caches already; use fewer cache LOCATIONs")
             cache = self.caches[ns] = LruCache(max_bytes, clock=self.clock)
+            notify = self.listeners.notify
+            cache.on_event = lambda event, key, value: notify(ns, event, key, value)
         return cache, max_entries, cull_frequency
 
     def _key(self, key) -> str:
@@ -325,6 +336,17 @@ class Engine:
     def _lock_status(self, session, key, token):
         return self.locks.status(self._key(key), None if token is None else self._token(token))
 
+    def _listen(self, session, sub_id, ns, key, prefix):
+        if type(sub_id) is not int or type(ns) is not str or type(prefix) is not bool:
+            raise ProtocolError("LISTEN takes [sub_id, ns, key, prefix]")
+        if prefix and type(key) is not str:
+            raise InvalidKey("a prefix is a str")
+        self.listeners.add(session, self._int(sub_id), ns, key if prefix else self._key(key), prefix)
+        return True
+
+    def _unlisten(self, session, sub_id):
+        return self.listeners.remove(session, self._int(sub_id))
+
     def _stats(self, session):
         store = self.store
         return {
@@ -357,5 +379,6 @@ class Engine:
                 for s in self.sessions.values()
             ],
             "locks": self.locks.describe(),
+            "listeners": self.listeners.describe(),
             "limits": self.limits.as_dict(),
         }

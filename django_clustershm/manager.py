@@ -60,7 +60,10 @@ def _remove_files(address: str, own_dir: str | None, pid: int) -> None:
 
 
 class _Conn:
-    __slots__ = ("sock", "fd", "reader", "out", "out_size", "session", "nonce", "deadline", "peer_pid", "peer_uid", "mask")
+    __slots__ = (
+        "sock", "fd", "reader", "out", "out_size", "session", "nonce", "deadline", "peer_pid", "peer_uid", "mask",
+        "overflow",
+    )
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
         self.sock = sock
@@ -74,6 +77,7 @@ class _Conn:
         self.peer_pid = 0
         self.peer_uid = -1
         self.mask = selectors.EVENT_READ
+        self.overflow = False
 
 
 class Manager:
@@ -89,6 +93,10 @@ class Manager:
     handshake_timeout = 10.0
     #: Reply bytes queued for one client beyond which we stop reading its requests.
     max_pending_output = 128 * 1024 * 1024
+    #: Listener events queued for one client beyond which it is cut off (it
+    #: reconnects and subscribes again): a slow listener can neither grow the
+    #: Manager's memory nor slow the writers down.
+    max_listener_backlog = 16 * 1024 * 1024
     #: Seconds the loop keeps polling after activity before it sleeps (0: never spin).
     spin = 50e-6
     #: Connections beyond this are refused (closed at once, with a log line).
@@ -315,10 +323,7 @@ class Manager:
                         except Exception:
                             logger.exception("error in a call scheduled on the Manager")
             if self._dirty:
-                dirty, self._dirty = self._dirty, set()
-                for conn in dirty:
-                    if self._conns.get(conn.fd) is conn:
-                        self._flush(conn)
+                self._flush_dirty()
             now = clock()
             if now >= next_check:
                 next_check = now + 1.0
@@ -422,7 +427,13 @@ class Manager:
                 return
             out.append(reply)
             conn.out_size += len(reply)
-        self._flush(conn)
+        if self._dirty:
+            # Listener events caused by these requests go out before the
+            # writer's reply does: a listener hears of a write before the
+            # writer's call returns.
+            self._flush_dirty()
+        if self._conns.get(conn.fd) is conn:
+            self._flush(conn)
 
     def _handshake(self, conn: _Conn, frames) -> None:
         op, rid, payload = frames[0]
@@ -443,11 +454,31 @@ class Manager:
             return
         conn.session = self.engine.open_session(pid=conn.peer_pid or client_pid, peer_uid=conn.peer_uid)
         conn.session.deliver = lambda rid, result, conn=conn: self._deliver(conn, rid, result)
+        conn.session.push = lambda event, conn=conn: self._push(conn, event)
         conn.reader.max_frame = self.engine.limits.max_frame
         reply = P.encode(P.OK, 0, [P.server_proof(self.secret, client_nonce), self.engine.limits.as_dict(), conn.session.id])
         conn.out.append(reply)
         conn.out_size += len(reply)
         self._flush(conn)
+
+    def _flush_dirty(self) -> None:
+        dirty, self._dirty = self._dirty, set()
+        for conn in dirty:
+            if self._conns.get(conn.fd) is conn:
+                if conn.overflow:
+                    self._close(conn, f"listener too slow: {conn.out_size} bytes of events pending; cut off")
+                else:
+                    self._flush(conn)
+
+    def _push(self, conn: _Conn, event: tuple) -> None:
+        if conn.overflow:
+            return
+        frame = P.encode(P.PUSH_EVENT, 0, event)
+        conn.out.append(frame)
+        conn.out_size += len(frame)
+        if conn.out_size > self.max_listener_backlog:
+            conn.overflow = True
+        self._dirty.add(conn)
 
     def _deliver(self, conn: _Conn, rid: int, result) -> None:
         if self._conns.get(conn.fd) is not conn:

@@ -70,6 +70,15 @@ is granted or the wait runs out, so other requests of that connection must
 not be sent meanwhile (a blocking client sends none; a pipelining client
 matches replies by request id).
 
+    LISTEN       [sub_id, ns, key, prefix] -> true  (prefix true: every key starting with ``key``)
+    UNLISTEN     [sub_id]                -> bool
+
+    PUSH_EVENT   [sub_id, ns, key, event, v]   (pushed; ``v`` nil unless event is set;
+                                                key nil for clear)
+
+Events of a key reach its listeners in the order of the writes, and are
+written to the listeners' sockets before the writer's reply is.
+
 A named cache (``ns`` not empty) is created by its first write, with that
 write's ``max_bytes``; every other request on a cache that does not exist
 yet sees an empty one. GET, HAS, REMOVE, INCR, TOUCH, GET_MANY, DELETE_MANY,
@@ -128,20 +137,32 @@ LOCK_ACQUIRE = 0x20
 LOCK_RELEASE = 0x21
 LOCK_EXTEND = 0x22
 LOCK_STATUS = 0x23
+# Listeners.
+LISTEN = 0x30
+UNLISTEN = 0x31
 # Handshake.
 HELLO = 0x70
 AUTH = 0x71
 # Replies.
 OK = 0x80
 ERR = 0x81
-# Pushes (0xC0-0xFF) are defined by the modules that send them.
+# Pushes (0xC0-0xFF): sent by the Manager unasked, request id 0.
 PUSH_MIN = 0xC0
+PUSH_EVENT = 0xC0
+
+# What happened to a key, in PUSH_EVENT.
+EVENT_SET = 1
+EVENT_REMOVE = 2
+EVENT_EXPIRE = 3
+EVENT_EVICT = 4
+EVENT_CLEAR = 5
+EVENT_NAMES = {EVENT_SET: "set", EVENT_REMOVE: "remove", EVENT_EXPIRE: "expire", EVENT_EVICT: "evict", EVENT_CLEAR: "clear"}
 
 OPCODE_NAMES = {
     value: name
     for name, value in list(globals().items())
-    if name.isupper() and isinstance(value, int) and name not in {"VERSION", "HEADER_SIZE"}
-    and not name.startswith(("DEFAULT_", "HANDSHAKE_", "FRAME_", "PUSH_"))
+    if name.isupper() and isinstance(value, int) and name not in {"VERSION", "HEADER_SIZE", "PUSH_MIN"}
+    and not name.startswith(("DEFAULT_", "HANDSHAKE_", "FRAME_", "EVENT_"))
 }
 
 _pack = msgpack.Packer(use_bin_type=True).pack

@@ -16,6 +16,7 @@ import time
 from typing import Callable, Iterable
 
 from .exceptions import IntegerOverflow, KeyNotFound, NotAnInteger, StoreFull
+from .protocol import EVENT_CLEAR, EVENT_EXPIRE, EVENT_REMOVE, EVENT_SET
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -45,6 +46,8 @@ class Store:
         self.hits = 0
         self.misses = 0
         self.expired = 0
+        #: on_event(event, key, value): what listeners are told (set by the engine).
+        self.on_event: Callable | None = None
 
     # -- internals -------------------------------------------------------
 
@@ -54,6 +57,8 @@ class Store:
         if deadline is not None and deadline <= self.clock():
             self._drop(key)
             self.expired += 1
+            if self.on_event is not None:
+                self.on_event(EVENT_EXPIRE, key, None)
             return True
         return False
 
@@ -69,7 +74,7 @@ class Store:
             return None
         return value
 
-    def _put(self, key: str, value, ttl: float | None) -> None:
+    def _put(self, key: str, value, ttl: float | None, emit: bool = True) -> None:
         old = self._data.get(key)
         delta = _size(key, value) - (_size(key, old) if old is not None else 0)
         if self.max_bytes is not None and delta > 0 and self.bytes + delta > self.max_bytes:
@@ -88,6 +93,8 @@ class Store:
             if len(self._heap) > 2 * len(self._deadline) + 1024:
                 self._heap = [(d, k) for k, d in self._deadline.items()]
                 heapq.heapify(self._heap)
+        if emit and self.on_event is not None:
+            self.on_event(EVENT_SET, key, value)
 
     # -- operations --------------------------------------------------------
 
@@ -122,6 +129,8 @@ class Store:
         if key not in self._data or self._expire_if_due(key):
             return False
         self._drop(key)
+        if self.on_event is not None:
+            self.on_event(EVENT_REMOVE, key, None)
         return True
 
     def touch(self, key: str, ttl: float | None) -> bool:
@@ -130,7 +139,7 @@ class Store:
         if ttl is not None and ttl <= 0:
             self._drop(key)
             return True
-        self._put(key, self._data[key], ttl)
+        self._put(key, self._data[key], ttl, emit=False)
         return True
 
     def incr(self, key: str, delta: int, initial: int | None = None) -> int:
@@ -182,6 +191,8 @@ class Store:
         self._deadline.clear()
         self._heap.clear()
         self.bytes = 0
+        if self.on_event is not None:
+            self.on_event(EVENT_CLEAR, None, None)
         return count
 
     def __len__(self) -> int:
@@ -207,4 +218,6 @@ class Store:
                 self._drop(key)
                 self.expired += 1
                 gone.append(key)
+                if self.on_event is not None:
+                    self.on_event(EVENT_EXPIRE, key, None)
         return gone

@@ -14,4 +14,5 @@ urlpatterns = [
     path("slow/", views.slow, name="slow"),
     path("booted/", views.booted, name="booted"),
     path("bench/", views.bench, name="bench"),
+    path("flags/", views.flags_view, name="flags"),
 ]

@@ -22,7 +22,7 @@ def test_public_names_are_pinned():
             "AuthenticationFailed", "ClusterShmError", "IntegerOverflow", "InvalidKey", "KeyNotFound",
             "KeyTooLarge", "LimitExceeded", "LockNotOwned", "LockTimeout", "ManagerUnavailable",
             "NotAnInteger", "ProtocolError", "RemoteError", "SerializationError", "StoreFull",
-            "ValueTooLarge", "WouldDeadlock", "Lock", "amutex", "get_lock", "mutex", "release_lock",
+            "ValueTooLarge", "WouldDeadlock", "Lock", "amutex", "get_lock", "mutex", "release_lock", "Handle", "listen",
         ]
     )  # fmt: skip
     for name in clustershm.__all__:
@@ -42,6 +42,7 @@ def test_exception_tree():
 
 def test_seed_operations_in_embedded_mode(caplog):
     with caplog.at_level(logging.INFO, logger="django_clustershm"):
+        conf.reset()
         clustershm.set("myObj", {"name": "Tom", "age": 10})
         assert clustershm.get("myObj") == {"name": "Tom", "age": 10}
         assert clustershm.remove("myObj")

@@ -364,3 +364,27 @@ def test_user_hooks_in_a_config_file_keep_working(tmp_path):
     assert lines[0] == "on_starting"
     assert lines.count("post_fork") == 4
     assert lines[-1] == "on_exit 2"  # the user's on_exit ran while the Manager was still up
+
+
+def test_a_listener_registered_in_ready_is_live_in_every_worker(server):
+    """testproject.demo's ready() subscribes a feature-flag listener in the master; each
+    worker must hear changes without having called the API first."""
+    status, body = server.get("/flags/?set=checkout&value=on")
+    assert status == 200
+
+    def every_worker_sees(name, value):
+        seen = {}
+        for _ in range(60):
+            body = server.get("/flags/")[1]
+            seen[body["pid"]] = body["flags"].get(name)
+        return set(seen) == server.workers() and set(seen.values()) == {value}
+
+    wait_until(lambda: every_worker_sees("checkout", "on"), timeout=20, message="flag in every worker")
+    # Changed from a management command attached to the running cluster (same user).
+    out = subprocess.run(
+        [sys.executable, "manage.py", "setflag", "checkout", "false"],
+        cwd=ROOT, env={**os.environ, "CLUSTERSHM_ADDRESS": server.manager_address()},
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    wait_until(lambda: every_worker_sees("checkout", False), timeout=20, message="command's change in every worker")

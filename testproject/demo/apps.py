@@ -13,3 +13,9 @@ class DemoConfig(AppConfig):
         import django_clustershm as clustershm
 
         clustershm.add("demo:booted_by", os.getpid())
+
+        # Feature flags kept in sync in every worker by a listener: registered
+        # here, in the master, and subscribed again in each worker at fork.
+        from testproject.demo import flags
+
+        flags.start()

@@ -48,6 +48,15 @@ def logout(request):
     return JsonResponse({"user": None, "pid": os.getpid()})
 
 
+def flags_view(request):
+    """This worker's local copy of the feature flags (kept in sync by a listener)."""
+    from testproject.demo import flags
+
+    if "set" in request.GET:
+        flags.set_flag(request.GET["set"], request.GET.get("value", "on"))
+    return JsonResponse({"pid": os.getpid(), "flags": dict(flags.FLAGS)})
+
+
 def whoami(request):
     """Which worker served this request, next to the Manager's figures."""
     stats = clustershm.stats()

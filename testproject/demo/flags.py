@@ -1,0 +1,36 @@
+"""Feature flags every worker keeps in sync, with no round trip on the read path.
+
+The recipe: the flags live in the shared store under ``flags:``; each process
+keeps a local copy, filled once and then updated by a listener. Reading a
+flag is a dict lookup; changing one (from a view, a management command, a
+shell attached to the cluster) reaches every worker within microseconds.
+"""
+
+import django_clustershm as clustershm
+
+PREFIX = "flags:"
+FLAGS: dict = {}
+
+
+def _on_change(key, value, event):
+    name = None if key is None else key[len(PREFIX):]
+    if event == "set":
+        FLAGS[name] = value
+    elif event == "clear":
+        FLAGS.clear()
+    else:  # remove, expire
+        FLAGS.pop(name, None)
+
+
+def start() -> None:
+    """Called from AppConfig.ready(): subscribe first, then load, so no change is missed."""
+    clustershm.listen(prefix=PREFIX, callback=_on_change)
+    FLAGS.update({k[len(PREFIX):]: v for k, v in clustershm.get_many(clustershm.keys(PREFIX)).items()})
+
+
+def is_enabled(name: str) -> bool:
+    return bool(FLAGS.get(name))
+
+
+def set_flag(name: str, value) -> None:
+    clustershm.set(PREFIX + name, value)

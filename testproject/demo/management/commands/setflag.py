@@ -1,0 +1,33 @@
+"""``manage.py setflag NAME VALUE``: change a feature flag in every worker of a running cluster.
+
+Run it as the server's user with ``CLUSTERSHM_ADDRESS`` set to the Manager's
+socket (runcluster prints it), e.g.::
+
+    CLUSTERSHM_ADDRESS=/tmp/clustershm-xxxx/manager.sock python manage.py setflag checkout on
+"""
+
+import json
+
+from django.core.management.base import BaseCommand, CommandError
+
+from django_clustershm.exceptions import ClusterShmError
+from testproject.demo import flags
+
+
+class Command(BaseCommand):
+    help = "Set a feature flag (a JSON value, or a plain string) in the cluster's shared store."
+
+    def add_arguments(self, parser):
+        parser.add_argument("name")
+        parser.add_argument("value")
+
+    def handle(self, name, value, **options):
+        try:
+            parsed = json.loads(value)
+        except ValueError:
+            parsed = value
+        try:
+            flags.set_flag(name, parsed)
+        except ClusterShmError as exc:
+            raise CommandError(str(exc)) from exc
+        self.stdout.write(f"flags:{name} = {parsed!r}")

@@ -1,0 +1,255 @@
+"""Listeners with real processes: every event, in order, pushed before the writer returns."""
+
+import os
+import signal
+import threading
+import time
+
+import pytest
+from django.core.cache import caches
+from django.test import override_settings
+
+import django_clustershm as clustershm
+from django_clustershm import protocol as P
+from django_clustershm.signals import changed
+
+from .helpers import ManagerProcess, fork_call, reap, wait_until
+from .test_manager import _handshaked_socket
+
+
+@pytest.fixture
+def cluster():
+    proc = ManagerProcess().start()
+    clustershm.configure(proc.address, proc.secret)
+    yield proc
+    clustershm.configure(None)
+    proc.cleanup()
+
+
+@pytest.fixture(autouse=True)
+def _cancel_handles():
+    from django_clustershm.listen import _hub
+
+    yield
+    for handle in list(_hub._handles.values()):
+        handle.cancel()
+
+
+def subscriptions() -> int:
+    return clustershm.stats()["listeners"]["subscriptions"]
+
+
+def test_three_listening_processes_see_every_event_in_order(cluster):
+    expected = []
+    for i in range(300):
+        key = f"ev:{i % 7}"
+        expected.append((key, i, "set"))
+        if i % 50 == 49:
+            expected.append((key, None, "remove"))
+    expected.append(("ev:end", True, "set"))
+    r, w = os.pipe()
+
+    def listener(n):
+        got = []
+        done = threading.Event()
+
+        def callback(key, value, event):
+            got.append((key, value, event))
+            if key == "ev:end":
+                done.set()
+
+        clustershm.listen(prefix="ev:", callback=callback)
+        os.write(w, b"r")
+        assert done.wait(30)
+        assert got == expected, (len(got), got[:5])
+
+    pids = [fork_call(listener, n) for n in range(3)]
+    for _ in pids:
+        os.read(r, 1)
+    for key, value, event in expected:
+        if event == "set":
+            clustershm.set(key, value)
+        else:
+            clustershm.remove(key)
+    assert [reap(pid, 60) for pid in pids] == [0, 0, 0]
+    os.close(r)
+    os.close(w)
+
+
+def test_the_event_is_on_the_listeners_socket_before_the_writer_gets_its_reply(cluster):
+    listener = _handshaked_socket(cluster.address, cluster.secret)
+    listener.sendall(P.encode(P.LISTEN, 1, [1, "", "hot", False]))
+    reader = P.FrameReader(max_frame=1 << 20)
+    assert reader.feed(listener.recv(4096))[0][0] == P.OK
+    writer = _handshaked_socket(cluster.address, cluster.secret)
+    listener.setblocking(False)
+    for i in range(200):
+        writer.sendall(P.encode(P.SET, i + 1, ["", "hot", i, None]))
+        assert writer.recv(4096)  # the writer's reply is here...
+        frames = reader.feed(listener.recv(65536))  # ...so the event must already be (no wait)
+        assert [P.decode_payload(p) for _, _, p in frames] == [[1, "", "hot", P.EVENT_SET, i]]
+    listener.close()
+    writer.close()
+
+
+def test_cancel_stops_delivery(cluster):
+    got = []
+    handle = clustershm.listen("c", lambda k, v, e: got.append(v))
+    clustershm.set("c", 1)
+    wait_until(lambda: got == [1], message="first event")
+    handle.cancel()
+    clustershm.set("c", 2)
+    marker = []
+    clustershm.listen("c2", lambda k, v, e: marker.append(v))
+    clustershm.set("c2", "after")  # delivered after anything about "c" would have been
+    wait_until(lambda: marker == ["after"], message="marker")
+    assert got == [1]
+    wait_until(lambda: subscriptions() == 1, message="unsubscribed in the Manager")
+
+
+def test_a_raising_callback_does_not_stop_delivery(cluster, caplog):
+    got = []
+
+    def callback(key, value, event):
+        if value == 2:
+            raise RuntimeError("listener bug")
+        got.append(value)
+
+    clustershm.listen("r", callback)
+    for v in (1, 2, 3):
+        clustershm.set("r", v)
+    wait_until(lambda: got == [1, 3], message="events after the raise")
+    assert "listener bug" in caplog.text
+
+
+def test_expire_and_evict_events_arrive(cluster):
+    got = []
+    clustershm.listen(prefix="", callback=lambda k, v, e: got.append((k, e)))
+    clustershm.set("short", 1, timeout=0.05)
+    wait_until(lambda: ("short", "expire") in got, timeout=5, message="expire event without any read")
+    with override_settings(
+        CACHES={"default": {"BACKEND": "django_clustershm.cache.ClusterShmCache", "LOCATION": "evict",
+                            "OPTIONS": {"MAX_ENTRIES": 3, "CULL_FREQUENCY": 3}}}  # fmt: skip
+    ):
+        cache = caches["default"]
+        seen = []
+        clustershm.listen(prefix="", cache="default", callback=lambda k, v, e: seen.append((k, e)))
+        for i in range(4):
+            cache.set(f"k{i}", i)
+        wait_until(lambda: (cache.make_key("k0"), "evict") in seen, message="evict event")
+        cache.clear()
+        wait_until(lambda: (None, "clear") in seen, message="clear event")
+
+
+def test_listeners_of_a_dead_process_are_dropped(cluster):
+    r, w = os.pipe()
+
+    def listener():
+        clustershm.listen(prefix="x", callback=lambda *a: None)
+        os.write(w, b"r")
+        time.sleep(60)
+
+    pid = fork_call(listener)
+    os.read(r, 1)
+    assert subscriptions() == 1
+    os.kill(pid, signal.SIGKILL)
+    reap(pid, 10)
+    wait_until(lambda: subscriptions() == 0, message="dead listener dropped")
+    os.close(r)
+    os.close(w)
+
+
+def test_a_listener_registered_before_fork_lives_once_in_each_child(cluster):
+    """The runcluster case: AppConfig.ready() registers in the master, then it forks."""
+    counts = {}
+
+    def callback(key, value, event):
+        counts[value] = counts.get(value, 0) + 1
+
+    clustershm.listen("flag", callback)
+    r, w = os.pipe()
+
+    def child(n):
+        wait_until(lambda: clustershm.stats()["listeners"]["by_pid"].get(str(os.getpid())) == 1, message="resubscribed")
+        os.write(w, b"r")
+        wait_until(lambda: "go" in counts, timeout=30, message="event in the child")
+        time.sleep(0.2)
+        assert counts == {"go": 1}, counts  # once, not twice
+
+    pids = [fork_call(child, n) for n in range(2)]
+    for _ in pids:
+        os.read(r, 1)
+    clustershm.set("flag", "go")
+    assert [reap(pid, 60) for pid in pids] == [0, 0]
+    wait_until(lambda: counts.get("go") == 1, message="the parent heard it too")
+    os.close(r)
+    os.close(w)
+
+
+def test_django_signal_is_sent(cluster):
+    got = []
+
+    def receiver(sender, key, value, event, **kwargs):
+        got.append((sender, key, value, event))
+
+    changed.connect(receiver)
+    try:
+        clustershm.listen("sig")  # no callback: the signal alone
+        clustershm.set("sig", "v")
+        wait_until(lambda: got == [("", "sig", "v", "set")], message="signal")
+    finally:
+        changed.disconnect(receiver)
+
+
+def test_a_slow_listener_is_cut_off_and_does_not_stall_writers(cluster):
+    r, w = os.pipe()
+
+    def slow_listener():
+        def callback(key, value, event):
+            time.sleep(1)
+
+        clustershm.listen(prefix="big:", callback=callback)
+        os.write(w, b"r")
+        time.sleep(120)
+
+    pid = fork_call(slow_listener)
+    os.read(r, 1)
+    rss_before = _rss_kib(cluster.pid)
+    value = os.urandom(256 * 1024)
+    start = time.monotonic()
+    for i in range(200):  # 50 MiB of events for a listener that takes 1 s each
+        clustershm.set(f"big:{i % 4}", value)
+    elapsed = time.monotonic() - start
+    assert elapsed < 30  # the writer never waits for the listener
+    wait_until(lambda: "listener too slow" in cluster.log(), message="cut off, with a logged reason")
+    assert _rss_kib(cluster.pid) - rss_before < 64 * 1024  # backlog bounded (16 MiB) + the values stored
+    os.kill(pid, signal.SIGKILL)
+    reap(pid, 10)
+    os.close(r)
+    os.close(w)
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_embedded_listeners():
+    got = []
+    handle = clustershm.listen(prefix="e:", callback=lambda k, v, e: got.append((k, v, e)))
+    clustershm.set("e:1", [1])
+    clustershm.remove("e:1")
+    wait_until(lambda: got == [("e:1", [1], "set"), ("e:1", None, "remove")], message="embedded events")
+    handle.cancel()
+
+
+def test_listen_arguments():
+    with pytest.raises(TypeError):
+        clustershm.listen()
+    with pytest.raises(TypeError):
+        clustershm.listen("k", prefix="p")
+    with pytest.raises(TypeError):
+        clustershm.listen("k", callback="not callable")
