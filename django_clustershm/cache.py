@@ -12,6 +12,7 @@
                 "CULL_FREQUENCY": 3,        # drop 1/3 of the entries, least recently used first
                 "MAX_BYTES": 128 * 2**20,   # bound of the cache's memory in the Manager
                 "IGNORE_EXCEPTIONS": False, # True: a missing Manager reads as a miss
+                "NEAR_CACHE": {"MAX_ENTRIES": 10000, "MAX_BYTES": 16 * 2**20},  # optional
             },
         }
     }
@@ -75,12 +76,16 @@ class ClusterShmCache(BaseCache):
         options = params.get("OPTIONS", {})
         self._max_bytes = int(options.get("MAX_BYTES", DEFAULT_MAX_BYTES))
         self._ignore_exceptions = bool(options.get("IGNORE_EXCEPTIONS", False))
+        self._near = conf.near_options(options.get("NEAR_CACHE"))
 
     @property
     def _client(self):
         # Looked up on every call, not kept: runcluster repoints the process
         # from the embedded Manager to the cluster's before forking.
-        return conf.get_client()
+        client = conf.get_client()
+        if self._near is not None and self._location not in getattr(client, "_near", (self._location,)):
+            client.enable_near_cache(self._location, *self._near)
+        return client
 
     def _opts(self) -> list:
         # Sent with every write so that aliases sharing a LOCATION keep their

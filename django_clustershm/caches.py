@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 from cachetools import TLRUCache
 
 from .exceptions import IntegerOverflow, KeyNotFound, NotAnInteger, ValueTooLarge
-from .protocol import EVENT_CLEAR, EVENT_EVICT, EVENT_EXPIRE, EVENT_REMOVE, EVENT_SET
+from .protocol import EVENT_CLEAR, EVENT_EVICT, EVENT_EXPIRE, EVENT_REMOVE, EVENT_SET, EVENT_TOUCH
 from .store import INT64_MAX, INT64_MIN, INT_SIZE
 
 #: What one entry costs beyond its key and value (the tuple, the heap item, dict slots).
@@ -184,7 +184,14 @@ class LruCache:
             self.remove(key)
         else:
             self._c[key] = (entry[0], _INF if ttl is None else self.clock() + ttl, entry[2])
+            if self._c.on_event is not None:
+                self._c.on_event(EVENT_TOUCH, key, None)
         return True
+
+    def ttl(self, key: str) -> float | None:
+        """Seconds ``key`` has left (None: no expiry). The key must exist."""
+        deadline = self._c[key][1]
+        return None if deadline == _INF else deadline - self.clock()
 
     def incr(self, key: str, delta: int, initial: int | None = None) -> int:
         entry = self._entry(key)

@@ -22,6 +22,10 @@ Settings (all optional), ``CLUSTERSHM = {...}`` in Django settings:
 ``MAX_KEY_SIZE``     bytes of a key in UTF-8 (default 4096)
 ``MAX_VALUE_SIZE``   bytes of a pickled value (default 32 MiB)
 ``MAX_STORE_BYTES``  budget of the shared store (default: unbounded)
+``NEAR_CACHE``       ``{"MAX_ENTRIES": n, "MAX_BYTES": n}``: a near cache for
+                     the store's reads (cluster mode; see :mod:`.near`)
+``CLIENT_SPIN``      seconds a call polls for its reply before sleeping
+                     (default 20e-6, adaptive; 0: never)
 ==================  =========================================================
 """
 
@@ -32,7 +36,7 @@ import os
 import threading
 from typing import Any
 
-from .client import DEFAULT_TIMEOUT, Client, EmbeddedClient, SocketClient
+from .client import DEFAULT_SPIN, DEFAULT_TIMEOUT, Client, EmbeddedClient, SocketClient
 from .engine import DEFAULT_MAX_KEY, DEFAULT_MAX_VALUE, Limits
 from .exceptions import ManagerUnavailable
 
@@ -45,6 +49,8 @@ DEFAULTS: dict[str, Any] = {
     "MAX_KEY_SIZE": DEFAULT_MAX_KEY,
     "MAX_VALUE_SIZE": DEFAULT_MAX_VALUE,
     "MAX_STORE_BYTES": None,
+    "NEAR_CACHE": None,
+    "CLIENT_SPIN": DEFAULT_SPIN,
 }
 
 _lock = threading.Lock()
@@ -124,12 +130,16 @@ def _make_client() -> Client:
         timeout = float(conf["TIMEOUT"])
         if _cluster is not None:
             address, secret = _cluster
-            _client = SocketClient(address, secret, timeout=timeout)
+            _client = SocketClient(address, secret, timeout=timeout, spin=float(conf["CLIENT_SPIN"]))
             logger.info("django-clustershm: cluster mode, Manager at %s", address)
+            _near_for_store(_client, conf)
         elif conf["ADDRESS"] or os.environ.get("CLUSTERSHM_ADDRESS"):
             address = conf["ADDRESS"] or os.environ["CLUSTERSHM_ADDRESS"]
-            _client = SocketClient(address, read_secret(address, conf["SECRET_FILE"]), timeout=timeout)
+            _client = SocketClient(
+                address, read_secret(address, conf["SECRET_FILE"]), timeout=timeout, spin=float(conf["CLIENT_SPIN"])
+            )
             logger.info("django-clustershm: attached to the Manager at %s", address)
+            _near_for_store(_client, conf)
         else:
             max_store = conf["MAX_STORE_BYTES"]
             _client = EmbeddedClient(
@@ -137,6 +147,19 @@ def _make_client() -> Client:
             )
             logger.info("django-clustershm: embedded mode (in-process Manager; state is not shared between processes)")
         return _client
+
+
+def near_options(options) -> tuple[int, int] | None:
+    """(max_entries, max_bytes) from a NEAR_CACHE setting, or None if off."""
+    if not options:
+        return None
+    return int(options.get("MAX_ENTRIES", 10_000)), int(options.get("MAX_BYTES", 16 * 2**20))
+
+
+def _near_for_store(client: SocketClient, conf: dict) -> None:
+    near = near_options(conf["NEAR_CACHE"])
+    if near is not None:
+        client.enable_near_cache("", *near)
 
 
 def reset() -> None:

@@ -32,6 +32,8 @@ DEFAULT_MAX_VALUE = 32 * 1024 * 1024
 MAX_CACHES = 256
 MAX_CACHE_NAME = 256
 _NULL_CACHE = NullCache()
+#: (ns, key) records of near caches the Manager keeps at most; beyond, reads are not tracked.
+MAX_TRACKED = 1_000_000
 
 
 #: What dispatch returns for a request that will be answered later.
@@ -41,7 +43,10 @@ DEFERRED = object()
 class Session:
     """One client connection (or one embedded client), as the engine sees it."""
 
-    __slots__ = ("id", "pid", "since", "ops", "peer_uid", "waiting", "deliver", "push", "__weakref__")
+    __slots__ = (
+        "id", "pid", "since", "ops", "peer_uid", "waiting", "deliver", "push",
+        "tracker", "inval_seq", "invalidate", "tracked", "__weakref__",
+    )
 
     def __init__(self, sid: int, pid: int = 0, peer_uid: int | None = None) -> None:
         self.id = sid
@@ -55,6 +60,14 @@ class Session:
         self.deliver: Callable | None = None
         # push(event): how a listener event reaches this client; set by the transport.
         self.push: Callable | None = None
+        # Near-cache invalidation channel (a TRACKER connection): how many
+        # invalidations it was sent, how they are sent (set by the transport:
+        # at once, into the socket, or the connection is shut down), and
+        # which (ns, key) it may hold.
+        self.tracker = False
+        self.inval_seq = 0
+        self.invalidate: Callable | None = None
+        self.tracked: set | None = None
 
 
 class Limits:
@@ -91,8 +104,9 @@ class Engine:
         self.caches: dict[str, LruCache] = {}
         self.locks = LockTable(self._answer_waiter, clock=clock)
         self.listeners = Listeners()
-        notify = self.listeners.notify
-        self.store.on_event = lambda event, key, value: notify("", event, key, value)
+        self.tracking: dict[tuple[str, str], set] = {}
+        on_change = self._on_change
+        self.store.on_event = lambda event, key, value: on_change("", event, key, value)
         self._rid = 0
         self.sessions: dict[int, Session] = {}
         self._next_sid = 1
@@ -126,6 +140,9 @@ class Engine:
             P.LOCK_STATUS: self._lock_status,
             P.LISTEN: self._listen,
             P.UNLISTEN: self._unlisten,
+            P.TRACKER: self._tracker,
+            P.TRACK_GET: self._track_get,
+            P.TRACK_GET_MANY: self._track_get_many,
         }
 
     # -- sessions ------------------------------------------------------------
@@ -142,6 +159,14 @@ class Engine:
         if self.sessions.pop(session.id, None) is not None:
             self.locks.drop_session(session)
             self.listeners.drop_session(session)
+            if session.tracked:
+                for record in session.tracked:
+                    trackers = self.tracking.get(record)
+                    if trackers is not None:
+                        trackers.discard(session)
+                        if not trackers:
+                            del self.tracking[record]
+                session.tracked = None
 
     # -- dispatch ------------------------------------------------------------
 
@@ -172,6 +197,32 @@ class Engine:
         if store_next is None:
             return locks_next
         return store_next if locks_next is None else min(store_next, locks_next)
+
+    def _on_change(self, ns: str, event: int, key, value) -> None:
+        """Every change of the store or a cache: invalidate near caches, then tell listeners."""
+        if self.tracking:
+            if key is None:  # clear: everything of the namespace
+                records = [r for r in self.tracking if r[0] == ns]
+                trackers = set()
+                for record in records:
+                    for session in self.tracking.pop(record):
+                        session.tracked.discard(record)
+                        trackers.add(session)
+                for session in trackers:
+                    self._invalidate(session, ns, None)
+            else:
+                trackers = self.tracking.pop((ns, key), None)
+                if trackers:
+                    for session in trackers:
+                        session.tracked.discard((ns, key))
+                        self._invalidate(session, ns, key)
+        self.listeners.notify(ns, event, key, value)
+
+    @staticmethod
+    def _invalidate(session: Session, ns: str, key) -> None:
+        session.inval_seq += 1
+        if session.invalidate is not None:
+            session.invalidate([session.inval_seq, ns, key])
 
     def _answer_waiter(self, waiter, result) -> None:
         deliver = waiter.session.deliver
@@ -206,8 +257,8 @@ class Engine:
             if len(self.caches) >= MAX_CACHES:
                 raise LimitExceeded(f"the Manager holds {MAX_CACHES} caches already; use fewer cache LOCATIONs")
             cache = self.caches[ns] = LruCache(max_bytes, clock=self.clock)
-            notify = self.listeners.notify
-            cache.on_event = lambda event, key, value: notify(ns, event, key, value)
+            on_change = self._on_change
+            cache.on_event = lambda event, key, value: on_change(ns, event, key, value)
         return cache, max_entries, cull_frequency
 
     def _key(self, key) -> str:
@@ -344,6 +395,54 @@ class Engine:
         self.listeners.add(session, self._int(sub_id), ns, key if prefix else self._key(key), prefix)
         return True
 
+    def _tracker(self, session):
+        session.tracker = True
+        if session.tracked is None:
+            session.tracked = set()
+        return [session.id]
+
+    def _tracker_session(self, tracker_id) -> Session | None:
+        """The tracker, or None if it is gone (cut off, or its process lost it
+        meanwhile): the read is then answered untracked, not refused."""
+        if type(tracker_id) is not int:
+            raise ProtocolError("a tracker id is an int")
+        tracker = self.sessions.get(tracker_id)
+        return tracker if tracker is not None and tracker.tracker else None
+
+    def _track(self, tracker: Session | None, ns: str, key: str) -> bool:
+        if tracker is None:
+            return False
+        record = (ns, key)
+        trackers = self.tracking.get(record)
+        if trackers is None:
+            if len(self.tracking) >= MAX_TRACKED:
+                return False
+            trackers = self.tracking[record] = set()
+        trackers.add(tracker)
+        tracker.tracked.add(record)
+        return True
+
+    def _track_get(self, session, ns, key, tracker_id):
+        tracker = self._tracker_session(tracker_id)
+        space = self._ns(ns)
+        value = space.get(self._key(key))
+        seq = 0 if tracker is None else tracker.inval_seq
+        if value is None:
+            return [None, None, seq, False]
+        return [value, space.ttl(key), seq, self._track(tracker, ns, key)]
+
+    def _track_get_many(self, session, ns, keys, tracker_id):
+        tracker = self._tracker_session(tracker_id)
+        space = self._ns(ns)
+        found = {}
+        tracked = True
+        for key in keys:
+            value = space.get(self._key(key))
+            if value is not None:
+                found[key] = [value, space.ttl(key)]
+                tracked = self._track(tracker, ns, key) and tracked
+        return [found, 0 if tracker is None else tracker.inval_seq, tracked and tracker is not None]
+
     def _unlisten(self, session, sub_id):
         return self.listeners.remove(session, self._int(sub_id))
 
@@ -380,5 +479,6 @@ class Engine:
             ],
             "locks": self.locks.describe(),
             "listeners": self.listeners.describe(),
+            "near_cache_tracking": len(self.tracking),
             "limits": self.limits.as_dict(),
         }

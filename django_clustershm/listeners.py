@@ -10,7 +10,7 @@ PUSH_EVENT frame (or an in-process queue item, embedded).
 from __future__ import annotations
 
 from .exceptions import LimitExceeded
-from .protocol import EVENT_SET
+from .protocol import EVENT_SET, EVENT_TOUCH
 
 #: Subscriptions one session may hold.
 MAX_SUBSCRIPTIONS_PER_SESSION = 1024
@@ -62,7 +62,7 @@ class Listeners:
         self._by_session.pop(session.id, None)
 
     def notify(self, ns: str, event: int, key: str | None, value) -> None:
-        if not self.count:
+        if not self.count or event == EVENT_TOUCH:
             return
         if event != EVENT_SET:
             value = None

@@ -414,6 +414,9 @@ class Manager:
                 result = engine.dispatch(session, op, args, rid)
                 if result is DEFERRED:
                     continue
+                if op == P.TRACKER:
+                    # Room for bursts of invalidations: one that does not fit cuts the tracker off.
+                    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
                 reply = encode(P.OK, rid, result)
                 if len(reply) - P.HEADER_SIZE > max_frame:
                     raise ValueTooLarge(f"the reply would be {len(reply)} bytes, over the maximum frame of {max_frame}; ask for fewer keys")
@@ -455,6 +458,7 @@ class Manager:
         conn.session = self.engine.open_session(pid=conn.peer_pid or client_pid, peer_uid=conn.peer_uid)
         conn.session.deliver = lambda rid, result, conn=conn: self._deliver(conn, rid, result)
         conn.session.push = lambda event, conn=conn: self._push(conn, event)
+        conn.session.invalidate = lambda payload, conn=conn: self._invalidate(conn, payload)
         conn.reader.max_frame = self.engine.limits.max_frame
         reply = P.encode(P.OK, 0, [P.server_proof(self.secret, client_nonce), self.engine.limits.as_dict(), conn.session.id])
         conn.out.append(reply)
@@ -466,7 +470,10 @@ class Manager:
         for conn in dirty:
             if self._conns.get(conn.fd) is conn:
                 if conn.overflow:
-                    self._close(conn, f"listener too slow: {conn.out_size} bytes of events pending; cut off")
+                    if conn.session is not None and conn.session.tracker:
+                        self._close(conn, "near-cache invalidation could not be delivered at once; tracker cut off")
+                    else:
+                        self._close(conn, f"listener too slow: {conn.out_size} bytes of events pending; cut off")
                 else:
                     self._flush(conn)
 
@@ -479,6 +486,31 @@ class Manager:
         if conn.out_size > self.max_listener_backlog:
             conn.overflow = True
         self._dirty.add(conn)
+
+    def _invalidate(self, conn: _Conn, payload: list) -> None:
+        """A near-cache invalidation goes into the tracker's socket now, before
+        the reply to the write that caused it, or the tracker is shut down now
+        (its process then drops its whole near cache): either way, no reader
+        of that process can find the old value once the writer has its reply.
+        """
+        if conn.overflow:
+            return
+        frame = P.encode(P.PUSH_INVALIDATE, 0, payload)
+        sent = -1
+        if not conn.out:
+            try:
+                sent = conn.sock.send(frame)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = -1
+        if sent != len(frame):
+            conn.overflow = True
+            try:
+                conn.sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            self._dirty.add(conn)  # closed, with its reason, at the end of this round
 
     def _deliver(self, conn: _Conn, rid: int, result) -> None:
         if self._conns.get(conn.fd) is not conn:

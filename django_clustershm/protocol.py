@@ -76,6 +76,23 @@ matches replies by request id).
     PUSH_EVENT   [sub_id, ns, key, event, v]   (pushed; ``v`` nil unless event is set;
                                                 key nil for clear)
 
+    TRACKER        []                    -> [session_id]  (this connection becomes
+                                                       an invalidation channel)
+    TRACK_GET      [ns, key, tracker]      -> [v, ttl, seq, tracked]
+    TRACK_GET_MANY [ns, [key...], tracker] -> [{key: [v, ttl]}, seq, tracked]
+
+    PUSH_INVALIDATE [seq, ns, key]       (pushed on a tracker; key nil: all of ns)
+
+A TRACK_GET reads like GET and records that the process behind the tracker
+connection may now hold the key; the next change of that key sends the
+tracker one PUSH_INVALIDATE (numbered: ``seq`` counts the tracker's
+invalidations) and forgets the record. The invalidation is written to the
+tracker's socket before the reply to the write that caused it; a tracker
+whose socket cannot take it at once is shut down instead (its process then
+drops its whole near cache). ``seq`` in a TRACK_GET reply is the tracker's
+count at that moment: every invalidation numbered up to it is already in
+the tracker's socket.
+
 Events of a key reach its listeners in the order of the writes, and are
 written to the listeners' sockets before the writer's reply is.
 
@@ -140,6 +157,10 @@ LOCK_STATUS = 0x23
 # Listeners.
 LISTEN = 0x30
 UNLISTEN = 0x31
+# Near caches (client-side caching with invalidation).
+TRACKER = 0x38
+TRACK_GET = 0x39
+TRACK_GET_MANY = 0x3A
 # Handshake.
 HELLO = 0x70
 AUTH = 0x71
@@ -149,6 +170,7 @@ ERR = 0x81
 # Pushes (0xC0-0xFF): sent by the Manager unasked, request id 0.
 PUSH_MIN = 0xC0
 PUSH_EVENT = 0xC0
+PUSH_INVALIDATE = 0xC1
 
 # What happened to a key, in PUSH_EVENT.
 EVENT_SET = 1
@@ -156,6 +178,8 @@ EVENT_REMOVE = 2
 EVENT_EXPIRE = 3
 EVENT_EVICT = 4
 EVENT_CLEAR = 5
+#: Internal: the expiry changed (invalidates near caches; not told to listeners).
+EVENT_TOUCH = 6
 EVENT_NAMES = {EVENT_SET: "set", EVENT_REMOVE: "remove", EVENT_EXPIRE: "expire", EVENT_EVICT: "evict", EVENT_CLEAR: "clear"}
 
 OPCODE_NAMES = {

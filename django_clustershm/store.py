@@ -16,7 +16,7 @@ import time
 from typing import Callable, Iterable
 
 from .exceptions import IntegerOverflow, KeyNotFound, NotAnInteger, StoreFull
-from .protocol import EVENT_CLEAR, EVENT_EXPIRE, EVENT_REMOVE, EVENT_SET
+from .protocol import EVENT_CLEAR, EVENT_EXPIRE, EVENT_REMOVE, EVENT_SET, EVENT_TOUCH
 
 INT64_MIN = -(2**63)
 INT64_MAX = 2**63 - 1
@@ -138,8 +138,12 @@ class Store:
             return False
         if ttl is not None and ttl <= 0:
             self._drop(key)
+            if self.on_event is not None:
+                self.on_event(EVENT_REMOVE, key, None)
             return True
         self._put(key, self._data[key], ttl, emit=False)
+        if self.on_event is not None:
+            self.on_event(EVENT_TOUCH, key, None)
         return True
 
     def incr(self, key: str, delta: int, initial: int | None = None) -> int:
@@ -199,6 +203,11 @@ class Store:
         return len(self._data)
 
     # -- expiry ------------------------------------------------------------
+
+    def ttl(self, key: str) -> float | None:
+        """Seconds ``key`` has left (None: no expiry). The key must exist."""
+        deadline = self._deadline.get(key)
+        return None if deadline is None else deadline - self.clock()
 
     def next_deadline(self) -> float | None:
         """When the next key may expire (monotonic seconds), for the event loop's sleep."""

@@ -1,0 +1,264 @@
+"""Near caches: worker-local copies of hot keys that stay consistent across processes.
+
+Enable one per cache alias (``OPTIONS = {"NEAR_CACHE": {"MAX_ENTRIES": 10000,
+"MAX_BYTES": 16 * 2**20}}``) or for the shared store (``CLUSTERSHM =
+{"NEAR_CACHE": {...}}``). Only in cluster mode: the embedded Manager is
+in-process already.
+
+**The guarantee.** A read answered from a near cache never returns a value
+older than a write that completed, in any process, before the read began.
+Why it holds:
+
+1. A read that misses asks the Manager with TRACK_GET, which records that
+   this process (its *tracker* connection, one per process) may now hold the
+   key.
+2. The next change of that key (set, delete, incr, touch, expiry, eviction,
+   clear) makes the Manager write an invalidation into this process's tracker
+   socket *before* it replies to the writer, or, if the socket cannot take it
+   at once, shut the tracker down (the process then drops its whole near
+   cache). So once a write has completed, its invalidation (or the shutdown)
+   is already in the socket of every process that may hold the old value.
+3. Before answering from its near cache, a read drains the tracker socket
+   without blocking and applies what it finds.
+4. A value fetched by a miss is kept only if no invalidation arrived between
+   the Manager's answer and the moment it is stored: the Manager numbers a
+   tracker's invalidations and says in each TRACK_GET reply how many it had
+   sent; the fill is dropped unless the process has applied exactly that many.
+
+A copy is kept with its expiry, computed from the moment the request was sent
+(so never later than the Manager's), and bounded by entries and bytes (LRU).
+Values are kept pickled: every hit returns a fresh object.
+
+A fork, a lost Manager or a cut-off tracker empties the near caches of the
+process; the next miss opens a new tracker.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import weakref
+from collections import OrderedDict
+
+from . import protocol as P
+from .exceptions import ClusterShmError, ManagerUnavailable
+
+logger = logging.getLogger("django_clustershm.near")
+
+_INT_SIZE = 8
+
+
+class NearCache:
+    """The local copies of one namespace (a cache LOCATION, or "" for the store)."""
+
+    def __init__(self, tracker: "Tracker", ns: str, max_entries: int = 10_000, max_bytes: int = 16 * 2**20) -> None:
+        self.tracker = tracker
+        self.ns = ns
+        self.max_entries = int(max_entries)
+        self.max_bytes = int(max_bytes)
+        self._entries: OrderedDict[str, tuple] = OrderedDict()  # key -> (data, deadline, size)
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    # -- under the tracker's lock ---------------------------------------------------
+
+    def _lookup(self, key: str):
+        entry = self._entries.get(key)
+        if entry is None:
+            return None
+        if entry[1] is not None and entry[1] <= time.monotonic():
+            self._drop(key)
+            return None
+        self._entries.move_to_end(key)
+        return entry[0]
+
+    def _drop(self, key: str) -> None:
+        entry = self._entries.pop(key, None)
+        if entry is not None:
+            self.bytes -= entry[2]
+
+    def _put(self, key: str, data, deadline) -> None:
+        size = len(key) + (len(data) if type(data) is bytes else _INT_SIZE)
+        if size > self.max_bytes:
+            return
+        self._drop(key)
+        self._entries[key] = (data, deadline, size)
+        self.bytes += size
+        while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
+            _, (_, _, old) = self._entries.popitem(last=False)
+            self.bytes -= old
+
+    def invalidate(self, key) -> None:
+        if key is None:
+            self.drop_all()
+        else:
+            self._drop(key)
+
+    def drop_all(self) -> None:
+        self._entries.clear()
+        self.bytes = 0
+
+    # -- reads ------------------------------------------------------------------------
+
+    def get(self, key: str):
+        """The stored data (bytes or int) of ``key``, or None on a miss."""
+        tracker = self.tracker
+        with tracker.lock:
+            live = tracker.drain()
+            if live:
+                data = self._lookup(key)
+                if data is not None:
+                    self.hits += 1
+                    return data
+        self.misses += 1
+        sid = tracker.session_id()
+        sent_at = time.monotonic()
+        data, ttl, seq, tracked = tracker.client._call(P.TRACK_GET, [self.ns, key, sid])
+        if data is not None and tracked:
+            with tracker.lock:
+                tracker.drain()
+                if tracker.sid == sid and tracker.seq == seq:
+                    self._put(key, data, None if ttl is None else sent_at + ttl)
+        return data
+
+    def get_many(self, keys: list) -> dict:
+        tracker = self.tracker
+        found = {}
+        missing = []
+        with tracker.lock:
+            live = tracker.drain()
+            for key in keys:
+                data = self._lookup(key) if live else None
+                if data is None:
+                    missing.append(key)
+                else:
+                    found[key] = data
+        self.hits += len(found)
+        if not missing:
+            return found
+        self.misses += len(missing)
+        sid = tracker.session_id()
+        sent_at = time.monotonic()
+        fetched, seq, tracked = tracker.client._call(P.TRACK_GET_MANY, [self.ns, missing, sid])
+        with tracker.lock:
+            tracker.drain()
+            keep = tracked and tracker.sid == sid and tracker.seq == seq
+            for key, (data, ttl) in fetched.items():
+                found[key] = data
+                if keep:
+                    self._put(key, data, None if ttl is None else sent_at + ttl)
+        return found
+
+
+class Tracker:
+    """The process's invalidation channel to one Manager, shared by its near caches."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.lock = threading.Lock()
+        self.conn = None
+        self.sid: int | None = None
+        self.seq = 0
+        self.caches: dict[str, NearCache] = {}
+        _trackers.add(self)
+
+    def near_cache(self, ns: str, max_entries: int, max_bytes: int) -> NearCache:
+        cache = self.caches.get(ns)
+        if cache is None:
+            cache = self.caches[ns] = NearCache(self, ns, max_entries, max_bytes)
+        return cache
+
+    def session_id(self) -> int:
+        """The tracker's session id, connecting it first if needed."""
+        with self.lock:
+            if self.conn is None:
+                self._connect()
+            return self.sid
+
+    def _connect(self) -> None:
+        from .client import _Connection
+
+        client = self.client
+        conn = _Connection(client.address, client.secret, client.timeout)
+        try:
+            conn.send(P.encode(P.TRACKER, 1, []))
+            op, payload = conn.receive(1)
+            body = P.decode_payload(payload)
+            if op != P.OK:
+                raise ManagerUnavailable(f"the Manager refused a near-cache tracker: {body}")
+            conn.sock.setblocking(False)
+        except BaseException:
+            conn.close()
+            raise
+        self.conn, self.sid, self.seq = conn, body[0], 0
+
+    def drain(self) -> bool:
+        """Apply every invalidation already received, without blocking.
+
+        False when there is no live channel (never connected, or just lost):
+        the near caches are then empty and must not answer.
+        """
+        conn = self.conn
+        if conn is None:
+            return False
+        sock = conn.sock
+        while True:
+            try:
+                data = sock.recv(65536)
+            except (BlockingIOError, InterruptedError):
+                return True
+            except OSError:
+                data = b""
+            if not data:
+                self._lost("the Manager closed the near-cache channel (cut off, or gone)")
+                return False
+            try:
+                frames = conn.reader.feed(data)
+            except ClusterShmError as exc:
+                self._lost(f"bad frame on the near-cache channel: {exc}")
+                return False
+            for op, _rid, payload in frames:
+                if op == P.PUSH_INVALIDATE:
+                    seq, ns, key = P.decode_payload(payload)
+                    self.seq = seq
+                    cache = self.caches.get(ns)
+                    if cache is not None:
+                        cache.invalidate(key)
+
+    def _lost(self, reason: str) -> None:
+        logger.warning("near caches of process %d emptied: %s", os.getpid(), reason)
+        self.drop()
+
+    def drop(self) -> None:
+        if self.conn is not None:
+            self.conn.close()
+        self.conn = None
+        self.sid = None
+        for cache in self.caches.values():
+            cache.drop_all()
+
+    def _after_fork_in_child(self) -> None:
+        # The child has none of the parent's tracker (its socket copy was
+        # closed by the client's at-fork hook) and no right to its copies.
+        self.lock = threading.Lock()
+        self.conn = None
+        self.sid = None
+        for cache in self.caches.values():
+            cache.drop_all()
+
+
+_trackers: "weakref.WeakSet[Tracker]" = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for tracker in list(_trackers):
+        tracker._after_fork_in_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,257 @@
+"""Near caches: worker-local reads that never return a value older than a completed write."""
+
+import socket
+import time
+
+import pytest
+from django.core.cache import caches
+from django.test import override_settings
+
+import django_clustershm as clustershm
+from django_clustershm import conf
+from django_clustershm import protocol as P
+
+from .helpers import ManagerProcess, fork_call, reap, run_forked, wait_until
+from .test_manager import _handshaked_socket
+
+NEAR = {"BACKEND": "django_clustershm.cache.ClusterShmCache", "LOCATION": "near",
+        "OPTIONS": {"NEAR_CACHE": {"MAX_ENTRIES": 1000, "MAX_BYTES": 1 << 20}}}  # fmt: skip
+CACHES = {"default": NEAR, "v2": {**NEAR, "VERSION": 2}, "plain": {**NEAR, "OPTIONS": {}}}
+
+
+@pytest.fixture
+def cluster():
+    proc = ManagerProcess().start()
+    clustershm.configure(proc.address, proc.secret)
+    yield proc
+    clustershm.configure(None)
+    proc.cleanup()
+
+
+def near():
+    return clustershm.get_client()._near["near"]
+
+
+@override_settings(CACHES=CACHES)
+def test_hits_are_local_and_fresh_objects(cluster):
+    cache = caches["default"]
+    cache.set("k", {"list": [1]})
+    first = cache.get("k")
+    ops = clustershm.stats()["ops"]
+    for _ in range(50):
+        got = cache.get("k")
+        assert got == {"list": [1]}
+        got["list"].append(2)  # the caller may mutate what it gets
+    assert clustershm.stats()["ops"] == ops + 1  # 50 hits, no round trip (the +1 is this stats call)
+    assert near().hits >= 50 and first is not got
+
+
+@override_settings(CACHES=CACHES)
+def test_a_write_in_another_process_is_seen_at_once(cluster):
+    cache = caches["default"]
+    cache.set("k", 1)
+    assert cache.get("k") == 1 and cache.get("k") == 1  # now held locally
+
+    def writer():
+        caches["default"].set("k", 2)
+
+    assert reap(fork_call(writer), 10) == 0
+    assert cache.get("k") == 2  # the writer's call returned, so the invalidation was already here
+
+
+@override_settings(CACHES=CACHES)
+def test_no_stale_reads_under_heavy_concurrent_writes(cluster):
+    """Writers record in the store how far they got *after* each write returns; a reader
+    that read that record must never see an older value through its near cache."""
+    seconds = 3.0
+
+    def writer(w):
+        cache = caches["default"]
+        n = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            n += 1
+            if n % 7 == 0:
+                cache.delete(f"key{w}")
+                cache.set(f"key{w}", n)
+            elif n % 11 == 0:
+                cache.set_many({f"key{w}": n, f"other{w}": n})
+            else:
+                cache.set(f"key{w}", n)
+            clustershm.set(f"done{w}", n)  # the shared store: no near cache
+        clustershm.set(f"finished{w}", n)
+
+    def reader(r):
+        cache = caches["default"]
+        reads = stale = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for w in range(2):
+                done = clustershm.get(f"done{w}", 0)
+                value = cache.get(f"key{w}") if reads % 3 else cache.get_many([f"key{w}"]).get(f"key{w}")
+                reads += 1
+                # None is possible between a writer's delete and its set; a
+                # value older than one whose write had completed is not.
+                if value is not None and value < done:
+                    stale += 1
+        near_cache = clustershm.get_client()._near["near"]
+        assert near_cache.hits > 100, near_cache.hits  # the near cache really answered
+        assert stale == 0, f"{stale} stale reads out of {reads}"
+
+    pids = [fork_call(writer, w) for w in range(2)] + [fork_call(reader, r) for r in range(2)]
+    assert [reap(pid, 60) for pid in pids] == [0, 0, 0, 0]
+
+
+@override_settings(CACHES=CACHES)
+def test_expiry_is_kept_locally(cluster):
+    cache = caches["default"]
+    cache.set("short", "v", 0.2)
+    assert cache.get("short") == "v" and cache.get("short") == "v"
+    time.sleep(0.25)
+    assert cache.get("short") is None
+
+
+@override_settings(CACHES=CACHES)
+def test_touch_incr_delete_clear_evict_invalidate(cluster):
+    cache = caches["default"]
+    cache.set("n", 1)
+    assert cache.get("n") == 1 and cache.get("n") == 1
+    cache.incr("n")
+    assert cache.get("n") == 2
+    cache.touch("n", 0.1)
+    time.sleep(0.15)
+    assert cache.get("n") is None
+    cache.set_many({"a": 1, "b": 2})
+    assert cache.get_many(["a", "b"]) == {"a": 1, "b": 2}
+    cache.delete("a")
+    assert cache.get("a") is None
+    cache.clear()
+    assert cache.get("b") is None
+    with override_settings(CACHES={"default": {**NEAR, "OPTIONS": {**NEAR["OPTIONS"], "MAX_ENTRIES": 3}}}):
+        small = caches["default"]
+        small.set("x0", 0)
+        assert small.get("x0") == 0 and small.get("x0") == 0
+        for i in range(1, 4):
+            small.set(f"x{i}", i)  # culls x0 in the Manager
+        assert small.get("x0") is None
+
+
+@override_settings(CACHES=CACHES)
+def test_versions_and_prefixes(cluster):
+    caches["default"].set("k", "v1")
+    caches["v2"].set("k", "v2")
+    assert caches["default"].get("k") == "v1" and caches["v2"].get("k") == "v2"
+    caches["default"].incr_version("k")  # moves v1's value to version 2
+    assert caches["default"].get("k") is None
+    assert caches["default"].get("k", version=2) == "v1"
+    assert caches["v2"].get("k") == "v1"
+
+
+@override_settings(CACHES=CACHES)
+def test_after_fork_the_child_starts_empty(cluster):
+    cache = caches["default"]
+    cache.set("k", "parent")
+    assert cache.get("k") == "parent" and len(near()) == 1
+
+    def child():
+        assert len(clustershm.get_client()._near["near"]) == 0
+        assert caches["default"].get("k") == "parent"
+        caches["default"].set("k", "child")
+
+    assert reap(fork_call(child), 10) == 0
+    assert cache.get("k") == "child"
+
+
+@override_settings(CACHES=CACHES)
+def test_after_the_manager_restarts(cluster):
+    cache = caches["default"]
+    cache.set("k", "old")
+    assert cache.get("k") == "old" and cache.get("k") == "old"
+    cluster.kill()
+    cluster.start()  # empty state
+    assert cache.get("k") is None  # the lost channel emptied the near cache
+    cache.set("k", "new")
+    assert cache.get("k") == "new" and cache.get("k") == "new"
+
+
+def test_the_shared_store_near_cache(cluster, settings):
+    settings.CLUSTERSHM = {"NEAR_CACHE": {"MAX_ENTRIES": 100}}
+    conf.configure(cluster.address, cluster.secret)
+    clustershm.set("flag", True)
+    assert clustershm.get("flag") is True and clustershm.get("flag") is True
+    assert clustershm.get_client()._near[""].hits == 1
+
+    def writer():
+        clustershm.set("flag", False)
+
+    assert reap(fork_call(writer), 10) == 0
+    assert clustershm.get("flag") is False
+
+
+def test_a_tracker_that_cannot_take_an_invalidation_is_cut_off(cluster):
+    """A tracker that never reads: once its socket is full, the next invalidation
+    shuts it down instead of being queued (and the writer is not held up)."""
+    tracker = _handshaked_socket(cluster.address, cluster.secret)
+    tracker.sendall(P.encode(P.TRACKER, 1, []))
+    reader = P.FrameReader(max_frame=1 << 20)
+    ((op, _, payload),) = reader.feed(tracker.recv(4096))
+    (sid,) = P.decode_payload(payload)
+    worker = _handshaked_socket(cluster.address, cluster.secret)
+    wreader = P.FrameReader(max_frame=1 << 20)
+
+    def call(op, args):
+        worker.sendall(P.encode(op, 1, args))
+        while True:
+            frames = wreader.feed(worker.recv(65536))
+            if frames:
+                return frames[0]
+
+    key = "k" * 4000  # big invalidations fill the tracker's socket fast
+    start = time.monotonic()
+    for i in range(3000):
+        call(P.SET, ["", f"{key}{i % 2}", i, None])
+        call(P.TRACK_GET, ["", f"{key}{i % 2}", sid])
+        if "tracker cut off" in cluster.log():
+            break
+    assert time.monotonic() - start < 30
+    wait_until(lambda: "tracker cut off" in cluster.log(), message="tracker cut off")
+    tracker.settimeout(5)
+    with pytest.raises((ConnectionResetError, socket.timeout, AssertionError)):
+        while tracker.recv(1 << 20):
+            pass
+        raise AssertionError("EOF")  # shut down: the reader sees EOF after what it had
+    tracker.close()
+    worker.close()
+
+
+@override_settings(CACHES=CACHES)
+def test_plain_alias_without_near_cache_on_the_same_location(cluster):
+    caches["plain"].set("k", 1)
+    assert caches["default"].get("k") == 1
+    caches["plain"].set("k", 2)
+    assert caches["default"].get("k") == 2
+
+
+@override_settings(CACHES=CACHES)
+def test_many_processes_hammer_one_key(cluster):
+    caches["default"].set("hot", 0)
+
+    def worker(i):
+        cache = caches["default"]
+        last = 0
+        for _ in range(500):
+            value = cache.get("hot")
+            assert value >= last
+            last = value
+            if i == 0:
+                cache.incr("hot")
+
+    assert run_forked(4, worker) == [0] * 4
+    assert caches["default"].get("hot") == 500
+
+
+def test_embedded_mode_has_no_near_cache():
+    with override_settings(CACHES=CACHES):
+        caches["default"].set("k", 1)
+        assert caches["default"].get("k") == 1
+        assert not hasattr(clustershm.get_client(), "_near")
