@@ -37,7 +37,6 @@ from . import protocol as P
 from .engine import DEFERRED, Engine, Limits
 from .exceptions import (
     AuthenticationFailed,
-    ClusterShmError,
     InvalidKey,
     KeyTooLarge,
     ManagerUnavailable,
@@ -568,6 +567,7 @@ class EmbeddedClient(Client):
         self._local = threading.local()
         self._dead: list = []
         self._forked = False
+        self.retired = False
         _embedded_clients.add(self)
 
     def __repr__(self) -> str:
@@ -580,6 +580,8 @@ class EmbeddedClient(Client):
         return state
 
     def _housekeeping(self) -> None:
+        if self.retired:
+            raise ManagerUnavailable("this embedded Manager was handed over to the cluster's Manager")
         engine = self.engine
         dead = self._dead
         while dead:
@@ -595,6 +597,8 @@ class EmbeddedClient(Client):
                 "(or the gunicorn config module) to share state between workers.",
                 os.getpid(),
             )
+        if self.retired:
+            raise ManagerUnavailable("this embedded Manager was handed over to the cluster's Manager")
         state = self._thread_session()
         with self._cond:
             self._housekeeping()
@@ -612,10 +616,21 @@ class EmbeddedClient(Client):
                 self._cond.notify_all()
             return replies.pop(rid)
 
+    def retire(self) -> Engine:
+        """Hand the engine over (to a Manager that will serve it): close every
+        session of this client, and refuse calls from now on."""
+        with self._cond:
+            self.retired = True
+            for session in list(self.engine.sessions.values()):
+                self.engine.close_session(session)
+            self._dead.clear()
+            self._cond.notify_all()
+        return self.engine
+
     def close(self) -> None:
         """Close this thread's session: whatever locks it held are released."""
         state = getattr(self._local, "state", None)
-        if state is not None:
+        if state is not None and not self.retired:
             self._local.state = None
             with self._cond:
                 self.engine.close_session(state.session)

@@ -44,7 +44,12 @@ def start_manager() -> Manager:
     settings = conf.settings()
     current = conf._client
     if isinstance(current, EmbeddedClient):
-        engine = current.engine  # adopt what the master stored before the cluster started
+        # Adopt what the master stored before the cluster started. From now on
+        # only the Manager's thread may touch that engine: retire the embedded
+        # client (its sessions, and its listeners' session, are closed now;
+        # listeners subscribe again through the socket when configure() below
+        # moves this process to the cluster).
+        engine = current.retire()
     else:
         max_store = settings["MAX_STORE_BYTES"]
         engine = Engine(

@@ -162,6 +162,15 @@ def _near_for_store(client: SocketClient, conf: dict) -> None:
         client.enable_near_cache("", *near)
 
 
+def _after_fork_in_child() -> None:
+    # Another thread may have held the lock when this process was forked.
+    global _lock
+    _lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
 def reset() -> None:
     """Forget the process-wide client (tests, and after settings change)."""
     configure(None)

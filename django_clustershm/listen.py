@@ -278,6 +278,8 @@ class _Hub:
             while self._generation == generation:
                 for action, handle in self._take_todo():
                     with client._cond:
+                        if client.retired:
+                            return
                         try:
                             if action == "listen":
                                 if handle.active:
@@ -295,7 +297,8 @@ class _Hub:
                     self._dispatch(*event)
         finally:
             with client._cond:
-                engine.close_session(session)
+                if not client.retired:  # a retired engine belongs to a Manager's thread now
+                    engine.close_session(session)
 
     # -- fork and mode changes ------------------------------------------------------------
 

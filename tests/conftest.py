@@ -1,5 +1,6 @@
 import pytest
 
+import django_clustershm as clustershm
 from django_clustershm import conf
 from django_clustershm.client import EmbeddedClient, SocketClient
 
@@ -19,6 +20,16 @@ def socket_client(manager_process):
     client = SocketClient(manager_process.address, manager_process.secret, timeout=5)
     yield client
     client.close()
+
+
+@pytest.fixture
+def cluster():
+    """A Manager in its own process; this process and the processes it forks use it."""
+    proc = ManagerProcess().start()
+    clustershm.configure(proc.address, proc.secret)
+    yield proc
+    clustershm.configure(None)
+    proc.cleanup()
 
 
 @pytest.fixture(params=["socket", "embedded"])

@@ -5,7 +5,6 @@ template fragments), each across forked processes."""
 
 import os
 import re
-import time
 
 import pytest
 from django.core.cache import caches
@@ -15,7 +14,7 @@ from django.test import Client, override_settings
 import django_clustershm as clustershm
 from django_clustershm.cache import ClusterShmCache
 
-from .helpers import ManagerProcess, fork_call, reap, run_forked, wait_until
+from .helpers import fork_call, reap, run_forked, wait_until
 
 BACKEND = "django_clustershm.cache.ClusterShmCache"
 
@@ -23,16 +22,6 @@ BACKEND = "django_clustershm.cache.ClusterShmCache"
 def cache_settings(**aliases):
     base = {"BACKEND": BACKEND, "LOCATION": "t"}
     return {name: {**base, **conf} for name, conf in {"default": {}, **aliases}.items()}
-
-
-@pytest.fixture
-def cluster():
-    """A Manager in its own process; this process and its forks use it."""
-    proc = ManagerProcess().start()
-    clustershm.configure(proc.address, proc.secret)
-    yield proc
-    clustershm.configure(None)
-    proc.cleanup()
 
 
 def pipe_value():

@@ -13,17 +13,8 @@ import django_clustershm as clustershm
 from django_clustershm import protocol as P
 from django_clustershm.signals import changed
 
-from .helpers import ManagerProcess, fork_call, reap, wait_until
+from .helpers import fork_call, reap, wait_until
 from .test_manager import _handshaked_socket
-
-
-@pytest.fixture
-def cluster():
-    proc = ManagerProcess().start()
-    clustershm.configure(proc.address, proc.secret)
-    yield proc
-    clustershm.configure(None)
-    proc.cleanup()
 
 
 @pytest.fixture(autouse=True)

@@ -17,15 +17,6 @@ from .helpers import ManagerProcess, fork_call, reap, run_forked, wait_until
 from .test_manager import _handshaked_socket
 
 
-@pytest.fixture
-def cluster():
-    proc = ManagerProcess().start()
-    clustershm.configure(proc.address, proc.secret)
-    yield proc
-    clustershm.configure(None)
-    proc.cleanup()
-
-
 @pytest.fixture(params=["cluster", "embedded"])
 def anywhere(request):
     """Semantics that must hold in both modes (threads stand in for processes in embedded mode)."""

@@ -15,7 +15,7 @@ from django_clustershm import Manager, SocketClient
 from django_clustershm import protocol as P
 from django_clustershm.exceptions import AuthenticationFailed, ManagerUnavailable
 
-from .helpers import ManagerProcess, fork_call, reap, run_forked, wait_until
+from .helpers import fork_call, reap, run_forked, wait_until
 
 
 def _handshaked_socket(address: str, secret: bytes) -> socket.socket:

@@ -11,21 +11,12 @@ import django_clustershm as clustershm
 from django_clustershm import conf
 from django_clustershm import protocol as P
 
-from .helpers import ManagerProcess, fork_call, reap, run_forked, wait_until
+from .helpers import fork_call, reap, run_forked, wait_until
 from .test_manager import _handshaked_socket
 
 NEAR = {"BACKEND": "django_clustershm.cache.ClusterShmCache", "LOCATION": "near",
         "OPTIONS": {"NEAR_CACHE": {"MAX_ENTRIES": 1000, "MAX_BYTES": 1 << 20}}}  # fmt: skip
 CACHES = {"default": NEAR, "v2": {**NEAR, "VERSION": 2}, "plain": {**NEAR, "OPTIONS": {}}}
-
-
-@pytest.fixture
-def cluster():
-    proc = ManagerProcess().start()
-    clustershm.configure(proc.address, proc.secret)
-    yield proc
-    clustershm.configure(None)
-    proc.cleanup()
 
 
 def near():
