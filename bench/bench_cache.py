@@ -1,9 +1,10 @@
-"""Django cache backends compared: ClusterShmCache against LocMem, Redis, Memcached, diskcache, files and SQLite.
+"""Django cache backends compared: ClusterShmCache (and +near) vs LocMem, Redis, Memcached, diskcache, files, SQLite.
 
 Run by hand from the repository root (it is not part of the test suite)::
 
     python bench/bench_cache.py                          # every backend, N = 5000, 3 s per throughput run
     python bench/bench_cache.py --only redis,memcached   # a subset
+    python bench/bench_cache.py --only near,diskcache    # the near cache against diskcache
     python bench/bench_cache.py --n 20000 --seconds 5 --json bench/results/cache.json
 
 Needs ``redis-server`` and ``memcached`` on the PATH (when those backends are
@@ -13,6 +14,12 @@ stops it by pid at the end, and removes every file it made:
 
 * ``django_clustershm.cache.ClusterShmCache``: a Manager serving in a forked
   child of this script on a Unix socket in a private temporary directory;
+* ``ClusterShmCache+near`` (``--only near``): the same backend and the same
+  Manager, on its own LOCATION (``bench-near``) with
+  ``NEAR_CACHE = {"MAX_ENTRIES": 100000, "MAX_BYTES": 64 MiB}``: each process
+  keeps a consistent local copy of the keys it read, invalidated by the
+  Manager on every change (cluster mode only, which
+  ``django_clustershm.configure()`` sets up here);
 * ``RedisCache``: ``redis-server --port 0`` on a Unix socket, no persistence;
 * ``PyMemcacheCache``: ``memcached`` on 127.0.0.1, a free TCP port, no UDP;
 * ``LocMemCache``: in-process memory, not shared between processes (the ceiling);
@@ -22,7 +29,7 @@ stops it by pid at the end, and removes every file it made:
   options; without them concurrent writers fail with "database is locked").
 
 Django is configured by this script (``settings.configure``), no project
-settings are used. LocMem, FileBased, DB and ClusterShm get
+settings are used. LocMem, FileBased, DB and both ClusterShm backends get
 ``MAX_ENTRIES = 100000`` so that nothing is culled during the run (Django's
 default of 300 would evict most of the 1000-key working set below).
 
@@ -55,8 +62,8 @@ How to read it
 Absolute numbers depend on the machine; compare backends within one run.
 On a small VM the workers, the server and this script compete for the same
 CPUs (the header says how many there are), which caps the multi-process
-figures. The last section checks ClusterShm's targets against RedisCache
-measured in the same run.
+figures. The last section checks ClusterShm's targets against RedisCache,
+and the near cache's against diskcache.DjangoCache, measured in the same run.
 """
 
 from __future__ import annotations
@@ -100,6 +107,7 @@ MAX_ENTRIES = 100_000
 #: --only name -> label in the tables, in table order.
 BACKENDS = {
     "clustershm": "ClusterShmCache",
+    "near": "ClusterShmCache+near",
     "redis": "RedisCache",
     "memcached": "PyMemcacheCache",
     "locmem": "LocMemCache",
@@ -107,6 +115,9 @@ BACKENDS = {
     "file": "FileBasedCache",
     "db": "DatabaseCache (SQLite)",
 }
+CLUSTERSHM = {"clustershm", "near"}  # need the Manager
+NEAR_LOCATION = "bench-near"
+NEAR_OPTIONS = {"MAX_ENTRIES": 100_000, "MAX_BYTES": 64 * 2**20}
 SLOW = {"file", "db"}  # timed --n-slow times in the latency phase
 NOT_SHARED = {"locmem"}
 OPS = ("get hit", "get miss", "set", "incr", f"get_many({MANY})", f"set_many({MANY})")
@@ -405,6 +416,11 @@ def configure_django(selected: list[str], lab: Lab) -> None:
             "LOCATION": "bench",
             "OPTIONS": {"MAX_ENTRIES": MAX_ENTRIES},
         },
+        "near": {
+            "BACKEND": "django_clustershm.cache.ClusterShmCache",
+            "LOCATION": NEAR_LOCATION,
+            "OPTIONS": {"MAX_ENTRIES": MAX_ENTRIES, "NEAR_CACHE": NEAR_OPTIONS},
+        },
         "locmem": {
             "BACKEND": "django.core.cache.backends.locmem.LocMemCache",
             "LOCATION": "bench",
@@ -498,8 +514,20 @@ def smoke_test(alias: str) -> None:
         if got != VALUE:
             raise AssertionError(f"set then get returned {got!r}, expected {VALUE!r}")
         cache.delete("bench:smoke")
+        if alias == "near" and _near_cache(cache) is None:
+            raise AssertionError("the near cache is not enabled (it needs cluster mode: django_clustershm.configure)")
     finally:
         _release(cache)
+
+
+def _near_cache(cache):
+    """The process's NearCache object behind a ClusterShmCache with NEAR_CACHE, or None (private attributes)."""
+    from django_clustershm import conf
+
+    if getattr(cache, "_near", None) is None:
+        return None
+    cache._client  # enables the near cache of this LOCATION on the process's client
+    return getattr(conf.get_client(), "_near", {}).get(cache._location)
 
 
 # -- 1. latency -----------------------------------------------------------------------
@@ -732,8 +760,23 @@ def _throughput_worker(index: int, ready, alias: str, seconds: float, seed: int)
         if not ops & 15 and clock() >= deadline:
             break
     elapsed = clock() - t0
+    near = _near_cache(cache)
+    near_hits = near_misses = None
+    if near is not None:
+        # The near cache's own counters: gets answered from the local copy, gets that went to the Manager.
+        near_hits, near_misses = near.hits, near.misses
     return {"index": index, "ok": gets + sets, "gets": gets, "hits": hits, "sets": sets, "errors": errors,
-            "first_error": first_error, "seconds": elapsed}  # fmt: skip
+            "first_error": first_error, "seconds": elapsed, "near_hits": near_hits,
+            "near_misses": near_misses}  # fmt: skip
+
+
+def _near_share(workers: list[dict]) -> float | None:
+    """The share of the near cache's gets answered from the process's local copy, over every worker."""
+    if any(w.get("near_hits") is None for w in workers):
+        return None
+    hits = sum(w["near_hits"] for w in workers)
+    total = hits + sum(w["near_misses"] for w in workers)
+    return hits / total if total else None
 
 
 def run_throughput(alias: str, seconds: float, seed: int) -> dict:
@@ -759,6 +802,7 @@ def run_throughput(alias: str, seconds: float, seed: int) -> dict:
             "errors": sum(w["errors"] for w in workers),
             "first_error": next((w["first_error"] for w in workers if w["first_error"]), None),
             "get_hit_rate": sum(w["hits"] for w in workers) / gets if gets else None,
+            "near_local_share": _near_share(workers),
             "workers": workers,
         }
     cache = _new_cache(alias)
@@ -885,6 +929,13 @@ def throughput_table(selected: list[str], results: dict, args) -> str:
         hit = f"{last['get_hit_rate'] * 100:.1f}%" if last["get_hit_rate"] is not None else "n/a"
         errors = sum(tp[str(p)]["errors"] for p in PROCS)
         lines.append(f"| {_label(name)} | " + " | ".join(cells) + f" | {ratio} | {hit} | {errors} |")
+    near = results.get("near", {}).get("throughput")
+    if near and all(near[str(p)].get("near_local_share") is not None for p in PROCS):
+        shares = " / ".join(f"{near[str(p)]['near_local_share'] * 100:.1f}%" for p in PROCS)
+        procs = "/".join(map(str, PROCS))
+        lines += ["", f"ClusterShmCache+near: share of gets answered from the process's near cache with {procs} "
+                  f"processes: {shares} (the rest went to the Manager: first reads, and reads of a key that "
+                  "another process's set had invalidated)."]  # fmt: skip
     return "\n".join(lines)
 
 
@@ -918,7 +969,7 @@ def incr_table(selected: list[str], results: dict) -> str:
 
 
 def targets(results: dict) -> tuple[str, dict]:
-    lines = ["### Targets (ClusterShmCache against RedisCache, same run)", ""]
+    lines = ["### Targets (ClusterShmCache against RedisCache, ClusterShmCache+near against diskcache, same run)", ""]
     out: dict = {}
     shm, redis = results.get("clustershm", {}), results.get("redis", {})
     missing = "ClusterShmCache or RedisCache not measured"
@@ -947,6 +998,31 @@ def targets(results: dict) -> tuple[str, dict]:
         )
     else:
         lines.append(f"- {p}-process ops/s >= 2x RedisCache's: not evaluated ({missing})")
+
+    near, disk = results.get("near", {}), results.get("diskcache", {})
+    missing = "ClusterShmCache+near or diskcache.DjangoCache not measured"
+    if near.get("latency") and disk.get("latency"):
+        a, b = near["latency"]["get hit"]["median_us"], disk["latency"]["get hit"]["median_us"]
+        ok = a <= b
+        out["near_get_hit_median_vs_diskcache"] = {"near_us": a, "diskcache_us": b, "ratio": a / b, "max": 1.0,
+                                                   "met": ok}  # fmt: skip
+        lines.append(
+            f"- near-cache get-hit median <= diskcache's: {_us(a)} µs vs {_us(b)} µs = {a / b:.2f}x -> "
+            f"**{'PASS' if ok else 'FAIL'}**"
+        )
+    else:
+        lines.append(f"- near-cache get-hit median <= diskcache's: not evaluated ({missing})")
+    if near.get("throughput") and disk.get("throughput"):
+        a, b = near["throughput"][p]["ops_per_s"], disk["throughput"][p]["ops_per_s"]
+        ok = a >= b
+        out["near_throughput_vs_diskcache"] = {"near_ops_s": a, "diskcache_ops_s": b, "ratio": a / b, "min": 1.0,
+                                               "met": ok}  # fmt: skip
+        lines.append(
+            f"- near-cache {p}-process ops/s >= diskcache's: {a:,.0f} vs {b:,.0f} ops/s = {a / b:.2f}x -> "
+            f"**{'PASS' if ok else 'FAIL'}**"
+        )
+    else:
+        lines.append(f"- near-cache {p}-process ops/s >= diskcache's: not evaluated ({missing})")
     return "\n".join(lines), out
 
 
@@ -1035,11 +1111,12 @@ def main(argv=None) -> int:
     started = time.perf_counter()
     try:
         try:
-            if "clustershm" in selected:
+            if CLUSTERSHM & set(selected):
                 try:
                     lab.start_manager()
                 except Exception as exc:
-                    results["clustershm"]["error"] = f"Manager: {exc}"
+                    for name in CLUSTERSHM & set(selected):
+                        results[name]["error"] = f"Manager: {exc}"
                     log(f"ClusterShm: {exc}")
             if "redis" in selected:
                 lab.start_redis(binaries["redis"])

@@ -382,6 +382,11 @@ class Manager:
             data = conn.sock.recv(_RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
+        except ConnectionResetError:
+            # A peer that closed with our data unread in its socket (a near-cache
+            # tracker, typically): a normal departure, not a fault.
+            self._close(conn, None)
+            return
         except OSError as exc:
             self._close(conn, f"receive failed: {exc}")
             return
