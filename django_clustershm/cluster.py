@@ -63,11 +63,15 @@ def start_manager() -> Manager:
 
 
 def stop_manager() -> None:
+    """Stop the Manager at the server's exit (its listeners first, quietly)."""
     global _manager
     if _manager is not None:
+        from .listen import _hub
+
+        _hub.stop()
         _manager.close()
         _manager = None
-        conf.configure(None)
+        conf.configure(None, listeners=False)
 
 
 def _pid() -> int:

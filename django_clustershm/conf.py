@@ -92,10 +92,11 @@ def connect(address: str, secret: bytes | None = None, *, secret_file: str | Non
     return SocketClient(address, secret, timeout=settings()["TIMEOUT"] if timeout is None else timeout)
 
 
-def configure(address: str | None, secret: bytes | None = None) -> None:
+def configure(address: str | None, secret: bytes | None = None, *, listeners: bool = True) -> None:
     """Point this process (and the processes it forks) at a Manager.
 
     ``configure(None)`` goes back to choosing from the settings on next use.
+    Registered listeners move to the new Manager, unless ``listeners=False``.
     """
     global _client, _cluster
     with _lock:
@@ -103,9 +104,10 @@ def configure(address: str | None, secret: bytes | None = None) -> None:
         old, _client = _client, None
     if old is not None:
         old.close()
-    from .listen import _hub
+    if listeners:
+        from .listen import _hub
 
-    _hub.client_changed()
+        _hub.client_changed()
 
 
 def cluster() -> tuple[str, bytes] | None:

@@ -317,6 +317,19 @@ class _Hub:
         if self._handles:
             self._restart(conf.get_client())
 
+    def stop(self) -> None:
+        """End the dispatcher (the server is shutting down); handles stay registered."""
+        with self._lock:
+            self._generation += 1
+            self._client = None
+            for sock in (self._wake_r, self._wake_w):
+                if sock is not None:
+                    sock.close()
+            self._wake_r = self._wake_w = None
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(2.0)
+
     def client_changed(self) -> None:
         """``conf.configure()`` moved this process to another Manager."""
         if self._handles:
