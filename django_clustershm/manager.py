@@ -282,22 +282,34 @@ class Manager:
         wake_fd = self._wake_r.fileno()
         clock = time.monotonic
         spin = self.spin
+        spin_skip = spin_backoff = 0
         next_check = clock() + 1.0
         while not self._stopping:
             deadline = engine.tick()
             now = clock()
             timeout = min(next_check, deadline) - now if deadline is not None else next_check - now
             events = sel.select(0)
-            if not events and spin:
+            if not events and spin and spin_skip:
+                spin_skip -= 1
+            elif not events and spin:
                 # Poll a little before sleeping: a worker that just got its
                 # reply usually sends its next request within microseconds,
                 # and waking a sleeping CPU costs more than that (on a 2-vCPU
                 # VM, 20-40 us a wake-up). Measured with bench/bench_core.py:
                 # get latency 51 -> 31 us, 4-process ops/s 78k -> 85k. The
-                # cost is at most `spin` seconds of CPU after each burst.
+                # cost is at most `spin` seconds of CPU after each burst, and
+                # polling that finds nothing backs off (below).
                 spin_until = clock() + spin
                 while not events and clock() < spin_until:
                     events = sel.select(0)
+                if events:
+                    spin_backoff = 0
+                else:
+                    # Nothing came while polling: the clients are slow (a busy
+                    # machine, where polling takes CPU they need). Poll again
+                    # only after 1, 3, 7... 256 idle rounds.
+                    spin_backoff = min(spin_backoff * 2 + 1, 256)
+                    spin_skip = spin_backoff
             if not events:
                 events = sel.select(max(timeout, 0.0))
             for key, mask in events:
