@@ -62,7 +62,7 @@ def _remove_files(address: str, own_dir: str | None, pid: int) -> None:
 class _Conn:
     __slots__ = (
         "sock", "fd", "reader", "out", "out_size", "session", "nonce", "deadline", "peer_pid", "peer_uid", "mask",
-        "overflow",
+        "overflow", "gone", "closed",
     )
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
@@ -78,6 +78,8 @@ class _Conn:
         self.peer_uid = -1
         self.mask = selectors.EVENT_READ
         self.overflow = False
+        self.gone = False  # the peer closed its end (seen when writing to it)
+        self.closed = False
 
 
 class Manager:
@@ -315,9 +317,14 @@ class Manager:
             for key, mask in events:
                 conn = key.data
                 if conn is not None:
+                    # A connection closed earlier in this round may still have
+                    # an event in the list; its fd may even belong to a new
+                    # connection by now: never act on it.
+                    if conn.closed:
+                        continue
                     if mask & selectors.EVENT_READ:
                         self._on_readable(conn)
-                    if mask & selectors.EVENT_WRITE and self._conns.get(conn.fd) is conn:
+                    if mask & selectors.EVENT_WRITE and not conn.closed:
                         self._flush(conn)
                 elif key.fd == listener_fd:
                     self._accept()
@@ -376,8 +383,11 @@ class Manager:
             self._close(conn, "no handshake within %.0fs" % self.handshake_timeout)
 
     def _close(self, conn: _Conn, reason: str | None) -> None:
-        if self._conns.pop(conn.fd, None) is None:
+        if conn.closed:
             return
+        conn.closed = True
+        if self._conns.get(conn.fd) is conn:
+            del self._conns[conn.fd]
         if reason:
             logger.warning("closing client (pid %s): %s", conn.peer_pid, reason)
         try:
@@ -452,7 +462,7 @@ class Manager:
             # writer's reply does: a listener hears of a write before the
             # writer's call returns.
             self._flush_dirty()
-        if self._conns.get(conn.fd) is conn:
+        if not conn.closed:
             self._flush(conn)
 
     def _handshake(self, conn: _Conn, frames) -> None:
@@ -485,8 +495,10 @@ class Manager:
     def _flush_dirty(self) -> None:
         dirty, self._dirty = self._dirty, set()
         for conn in dirty:
-            if self._conns.get(conn.fd) is conn:
-                if conn.overflow:
+            if not conn.closed:
+                if conn.gone:
+                    self._close(conn, None)
+                elif conn.overflow:
                     if conn.session is not None and conn.session.tracker:
                         self._close(conn, "near-cache invalidation could not be delivered at once; tracker cut off")
                     else:
@@ -523,6 +535,7 @@ class Manager:
                 sent = -1
         if sent != len(frame):
             conn.overflow = True
+            conn.gone = sent == -1  # EPIPE/ECONNRESET: its process exited; nothing to report
             try:
                 conn.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -530,7 +543,7 @@ class Manager:
             self._dirty.add(conn)  # closed, with its reason, at the end of this round
 
     def _deliver(self, conn: _Conn, rid: int, result) -> None:
-        if self._conns.get(conn.fd) is not conn:
+        if conn.closed:
             return
         reply = P.encode(P.OK, rid, result)
         conn.out.append(reply)

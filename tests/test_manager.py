@@ -360,3 +360,34 @@ def test_manager_gone_mid_call(manager_process):
     with pytest.raises(ManagerUnavailable):
         client.get("a")
     client.close()
+
+
+def test_a_closed_connection_never_touches_a_new_one_on_its_fd():
+    """Regression: a connection closed earlier in a loop round could, through a
+    stale event, remove a new connection that had been given the same fd, whose
+    replies were then never sent (seen as a 5 s timeout under load)."""
+    import selectors
+
+    from django_clustershm.manager import _Conn
+
+    manager = Manager()
+    try:
+        a, a_peer = socket.socketpair()
+        old = _Conn(a, deadline=0)
+        manager._conns[old.fd] = old
+        manager._sel.register(a, selectors.EVENT_READ, old)
+        manager._close(old, None)
+        b, b_peer = socket.socketpair()
+        new = _Conn(b, deadline=0)
+        manager._conns[new.fd] = new
+        manager._sel.register(b, selectors.EVENT_READ, new)
+        assert new.fd == old.fd  # the kernel hands out the lowest free fd
+        manager._close(old, "stale")  # e.g. a stale event for the old connection
+        manager._on_readable(old)
+        manager._deliver(old, 1, "x")
+        assert manager._conns[new.fd] is new and not new.closed
+        for s in (a_peer, b, b_peer):
+            s.close()
+        manager._conns.clear()
+    finally:
+        manager.close()
