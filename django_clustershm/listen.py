@@ -63,14 +63,18 @@ _ids = itertools.count(1)
 class Handle:
     """One subscription; :meth:`cancel` stops its delivery."""
 
-    def __init__(self, ns: str, key: str, prefix: bool, callback: Callable | None) -> None:
+    def __init__(
+        self, ns: str, key: str, prefix: bool, callback: Callable | None, on_resync: Callable | None = None
+    ) -> None:
         self.id = next(_ids)
         self.ns = ns
         self.key = key
         self.prefix = prefix
         self.callback = callback
+        self.on_resync = on_resync
         self.active = True
         self.delivered = 0
+        self.subscriptions = 0  # how many times the Manager confirmed it (1 + resubscriptions)
         self.subscribed = threading.Event()
         self.error: BaseException | None = None
 
@@ -172,6 +176,18 @@ class _Hub:
             todo, self._todo = self._todo, []
         return todo
 
+    def _confirmed(self, handle: Handle) -> None:
+        """The Manager has the subscription (again). After the first time (a
+        fork, a reconnection, a cut-off), events may have been missed in
+        between: ``on_resync()`` lets the owner reload what it mirrors."""
+        handle.subscriptions += 1
+        handle.subscribed.set()
+        if handle.subscriptions > 1 and handle.on_resync is not None and handle.error is None:
+            try:
+                handle.on_resync()
+            except Exception:
+                logger.exception("on_resync of %r raised", handle)
+
     def _dispatch(self, sub_id: int, ns: str, key, event: int, value) -> None:
         handle = self._handles.get(sub_id)
         if handle is None or not handle.active:
@@ -258,7 +274,7 @@ class _Hub:
                     handle = waiting.pop(rid)
                     if op == P.ERR:
                         handle.error = error_from_code(body[0], body[1])
-                    handle.subscribed.set()
+                    self._confirmed(handle)
 
     def _run_embedded(self, generation: int, client: EmbeddedClient) -> None:
         q: queue.Queue = queue.Queue(self.embedded_backlog)
@@ -288,7 +304,10 @@ class _Hub:
                                 engine.dispatch(session, P.UNLISTEN, [handle.id])
                         except ClusterShmError as exc:
                             handle.error = exc
-                    handle.subscribed.set()
+                    if action == "listen":
+                        self._confirmed(handle)
+                    else:
+                        handle.subscribed.set()
                 try:
                     event = q.get(timeout=1.0)
                 except queue.Empty:
@@ -316,6 +335,14 @@ class _Hub:
             self._wake_r = self._wake_w = None
         if self._handles:
             self._restart(conf.get_client())
+            # Wait (a round trip) until the Manager has them again, so a
+            # worker never serves a request before its listeners are live.
+            timeout = float(conf.settings()["TIMEOUT"])
+            deadline = time.monotonic() + timeout
+            for handle in list(self._handles.values()):
+                if not handle.subscribed.wait(max(0.0, deadline - time.monotonic())):
+                    logger.warning("listeners of process %d not subscribed again within %.1fs after fork", os.getpid(), timeout)
+                    break
 
     def stop(self) -> None:
         """End the dispatcher (the server is shutting down); handles stay registered."""
@@ -347,6 +374,7 @@ def listen(
     prefix: str | None = None,
     cache: str | None = None,
     timeout: float | None = None,
+    on_resync: Callable[[], None] | None = None,
 ) -> Handle:
     """Call ``callback(key, value, event)`` for every change of ``key`` (or of every
     key starting with ``prefix``) in the shared store, or in the cache alias ``cache``.
@@ -354,6 +382,11 @@ def listen(
     Returns once the Manager has the subscription: every write that completes
     after that reaches the callback. ``callback`` may be None when only the
     Django signal :data:`~django_clustershm.signals.changed` is wanted.
+
+    ``on_resync()`` is called (on the dispatcher thread) each time the
+    subscription is made again (in a forked child, after a reconnection or a
+    cut-off), once it is live: events of the gap may be lost, so a listener
+    that mirrors state reloads it there.
     """
     if (key is None) == (prefix is None):
         raise TypeError("listen() takes a key or a prefix=, not both")
@@ -374,4 +407,6 @@ def listen(
         raise TypeError("a key or prefix is a str")
     if timeout is None:
         timeout = float(conf.settings()["TIMEOUT"])
-    return _hub.listen(Handle(ns, target, prefix is not None, callback), timeout)
+    if on_resync is not None and not callable(on_resync):
+        raise TypeError("on_resync must be callable")
+    return _hub.listen(Handle(ns, target, prefix is not None, callback, on_resync), timeout)

@@ -157,11 +157,15 @@ def test_a_listener_registered_before_fork_lives_once_in_each_child(cluster):
     def callback(key, value, event):
         counts[value] = counts.get(value, 0) + 1
 
-    clustershm.listen("flag", callback)
+    resyncs = []
+    clustershm.listen("flag", callback, on_resync=lambda: resyncs.append(os.getpid()))
+    assert resyncs == []  # not on the first subscription
     r, w = os.pipe()
 
     def child(n):
-        wait_until(lambda: clustershm.stats()["listeners"]["by_pid"].get(str(os.getpid())) == 1, message="resubscribed")
+        # Subscribed again during the fork itself: live before the child runs any code.
+        assert clustershm.stats()["listeners"]["by_pid"].get(str(os.getpid())) == 1
+        wait_until(lambda: resyncs == [os.getpid()], message="on_resync in the child")
         os.write(w, b"r")
         wait_until(lambda: "go" in counts, timeout=30, message="event in the child")
         time.sleep(0.2)
@@ -173,6 +177,7 @@ def test_a_listener_registered_before_fork_lives_once_in_each_child(cluster):
     clustershm.set("flag", "go")
     assert [reap(pid, 60) for pid in pids] == [0, 0]
     wait_until(lambda: counts.get("go") == 1, message="the parent heard it too")
+    assert resyncs == []
     os.close(r)
     os.close(w)
 

@@ -22,10 +22,19 @@ def _on_change(key, value, event):
         FLAGS.pop(name, None)
 
 
+def _load() -> None:
+    current = {k[len(PREFIX):]: v for k, v in clustershm.get_many(clustershm.keys(PREFIX)).items()}
+    for name in [n for n in FLAGS if n not in current]:
+        FLAGS.pop(name, None)
+    FLAGS.update(current)  # readers never see an empty dict in between
+
+
 def start() -> None:
-    """Called from AppConfig.ready(): subscribe first, then load, so no change is missed."""
-    clustershm.listen(prefix=PREFIX, callback=_on_change)
-    FLAGS.update({k[len(PREFIX):]: v for k, v in clustershm.get_many(clustershm.keys(PREFIX)).items()})
+    """Called from AppConfig.ready(): subscribe first, then load, so no change is missed;
+    load again whenever the subscription is made anew (in each forked worker, after a
+    reconnection), since changes in between may have been missed."""
+    clustershm.listen(prefix=PREFIX, callback=_on_change, on_resync=_load)
+    _load()
 
 
 def is_enabled(name: str) -> bool:
