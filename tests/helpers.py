@@ -123,6 +123,12 @@ def reap(pid: int, timeout: float) -> int:
         time.sleep(0.005)
 
 
+def block_until_killed() -> None:
+    """Keep a child (and its connections) alive until the test kills it."""
+    while True:
+        signal.pause()
+
+
 def fork_call(fn, *args) -> int:
     """Run ``fn(*args)`` in a forked child; return its pid. Exit 0 on success."""
     sys.stdout.flush()

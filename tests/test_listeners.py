@@ -13,7 +13,7 @@ import django_clustershm as clustershm
 from django_clustershm import protocol as P
 from django_clustershm.signals import changed
 
-from .helpers import fork_call, reap, wait_until
+from .helpers import block_until_killed, fork_call, reap, wait_until
 from .test_manager import _handshaked_socket
 
 
@@ -138,7 +138,7 @@ def test_listeners_of_a_dead_process_are_dropped(cluster):
     def listener():
         clustershm.listen(prefix="x", callback=lambda *a: None)
         os.write(w, b"r")
-        time.sleep(60)
+        block_until_killed()
 
     pid = fork_call(listener)
     os.read(r, 1)
@@ -206,7 +206,7 @@ def test_a_slow_listener_is_cut_off_and_does_not_stall_writers(cluster):
 
         clustershm.listen(prefix="big:", callback=callback)
         os.write(w, b"r")
-        time.sleep(120)
+        block_until_killed()
 
     pid = fork_call(slow_listener)
     os.read(r, 1)

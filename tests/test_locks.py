@@ -13,7 +13,7 @@ from django_clustershm import protocol as P
 from django_clustershm.client import EmbeddedClient
 from django_clustershm.exceptions import LimitExceeded, LockNotOwned, LockTimeout, WouldDeadlock
 
-from .helpers import ManagerProcess, fork_call, reap, run_forked, wait_until
+from .helpers import ManagerProcess, block_until_killed, fork_call, reap, run_forked, wait_until
 from .test_manager import _handshaked_socket
 
 
@@ -75,7 +75,7 @@ def test_sigkill_of_the_holder_frees_the_lock_at_once(cluster):
     def holder():
         clustershm.Lock("victim").acquire()
         os.write(w, b"held")
-        time.sleep(120)
+        block_until_killed()
 
     holder_pid = fork_call(holder)
     assert os.read(r, 4) == b"held"
@@ -182,7 +182,7 @@ def test_a_waiter_that_timed_out_is_never_granted(cluster):
 
     def impatient():
         assert clustershm.Lock("late").acquire(timeout=0.2) is False
-        time.sleep(60)  # stays alive, connection open: it must still not get the lock
+        block_until_killed()  # alive, connection open: it must still not get the lock
 
     pid = fork_call(impatient)
     wait_until(lambda: waiters("late") == 1, message="queued")

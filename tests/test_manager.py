@@ -15,7 +15,7 @@ from django_clustershm import Manager, SocketClient
 from django_clustershm import protocol as P
 from django_clustershm.exceptions import AuthenticationFailed, ManagerUnavailable
 
-from .helpers import fork_call, reap, run_forked, wait_until
+from .helpers import block_until_killed, fork_call, reap, run_forked, wait_until
 
 
 def _handshaked_socket(address: str, secret: bytes) -> socket.socket:
@@ -98,8 +98,7 @@ def test_clients_are_listed_with_their_pids_and_dropped_when_they_die(manager_pr
         client = SocketClient(addr, secret)
         client.ping()
         os.write(w, b"1")
-        time.sleep(60)
-        client.close()
+        block_until_killed()
 
     pid = fork_call(idle)
     os.read(r, 1)
