@@ -28,6 +28,8 @@ from .store import INT64_MAX, INT64_MIN, Store
 
 DEFAULT_MAX_KEY = 4096
 DEFAULT_MAX_VALUE = 32 * 1024 * 1024
+#: Seconds between two reclamations of the caches' expired entries.
+CACHE_REAP_INTERVAL = 0.01
 #: Named caches one Manager holds at most (each is bounded by its MAX_BYTES).
 MAX_CACHES = 256
 MAX_CACHE_NAME = 256
@@ -102,6 +104,7 @@ class Engine:
         self.clock = clock
         self.store = Store(clock=clock, max_bytes=max_store_bytes)
         self.caches: dict[str, LruCache] = {}
+        self._next_cache_reap = 0.0
         self.locks = LockTable(self._answer_waiter, clock=clock)
         self.listeners = Listeners()
         self.tracking: dict[tuple[str, str], set] = {}
@@ -190,8 +193,15 @@ class Engine:
     def tick(self) -> float | None:
         """Reclaim expired keys; return the next deadline (monotonic) or None."""
         self.store.reap()
-        for cache in self.caches.values():
-            cache.reap()
+        if self.caches:
+            # Caches expire lazily on access; reclaiming the rest of their
+            # expired entries (and telling listeners) can wait a few ms, and
+            # doing it on every loop round would cost O(caches) per request.
+            now = self.clock()
+            if now >= self._next_cache_reap:
+                self._next_cache_reap = now + CACHE_REAP_INTERVAL
+                for cache in self.caches.values():
+                    cache.reap()
         store_next = self.store.next_deadline()
         locks_next = self.locks.tick()
         if store_next is None:
