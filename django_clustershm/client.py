@@ -332,15 +332,18 @@ class _Connection:
         if timeout is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
             try:
-                return self._receive(rid, timeout or "no limit")
+                # A lock wait: no polling (its reply may take long), and its
+                # length must not teach the connection to stop polling for the
+                # quick requests of the critical section that follows.
+                return self._receive(rid, timeout or "no limit", poll=False)
             finally:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout))
         return self._receive(rid, self.timeout)
 
-    def _receive(self, rid: int, timeout):
+    def _receive(self, rid: int, timeout, poll: bool = True):
         reader = self.reader
         spin_until = 0.0
-        if self.spin:
+        if self.spin and poll:
             if self.spin_skip:
                 self.spin_skip -= 1
             else:
