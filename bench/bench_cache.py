@@ -69,9 +69,7 @@ and the near cache's against diskcache.DjangoCache, measured in the same run.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import math
 import os
 import platform
 import random
@@ -79,7 +77,6 @@ import select
 import shutil
 import signal
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -90,6 +87,28 @@ try:
     import django_clustershm  # noqa: F401
 except ImportError:  # run as "python bench/bench_cache.py" without PYTHONPATH
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, for _common
+from _common import (  # noqa: E402
+    REAP_TIMEOUT,
+    describe_status,
+    fmt_us,
+    fork,
+    fork_manager,
+    free_port,
+    log,
+    log_tail,
+    package_versions,
+    reap,
+    redis_argv,
+    remove_tmpdir,
+    spawn_server,
+    stop_manager,
+    summarise_us,
+    time_interleaved,
+    wait_manager_ready,
+    write_json,
+)
 
 #: The small value every write stores and every hit returns.
 VALUE = {"user": 42, "name": "x" * 50}
@@ -123,120 +142,10 @@ NOT_SHARED = {"locmem"}
 OPS = ("get hit", "get miss", "set", "incr", f"get_many({MANY})", f"set_many({MANY})")
 
 READY_TIMEOUT = 60.0  # seconds a worker may take to connect before the start signal
-REAP_TIMEOUT = 10.0
-
-
-def log(msg: str) -> None:
-    """Progress goes to stderr; stdout carries only the Markdown report."""
-    print(msg, file=sys.stderr, flush=True)
 
 
 class SetupError(Exception):
     """The environment cannot run the benchmark (a missing server, a server that does not start)."""
-
-
-# -- forked children ---------------------------------------------------------------
-
-
-def _fork(body, *args) -> int:
-    """Fork a child that runs ``body(*args)`` and leaves with os._exit (0 on success, 1 on an exception)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            body(*args)
-            status = 0
-        except BaseException:
-            try:
-                traceback.print_exc()
-                sys.stderr.flush()
-            except BaseException:
-                pass
-        finally:
-            os._exit(status)
-    return pid
-
-
-def _reap(pid: int, timeout: float = REAP_TIMEOUT, term: bool = False) -> int | None:
-    """Wait for child ``pid`` (SIGTERM it first if ``term``), SIGKILL it by pid if it lingers; its wait status."""
-    if term:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return None
-        if done:
-            return status
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.005)
-    log(f"child {pid} did not exit within {timeout:.0f}s; killing it")
-    try:
-        os.kill(pid, signal.SIGKILL)
-        return os.waitpid(pid, 0)[1]
-    except (ProcessLookupError, ChildProcessError):
-        return None
-
-
-def _describe_status(status: int | None) -> str:
-    if status is None:
-        return "unknown (already reaped)"
-    if os.WIFEXITED(status):
-        return f"exit code {os.WEXITSTATUS(status)}"
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"wait status {status}"
-
-
-class _Stop(BaseException):
-    """Raised by the Manager child's SIGTERM handler to leave serve_forever()."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Stop
-
-
-def _manager_child(address: str, secret: bytes, ready_w: int) -> None:
-    """Body of the Manager process: create the Manager here (it belongs to its creator), serve."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which stops us
-    _die_with_parent()  # SIGTERM (a clean stop) if this script is killed without cleaning up
-    from django_clustershm.manager import Manager
-
-    manager = None
-    try:
-        manager = Manager(address, secret)
-        os.write(ready_w, b"ok")
-        os.close(ready_w)
-        manager.serve_forever()  # shuts the Manager down in its finally clause when _Stop interrupts it
-    except _Stop:
-        pass
-    except BaseException as exc:  # tell the parent why we could not start
-        try:
-            os.write(ready_w, f"error: {exc!r}".encode())
-        except OSError:
-            pass
-        raise
-    finally:
-        if manager is not None:
-            manager.close()  # removes the socket file
-
-
-def _die_with_parent() -> None:
-    """preexec_fn of the servers: SIGTERM them if this script dies without cleaning up (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 # -- the servers --------------------------------------------------------------------
@@ -263,42 +172,19 @@ class Lab:
     def start_manager(self) -> None:
         address = self.path("manager.sock")
         secret = os.urandom(32)
-        ready_r, ready_w = os.pipe()
-        try:
-            self.manager_pid = _fork(_manager_child, address, secret, ready_w)
-            os.close(ready_w)
-            readable, _, _ = select.select([ready_r], [], [], 10.0)
-            if not readable:
-                raise RuntimeError("the Manager did not start within 10s")
-            msg = os.read(ready_r, 4096)
-            if msg != b"ok":
-                raise RuntimeError(f"the Manager failed to start: {msg.decode(errors='replace') or 'it exited'}")
-        finally:
-            os.close(ready_r)
+        self.manager_pid, ready_r = fork_manager(address, secret)
+        wait_manager_ready(ready_r)
         self.manager_address, self.manager_secret = address, secret
 
     # redis-server and memcached
 
     def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        with open(self.path(f"{name}.log"), "wb") as logfile:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=logfile,
-                stderr=subprocess.STDOUT,
-                cwd=self.tmpdir,
-                start_new_session=True,  # Ctrl-C reaches this script, which stops the servers itself
-                preexec_fn=_die_with_parent,
-            )
+        proc = spawn_server(argv, self.path(f"{name}.log"), self.tmpdir)
         self.servers[name] = proc
         return proc
 
     def _log_tail(self, name: str) -> str:
-        try:
-            with open(self.path(f"{name}.log"), "rb") as fh:
-                return fh.read()[-2000:].decode(errors="replace").strip()
-        except OSError:
-            return ""
+        return log_tail(self.path(f"{name}.log"))
 
     def _wait_server(self, name: str, proc: subprocess.Popen, probe, timeout: float = 10.0) -> None:
         deadline = time.monotonic() + timeout
@@ -319,11 +205,7 @@ class Lab:
         path = self.path("redis.sock")
         if len(path.encode()) > 100:
             raise SetupError(f"the Unix socket path {path!r} is too long; set TMPDIR to a shorter directory")
-        argv = [
-            binary, "--port", "0", "--unixsocket", path, "--unixsocketperm", "700",
-            "--save", "", "--appendonly", "no", "--dir", self.tmpdir, "--daemonize", "no",
-        ]  # fmt: skip
-        proc = self._spawn("redis-server", argv)
+        proc = self._spawn("redis-server", redis_argv(binary, path, self.tmpdir))
 
         def probe():
             with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
@@ -339,9 +221,7 @@ class Lab:
         self.versions["redis-server"] = "redis-server " + (text.split("v=", 1)[1].split()[0] if "v=" in text else text)
 
     def start_memcached(self, binary: str) -> None:
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:  # a free port on loopback
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
+        port = free_port()
         argv = [binary, "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "64"]
         if os.geteuid() == 0:  # memcached refuses to run as root without -u
             import pwd
@@ -365,11 +245,7 @@ class Lab:
         """Stop every server by pid, reap it, remove the temp dir; return warnings."""
         warnings = []
         if self.manager_pid is not None:
-            status = _reap(self.manager_pid, term=True)
-            if status is None or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
-                warnings.append(f"the Manager process {self.manager_pid} ended with {_describe_status(status)}")
-            elif self.manager_address and os.path.exists(self.manager_address):
-                warnings.append("the Manager left its socket behind")
+            warnings += stop_manager(self.manager_pid, self.manager_address)
             self.manager_pid = None
         for name, proc in self.servers.items():
             if proc.poll() is None:
@@ -383,10 +259,7 @@ class Lab:
             elif proc.returncode != 0:
                 warnings.append(f"{name} (pid {proc.pid}) had exited by itself: {_describe_status_rc(proc.returncode)}")
         self.servers.clear()
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
-        if os.path.exists(self.tmpdir):
-            warnings.append(f"could not remove {self.tmpdir}")
-        return warnings
+        return warnings + remove_tmpdir(self.tmpdir)
 
 
 def _describe_status_rc(rc: int | None) -> str:
@@ -560,45 +433,14 @@ def _latency_ops(cache) -> dict:
     }
 
 
-def _time_block(fn, count: int, out: list) -> None:
-    clock = time.perf_counter
-    append = out.append
-    for _ in range(count):
-        t0 = clock()
-        fn()
-        append(clock() - t0)
-
-
 def run_latency(alias: str, n: int, warmup: int) -> dict:
     cache = _new_cache(alias)
     try:
-        ops = _latency_ops(cache)
-        for fn in ops.values():
-            for _ in range(warmup):
-                fn()
-        samples: dict[str, list] = {name: [] for name in ops}
-        gc.collect()
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        try:
-            remaining = n
-            while remaining > 0:
-                count = min(BLOCK, remaining)
-                for name, fn in ops.items():
-                    _time_block(fn, count, samples[name])
-                remaining -= count
-        finally:
-            if gc_was_enabled:
-                gc.enable()
+        samples = time_interleaved(_latency_ops(cache), n, warmup, BLOCK)
         cache.clear()
     finally:
         _release(cache)
-    results = {}
-    for name, values in samples.items():
-        values.sort()
-        p99 = values[max(0, math.ceil(0.99 * len(values)) - 1)]
-        results[name] = {"median_us": statistics.median(values) * 1e6, "p99_us": p99 * 1e6, "n": len(values)}
-    return results
+    return summarise_us(samples)
 
 
 # -- workers for 2. and 3. ---------------------------------------------------------------
@@ -646,7 +488,7 @@ def run_workers(count: int, body, args: tuple, run_timeout: float) -> list[dict]
     statuses: dict[int, int | None] = {}
     try:
         for index in range(count):
-            pids.append(_fork(_worker_main, body, index, args, ready_w, go_r, out_w, [ready_r, go_w, out_r]))
+            pids.append(fork(_worker_main, body, index, args, ready_w, go_r, out_w, [ready_r, go_w, out_r]))
         close(ready_w)
         close(go_r)
         close(out_w)
@@ -671,7 +513,7 @@ def run_workers(count: int, body, args: tuple, run_timeout: float) -> list[dict]
                             statuses[pid] = status
                 dead = [pid for pid in statuses]
                 if dead:
-                    status = _describe_status(statuses[dead[0]])
+                    status = describe_status(statuses[dead[0]])
                     raise RuntimeError(f"worker {dead[0]} ended before the start ({status})")
         if got < count:
             time.sleep(0.1)
@@ -680,7 +522,7 @@ def run_workers(count: int, body, args: tuple, run_timeout: float) -> list[dict]
                     done, status = os.waitpid(pid, os.WNOHANG)
                     if done:
                         statuses[pid] = status
-            dead = ", ".join(f"worker {pid}: {_describe_status(st)}" for pid, st in statuses.items())
+            dead = ", ".join(f"worker {pid}: {describe_status(st)}" for pid, st in statuses.items())
             raise RuntimeError(f"only {got} of {count} workers became ready ({dead or 'none has exited'}; see stderr)")
 
         os.write(go_w, b"g" * count)
@@ -700,11 +542,11 @@ def run_workers(count: int, body, args: tuple, run_timeout: float) -> list[dict]
                 buf += chunk
         for pid in pids:
             if pid not in statuses:
-                statuses[pid] = _reap(pid)
+                statuses[pid] = reap(pid)
         bad = [(pid, statuses[pid]) for pid in pids if statuses[pid] is None or statuses[pid] != 0]
         if bad:
             pid, status = bad[0]
-            raise RuntimeError(f"{len(bad)} of {count} workers failed; worker {pid}: {_describe_status(status)}")
+            raise RuntimeError(f"{len(bad)} of {count} workers failed; worker {pid}: {describe_status(status)}")
         results = [json.loads(line) for line in buf.decode().splitlines() if line.strip()]
         if len(results) != count:
             raise RuntimeError(f"{len(results)} results from {count} workers")
@@ -716,7 +558,7 @@ def run_workers(count: int, body, args: tuple, run_timeout: float) -> list[dict]
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
-                statuses[pid] = _reap(pid)
+                statuses[pid] = reap(pid)
         for fd in list(open_fds):
             close(fd)
 
@@ -869,10 +711,6 @@ def run_incr(alias: str) -> dict:
 # -- report ---------------------------------------------------------------------------
 
 
-def _us(x: float) -> str:
-    return f"{x:.1f}" if x < 1000 else f"{x:,.0f}"
-
-
 def _label(name: str) -> str:
     return BACKENDS[name] + (" (not shared)" if name in NOT_SHARED else "")
 
@@ -899,7 +737,7 @@ def latency_table(selected: list[str], results: dict, args) -> str:
             err = r.get("latency_error") or r.get("error") or "not run"
             lines.append(f"| {_label(name)} | | {_error_cell(err)} |")
             continue
-        cells = [f"{_us(lat[op]['median_us'])} / {_us(lat[op]['p99_us'])}" for op in OPS]
+        cells = [f"{fmt_us(lat[op]['median_us'])} / {fmt_us(lat[op]['p99_us'])}" for op in OPS]
         ratio = f"{lat['get hit']['median_us'] / redis['get hit']['median_us']:.2f}x" if redis else "n/a"
         lines.append(f"| {_label(name)} | {lat['get hit']['n']} | " + " | ".join(cells) + f" | {ratio} |")
     return "\n".join(lines)
@@ -980,7 +818,7 @@ def targets(results: dict) -> tuple[str, dict]:
         ok = ratio <= 0.35
         out["get_hit_median_ratio"] = {"clustershm_us": a, "redis_us": b, "ratio": ratio, "max": 0.35, "met": ok}
         lines.append(
-            f"- get-hit median <= 0.35x RedisCache's: {_us(a)} µs vs {_us(b)} µs = {ratio:.2f}x -> "
+            f"- get-hit median <= 0.35x RedisCache's: {fmt_us(a)} µs vs {fmt_us(b)} µs = {ratio:.2f}x -> "
             f"**{'PASS' if ok else 'FAIL'}**"
         )
     else:
@@ -1007,7 +845,7 @@ def targets(results: dict) -> tuple[str, dict]:
         out["near_get_hit_median_vs_diskcache"] = {"near_us": a, "diskcache_us": b, "ratio": a / b, "max": 1.0,
                                                    "met": ok}  # fmt: skip
         lines.append(
-            f"- near-cache get-hit median <= diskcache's: {_us(a)} µs vs {_us(b)} µs = {a / b:.2f}x -> "
+            f"- near-cache get-hit median <= diskcache's: {fmt_us(a)} µs vs {fmt_us(b)} µs = {a / b:.2f}x -> "
             f"**{'PASS' if ok else 'FAIL'}**"
         )
     else:
@@ -1072,15 +910,7 @@ def _preflight(selected: list[str]) -> dict[str, str]:
 
 def _client_versions() -> str:
     """Versions of the client libraries (the Python side dominates the latency of a local server)."""
-    from importlib import metadata
-
-    parts = []
-    for dist in ("redis", "hiredis", "pymemcache", "diskcache"):
-        try:
-            parts.append(f"{dist} {metadata.version(dist)}")
-        except metadata.PackageNotFoundError:
-            parts.append(f"{dist} not installed")
-    return ", ".join(parts)
+    return ", ".join(package_versions(("redis", "hiredis", "pymemcache", "diskcache")))
 
 
 def main(argv=None) -> int:
@@ -1238,11 +1068,7 @@ def main(argv=None) -> int:
             "backends": results,
             "targets": target_results,
         }
-        directory = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(directory, exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
-            fh.write("\n")
+        write_json(args.json, report)
     return 1 if failures else 0
 
 

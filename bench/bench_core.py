@@ -58,16 +58,12 @@ disagree by a wide margin, compare a few runs before drawing a conclusion.
 from __future__ import annotations
 
 import argparse
-import gc
-import json
-import math
 import os
 import pickle
 import platform
 import shutil
 import signal
 import socket
-import statistics
 import struct
 import sys
 import tempfile
@@ -77,6 +73,17 @@ try:
     import django_clustershm  # noqa: F401
 except ImportError:  # run as "python bench/bench_core.py" without PYTHONPATH
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, for _common
+from _common import (  # noqa: E402
+    fork,
+    fork_manager,
+    reap,
+    summarise_us,
+    time_interleaved,
+    wait_manager_ready,
+    write_json,
+)
 
 from django_clustershm.client import SocketClient  # noqa: E402
 
@@ -88,41 +95,6 @@ BLOCK = 1000  # timed calls per operation per round of the interleaving
 
 
 # -- the children ------------------------------------------------------------------
-
-
-class _Stop(BaseException):
-    """Raised by the Manager child's SIGTERM handler to leave serve_forever()."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Stop
-
-
-def _manager_child(address: str, secret: bytes, ready_w: int) -> None:
-    """Body of the Manager process: create the Manager here (it belongs to its creator), serve."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which cleans up
-    from django_clustershm.manager import Manager
-
-    manager = None
-    try:
-        manager = Manager(address, secret)
-        os.write(ready_w, b"ok")
-        os.close(ready_w)
-        # serve_forever() shuts the Manager down in its finally clause when
-        # _Stop interrupts it; close() below is then a no-op.
-        manager.serve_forever()
-    except _Stop:
-        pass
-    except BaseException as exc:  # tell the parent why we could not start
-        try:
-            os.write(ready_w, f"error: {exc!r}".encode())
-        except OSError:
-            pass
-        raise
-    finally:
-        if manager is not None:
-            manager.close()  # removes the socket file
 
 
 def _floor_child(sock: socket.socket, parent_end: socket.socket) -> None:
@@ -148,57 +120,6 @@ def _floor_child(sock: socket.socket, parent_end: socket.socket) -> None:
         buf = buf[end:]
         body = dumps(VALUE)
         sendall(pack(len(body)) + body)
-
-
-def _fork(body, *args) -> int:
-    """Fork a child that runs ``body(*args)`` and leaves with os._exit (never returns to our code)."""
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            body(*args)
-            status = 0
-        except BaseException:
-            import traceback
-
-            traceback.print_exc()
-        finally:
-            os._exit(status)
-    return pid
-
-
-def _stop_child(pid: int, timeout: float = 5.0) -> int | None:
-    """SIGTERM the child ``pid`` and reap it (SIGKILL it, by pid, if it lingers); return its wait status."""
-    try:
-        os.kill(pid, signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return None
-        if done:
-            return status
-        time.sleep(0.01)
-    print(f"child {pid} ignored SIGTERM for {timeout}s; killing it", file=sys.stderr)
-    try:
-        os.kill(pid, signal.SIGKILL)
-        return os.waitpid(pid, 0)[1]
-    except (ProcessLookupError, ChildProcessError):
-        return None
-
-
-def _wait_ready(ready_r: int, timeout: float = 10.0) -> None:
-    import select
-
-    readable, _, _ = select.select([ready_r], [], [], timeout)
-    if not readable:
-        raise RuntimeError(f"the Manager did not start within {timeout}s")
-    msg = os.read(ready_r, 4096)
-    if msg != b"ok":
-        raise RuntimeError(f"the Manager failed to start: {msg.decode(errors='replace') or 'it exited'}")
 
 
 # -- the client side ---------------------------------------------------------------
@@ -245,51 +166,8 @@ def _operations(client: SocketClient, floor) -> dict:
     }
 
 
-def _time_block(fn, count: int, out: list) -> None:
-    clock = time.perf_counter
-    append = out.append
-    for _ in range(count):
-        t0 = clock()
-        fn()
-        append(clock() - t0)
-
-
-def _measure(ops: dict, n: int, warmup: int, pause: dict | None = None) -> dict:
-    for fn in ops.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list] = {name: [] for name in ops}
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        remaining = n
-        while remaining > 0:
-            count = min(BLOCK, remaining)
-            for name, fn in ops.items():
-                # Only the server under measurement is allowed to run: the
-                # other is stopped, so both see the same machine.
-                other = (pause or {}).get(name == "floor round trip")
-                if other:
-                    os.kill(other, signal.SIGSTOP)
-                try:
-                    _time_block(fn, count, samples[name])
-                finally:
-                    if other:
-                        os.kill(other, signal.SIGCONT)
-            remaining -= count
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return samples
-
-
 def _summarise(samples: dict) -> dict:
-    results = {}
-    for name, values in samples.items():
-        values.sort()
-        p99 = values[max(0, math.ceil(0.99 * len(values)) - 1)]
-        results[name] = {"median_us": statistics.median(values) * 1e6, "p99_us": p99 * 1e6, "n": len(values)}
+    results = summarise_us(samples)
     floor_median = results["floor round trip"]["median_us"]
     for row in results.values():
         row["ratio_to_floor"] = row["median_us"] / floor_median
@@ -334,25 +212,23 @@ def main(argv=None) -> int:
     client = None
     floor_sock = None
     try:
-        ready_r, ready_w = os.pipe()
-        try:
-            children.append(_fork(_manager_child, address, secret, ready_w))
-            os.close(ready_w)
-            _wait_ready(ready_r)
-        finally:
-            os.close(ready_r)
+        pid, ready_r = fork_manager(address, secret)
+        children.append(pid)
+        wait_manager_ready(ready_r)
 
         floor_sock, floor_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            children.append(_fork(_floor_child, floor_end, floor_sock))
+            children.append(fork(_floor_child, floor_end, floor_sock))
         finally:
             floor_end.close()
 
         client = SocketClient(address, secret)
         ops = _operations(client, _floor_caller(floor_sock))
         started = time.perf_counter()
-        pause = {True: children[0], False: children[1]}
-        results = _summarise(_measure(ops, args.n, args.warmup, pause))
+        # Only the server under measurement is allowed to run: the other is
+        # stopped, so both see the same machine.
+        pause = {name: children[0] if name == "floor round trip" else children[1] for name in ops}
+        results = _summarise(time_interleaved(ops, args.n, args.warmup, BLOCK, pause))
         elapsed = time.perf_counter() - started
     finally:
         if client is not None:
@@ -360,7 +236,7 @@ def main(argv=None) -> int:
         if floor_sock is not None:
             floor_sock.close()
         for i, pid in enumerate(children):
-            status = _stop_child(pid)
+            status = reap(pid, timeout=5.0, term=True)
             if i == 0:  # the Manager: it should exit 0, having removed its socket
                 if status is None or not os.WIFEXITED(status) or os.WEXITSTATUS(status) != 0:
                     print(f"warning: the Manager process exited with wait status {status}", file=sys.stderr)
@@ -394,11 +270,7 @@ def main(argv=None) -> int:
             "results": results,
             "target": {"get_hit_over_floor": ratio, "max": 2.0, "met": ratio <= 2.0},
         }
-        directory = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(directory, exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
-            fh.write("\n")
+        write_json(args.json, report)
     return 0
 
 

@@ -85,12 +85,14 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, for _common
+from _common import free_port, write_json  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKERS = 4
@@ -115,12 +117,6 @@ def _on_sigterm(signum, frame):
 
 
 # -- small helpers -----------------------------------------------------------------
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def http_get(port: int, path: str, timeout: float = 30.0) -> tuple[int, bytes]:
@@ -575,10 +571,7 @@ def main(argv=None) -> int:
             "results": {name: {**r, "ratio_to_redis": r["requests_per_s"] / results[baseline]["requests_per_s"],
                                "problems": problems[name]} for name, r in results.items()},
         }
-        directory = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(directory, exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
+        write_json(args.json, report)
         print(f"\nresults written to {args.json}")
     return 1 if any(problems.values()) else 0
 

@@ -63,22 +63,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
-import math
 import os
 import pickle
 import platform
 import select
-import shutil
 import signal
-import socket
 import statistics
 import struct
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
 
 try:
     import django_clustershm  # noqa: F401
@@ -87,6 +80,23 @@ except ImportError:  # run as "python bench/bench_listeners.py" without PYTHONPA
 
 import django_clustershm  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, for _common
+import _common  # noqa: E402
+from _common import (  # noqa: E402
+    BenchError,
+    describe_status,
+    die_with_parent,
+    exited_ok,
+    fmt_us,
+    fork,
+    gc_paused,
+    log,
+    package_versions,
+    rank,
+    reap,
+    write_json,
+)
+
 KEY = "bench:listeners:key"
 CHANNEL = "bench:listeners:channel"
 STOP = b"stop"  # the Redis subscriber's in-band end of the run
@@ -94,7 +104,6 @@ ACK = struct.Struct("!qq")  # (seq, delay in ns) from the listener to the writer
 BLOCK = 500  # timed events per system per round of the interleaving
 ACK_TIMEOUT = 5.0  # seconds the writer waits for an event's acknowledgement before calling it lost
 READY_TIMEOUT = 30.0  # seconds a forked child may take to subscribe and report
-REAP_TIMEOUT = 10.0
 TARGET_MEDIAN_US = 200.0  # django_clustershm median write -> callback delay, below
 
 LABELS = {
@@ -103,89 +112,7 @@ LABELS = {
 }
 
 
-def log(msg: str) -> None:
-    """Progress goes to stderr; stdout carries only the Markdown report."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on (a server that does not start, a child that failed)."""
-
-
 # -- forked children ---------------------------------------------------------------
-
-
-def _fork(body, *args) -> int:
-    """Fork a child that runs ``body(*args)`` and leaves with os._exit (0 on success, 1 on an exception)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which cleans up
-            signal.signal(signal.SIGTERM, signal.SIG_DFL)
-            body(*args)
-            status = 0
-        except BaseException:
-            try:
-                traceback.print_exc()
-                sys.stderr.flush()
-            except BaseException:
-                pass
-        finally:
-            os._exit(status)
-    return pid
-
-
-def _reap(pid: int, timeout: float = REAP_TIMEOUT, term: bool = False) -> int | None:
-    """Wait for child ``pid`` (SIGTERM it first if ``term``), SIGKILL it by pid if it lingers; its wait status."""
-    if term:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return None
-        if done:
-            return status
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.005)
-    log(f"child {pid} did not exit within {timeout:.0f}s; killing it")
-    try:
-        os.kill(pid, signal.SIGKILL)
-        return os.waitpid(pid, 0)[1]
-    except (ProcessLookupError, ChildProcessError):
-        return None
-
-
-def _describe_status(status: int | None) -> str:
-    if status is None:
-        return "unknown (already reaped)"
-    if os.WIFEXITED(status):
-        return f"exit code {os.WEXITSTATUS(status)}"
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"wait status {status}"
-
-
-def _exited_ok(status: int | None) -> bool:
-    return status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-
-
-def _die_with_parent() -> None:
-    """SIGTERM this process (a child or redis-server) if this script dies without cleaning up (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
 
 
 def _wait_message(fd: int, timeout: float, what: str) -> bytes:
@@ -198,44 +125,11 @@ def _wait_message(fd: int, timeout: float, what: str) -> bytes:
     return msg
 
 
-class _Stop(BaseException):
-    """Raised by the Manager child's SIGTERM handler to leave serve_forever()."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Stop
-
-
-def _manager_child(address: str, secret: bytes, ready_w: int) -> None:
-    """Body of the Manager process: create the Manager here (it belongs to its creator), serve."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    _die_with_parent()
-    from django_clustershm.manager import Manager
-
-    manager = None
-    try:
-        manager = Manager(address, secret)
-        os.write(ready_w, b"ok")
-        os.close(ready_w)
-        manager.serve_forever()  # shuts the Manager down in its finally clause when _Stop interrupts it
-    except _Stop:
-        pass
-    except BaseException as exc:  # tell the parent why we could not start
-        try:
-            os.write(ready_w, f"error: {exc!r}".encode())
-        except OSError:
-            pass
-        raise
-    finally:
-        if manager is not None:
-            manager.close()  # removes the socket file
-
-
 def _clustershm_listener(ack_w: int, ready_w: int, ctl_r: int, parent_only: list[int]) -> None:
     """Body of the clustershm listener: subscribe, acknowledge every event, leave when ctl_r reaches EOF."""
     for fd in parent_only:
         os.close(fd)
-    _die_with_parent()
+    die_with_parent()
     gc.disable()
     clock, write, pack = time.monotonic_ns, os.write, ACK.pack
 
@@ -259,7 +153,7 @@ def _redis_subscriber(path: str, ack_w: int, ready_w: int, parent_only: list[int
     """Body of the Redis subscriber: a blocking get_message loop in the main thread, until STOP."""
     for fd in parent_only:
         os.close(fd)
-    _die_with_parent()
+    die_with_parent()
     gc.disable()
     import redis
 
@@ -295,90 +189,12 @@ def _redis_subscriber(path: str, ack_w: int, ready_w: int, parent_only: list[int
 # -- the servers and the listeners ---------------------------------------------------
 
 
-class Lab:
+class Lab(_common.Lab):
     """The temp directory, the servers and the listener processes this script starts (and stops, by pid)."""
 
     def __init__(self) -> None:
-        self.tmpdir = tempfile.mkdtemp(prefix="bench-listen-")  # mode 0700
-        self.manager_pid: int | None = None
-        self.manager_address: str | None = None
-        self.redis: subprocess.Popen | None = None
-        self.redis_path: str | None = None
-        self.versions: dict[str, str] = {}
+        super().__init__("bench-listen-")
         self.listeners: dict[str, dict] = {}  # name -> {"pid", "ack_r", "ctl_w"}
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.tmpdir, name)
-
-    def start_manager(self) -> None:
-        address = self.path("manager.sock")
-        secret = os.urandom(32)
-        ready_r, ready_w = os.pipe()
-        try:
-            self.manager_pid = _fork(_manager_child, address, secret, ready_w)
-            os.close(ready_w)
-            msg = _wait_message(ready_r, 10.0, "word from the Manager")
-            if msg != b"ok":
-                raise BenchError(f"the Manager failed to start: {msg.decode(errors='replace')}")
-        finally:
-            os.close(ready_r)
-        self.manager_address = address
-        django_clustershm.configure(address, secret)  # inherited by every process forked from here on
-        if not django_clustershm.ping():
-            raise BenchError("the Manager does not answer")
-
-    def start_redis(self) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        path = self.path("redis.sock")
-        if len(path.encode()) > 100:
-            raise BenchError(f"the Unix socket path {path!r} is too long; set TMPDIR to a shorter directory")
-        argv = [
-            binary, "--port", "0", "--unixsocket", path, "--unixsocketperm", "700",
-            "--save", "", "--appendonly", "no", "--dir", self.tmpdir, "--daemonize", "no",
-        ]  # fmt: skip
-        try:
-            with open(self.path("redis-server.log"), "wb") as logfile:
-                self.redis = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=logfile,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.tmpdir,
-                    start_new_session=True,  # Ctrl-C reaches this script, which stops the server itself
-                    preexec_fn=_die_with_parent,
-                )
-        except OSError as exc:
-            raise BenchError(f"cannot start {binary}: {exc}") from exc
-        deadline = time.monotonic() + 10.0
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.redis.poll() is not None:
-                raise BenchError(f"redis-server exited at once (status {self.redis.returncode}):\n{self._redis_log()}")
-            try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                    s.settimeout(1.0)
-                    s.connect(path)
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        break
-            except OSError as exc:
-                last_error = exc
-            time.sleep(0.02)
-        else:
-            raise BenchError(f"redis-server did not answer within 10s ({last_error}):\n{self._redis_log()}")
-        self.redis_path = path
-        try:
-            out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
-            self.versions["redis-server"] = out.split("v=", 1)[1].split()[0] if "v=" in out else out.strip()
-        except (OSError, subprocess.SubprocessError):
-            self.versions["redis-server"] = "?"
-
-    def _redis_log(self) -> str:
-        try:
-            with open(self.path("redis-server.log"), "rb") as fh:
-                return fh.read()[-2000:].decode(errors="replace").strip()
-        except OSError:
-            return ""
 
     def start_listener(self, name: str) -> None:
         """Fork the listener of ``name`` and wait until it is subscribed."""
@@ -394,9 +210,9 @@ class Lab:
         self.listeners[name] = entry
         try:
             if name == "clustershm":
-                entry["pid"] = _fork(_clustershm_listener, ack_w, ready_w, ctl_r, parent_only)
+                entry["pid"] = fork(_clustershm_listener, ack_w, ready_w, ctl_r, parent_only, child_signals=True)
             else:
-                entry["pid"] = _fork(_redis_subscriber, self.redis_path, ack_w, ready_w, parent_only)
+                entry["pid"] = fork(_redis_subscriber, self.redis_path, ack_w, ready_w, parent_only, child_signals=True)
         finally:
             for fd in (ack_w, ready_w, ctl_r):
                 os.close(fd)
@@ -424,10 +240,10 @@ class Lab:
                         client.publish(CHANNEL, STOP)
                 except Exception as exc:
                     warnings.append(f"could not publish the stop message: {exc!r}")
-            status = _reap(entry["pid"])
-            if not _exited_ok(status):
+            status = reap(entry["pid"])
+            if not exited_ok(status):
                 label = f"the {LABELS[name]} listener (pid {entry['pid']})"
-                warnings.append(f"{label} ended with {_describe_status(status)}")
+                warnings.append(f"{label} ended with {describe_status(status)}")
             entry["pid"] = None
             os.close(entry["ack_r"])
         self.listeners.clear()
@@ -435,34 +251,7 @@ class Lab:
 
     def close(self) -> list[str]:
         """Stop the listeners and every server by pid, reap them, remove the temp dir; return warnings."""
-        warnings = self.stop_listeners()
-        if self.redis is not None:
-            proc = self.redis
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # by pid
-                try:
-                    proc.wait(REAP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    warnings.append(f"redis-server (pid {proc.pid}) ignored SIGTERM; killed")
-                    proc.kill()
-                    proc.wait()
-                if proc.returncode != 0:
-                    warnings.append(f"redis-server (pid {proc.pid}) ended with status {proc.returncode}")
-            else:
-                warnings.append(f"redis-server (pid {proc.pid}) had exited by itself: status {proc.returncode}")
-            self.redis = None
-        if self.manager_pid is not None:
-            django_clustershm.configure(None)  # closes our connection
-            status = _reap(self.manager_pid, term=True)
-            if not _exited_ok(status):
-                warnings.append(f"the Manager process {self.manager_pid} ended with {_describe_status(status)}")
-            elif self.manager_address and os.path.exists(self.manager_address):
-                warnings.append("the Manager left its socket behind")
-            self.manager_pid = None
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
-        if os.path.exists(self.tmpdir):
-            warnings.append(f"could not remove {self.tmpdir}")
-        return warnings
+        return self.stop_listeners() + super().close()
 
 
 # -- the writer ---------------------------------------------------------------------
@@ -545,11 +334,8 @@ def measure(lab: Lab, names: list[str], n: int, warmup: int, problems: list) -> 
             scratch: list = []
             _run_events(writers[name], acks[name], 0, warmup, scratch, [], problems)
             seqs[name] = warmup
-        gc.collect()
-        gc_was_enabled = gc.isenabled()
-        gc.disable()
-        started = time.perf_counter()
-        try:
+        with gc_paused():
+            started = time.perf_counter()
             remaining = n
             while remaining > 0:
                 count = min(BLOCK, remaining)
@@ -558,9 +344,6 @@ def measure(lab: Lab, names: list[str], n: int, warmup: int, problems: list) -> 
                                               problems)  # fmt: skip
                     seqs[name] += count
                 remaining -= count
-        finally:
-            if gc_was_enabled:
-                gc.enable()
         elapsed = time.perf_counter() - started
     finally:
         writers["_redis_client"].close()
@@ -572,8 +355,8 @@ def measure(lab: Lab, names: list[str], n: int, warmup: int, problems: list) -> 
             "delivered": len(values),
             "lost": lost[name],
             "median_us": statistics.median(values) / 1e3 if values else None,
-            "p90_us": _rank(values, 0.90) / 1e3 if values else None,
-            "p99_us": _rank(values, 0.99) / 1e3 if values else None,
+            "p90_us": rank(values, 0.90) / 1e3 if values else None,
+            "p99_us": rank(values, 0.99) / 1e3 if values else None,
             "max_us": values[-1] / 1e3 if values else None,
             "min_us": values[0] / 1e3 if values else None,
             "write_call_median_us": statistics.median(calls[name]) / 1e3 if calls[name] else None,
@@ -582,18 +365,7 @@ def measure(lab: Lab, names: list[str], n: int, warmup: int, problems: list) -> 
     return results
 
 
-def _rank(sorted_values: list, q: float):
-    """Nearest-rank percentile of an already sorted list."""
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
-
-
 # -- report -------------------------------------------------------------------------
-
-
-def _us(x) -> str:
-    if x is None:
-        return "-"
-    return f"{x:.1f}" if x < 1000 else f"{x:,.0f}"
 
 
 def _table(results: dict, names: list[str]) -> str:
@@ -607,9 +379,9 @@ def _table(results: dict, names: list[str]) -> str:
         row = results[name]
         ratio = f"{row['median_us'] / base:.2f}x" if base and row["median_us"] is not None else "n/a"
         lines.append(
-            f"| {LABELS[name]} | {row['delivered']} / {row['events']} | {_us(row['median_us'])} | "
-            f"{_us(row['p90_us'])} | {_us(row['p99_us'])} | {_us(row['max_us'])} | "
-            f"{_us(row['write_call_median_us'])} | {ratio} |"
+            f"| {LABELS[name]} | {row['delivered']} / {row['events']} | {fmt_us(row['median_us'])} | "
+            f"{fmt_us(row['p90_us'])} | {fmt_us(row['p99_us'])} | {fmt_us(row['max_us'])} | "
+            f"{fmt_us(row['write_call_median_us'])} | {ratio} |"
         )
     return "\n".join(lines)
 
@@ -622,14 +394,7 @@ def _target(results: dict) -> dict:
 
 
 def _versions(lab: Lab) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    parts = []
-    for dist in ("redis", "hiredis"):
-        try:
-            parts.append(f"{dist} {version(dist)}")
-        except PackageNotFoundError:
-            parts.append(f"{dist} not installed")
+    parts = package_versions(("redis", "hiredis"))
     parts.append(f"redis-server {lab.versions.get('redis-server', '?')}")
     return ", ".join(parts)
 
@@ -696,8 +461,8 @@ def main(argv=None) -> int:
     lost = f", {shm['lost']} events lost" if shm["lost"] else ""
     print(
         f"- {'PASS' if target['met'] else 'FAIL'}: django_clustershm median write -> callback delay "
-        f"{_us(shm['median_us'])} µs{lost} (target < {TARGET_MEDIAN_US:g} µs); Redis pub/sub in the same run: "
-        f"{_us(red['median_us'])} µs"
+        f"{fmt_us(shm['median_us'])} µs{lost} (target < {TARGET_MEDIAN_US:g} µs); Redis pub/sub in the same run: "
+        f"{fmt_us(red['median_us'])} µs"
     )
     if problems:
         print()
@@ -721,11 +486,7 @@ def main(argv=None) -> int:
             "target": target,
             "problems": problems,
         }
-        directory = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(directory, exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
-            fh.write("\n")
+        write_json(args.json, report)
     return 1 if problems else 0
 
 

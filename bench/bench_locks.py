@@ -93,21 +93,14 @@ which the per-process minimum and the longest wait show.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
-import math
 import os
 import platform
 import select
-import shutil
 import signal
-import socket
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-import traceback
 
 try:
     import django_clustershm  # noqa: F401
@@ -116,9 +109,24 @@ except ImportError:  # run as "python bench/bench_locks.py" without PYTHONPATH
 
 import django_clustershm  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, for _common
+import _common  # noqa: E402
+from _common import (  # noqa: E402
+    REAP_TIMEOUT,
+    BenchError,
+    describe_status,
+    exited_ok,
+    fork,
+    log,
+    package_versions,
+    reap,
+    summarise_us,
+    time_interleaved,
+    write_json,
+)
+
 BLOCK = 500  # timed calls per lock per round of the interleaving (phase 1)
 READY_TIMEOUT = 30.0  # seconds a forked child may take to connect and report
-REAP_TIMEOUT = 10.0
 LEASE = 1.0  # seconds: redis-py's lock timeout and diskcache's expire in phase 3
 MP_WAIT = 2.0  # seconds the multiprocessing waiter waits in phase 3
 STUCK = 10.0  # seconds after the kill before a waiter that never got the lock is given up on
@@ -136,78 +144,7 @@ TARGET_RMW = 2.0  # clustershm ops/s / diskcache ops/s, at least
 TARGET_HANDOVER_MS = 50.0  # clustershm median hand-over after SIGKILL, below
 
 
-def log(msg: str) -> None:
-    """Progress goes to stderr; stdout carries only the Markdown report."""
-    print(msg, file=sys.stderr, flush=True)
-
-
-class BenchError(Exception):
-    """The benchmark cannot go on (a server that does not start, a child that failed)."""
-
-
 # -- forked children ---------------------------------------------------------------
-
-
-def _fork(body, *args) -> int:
-    """Fork a child that runs ``body(*args)`` and leaves with os._exit (0 on success, 1 on an exception)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        status = 1
-        try:
-            signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which cleans up
-            body(*args)
-            status = 0
-        except BaseException:
-            try:
-                traceback.print_exc()
-                sys.stderr.flush()
-            except BaseException:
-                pass
-        finally:
-            os._exit(status)
-    return pid
-
-
-def _reap(pid: int, timeout: float = REAP_TIMEOUT, term: bool = False) -> int | None:
-    """Wait for child ``pid`` (SIGTERM it first if ``term``), SIGKILL it by pid if it lingers; its wait status."""
-    if term:
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            pass
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return None
-        if done:
-            return status
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.005)
-    log(f"child {pid} did not exit within {timeout:.0f}s; killing it")
-    try:
-        os.kill(pid, signal.SIGKILL)
-        return os.waitpid(pid, 0)[1]
-    except (ProcessLookupError, ChildProcessError):
-        return None
-
-
-def _describe_status(status: int | None) -> str:
-    if status is None:
-        return "unknown (already reaped)"
-    if os.WIFEXITED(status):
-        return f"exit code {os.WEXITSTATUS(status)}"
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"wait status {status}"
-
-
-def _exited_ok(status: int | None) -> bool:
-    return status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
 
 
 def _killed_by(status: int | None, sig: int) -> bool:
@@ -244,48 +181,6 @@ def _send(fd: int, msg: str) -> None:
     os.write(fd, msg.encode() + b"\n")  # one short write: atomic on a pipe
 
 
-class _Stop(BaseException):
-    """Raised by the Manager child's SIGTERM handler to leave serve_forever()."""
-
-
-def _on_sigterm(signum, frame):
-    raise _Stop
-
-
-def _manager_child(address: str, secret: bytes, ready_w: int) -> None:
-    """Body of the Manager process: create the Manager here (it belongs to its creator), serve."""
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    from django_clustershm.manager import Manager
-
-    manager = None
-    try:
-        manager = Manager(address, secret)
-        os.write(ready_w, b"ok")
-        os.close(ready_w)
-        manager.serve_forever()  # shuts the Manager down in its finally clause when _Stop interrupts it
-    except _Stop:
-        pass
-    except BaseException as exc:  # tell the parent why we could not start
-        try:
-            os.write(ready_w, f"error: {exc!r}".encode())
-        except OSError:
-            pass
-        raise
-    finally:
-        if manager is not None:
-            manager.close()  # removes the socket file
-
-
-def _die_with_parent() -> None:
-    """preexec_fn of redis-server: SIGTERM it if this script dies without cleaning up (Linux)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except Exception:
-        pass
-
-
 def _syncmanager_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the parent, which shuts it down
 
@@ -293,94 +188,13 @@ def _syncmanager_init() -> None:
 # -- the servers --------------------------------------------------------------------
 
 
-class Lab:
-    """The temp directory and every server this script starts (and stops, by pid)."""
+class Lab(_common.Lab):
+    """The temp directory and every server this script starts (and stops, by pid); adds the SyncManager."""
 
     def __init__(self) -> None:
-        self.tmpdir = tempfile.mkdtemp(prefix="bench-locks-")  # mode 0700
-        self.manager_pid: int | None = None
-        self.manager_address: str | None = None
-        self.redis: subprocess.Popen | None = None
-        self.redis_path: str | None = None
+        super().__init__("bench-locks-")
         self.diskcache_dir = self.path("diskcache")
         self.syncmanager = None
-        self.versions: dict[str, str] = {}
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.tmpdir, name)
-
-    def start_manager(self) -> None:
-        address = self.path("manager.sock")
-        secret = os.urandom(32)
-        ready_r, ready_w = os.pipe()
-        try:
-            self.manager_pid = _fork(_manager_child, address, secret, ready_w)
-            os.close(ready_w)
-            readable, _, _ = select.select([ready_r], [], [], 10.0)
-            if not readable:
-                raise BenchError("the Manager did not start within 10s")
-            msg = os.read(ready_r, 4096)
-            if msg != b"ok":
-                raise BenchError(f"the Manager failed to start: {msg.decode(errors='replace') or 'it exited'}")
-        finally:
-            os.close(ready_r)
-        self.manager_address = address
-        django_clustershm.configure(address, secret)  # inherited by every process forked from here on
-        if not django_clustershm.ping():
-            raise BenchError("the Manager does not answer")
-
-    def start_redis(self) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        path = self.path("redis.sock")
-        if len(path.encode()) > 100:
-            raise BenchError(f"the Unix socket path {path!r} is too long; set TMPDIR to a shorter directory")
-        argv = [
-            binary, "--port", "0", "--unixsocket", path, "--unixsocketperm", "700",
-            "--save", "", "--appendonly", "no", "--dir", self.tmpdir, "--daemonize", "no",
-        ]  # fmt: skip
-        try:
-            with open(self.path("redis-server.log"), "wb") as logfile:
-                self.redis = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=logfile,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.tmpdir,
-                    start_new_session=True,  # Ctrl-C reaches this script, which stops the server itself
-                    preexec_fn=_die_with_parent,
-                )
-        except OSError as exc:
-            raise BenchError(f"cannot start {binary}: {exc}") from exc
-        deadline = time.monotonic() + 10.0
-        last_error: Exception | None = None
-        while time.monotonic() < deadline:
-            if self.redis.poll() is not None:
-                raise BenchError(f"redis-server exited at once (status {self.redis.returncode}):\n{self._redis_log()}")
-            try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                    s.settimeout(1.0)
-                    s.connect(path)
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        break
-            except OSError as exc:
-                last_error = exc
-            time.sleep(0.02)
-        else:
-            raise BenchError(f"redis-server did not answer within 10s ({last_error}):\n{self._redis_log()}")
-        self.redis_path = path
-        try:
-            out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
-            self.versions["redis-server"] = out.split("v=", 1)[1].split()[0] if "v=" in out else out.strip()
-        except (OSError, subprocess.SubprocessError):
-            self.versions["redis-server"] = "?"
-
-    def _redis_log(self) -> str:
-        try:
-            with open(self.path("redis-server.log"), "rb") as fh:
-                return fh.read()[-2000:].decode(errors="replace").strip()
-        except OSError:
-            return ""
 
     def start_syncmanager(self) -> None:
         # multiprocessing.Manager() is SyncManager(ctx=...).start(); the address
@@ -408,33 +222,7 @@ class Lab:
             elif process.exitcode != 0:
                 warnings.append(f"the SyncManager (pid {pid}) ended with exit code {process.exitcode}")
             self.syncmanager = None
-        if self.redis is not None:
-            proc = self.redis
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # by pid
-                try:
-                    proc.wait(REAP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    warnings.append(f"redis-server (pid {proc.pid}) ignored SIGTERM; killed")
-                    proc.kill()
-                    proc.wait()
-                if proc.returncode != 0:
-                    warnings.append(f"redis-server (pid {proc.pid}) ended with status {proc.returncode}")
-            else:
-                warnings.append(f"redis-server (pid {proc.pid}) had exited by itself: status {proc.returncode}")
-            self.redis = None
-        if self.manager_pid is not None:
-            django_clustershm.configure(None)  # closes our connection
-            status = _reap(self.manager_pid, term=True)
-            if not _exited_ok(status):
-                warnings.append(f"the Manager process {self.manager_pid} ended with {_describe_status(status)}")
-            elif self.manager_address and os.path.exists(self.manager_address):
-                warnings.append("the Manager left its socket behind")
-            self.manager_pid = None
-        shutil.rmtree(self.tmpdir, ignore_errors=True)
-        if os.path.exists(self.tmpdir):
-            warnings.append(f"could not remove {self.tmpdir}")
-        return warnings
+        return warnings + super().close()
 
 
 # -- the four locks, behind one interface --------------------------------------------
@@ -592,39 +380,9 @@ def _latency_op(backend, key: str):
     return op
 
 
-def _time_block(fn, count: int, out: list) -> None:
-    clock = time.perf_counter
-    append = out.append
-    for _ in range(count):
-        t0 = clock()
-        fn()
-        append(clock() - t0)
-
-
 def phase_latency(backends: dict, n: int, warmup: int) -> dict:
     ops = {name: _latency_op(b, "bench:locks:latency") for name, b in backends.items()}
-    for fn in ops.values():
-        for _ in range(warmup):
-            fn()
-    samples: dict[str, list] = {name: [] for name in ops}
-    gc.collect()
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        remaining = n
-        while remaining > 0:
-            count = min(BLOCK, remaining)
-            for name, fn in ops.items():
-                _time_block(fn, count, samples[name])
-            remaining -= count
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    results = {}
-    for name, values in samples.items():
-        values.sort()
-        p99 = values[max(0, math.ceil(0.99 * len(values)) - 1)]
-        results[name] = {"median_us": statistics.median(values) * 1e6, "p99_us": p99 * 1e6, "n": len(values)}
+    results = summarise_us(time_interleaved(ops, n, warmup, BLOCK))
     base = results["redis"]["median_us"]
     for row in results.values():
         row["ratio_to_redis"] = row["median_us"] / base
@@ -671,7 +429,7 @@ def phase_rmw(backend, procs: int, seconds: float, problems: list) -> dict:
     try:
         for _ in range(procs):
             out_r, out_w = os.pipe()
-            pid = _fork(_rmw_worker, backend, key, seconds, out_w, go_r, go_w)
+            pid = fork(_rmw_worker, backend, key, seconds, out_w, go_r, go_w, child_signals=True)
             os.close(out_w)
             workers.append((pid, _Lines(out_r)))
         for pid, lines in workers:
@@ -688,9 +446,9 @@ def phase_rmw(backend, procs: int, seconds: float, problems: list) -> dict:
         os.close(go_r)
         for pid, lines in workers:
             lines.close()
-            status = _reap(pid)
-            if not _exited_ok(status):
-                problems.append(f"{backend.name} read-modify-write worker {pid} ended with {_describe_status(status)}")
+            status = reap(pid)
+            if not exited_ok(status):
+                problems.append(f"{backend.name} read-modify-write worker {pid} ended with {describe_status(status)}")
     total = sum(r["increments"] for r in reports)
     final = backend.read()
     longest = max(r["elapsed"] for r in reports)
@@ -750,14 +508,14 @@ def _handover_trial(backend, key: str, lease: float | None, wait: float | None, 
     result: dict = {}
     try:
         out_r, out_w = os.pipe()
-        holder = _fork(_holder, backend, key, lease, out_w)
+        holder = fork(_holder, backend, key, lease, out_w, child_signals=True)
         os.close(out_w)
         holder_lines = _Lines(out_r)
         word, t_acquired = holder_lines.read(READY_TIMEOUT, "the holder's report").split()
         if word != "held":
             raise BenchError(f"the holder said {word!r}")
         out_r, out_w = os.pipe()
-        waiter = _fork(_waiter, backend, key, lease, wait, out_w)
+        waiter = fork(_waiter, backend, key, lease, wait, out_w, child_signals=True)
         os.close(out_w)
         waiter_lines = _Lines(out_r)
         if waiter_lines.read(READY_TIMEOUT, "the waiter's report") != "waiting":
@@ -785,13 +543,13 @@ def _handover_trial(backend, key: str, lease: float | None, wait: float | None, 
             if lines is not None:
                 lines.close()
         if holder is not None:
-            status = _reap(holder)
+            status = reap(holder)
             if not _killed_by(status, signal.SIGKILL):
-                problems.append(f"{backend.name} holder {holder} ended with {_describe_status(status)}, not SIGKILL")
+                problems.append(f"{backend.name} holder {holder} ended with {describe_status(status)}, not SIGKILL")
         if waiter is not None:
-            status = _reap(waiter, timeout=1.0 if result.get("stuck") else REAP_TIMEOUT)
-            if not result.get("stuck") and not _exited_ok(status):
-                problems.append(f"{backend.name} waiter {waiter} ended with {_describe_status(status)}")
+            status = reap(waiter, timeout=1.0 if result.get("stuck") else REAP_TIMEOUT)
+            if not result.get("stuck") and not exited_ok(status):
+                problems.append(f"{backend.name} waiter {waiter} ended with {describe_status(status)}")
     return result
 
 
@@ -910,14 +668,7 @@ def _target_lines(targets: dict, latency: dict, rmw: dict) -> list[str]:
 
 
 def _versions(lab: Lab) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    parts = []
-    for dist in ("redis", "hiredis", "diskcache"):
-        try:
-            parts.append(f"{dist} {version(dist)}")
-        except PackageNotFoundError:
-            pass
+    parts = package_versions(("redis", "hiredis", "diskcache"), missing=None)
     parts.append(f"redis-server {lab.versions.get('redis-server', '?')}")
     return ", ".join(parts)
 
@@ -1036,11 +787,7 @@ def main(argv=None) -> int:
             "targets": targets,
             "problems": problems,
         }
-        directory = os.path.dirname(os.path.abspath(args.json))
-        os.makedirs(directory, exist_ok=True)
-        with open(args.json, "w") as fh:
-            json.dump(report, fh, indent=2)
-            fh.write("\n")
+        write_json(args.json, report)
     return 1 if problems else 0
 
 
