@@ -332,52 +332,54 @@ class _Connection:
         if timeout is not None:
             self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
             try:
-                # A lock wait: no polling (its reply may take long), and its
-                # length must not teach the connection to stop polling for the
-                # quick requests of the critical section that follows.
-                return self._receive(rid, timeout or "no limit", poll=False)
+                # A lock wait: polled (an uncontended acquire answers at once),
+                # but a long wait must not teach the connection to stop polling
+                # for the quick requests of the critical section that follows.
+                return self._receive(rid, timeout or "no limit", learn=False)
             finally:
                 self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout))
         return self._receive(rid, self.timeout)
 
-    def _receive(self, rid: int, timeout, poll: bool = True):
+    def _receive(self, rid: int, timeout, learn: bool = True):
         reader = self.reader
+        sock = self.sock
         spin_until = 0.0
-        if self.spin and poll:
-            if self.spin_skip:
+        if self.spin:
+            if self.spin_skip and learn:
                 self.spin_skip -= 1
             else:
                 spin_until = time.perf_counter() + self.spin
         while True:
             data = None
-            if spin_until:
-                while True:
-                    try:
-                        data = self.sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+            while spin_until:  # poll first (see DEFAULT_SPIN)
+                try:
+                    data = sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+                    if learn:
                         self.spin_backoff = 0
-                        break
-                    except BlockingIOError:
-                        if time.perf_counter() > spin_until:
-                            # The reply is slow to come (a busy machine): stop
-                            # spinning for a while, longer each time it fails.
+                    break
+                except BlockingIOError:
+                    if time.perf_counter() > spin_until:
+                        # The reply is slow to come (a busy machine): stop
+                        # polling for a while, longer each time it fails.
+                        if learn:
                             self.spin_backoff = min(self.spin_backoff * 2 + 1, 256)
                             self.spin_skip = self.spin_backoff
-                            break
-                    except OSError as exc:
-                        raise ManagerUnavailable(f"lost the connection to the Manager: {exc}") from exc
-                spin_until = 0.0
-            if data is not None:
-                pass
-            else:
-              try:
-                data = self.sock.recv(_RECV_SIZE)
-              except (BlockingIOError, socket.timeout) as exc:  # SO_RCVTIMEO expired
-                raise ManagerUnavailable(f"no reply from the Manager within {timeout}s") from exc
-              except OSError as exc:
-                raise ManagerUnavailable(f"lost the connection to the Manager: {exc}") from exc
+                        spin_until = 0.0
+                except OSError as exc:
+                    raise ManagerUnavailable(f"lost the connection to the Manager: {exc}") from exc
+            if data is None:
+                try:
+                    data = sock.recv(_RECV_SIZE)
+                except (BlockingIOError, socket.timeout) as exc:  # SO_RCVTIMEO expired
+                    raise ManagerUnavailable(f"no reply from the Manager within {timeout}s") from exc
+                except OSError as exc:
+                    raise ManagerUnavailable(f"lost the connection to the Manager: {exc}") from exc
             if not data:
                 raise ManagerUnavailable("the Manager closed the connection")
             for op, frid, payload in reader.feed(data):
+                if op == P.PUSH_QUEUED and frid == rid:
+                    spin_until = 0.0  # a lock wait that will take a while: sleep, do not poll
+                    continue
                 if op >= P.PUSH_MIN:
                     continue  # pushes are consumed by the modules that subscribe to them
                 if frid != rid:

@@ -440,6 +440,9 @@ class Manager:
                     raise ProtocolError("a request's payload is a list of arguments")
                 result = engine.dispatch(session, op, args, rid)
                 if result is DEFERRED:
+                    queued = encode(P.PUSH_QUEUED, rid, None)
+                    out.append(queued)
+                    conn.out_size += len(queued)
                     continue
                 if op == P.TRACKER:
                     # Room for bursts of invalidations: one that does not fit cuts the tracker off.

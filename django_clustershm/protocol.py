@@ -64,6 +64,10 @@ store; the value ``v`` is ``bin`` or ``int``; ``ttl`` is seconds or nil)::
     LOCK_EXTEND  [key, token, lease]     -> true (LockNotOwned otherwise)
     LOCK_STATUS  [key, token]            -> [locked, owned]
 
+A LOCK_ACQUIRE that has to wait is answered at once with a PUSH_QUEUED
+frame carrying its request id and no payload (nil), then later with its
+reply: a client polling for a quick reply knows it can sleep instead.
+
 LOCK_ACQUIRE with ``wait`` nil waits forever, 0 does not wait, and any
 other number of seconds waits that long: the Manager replies when the lock
 is granted or the wait runs out, so other requests of that connection must
@@ -171,6 +175,7 @@ ERR = 0x81
 PUSH_MIN = 0xC0
 PUSH_EVENT = 0xC0
 PUSH_INVALIDATE = 0xC1
+PUSH_QUEUED = 0xC2
 
 # What happened to a key, in PUSH_EVENT.
 EVENT_SET = 1

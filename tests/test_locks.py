@@ -294,9 +294,11 @@ def test_waiters_per_connection_are_limited(cluster):
     sock.sendall(frames)
     reader = P.FrameReader(max_frame=1 << 20)
     sock.settimeout(5)
-    replies = []
+    queued, replies = [], []
     while not replies:
-        replies = reader.feed(sock.recv(65536))
+        for frame in reader.feed(sock.recv(65536)):
+            (queued if frame[0] == P.PUSH_QUEUED else replies).append(frame)
+    assert [rid for _, rid, _ in queued] == list(range(1, 1025))  # each waiter is told it waits
     op, rid, payload = replies[0]
     assert op == P.ERR and rid == 1025
     assert P.decode_payload(payload)[0] == LimitExceeded.code
