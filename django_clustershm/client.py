@@ -255,7 +255,8 @@ class _Connection:
     """One authenticated connection, used by one thread at a time."""
 
     __slots__ = (
-        "sock", "reader", "limits", "session_id", "rid", "timeout", "spin", "spin_skip", "spin_backoff", "__weakref__",
+        "sock", "reader", "limits", "session_id", "rid", "timeout", "spin", "spin_skip", "spin_backoff", "lock_poll",
+        "__weakref__",
     )
 
     def __init__(self, address: str, secret: bytes, timeout: float, spin: float = 0.0) -> None:
@@ -264,6 +265,7 @@ class _Connection:
         self.rid = 0
         self.spin_skip = 0
         self.spin_backoff = 0
+        self.lock_poll = True
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = sock
         try:
@@ -343,11 +345,18 @@ class _Connection:
     def _receive(self, rid: int, timeout, learn: bool = True):
         reader = self.reader
         sock = self.sock
+        queued = False
         spin_until = 0.0
         if self.spin:
-            if self.spin_skip and learn:
-                self.spin_skip -= 1
-            else:
+            if learn:
+                if self.spin_skip:
+                    self.spin_skip -= 1
+                else:
+                    spin_until = time.perf_counter() + self.spin
+            elif self.lock_poll:
+                # A lock wait polls only while this connection's acquires are
+                # answered at once: once one is queued, the next ones sleep
+                # (polling for contended locks takes CPU from the holder).
                 spin_until = time.perf_counter() + self.spin
         while True:
             data = None
@@ -379,11 +388,14 @@ class _Connection:
             for op, frid, payload in reader.feed(data):
                 if op == P.PUSH_QUEUED and frid == rid:
                     spin_until = 0.0  # a lock wait that will take a while: sleep, do not poll
+                    queued = True
                     continue
                 if op >= P.PUSH_MIN:
                     continue  # pushes are consumed by the modules that subscribe to them
                 if frid != rid:
                     raise ProtocolError(f"reply for request {frid} while waiting for {rid}")
+                if not learn:
+                    self.lock_poll = not queued
                 return op, payload
 
     def close(self) -> None:
