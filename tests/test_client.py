@@ -21,7 +21,7 @@ from django_clustershm.exceptions import (
     ValueTooLarge,
 )
 
-from .helpers import ManagerProcess
+from .helpers import ManagerProcess, wait_until
 
 
 def test_set_get_remove(client):
@@ -75,17 +75,15 @@ def test_has_and_add(client):
 def test_expiry(client):
     client.set("t", "v", timeout=0.05)
     assert client.get("t") == "v"
-    deadline = time.monotonic() + 5
-    while client.get("t") is not None:
-        assert time.monotonic() < deadline
-        time.sleep(0.01)
+    wait_until(lambda: client.get("t") is None, timeout=5, message="expiry")
     assert not client.has("t")
 
 
 def test_touch(client):
     client.set("t", 1, timeout=0.05)
+    client.set("witness", 1, timeout=0.05)  # same expiry, not touched
     assert client.touch("t", None)
-    time.sleep(0.1)
+    wait_until(lambda: client.get("witness") is None, timeout=5, message="the witness's expiry")
     assert client.get("t") == 1
     assert not client.touch("nope", 10)
 

@@ -133,13 +133,19 @@ def test_lease_expiry_hands_the_lock_over(anywhere):
 
 def test_extend_keeps_the_lock(anywhere):
     lock = clustershm.Lock("extended", lease=0.3)
-    assert lock.acquire()
-    for _ in range(4):
-        time.sleep(0.15)
+    witness = clustershm.Lock("witness", lease=0.3)  # same lease, never extended
+    assert lock.acquire() and witness.acquire()
+
+    def extend_until_witness_expires():
         lock.extend()
+        return not witness.locked()
+
+    wait_until(extend_until_witness_expires, timeout=10, message="the witness's lease running out")
     assert lock.owned()
     lock.extend(5)
-    time.sleep(0.4)
+    witness2 = clustershm.Lock("witness2", lease=0.4)
+    assert witness2.acquire()
+    wait_until(lambda: not witness2.locked(), timeout=10, message="a 0.4 s lease running out")
     assert lock.owned()
     lock.release()
     with pytest.raises(LockNotOwned):
