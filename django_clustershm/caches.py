@@ -19,13 +19,13 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Callable, Iterable
+from typing import Callable
 
 from cachetools import TLRUCache
 
 from .exceptions import IntegerOverflow, KeyNotFound, NotAnInteger, ValueTooLarge
 from .protocol import EVENT_CLEAR, EVENT_EVICT, EVENT_EXPIRE, EVENT_REMOVE, EVENT_SET, EVENT_TOUCH
-from .store import INT64_MAX, INT64_MIN, INT_SIZE
+from .store import INT64_MAX, INT64_MIN, INT_SIZE, BatchOps
 
 #: What one entry costs beyond its key and value (the tuple, the heap item, dict slots).
 ENTRY_OVERHEAD = 150
@@ -68,7 +68,7 @@ class _TLRU(TLRUCache):
         return expired
 
 
-class LruCache:
+class LruCache(BatchOps):
     """One named cache. Values are opaque bytes or native ints, as in the store."""
 
     def __init__(self, max_bytes: int = DEFAULT_MAX_BYTES, *, clock: Callable[[], float] = time.monotonic) -> None:
@@ -212,17 +212,6 @@ class LruCache:
         if self._c.on_event is not None:
             self._c.on_event(EVENT_SET, key, result)
         return result
-
-    def get_many(self, keys: Iterable[str]) -> dict:
-        found = {}
-        for key in keys:
-            value = self.get(key)
-            if value is not None:
-                found[key] = value
-        return found
-
-    def delete_many(self, keys: Iterable[str]) -> int:
-        return sum(1 for key in keys if self.remove(key))
 
     def keys(self, prefix: str = "") -> list[str]:
         return [key for key in self._c if key.startswith(prefix)]

@@ -614,11 +614,10 @@ class EmbeddedClient(Client):
                 "(or the gunicorn config module) to share state between workers.",
                 os.getpid(),
             )
-        if self.retired:
-            raise ManagerUnavailable("this embedded Manager was handed over to the cluster's Manager")
-        state = self._thread_session()
         with self._cond:
-            self._housekeeping()
+            self._housekeeping()  # raises if the engine was handed over
+            # Made under the mutex: opening a session changes the engine.
+            state = self._thread_session()
             state.rid += 1
             rid = state.rid
             result = self.engine.dispatch(state.session, op, args, rid)

@@ -20,6 +20,7 @@ memory before it forks.
 from __future__ import annotations
 
 import logging
+import os
 
 from . import conf
 from .client import EmbeddedClient
@@ -58,7 +59,7 @@ def start_manager() -> Manager:
         )
     _manager = Manager(engine=engine).start()
     conf.configure(_manager.address, _manager.secret)
-    logger.info("django-clustershm: Manager started in the master (pid %d) on %s", _pid(), _manager.address)
+    logger.info("django-clustershm: Manager started in the master (pid %d) on %s", os.getpid(), _manager.address)
     return _manager
 
 
@@ -72,12 +73,6 @@ def stop_manager() -> None:
         _manager.close()
         _manager = None
         conf.configure(None, listeners=False)
-
-
-def _pid() -> int:
-    import os
-
-    return os.getpid()
 
 
 # -- gunicorn server hooks ------------------------------------------------------

@@ -31,7 +31,22 @@ def _size(key: str, value) -> int:
     return len(key) + (len(value) if type(value) is bytes else INT_SIZE)
 
 
-class Store:
+class BatchOps:
+    """The batch operations of a namespace, built on its own get/remove."""
+
+    def get_many(self, keys: Iterable[str]) -> dict:
+        found = {}
+        for key in keys:
+            value = self.get(key)
+            if value is not None:
+                found[key] = value
+        return found
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        return sum(1 for key in keys if self.remove(key))
+
+
+class Store(BatchOps):
     """A dict of key -> bytes|int with per-key deadlines, reaped incrementally."""
 
     def __init__(self, *, clock: Callable[[], float] = time.monotonic, max_bytes: int | None = None) -> None:
@@ -162,14 +177,6 @@ class Store:
         self._put(key, result, None if deadline is None else deadline - self.clock())
         return result
 
-    def get_many(self, keys: Iterable[str]) -> dict:
-        found = {}
-        for key in keys:
-            value = self.get(key)
-            if value is not None:
-                found[key] = value
-        return found
-
     def set_many(self, mapping: dict, ttl: float | None = None) -> None:
         if self.max_bytes is not None:
             # All or nothing: check the budget before the first write.
@@ -178,9 +185,6 @@ class Store:
                 raise StoreFull(f"set_many would take the store over its maximum of {self.max_bytes} bytes")
         for key, value in mapping.items():
             self.set(key, value, ttl)
-
-    def delete_many(self, keys: Iterable[str]) -> int:
-        return sum(1 for key in keys if self.remove(key))
 
     def keys(self, prefix: str = "") -> list[str]:
         self.reap()
