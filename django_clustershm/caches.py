@@ -193,6 +193,11 @@ class LruCache(BatchOps):
         deadline = self._c[key][1]
         return None if deadline == _INF else deadline - self.clock()
 
+    def deadline(self, key: str) -> float | None:
+        """When ``key`` expires (the clock's time; None: never). The key must exist."""
+        deadline = self._c[key][1]
+        return None if deadline == _INF else deadline
+
     def incr(self, key: str, delta: int, initial: int | None = None) -> int:
         entry = self._entry(key)
         if entry is None:

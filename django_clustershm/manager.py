@@ -39,7 +39,7 @@ import weakref
 from collections import deque
 
 from . import protocol as P
-from .engine import DEFERRED, Engine, Limits
+from .engine import DEFERRED, NO_REPLY, Engine, Limits
 from .exceptions import ClusterShmError, ProtocolError, ValueTooLarge
 
 logger = logging.getLogger("django_clustershm.manager")
@@ -103,6 +103,9 @@ class Manager:
     spin = 50e-6
     #: Connections beyond this are refused (closed at once, with a log line).
     max_connections = 4096
+    #: Send buffer of a near-cache tracker: the pushes its process has not
+    #: read yet, beyond which it is cut off (and empties its near caches).
+    tracker_sndbuf = 4 * 1024 * 1024
 
     def __init__(
         self,
@@ -444,9 +447,11 @@ class Manager:
                     out.append(queued)
                     conn.out_size += len(queued)
                     continue
+                if result is NO_REPLY:
+                    continue
                 if op == P.TRACKER:
-                    # Room for bursts of invalidations: one that does not fit cuts the tracker off.
-                    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4 * 1024 * 1024)
+                    # Room for bursts of pushes: one that does not fit cuts the tracker off.
+                    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.tracker_sndbuf)
                 reply = encode(P.OK, rid, result)
                 if len(reply) - P.HEADER_SIZE > max_frame:
                     raise ValueTooLarge(f"the reply would be {len(reply)} bytes, over the maximum frame of {max_frame}; ask for fewer keys")
@@ -488,7 +493,7 @@ class Manager:
         conn.session = self.engine.open_session(pid=conn.peer_pid or client_pid, peer_uid=conn.peer_uid)
         conn.session.deliver = lambda rid, result, conn=conn: self._deliver(conn, rid, result)
         conn.session.push = lambda event, conn=conn: self._push(conn, event)
-        conn.session.invalidate = lambda payload, conn=conn: self._invalidate(conn, payload)
+        conn.session.invalidate = lambda op, payload, conn=conn: self._invalidate(conn, op, payload)
         conn.reader.max_frame = self.engine.limits.max_frame
         reply = P.encode(P.OK, 0, [P.server_proof(self.secret, client_nonce), self.engine.limits.as_dict(), conn.session.id])
         conn.out.append(reply)
@@ -519,15 +524,16 @@ class Manager:
             conn.overflow = True
         self._dirty.add(conn)
 
-    def _invalidate(self, conn: _Conn, payload: list) -> None:
-        """A near-cache invalidation goes into the tracker's socket now, before
-        the reply to the write that caused it, or the tracker is shut down now
-        (its process then drops its whole near cache): either way, no reader
-        of that process can find the old value once the writer has its reply.
+    def _invalidate(self, conn: _Conn, op: int, payload: list) -> None:
+        """A near-cache push (invalidation or update) goes into the tracker's
+        socket now, before the reply to the write that caused it, or the
+        tracker is shut down now (its process then drops its whole near
+        cache). Either way, no reader of that process can
+        find the old value once the writer has its reply.
         """
         if conn.overflow:
             return
-        frame = P.encode(P.PUSH_INVALIDATE, 0, payload)
+        frame = P.encode(op, 0, payload)
         sent = -1
         if not conn.out:
             try:

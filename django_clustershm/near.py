@@ -12,18 +12,31 @@ Why it holds:
 1. A read that misses asks the Manager with TRACK_GET, which records that
    this process (its *tracker* connection, one per process) may now hold the
    key.
-2. The next change of that key (set, delete, incr, touch, expiry, eviction,
-   clear) makes the Manager write an invalidation into this process's tracker
-   socket *before* it replies to the writer, or, if the socket cannot take it
-   at once, shut the tracker down (the process then drops its whole near
-   cache). So once a write has completed, its invalidation (or the shutdown)
-   is already in the socket of every process that may hold the old value.
-3. Before answering from its near cache, a read drains the tracker socket
-   without blocking and applies what it finds.
-4. A value fetched by a miss is kept only if no invalidation arrived between
-   the Manager's answer and the moment it is stored: the Manager numbers a
-   tracker's invalidations and says in each TRACK_GET reply how many it had
-   sent; the fill is dropped unless the process has applied exactly that many.
+2. Every later change of that key makes the Manager write a push into this
+   process's tracker socket *before* it replies to the writer, or, if the
+   socket cannot take it at once, shut the tracker down (the process then
+   drops its whole near cache). A write of a small value (at most
+   :data:`PUSH_LIMIT` bytes) is pushed as an *update* carrying the new value
+   and its expiry, and the key stays tracked; any other change (delete,
+   touch, expiry, eviction, clear, a larger value) as an *invalidation*,
+   which ends the tracking. So once a write has completed, its push (or the
+   shutdown) is already in the socket of every process that may hold the old
+   value.
+3. Before answering from its near cache, a read applies every push in the
+   tracker socket, without blocking: a zero-timeout ``poll(2)`` says whether
+   there is anything to read (0.3 µs, against 1 µs for a ``recv`` that fails
+   with EAGAIN, which costs Python an exception).
+4. A value fetched by a miss is kept only if no push arrived between the
+   Manager's answer and the moment it is stored: the Manager numbers a
+   tracker's pushes and says in each TRACK_GET reply how many it had sent;
+   the fill is dropped unless the process has applied exactly that many.
+
+Why updates and not only invalidations (what Redis sends): with several
+processes reading a hot key, each write would cost every one of them a round
+trip to read the key again; an update costs the Manager what the
+invalidation did, and no process a miss. An update of a key the process no
+longer holds (evicted from its near cache) is answered with UNTRACK, so the
+Manager stops sending that key.
 
 A copy is kept with its expiry, computed from the moment the request was sent
 (so never later than the Manager's), and bounded by entries and bytes (LRU).
@@ -37,6 +50,7 @@ from __future__ import annotations
 
 import logging
 import os
+import select
 import threading
 import time
 import weakref
@@ -48,6 +62,9 @@ from .exceptions import ClusterShmError, ManagerUnavailable
 logger = logging.getLogger("django_clustershm.near")
 
 _INT_SIZE = 8
+#: Values up to this size are pushed to the near caches that hold their key
+#: when they are written (larger ones are invalidated): the Manager's limit.
+PUSH_LIMIT = 64 * 1024
 
 
 class NearCache:
@@ -93,6 +110,14 @@ class NearCache:
         while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
             _, (_, _, old) = self._entries.popitem(last=False)
             self.bytes -= old
+
+    def update(self, key: str, data, deadline) -> bool:
+        """A pushed new value of ``key``: True if it replaced the local copy,
+        False if there is none (then the Manager is told to stop pushing it)."""
+        if key not in self._entries:
+            return False
+        self._put(key, data, deadline)
+        return key in self._entries  # it may not fit any more
 
     def invalidate(self, key) -> None:
         if key is None:
@@ -166,6 +191,8 @@ class Tracker:
         self.sid: int | None = None
         self.seq = 0
         self.caches: dict[str, NearCache] = {}
+        self._poll = None  # select.poll() of the channel
+        self._out = b""  # UNTRACK frames not yet sent
         _trackers.add(self)
 
     def near_cache(self, ns: str, max_entries: int, max_bytes: int) -> NearCache:
@@ -187,7 +214,7 @@ class Tracker:
         client = self.client
         conn = _Connection(client.address, client.secret, client.timeout)
         try:
-            conn.send(P.encode(P.TRACKER, 1, []))
+            conn.send(P.encode(P.TRACKER, 1, [PUSH_LIMIT]))
             op, payload = conn.receive(1)
             body = P.decode_payload(payload)
             if op != P.OK:
@@ -196,7 +223,9 @@ class Tracker:
         except BaseException:
             conn.close()
             raise
-        self.conn, self.sid, self.seq = conn, body[0], 0
+        poll = select.poll()
+        poll.register(conn.sock.fileno(), select.POLLIN)
+        self.conn, self.sid, self.seq, self._out, self._poll = conn, body[0], 0, b"", poll
 
     def drain(self) -> bool:
         """Apply every invalidation already received, without blocking.
@@ -207,11 +236,16 @@ class Tracker:
         conn = self.conn
         if conn is None:
             return False
+        if not self._poll.poll(0):
+            return True  # nothing pushed, not closed
         sock = conn.sock
+        untrack = None
         while True:
             try:
                 data = sock.recv(65536)
             except (BlockingIOError, InterruptedError):
+                if untrack or self._out:
+                    self._send_untrack(untrack)
                 return True
             except OSError:
                 data = b""
@@ -224,12 +258,33 @@ class Tracker:
                 self._lost(f"bad frame on the near-cache channel: {exc}")
                 return False
             for op, _rid, payload in frames:
-                if op == P.PUSH_INVALIDATE:
+                if op == P.PUSH_UPDATE:
+                    seq, ns, key, data, deadline = P.decode_payload(payload)
+                    self.seq = seq
+                    cache = self.caches.get(ns)
+                    if cache is None or not cache.update(key, data, deadline):
+                        if untrack is None:
+                            untrack = []
+                        untrack.append(P.encode(P.UNTRACK, 0, [ns, key, seq]))
+                elif op == P.PUSH_INVALIDATE:
                     seq, ns, key = P.decode_payload(payload)
                     self.seq = seq
                     cache = self.caches.get(ns)
                     if cache is not None:
                         cache.invalidate(key)
+
+    def _send_untrack(self, frames) -> None:
+        """Tell the Manager which pushed keys this process does not hold.
+        A hint: what the socket cannot take now waits for the next drain."""
+        if frames:
+            self._out += b"".join(frames)
+        try:
+            sent = self.conn.sock.send(self._out)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            return  # lost: the next drain finds the socket closed
+        self._out = self._out[sent:]
 
     def _lost(self, reason: str) -> None:
         logger.warning("near caches of process %d emptied: %s", os.getpid(), reason)
@@ -240,6 +295,7 @@ class Tracker:
             self.conn.close()
         self.conn = None
         self.sid = None
+        self._poll = None
         for cache in self.caches.values():
             cache.drop_all()
 
@@ -249,6 +305,8 @@ class Tracker:
         self.lock = threading.Lock()
         self.conn = None
         self.sid = None
+        self._poll = None
+        self._out = b""
         for cache in self.caches.values():
             cache.drop_all()
 

@@ -80,22 +80,28 @@ matches replies by request id).
     PUSH_EVENT   [sub_id, ns, key, event, v]   (pushed; ``v`` nil unless event is set;
                                                 key nil for clear)
 
-    TRACKER        []                    -> [session_id]  (this connection becomes
-                                                       an invalidation channel)
+    TRACKER        [push_limit]          -> [session_id]  (this connection
+                                             becomes the process's near-cache channel)
     TRACK_GET      [ns, key, tracker]      -> [v, ttl, seq, tracked]
     TRACK_GET_MANY [ns, [key...], tracker] -> [{key: [v, ttl]}, seq, tracked]
+    UNTRACK        [ns, key, seq]        (on the tracker connection; no reply)
 
     PUSH_INVALIDATE [seq, ns, key]       (pushed on a tracker; key nil: all of ns)
+    PUSH_UPDATE     [seq, ns, key, v, deadline]  (pushed on a tracker)
 
 A TRACK_GET reads like GET and records that the process behind the tracker
-connection may now hold the key; the next change of that key sends the
-tracker one PUSH_INVALIDATE (numbered: ``seq`` counts the tracker's
-invalidations) and forgets the record. The invalidation is written to the
-tracker's socket before the reply to the write that caused it; a tracker
-whose socket cannot take it at once is shut down instead (its process then
-drops its whole near cache). ``seq`` in a TRACK_GET reply is the tracker's
-count at that moment: every invalidation numbered up to it is already in
-the tracker's socket.
+connection may now hold the key. From then on every change of that key is
+pushed to the tracker, numbered (``seq`` counts the pushes to that tracker):
+a write of a value of at most ``push_limit`` bytes as a PUSH_UPDATE with the
+value and its expiry (``deadline``: CLOCK_MONOTONIC seconds, nil for none),
+the record kept; any other change as a PUSH_INVALIDATE, the record
+forgotten. A push is written to the tracker's socket before the reply to the
+write that caused it; a tracker whose socket cannot take it at once is shut
+down instead (its process then drops its whole near cache). ``seq`` in a
+TRACK_GET reply is the tracker's count at that moment: every push numbered
+up to it is already in the tracker's socket. A tracker sent an update of a
+key it no longer holds answers UNTRACK with that push's ``seq``; the Manager
+forgets the record unless the tracker read the key again after that push.
 
 Events of a key reach its listeners in the order of the writes, and are
 written to the listeners' sockets before the writer's reply is.
@@ -165,6 +171,7 @@ UNLISTEN = 0x31
 TRACKER = 0x38
 TRACK_GET = 0x39
 TRACK_GET_MANY = 0x3A
+UNTRACK = 0x3B
 # Handshake.
 HELLO = 0x70
 AUTH = 0x71
@@ -176,6 +183,7 @@ PUSH_MIN = 0xC0
 PUSH_EVENT = 0xC0
 PUSH_INVALIDATE = 0xC1
 PUSH_QUEUED = 0xC2
+PUSH_UPDATE = 0xC3
 
 # What happened to a key, in PUSH_EVENT.
 EVENT_SET = 1

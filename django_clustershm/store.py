@@ -213,6 +213,10 @@ class Store(BatchOps):
         deadline = self._deadline.get(key)
         return None if deadline is None else deadline - self.clock()
 
+    def deadline(self, key: str) -> float | None:
+        """When ``key`` expires (the clock's time; None: never)."""
+        return self._deadline.get(key)
+
     def next_deadline(self) -> float | None:
         """When the next key may expire (monotonic seconds), for the event loop's sleep."""
         return self._heap[0][0] if self._heap else None

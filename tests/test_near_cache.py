@@ -10,6 +10,9 @@ from django.test import override_settings
 import django_clustershm as clustershm
 from django_clustershm import conf
 from django_clustershm import protocol as P
+from django_clustershm.engine import NO_REPLY, Engine
+from django_clustershm.exceptions import ProtocolError
+from django_clustershm.near import PUSH_LIMIT
 
 from .helpers import fork_call, reap, run_forked, wait_until
 from .test_manager import _handshaked_socket
@@ -17,6 +20,9 @@ from .test_manager import _handshaked_socket
 NEAR = {"BACKEND": "django_clustershm.cache.ClusterShmCache", "LOCATION": "near",
         "OPTIONS": {"NEAR_CACHE": {"MAX_ENTRIES": 1000, "MAX_BYTES": 1 << 20}}}  # fmt: skip
 CACHES = {"default": NEAR, "v2": {**NEAR, "VERSION": 2}, "plain": {**NEAR, "OPTIONS": {}}}
+
+
+BIG = "x" * (PUSH_LIMIT + 1)
 
 
 def near():
@@ -51,6 +57,98 @@ def test_a_write_in_another_process_is_seen_at_once(cluster):
 
 
 @override_settings(CACHES=CACHES)
+def test_writes_elsewhere_update_the_local_copy_without_a_miss(cluster):
+    cache = caches["default"]
+    cache.set_many({"k": 1, "n": 1, "t": "old"})
+    assert cache.get_many(["k", "n", "t"]) == {"k": 1, "n": 1, "t": "old"}  # now all held locally
+    misses = near().misses
+
+    def writer():
+        c = caches["default"]
+        c.set("k", {"v": 2})
+        c.incr("n", 41)
+        c.set("t", "short-lived", 0.5)
+
+    before = time.monotonic()
+    assert reap(fork_call(writer), 10) == 0
+    assert cache.get("k") == {"v": 2} and cache.get("n") == 42 and cache.get("t") == "short-lived"
+    assert near().misses == misses  # the new values were pushed: no round trip
+    # The pushed expiry is the Manager's own deadline, not one restarted here.
+    deadline = near()._entries[cache.make_key("t")][1]
+    assert before < deadline <= time.monotonic() + 0.5
+    wait_until(lambda: cache.get("t") is None, timeout=5, message="expiry of the pushed copy")
+
+
+@override_settings(CACHES=CACHES)
+def test_a_value_over_the_push_limit_is_invalidated_not_pushed(cluster):
+    cache = caches["default"]
+    cache.set("big", "small")
+    assert cache.get("big") == "small"
+    misses = near().misses
+
+    def writer():
+        caches["default"].set("big", BIG)
+
+    assert reap(fork_call(writer), 10) == 0
+    assert cache.get("big") == BIG
+    assert near().misses == misses + 1  # invalidated, then read again from the Manager
+
+
+@override_settings(CACHES={"default": {**NEAR, "OPTIONS": {"NEAR_CACHE": {"MAX_ENTRIES": 2}}}})
+def test_a_key_evicted_locally_stops_being_pushed(cluster):
+    cache = caches["default"]
+    cache.set_many({"a": 1, "b": 1, "c": 1})
+    for key in "abc":
+        assert cache.get(key) == 1  # "a" is evicted from the near cache by "c"
+    assert clustershm.stats()["near_cache_tracking"] == 3
+
+    def writer():
+        caches["default"].set("a", 2)  # pushed once; this process answers UNTRACK
+
+    assert reap(fork_call(writer), 10) == 0
+    assert cache.get("b") == 1  # a read applies the push (and sends UNTRACK)
+    wait_until(lambda: clustershm.stats()["near_cache_tracking"] == 2, message="the Manager forgetting 'a'")
+    assert cache.get("a") == 2  # a miss, tracked again
+    assert clustershm.stats()["near_cache_tracking"] == 3
+
+
+def test_untrack_keeps_a_record_read_again_after_the_push():
+    """UNTRACK races a new read of the same key: the Manager forgets the record only
+    if the tracker had not read the key again after the push it answers."""
+    engine = Engine()
+    writer, tracker = engine.open_session(), engine.open_session()
+    sent = []
+    tracker.invalidate = lambda op, payload: sent.append((op, payload))
+    engine.dispatch(tracker, P.TRACKER, [PUSH_LIMIT])
+    engine.dispatch(writer, P.SET, ["", "k", b"v1", None])
+    engine.dispatch(writer, P.TRACK_GET, ["", "k", tracker.id])
+    engine.dispatch(writer, P.SET, ["", "k", b"v2", None])  # push 1
+    assert sent == [(P.PUSH_UPDATE, [1, "", "k", b"v2", None])]
+    engine.dispatch(writer, P.TRACK_GET, ["", "k", tracker.id])  # read again after push 1
+    assert engine.dispatch(tracker, P.UNTRACK, ["", "k", 1]) is NO_REPLY
+    assert ("", "k") in engine.tracking  # kept: the process holds the newer copy
+    engine.dispatch(writer, P.SET, ["", "k", b"v3", None])  # push 2
+    engine.dispatch(tracker, P.UNTRACK, ["", "k", 2])
+    assert ("", "k") not in engine.tracking and not tracker.tracked
+    engine.dispatch(writer, P.SET, ["", "k", b"v4", None])
+    assert len(sent) == 2  # no longer pushed
+    with pytest.raises(ProtocolError):
+        engine.dispatch(writer, P.UNTRACK, ["", "k", 3])  # not a tracker connection
+
+
+def test_a_rogue_untrack_closes_only_its_connection(cluster):
+    rogue = _handshaked_socket(cluster.address, cluster.secret)
+    rogue.sendall(P.encode(P.UNTRACK, 0, ["", "k", 1]))  # not on a tracker connection
+    rogue.settimeout(5)
+    assert rogue.recv(65536) == b""  # closed by the Manager
+    rogue.close()
+    wait_until(lambda: "UNTRACK takes" in cluster.log(), message="the Manager's log line")
+    conf.configure(cluster.address, cluster.secret)
+    clustershm.set("still", "serving")
+    assert clustershm.get("still") == "serving"
+
+
+@override_settings(CACHES=CACHES)
 def test_no_stale_reads_under_heavy_concurrent_writes(cluster):
     """Writers record in the store how far they got *after* each write returns; a reader
     that read that record must never see an older value through its near cache."""
@@ -67,6 +165,11 @@ def test_no_stale_reads_under_heavy_concurrent_writes(cluster):
                 cache.set(f"key{w}", n)
             elif n % 11 == 0:
                 cache.set_many({f"key{w}": n, f"other{w}": n})
+            elif n % 13 == 0:
+                cache.set(f"key{w}", [n, BIG])  # over the push limit: invalidated, not pushed
+            elif n % 17 == 0:
+                cache.set(f"key{w}", n - 1)  # not older than the last completed write (n - 1)
+                cache.incr(f"key{w}")  # pushed as an int
             else:
                 cache.set(f"key{w}", n)
             clustershm.set(f"done{w}", n)  # the shared store: no near cache
@@ -83,6 +186,8 @@ def test_no_stale_reads_under_heavy_concurrent_writes(cluster):
                 reads += 1
                 # None is possible between a writer's delete and its set; a
                 # value older than one whose write had completed is not.
+                if type(value) is list:
+                    value = value[0]
                 if value is not None and value < done:
                     stale += 1
         near_cache = clustershm.get_client()._near["near"]
