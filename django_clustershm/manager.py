@@ -28,7 +28,7 @@ import errno
 import hmac
 import logging
 import os
-import selectors
+import select
 import shutil
 import socket
 import struct
@@ -46,6 +46,12 @@ logger = logging.getLogger("django_clustershm.manager")
 
 _RECV_SIZE = 64 * 1024  # under glibc's mmap threshold: a larger recv() buffer costs an mmap+munmap per call
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
+_READ = select.EPOLLIN
+_WRITE = select.EPOLLOUT
+_READABLE = select.EPOLLIN | select.EPOLLHUP | select.EPOLLERR  # a recv() tells which
+#: Seconds the loop may go without checking timers (lock waits, leases,
+#: expiry events) while requests keep it busy.
+_TICK = 0.001
 
 
 def _remove_files(address: str, own_dir: str | None, pid: int) -> None:
@@ -76,7 +82,7 @@ class _Conn:
         self.deadline = deadline
         self.peer_pid = 0
         self.peer_uid = -1
-        self.mask = selectors.EVENT_READ
+        self.mask = _READ
         self.overflow = False
         self.gone = False  # the peer closed its end (seen when writing to it)
         self.closed = False
@@ -160,9 +166,12 @@ class Manager:
         self._wake_r, self._wake_w = socket.socketpair()
         self._wake_r.setblocking(False)
         self._wake_w.setblocking(False)
-        self._sel = selectors.DefaultSelector()
-        self._sel.register(listener, selectors.EVENT_READ, None)
-        self._sel.register(self._wake_r, selectors.EVENT_READ, None)
+        # epoll itself rather than the selectors module: a poll that finds
+        # nothing is most of what the spinning loop does, and the wrapper
+        # doubled its cost (see _loop).
+        self._ep = select.epoll()
+        self._ep.register(listener.fileno(), _READ)
+        self._ep.register(self._wake_r.fileno(), _READ)
         # Files are removed even if the Manager is never closed (at exit, or
         # when collected), but only by the process that made them.
         self._finalizer = weakref.finalize(self, _remove_files, address, self._own_dir, self._pid)
@@ -249,7 +258,7 @@ class Manager:
         self._closed = True
         for conn in list(self._conns.values()):
             self._close(conn, None)
-        self._sel.close()
+        self._ep.close()
         self._listener.close()
         self._wake_r.close()
         self._wake_w.close()
@@ -272,7 +281,7 @@ class Manager:
         for conn in list(self._conns.values()):
             conn.sock.close()
         self._conns = {}
-        for obj in (self._listener, self._wake_r, self._wake_w, self._sel):
+        for obj in (self._listener, self._wake_r, self._wake_w, self._ep):
             try:
                 obj.close()
             except OSError:
@@ -281,7 +290,8 @@ class Manager:
     # -- the loop --------------------------------------------------------------
 
     def _loop(self) -> None:
-        sel = self._sel
+        poll = self._ep.poll
+        conns = self._conns
         engine = self.engine
         listener_fd = self._listener.fileno()
         wake_fd = self._wake_r.fileno()
@@ -289,49 +299,52 @@ class Manager:
         spin = self.spin
         spin_skip = spin_backoff = 0
         next_check = clock() + 1.0
+        next_tick = 0.0
         while not self._stopping:
-            deadline = engine.tick()
-            now = clock()
-            timeout = min(next_check, deadline) - now if deadline is not None else next_check - now
-            events = sel.select(0)
-            if not events and spin and spin_skip:
-                spin_skip -= 1
-            elif not events and spin:
-                # Poll a little before sleeping: a worker that just got its
-                # reply usually sends its next request within microseconds,
-                # and waking a sleeping CPU costs more than that (on a 2-vCPU
-                # VM, 20-40 us a wake-up). Measured with bench/bench_core.py:
-                # get latency 51 -> 31 us, 4-process ops/s 78k -> 85k. The
-                # cost is at most `spin` seconds of CPU after each burst, and
-                # polling that finds nothing backs off (below).
-                spin_until = clock() + spin
-                while not events and clock() < spin_until:
-                    events = sel.select(0)
-                if events:
-                    spin_backoff = 0
-                else:
-                    # Nothing came while polling: the clients are slow (a busy
-                    # machine, where polling takes CPU they need). Poll again
-                    # only after 1, 3, 7... 256 idle rounds.
-                    spin_backoff = min(spin_backoff * 2 + 1, 256)
-                    spin_skip = spin_backoff
+            events = poll(0)
             if not events:
-                events = sel.select(max(timeout, 0.0))
-            for key, mask in events:
-                conn = key.data
+                if spin and spin_skip:
+                    spin_skip -= 1
+                elif spin:
+                    # Poll a little before sleeping: a worker that just got its
+                    # reply usually sends its next request within microseconds,
+                    # and waking a sleeping CPU costs more than that (on a 2-vCPU
+                    # VM, 20-40 us a wake-up). Measured with bench/bench_core.py:
+                    # get latency 51 -> 31 us, 4-process ops/s 78k -> 85k. The
+                    # cost is at most `spin` seconds of CPU after each burst, and
+                    # polling that finds nothing backs off (below).
+                    spin_until = clock() + spin
+                    while not events and clock() < spin_until:
+                        events = poll(0)
+                    if events:
+                        spin_backoff = 0
+                    else:
+                        # Nothing came while polling: the clients are slow (a busy
+                        # machine, where polling takes CPU they need). Poll again
+                        # only after 1, 3, 7... 256 idle rounds.
+                        spin_backoff = min(spin_backoff * 2 + 1, 256)
+                        spin_skip = spin_backoff
+                if not events:
+                    # About to sleep: run the timers, and sleep until the next is due.
+                    deadline = engine.tick()
+                    now = clock()
+                    next_tick = now + _TICK
+                    timeout = min(next_check, deadline) - now if deadline is not None else next_check - now
+                    events = poll(max(timeout, 0.0))
+            accept = False
+            for fd, mask in events:
+                conn = conns.get(fd)
                 if conn is not None:
-                    # A connection closed earlier in this round may still have
-                    # an event in the list; its fd may even belong to a new
-                    # connection by now: never act on it.
-                    if conn.closed:
-                        continue
-                    if mask & selectors.EVENT_READ:
+                    # Accepting waits for the end of the round, so an fd freed
+                    # by a connection closed in this round is not reused until
+                    # its stale events are past.
+                    if mask & _READABLE:
                         self._on_readable(conn)
-                    if mask & selectors.EVENT_WRITE and not conn.closed:
+                    if mask & _WRITE and not conn.closed:
                         self._flush(conn)
-                elif key.fd == listener_fd:
-                    self._accept()
-                elif key.fd == wake_fd:
+                elif fd == listener_fd:
+                    accept = True
+                elif fd == wake_fd:
                     try:
                         while self._wake_r.recv(4096):
                             pass
@@ -344,9 +357,18 @@ class Manager:
                             fn(*args)
                         except Exception:
                             logger.exception("error in a call scheduled on the Manager")
+            if accept:
+                self._accept()
             if self._dirty:
                 self._flush_dirty()
             now = clock()
+            if now >= next_tick:
+                # Busy: timers are run at least every _TICK seconds (each
+                # request's own lazy checks see expiry at once in any case).
+                engine.tick()
+                next_tick = now + _TICK
+                if self._dirty:
+                    self._flush_dirty()
             if now >= next_check:
                 next_check = now + 1.0
                 self._drop_slow_handshakes(now)
@@ -376,7 +398,7 @@ class Manager:
                 continue
             conn.peer_pid, conn.peer_uid = pid, uid
             self._conns[conn.fd] = conn
-            self._sel.register(sock, selectors.EVENT_READ, conn)
+            self._ep.register(conn.fd, _READ)
             conn.out.append(P.encode(P.HELLO, 0, [P.VERSION, conn.nonce, self._pid]))
             conn.out_size = len(conn.out[0])
             self._flush(conn)
@@ -394,8 +416,8 @@ class Manager:
         if reason:
             logger.warning("closing client (pid %s): %s", conn.peer_pid, reason)
         try:
-            self._sel.unregister(conn.sock)
-        except (KeyError, ValueError):
+            self._ep.unregister(conn.fd)
+        except (OSError, ValueError):
             pass
         conn.sock.close()
         if conn.session is not None:
@@ -586,9 +608,9 @@ class Manager:
         if conn.out:
             # A client that does not read its replies is not served more
             # requests until it does: its backlog cannot grow without bound.
-            mask = selectors.EVENT_WRITE if conn.out_size > self.max_pending_output else selectors.EVENT_READ | selectors.EVENT_WRITE
+            mask = _WRITE if conn.out_size > self.max_pending_output else _READ | _WRITE
         else:
-            mask = selectors.EVENT_READ
+            mask = _READ
         if mask != conn.mask:
             conn.mask = mask
-            self._sel.modify(conn.sock, mask, conn)
+            self._ep.modify(conn.fd, mask)

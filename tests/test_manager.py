@@ -365,26 +365,34 @@ def test_a_closed_connection_never_touches_a_new_one_on_its_fd():
     """Regression: a connection closed earlier in a loop round could, through a
     stale event, remove a new connection that had been given the same fd, whose
     replies were then never sent (seen as a 5 s timeout under load)."""
-    import selectors
+    import select
 
     from django_clustershm.manager import _Conn
 
     manager = Manager()
     try:
         a, a_peer = socket.socketpair()
+        a.setblocking(False)
         old = _Conn(a, deadline=0)
         manager._conns[old.fd] = old
-        manager._sel.register(a, selectors.EVENT_READ, old)
+        manager._ep.register(old.fd, select.EPOLLIN)
         manager._close(old, None)
         b, b_peer = socket.socketpair()
+        b.setblocking(False)
         new = _Conn(b, deadline=0)
         manager._conns[new.fd] = new
-        manager._sel.register(b, selectors.EVENT_READ, new)
+        manager._ep.register(new.fd, select.EPOLLIN)
         assert new.fd == old.fd  # the kernel hands out the lowest free fd
         manager._close(old, "stale")  # e.g. a stale event for the old connection
         manager._on_readable(old)
         manager._deliver(old, 1, "x")
         assert manager._conns[new.fd] is new and not new.closed
+        # The loop maps events by fd: a stale event that reaches the new
+        # connection finds nothing to read, and leaves it alone.
+        new.session = object()
+        manager._on_readable(new)
+        assert manager._conns[new.fd] is new and not new.closed
+        new.session = None
         for s in (a_peer, b, b_peer):
             s.close()
         manager._conns.clear()
