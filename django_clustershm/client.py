@@ -204,7 +204,17 @@ class Client:
         return self._call(P.LOCK_ACQUIRE, [self._key(key), _seconds(lease), _seconds(wait)], reply_timeout)
 
     def lock_release(self, key: str, token: bytes) -> bool:
-        return self._call(P.LOCK_RELEASE, [self._key(key), token])
+        """Release; True if the lock went to a waiter, False if it is free now."""
+        handed_over = self._call(P.LOCK_RELEASE, [self._key(key), token])
+        if handed_over:
+            # The next holder was just woken, most likely onto this CPU's run
+            # queue (it slept in recv() here): let it run now rather than when
+            # this thread next blocks. Go's sync.Mutex does the same on a
+            # hand-off (semrelease with handoff=true yields). Measured with
+            # bench_locks.py, 4 processes on 2 CPUs: the new holder's first
+            # round trip 21 -> 9 us, locked read-modify-write 14.4k -> 17.8k ops/s.
+            os.sched_yield()
+        return handed_over
 
     def lock_extend(self, key: str, token: bytes, lease: float | None) -> bool:
         return self._call(P.LOCK_EXTEND, [self._key(key), token, _seconds(lease)])

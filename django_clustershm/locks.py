@@ -103,13 +103,13 @@ class LockTable:
         return ...
 
     def release(self, key: str, token: bytes) -> bool:
+        """Release; True if a waiter was granted the lock, False if it is free now."""
         state = self._keys.get(key)
         if state is not None:
             self._expire_lease(key, state, self.clock())
         if state is None or state.holder is None or state.holder.token != token:
             raise LockNotOwned(f"lock {key!r} is not held with this token (released, expired, or never acquired)")
-        self._hand_over(key, state)
-        return True
+        return self._hand_over(key, state)
 
     def extend(self, key: str, token: bytes, lease: float | None) -> bool:
         state = self._keys.get(key)
@@ -180,8 +180,8 @@ class LockTable:
             self._timer(holder.lease_until, key, holder)
         return [holder.token, holder.fence]
 
-    def _hand_over(self, key: str, state: _Key) -> None:
-        """The holder is done: grant the first waiter still waiting, in FIFO order."""
+    def _hand_over(self, key: str, state: _Key) -> bool:
+        """The holder is done: grant the first waiter still waiting, in FIFO order (True if one was)."""
         state.holder = None
         now = self.clock()
         while state.queue:
@@ -193,8 +193,9 @@ class LockTable:
                 self.answer(waiter, None)  # its time ran out: never granted afterwards
                 continue
             self.answer(waiter, self._grant(key, state, waiter.session, waiter.lease, now))
-            return
+            return True
         del self._keys[key]
+        return False
 
     def _time_out(self, key: str, state: _Key, waiter: Waiter) -> None:
         try:

@@ -60,7 +60,9 @@ store; the value ``v`` is ``bin`` or ``int``; ``ttl`` is seconds or nil)::
     CACHE_SET_MANY [ns, {key: v}, ttl, opts] -> nil      max_bytes])
 
     LOCK_ACQUIRE [key, lease, wait]      -> [token, fence], or nil (not acquired)
-    LOCK_RELEASE [key, token]            -> true (LockNotOwned otherwise)
+    LOCK_RELEASE [key, token]            -> handed over: true if a waiter got the
+                                            lock, false if it is free (LockNotOwned
+                                            if not held with ``token``)
     LOCK_EXTEND  [key, token, lease]     -> true (LockNotOwned otherwise)
     LOCK_STATUS  [key, token]            -> [locked, owned]
 

@@ -69,6 +69,26 @@ def test_waiters_are_granted_in_fifo_order(cluster):
     assert [clustershm.get(f"order:{n}") for n in range(1, 6)] == [0, 1, 2, 3, 4]
 
 
+def test_release_says_whether_a_waiter_got_the_lock(cluster):
+    """The release of a contended lock reports the hand-over (the client then
+    yields its CPU to the woken waiter); an uncontended one, a free lock."""
+    client = clustershm.get_client()
+    token, _fence = client.lock_acquire("handed", None, None)
+    assert client.lock_release("handed", token) is False  # nobody waited: free now
+
+    token, _fence = client.lock_acquire("handed", None, None)
+
+    def waiter():
+        with clustershm.mutex("handed", timeout=30):
+            clustershm.set("waiter-had-it", True)
+
+    pid = fork_call(waiter)
+    wait_until(lambda: waiters("handed") == 1, message="the waiter queued")
+    assert client.lock_release("handed", token) is True  # granted to the waiter
+    assert reap(pid, 30) == 0
+    assert clustershm.get("waiter-had-it") is True
+
+
 def test_sigkill_of_the_holder_frees_the_lock_at_once(cluster):
     r, w = os.pipe()
 
@@ -180,6 +200,35 @@ def test_acquire_timeout_and_try_acquire(anywhere):
     assert result["try"] is False and result["timed"] is False
     assert result["waited"] >= 0.15
     assert isinstance(result["mutex"], LockTimeout) and result["get_lock"]
+
+
+def test_wait_timeouts_fire_while_the_manager_is_busy(cluster):
+    """The Manager runs its timers when it is about to sleep and at least every
+    millisecond while requests keep it busy: a wait ends on time under load."""
+    holder = clustershm.Lock("loaded")
+    holder.acquire()
+
+    def hammer(i):
+        end = time.monotonic() + 3
+        while time.monotonic() < end:
+            clustershm.incr("hammer")
+
+    pids = [fork_call(hammer, i) for i in range(2)]
+    wait_until(lambda: clustershm.get("hammer", 0) > 100, message="the load started")
+    result = {}
+
+    def waiter():  # another thread: the holder's own would be refused (WouldDeadlock)
+        start = time.monotonic()
+        result["acquired"] = clustershm.Lock("loaded").acquire(timeout=0.3)
+        result["waited"] = time.monotonic() - start
+
+    t = threading.Thread(target=waiter)
+    t.start()
+    t.join(20)
+    assert [reap(pid, 30) for pid in pids] == [0, 0]
+    holder.release()
+    assert result["acquired"] is False
+    assert 0.3 <= result["waited"] < 1.3, result
 
 
 def test_a_waiter_that_timed_out_is_never_granted(cluster):
