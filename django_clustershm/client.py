@@ -25,6 +25,7 @@ import errno
 import hmac
 import logging
 import os
+import select
 import pickle
 import socket
 import struct
@@ -266,7 +267,7 @@ class _Connection:
 
     __slots__ = (
         "sock", "reader", "limits", "session_id", "rid", "timeout", "spin", "spin_skip", "spin_backoff", "lock_poll",
-        "__weakref__",
+        "poll", "__weakref__",
     )
 
     def __init__(self, address: str, secret: bytes, timeout: float, spin: float = 0.0) -> None:
@@ -296,6 +297,10 @@ class _Connection:
         except BaseException:
             sock.close()
             raise
+        # Polling for a reply asks poll(2) (0.3 us when there is nothing)
+        # rather than a recv() that fails with EAGAIN (1 us: an exception).
+        self.poll = select.poll()
+        self.poll.register(sock.fileno(), select.POLLIN)
         _live_connections.add(self)
 
     def _read_frame(self):
@@ -368,24 +373,27 @@ class _Connection:
                 # answered at once: once one is queued, the next ones sleep
                 # (polling for contended locks takes CPU from the holder).
                 spin_until = time.perf_counter() + self.spin
+        poll = self.poll.poll
         while True:
             data = None
             while spin_until:  # poll first (see DEFAULT_SPIN)
-                try:
-                    data = sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+                if poll(0):
+                    try:
+                        data = sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+                    except BlockingIOError:
+                        continue
+                    except OSError as exc:
+                        raise ManagerUnavailable(f"lost the connection to the Manager: {exc}") from exc
                     if learn:
                         self.spin_backoff = 0
                     break
-                except BlockingIOError:
-                    if time.perf_counter() > spin_until:
-                        # The reply is slow to come (a busy machine): stop
-                        # polling for a while, longer each time it fails.
-                        if learn:
-                            self.spin_backoff = min(self.spin_backoff * 2 + 1, 256)
-                            self.spin_skip = self.spin_backoff
-                        spin_until = 0.0
-                except OSError as exc:
-                    raise ManagerUnavailable(f"lost the connection to the Manager: {exc}") from exc
+                if time.perf_counter() > spin_until:
+                    # The reply is slow to come (a busy machine): stop
+                    # polling for a while, longer each time it fails.
+                    if learn:
+                        self.spin_backoff = min(self.spin_backoff * 2 + 1, 256)
+                        self.spin_skip = self.spin_backoff
+                    spin_until = 0.0
             if data is None:
                 try:
                     data = sock.recv(_RECV_SIZE)
