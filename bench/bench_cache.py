@@ -17,8 +17,8 @@ stops it by pid at the end, and removes every file it made:
 * ``ClusterShmCache+near`` (``--only near``): the same backend and the same
   Manager, on its own LOCATION (``bench-near``) with
   ``NEAR_CACHE = {"MAX_ENTRIES": 100000, "MAX_BYTES": 64 MiB}``: each process
-  keeps a consistent local copy of the keys it read, invalidated by the
-  Manager on every change (cluster mode only, which
+  keeps a consistent local copy of the keys it read, updated (small values)
+  or invalidated by the Manager on every change (cluster mode only, which
   ``django_clustershm.configure()`` sets up here);
 * ``RedisCache``: ``redis-server --port 0`` on a Unix socket, no persistence;
 * ``PyMemcacheCache``: ``memcached`` on 127.0.0.1, a free TCP port, no UDP;
@@ -772,8 +772,8 @@ def throughput_table(selected: list[str], results: dict, args) -> str:
         shares = " / ".join(f"{near[str(p)]['near_local_share'] * 100:.1f}%" for p in PROCS)
         procs = "/".join(map(str, PROCS))
         lines += ["", f"ClusterShmCache+near: share of gets answered from the process's near cache with {procs} "
-                  f"processes: {shares} (the rest went to the Manager: first reads, and reads of a key that "
-                  "another process's set had invalidated)."]  # fmt: skip
+                  f"processes: {shares} (the rest went to the Manager: first reads, and reads of a key "
+                  "invalidated or evicted since)."]  # fmt: skip
     return "\n".join(lines)
 
 
