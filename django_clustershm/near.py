@@ -62,6 +62,7 @@ from .exceptions import ClusterShmError, ManagerUnavailable
 logger = logging.getLogger("django_clustershm.near")
 
 _INT_SIZE = 8
+_MAX_UNTRACK_BACKLOG = 1 << 20
 #: Values up to this size are pushed to the near caches that hold their key
 #: when they are written (larger ones are invalidated): the Manager's limit.
 PUSH_LIMIT = 64 * 1024
@@ -101,10 +102,10 @@ class NearCache:
             self.bytes -= entry[2]
 
     def _put(self, key: str, data, deadline) -> None:
+        self._drop(key)  # first: a value too large to keep must not leave the old one behind
         size = len(key) + (len(data) if type(data) is bytes else _INT_SIZE)
         if size > self.max_bytes:
             return
-        self._drop(key)
         self._entries[key] = (data, deadline, size)
         self.bytes += size
         while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
@@ -228,7 +229,7 @@ class Tracker:
         self.conn, self.sid, self.seq, self._out, self._poll = conn, body[0], 0, b"", poll
 
     def drain(self) -> bool:
-        """Apply every invalidation already received, without blocking.
+        """Apply every push (update, invalidation) already received, without blocking.
 
         False when there is no live channel (never connected, or just lost):
         the near caches are then empty and must not answer.
@@ -259,10 +260,10 @@ class Tracker:
                 return False
             for op, _rid, payload in frames:
                 if op == P.PUSH_UPDATE:
-                    seq, ns, key, data, deadline = P.decode_payload(payload)
+                    seq, ns, key, value, deadline = P.decode_payload(payload)
                     self.seq = seq
                     cache = self.caches.get(ns)
-                    if cache is None or not cache.update(key, data, deadline):
+                    if cache is None or not cache.update(key, value, deadline):
                         if untrack is None:
                             untrack = []
                         untrack.append(P.encode(P.UNTRACK, 0, [ns, key, seq]))
@@ -276,7 +277,9 @@ class Tracker:
     def _send_untrack(self, frames) -> None:
         """Tell the Manager which pushed keys this process does not hold.
         A hint: what the socket cannot take now waits for the next drain."""
-        if frames:
+        if frames and len(self._out) < _MAX_UNTRACK_BACKLOG:
+            # (Past that, the Manager is not reading us: new hints are
+            # dropped whole, at worst costing more pushes.)
             self._out += b"".join(frames)
         try:
             sent = self.conn.sock.send(self._out)

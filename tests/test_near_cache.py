@@ -94,6 +94,21 @@ def test_a_value_over_the_push_limit_is_invalidated_not_pushed(cluster):
     assert near().misses == misses + 1  # invalidated, then read again from the Manager
 
 
+@override_settings(CACHES={"default": {**NEAR, "OPTIONS": {"NEAR_CACHE": {"MAX_BYTES": 4096}}}})
+def test_a_pushed_value_too_large_for_the_near_cache_drops_the_old_copy(cluster):
+    cache = caches["default"]
+    cache.set("k", "small")
+    assert cache.get("k") == "small" and cache.get("k") == "small"  # held locally
+    large = "y" * 10_000  # pushed (under PUSH_LIMIT) but over this near cache's MAX_BYTES
+
+    def writer():
+        caches["default"].set("k", large)
+
+    assert reap(fork_call(writer), 10) == 0
+    assert cache.get("k") == large
+    assert cache.make_key("k") not in near()._entries
+
+
 @override_settings(CACHES={"default": {**NEAR, "OPTIONS": {"NEAR_CACHE": {"MAX_ENTRIES": 2}}}})
 def test_a_key_evicted_locally_stops_being_pushed(cluster):
     cache = caches["default"]
