@@ -73,9 +73,10 @@ class Session:
         self.push: Callable | None = None
         # Near-cache channel (a TRACKER connection): how many pushes
         # (invalidations and updates) it was sent, how they are sent
-        # (invalidate(opcode, payload), set by the transport: at once, into
-        # the socket, or the connection is shut down), which (ns, key) it may
-        # hold, and the largest value it wants pushed.
+        # (invalidate(opcode, payload) -> bool, set by the transport: at once,
+        # into the socket, or the connection is shut down; False if an update
+        # was not sent), which (ns, key) it may hold, and the largest value it
+        # wants pushed.
         self.tracker = False
         self.inval_seq = 0
         self.invalidate: Callable | None = None
@@ -263,14 +264,15 @@ class Engine:
         deadline = space.deadline(key)
         for session in list(trackers):
             session.inval_seq += 1
-            if size <= session.push_limit:
-                if session.invalidate is not None:
-                    session.invalidate(P.PUSH_UPDATE, [session.inval_seq, ns, key, value, deadline])
-            else:
-                del trackers[session]
-                session.tracked.discard(record)
-                if session.invalidate is not None:
-                    session.invalidate(P.PUSH_INVALIDATE, [session.inval_seq, ns, key])
+            send = session.invalidate
+            if size <= session.push_limit and send is not None and send(P.PUSH_UPDATE, [session.inval_seq, ns, key, value, deadline]):
+                continue
+            # Too large for it, or refused by the transport (a tracker that
+            # lags behind): an invalidation, and the tracking ends.
+            del trackers[session]
+            session.tracked.discard(record)
+            if send is not None:
+                send(P.PUSH_INVALIDATE, [session.inval_seq, ns, key])
         if not trackers:
             del self.tracking[record]
 

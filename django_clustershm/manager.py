@@ -25,6 +25,7 @@ and :attr:`Manager.handshake_timeout` seconds to do so.
 from __future__ import annotations
 
 import errno
+import fcntl
 import hmac
 import logging
 import os
@@ -33,6 +34,7 @@ import shutil
 import socket
 import struct
 import tempfile
+import termios
 import threading
 import time
 import weakref
@@ -68,7 +70,7 @@ def _remove_files(address: str, own_dir: str | None, pid: int) -> None:
 class _Conn:
     __slots__ = (
         "sock", "fd", "reader", "out", "out_size", "session", "nonce", "deadline", "peer_pid", "peer_uid", "mask",
-        "overflow", "gone", "closed",
+        "overflow", "gone", "closed", "pushed", "lag_check", "lagging",
     )
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
@@ -86,6 +88,11 @@ class _Conn:
         self.overflow = False
         self.gone = False  # the peer closed its end (seen when writing to it)
         self.closed = False
+        # A near-cache tracker: bytes of updates it was sent (or refused),
+        # when to look at its unread backlog next, and whether it lags.
+        self.pushed = 0
+        self.lag_check = 0
+        self.lagging = False
 
 
 class Manager:
@@ -112,6 +119,9 @@ class Manager:
     #: Send buffer of a near-cache tracker: the pushes its process has not
     #: read yet, beyond which it is cut off (and empties its near caches).
     tracker_sndbuf = 4 * 1024 * 1024
+    #: Unread bytes (as the kernel counts them) in a tracker's socket beyond
+    #: which it is sent invalidations instead of updates, until it catches up.
+    tracker_lag = 1024 * 1024
 
     def __init__(
         self,
@@ -546,16 +556,33 @@ class Manager:
             conn.overflow = True
         self._dirty.add(conn)
 
-    def _invalidate(self, conn: _Conn, op: int, payload: list) -> None:
+    def _invalidate(self, conn: _Conn, op: int, payload: list) -> bool:
         """A near-cache push (invalidation or update) goes into the tracker's
         socket now, before the reply to the write that caused it, or the
         tracker is shut down now (its process then drops its whole near
-        cache). Either way, no reader of that process can
-        find the old value once the writer has its reply.
+        cache). Either way, no reader of that process can find the old value
+        once the writer has its reply.
+
+        An update is refused (False: the engine sends an invalidation
+        instead, which ends the tracking) while the tracker's process lags:
+        a worker that serves no request reads nothing, and updates of every
+        key it once read would otherwise pile up in its socket until it is
+        cut off. Invalidations stop the flow after one per key.
         """
         if conn.overflow:
-            return
+            return False
         frame = P.encode(op, 0, payload)
+        if op == P.PUSH_UPDATE:
+            conn.pushed += len(frame)
+            if conn.pushed >= conn.lag_check:
+                conn.lag_check = conn.pushed + self.tracker_lag // 4
+                try:
+                    unread = struct.unpack("i", fcntl.ioctl(conn.fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
+                except OSError:
+                    unread = 0
+                conn.lagging = unread > self.tracker_lag
+            if conn.lagging:
+                return False
         sent = -1
         if not conn.out:
             try:
@@ -572,6 +599,8 @@ class Manager:
             except OSError:
                 pass
             self._dirty.add(conn)  # closed, with its reason, at the end of this round
+            return False
+        return True
 
     def _deliver(self, conn: _Conn, rid: int, result) -> None:
         if conn.closed:

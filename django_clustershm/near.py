@@ -36,7 +36,9 @@ processes reading a hot key, each write would cost every one of them a round
 trip to read the key again; an update costs the Manager what the
 invalidation did, and no process a miss. An update of a key the process no
 longer holds (evicted from its near cache) is answered with UNTRACK, so the
-Manager stops sending that key.
+Manager stops sending that key; and a process that lags (1 MiB of pushes
+unread: an idle worker) is sent invalidations instead of updates, which end
+the tracking, so that it is not flooded and cut off.
 
 A copy is kept with its expiry, computed from the moment the request was sent
 (so never later than the Manager's), and bounded by entries and bytes (LRU).

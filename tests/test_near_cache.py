@@ -133,7 +133,7 @@ def test_untrack_keeps_a_record_read_again_after_the_push():
     engine = Engine()
     writer, tracker = engine.open_session(), engine.open_session()
     sent = []
-    tracker.invalidate = lambda op, payload: sent.append((op, payload))
+    tracker.invalidate = lambda op, payload: sent.append((op, payload)) or True  # sent
     engine.dispatch(tracker, P.TRACKER, [PUSH_LIMIT])
     engine.dispatch(writer, P.SET, ["", "k", b"v1", None])
     engine.dispatch(writer, P.TRACK_GET, ["", "k", tracker.id])
@@ -329,6 +329,51 @@ def test_a_tracker_that_cannot_take_an_invalidation_is_cut_off(cluster):
         while tracker.recv(1 << 20):
             pass
         raise AssertionError("EOF")  # shut down: the reader sees EOF after what it had
+    tracker.close()
+    worker.close()
+
+
+def test_a_tracker_that_reads_nothing_gets_invalidations_not_a_cut_off(cluster):
+    """An idle worker reads nothing: once its unread updates pass the lag limit,
+    the Manager invalidates instead, so the flow stops (one push per key) and the
+    tracker is not cut off."""
+    tracker = _handshaked_socket(cluster.address, cluster.secret)
+    tracker.sendall(P.encode(P.TRACKER, 1, [PUSH_LIMIT]))
+    reader = P.FrameReader(max_frame=1 << 20)
+    ((op, _, payload),) = reader.feed(tracker.recv(4096))
+    (sid,) = P.decode_payload(payload)
+    worker = _handshaked_socket(cluster.address, cluster.secret)
+    wreader = P.FrameReader(max_frame=1 << 20)
+
+    def call(op, args):
+        worker.sendall(P.encode(op, 1, args))
+        while True:
+            frames = wreader.feed(worker.recv(65536))
+            if frames:
+                return frames[0]
+
+    keys = [f"idle{i}" for i in range(10)]
+    for key in keys:
+        call(P.SET, ["", key, b"v", None])
+        call(P.TRACK_GET, ["", key, sid])
+    value = b"x" * 4000
+    for i in range(2000):  # 8 MB of updates if they were all sent: twice the tracker's buffer
+        call(P.SET, ["", keys[i % 10], value, None])
+    stats = P.decode_payload(call(P.STATS, [])[2])
+    assert stats["near_cache_tracking"] == 0  # every key was invalidated in the end
+    assert "cut off" not in cluster.log()
+    # The tracker finds, in order: updates, then one invalidation per key, then nothing.
+    tracker.settimeout(5)
+    pushes = []
+    while sum(op == P.PUSH_INVALIDATE for op, _ in pushes) < len(keys):
+        for op, _, payload in reader.feed(tracker.recv(1 << 20)):
+            pushes.append((op, P.decode_payload(payload)))
+    assert [seq for _, (seq, *_rest) in pushes] == list(range(1, len(pushes) + 1))
+    assert len(pushes) < 2000
+    ops = [op for op, _ in pushes]
+    first_invalidation = ops.index(P.PUSH_INVALIDATE)
+    assert set(ops[:first_invalidation]) == {P.PUSH_UPDATE} and first_invalidation > 100
+    assert sorted(payload[2] for op, payload in pushes if op == P.PUSH_INVALIDATE) == keys
     tracker.close()
     worker.close()
 
