@@ -262,12 +262,16 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
+class _Blocking(Exception):
+    """Internal: a wait with its own timeout is about to block (see _Connection._receive)."""
+
+
 class _Connection:
     """One authenticated connection, used by one thread at a time."""
 
     __slots__ = (
         "sock", "reader", "limits", "session_id", "rid", "timeout", "spin", "spin_skip", "spin_backoff", "lock_poll",
-        "poll", "__weakref__",
+        "poll", "_queued", "__weakref__",
     )
 
     def __init__(self, address: str, secret: bytes, timeout: float, spin: float = 0.0) -> None:
@@ -277,6 +281,7 @@ class _Connection:
         self.spin_skip = 0
         self.spin_backoff = 0
         self.lock_poll = True
+        self._queued = False  # a lock wait's PUSH_QUEUED seen before it blocked
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = sock
         try:
@@ -347,22 +352,36 @@ class _Connection:
         a number of seconds, or 0 for no limit.
         """
         if timeout is not None:
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
-            try:
-                # A lock wait: polled (an uncontended acquire answers at once),
-                # but a long wait must not teach the connection to stop polling
-                # for the quick requests of the critical section that follows.
-                return self._receive(rid, timeout or "no limit", learn=False)
-            finally:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout))
+            # A lock wait: polled (an uncontended acquire answers at once),
+            # but a long wait must not teach the connection to stop polling
+            # for the quick requests of the critical section that follows.
+            return self._receive(rid, timeout, learn=False)
         return self._receive(rid, self.timeout)
 
     def _receive(self, rid: int, timeout, learn: bool = True):
+        """Wait for the reply to ``rid``: poll first, then block in recv().
+
+        A ``timeout`` other than the connection's (a lock wait) is given to the
+        socket only when the wait blocks, and taken back after: an acquire
+        answered while polling costs no setsockopt() (2 of them: 2 us).
+        """
+        timeout_set = False
+        try:
+            return self._receive_loop(rid, timeout, learn)
+        except _Blocking:
+            timeout_set = True
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+            return self._receive_loop(rid, timeout, learn, blocking=True)
+        finally:
+            if timeout_set:
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout))
+
+    def _receive_loop(self, rid: int, timeout, learn: bool, blocking: bool = False):
         reader = self.reader
         sock = self.sock
-        queued = False
+        queued = self._queued if blocking else False
         spin_until = 0.0
-        if self.spin:
+        if self.spin and not blocking:
             if learn:
                 if self.spin_skip:
                     self.spin_skip -= 1
@@ -395,10 +414,13 @@ class _Connection:
                         self.spin_skip = self.spin_backoff
                     spin_until = 0.0
             if data is None:
+                if timeout is not self.timeout and not blocking:
+                    self._queued = queued
+                    raise _Blocking  # set this wait's own timeout first (see _receive)
                 try:
                     data = sock.recv(_RECV_SIZE)
                 except (BlockingIOError, socket.timeout) as exc:  # SO_RCVTIMEO expired
-                    raise ManagerUnavailable(f"no reply from the Manager within {timeout}s") from exc
+                    raise ManagerUnavailable(f"no reply from the Manager within {timeout or 'no limit'}s") from exc
                 except OSError as exc:
                     raise ManagerUnavailable(f"lost the connection to the Manager: {exc}") from exc
             if not data:
