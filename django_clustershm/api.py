@@ -79,6 +79,17 @@ def ping() -> bool:
     return get_client().ping()
 
 
+def near_stats() -> dict:
+    """This process's near caches: ``{namespace: {"entries", "bytes", "hits", "misses"}}``
+    (the namespace is a cache's LOCATION, "" for the shared store); empty when
+    none is enabled, and always in embedded mode."""
+    near = getattr(get_client(), "_near", None) or {}
+    return {
+        ns: {"entries": len(cache), "bytes": cache.bytes, "hits": cache.hits, "misses": cache.misses}
+        for ns, cache in near.items()
+    }
+
+
 # -- the seed's LRU operations, on the default cache ------------------------------
 
 _standalone_lru = None

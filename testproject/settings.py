@@ -61,11 +61,13 @@ CACHES = {
         "TIMEOUT": 300,
         "OPTIONS": {"MAX_ENTRIES": 10000, "CULL_FREQUENCY": 3},
     },
+    # Read on every request, written rarely: each worker keeps a near cache
+    # of sessions, kept consistent by the Manager (README, "Near cache").
     "sessions": {
         "BACKEND": "django_clustershm.cache.ClusterShmCache",
         "LOCATION": "sessions",
         "TIMEOUT": 1209600,
-        "OPTIONS": {"MAX_ENTRIES": 100000},
+        "OPTIONS": {"MAX_ENTRIES": 100000, "NEAR_CACHE": {"MAX_ENTRIES": 10000, "MAX_BYTES": 16 * 2**20}},
     },
 }
 

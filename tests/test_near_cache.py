@@ -41,6 +41,8 @@ def test_hits_are_local_and_fresh_objects(cluster):
         got["list"].append(2)  # the caller may mutate what it gets
     assert clustershm.stats()["ops"] == ops + 1  # 50 hits, no round trip (the +1 is this stats call)
     assert near().hits >= 50 and first is not got
+    stats = clustershm.near_stats()["near"]
+    assert stats["hits"] >= 50 and stats["entries"] == 1 and stats["bytes"] > 0
 
 
 @override_settings(CACHES=CACHES)
@@ -409,3 +411,4 @@ def test_embedded_mode_has_no_near_cache():
         caches["default"].set("k", 1)
         assert caches["default"].get("k") == 1
         assert not hasattr(clustershm.get_client(), "_near")
+        assert clustershm.near_stats() == {}

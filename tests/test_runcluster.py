@@ -150,6 +150,52 @@ def test_two_thousand_concurrent_increments_are_exact(server):
     assert server.get("/hit/")[1]["hits"] == 2001
 
 
+def request_with_session(server: Server, path: str, cookie: str | None) -> tuple[dict, str | None]:
+    """GET ``path`` with the session cookie ``cookie``; the body and the cookie to use next."""
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", path, headers={"Cookie": f"sessionid={cookie}"} if cookie else {})
+        resp = conn.getresponse()
+        body = resp.read()
+        assert resp.status == 200, body
+        for header in resp.headers.get_all("Set-Cookie") or ():
+            match = re.match(r'sessionid="?([^;"]*)"?;', header)
+            if match:
+                cookie = match.group(1) or None  # empty: deleted
+        return json.loads(body), cookie
+    finally:
+        conn.close()
+
+
+def test_sessions_in_near_caches_are_fresh_on_every_worker(server):
+    """testproject keeps sessions in a cache with a near cache in every worker: a
+    login, a second login and a logout are each seen by the very next request,
+    whichever worker answers it (each request is a new connection)."""
+
+    def visitor(i):
+        cookie = None
+        pids = set()
+        for round_ in range(4):
+            name = f"user{i}-{round_}"
+            body, cookie = request_with_session(server, f"/login/?name={name}", cookie)
+            assert body["user"] == name and cookie
+            for _ in range(8):
+                body, cookie = request_with_session(server, "/me/", cookie)
+                assert body["user"] == name, (i, round_, body)
+                pids.add(body["pid"])
+        old = cookie
+        body, cookie = request_with_session(server, "/logout/", cookie)
+        for _ in range(8):
+            assert request_with_session(server, "/me/", old)[0]["user"] is None
+        return pids
+
+    with ThreadPoolExecutor(8) as pool:
+        seen = set().union(*pool.map(visitor, range(8)))
+    assert len(seen) > 1  # the reads really were spread over several workers
+    near = [body["near_caches"].get("sessions", {}) for body in hammer(server, "/whoami/", 40, threads=8)]
+    assert any(n.get("hits", 0) > 0 for n in near), near  # sessions really were read from near caches
+
+
 def test_master_state_set_before_fork_is_seen_by_workers(server):
     # testproject.demo's AppConfig.ready() ran in the master before the fork.
     bodies = hammer(server, "/booted/", 40, threads=8)

@@ -67,6 +67,7 @@ def whoami(request):
             "keys": stats["store"]["keys"],
             "clients": [c["pid"] for c in stats["clients"]],
             "caches": {name: c["keys"] for name, c in stats["caches"].items()},
+            "near_caches": clustershm.near_stats(),  # this worker's
         }
     )
 
