@@ -15,7 +15,7 @@ from .helpers import fork_call, reap, wait_until
 def test_public_names_are_pinned():
     assert sorted(clustershm.__all__) == sorted(
         [
-            "add", "clear", "decr", "delete_many", "get", "get_many", "has", "incr", "keys", "ping",
+            "add", "clear", "decr", "delete_many", "get", "get_many", "has", "incr", "keys", "near_stats", "ping",
             "remove", "set", "set_many", "stats", "touch", "get_lru", "set_lru", "remove_lru",
             "Client", "EmbeddedClient", "Engine", "Limits", "Manager", "SocketClient",
             "configure", "connect", "get_client",
