@@ -129,8 +129,9 @@ class Engine:
         self.started = time.time()
         self.ops = 0
         # ops/s over the last whole second
+        # ops/s over the last whole second, kept by tick() (not per request)
         self._rate_second = int(clock())
-        self._rate_count = 0
+        self._rate_ops = 0
         self.ops_per_second = 0
         self.handlers: dict[int, Callable] = {
             P.PING: self._ping,
@@ -195,17 +196,19 @@ class Engine:
             raise ProtocolError(f"unknown opcode 0x{op:02x}")
         session.ops += 1
         self.ops += 1
-        second = int(self.clock())
-        if second != self._rate_second:
-            self.ops_per_second = self._rate_count if second == self._rate_second + 1 else 0
-            self._rate_second = second
-            self._rate_count = 0
-        self._rate_count += 1
         self._rid = rid
         return handler(session, *args)
 
     def tick(self) -> float | None:
-        """Reclaim expired keys; return the next deadline (monotonic) or None."""
+        """Reclaim expired keys; return the next deadline (monotonic) or None.
+
+        The transport calls it before it sleeps and at least every few
+        milliseconds while busy."""
+        second = int(self.clock())
+        if second != self._rate_second:
+            self.ops_per_second = self.ops - self._rate_ops if second == self._rate_second + 1 else 0
+            self._rate_second = second
+            self._rate_ops = self.ops
         self.store.reap()
         if self.caches:
             # Caches expire lazily on access; reclaiming the rest of their

@@ -255,6 +255,12 @@ class FrameReader:
             self._chunks = []
         else:
             buf = data
+            end = len(buf)
+            if end >= HEADER_SIZE:
+                # The common case, one whole frame (a request, a reply): no loop.
+                magic, version, op, rid, length = HEADER.unpack_from(buf)
+                if end == HEADER_SIZE + length and magic == MAGIC and version == VERSION and length <= self.max_frame:
+                    return [(op, rid, buf[HEADER_SIZE:])]
         frames = []
         pos = 0
         end = len(buf)
