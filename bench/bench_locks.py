@@ -2,7 +2,7 @@
 
 Run by hand from the repository root (it is not part of the test suite)::
 
-    python bench/bench_locks.py                     # N = 5000, 3 s per throughput run, 20 hand-overs
+    python bench/bench_locks.py                     # N = 5000, 3 rounds of 3 s per lock, 20 hand-overs
     python bench/bench_locks.py --n 20000 --seconds 5 --trials 50 --json bench/results/locks.json
 
 Needs ``redis-server`` (on the PATH or in /usr/bin) and the Python packages
@@ -42,7 +42,10 @@ What it measures
    The final counter must equal that total: any difference is an update lost
    because the lock let two processes in at once (printed; it must be 0).
    The table also gives the slowest and fastest process (fairness) and the
-   longest single wait for the lock.
+   longest single wait for the lock. The phase runs ``--rounds`` times (3),
+   the locks taking turns in each round, and each lock's row is its median
+   round (by ops/s), with the range over the rounds beside it: one 3-second
+   run on this noisy 2-CPU machine swings by 15% either way.
 3. Hand-over after the holder is SIGKILLed: a forked *holder* acquires the
    lock and reports over a pipe; a second forked *waiter* blocks in
    ``acquire()``. Once the waiter waits (for clustershm: the Manager's
@@ -596,19 +599,31 @@ def _table_latency(results: dict) -> str:
     return "\n".join(lines)
 
 
+def _median_round(runs: list[dict]) -> dict:
+    """The median run by ops/s (the lower middle one for an even count), with
+    every round's ops/s, and the lost updates of all rounds, kept beside it."""
+    ordered = sorted(runs, key=lambda r: r["ops_per_s"])
+    row = dict(ordered[(len(ordered) - 1) // 2])
+    row["rounds_ops_per_s"] = [r["ops_per_s"] for r in runs]
+    row["lost_updates_all_rounds"] = sum(r["lost_updates"] for r in runs)
+    return row
+
+
 def _table_rmw(results: dict) -> str:
     base = results["diskcache"]["ops_per_s"]
     lines = [
-        "| lock | ops/s | ops/s / diskcache | increments | final counter | lost updates "
-        "| slowest / fastest process (ops/s) | longest lock wait (ms) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| lock | ops/s (median round) | ops/s / diskcache | range over the rounds | increments | final counter "
+        "| lost updates (all rounds) | slowest / fastest process (ops/s) | longest lock wait (ms) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, row in results.items():
         ratio = f"{row['ops_per_s'] / base:.2f}x" if base else "n/a"
         per = row["per_process_ops_per_s"]
+        spread = row["rounds_ops_per_s"]
         lines.append(
-            f"| {LABELS[name]} | {row['ops_per_s']:,.0f} | {ratio} | {row['increments']:,} | {row['final_counter']:,} "
-            f"| {row['lost_updates']} | {min(per):,.0f} / {max(per):,.0f} | {row['max_wait_ms']:.1f} |"
+            f"| {LABELS[name]} | {row['ops_per_s']:,.0f} | {ratio} | {min(spread):,.0f} - {max(spread):,.0f} "
+            f"| {row['increments']:,} | {row['final_counter']:,} | {row['lost_updates_all_rounds']} "
+            f"| {min(per):,.0f} / {max(per):,.0f} | {row['max_wait_ms']:.1f} |"
         )
     return "\n".join(lines)
 
@@ -682,11 +697,12 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=500, help="untimed pairs per lock first (default 500)")
     parser.add_argument("--seconds", type=float, default=3.0, help="duration of each read-modify-write run (default 3)")
     parser.add_argument("--procs", type=int, default=4, help="processes in the read-modify-write runs (default 4)")
+    parser.add_argument("--rounds", type=int, default=3, help="read-modify-write rounds per lock; the median counts (default 3)")
     parser.add_argument("--trials", type=int, default=20, help="hand-overs after SIGKILL per lock (default 20)")
     parser.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args(argv)
-    if args.n < 1 or args.warmup < 0 or args.seconds <= 0 or args.procs < 1 or args.trials < 1:
-        parser.error("--n, --procs and --trials must be >= 1, --warmup >= 0, --seconds > 0")
+    if args.n < 1 or args.warmup < 0 or args.seconds <= 0 or args.procs < 1 or args.trials < 1 or args.rounds < 1:
+        parser.error("--n, --procs, --trials and --rounds must be >= 1, --warmup >= 0, --seconds > 0")
 
     started = time.perf_counter()
     lab = Lab()
@@ -707,10 +723,15 @@ def main(argv=None) -> int:
         log(f"phase 1: uncontended acquire+release, N={args.n} per lock")
         latency = phase_latency(backends, args.n, args.warmup)
 
-        rmw = {}
-        for name, backend in backends.items():
-            log(f"phase 2: locked read-modify-write, {args.procs} processes x {args.seconds:g} s: {LABELS[name]}")
-            rmw[name] = phase_rmw(backend, args.procs, args.seconds, problems)
+        rounds: dict = {name: [] for name in backends}
+        for r in range(args.rounds):
+            for name, backend in backends.items():
+                log(
+                    f"phase 2, round {r + 1}/{args.rounds}: locked read-modify-write, "
+                    f"{args.procs} processes x {args.seconds:g} s: {LABELS[name]}"
+                )
+                rounds[name].append(phase_rmw(backend, args.procs, args.seconds, problems))
+        rmw = {name: _median_round(runs) for name, runs in rounds.items()}
 
         handover = {}
         for name, backend in backends.items():
@@ -744,7 +765,10 @@ def main(argv=None) -> int:
     print()
     print(_table_latency(latency))
     print()
-    print(f"### 2. Locked read-modify-write of a shared counter, {args.procs} processes, {args.seconds:g} s")
+    print(
+        f"### 2. Locked read-modify-write of a shared counter, {args.procs} processes, {args.seconds:g} s, "
+        f"median of {args.rounds} rounds"
+    )
     print()
     print(_table_rmw(rmw))
     print()
@@ -774,6 +798,7 @@ def main(argv=None) -> int:
             "warmup": args.warmup,
             "seconds": args.seconds,
             "procs": args.procs,
+            "rounds": args.rounds,
             "trials": args.trials,
             "python": platform.python_version(),
             "platform": platform.platform(),
