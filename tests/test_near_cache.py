@@ -12,7 +12,7 @@ from django_clustershm import conf
 from django_clustershm import protocol as P
 from django_clustershm.engine import NO_REPLY, Engine
 from django_clustershm.exceptions import ProtocolError
-from django_clustershm.near import PUSH_LIMIT
+from django_clustershm.near import MAX_UNREAD_UPDATES, PUSH_LIMIT
 
 from .helpers import fork_call, reap, run_forked, wait_until
 from .test_manager import _handshaked_socket
@@ -127,6 +127,32 @@ def test_a_key_evicted_locally_stops_being_pushed(cluster):
     wait_until(lambda: clustershm.stats()["near_cache_tracking"] == 2, message="the Manager forgetting 'a'")
     assert cache.get("a") == 2  # a miss, tracked again
     assert clustershm.stats()["near_cache_tracking"] == 3
+
+
+@override_settings(CACHES=CACHES)
+def test_a_key_updated_again_and_again_without_a_read_stops_being_pushed(cluster):
+    cache = caches["default"]
+    cache.set_many({"hot": 0, "other": 0})
+    assert cache.get("hot") == 0 and cache.get("other") == 0  # both held locally
+    assert clustershm.stats()["near_cache_tracking"] == 2
+
+    def writer():
+        for i in range(1, MAX_UNREAD_UPDATES + 2):
+            caches["default"].set("hot", i)  # never read here in between
+
+    assert reap(fork_call(writer), 10) == 0
+    assert cache.get("other") == 0  # a read applies the pushes: the last one drops "hot"
+    assert cache.make_key("hot") not in near()._entries
+    wait_until(lambda: clustershm.stats()["near_cache_tracking"] == 1, message="the Manager forgetting 'hot'")
+    misses = near().misses
+    assert cache.get("hot") == MAX_UNREAD_UPDATES + 1 and near().misses == misses + 1  # read again
+
+    def writer2():
+        caches["default"].set("hot", -1)
+
+    assert cache.get("hot") == MAX_UNREAD_UPDATES + 1  # a hit now: reads reset the count
+    assert reap(fork_call(writer2), 10) == 0
+    assert cache.get("hot") == -1 and near().misses == misses + 1  # pushed, kept, no miss
 
 
 def test_untrack_keeps_a_record_read_again_after_the_push():
