@@ -35,8 +35,9 @@ Why updates and not only invalidations (what Redis sends): with several
 processes reading a hot key, each write would cost every one of them a round
 trip to read the key again; an update costs the Manager what the
 invalidation did, and no process a miss. An update of a key the process no
-longer holds (evicted from its near cache) is answered with UNTRACK, so the
-Manager stops sending that key; and a process that lags (1 MiB of pushes
+longer holds (evicted from its near cache, or dropped after
+:data:`MAX_UNREAD_UPDATES` updates it never read) is answered with UNTRACK,
+so the Manager stops sending that key; and a process that lags (1 MiB of pushes
 unread: an idle worker) is sent invalidations instead of updates, which end
 the tracking, so that it is not flooded and cut off.
 
