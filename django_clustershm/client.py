@@ -262,16 +262,12 @@ def _timeval(seconds: float) -> bytes:
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
 
 
-class _Blocking(Exception):
-    """Internal: a wait with its own timeout is about to block (see _Connection._receive)."""
-
-
 class _Connection:
     """One authenticated connection, used by one thread at a time."""
 
     __slots__ = (
         "sock", "reader", "limits", "session_id", "rid", "timeout", "spin", "spin_skip", "spin_backoff", "lock_poll",
-        "poll", "_queued", "__weakref__",
+        "poll", "__weakref__",
     )
 
     def __init__(self, address: str, secret: bytes, timeout: float, spin: float = 0.0) -> None:
@@ -281,7 +277,6 @@ class _Connection:
         self.spin_skip = 0
         self.spin_backoff = 0
         self.lock_poll = True
-        self._queued = False  # a lock wait's PUSH_QUEUED seen before it blocked
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock = sock
         try:
@@ -365,23 +360,13 @@ class _Connection:
         socket only when the wait blocks, and taken back after: an acquire
         answered while polling costs no setsockopt() (2 of them: 2 us).
         """
-        timeout_set = False
-        try:
-            return self._receive_loop(rid, timeout, learn)
-        except _Blocking:
-            timeout_set = True
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
-            return self._receive_loop(rid, timeout, learn, blocking=True)
-        finally:
-            if timeout_set:
-                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout))
-
-    def _receive_loop(self, rid: int, timeout, learn: bool, blocking: bool = False):
         reader = self.reader
         sock = self.sock
-        queued = self._queued if blocking else False
+        own_timeout = timeout is not self.timeout
+        timeout_set = False
+        queued = False
         spin_until = 0.0
-        if self.spin and not blocking:
+        if self.spin:
             if learn:
                 if self.spin_skip:
                     self.spin_skip -= 1
@@ -393,50 +378,57 @@ class _Connection:
                 # (polling for contended locks takes CPU from the holder).
                 spin_until = time.perf_counter() + self.spin
         poll = self.poll.poll
-        while True:
-            data = None
-            while spin_until:  # poll first (see DEFAULT_SPIN)
-                if poll(0):
+        try:
+            while True:
+                data = None
+                while spin_until:  # poll first (see DEFAULT_SPIN)
+                    if poll(0):
+                        try:
+                            data = sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
+                        except BlockingIOError:
+                            continue
+                        except OSError as exc:
+                            raise ManagerUnavailable(f"lost the connection to the Manager: {exc}") from exc
+                        if learn:
+                            self.spin_backoff = 0
+                        break
+                    if time.perf_counter() > spin_until:
+                        # The reply is slow to come (a busy machine): stop
+                        # polling for a while, longer each time it fails.
+                        if learn:
+                            self.spin_backoff = min(self.spin_backoff * 2 + 1, 256)
+                            self.spin_skip = self.spin_backoff
+                        spin_until = 0.0
+                if data is None:
+                    if own_timeout and not timeout_set:
+                        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout))
+                        timeout_set = True
                     try:
-                        data = sock.recv(_RECV_SIZE, socket.MSG_DONTWAIT)
-                    except BlockingIOError:
-                        continue
+                        data = sock.recv(_RECV_SIZE)
+                    except (BlockingIOError, socket.timeout) as exc:  # SO_RCVTIMEO expired
+                        raise ManagerUnavailable(f"no reply from the Manager within {timeout or 'no limit'}s") from exc
                     except OSError as exc:
                         raise ManagerUnavailable(f"lost the connection to the Manager: {exc}") from exc
-                    if learn:
-                        self.spin_backoff = 0
-                    break
-                if time.perf_counter() > spin_until:
-                    # The reply is slow to come (a busy machine): stop
-                    # polling for a while, longer each time it fails.
-                    if learn:
-                        self.spin_backoff = min(self.spin_backoff * 2 + 1, 256)
-                        self.spin_skip = self.spin_backoff
-                    spin_until = 0.0
-            if data is None:
-                if timeout is not self.timeout and not blocking:
-                    self._queued = queued
-                    raise _Blocking  # set this wait's own timeout first (see _receive)
+                if not data:
+                    raise ManagerUnavailable("the Manager closed the connection")
+                for op, frid, payload in reader.feed(data):
+                    if op == P.PUSH_QUEUED and frid == rid:
+                        spin_until = 0.0  # a lock wait that will take a while: sleep, do not poll
+                        queued = True
+                        continue
+                    if op >= P.PUSH_MIN:
+                        continue  # pushes are consumed by the modules that subscribe to them
+                    if frid != rid:
+                        raise ProtocolError(f"reply for request {frid} while waiting for {rid}")
+                    if not learn:
+                        self.lock_poll = not queued
+                    return op, payload
+        finally:
+            if timeout_set:
                 try:
-                    data = sock.recv(_RECV_SIZE)
-                except (BlockingIOError, socket.timeout) as exc:  # SO_RCVTIMEO expired
-                    raise ManagerUnavailable(f"no reply from the Manager within {timeout or 'no limit'}s") from exc
-                except OSError as exc:
-                    raise ManagerUnavailable(f"lost the connection to the Manager: {exc}") from exc
-            if not data:
-                raise ManagerUnavailable("the Manager closed the connection")
-            for op, frid, payload in reader.feed(data):
-                if op == P.PUSH_QUEUED and frid == rid:
-                    spin_until = 0.0  # a lock wait that will take a while: sleep, do not poll
-                    queued = True
-                    continue
-                if op >= P.PUSH_MIN:
-                    continue  # pushes are consumed by the modules that subscribe to them
-                if frid != rid:
-                    raise ProtocolError(f"reply for request {frid} while waiting for {rid}")
-                if not learn:
-                    self.lock_poll = not queued
-                return op, payload
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(self.timeout))
+                except OSError:
+                    pass  # the connection is broken: the caller drops it
 
     def close(self) -> None:
         sock = getattr(self, "sock", None)

@@ -128,7 +128,6 @@ class Engine:
         self._next_sid = 1
         self.started = time.time()
         self.ops = 0
-        # ops/s over the last whole second
         # ops/s over the last whole second, kept by tick() (not per request)
         self._rate_second = int(clock())
         self._rate_ops = 0
@@ -465,8 +464,9 @@ class Engine:
 
     def _untrack(self, session, ns, key, seq):
         """A tracker was pushed a key it no longer holds (evicted from its near
-        cache): stop sending it that key, unless it read the key again after
-        that push (then it holds the newer copy and must stay tracked)."""
+        cache, or dropped there after updates it never read): stop sending it
+        that key, unless it read the key again after that push (then it holds
+        the newer copy and must stay tracked)."""
         if not session.tracker or type(ns) is not str or type(key) is not str or type(seq) is not int:
             raise ProtocolError("UNTRACK takes [ns, key, seq] on a tracker connection")
         record = (ns, key)
