@@ -41,8 +41,10 @@ so the Manager stops sending that key; and a process that lags (1 MiB of pushes
 unread: an idle worker) is sent invalidations instead of updates, which end
 the tracking, so that it is not flooded and cut off.
 
-A copy is kept with its expiry, computed from the moment the request was sent
-(so never later than the Manager's), and bounded by entries and bytes (LRU).
+A copy is kept with its expiry: for a value read, computed from the moment
+the request was sent (so never later than the Manager's); for a value pushed,
+the Manager's own deadline (CLOCK_MONOTONIC is the same in every process).
+The copies are bounded by entries and bytes (LRU).
 Values are kept pickled: every hit returns a fresh object.
 
 A fork, a lost Manager or a cut-off tracker empties the near caches of the
