@@ -325,13 +325,13 @@ def test_the_shared_store_near_cache(cluster, settings):
     assert clustershm.get("flag") is False
 
 
-def test_a_tracker_that_cannot_take_an_invalidation_is_cut_off(cluster):
-    """A tracker that never reads: once its socket is full, the next invalidation
-    shuts it down instead of being queued (and the writer is not held up)."""
+def _raw_tracker(cluster, tracker_args: list):
+    """A tracker connection that reads only when a test says so, and a worker
+    connection with ``call(op, args)`` for its requests."""
     tracker = _handshaked_socket(cluster.address, cluster.secret)
-    tracker.sendall(P.encode(P.TRACKER, 1, []))
+    tracker.sendall(P.encode(P.TRACKER, 1, tracker_args))
     reader = P.FrameReader(max_frame=1 << 20)
-    ((op, _, payload),) = reader.feed(tracker.recv(4096))
+    ((_op, _, payload),) = reader.feed(tracker.recv(4096))
     (sid,) = P.decode_payload(payload)
     worker = _handshaked_socket(cluster.address, cluster.secret)
     wreader = P.FrameReader(max_frame=1 << 20)
@@ -342,6 +342,14 @@ def test_a_tracker_that_cannot_take_an_invalidation_is_cut_off(cluster):
             frames = wreader.feed(worker.recv(65536))
             if frames:
                 return frames[0]
+
+    return tracker, reader, sid, worker, call
+
+
+def test_a_tracker_that_cannot_take_an_invalidation_is_cut_off(cluster):
+    """A tracker that never reads: once its socket is full, the next invalidation
+    shuts it down instead of being queued (and the writer is not held up)."""
+    tracker, reader, sid, worker, call = _raw_tracker(cluster, [])
 
     key = "k" * 4000  # big invalidations fill the tracker's socket fast
     start = time.monotonic()
@@ -365,20 +373,7 @@ def test_a_tracker_that_reads_nothing_gets_invalidations_not_a_cut_off(cluster):
     """An idle worker reads nothing: once its unread updates pass the lag limit,
     the Manager invalidates instead, so the flow stops (one push per key) and the
     tracker is not cut off."""
-    tracker = _handshaked_socket(cluster.address, cluster.secret)
-    tracker.sendall(P.encode(P.TRACKER, 1, [PUSH_LIMIT]))
-    reader = P.FrameReader(max_frame=1 << 20)
-    ((op, _, payload),) = reader.feed(tracker.recv(4096))
-    (sid,) = P.decode_payload(payload)
-    worker = _handshaked_socket(cluster.address, cluster.secret)
-    wreader = P.FrameReader(max_frame=1 << 20)
-
-    def call(op, args):
-        worker.sendall(P.encode(op, 1, args))
-        while True:
-            frames = wreader.feed(worker.recv(65536))
-            if frames:
-                return frames[0]
+    tracker, reader, sid, worker, call = _raw_tracker(cluster, [PUSH_LIMIT])
 
     keys = [f"idle{i}" for i in range(10)]
     for key in keys:
