@@ -4,8 +4,8 @@ Adapted from Django's ``tests/cache/tests.py`` (django/django, ``main`` branch,
 stored commit 0019a798fd207915c1bbe44cd6a81e937365a103): the ``BaseCacheTests``
 mixin, every test method of it, with the helpers it uses
 (``caches_setting_for_tests``, ``custom_key_func``, ``Unpicklable``,
-``empty_response``, ``C``, ``f``, ``KEY_ERRORS_WITH_MEMCACHED_MSG``,
-``retry``) and the ``Poll`` model of ``tests/cache/models.py``.
+``empty_response``, ``C``, ``f``, ``KEY_ERRORS_WITH_MEMCACHED_MSG``) and
+the ``Poll`` model of ``tests/cache/models.py``.
 
 Copyright (c) Django Software Foundation and individual contributors.
 All rights reserved. Django is distributed under the BSD 3-clause license:
@@ -47,6 +47,9 @@ defines the model itself (see ``CacheContractPoll``).
 
 Adaptations (each also commented where it is made):
 
+* the five expiry tests wait for a witness key to expire instead of sleeping a
+  fixed 2 or 3 seconds (and ``retry``, Django's decorator for their flakiness,
+  is gone): same assertions, no dependence on the machine's speed;
 * the ``custom_key2`` alias names ``custom_key_func`` by this module's dotted
   path instead of ``"cache.tests.custom_key_func"``;
 * the ``Poll`` model lives in this module, registered under the installed
@@ -74,8 +77,6 @@ LocMemCache and test Django's middleware rather than a backend.
 
 import os
 import pickle
-import time
-from functools import wraps
 from unittest import mock
 
 from django.conf import settings
@@ -87,6 +88,7 @@ from django.middleware.cache import FetchFromCacheMiddleware, UpdateCacheMiddlew
 from django.test import RequestFactory, TestCase, override_settings
 from django.utils import timezone
 
+from .helpers import wait_until
 
 # --- Django's tests/cache/models.py ------------------------------------------
 
@@ -152,23 +154,30 @@ KEY_ERRORS_WITH_MEMCACHED_MSG = (
 )
 
 
-def retry(retries=3, delay=1):
-    def decorator(func):
-        @wraps(func)
-        def wrapper(*args, **kwargs):
-            attempts = 0
-            while attempts < retries:
-                try:
-                    return func(*args, **kwargs)
-                except AssertionError:
-                    attempts += 1
-                    if attempts >= retries:
-                        raise
-                    time.sleep(delay)
+# Django's expiry tests sleep a fixed 2 or 3 s past a timeout, and retry the
+# flaky ones (its ``retry`` decorator). Here they wait instead for a *witness*:
+# a key of the same cache with the same timeout, set after the keys under test
+# and never touched, so once it has expired so has every key set before it
+# with that timeout (and none touched to a later one). The assertions are
+# Django's, unchanged; the tests no longer depend on the machine's speed.
 
-        return wrapper
 
-    return decorator
+def witness(cache, timeout):
+    """Set a fresh witness key with ``timeout``; return its name."""
+    witness.count += 1
+    key = f"contract:witness:{witness.count}"
+    cache.set(key, True, timeout)
+    return key
+
+
+witness.count = 0
+
+
+def expired_since(cache, timeout=None, *, witness_key=None):
+    """Wait until a witness set now with ``timeout`` (or ``witness_key``, set
+    earlier) has expired."""
+    key = witness_key or witness(cache, timeout)
+    wait_until(lambda: not cache.has_key(key), timeout=30, message=f"expiry of {key}")
 
 
 def custom_key_func(key, key_prefix, version):
@@ -434,26 +443,26 @@ class BaseCacheTests:
         cache.set("expire2", "very quickly", 1)
         cache.set("expire3", "very quickly", 1)
 
-        time.sleep(2)
+        expired_since(cache, 1)  # Django sleeps 2 s here
         self.assertIsNone(cache.get("expire1"))
 
         self.assertIs(cache.add("expire2", "newvalue"), True)
         self.assertEqual(cache.get("expire2"), "newvalue")
         self.assertIs(cache.has_key("expire3"), False)
 
-    @retry()
     def test_touch(self):
         # cache.touch() updates the timeout.
         cache.set("expire1", "very quickly", timeout=1)
         self.assertIs(cache.touch("expire1", timeout=4), True)
-        time.sleep(2)
+        touched = witness(cache, 4)
+        expired_since(cache, 1)  # Django sleeps 2 s here
         self.assertIs(cache.has_key("expire1"), True)
-        time.sleep(3)
+        expired_since(cache, witness_key=touched)  # Django sleeps 3 s here
         self.assertIs(cache.has_key("expire1"), False)
         # cache.touch() works without the timeout argument.
         cache.set("expire1", "very quickly", timeout=1)
         self.assertIs(cache.touch("expire1"), True)
-        time.sleep(2)
+        expired_since(cache, 1)  # Django sleeps 2 s here
         self.assertIs(cache.has_key("expire1"), True)
 
         self.assertIs(cache.touch("nonexistent"), False)
@@ -526,7 +535,7 @@ class BaseCacheTests:
     def test_set_many_expiration(self):
         # set_many takes a second ``timeout`` parameter
         cache.set_many({"key1": "spam", "key2": "eggs"}, 1)
-        time.sleep(2)
+        expired_since(cache, 1)  # Django sleeps 2 s here
         self.assertIsNone(cache.get("key1"))
         self.assertIsNone(cache.get("key2"))
 
@@ -569,7 +578,6 @@ class BaseCacheTests:
         self.assertEqual(cache.get("key3"), "sausage")
         self.assertEqual(cache.get("key4"), "lobster bisque")
 
-    @retry()
     def test_forever_timeout(self):
         """
         Passing in None into timeout results in a value that is cached forever
@@ -588,7 +596,7 @@ class BaseCacheTests:
 
         cache.set("key5", "belgian fries", timeout=1)
         self.assertIs(cache.touch("key5", timeout=None), True)
-        time.sleep(2)
+        expired_since(cache, 1)  # Django sleeps 2 s here
         self.assertEqual(cache.get("key5"), "belgian fries")
 
     def test_zero_timeout(self):
