@@ -242,8 +242,25 @@ def remove_tmpdir(tmpdir: str) -> list[str]:
     return [f"could not remove {tmpdir}"] if os.path.exists(tmpdir) else []
 
 
+def describe_returncode(rc: int | None) -> str:
+    """A ``Popen.returncode`` in words."""
+    if rc is None:
+        return "still running"
+    return f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+
+
+def program_version(argv: list[str]) -> str:
+    """The first line a ``--version``-like command prints, or "?"."""
+    try:
+        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL).stdout
+        return out.strip().splitlines()[0] if out.strip() else "?"
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+
+
 class Lab:
-    """A private (0700) temp dir, a Manager child and a redis-server on a Unix socket, started and stopped by pid.
+    """A private (0700) temp dir, a Manager child and servers (redis-server on a
+    Unix socket, ...), each started and stopped by pid.
 
     Subclasses add what else their benchmark starts; ``close()`` stops it all.
     """
@@ -252,86 +269,109 @@ class Lab:
         self.tmpdir = tempfile.mkdtemp(prefix=prefix)  # mode 0700
         self.manager_pid: int | None = None
         self.manager_address: str | None = None
-        self.redis: subprocess.Popen | None = None
+        self.manager_secret: bytes | None = None
+        self._configured = False
+        self.servers: dict[str, subprocess.Popen] = {}
         self.redis_path: str | None = None
         self.versions: dict[str, str] = {}
 
     def path(self, name: str) -> str:
         return os.path.join(self.tmpdir, name)
 
-    def start_manager(self) -> None:
-        """Fork the Manager, then point this process (and every child forked from here on) at it."""
-        import django_clustershm
+    # -- the Manager
 
+    def start_manager(self, configure: bool = True) -> None:
+        """Fork the Manager; with ``configure``, point this process (and every
+        child forked from here on) at it."""
         address = self.path("manager.sock")
         secret = os.urandom(32)
         self.manager_pid, ready_r = fork_manager(address, secret)
         wait_manager_ready(ready_r, BenchError)
-        self.manager_address = address
-        django_clustershm.configure(address, secret)  # inherited by every process forked from here on
-        if not django_clustershm.ping():
-            raise BenchError("the Manager does not answer")
+        self.manager_address, self.manager_secret = address, secret
+        if configure:
+            import django_clustershm
 
-    def start_redis(self) -> None:
-        binary = shutil.which("redis-server") or "/usr/bin/redis-server"
-        path = self.path("redis.sock")
-        if len(path.encode()) > 100:
-            raise BenchError(f"the Unix socket path {path!r} is too long; set TMPDIR to a shorter directory")
+            django_clustershm.configure(address, secret)  # inherited by every process forked from here on
+            self._configured = True
+            if not django_clustershm.ping():
+                raise BenchError("the Manager does not answer")
+
+    # -- servers
+
+    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
         try:
-            self.redis = spawn_server(redis_argv(binary, path, self.tmpdir), self.path("redis-server.log"), self.tmpdir)
+            proc = spawn_server(argv, self.path(f"{name}.log"), self.tmpdir)
         except OSError as exc:
-            raise BenchError(f"cannot start {binary}: {exc}") from exc
-        deadline = time.monotonic() + 10.0
-        last_error: Exception | None = None
+            raise BenchError(f"cannot start {argv[0]}: {exc}") from exc
+        self.servers[name] = proc
+        return proc
+
+    def _log_tail(self, name: str) -> str:
+        return log_tail(self.path(f"{name}.log"))
+
+    def _wait_server(self, name: str, proc: subprocess.Popen, probe, timeout: float = 10.0) -> None:
+        """Until ``probe()`` stops raising OSError; BenchError if the server exits or the time runs out."""
+        deadline = time.monotonic() + timeout
+        last_error = None
         while time.monotonic() < deadline:
-            if self.redis.poll() is not None:
-                raise BenchError(f"redis-server exited at once (status {self.redis.returncode}):\n{self._redis_log()}")
+            if proc.poll() is not None:
+                raise BenchError(f"{name} exited at once ({describe_returncode(proc.returncode)}):\n{self._log_tail(name)}")
             try:
-                with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                    s.settimeout(1.0)
-                    s.connect(path)
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        break
+                probe()
+                return
             except OSError as exc:
                 last_error = exc
             time.sleep(0.02)
-        else:
-            raise BenchError(f"redis-server did not answer within 10s ({last_error}):\n{self._redis_log()}")
-        self.redis_path = path
-        try:
-            out = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout
-            self.versions["redis-server"] = out.split("v=", 1)[1].split()[0] if "v=" in out else out.strip()
-        except (OSError, subprocess.SubprocessError):
-            self.versions["redis-server"] = "?"
+        raise BenchError(f"{name} did not answer within {timeout:.0f}s ({last_error}):\n{self._log_tail(name)}")
 
-    def _redis_log(self) -> str:
-        return log_tail(self.path("redis-server.log"))
+    def start_redis(self, binary: str | None = None) -> None:
+        binary = binary or shutil.which("redis-server") or "/usr/bin/redis-server"
+        path = self.path("redis.sock")
+        if len(path.encode()) > 100:
+            raise BenchError(f"the Unix socket path {path!r} is too long; set TMPDIR to a shorter directory")
+        proc = self._spawn("redis-server", redis_argv(binary, path, self.tmpdir))
+
+        def probe():
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+                s.settimeout(1.0)
+                s.connect(path)
+                s.sendall(b"PING\r\n")
+                if not s.recv(64).startswith(b"+PONG"):
+                    raise OSError("no PONG")
+
+        self._wait_server("redis-server", proc, probe)
+        self.redis_path = path
+        text = program_version([binary, "--version"])  # "Redis server v=7.0.15 sha=... build=..."
+        self.versions["redis-server"] = text.split("v=", 1)[1].split()[0] if "v=" in text else text
+
+    # -- cleanup
 
     def close(self) -> list[str]:
-        """Stop redis-server and the Manager by pid, reap them, remove the temp dir; return warnings."""
+        """Stop the Manager and every server by pid, reap them, remove the temp dir; return warnings."""
         warnings = []
-        if self.redis is not None:
-            proc = self.redis
+        if self.manager_pid is not None:
+            if self._configured:
+                import django_clustershm
+
+                django_clustershm.configure(None)  # closes our connection
+                self._configured = False
+            warnings += stop_manager(self.manager_pid, self.manager_address)
+            self.manager_pid = None
+        for name, proc in self.servers.items():
             if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)  # by pid
+                proc.terminate()  # SIGTERM to proc.pid
                 try:
                     proc.wait(REAP_TIMEOUT)
                 except subprocess.TimeoutExpired:
-                    warnings.append(f"redis-server (pid {proc.pid}) ignored SIGTERM; killed")
+                    warnings.append(f"{name} (pid {proc.pid}) ignored SIGTERM; killed")
                     proc.kill()
                     proc.wait()
-                if proc.returncode != 0:
-                    warnings.append(f"redis-server (pid {proc.pid}) ended with status {proc.returncode}")
+                else:
+                    if proc.returncode != 0:
+                        warnings.append(f"{name} (pid {proc.pid}) ended with {describe_returncode(proc.returncode)}")
             else:
-                warnings.append(f"redis-server (pid {proc.pid}) had exited by itself: status {proc.returncode}")
-            self.redis = None
-        if self.manager_pid is not None:
-            import django_clustershm
-
-            django_clustershm.configure(None)  # closes our connection
-            warnings += stop_manager(self.manager_pid, self.manager_address)
-            self.manager_pid = None
+                warnings.append(f"{name} (pid {proc.pid}) had exited by itself: {describe_returncode(proc.returncode)}")
+        self.servers.clear()
         return warnings + remove_tmpdir(self.tmpdir)
 
 

@@ -77,9 +77,7 @@ import select
 import shutil
 import signal
 import socket
-import subprocess
 import sys
-import tempfile
 import time
 import traceback
 
@@ -89,24 +87,19 @@ except ImportError:  # run as "python bench/bench_cache.py" without PYTHONPATH
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, for _common
+import _common  # noqa: E402
 from _common import (  # noqa: E402
-    REAP_TIMEOUT,
+    BenchError,
     describe_status,
     fmt_us,
     fork,
-    fork_manager,
     free_port,
     log,
-    log_tail,
     package_versions,
+    program_version,
     reap,
-    redis_argv,
-    remove_tmpdir,
-    spawn_server,
-    stop_manager,
     summarise_us,
     time_interleaved,
-    wait_manager_ready,
     write_json,
 )
 
@@ -144,81 +137,23 @@ OPS = ("get hit", "get miss", "set", "incr", f"get_many({MANY})", f"set_many({MA
 READY_TIMEOUT = 60.0  # seconds a worker may take to connect before the start signal
 
 
-class SetupError(Exception):
+class SetupError(BenchError):
     """The environment cannot run the benchmark (a missing server, a server that does not start)."""
 
 
 # -- the servers --------------------------------------------------------------------
 
 
-class Lab:
+class Lab(_common.Lab):
     """The temp directory and every server process this script starts (and stops, by pid)."""
 
     def __init__(self) -> None:
-        self.tmpdir = tempfile.mkdtemp(prefix="bench-cache-")  # mode 0700
-        self.manager_pid: int | None = None
-        self.manager_address: str | None = None
-        self.manager_secret: bytes | None = None
-        self.servers: dict[str, subprocess.Popen] = {}
-        self.redis_path: str | None = None
+        super().__init__("bench-cache-")
         self.memcached_port: int | None = None
-        self.versions: dict[str, str] = {}
-
-    def path(self, name: str) -> str:
-        return os.path.join(self.tmpdir, name)
-
-    # Manager
 
     def start_manager(self) -> None:
-        address = self.path("manager.sock")
-        secret = os.urandom(32)
-        self.manager_pid, ready_r = fork_manager(address, secret)
-        wait_manager_ready(ready_r)
-        self.manager_address, self.manager_secret = address, secret
-
-    # redis-server and memcached
-
-    def _spawn(self, name: str, argv: list[str]) -> subprocess.Popen:
-        proc = spawn_server(argv, self.path(f"{name}.log"), self.tmpdir)
-        self.servers[name] = proc
-        return proc
-
-    def _log_tail(self, name: str) -> str:
-        return log_tail(self.path(f"{name}.log"))
-
-    def _wait_server(self, name: str, proc: subprocess.Popen, probe, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        last_error = None
-        while time.monotonic() < deadline:
-            if proc.poll() is not None:
-                status = _describe_status_rc(proc.returncode)
-                raise SetupError(f"{name} exited at once ({status}):\n{self._log_tail(name)}")
-            try:
-                probe()
-                return
-            except OSError as exc:
-                last_error = exc
-            time.sleep(0.02)
-        raise SetupError(f"{name} did not answer within {timeout:.0f}s ({last_error}):\n{self._log_tail(name)}")
-
-    def start_redis(self, binary: str) -> None:
-        path = self.path("redis.sock")
-        if len(path.encode()) > 100:
-            raise SetupError(f"the Unix socket path {path!r} is too long; set TMPDIR to a shorter directory")
-        proc = self._spawn("redis-server", redis_argv(binary, path, self.tmpdir))
-
-        def probe():
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(1.0)
-                s.connect(path)
-                s.sendall(b"PING\r\n")
-                if not s.recv(64).startswith(b"+PONG"):
-                    raise OSError("no PONG")
-
-        self._wait_server("redis-server", proc, probe)
-        self.redis_path = path
-        text = _version([binary, "--version"])  # "Redis server v=7.0.15 sha=... build=..."
-        self.versions["redis-server"] = "redis-server " + (text.split("v=", 1)[1].split()[0] if "v=" in text else text)
+        # configure() comes later, once Django is set up and before any fork (see main).
+        super().start_manager(configure=False)
 
     def start_memcached(self, binary: str) -> None:
         port = free_port()
@@ -237,43 +172,7 @@ class Lab:
 
         self._wait_server("memcached", proc, probe)
         self.memcached_port = port
-        self.versions["memcached"] = _version([binary, "-V"])  # "memcached 1.6.18"
-
-    # cleanup
-
-    def close(self) -> list[str]:
-        """Stop every server by pid, reap it, remove the temp dir; return warnings."""
-        warnings = []
-        if self.manager_pid is not None:
-            warnings += stop_manager(self.manager_pid, self.manager_address)
-            self.manager_pid = None
-        for name, proc in self.servers.items():
-            if proc.poll() is None:
-                proc.terminate()  # SIGTERM to proc.pid
-                try:
-                    proc.wait(REAP_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    warnings.append(f"{name} (pid {proc.pid}) ignored SIGTERM; killed")
-                    proc.kill()
-                    proc.wait()
-            elif proc.returncode != 0:
-                warnings.append(f"{name} (pid {proc.pid}) had exited by itself: {_describe_status_rc(proc.returncode)}")
-        self.servers.clear()
-        return warnings + remove_tmpdir(self.tmpdir)
-
-
-def _describe_status_rc(rc: int | None) -> str:
-    if rc is None:
-        return "still running"
-    return f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
-
-
-def _version(argv: list[str]) -> str:
-    try:
-        out = subprocess.run(argv, capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL).stdout
-        return out.strip().splitlines()[0] if out.strip() else "?"
-    except (OSError, subprocess.SubprocessError):
-        return "?"
+        self.versions["memcached"] = program_version([binary, "-V"]).split()[-1]  # "memcached 1.6.18"
 
 
 # -- Django -------------------------------------------------------------------------
@@ -952,7 +851,7 @@ def main(argv=None) -> int:
                 lab.start_redis(binaries["redis"])
             if "memcached" in selected:
                 lab.start_memcached(binaries["memcached"])
-        except SetupError as exc:
+        except BenchError as exc:  # SetupError included
             print(f"bench_cache: cannot run:\n{exc}", file=sys.stderr)
             return 2
 
@@ -1021,7 +920,7 @@ def main(argv=None) -> int:
     print(
         f"Python {platform.python_version()}, Django {django.get_version()}, {platform.system()} "
         f"{platform.release()}, {os.cpu_count()} CPUs; "
-        + "".join(f"{v}; " for v in versions.values())
+        + "".join(f"{name} {v}; " for name, v in versions.items())
         + f"clients: {_client_versions()}"
         + f"; value {VALUE_TEXT}; run took {elapsed:.0f}s."
     )

@@ -232,7 +232,8 @@ class Lab(_common.Lab):
                 entry["ctl_w"] = None
             if entry["pid"] is None:
                 continue
-            if name == "redis" and self.redis is not None and self.redis.poll() is None:
+            server = self.servers.get("redis-server")
+            if name == "redis" and server is not None and server.poll() is None:
                 try:
                     import redis
 
