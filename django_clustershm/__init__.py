@@ -1,5 +1,12 @@
 """django-clustershm: shared memory for the worker processes of one Django server.
 
+The package's layout shows which side of the socket a module runs on:
+``client/`` (the API given a transport), ``server/`` (the Manager), ``wire/``
+(what travels between them), ``serve/`` (gunicorn), and at the top the thin
+modules users import: this one, ``cache`` (the Django backend), ``lock``,
+``listen``, ``signals``, ``exceptions``, ``conf`` (settings) and ``registry``
+(which Manager this process talks to).
+
     import django_clustershm as clustershm
 
     clustershm.set("myObj", {"name": "Tom", "age": 10})
@@ -29,13 +36,13 @@ from .api import (
     stats,
     touch,
 )
-from .client import Client, EmbeddedClient, SocketClient
-from .conf import configure, connect, get_client
-from .engine import Engine, Limits
+from .client import Client, EmbeddedTransport, Keyspace, SocketTransport
 from .exceptions import (
+    ArgumentTypeError,
     AuthenticationFailed,
     ClusterShmError,
     IntegerOverflow,
+    InvalidArgument,
     InvalidKey,
     KeyNotFound,
     KeyTooLarge,
@@ -53,7 +60,9 @@ from .exceptions import (
 )
 from .listen import Handle, listen
 from .lock import Lock, amutex, get_lock, mutex, release_lock
-from .manager import Manager
+from .registry import configure, connect, get_client
+from .server import Engine, Limits, Manager
+from .signals import changed
 
 __version__ = "0.1.0"
 
@@ -88,20 +97,25 @@ __all__ = [
     "get_lock",
     "mutex",
     "release_lock",
-    # clients and the Manager
+    # listeners' Django signal
+    "changed",
+    # clients, transports and the Manager
     "Client",
-    "EmbeddedClient",
+    "EmbeddedTransport",
     "Engine",
+    "Keyspace",
     "Limits",
     "Manager",
-    "SocketClient",
+    "SocketTransport",
     "configure",
     "connect",
     "get_client",
     # errors
+    "ArgumentTypeError",
     "AuthenticationFailed",
     "ClusterShmError",
     "IntegerOverflow",
+    "InvalidArgument",
     "InvalidKey",
     "KeyNotFound",
     "KeyTooLarge",

@@ -1,17 +1,26 @@
 """The module-level API: ``import django_clustershm as clustershm; clustershm.set(...)``.
 
-Each function calls the process-wide client (:func:`~.conf.get_client`):
+Each function calls the process-wide client (:func:`~.registry.get_client`):
 the cluster's Manager inside ``runcluster`` workers, an embedded one
 elsewhere. See :class:`~.client.Client` for the full signatures.
 """
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from .conf import get_client
+from .registry import get_client
 
-_MISSING: Any = object()
+
+class _Missing:
+    """The "no timeout given" sentinel of the seed's LRU calls (Django's DEFAULT_TIMEOUT applies)."""
+
+    def __repr__(self) -> str:
+        return "MISSING"
+
+
+_MISSING: Any = _Missing()
 
 
 def get(key: str, default: Any = None) -> Any:
@@ -19,7 +28,7 @@ def get(key: str, default: Any = None) -> Any:
     return get_client().get(key, default)
 
 
-def set(key: str, value: Any, timeout: float | None = None) -> None:  # noqa: A001 - the seed's name
+def set(key: str, value: Any, timeout: float | None = None) -> None:
     """Store ``value`` under ``key``, optionally expiring after ``timeout`` seconds (seed: ``set``)."""
     get_client().set(key, value, timeout)
 
@@ -30,6 +39,7 @@ def remove(key: str) -> bool:
 
 
 def has(key: str) -> bool:
+    """Whether ``key`` exists (and has not expired)."""
     return get_client().has(key)
 
 
@@ -83,11 +93,7 @@ def near_stats() -> dict:
     """This process's near caches: ``{namespace: {"entries", "bytes", "hits", "misses"}}``
     (the namespace is a cache's LOCATION, "" for the shared store); empty when
     none is enabled, and always in embedded mode."""
-    near = getattr(get_client(), "_near", None) or {}
-    return {
-        ns: {"entries": len(cache), "bytes": cache.bytes, "hits": cache.hits, "misses": cache.misses}
-        for ns, cache in near.items()
-    }
+    return get_client().near_stats()
 
 
 # -- the seed's LRU operations, on the default cache ------------------------------

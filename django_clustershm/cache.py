@@ -17,12 +17,13 @@
         }
     }
 
-A thin ``BaseCache``: each method makes and validates the key (so Django's
-key warnings apply), then calls the process-wide client, which talks to the
-cluster's Manager (or the embedded one). The cache itself lives in the
-Manager (:mod:`.caches`): every worker sees one cache, ``incr``/``decr``/
-``add`` are atomic there, and ``get_or_set`` (Django's, built on ``add``)
-never stores twice.
+A thin ``BaseCache``, shaped like Django's ``RedisCache``: each method makes
+and validates the key (so Django's key warnings apply), then calls the
+method of the same name on a :class:`~.client.Keyspace`, the client's view of
+the cache, which talks to the cluster's Manager (or the embedded one). The
+cache itself lives in the Manager (:mod:`.server.namespace`): every worker
+sees one cache, ``incr``/``decr``/``add`` are atomic there, and
+``get_or_set`` (Django's, built on ``add``) never stores twice.
 """
 
 from __future__ import annotations
@@ -34,8 +35,10 @@ from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 
 from . import conf
-from .caches import DEFAULT_MAX_BYTES
+from .client import Client, Keyspace
 from .exceptions import KeyNotFound, ManagerUnavailable
+from .registry import get_client
+from .server.namespace import DEFAULT_CACHE_BYTES
 
 logger = logging.getLogger("django_clustershm.cache")
 
@@ -74,85 +77,93 @@ class ClusterShmCache(BaseCache):
         super().__init__(params)
         self._location = location or "default"
         options = params.get("OPTIONS", {})
-        self._max_bytes = int(options.get("MAX_BYTES", DEFAULT_MAX_BYTES))
+        self._max_bytes = int(options.get("MAX_BYTES", DEFAULT_CACHE_BYTES))
         self._ignore_exceptions = bool(options.get("IGNORE_EXCEPTIONS", False))
         self._near = conf.near_options(options.get("NEAR_CACHE"))
+        self._space: tuple[Client, Keyspace] | None = None
 
     @property
-    def _client(self):
-        # Looked up on every call, not kept: runcluster repoints the process
-        # from the embedded Manager to the cluster's before forking.
-        client = conf.get_client()
-        if self._near is not None and self._location not in getattr(client, "_near", (self._location,)):
-            client.enable_near_cache(self._location, *self._near)
-        return client
+    def keyspace(self) -> Keyspace:
+        """This alias's view of its cache, on the process-wide client. Looked up
+        on every call, not kept across clients: runcluster repoints the
+        process from the embedded Manager to the cluster's before forking."""
+        client = get_client()
+        space = self._space
+        if space is None or space[0] is not client:
+            if self._near is not None:
+                client.enable_near_cache(self._location, *self._near)
+            keyspace = client.cache(
+                self._location,
+                max_entries=int(self._max_entries),
+                cull_frequency=int(self._cull_frequency),
+                max_bytes=self._max_bytes,
+            )
+            self._space = space = (client, keyspace)
+        return space[1]
 
-    def _opts(self) -> list:
-        # Sent with every write so that aliases sharing a LOCATION keep their
-        # own MAX_ENTRIES/CULL_FREQUENCY, as LocMemCache's do.
-        return [int(self._max_entries), int(self._cull_frequency), self._max_bytes]
-
-    def _ttl(self, timeout):
-        """Django's timeout (DEFAULT_TIMEOUT, None, seconds) as seconds from now or None."""
+    def get_backend_timeout(self, timeout=DEFAULT_TIMEOUT):
+        """Seconds from now, or None for never (Django's base class gives an
+        absolute time; the Manager's clock is its own). The client checks the
+        type, so a str timeout fails the same way in every mode."""
         if timeout is DEFAULT_TIMEOUT:
-            timeout = self.default_timeout
-        return None if timeout is None else float(timeout)
+            return self.default_timeout
+        return timeout
 
     @_ignorable(False)
     def add(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
         key = self.make_and_validate_key(key, version=version)
-        return self._client.cache_add(self._location, key, value, self._ttl(timeout), self._opts())
+        return self.keyspace.add(key, value, self.get_backend_timeout(timeout))
 
     @_ignorable(_default_arg)
     def get(self, key, default=None, version=None):
         key = self.make_and_validate_key(key, version=version)
-        return self._client.get(key, default, ns=self._location)
+        return self.keyspace.get(key, default)
 
     @_ignorable(None)
     def set(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
         key = self.make_and_validate_key(key, version=version)
-        self._client.cache_set(self._location, key, value, self._ttl(timeout), self._opts())
+        self.keyspace.set(key, value, self.get_backend_timeout(timeout))
 
     @_ignorable(False)
     def touch(self, key, timeout=DEFAULT_TIMEOUT, version=None):
         key = self.make_and_validate_key(key, version=version)
-        return self._client.touch(key, self._ttl(timeout), ns=self._location)
+        return self.keyspace.touch(key, self.get_backend_timeout(timeout))
 
     @_ignorable(False)
     def delete(self, key, version=None):
         key = self.make_and_validate_key(key, version=version)
-        return self._client.remove(key, ns=self._location)
+        return self.keyspace.delete(key)
 
     @_ignorable(lambda *args, **kwargs: {})
     def get_many(self, keys, version=None):
         made = {self.make_and_validate_key(key, version=version): key for key in keys}
         if not made:
             return {}
-        found = self._client.get_many(list(made), ns=self._location)
+        found = self.keyspace.get_many(list(made))
         return {made[k]: v for k, v in found.items()}
 
     @_ignorable(_all_keys_failed)
     def set_many(self, data, timeout=DEFAULT_TIMEOUT, version=None):
         made = {self.make_and_validate_key(key, version=version): value for key, value in data.items()}
         if made:
-            self._client.cache_set_many(self._location, made, self._ttl(timeout), self._opts())
+            self.keyspace.set_many(made, self.get_backend_timeout(timeout))
         return []
 
     @_ignorable(None)
     def delete_many(self, keys, version=None):
         made = [self.make_and_validate_key(key, version=version) for key in keys]
         if made:
-            self._client.delete_many(made, ns=self._location)
+            self.keyspace.delete_many(made)
 
     @_ignorable(False)
     def has_key(self, key, version=None):
         key = self.make_and_validate_key(key, version=version)
-        return self._client.has(key, ns=self._location)
+        return self.keyspace.has_key(key)
 
     def incr(self, key, delta=1, version=None):
         made = self.make_and_validate_key(key, version=version)
         try:
-            return self._client.incr(made, delta, default=None, ns=self._location)
+            return self.keyspace.incr(made, delta, default=None)
         except KeyNotFound:
             raise ValueError(f"Key '{key}' not found") from None
 
@@ -161,7 +172,7 @@ class ClusterShmCache(BaseCache):
 
     @_ignorable(None)
     def clear(self):
-        self._client.clear(ns=self._location)
+        self.keyspace.clear()
 
     def close(self, **kwargs):
         # Django calls this at the end of every request. The connection is the
@@ -169,28 +180,47 @@ class ClusterShmCache(BaseCache):
         # pool); the cache stays usable after close().
         pass
 
+    # -- async: each maps to our own sync method, so aincr stays atomic in the
+    # Manager and aget_many one round trip (BaseCache's generic versions of
+    # Django 5.2 fall back to get/set per key). The blocking call runs in a
+    # thread of asgiref's pool, each with a connection of its own, until the
+    # native asyncio client (issue: native async) replaces it.
 
-def _async_of(name: str):
-    # The blocking call runs in a thread of asgiref's pool; each of those
-    # threads has a connection of its own. Every a* method maps to our own
-    # sync method, so aincr stays atomic in the Manager and aget_many stays
-    # one round trip (BaseCache's generic async versions of Django 5.2 fall
-    # back to get/set per key).
-    def method(self, *args, **kwargs):
-        return sync_to_async(getattr(self, name), thread_sensitive=False)(*args, **kwargs)
+    async def aadd(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
+        return await sync_to_async(self.add, thread_sensitive=False)(key, value, timeout, version)
 
-    method.__name__ = f"a{name}"
-    method.__doc__ = f"Async :meth:`{name}`."
-    return method
+    async def aget(self, key, default=None, version=None):
+        return await sync_to_async(self.get, thread_sensitive=False)(key, default, version)
 
+    async def aset(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
+        return await sync_to_async(self.set, thread_sensitive=False)(key, value, timeout, version)
 
-for _name in ("add", "get", "set", "touch", "delete", "get_many", "set_many", "delete_many", "has_key",
-              "incr", "decr", "clear"):
-    setattr(ClusterShmCache, f"a{_name}", _async_of(_name))
+    async def atouch(self, key, timeout=DEFAULT_TIMEOUT, version=None):
+        return await sync_to_async(self.touch, thread_sensitive=False)(key, timeout, version)
 
+    async def adelete(self, key, version=None):
+        return await sync_to_async(self.delete, thread_sensitive=False)(key, version)
 
-async def _aclose(self, **kwargs):
-    self.close(**kwargs)
+    async def aget_many(self, keys, version=None):
+        return await sync_to_async(self.get_many, thread_sensitive=False)(keys, version)
 
+    async def aset_many(self, data, timeout=DEFAULT_TIMEOUT, version=None):
+        return await sync_to_async(self.set_many, thread_sensitive=False)(data, timeout, version)
 
-ClusterShmCache.aclose = _aclose
+    async def adelete_many(self, keys, version=None):
+        return await sync_to_async(self.delete_many, thread_sensitive=False)(keys, version)
+
+    async def ahas_key(self, key, version=None):
+        return await sync_to_async(self.has_key, thread_sensitive=False)(key, version)
+
+    async def aincr(self, key, delta=1, version=None):
+        return await sync_to_async(self.incr, thread_sensitive=False)(key, delta, version)
+
+    async def adecr(self, key, delta=1, version=None):
+        return await sync_to_async(self.decr, thread_sensitive=False)(key, delta, version)
+
+    async def aclear(self):
+        return await sync_to_async(self.clear, thread_sensitive=False)()
+
+    async def aclose(self, **kwargs):
+        self.close(**kwargs)

@@ -8,6 +8,8 @@ catches ``ValueError`` or ``ConnectionError`` keeps working::
      ├── ManagerUnavailable (ConnectionError)   the Manager is gone or does not answer
      │    └── AuthenticationFailed               refused at connect (secret or uid)
      ├── ProtocolError                           a malformed frame or reply
+     ├── InvalidArgument (ValueError)            an argument out of its range (a NaN timeout)
+     │    └── ArgumentTypeError (TypeError)       an argument of the wrong type (a str timeout)
      ├── InvalidKey (ValueError)                 not a str, or not encodable
      ├── ValueTooLarge (ValueError)              a key, value or batch over the maximum
      │    └── KeyTooLarge (InvalidKey)
@@ -22,6 +24,11 @@ catches ``ValueError`` or ``ConnectionError`` keeps working::
      ├── WouldDeadlock (RuntimeError)            a thread asking again for a lock it holds
      └── RemoteError                             an error from the Manager with no local class
 
+Arguments are checked in the caller before anything is sent, so both modes
+raise the same error for the same mistake; the Manager checks them again (a
+rogue client) and answers an error it refuses with an error reply: only a
+malformed frame costs a connection.
+
 Errors travel from the Manager to the client as data (a code and a message,
 see :mod:`django_clustershm.protocol`) and are raised again here as these
 types: one place translates them (:func:`error_from_code`).
@@ -32,9 +39,11 @@ from __future__ import annotations
 import pickle
 
 __all__ = [
+    "ArgumentTypeError",
     "AuthenticationFailed",
     "ClusterShmError",
     "IntegerOverflow",
+    "InvalidArgument",
     "InvalidKey",
     "KeyNotFound",
     "KeyTooLarge",
@@ -149,6 +158,20 @@ class WouldDeadlock(ClusterShmError, RuntimeError):
     code = 15
 
 
+class InvalidArgument(ClusterShmError, ValueError):
+    """An argument outside what the call accepts (a NaN or infinite timeout,
+    a negative lease); the message names the argument."""
+
+    code = 16
+
+
+class ArgumentTypeError(InvalidArgument, TypeError):
+    """An argument of the wrong type (a ``str`` or ``timedelta`` timeout, a
+    ``bool`` count); the message names the argument."""
+
+    code = 17
+
+
 class RemoteError(ClusterShmError):
     """An error reported by the Manager that has no more specific class here."""
 
@@ -173,6 +196,8 @@ _BY_CODE = {
         LockNotOwned,
         LockTimeout,
         WouldDeadlock,
+        InvalidArgument,
+        ArgumentTypeError,
         RemoteError,
     )
 }

@@ -24,6 +24,6 @@ define one of them, call ours from yours (or use :func:`chain`)::
 goes to the Manager the workers share.
 """
 
-from .cluster import chain, child_exit, on_exit, on_starting
+from .serve.cluster import chain, child_exit, on_exit, on_starting
 
 __all__ = ["chain", "child_exit", "on_exit", "on_starting"]

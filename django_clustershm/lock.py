@@ -39,33 +39,29 @@ the outermost holder releases.
 from __future__ import annotations
 
 import asyncio
-import os
 import threading
 from contextlib import ContextDecorator
 
-from . import conf
+from .client import Client
 from .exceptions import LockNotOwned, LockTimeout, WouldDeadlock
+from .registry import get_client
 
 __all__ = ["Lock", "amutex", "get_lock", "mutex", "release_lock"]
 
-# The locks this thread holds through Lock objects: key -> [token, fence, depth, client].
-_held = threading.local()
 
+class _Hold:
+    """What a thread holds on one key through Lock objects (redis-py keeps one
+    thread-local token; reentrancy needs the depth too). Kept per client and
+    per thread in ``client.holds()``, so a forked child, whose client forgot
+    its parent's holds, holds none of its parent's locks."""
 
-def _forget_held_in_child() -> None:
-    # A forked child holds none of its parent's locks: they belong to the
-    # parent's connections, which the child does not have.
-    _held.table = {}
+    __slots__ = ("client", "depth", "fence", "token")
 
-
-os.register_at_fork(after_in_child=_forget_held_in_child)
-
-
-def _held_by_this_thread() -> dict:
-    table = getattr(_held, "table", None)
-    if table is None:
-        table = _held.table = {}
-    return table
+    def __init__(self, token: bytes, fence: int, client: Client) -> None:
+        self.token = token
+        self.fence = fence
+        self.depth = 1
+        self.client = client
 
 
 class Lock(ContextDecorator):
@@ -103,19 +99,19 @@ class Lock(ContextDecorator):
         blocking = self.blocking if blocking is None else blocking
         if timeout is None:
             timeout = self.timeout
-        held = _held_by_this_thread()
-        mine = held.get(self.key)
-        client = conf.get_client()
-        if mine is not None and (mine[3] is not client or not client.lock_status(self.key, mine[0])[1]):
+        client = get_client()
+        holds = client.holds()
+        mine = holds.get(self.key)
+        if mine is not None and not client.lock_status(self.key, mine.token)[1]:
             # A hold this thread recorded but no longer has: its lease ran out,
             # or its connection or Manager is gone. Forget it (one round trip,
             # only on this path).
-            del held[self.key]
+            del holds[self.key]
             mine = None
         if mine is not None:
             if self.reentrant:
-                mine[2] += 1
-                self._local.entry = mine
+                mine.depth += 1
+                self._local.hold = mine
                 return True
             if not blocking:
                 return False
@@ -123,61 +119,58 @@ class Lock(ContextDecorator):
                 f"this thread already holds lock {self.key!r}; waiting for it would wait for itself "
                 "(release it first, or use reentrant=True)"
             )
-        wait = 0 if not blocking else timeout
-        granted = client.lock_acquire(self.key, self.lease, wait)
-        if granted is None:
+        hold = self.do_acquire(client, 0 if not blocking else timeout)
+        if hold is None:
             return False
-        token, fence = granted
-        entry = held[self.key] = [token, fence, 1, client]
-        self._local.entry = entry
+        holds[self.key] = self._local.hold = hold
         return True
+
+    def do_acquire(self, client: Client, wait: float | None) -> _Hold | None:
+        """The I/O of :meth:`acquire` (redis-py's split): one request to the Manager."""
+        granted = client.lock_acquire(self.key, self.lease, wait)
+        return None if granted is None else _Hold(granted[0], granted[1], client)
 
     def release(self) -> None:
         """Release the lock; LockNotOwned if this thread does not hold it (any more)."""
-        entry = getattr(self._local, "entry", None)
-        held = _held_by_this_thread()
-        if entry is None or held.get(self.key) is not entry:
-            raise LockNotOwned(f"lock {self.key!r} is not held by this thread through this Lock")
-        entry[2] -= 1
-        if entry[2] > 0:
+        hold = self._hold()
+        hold.depth -= 1
+        if hold.depth > 0:
             return
-        self._local.entry = None
-        del held[self.key]
-        token, _fence, _depth, client = entry
-        client.lock_release(self.key, token)  # LockNotOwned if the lease ran out meanwhile
+        self._local.hold = None
+        del hold.client.holds()[self.key]
+        hold.client.lock_release(self.key, hold.token)  # LockNotOwned if the lease ran out meanwhile
 
     def extend(self, lease: float | None = None) -> None:
         """Restart the lease: ``lease`` seconds from now (default: this lock's lease)."""
-        entry = self._entry()
-        token, _fence, _depth, client = entry
-        client.lock_extend(self.key, token, self.lease if lease is None else lease)
+        hold = self._hold()
+        hold.client.lock_extend(self.key, hold.token, self.lease if lease is None else lease)
 
     def locked(self) -> bool:
         """Whether anyone holds the lock now."""
-        return conf.get_client().lock_status(self.key)[0]
+        return get_client().lock_status(self.key)[0]
 
     def owned(self) -> bool:
         """Whether this thread holds the lock now (False once its lease has run out)."""
-        entry = getattr(self._local, "entry", None)
-        if entry is None or _held_by_this_thread().get(self.key) is not entry:
+        hold = getattr(self._local, "hold", None)
+        if hold is None or hold.client.holds().get(self.key) is not hold:
             return False
-        return entry[3].lock_status(self.key, entry[0])[1]
+        return hold.client.lock_status(self.key, hold.token)[1]
 
     @property
     def fence(self) -> int | None:
         """The fencing token of this thread's hold: larger for every later grant of the key."""
-        entry = getattr(self._local, "entry", None)
-        return None if entry is None else entry[1]
+        hold = getattr(self._local, "hold", None)
+        return None if hold is None else hold.fence
 
-    def _entry(self) -> list:
-        entry = getattr(self._local, "entry", None)
-        if entry is None or _held_by_this_thread().get(self.key) is not entry:
+    def _hold(self) -> _Hold:
+        hold = getattr(self._local, "hold", None)
+        if hold is None or hold.client.holds().get(self.key) is not hold:
             raise LockNotOwned(f"lock {self.key!r} is not held by this thread through this Lock")
-        return entry
+        return hold
 
     # -- context manager and decorator ---------------------------------------------------
 
-    def __enter__(self) -> "Lock":
+    def __enter__(self) -> Lock:
         if not self.acquire():
             raise LockTimeout(f"lock {self.key!r} not acquired within {self.timeout}s")
         return self
@@ -202,7 +195,7 @@ def get_lock(key: str, timeout: float | None = None, lease: float | None = None)
     (None: wait forever, 0: do not wait). The token, not the thread, owns
     the lock: pass it to :func:`release_lock`.
     """
-    granted = conf.get_client().lock_acquire(key, lease, timeout)
+    granted = get_client().lock_acquire(key, lease, timeout)
     if granted is None:
         raise LockTimeout(f"lock {key!r} not acquired within {timeout}s")
     return granted[0]
@@ -210,7 +203,7 @@ def get_lock(key: str, timeout: float | None = None, lease: float | None = None)
 
 def release_lock(key: str, token: bytes) -> None:
     """Release ``key`` held with ``token`` (the seed's ``releaseLock``); LockNotOwned otherwise."""
-    conf.get_client().lock_release(key, token)
+    get_client().lock_release(key, token)
 
 
 class amutex:
@@ -228,8 +221,8 @@ class amutex:
         self.token: bytes | None = None
         self.fence: int | None = None
 
-    async def __aenter__(self) -> "amutex":
-        client = conf.get_client()
+    async def __aenter__(self) -> amutex:
+        client = get_client()
         future = asyncio.ensure_future(asyncio.to_thread(client.lock_acquire, self.key, self.lease, self.timeout))
         try:
             granted = await asyncio.shield(future)

@@ -15,4 +15,13 @@ arguments ``key``, ``value``, ``event`` and ``handle``::
 
 from django.dispatch import Signal
 
+from .client import dispatcher
+
 changed = Signal()
+
+
+def _send_changed(ns, key, value, event, handle) -> None:
+    changed.send(sender=ns, key=key, value=value, event=event, handle=handle)
+
+
+dispatcher.observers.append(_send_changed)

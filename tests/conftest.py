@@ -1,10 +1,13 @@
 import pytest
 
 import django_clustershm as clustershm
-from django_clustershm import conf
-from django_clustershm.client import EmbeddedClient, SocketClient
+from django_clustershm import registry
 
+from . import helpers
 from .helpers import ManagerProcess
+
+#: The transports every contract test runs on: "the same semantics" is tested, not claimed.
+TRANSPORTS = ["embedded", "socket", "socket+near"]
 
 
 @pytest.fixture
@@ -17,8 +20,9 @@ def manager_process():
 
 @pytest.fixture
 def socket_client(manager_process):
-    client = SocketClient(manager_process.address, manager_process.secret, timeout=5)
+    client = helpers.socket_client(manager_process.address, manager_process.secret, timeout=5)
     yield client
+    client.shutdown()
     client.close()
 
 
@@ -32,15 +36,25 @@ def cluster():
     proc.cleanup()
 
 
-@pytest.fixture(params=["socket", "embedded"])
-def client(request):
-    """The same API over both transports: every semantic test runs on each."""
-    if request.param == "embedded":
-        yield EmbeddedClient()
+@pytest.fixture(params=TRANSPORTS)
+def transport(request):
+    return request.param
+
+
+@pytest.fixture
+def client(transport):
+    """The same API over every transport: every semantic test runs on each."""
+    if transport == "embedded":
+        client = helpers.embedded_client()
+        yield client
+        client.shutdown()
         return
     proc = ManagerProcess().start()
-    client = SocketClient(proc.address, proc.secret, timeout=5)
+    client = helpers.socket_client(proc.address, proc.secret, timeout=5)
+    if transport == "socket+near":
+        client.enable_near_cache("")
     yield client
+    client.shutdown()
     client.close()
     proc.cleanup()
 
@@ -48,6 +62,6 @@ def client(request):
 @pytest.fixture(autouse=True)
 def _fresh_module_client():
     """Each test starts with the module-level API unconfigured."""
-    conf.reset()
+    registry.reset()
     yield
-    conf.reset()
+    registry.reset()

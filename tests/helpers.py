@@ -43,14 +43,14 @@ class ManagerProcess:
         self.options = manager_options
         self.pid: int | None = None
 
-    def start(self) -> "ManagerProcess":
+    def start(self) -> ManagerProcess:
         r, w = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child: serve until SIGTERM
             code = 1
             try:
                 os.close(r)
-                from django_clustershm.manager import Manager
+                from django_clustershm.server.manager import Manager
 
                 handler = logging.FileHandler(self.log_path)
                 log = logging.getLogger("django_clustershm")
@@ -152,3 +152,17 @@ def run_forked(n: int, fn, *args, timeout: float = 60) -> list[int]:
     """Run ``fn(i, *args)`` in ``n`` forked children at once; return their exit codes."""
     pids = [fork_call(fn, i, *args) for i in range(n)]
     return [reap(pid, timeout) for pid in pids]
+
+
+def socket_client(address: str, secret: bytes, **options):
+    """A client of the Manager at ``address`` over the socket transport."""
+    from django_clustershm.client import Client, SocketTransport
+
+    return Client(SocketTransport(address, secret, **options))
+
+
+def embedded_client(**engine_options):
+    """A client of a fresh in-process engine."""
+    from django_clustershm.client import Client, EmbeddedTransport
+
+    return Client(EmbeddedTransport(**engine_options))

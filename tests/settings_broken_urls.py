@@ -1,5 +1,5 @@
 """testproject's settings with a URLconf that does not import (for runcluster's error test)."""
 
-from testproject.settings import *  # noqa: F401,F403
+from testproject.settings import *
 
 ROOT_URLCONF = "tests.no_such_urlconf_module"

@@ -6,8 +6,7 @@ import os
 import pytest
 
 import django_clustershm as clustershm
-from django_clustershm import conf
-from django_clustershm.client import EmbeddedClient, SocketClient
+from django_clustershm import registry as conf
 
 from .helpers import fork_call, reap, wait_until
 
@@ -17,9 +16,10 @@ def test_public_names_are_pinned():
         [
             "add", "clear", "decr", "delete_many", "get", "get_many", "has", "incr", "keys", "near_stats", "ping",
             "remove", "set", "set_many", "stats", "touch", "get_lru", "set_lru", "remove_lru",
-            "Client", "EmbeddedClient", "Engine", "Limits", "Manager", "SocketClient",
-            "configure", "connect", "get_client",
-            "AuthenticationFailed", "ClusterShmError", "IntegerOverflow", "InvalidKey", "KeyNotFound",
+            "Client", "EmbeddedTransport", "Engine", "Keyspace", "Limits", "Manager", "SocketTransport",
+            "configure", "connect", "get_client", "changed",
+            "ArgumentTypeError", "AuthenticationFailed", "ClusterShmError", "IntegerOverflow", "InvalidArgument",
+            "InvalidKey", "KeyNotFound",
             "KeyTooLarge", "LimitExceeded", "LockNotOwned", "LockTimeout", "ManagerUnavailable",
             "NotAnInteger", "ProtocolError", "RemoteError", "SerializationError", "StoreFull",
             "ValueTooLarge", "WouldDeadlock", "Lock", "amutex", "get_lock", "mutex", "release_lock", "Handle", "listen",
@@ -59,7 +59,7 @@ def test_seed_operations_in_embedded_mode(caplog):
         assert clustershm.stats()["store"]["keys"] == 2
         assert clustershm.ping()
         assert clustershm.clear() == 2
-    assert isinstance(clustershm.get_client(), EmbeddedClient)
+    assert isinstance(clustershm.get_client().transport, clustershm.EmbeddedTransport)
     mode_lines = [r for r in caplog.records if "embedded mode" in r.getMessage()]
     assert len(mode_lines) == 1  # said once, not on every call
 
@@ -77,7 +77,7 @@ def test_configure_points_the_api_at_a_cluster(manager_process, caplog):
     with caplog.at_level(logging.INFO, logger="django_clustershm"):
         clustershm.configure(manager_process.address, manager_process.secret)
         clustershm.set("via-api", 42)
-    assert isinstance(clustershm.get_client(), SocketClient)
+    assert isinstance(clustershm.get_client().transport, clustershm.SocketTransport)
     assert "cluster mode" in caplog.text
     # A forked child inherits the configuration in memory and shares the state.
 

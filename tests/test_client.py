@@ -7,8 +7,6 @@ import time
 
 import pytest
 
-from django_clustershm import SocketClient
-from django_clustershm.engine import Limits
 from django_clustershm.exceptions import (
     ClusterShmError,
     IntegerOverflow,
@@ -20,8 +18,9 @@ from django_clustershm.exceptions import (
     SerializationError,
     ValueTooLarge,
 )
+from django_clustershm.wire.limits import Limits
 
-from .helpers import ManagerProcess, wait_until
+from .helpers import ManagerProcess, socket_client, wait_until
 
 
 def test_set_get_remove(client):
@@ -194,7 +193,7 @@ def test_errors_share_one_root(client):
 
 
 def test_no_manager_fails_fast(tmp_path):
-    client = SocketClient(str(tmp_path / "none.sock"), b"s", timeout=5)
+    client = socket_client(str(tmp_path / "none.sock"), b"s", timeout=5)
     start = time.monotonic()
     with pytest.raises(ManagerUnavailable, match="no Manager is listening"):
         client.get("a")
@@ -202,7 +201,7 @@ def test_no_manager_fails_fast(tmp_path):
 
 
 def test_a_hung_manager_times_out_instead_of_hanging(manager_process):
-    client = SocketClient(manager_process.address, manager_process.secret, timeout=0.3)
+    client = socket_client(manager_process.address, manager_process.secret, timeout=0.3)
     client.set("a", 1)
     os.kill(manager_process.pid, signal.SIGSTOP)
     try:
@@ -219,7 +218,7 @@ def test_a_hung_manager_times_out_instead_of_hanging(manager_process):
 
 def test_manager_death_then_restart_reconnects():
     proc = ManagerProcess().start()
-    client = SocketClient(proc.address, proc.secret, timeout=2)
+    client = socket_client(proc.address, proc.secret, timeout=2)
     try:
         client.set("a", 1)
         proc.kill()  # SIGKILL: no goodbye
@@ -246,7 +245,7 @@ def test_each_thread_has_its_own_connection(socket_client):
         try:
             for j in range(200):
                 socket_client.incr("t")
-            seen.add(id(socket_client._local.conn))
+            seen.add(id(socket_client.transport._local.conn))
         except Exception as exc:  # pragma: no cover - reported below
             errors.append(exc)
 
@@ -262,7 +261,7 @@ def test_each_thread_has_its_own_connection(socket_client):
 
 def test_limits_come_from_the_manager():
     proc = ManagerProcess(limits=Limits(max_key=16, max_value=1000)).start()
-    client = SocketClient(proc.address, proc.secret)
+    client = socket_client(proc.address, proc.secret)
     try:
         with pytest.raises(KeyTooLarge):
             client.set("k" * 17, 1)

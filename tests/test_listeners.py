@@ -10,8 +10,9 @@ from django.core.cache import caches
 from django.test import override_settings
 
 import django_clustershm as clustershm
-from django_clustershm import protocol as P
+import django_clustershm.registry
 from django_clustershm.signals import changed
+from django_clustershm.wire import frames as P
 
 from .helpers import block_until_killed, fork_call, reap, wait_until
 from .test_manager import _handshaked_socket
@@ -19,11 +20,11 @@ from .test_manager import _handshaked_socket
 
 @pytest.fixture(autouse=True)
 def _cancel_handles():
-    from django_clustershm.listen import _hub
-
     yield
-    for handle in list(_hub._handles.values()):
-        handle.cancel()
+    client = clustershm.registry.current()
+    if client is not None and client._dispatcher is not None:
+        for handle in list(client._dispatcher.handles.values()):
+            handle.cancel()
 
 
 def subscriptions() -> int:

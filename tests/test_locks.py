@@ -9,9 +9,8 @@ import time
 import pytest
 
 import django_clustershm as clustershm
-from django_clustershm import protocol as P
-from django_clustershm.client import EmbeddedClient
 from django_clustershm.exceptions import LimitExceeded, LockNotOwned, LockTimeout, WouldDeadlock
+from django_clustershm.wire import frames as P
 
 from .helpers import ManagerProcess, block_until_killed, fork_call, reap, run_forked, wait_until
 from .test_manager import _handshaked_socket
@@ -282,9 +281,8 @@ def test_another_thread_cannot_release_or_take_over(anywhere):
 
 
 def test_mutex_releases_on_exceptions_and_decorates(anywhere):
-    with pytest.raises(ZeroDivisionError):
-        with clustershm.mutex("boom"):
-            1 / 0
+    with pytest.raises(ZeroDivisionError), clustershm.mutex("boom"):
+        1 / 0
     assert not clustershm.Lock("boom").locked()
 
     @clustershm.mutex("decorated", timeout=5)
@@ -394,6 +392,6 @@ def test_amutex_timeout(anywhere):
 
 
 def test_embedded_client_is_the_default_outside_a_cluster():
-    assert isinstance(clustershm.get_client(), EmbeddedClient)
+    assert isinstance(clustershm.get_client().transport, clustershm.EmbeddedTransport)
     with clustershm.mutex("embedded"):
         assert clustershm.Lock("embedded").locked()

@@ -11,11 +11,12 @@ import time
 import msgpack
 import pytest
 
-from django_clustershm import Manager, SocketClient
-from django_clustershm import protocol as P
+from django_clustershm import Manager
 from django_clustershm.exceptions import AuthenticationFailed, ManagerUnavailable
+from django_clustershm.wire import frames as P
+from django_clustershm.wire import handshake as H
 
-from .helpers import block_until_killed, fork_call, reap, run_forked, wait_until
+from .helpers import block_until_killed, fork_call, reap, run_forked, socket_client, wait_until
 
 
 def _handshaked_socket(address: str, secret: bytes) -> socket.socket:
@@ -25,9 +26,8 @@ def _handshaked_socket(address: str, secret: bytes) -> socket.socket:
     sock.connect(address)
     reader = P.FrameReader()
     (op, _, payload), = reader.feed(sock.recv(512))
-    assert op == P.HELLO
-    _version, nonce, _pid = P.decode_payload(payload)
-    sock.sendall(P.encode(P.AUTH, 0, [P.client_proof(secret, nonce), os.urandom(32), os.getpid()]))
+    auth, _client_nonce = H.answer_hello(op, payload, secret)
+    sock.sendall(auth)
     (op, _, _), = reader.feed(sock.recv(512))
     assert op == P.OK
     return sock
@@ -41,7 +41,7 @@ def _closed_by_peer(sock: socket.socket) -> bool:
                 return True
     except ConnectionResetError:
         return True
-    except socket.timeout:
+    except TimeoutError:
         return False
 
 
@@ -50,13 +50,13 @@ def _closed_by_peer(sock: socket.socket) -> bool:
 
 def test_four_processes_incr_one_key_exactly(manager_process):
     def worker(i):
-        client = SocketClient(manager_process.address, manager_process.secret)
+        client = socket_client(manager_process.address, manager_process.secret)
         for _ in range(5000):
             client.incr("counter")
         client.close()
 
     assert run_forked(4, worker) == [0, 0, 0, 0]
-    client = SocketClient(manager_process.address, manager_process.secret)
+    client = socket_client(manager_process.address, manager_process.secret)
     assert client.get("counter") == 20000
     client.close()
 
@@ -65,12 +65,12 @@ def test_a_write_in_one_process_is_read_in_another(manager_process):
     addr, secret = manager_process.address, manager_process.secret
 
     def writer():
-        SocketClient(addr, secret).set("shared", {"user": "Tom"})
+        socket_client(addr, secret).set("shared", {"user": "Tom"})
 
     assert reap(fork_call(writer), 10) == 0
 
     def reader():
-        assert SocketClient(addr, secret).get("shared") == {"user": "Tom"}
+        assert socket_client(addr, secret).get("shared") == {"user": "Tom"}
 
     assert reap(fork_call(reader), 10) == 0
 
@@ -79,13 +79,13 @@ def test_add_is_won_by_exactly_one_process(manager_process):
     addr, secret = manager_process.address, manager_process.secret
 
     def racer(i):
-        client = SocketClient(addr, secret)
+        client = socket_client(addr, secret)
         for k in range(300):
             if client.add(f"slot{k}", i):
                 client.incr(f"won{i}")
 
     assert run_forked(4, racer) == [0] * 4
-    client = SocketClient(addr, secret)
+    client = socket_client(addr, secret)
     assert sum(client.get(f"won{i}", 0) for i in range(4)) == 300
     client.close()
 
@@ -95,7 +95,7 @@ def test_clients_are_listed_with_their_pids_and_dropped_when_they_die(manager_pr
     r, w = os.pipe()
 
     def idle():
-        client = SocketClient(addr, secret)
+        client = socket_client(addr, secret)
         client.ping()
         os.write(w, b"1")
         block_until_killed()
@@ -104,7 +104,7 @@ def test_clients_are_listed_with_their_pids_and_dropped_when_they_die(manager_pr
     os.read(r, 1)
     os.close(r)
     os.close(w)
-    client = SocketClient(addr, secret)
+    client = socket_client(addr, secret)
     assert pid in [c["pid"] for c in client.stats()["clients"]]
     os.kill(pid, signal.SIGKILL)
     reap(pid, 10)
@@ -124,12 +124,12 @@ def test_fork_while_the_manager_is_under_load():
     serving.
     """
     manager = Manager().start()
-    client = SocketClient(manager.address, manager.secret)
+    client = socket_client(manager.address, manager.secret)
     stop = threading.Event()
     counts = [0, 0]
 
     def load(i):
-        c = SocketClient(manager.address, manager.secret)
+        c = socket_client(manager.address, manager.secret)
         while not stop.is_set():
             c.incr("load")
             c.set(f"v{i}", b"x" * 1000)
@@ -142,26 +142,26 @@ def test_fork_while_the_manager_is_under_load():
     try:
         wait_until(lambda: min(counts) > 50, message="load running")
         client.set("before-fork", "hello")  # this thread's connection exists at fork time
-        inherited = client._local.conn
+        inherited = client.transport._local.conn
 
         def child(i):
             # The parent's connection was closed in the child by the at-fork hook.
             assert inherited.sock.fileno() == -1
             # The Manager's listening socket was closed too.
             assert manager._listener.fileno() == -1
-            c = SocketClient(manager.address, manager.secret)
+            c = socket_client(manager.address, manager.secret)
             assert c.get("before-fork") == "hello"
             for _ in range(200):
                 c.incr("from-children")
             # The module-level client in the child is a new connection too.
             assert client.get("before-fork") == "hello"
-            assert client._local.conn is not inherited
+            assert client.transport._local.conn is not inherited
 
         codes = run_forked(8, child, timeout=30)
         assert codes == [0] * 8
         assert client.get("from-children") == 1600
         # The parent's own connection still works and was never shared.
-        assert client._local.conn is inherited
+        assert client.transport._local.conn is inherited
         assert client.get("before-fork") == "hello"
         before = sum(counts)
         wait_until(lambda: sum(counts) > before + 50, message="load continues after forks")
@@ -193,19 +193,30 @@ GARBAGE = [
     ("unsupported protocol version", b"CS" + bytes([9, P.GET]) + struct.pack("!II", 1, 1) + b"\x90"),
     ("exceeds the maximum", b"CS" + bytes([P.VERSION, P.SET]) + struct.pack("!II", 1, 2**31)),
     ("malformed payload", P.HEADER.pack(b"CS", P.VERSION, P.GET, 1, 1) + b"\xc1"),
-    ("unknown opcode", P.encode(0x5F, 1, [])),
-    ("malformed request", P.encode(P.GET, 1, ["", "k", "extra", "args"])),
-    ("a list of arguments", P.encode(P.GET, 1, 42)),
-    ("values are bin or int", P.encode(P.SET, 1, ["", "k", "a str value", None])),
-    ("a timeout is a number", P.encode(P.SET, 1, ["", "k", b"v", "soon"])),
-    ("set_many takes a map", P.encode(P.SET_MANY, 1, ["", ["k"], None])),
-    ("expected a 64-bit integer", P.encode(P.INCR, 1, ["", "k", 1.5, 0])),
+]
+
+#: Well-formed frames whose arguments the Manager refuses: an error reply, and
+#: the connection (with its locks) stays. (code, words of the message, frame)
+REFUSED = [
+    (16, "unknown opcode", P.encode(0x5F, 7, [])),
+    (17, "malformed arguments", P.encode(P.GET, 7, ["", "k", "extra", "args"])),
+    (17, "a list of arguments", P.encode(P.GET, 7, 42)),
+    (17, "values are bin or int", P.encode(P.SET, 7, ["", "k", "a str value", None])),
+    (17, "timeout must be a number", P.encode(P.SET, 7, ["", "k", b"v", "soon"])),
+    (16, "timeout must be a finite number", P.encode(P.SET, 7, ["", "k", b"v", float("nan")])),
+    (16, "timeout must be a finite number", P.encode(P.TOUCH, 7, ["", "k", float("inf")])),
+    (17, "set_many takes a map", P.encode(P.SET_MANY, 7, ["", ["k"], None])),
+    (17, "delta must be an int", P.encode(P.INCR, 7, ["", "k", 1.5, 0])),
+    (17, "token must be", P.encode(P.LOCK_RELEASE, 7, ["held", None])),
+    (16, "lease must be a positive", P.encode(P.LOCK_ACQUIRE, 7, ["other", -1, 0])),
+    (17, "bounds must be", P.encode(P.SET, 7, ["c", "k", b"v", None, "big"])),
+    (16, "takes no cache bounds", P.encode(P.SET, 7, ["", "k", b"v", None, [1, 1, 1]])),
 ]
 
 
 @pytest.mark.parametrize("reason, frame", GARBAGE, ids=[g[0] + str(i) for i, g in enumerate(GARBAGE)])
 def test_rogue_frame_closes_only_that_connection(manager_process, reason, frame):
-    good = SocketClient(manager_process.address, manager_process.secret)
+    good = socket_client(manager_process.address, manager_process.secret)
     good.set("precious", [1, 2, 3])
     rogue = _handshaked_socket(manager_process.address, manager_process.secret)
     rogue.sendall(frame)
@@ -216,12 +227,43 @@ def test_rogue_frame_closes_only_that_connection(manager_process, reason, frame)
     good.close()
 
 
+@pytest.mark.parametrize("code, words, frame", REFUSED, ids=[r[1] + str(i) for i, r in enumerate(REFUSED)])
+def test_a_refused_request_gets_an_error_and_the_connection_keeps_its_lock(manager_process, code, words, frame):
+    addr, secret = manager_process.address, manager_process.secret
+    sock = _handshaked_socket(addr, secret)
+    reader = P.FrameReader(P.DEFAULT_MAX_FRAME)
+
+    def reply():
+        frames = []
+        while not frames:
+            frames = reader.feed(sock.recv(65536))
+        return frames[0]
+
+    sock.sendall(P.encode(P.LOCK_ACQUIRE, 1, ["held", None, 0]))
+    op, rid, payload = reply()
+    assert (op, rid) == (P.OK, 1)
+    token = P.decode_payload(payload)[0]
+    sock.sendall(frame)
+    op, rid, payload = reply()
+    error = P.decode_payload(payload)
+    assert (op, rid, error[0]) == (P.ERR, 7, code) and words in error[1], error
+    # Still connected, still the holder: another process cannot take the lock.
+    other = socket_client(addr, secret)
+    assert other.lock_acquire("held", None, 0) is None
+    sock.sendall(P.encode(P.LOCK_RELEASE, 2, ["held", token]))
+    op, rid, payload = reply()
+    assert (op, rid, P.decode_payload(payload)) == (P.OK, 2, False)
+    assert other.lock_acquire("held", None, 0) is not None
+    other.close()
+    sock.close()
+
+
 def test_truncated_frame_then_eof(manager_process):
     rogue = _handshaked_socket(manager_process.address, manager_process.secret)
     rogue.sendall(P.encode(P.SET, 1, ["", "k", b"v" * 100, None])[:50])
     rogue.close()
     wait_until(lambda: "ended inside a frame" in manager_process.log(), message="truncation logged")
-    client = SocketClient(manager_process.address, manager_process.secret)
+    client = socket_client(manager_process.address, manager_process.secret)
     assert not client.has("k")
     client.close()
 
@@ -247,14 +289,14 @@ def test_rogue_process_spraying_garbage_while_others_work(manager_process):
                 s.close()
 
     def worker(i):
-        c = SocketClient(addr, secret)
+        c = socket_client(addr, secret)
         for _ in range(2000):
             c.incr("work")
 
     rogue_pid = fork_call(rogue)
     assert run_forked(3, worker) == [0, 0, 0]
     assert reap(rogue_pid, 60) == 0
-    client = SocketClient(addr, secret)
+    client = socket_client(addr, secret)
     assert client.get("work") == 6000
     assert len(client.stats()["clients"]) == 1
     client.close()
@@ -290,7 +332,7 @@ def test_an_unauthenticated_peer_cannot_make_the_manager_buffer(manager_process)
 
 
 def test_wrong_secret_is_refused(manager_process):
-    client = SocketClient(manager_process.address, b"not the secret")
+    client = socket_client(manager_process.address, b"not the secret")
     with pytest.raises(AuthenticationFailed, match="refused"):
         client.get("a")
     wait_until(lambda: "wrong secret" in manager_process.log(), message="refusal logged")
@@ -313,7 +355,7 @@ def test_the_client_checks_the_manager_knows_the_secret(tmp_path):
 
     t = threading.Thread(target=impostor)
     t.start()
-    client = SocketClient(path, b"secret")
+    client = socket_client(path, b"secret")
     with pytest.raises(AuthenticationFailed, match="does not hold the cluster secret"):
         client.get("a")
     t.join()
@@ -330,7 +372,7 @@ def test_another_uid_is_refused(manager_process):
     def other_user():
         os.setgid(65534)
         os.setuid(65534)
-        client = SocketClient(manager_process.address, manager_process.secret)
+        client = socket_client(manager_process.address, manager_process.secret)
         try:
             client.get("a")
         except AuthenticationFailed:
@@ -353,7 +395,7 @@ def test_handshake_version_mismatch_is_refused(manager_process):
 
 
 def test_manager_gone_mid_call(manager_process):
-    client = SocketClient(manager_process.address, manager_process.secret, timeout=5)
+    client = socket_client(manager_process.address, manager_process.secret, timeout=5)
     client.set("a", 1)
     manager_process.kill()
     with pytest.raises(ManagerUnavailable):
@@ -367,7 +409,7 @@ def test_a_closed_connection_never_touches_a_new_one_on_its_fd():
     replies were then never sent (seen as a 5 s timeout under load)."""
     import select
 
-    from django_clustershm.manager import _Conn
+    from django_clustershm.server.manager import _Conn
 
     manager = Manager()
     try:

@@ -1,5 +1,6 @@
 """The wire protocol: round trips and every malformation, over real sockets."""
 
+import os
 import socket
 import struct
 import threading
@@ -7,8 +8,10 @@ import threading
 import msgpack
 import pytest
 
-from django_clustershm import protocol as P
-from django_clustershm.exceptions import ProtocolError
+from django_clustershm.exceptions import AuthenticationFailed, ProtocolError
+from django_clustershm.wire import frames as P
+from django_clustershm.wire import handshake as H
+from django_clustershm.wire.limits import Limits
 
 
 def test_header_layout_is_twelve_bytes_big_endian():
@@ -102,6 +105,28 @@ def test_payload_never_unpickles():
 
 def test_handshake_proofs_differ_by_direction_and_secret():
     nonce = b"n" * 32
-    assert P.client_proof(b"s", nonce) != P.server_proof(b"s", nonce)
-    assert P.client_proof(b"s", nonce) != P.client_proof(b"t", nonce)
-    assert len(P.client_proof(b"s", nonce)) == 32
+    assert H._proof(b"s", b"client", nonce) != H._proof(b"s", b"server", nonce)
+    assert H._proof(b"s", b"client", nonce) != H._proof(b"t", b"client", nonce)
+    assert len(H._proof(b"s", b"client", nonce)) == 32
+
+
+def _frame(data: bytes):
+    return P.FrameReader(P.HANDSHAKE_MAX_FRAME).feed(data)[0]
+
+
+def test_both_halves_of_the_handshake_agree():
+    server_nonce = os.urandom(H.NONCE_SIZE)
+    op, _, payload = _frame(H.hello(server_nonce, 123))
+    auth, client_nonce = H.answer_hello(op, payload, b"secret")
+    op, _, payload = _frame(auth)
+    assert H.check_auth(op, payload, b"secret", server_nonce) == (client_nonce, os.getpid())
+    with pytest.raises(AuthenticationFailed):
+        H.check_auth(op, payload, b"other secret", server_nonce)
+    op, _, payload = _frame(H.welcome(b"secret", client_nonce, Limits(max_key=7), 5))
+    limits, session_id = H.check_welcome(op, payload, b"secret", client_nonce)
+    assert (limits.max_key, session_id) == (7, 5)
+    with pytest.raises(AuthenticationFailed, match="does not hold the cluster secret"):
+        H.check_welcome(op, payload, b"other secret", client_nonce)
+    op, _, payload = _frame(H.refusal())
+    with pytest.raises(AuthenticationFailed, match="refused"):
+        H.check_welcome(op, payload, b"secret", client_nonce)

@@ -4,8 +4,8 @@ import json
 
 from django.core.management.base import BaseCommand, CommandError
 
-from django_clustershm.conf import connect, get_client
 from django_clustershm.exceptions import ClusterShmError
+from django_clustershm.registry import connect, get_client
 
 
 class Command(BaseCommand):

@@ -14,7 +14,7 @@ import sys
 
 from django.core.management.base import BaseCommand, CommandError
 
-from django_clustershm import cluster
+from django_clustershm.serve import cluster
 
 ERRNO_MESSAGES = {  # as Django's runserver words them
     errno.EACCES: "You don't have permission to access that port.",
@@ -162,7 +162,7 @@ class Command(BaseCommand):
         }
         if opts["worker_class"]:
             options["worker_class"] = opts["worker_class"]
-        from django_clustershm.gunicorn_app import ClusterApplication
+        from django_clustershm.serve.app import ClusterApplication
 
         app = ClusterApplication(options, opts["gunicorn_config"])
         manager = cluster.start_manager()

@@ -1,9 +1,17 @@
-"""The pure store, with a fake clock: expiry is tested without sleeping."""
+"""The one namespace implementation, with a fake clock: expiry is tested without sleeping.
+
+Every semantic test runs on both policies (the store's dict and a cache's
+LRU), since they share one implementation; the policy tests follow.
+"""
+
+import math
 
 import pytest
 
-from django_clustershm.exceptions import IntegerOverflow, KeyNotFound, NotAnInteger, StoreFull
-from django_clustershm.store import INT64_MAX, Store
+from django_clustershm.exceptions import IntegerOverflow, KeyNotFound, NotAnInteger, StoreFull, ValueTooLarge
+from django_clustershm.server.namespace import ENTRY_OVERHEAD, Namespace, entry_size
+from django_clustershm.wire.args import INT64_MAX
+from django_clustershm.wire.frames import EVENT_EVICT, EVENT_EXPIRE, EVENT_REMOVE, EVENT_SET, EVENT_TOUCH
 
 
 class FakeClock:
@@ -19,9 +27,11 @@ def clock():
     return FakeClock()
 
 
-@pytest.fixture
-def store(clock):
-    return Store(clock=clock)
+@pytest.fixture(params=["store", "cache"])
+def store(request, clock):
+    if request.param == "store":
+        return Namespace.store(clock=clock)
+    return Namespace.cache(clock=clock)
 
 
 def test_set_get_remove(store):
@@ -146,18 +156,85 @@ def test_keys_by_prefix_and_clear(store, clock):
 
 
 def test_byte_accounting_and_budget(clock):
-    store = Store(clock=clock, max_bytes=100)
+    store = Namespace.store(100 + 2 * ENTRY_OVERHEAD, clock=clock)
     store.set("a", b"x" * 50)
-    assert store.bytes == 51
+    assert store.bytes == entry_size("a", b"x" * 50) == 51 + ENTRY_OVERHEAD
     store.set("a", b"x" * 90)  # replacing counts the difference only
-    assert store.bytes == 91
+    assert store.bytes == 91 + ENTRY_OVERHEAD
     with pytest.raises(StoreFull, match="MAX_STORE_BYTES"):
-        store.set("b", b"x" * 20)
-    assert store.get("b") is None and store.bytes == 91
+        store.set("b", b"x" * 100)
+    assert store.get("b") is None and store.bytes == 91 + ENTRY_OVERHEAD
     with pytest.raises(StoreFull):
         store.set_many({"c": b"1", "d": b"x" * 50})
     assert store.get("c") is None  # all or nothing
     store.remove("a")
     assert store.bytes == 0
     store.set("n", 5)
-    assert store.bytes == 1 + 8
+    assert store.bytes == 1 + 8 + ENTRY_OVERHEAD
+
+
+def test_events_are_the_same_on_both_policies(store, clock):
+    events = []
+    store.on_event = lambda event, key, value: events.append((event, key, value))
+    store.set("a", b"1", ttl=5)
+    store.touch("a", 10)
+    store.incr("n", 2, 0)
+    store.remove("n")
+    clock.now += 11
+    store.reap()
+    assert events == [
+        (EVENT_SET, "a", b"1"),
+        (EVENT_TOUCH, "a", None),
+        (EVENT_SET, "n", 2),
+        (EVENT_REMOVE, "n", None),
+        (EVENT_EXPIRE, "a", None),
+    ]
+
+
+def test_a_cache_evicts_the_least_recently_used_to_fit_its_bytes(clock):
+    size = entry_size("k0", b"x" * 100)
+    cache = Namespace.cache(3 * size, clock=clock)
+    events = []
+    cache.on_event = lambda event, key, value: events.append((event, key))
+    for i in range(3):
+        cache.set(f"k{i}", b"x" * 100)
+    cache.get("k0")  # now the most recently used
+    cache.set("k3", b"x" * 100)
+    assert sorted(cache.keys()) == ["k0", "k2", "k3"]
+    assert (EVENT_EVICT, "k1") in events and cache.evictions == 1
+    with pytest.raises(ValueTooLarge):
+        cache.set("huge", b"x" * (3 * size))
+    assert cache.get("k0") == b"x" * 100  # a refused write evicts nothing
+
+
+def test_a_cache_culls_as_locmem_does(clock):
+    cache = Namespace.cache(clock=clock)
+    bounds = [10, 3, 10**9]
+    for i in range(10):
+        cache.set(f"k{i}", b"x", None, bounds)
+    assert len(cache) == 10
+    cache.set("k10", b"x", None, bounds)  # full: drop 10 // 3 least recently used first
+    assert len(cache) == 8 and cache.get("k0") is None and cache.get("k3") == b"x"
+    cache.set("k11", b"x", None, [8, 0, 10**9])  # CULL_FREQUENCY 0: everything goes
+    assert cache.keys() == ["k11"]
+
+
+def test_a_cull_reaps_expired_entries_first(clock):
+    cache = Namespace.cache(clock=clock)
+    bounds = [3, 3, 10**9]
+    cache.set("old", b"x", 1, bounds)
+    cache.set("a", b"x", None, bounds)
+    cache.set("b", b"x", None, bounds)
+    clock.now += 2
+    cache.set("c", b"x", None, bounds)  # the expired one made room: nothing culled
+    assert sorted(cache.keys()) == ["a", "b", "c"] and cache.evictions == 0
+
+
+def test_an_expired_key_never_stalls_reaping(store, clock):
+    # The engine refuses NaN timeouts (wire.args); the heap must not depend on it:
+    # a key whose deadline is past is reaped whatever was set before it.
+    for i in range(1000):
+        store.set(f"k{i}", b"x", ttl=1)
+    clock.now += 2
+    assert len(store.reap()) == 1000 and len(store) == 0
+    assert math.isinf(float("inf"))

@@ -1,6 +1,6 @@
 """Lock state held by the Manager: fair, leased, fenced, and freed when the holder dies.
 
-Pure data structure with an injected clock, like :mod:`.store`. Waiting is
+Pure data structure with an injected clock, like :mod:`.namespace`. Waiting is
 not done here: an acquire that cannot be granted at once leaves a *waiter*
 in the key's FIFO queue, and the engine answers that request later, when
 :meth:`LockTable.release` (or a lease expiry, or the holder's session
@@ -19,16 +19,17 @@ import heapq
 import os
 import time
 from collections import deque
-from typing import Callable
+from collections.abc import Callable
 
-from .exceptions import LimitExceeded, LockNotOwned
+from ..exceptions import LimitExceeded, LockNotOwned
+from ..wire.args import TOKEN_SIZE
 
 #: Queued acquires one session may have at once (a blocking client has one).
 MAX_WAITERS_PER_SESSION = 1024
 
 
 class Holder:
-    __slots__ = ("session", "token", "fence", "since", "lease_until")
+    __slots__ = ("fence", "lease_until", "session", "since", "token")
 
     def __init__(self, session, token: bytes, fence: int, since: float, lease_until: float | None) -> None:
         self.session = session
@@ -39,7 +40,7 @@ class Holder:
 
 
 class Waiter:
-    __slots__ = ("session", "rid", "lease", "deadline", "done")
+    __slots__ = ("deadline", "done", "lease", "rid", "session")
 
     def __init__(self, session, rid: int, lease: float | None, deadline: float | None) -> None:
         self.session = session
@@ -173,7 +174,7 @@ class LockTable:
 
     def _grant(self, key: str, state: _Key, session, lease: float | None, now: float) -> list:
         self._fence += 1
-        holder = Holder(session, os.urandom(16), self._fence, now, None if lease is None else now + lease)
+        holder = Holder(session, os.urandom(TOKEN_SIZE), self._fence, now, None if lease is None else now + lease)
         state.holder = holder
         self.granted += 1
         if holder.lease_until is not None:

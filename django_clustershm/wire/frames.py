@@ -23,41 +23,37 @@ Every message, in both directions, is one frame on a Unix stream socket::
 
 Opcodes 0x01-0x7F are requests, sent by a client with a request id of its
 choosing (a client may pipeline several; replies carry the id of their
-request). 0x80 and 0x81 are replies. 0xC0-0xFF are *pushes*: messages the
-Manager sends on its own (lock grants, listener events, invalidations) with
-request id 0, which a client must be ready to receive between replies.
+request). 0x80 and 0x81 are replies; a lock grant that comes later is a
+reply too, carrying the id of its LOCK_ACQUIRE. 0xC0-0xFF are *pushes*:
+messages the Manager sends on its own (listener events, near-cache updates
+and invalidations, "your acquire is queued"), which a client must be ready
+to receive between replies.
 
-Handshake (request id 0)::
-
-    Manager -> client   HELLO  [VERSION, server_nonce, manager_pid]
-    client  -> Manager  AUTH   [hmac(secret, b"client" + server_nonce), client_nonce, client_pid]
-    Manager -> client   OK     [hmac(secret, b"server" + client_nonce), limits, session_id]
-                     or ERR    [code, message], then the Manager closes
-
-The secret never crosses the socket, and both sides prove they hold it
-(CPython's ``multiprocessing.connection`` does the same challenge one-way).
-The Manager also checks the peer's uid with ``SO_PEERCRED``.
+The handshake (request id 0) is drawn in :mod:`.handshake`, where both of
+its halves live side by side.
 
 Requests and their payloads (``ns`` is the namespace: ``""`` for the shared
 store; the value ``v`` is ``bin`` or ``int``; ``ttl`` is seconds or nil)::
 
     PING         []                      -> "pong"
     GET          [ns, key]               -> v or nil
-    SET          [ns, key, v, ttl]       -> nil
-    ADD          [ns, key, v, ttl]       -> bool (stored)
+    SET          [ns, key, v, ttl, bounds]  -> nil
+    ADD          [ns, key, v, ttl, bounds]  -> bool (stored)
     REMOVE       [ns, key]               -> bool (existed)
     HAS          [ns, key]               -> bool
     INCR         [ns, key, delta, init]  -> int (init nil: KeyNotFound if missing)
     TOUCH        [ns, key, ttl]          -> bool
     GET_MANY     [ns, [key...]]          -> {key: v} (hits only)
-    SET_MANY     [ns, {key: v}, ttl]     -> nil
+    SET_MANY     [ns, {key: v}, ttl, bounds] -> nil
     DELETE_MANY  [ns, [key...]]          -> int (how many existed)
     KEYS         [ns, prefix]            -> [key...]
     CLEAR        [ns]                    -> int (how many removed)
     STATS        []                      -> {...}
-    CACHE_SET    [ns, key, v, ttl, opts]     -> nil     (opts: [max_entries,
-    CACHE_ADD    [ns, key, v, ttl, opts]     -> bool     cull_frequency,
-    CACHE_SET_MANY [ns, {key: v}, ttl, opts] -> nil      max_bytes])
+
+``bounds`` is nil for the shared store, and for a named cache either nil
+(Django's defaults) or ``[max_entries, cull_frequency, max_bytes]``: the
+writer's alias's bounds travel with each write, so aliases that share a
+LOCATION keep their own MAX_ENTRIES and CULL_FREQUENCY, as LocMemCache's do.
 
     LOCK_ACQUIRE [key, lease, wait]      -> [token, fence], or nil (not acquired)
     LOCK_RELEASE [key, token]            -> handed over: true if a waiter got the
@@ -110,25 +106,26 @@ written to the listeners' sockets before the writer's reply is.
 
 A named cache (``ns`` not empty) is created by its first write, with that
 write's ``max_bytes``; every other request on a cache that does not exist
-yet sees an empty one. GET, HAS, REMOVE, INCR, TOUCH, GET_MANY, DELETE_MANY,
-KEYS and CLEAR work on both the store and the caches.
+yet sees an empty one. Every request works on the store and on the caches
+alike: one implementation serves both (:mod:`..server.namespace`).
 
 A reply is ``OK`` with the result, or ``ERR`` with ``[code, message]``
-(codes in :mod:`django_clustershm.exceptions`).
+(codes in :mod:`django_clustershm.exceptions`). A well-formed request whose
+arguments the Manager refuses (a wrong type, an unknown opcode) is answered
+with ``ERR`` and the connection stays open; only a malformed frame (bad
+magic, version or length, a payload that is not msgpack) closes it.
 """
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import struct
 
 import msgpack
 
-from .exceptions import ProtocolError
+from ..exceptions import ProtocolError
 
 MAGIC = b"CS"
-VERSION = 1
+VERSION = 2  # 2: SET/ADD/SET_MANY carry the cache bounds (no CACHE_* opcodes)
 
 #: The one struct format of the header: magic, version, opcode, request id, length.
 HEADER = struct.Struct("!2sBBII")
@@ -141,6 +138,8 @@ DEFAULT_MAX_FRAME = 64 * 1024 * 1024
 HANDSHAKE_MAX_FRAME = 512
 #: Room kept in a frame for everything around a value (key, args, msgpack tags).
 FRAME_OVERHEAD = 64 * 1024
+#: What one item of a batch costs in a frame beyond its key and value (msgpack tags).
+ITEM_OVERHEAD = 16
 
 # Requests.
 PING = 0x01
@@ -157,10 +156,6 @@ DELETE_MANY = 0x0B
 KEYS = 0x0C
 CLEAR = 0x0D
 STATS = 0x0E
-# Named caches (the Django cache backend): writes carry the alias's bounds.
-CACHE_SET = 0x10
-CACHE_ADD = 0x11
-CACHE_SET_MANY = 0x12
 # Locks (their own table: no cache or store operation touches them).
 LOCK_ACQUIRE = 0x20
 LOCK_RELEASE = 0x21
@@ -201,7 +196,7 @@ OPCODE_NAMES = {
     value: name
     for name, value in list(globals().items())
     if name.isupper() and isinstance(value, int) and name not in {"VERSION", "HEADER_SIZE", "PUSH_MIN"}
-    and not name.startswith(("DEFAULT_", "HANDSHAKE_", "FRAME_", "EVENT_"))
+    and not name.startswith(("DEFAULT_", "HANDSHAKE_", "FRAME_", "EVENT_", "ITEM_"))
 }
 
 _pack = msgpack.Packer(use_bin_type=True).pack
@@ -288,14 +283,3 @@ class FrameReader:
             self._have = 0
             self._need = HEADER_SIZE
         return frames
-
-
-def client_proof(secret: bytes, server_nonce: bytes) -> bytes:
-    return hmac.new(secret, b"client" + server_nonce, hashlib.sha256).digest()
-
-
-def server_proof(secret: bytes, client_nonce: bytes) -> bytes:
-    return hmac.new(secret, b"server" + client_nonce, hashlib.sha256).digest()
-
-
-NONCE_SIZE = 32

@@ -49,20 +49,22 @@ Values are kept pickled: every hit returns a fresh object.
 
 A fork, a lost Manager or a cut-off tracker empties the near caches of the
 process; the next miss opens a new tracker.
+
+The tracker is a :class:`~.transport.Channel` and the reads are transport
+calls: the near cache uses nothing but the transport seam.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import select
 import threading
 import time
-import weakref
 from collections import OrderedDict
 
-from . import protocol as P
-from .exceptions import ClusterShmError, ManagerUnavailable
+from ..exceptions import ClusterShmError
+from ..wire import frames as P
+from .transport import Channel, Transport
 
 logger = logging.getLogger("django_clustershm.near")
 
@@ -81,7 +83,7 @@ PUSH_LIMIT = 64 * 1024
 class NearCache:
     """The local copies of one namespace (a cache LOCATION, or "" for the store)."""
 
-    def __init__(self, tracker: "Tracker", ns: str, max_entries: int = 10_000, max_bytes: int = 16 * 2**20) -> None:
+    def __init__(self, tracker: Tracker, ns: str, max_entries: int = 10_000, max_bytes: int = 16 * 2**20) -> None:
         self.tracker = tracker
         self.ns = ns
         self.max_entries = int(max_entries)
@@ -175,7 +177,7 @@ class NearCache:
         self.misses += 1
         sid = tracker.session_id()
         sent_at = time.monotonic()
-        data, ttl, seq, tracked = tracker.client._call(P.TRACK_GET, [self.ns, key, sid])
+        data, ttl, seq, tracked = tracker.transport.call(P.TRACK_GET, [self.ns, key, sid])
         if data is not None and tracked:
             with tracker.lock:
                 tracker.drain()
@@ -201,7 +203,7 @@ class NearCache:
         self.misses += len(missing)
         sid = tracker.session_id()
         sent_at = time.monotonic()
-        fetched, seq, tracked = tracker.client._call(P.TRACK_GET_MANY, [self.ns, missing, sid])
+        fetched, seq, tracked = tracker.transport.call(P.TRACK_GET_MANY, [self.ns, missing, sid])
         with tracker.lock:
             tracker.drain()
             keep = tracked and tracker.sid == sid and tracker.seq == seq
@@ -215,16 +217,13 @@ class NearCache:
 class Tracker:
     """The process's invalidation channel to one Manager, shared by its near caches."""
 
-    def __init__(self, client) -> None:
-        self.client = client
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
         self.lock = threading.Lock()
-        self.conn = None
+        self.channel: Channel | None = None
         self.sid: int | None = None
         self.seq = 0
         self.caches: dict[str, NearCache] = {}
-        self._poll = None  # select.poll() of the channel
-        self._out = b""  # UNTRACK frames not yet sent
-        _trackers.add(self)
 
     def near_cache(self, ns: str, max_entries: int, max_bytes: int) -> NearCache:
         cache = self.caches.get(ns)
@@ -232,31 +231,21 @@ class Tracker:
             cache = self.caches[ns] = NearCache(self, ns, max_entries, max_bytes)
         return cache
 
-    def session_id(self) -> int:
+    def session_id(self) -> int | None:
         """The tracker's session id, connecting it first if needed."""
         with self.lock:
-            if self.conn is None:
+            if self.channel is None:
                 self._connect()
             return self.sid
 
     def _connect(self) -> None:
-        from .client import _Connection
-
-        client = self.client
-        conn = _Connection(client.address, client.secret, client.timeout)
+        channel = self.transport.open_channel()
         try:
-            conn.send(P.encode(P.TRACKER, 1, [PUSH_LIMIT]))
-            op, payload = conn.receive(1)
-            body = P.decode_payload(payload)
-            if op != P.OK:
-                raise ManagerUnavailable(f"the Manager refused a near-cache tracker: {body}")
-            conn.sock.setblocking(False)
+            body = channel.request(P.TRACKER, [PUSH_LIMIT], self.transport.timeout)
         except BaseException:
-            conn.close()
+            channel.close()
             raise
-        poll = select.poll()
-        poll.register(conn.sock.fileno(), select.POLLIN)
-        self.conn, self.sid, self.seq, self._out, self._poll = conn, body[0], 0, b"", poll
+        self.channel, self.sid, self.seq = channel, body[0], 0
 
     def drain(self) -> bool:
         """Apply every push (update, invalidation) already received, without blocking.
@@ -264,92 +253,51 @@ class Tracker:
         False when there is no live channel (never connected, or just lost):
         the near caches are then empty and must not answer.
         """
-        conn = self.conn
-        if conn is None:
+        channel = self.channel
+        if channel is None:
             return False
-        if not self._poll.poll(0):
+        if not channel.ready():
             return True  # nothing pushed, not closed
-        sock = conn.sock
-        untrack = None
-        while True:
-            try:
-                data = sock.recv(65536)
-            except (BlockingIOError, InterruptedError):
-                if untrack or self._out:
-                    self._send_untrack(untrack)
-                return True
-            except OSError:
-                data = b""
-            if not data:
-                self._lost("the Manager closed the near-cache channel (cut off, or gone)")
-                return False
-            try:
-                frames = conn.reader.feed(data)
-            except ClusterShmError as exc:
-                self._lost(f"bad frame on the near-cache channel: {exc}")
-                return False
-            for op, _rid, payload in frames:
-                if op == P.PUSH_UPDATE:
-                    seq, ns, key, value, deadline = P.decode_payload(payload)
-                    self.seq = seq
-                    cache = self.caches.get(ns)
-                    if cache is None or not cache.update(key, value, deadline):
-                        if untrack is None:
-                            untrack = []
-                        untrack.append(P.encode(P.UNTRACK, 0, [ns, key, seq]))
-                elif op == P.PUSH_INVALIDATE:
-                    seq, ns, key = P.decode_payload(payload)
-                    self.seq = seq
-                    cache = self.caches.get(ns)
-                    if cache is not None:
-                        cache.invalidate(key)
-
-    def _send_untrack(self, frames) -> None:
-        """Tell the Manager which pushed keys this process does not hold.
-        A hint: what the socket cannot take now waits for the next drain."""
-        if frames and len(self._out) < _MAX_UNTRACK_BACKLOG:
-            # (Past that, the Manager is not reading us: new hints are
-            # dropped whole, at worst costing more pushes.)
-            self._out += b"".join(frames)
         try:
-            sent = self.conn.sock.send(self._out)
-        except (BlockingIOError, InterruptedError):
-            return
-        except OSError:
-            return  # lost: the next drain finds the socket closed
-        self._out = self._out[sent:]
+            messages = channel.receive(0)
+        except ClusterShmError as exc:
+            self._lost(f"the near-cache channel was lost (cut off, or the Manager is gone): {exc}")
+            return False
+        for op, _rid, body in messages:
+            if op == P.PUSH_UPDATE:
+                seq, ns, key, value, deadline = body
+                self.seq = seq
+                cache = self.caches.get(ns)
+                if cache is None or not cache.update(key, value, deadline):
+                    # Tell the Manager this process does not hold the key (a hint).
+                    channel.post(P.UNTRACK, [ns, key, seq])
+            elif op == P.PUSH_INVALIDATE:
+                seq, ns, key = body
+                self.seq = seq
+                cache = self.caches.get(ns)
+                if cache is not None:
+                    cache.invalidate(key)
+        return True
 
     def _lost(self, reason: str) -> None:
         logger.warning("near caches of process %d emptied: %s", os.getpid(), reason)
         self.drop()
 
     def drop(self) -> None:
-        if self.conn is not None:
-            self.conn.close()
-        self.conn = None
+        if self.channel is not None:
+            self.channel.close()
+        self.channel = None
         self.sid = None
-        self._poll = None
         for cache in self.caches.values():
             cache.drop_all()
 
-    def _after_fork_in_child(self) -> None:
-        # The child has none of the parent's tracker (its socket copy was
-        # closed by the client's at-fork hook) and no right to its copies.
+    def after_fork(self) -> None:
+        # The child has none of the parent's tracker (the transport closed its
+        # copy of the socket) and no right to its copies; another thread may
+        # have held the lock, or been inside a near cache, at the fork.
         self.lock = threading.Lock()
-        self.conn = None
+        self.channel = None
         self.sid = None
-        self._poll = None
-        self._out = b""
         for cache in self.caches.values():
-            cache.drop_all()
-
-
-_trackers: "weakref.WeakSet[Tracker]" = weakref.WeakSet()
-
-
-def _after_fork_in_child() -> None:
-    for tracker in list(_trackers):
-        tracker._after_fork_in_child()
-
-
-os.register_at_fork(after_in_child=_after_fork_in_child)
+            cache._entries = OrderedDict()
+            cache.bytes = 0

@@ -1,5 +1,14 @@
 """The Manager: a Unix-socket server around the :class:`~.engine.Engine`.
 
+::
+
+    from django_clustershm.server import Manager
+
+    with Manager() as manager:          # a fresh private directory for the socket
+        manager.start()                 # serve in a thread of this process
+        client = django_clustershm.connect(manager.address, manager.secret)
+
+
 One selector loop owns every connection and is the only code that touches
 the engine, so operations need no locks and each is atomic with respect to
 all others. The loop runs in a thread of the process that starts it (the
@@ -11,14 +20,16 @@ Manager must answer while the arbiter is busy in its own sleeps (a graceful
 stop waits up to ``graceful_timeout`` for workers that may still be calling
 the Manager to finish their requests). A thread is safe to fork from here
 because a forked worker never touches the Manager's objects: the at-fork
-hook below only closes the child's copies of the Manager's descriptors, and
-CPython re-initialises the locks (logging, the GIL) that a child could need.
+reset (:func:`forget_in_child`, the first step of the package's one ordered
+after-fork reset in :mod:`django_clustershm.registry`) only closes the
+child's copies of the Manager's descriptors, and CPython re-initialises the
+locks (logging, the GIL) that a child could need.
 ``tests/test_manager.py`` forks children while the loop is under load.
 
 Security: the socket lives in a fresh directory of mode 0700 and is itself
 0600; every peer's uid is checked with ``SO_PEERCRED``; and the peer must
 prove it holds the cluster secret with an HMAC over a random challenge (see
-:mod:`~.protocol`). A peer gets :data:`~.protocol.HANDSHAKE_MAX_FRAME` bytes
+:mod:`..wire.handshake`). A peer gets :data:`..wire.frames.HANDSHAKE_MAX_FRAME` bytes
 and :attr:`Manager.handshake_timeout` seconds to do so.
 """
 
@@ -26,7 +37,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hmac
 import logging
 import os
 import select
@@ -40,11 +50,23 @@ import time
 import weakref
 from collections import deque
 
-from . import protocol as P
-from .engine import DEFERRED, NO_REPLY, Engine, Limits
-from .exceptions import ClusterShmError, ProtocolError, ValueTooLarge
+from ..exceptions import ArgumentTypeError, AuthenticationFailed, ClusterShmError, ProtocolError, ValueTooLarge
+from ..wire import frames as P
+from ..wire import handshake as H
+from ..wire.limits import Limits
+from .engine import DEFERRED, NO_REPLY, Engine
 
 logger = logging.getLogger("django_clustershm.manager")
+
+#: The Managers of this process, for the after-fork reset.
+_instances: weakref.WeakSet[Manager] = weakref.WeakSet()
+
+
+def forget_in_child() -> None:
+    """In a forked child: close the child's copies of every Manager's
+    descriptors (never unlink, never shut down: the parent still serves)."""
+    for manager in list(_instances):
+        manager._forget_in_child()
 
 _RECV_SIZE = 64 * 1024  # under glibc's mmap threshold: a larger recv() buffer costs an mmap+munmap per call
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
@@ -69,8 +91,23 @@ def _remove_files(address: str, own_dir: str | None, pid: int) -> None:
 
 class _Conn:
     __slots__ = (
-        "sock", "fd", "reader", "out", "out_size", "session", "nonce", "deadline", "peer_pid", "peer_uid", "mask",
-        "overflow", "gone", "closed", "pushed", "lag_check", "lagging",
+        "closed",
+        "deadline",
+        "fd",
+        "gone",
+        "lag_check",
+        "lagging",
+        "mask",
+        "nonce",
+        "out",
+        "out_size",
+        "overflow",
+        "peer_pid",
+        "peer_uid",
+        "pushed",
+        "reader",
+        "session",
+        "sock",
     )
 
     def __init__(self, sock: socket.socket, deadline: float) -> None:
@@ -80,7 +117,7 @@ class _Conn:
         self.out: list[bytes] = []
         self.out_size = 0
         self.session = None
-        self.nonce = os.urandom(P.NONCE_SIZE)
+        self.nonce = os.urandom(H.NONCE_SIZE)
         self.deadline = deadline
         self.peer_pid = 0
         self.peer_uid = -1
@@ -185,13 +222,12 @@ class Manager:
         # Files are removed even if the Manager is never closed (at exit, or
         # when collected), but only by the process that made them.
         self._finalizer = weakref.finalize(self, _remove_files, address, self._own_dir, self._pid)
-        ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (m := ref()) is not None and m._forget_in_child())
+        _instances.add(self)
         logger.debug("Manager listening on %s", address)
 
     # -- lifecycle -------------------------------------------------------------
 
-    def start(self) -> "Manager":
+    def start(self) -> Manager:
         """Serve in a daemon thread of this process; return self."""
         if self._thread is not None:
             raise RuntimeError("the Manager is already running")
@@ -208,6 +244,12 @@ class Manager:
         finally:
             self._shutdown()
             self._serving = None
+
+    def request_stop(self) -> None:
+        """Ask the loop to stop after its current round (safe from a signal
+        handler and from any thread); :meth:`close` also waits for it."""
+        self._stopping = True
+        self._wake()
 
     def close(self, timeout: float = 5.0) -> None:
         """Stop serving, close every connection, remove the socket and its directory.
@@ -227,7 +269,7 @@ class Manager:
             if serving.is_alive():
                 logger.error("the Manager thread did not stop within %.1fs", timeout)
 
-    def __enter__(self) -> "Manager":
+    def __enter__(self) -> Manager:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -409,7 +451,7 @@ class Manager:
             conn.peer_pid, conn.peer_uid = pid, uid
             self._conns[conn.fd] = conn
             self._ep.register(conn.fd, _READ)
-            conn.out.append(P.encode(P.HELLO, 0, [P.VERSION, conn.nonce, self._pid]))
+            conn.out.append(H.hello(conn.nonce, self._pid))
             conn.out_size = len(conn.out[0])
             self._flush(conn)
 
@@ -471,8 +513,12 @@ class Manager:
         for op, rid, payload in frames:
             try:
                 args = P.decode_payload(payload)
+            except ProtocolError as exc:  # not msgpack: the stream cannot be trusted
+                self._close(conn, str(exc))
+                return
+            try:
                 if type(args) is not list:
-                    raise ProtocolError("a request's payload is a list of arguments")
+                    raise ArgumentTypeError("a request's payload is a list of arguments")
                 result = engine.dispatch(session, op, args, rid)
                 if result is DEFERRED:
                     queued = encode(P.PUSH_QUEUED, rid, None)
@@ -486,15 +532,13 @@ class Manager:
                     conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.tracker_sndbuf)
                 reply = encode(P.OK, rid, result)
                 if len(reply) - P.HEADER_SIZE > max_frame:
-                    raise ValueTooLarge(f"the reply would be {len(reply)} bytes, over the maximum frame of {max_frame}; ask for fewer keys")
-            except ProtocolError as exc:
-                self._close(conn, str(exc))
-                return
+                    raise ValueTooLarge(
+                        f"the reply would be {len(reply)} bytes, over the maximum frame of {max_frame}; ask for fewer keys"
+                    )
             except ClusterShmError as exc:
+                # A refused request (a bad argument, an unknown opcode): an
+                # error reply, and the connection (with its locks) stays.
                 reply = encode(P.ERR, rid, [exc.code, str(exc)])
-            except Exception as exc:  # arguments of the wrong shape from a rogue client
-                self._close(conn, f"malformed request (opcode 0x{op:02x}): {exc!r}")
-                return
             out.append(reply)
             conn.out_size += len(reply)
         if self._dirty:
@@ -506,28 +550,27 @@ class Manager:
             self._flush(conn)
 
     def _handshake(self, conn: _Conn, frames) -> None:
-        op, rid, payload = frames[0]
-        try:
-            if op != P.AUTH or len(frames) > 1:
-                raise ProtocolError("expected one AUTH frame")
-            proof, client_nonce, client_pid = P.decode_payload(payload)
-            if type(proof) is not bytes or type(client_nonce) is not bytes or type(client_pid) is not int:
-                raise ProtocolError("malformed AUTH frame")
-        except (ProtocolError, TypeError, ValueError) as exc:
-            self._close(conn, f"handshake failed: {exc}")
+        op, _rid, payload = frames[0]
+        if len(frames) > 1:
+            self._close(conn, "handshake failed: expected one AUTH frame")
             return
         if conn.peer_uid != self._uid:
             self._refuse(conn, f"peer uid {conn.peer_uid} is not the Manager's uid {self._uid}")
             return
-        if not hmac.compare_digest(proof, P.client_proof(self.secret, conn.nonce)):
-            self._refuse(conn, "wrong secret")
+        try:
+            client_nonce, client_pid = H.check_auth(op, payload, self.secret, conn.nonce)
+        except AuthenticationFailed as exc:
+            self._refuse(conn, str(exc))
             return
-        conn.session = self.engine.open_session(pid=conn.peer_pid or client_pid, peer_uid=conn.peer_uid)
-        conn.session.deliver = lambda rid, result, conn=conn: self._deliver(conn, rid, result)
-        conn.session.push = lambda event, conn=conn: self._push(conn, event)
-        conn.session.invalidate = lambda op, payload, conn=conn: self._invalidate(conn, op, payload)
+        except ProtocolError as exc:
+            self._close(conn, f"handshake failed: {exc}")
+            return
+        session = conn.session = self.engine.open_session(pid=conn.peer_pid or client_pid, peer_uid=conn.peer_uid)
+        session.deliver = lambda rid, result, conn=conn: self._deliver(conn, rid, result)
+        session.push = lambda event, conn=conn: self._push(conn, event)
+        session.invalidate = lambda op, payload, conn=conn: self._invalidate(conn, op, payload)
         conn.reader.max_frame = self.engine.limits.max_frame
-        reply = P.encode(P.OK, 0, [P.server_proof(self.secret, client_nonce), self.engine.limits.as_dict(), conn.session.id])
+        reply = H.welcome(self.secret, client_nonce, self.engine.limits, session.id)
         conn.out.append(reply)
         conn.out_size += len(reply)
         self._flush(conn)
@@ -613,7 +656,7 @@ class Manager:
     def _refuse(self, conn: _Conn, reason: str) -> None:
         logger.warning("refusing client (pid %s): %s", conn.peer_pid, reason)
         try:
-            conn.sock.send(P.encode(P.ERR, 0, [2, "authentication failed"]))
+            conn.sock.send(H.refusal())
         except OSError:
             pass
         self._close(conn, None)

@@ -1,7 +1,7 @@
 """The Manager inside a gunicorn master: shared by ``runcluster`` and the gunicorn config module.
 
 The master starts the Manager before the arbiter forks any worker, and points
-its own process-wide client at it (:func:`~.conf.configure`); the workers
+its own process-wide client at it (:func:`~..registry.configure`); the workers
 inherit that configuration (address and secret) in memory through fork. The
 hooks used are gunicorn's documented server hooks:
 
@@ -22,10 +22,9 @@ from __future__ import annotations
 import logging
 import os
 
-from . import conf
-from .client import EmbeddedClient
-from .engine import Engine
-from .manager import Manager
+from .. import conf, registry
+from ..client import EmbeddedTransport
+from ..server import Engine, Manager
 
 logger = logging.getLogger("django_clustershm.cluster")
 
@@ -43,14 +42,16 @@ def start_manager() -> Manager:
     if _manager is not None:
         return _manager
     settings = conf.settings()
-    current = conf._client
-    if isinstance(current, EmbeddedClient):
+    current = registry.current()
+    handles = []
+    if current is not None and isinstance(current.transport, EmbeddedTransport):
         # Adopt what the master stored before the cluster started. From now on
-        # only the Manager's thread may touch that engine: retire the embedded
-        # client (its sessions, and its listeners' session, are closed now;
-        # listeners subscribe again through the socket when configure() below
-        # moves this process to the cluster).
-        engine = current.retire()
+        # only the Manager's thread may touch that engine: stop the embedded
+        # client's listeners and retire its transport (its sessions are closed
+        # now; listeners subscribe again through the socket when configure()
+        # below moves this process to the cluster).
+        handles = current.shutdown()  # for configure() below to move to the cluster
+        engine = current.transport.retire()
     else:
         max_store = settings["MAX_STORE_BYTES"]
         engine = Engine(
@@ -58,7 +59,7 @@ def start_manager() -> Manager:
             max_store_bytes=None if max_store is None else int(max_store),
         )
     _manager = Manager(engine=engine).start()
-    conf.configure(_manager.address, _manager.secret)
+    registry.configure(_manager.address, _manager.secret, adopt=handles)
     logger.info("django-clustershm: Manager started in the master (pid %d) on %s", os.getpid(), _manager.address)
     return _manager
 
@@ -67,12 +68,12 @@ def stop_manager() -> None:
     """Stop the Manager at the server's exit (its listeners first, quietly)."""
     global _manager
     if _manager is not None:
-        from .listen import _hub
-
-        _hub.stop()
+        client = registry.current()
+        if client is not None:
+            client.shutdown()
         _manager.close()
         _manager = None
-        conf.configure(None, listeners=False)
+        registry.configure(None, listeners=False)
 
 
 # -- gunicorn server hooks ------------------------------------------------------

@@ -1,6 +1,6 @@
 """Who listens to what, in the Manager: subscriptions by key and by prefix.
 
-Pure bookkeeping, like :mod:`.locks`. The engine calls :meth:`notify` for
+Pure bookkeeping, like :mod:`.locktable`. The engine calls :meth:`notify` for
 every change of the store or a cache (set, remove, expire, evict, clear);
 each matching subscription gets ``session.push((sub_id, ns, key, event,
 value))``, in the order of the changes, which the transport turns into a
@@ -9,14 +9,14 @@ PUSH_EVENT frame (or an in-process queue item, embedded).
 
 from __future__ import annotations
 
-from .exceptions import LimitExceeded
-from .protocol import EVENT_SET, EVENT_TOUCH
+from ..exceptions import LimitExceeded
+from ..wire.frames import EVENT_SET, EVENT_TOUCH
 
 #: Subscriptions one session may hold.
 MAX_SUBSCRIPTIONS_PER_SESSION = 1024
 
 
-class Listeners:
+class Subscriptions:
     def __init__(self) -> None:
         self._by_key: dict[tuple[str, str], dict[tuple[int, int], object]] = {}
         self._prefixes: dict[str, list[tuple[str, object, int]]] = {}

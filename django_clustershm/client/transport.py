@@ -1,0 +1,162 @@
+"""The one seam between what the API does and how a request travels.
+
+A :class:`~.client.Client` holds the API (keys, limits, serialisation, the
+error tree, locks, listeners, near caches) and is *given* a transport, as an
+``httpx.Client`` is given a ``BaseTransport``. A transport does two things:
+
+* :meth:`Transport.call`: one request, its result (or its error raised),
+  within a timeout;
+* :meth:`Transport.open_channel`: a :class:`Channel` of its own on which the
+  Manager *pushes* (listener events, near-cache updates and invalidations),
+  and on which a few requests travel too (subscribe, unsubscribe, a barrier).
+
+The listener dispatcher (:mod:`.dispatcher`) and the near cache
+(:mod:`.near`) use nothing else. Two transports implement it today:
+:class:`~.socket.SocketTransport` (a Manager over its Unix socket) and
+:class:`~.embedded.EmbeddedTransport` (an in-process engine). The asyncio
+client will add an awaitable twin of this interface, and a Redis engine
+another implementation: nothing above this seam knows which one it has.
+
+Timeouts: ``call(..., timeout=USE_DEFAULT)`` waits the transport's own
+``timeout`` for the reply; a number of seconds overrides it; ``None`` waits
+without limit (a lock acquire that waits forever: the Manager answers when
+it grants the lock).
+"""
+
+from __future__ import annotations
+
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+from ..exceptions import ManagerUnavailable, error_from_code
+from ..wire import frames as F
+from ..wire.limits import Limits
+
+DEFAULT_TIMEOUT = 5.0
+
+
+class _UseDefault:
+    """The "use the transport's default" sentinel (httpx's ``USE_CLIENT_DEFAULT``)."""
+
+    _instance = None
+
+    def __new__(cls):
+        if cls._instance is None:
+            cls._instance = super().__new__(cls)
+        return cls._instance
+
+    def __repr__(self) -> str:
+        return "USE_DEFAULT"
+
+
+USE_DEFAULT: Any = _UseDefault()
+
+#: A message on a channel: (opcode, request id, decoded payload).
+Message = tuple
+
+
+class Transport(ABC):
+    """How requests reach a Manager."""
+
+    #: "socket", "embedded"...: for logs and stats.
+    name: str = ""
+    #: Whether the state lives in another process (then near caches pay off).
+    remote: bool = False
+    #: Seconds a call waits for its reply by default.
+    timeout: float = DEFAULT_TIMEOUT
+
+    @property
+    @abstractmethod
+    def limits(self) -> Limits:
+        """The sizes requests must respect (a socket transport learns them at its handshake)."""
+
+    @abstractmethod
+    def call(self, op: int, args: list, timeout: Any = USE_DEFAULT) -> Any:
+        """Send one request; return its result, or raise the error the Manager answered."""
+
+    @abstractmethod
+    def open_channel(self) -> Channel:
+        """A new push channel (one per listener dispatcher, one per near-cache tracker)."""
+
+    @abstractmethod
+    def after_fork(self) -> None:
+        """In a forked child: drop (never use) what belongs to the parent, renew
+        every lock another thread may have held at the fork. Never blocks."""
+
+    def close(self) -> None:
+        """Release what the calling thread holds (its connection or session);
+        the transport stays usable."""
+
+
+class Channel(ABC):
+    """A connection of its own, on which the Manager pushes messages.
+
+    :meth:`receive` returns what arrived as messages ``(opcode, rid, body)``:
+    pushes (``PUSH_EVENT``, ``PUSH_UPDATE``, ``PUSH_INVALIDATE``) and the
+    replies (``OK``/``ERR``) to requests sent with :meth:`send`, all in the
+    order the Manager sent them. A reply to a request therefore comes after
+    every push the Manager queued for this channel before it: that is what
+    makes a barrier (:meth:`request` of a PING) possible.
+    """
+
+    def __init__(self) -> None:
+        self._backlog: list[Message] = []
+        self._rid = 0
+
+    @abstractmethod
+    def send(self, op: int, rid: int, args: list) -> None:
+        """Send a request; its reply arrives through :meth:`receive`."""
+
+    @abstractmethod
+    def post(self, op: int, args: list) -> None:
+        """Send a hint that has no reply, without ever blocking (it may be
+        dropped when the Manager does not read this channel)."""
+
+    @abstractmethod
+    def _receive(self, timeout: float | None) -> list[Message]:
+        """What arrived, waiting up to ``timeout`` (0: do not wait, None: no limit)."""
+
+    @abstractmethod
+    def ready(self) -> bool:
+        """Whether :meth:`receive` has something now (never blocks; cheap: polled on reads)."""
+
+    @abstractmethod
+    def wake(self) -> None:
+        """Make a :meth:`receive` blocked in another thread return (thread-safe)."""
+
+    @abstractmethod
+    def close(self) -> None:
+        """Close the channel (the Manager forgets its subscriptions and tracking)."""
+
+    def receive(self, timeout: float | None) -> list[Message]:
+        """Messages that arrived (an empty list when woken or timed out);
+        ManagerUnavailable when the channel is lost."""
+        if self._backlog:
+            backlog, self._backlog = self._backlog, []
+            return backlog
+        return self._receive(timeout)
+
+    def next_rid(self) -> int:
+        self._rid = (self._rid + 1) & 0xFFFFFFFF or 1
+        return self._rid
+
+    def request(self, op: int, args: list, timeout: float) -> Any:
+        """Send a request and wait for its reply; pushes that arrive meanwhile
+        are kept, in order, for the next :meth:`receive`."""
+        rid = self.next_rid()
+        self.send(op, rid, args)
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ManagerUnavailable(f"no reply from the Manager within {timeout}s")
+            messages = self._receive(left)
+            for i, message in enumerate(messages):
+                mop, mrid, body = message
+                if mrid == rid and mop in (F.OK, F.ERR):
+                    self._backlog.extend(messages[i + 1 :])
+                    if mop == F.ERR:
+                        raise error_from_code(body[0], body[1])
+                    return body
+                self._backlog.append(message)

@@ -1,0 +1,168 @@
+"""Which Manager this process talks to, and the one ordered after-fork reset.
+
+The choice, made once per process on first use (and logged once):
+
+1. the cluster this process was forked from (``runcluster`` or the gunicorn
+   config module call :func:`configure` in the master before forking, so the
+   workers inherit the address and the secret in memory: no environment
+   variable or file another user could read);
+2. a running cluster named by ``settings.CLUSTERSHM["ADDRESS"]`` or the
+   ``CLUSTERSHM_ADDRESS`` environment variable, for a process of the same user
+   that was not forked by the master (a management command, a cron job); the
+   secret is read from the 0600 ``secret`` file beside the socket, or from
+   ``CLUSTERSHM["SECRET_FILE"]``;
+3. otherwise an embedded, in-process Manager (``runserver``, ``shell``, tests).
+
+After a fork, the child runs :func:`_after_fork_in_child`, the only
+``os.register_at_fork`` hook of the package, whose steps run in this order
+(gunicorn's habit: one post-fork entry point, named steps):
+
+1. every Manager of this process closes the child's copies of its sockets;
+2. the registry's own lock is renewed;
+3. every client drops what is its parent's (connections, embedded sessions,
+   lock holds, near-cache copies, the dispatcher thread) and renews every
+   lock another thread may have held at the fork; nothing here blocks;
+4. only then do listeners subscribe again (each client's dispatcher, with a
+   bounded wait), since a listener's ``on_resync`` may call anything of the
+   above.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+
+from . import conf
+from .client import Client, EmbeddedTransport, SocketTransport
+from .client.client import clients
+from .exceptions import ManagerUnavailable
+from .server import Engine
+from .server import manager as _server_manager
+
+logger = logging.getLogger("django_clustershm")
+
+_lock = threading.Lock()
+_client: Client | None = None
+_cluster: tuple[str, bytes] | None = None
+
+
+def read_secret(address: str, secret_file: str | None = None) -> bytes:
+    path = secret_file or os.path.join(os.path.dirname(address), "secret")
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as exc:
+        raise ManagerUnavailable(f"cannot read the cluster secret from {path}: {exc.strerror}") from exc
+
+
+def connect(
+    address: str, secret: bytes | None = None, *, secret_file: str | None = None, timeout: float | None = None
+) -> Client:
+    """A client of the running Manager at ``address`` (same user, same host)::
+
+        client = django_clustershm.connect("/tmp/clustershm-x/manager.sock")
+        client.get("flags:checkout")
+    """
+    if secret is None:
+        secret = read_secret(address, secret_file)
+    settings = conf.settings()
+    return Client(
+        SocketTransport(
+            address,
+            secret,
+            timeout=float(settings["TIMEOUT"]) if timeout is None else timeout,
+            spin=float(settings["CLIENT_SPIN"]),
+        )
+    )
+
+
+def embedded(engine: Engine | None = None) -> Client:
+    """A client of an in-process engine built from the settings (or ``engine``)."""
+    settings = conf.settings()
+    if engine is None:
+        max_store = settings["MAX_STORE_BYTES"]
+        engine = Engine(
+            limits=conf.limits_from_settings(settings), max_store_bytes=None if max_store is None else int(max_store)
+        )
+    return Client(EmbeddedTransport(engine, timeout=float(settings["TIMEOUT"])))
+
+
+def configure(address: str | None, secret: bytes | None = None, *, listeners: bool = True, adopt=()) -> None:
+    """Point this process (and the processes it forks) at a Manager.
+
+    ``configure(None)`` goes back to choosing from the settings on next use.
+    Registered listeners move to the new Manager, unless ``listeners=False``;
+    ``adopt`` adds handles taken from a client stopped earlier.
+    """
+    global _client, _cluster
+    with _lock:
+        _cluster = None if address is None else (address, secret if secret is not None else read_secret(address))
+        old, _client = _client, None
+    handles = list(adopt) + (old.shutdown() if old is not None else [])
+    if old is not None:
+        old.close()
+    if listeners and handles:
+        new = get_client()
+        new.dispatcher.adopt(handles, new.transport.timeout)
+
+
+def cluster() -> tuple[str, bytes] | None:
+    """The (address, secret) this process was configured with, if any."""
+    return _cluster
+
+
+def current() -> Client | None:
+    """The process-wide client if one was made (no connection is made here)."""
+    return _client
+
+
+def get_client() -> Client:
+    """The process-wide client behind ``django_clustershm.get()`` and friends."""
+    client = _client
+    if client is None:
+        client = _make_client()
+    return client
+
+
+def _make_client() -> Client:
+    global _client
+    with _lock:
+        if _client is not None:
+            return _client
+        settings = conf.settings()
+        if _cluster is not None:
+            address, secret = _cluster
+            client = connect(address, secret)
+            logger.info("django-clustershm: cluster mode, Manager at %s", address)
+        elif settings["ADDRESS"] or os.environ.get("CLUSTERSHM_ADDRESS"):
+            address = settings["ADDRESS"] or os.environ["CLUSTERSHM_ADDRESS"]
+            client = connect(address, secret_file=settings["SECRET_FILE"])
+            logger.info("django-clustershm: attached to the Manager at %s", address)
+        else:
+            client = embedded()
+            logger.info("django-clustershm: embedded mode (in-process Manager; state is not shared between processes)")
+        near = conf.near_options(settings["NEAR_CACHE"])
+        if near is not None:
+            client.enable_near_cache("", *near)
+        _client = client
+        return client
+
+
+def reset() -> None:
+    """Forget the process-wide client (tests, and after settings change)."""
+    configure(None)
+
+
+def _after_fork_in_child() -> None:
+    global _lock
+    _server_manager.forget_in_child()  # 1
+    _lock = threading.Lock()  # 2
+    forked = clients()
+    for client in forked:  # 3
+        client.after_fork()
+    for client in forked:  # 4
+        client.resume_after_fork()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -1,0 +1,465 @@
+"""The Manager's state and the dispatch of requests to it, with no I/O.
+
+:class:`Engine` owns the namespaces (:mod:`.namespace`), the lock table
+(:mod:`.locktable`), the listeners' subscriptions (:mod:`.subscriptions`) and
+the near caches' tracking (:mod:`.tracking`), and answers decoded requests.
+Two transports drive it: the socket server (:class:`~.manager.Manager`, whose
+loop is the only thread that touches the engine) and the embedded transport
+of the client side (in-process calls under one mutex). Both share every
+operation and every limit: the embedded mode has the cluster's semantics by
+construction.
+
+Arguments may come from a rogue client, so every handler checks them with
+the checks the client ran (:mod:`..wire.args`) before anything changes. A
+request the engine refuses raises a :class:`ClusterShmError`, which the
+transport sends back as an error reply: the connection, and whatever locks
+it holds, stay. An unknown opcode or a wrong number of arguments is refused
+the same way; only a malformed frame costs a connection (the transport's
+business).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from collections.abc import Callable
+
+from ..exceptions import (
+    ArgumentTypeError,
+    ClusterShmError,
+    InvalidArgument,
+    InvalidKey,
+    LimitExceeded,
+    RemoteError,
+    ValueTooLarge,
+)
+from ..wire import args as A
+from ..wire import frames as F
+from ..wire.limits import Limits
+from .locktable import LockTable
+from .namespace import DEFAULT_BOUNDS, Namespace
+from .subscriptions import Subscriptions
+from .tracking import MAX_PUSH_VALUE, Tracking
+
+logger = logging.getLogger("django_clustershm.server")
+
+#: Seconds between two reclamations of the caches' expired entries.
+CACHE_REAP_INTERVAL = 0.01
+#: Named caches one Manager holds at most (each is bounded by its MAX_BYTES).
+MAX_CACHES = 256
+MAX_CACHE_NAME = 256
+
+#: What dispatch returns for a request that will be answered later.
+DEFERRED = object()
+#: What dispatch returns for a request that has no reply (UNTRACK, a hint).
+NO_REPLY = object()
+
+
+class Session:
+    """One client connection (or one embedded thread or channel), as the engine sees it."""
+
+    __slots__ = (
+        "__weakref__",
+        "deliver",
+        "id",
+        "inval_seq",
+        "invalidate",
+        "ops",
+        "peer_uid",
+        "pid",
+        "push",
+        "push_limit",
+        "since",
+        "tracked",
+        "tracker",
+        "waiting",
+    )
+
+    def __init__(self, sid: int, pid: int = 0, peer_uid: int | None = None) -> None:
+        self.id = sid
+        self.pid = pid
+        self.peer_uid = peer_uid
+        self.since = time.time()
+        self.ops = 0
+        self.waiting = 0  # queued lock requests
+        # deliver(rid, result): how a reply that comes later (a lock grant, or
+        # "not acquired" when a wait runs out) reaches this client; set by the transport.
+        self.deliver: Callable | None = None
+        # push(event): how a listener event reaches this client; set by the transport.
+        self.push: Callable | None = None
+        # Near-cache channel (a TRACKER session): how many pushes it was sent,
+        # how they are sent (invalidate(opcode, payload) -> bool, set by the
+        # transport), which (ns, key) it may hold, and the largest value it
+        # wants pushed. See .tracking.
+        self.tracker = False
+        self.inval_seq = 0
+        self.invalidate: Callable | None = None
+        self.tracked: set | None = None
+        self.push_limit = 0
+
+
+class Engine:
+    """All state of a Manager, and the dispatch of requests to it."""
+
+    def __init__(
+        self,
+        *,
+        limits: Limits | None = None,
+        max_store_bytes: int | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.limits = limits or Limits()
+        self.clock = clock
+        self.store = self._namespace("", Namespace.store(max_store_bytes, clock=clock))
+        self.caches: dict[str, Namespace] = {}
+        # What a read sees of a cache no one has written yet: an empty one
+        # that is never written (writes create the cache, see _space_for_write).
+        self._empty = Namespace.cache(clock=clock)
+        self._next_cache_reap = 0.0
+        self.locks = LockTable(self._answer_waiter, clock=clock)
+        self.subscriptions = Subscriptions()
+        self.tracking = Tracking()
+        self._rid = 0
+        self.sessions: dict[int, Session] = {}
+        self._next_sid = 1
+        self.started = time.time()
+        self.ops = 0
+        # ops/s over the last whole second, kept by tick() (not per request)
+        self._rate_second = int(clock())
+        self._rate_ops = 0
+        self.ops_per_second = 0
+        self.handlers: dict[int, Callable] = {
+            F.PING: self._ping,
+            F.GET: self._get,
+            F.SET: self._set,
+            F.ADD: self._add,
+            F.REMOVE: self._remove,
+            F.HAS: self._has,
+            F.INCR: self._incr,
+            F.TOUCH: self._touch,
+            F.GET_MANY: self._get_many,
+            F.SET_MANY: self._set_many,
+            F.DELETE_MANY: self._delete_many,
+            F.KEYS: self._keys,
+            F.CLEAR: self._clear,
+            F.STATS: self._stats,
+            F.LOCK_ACQUIRE: self._lock_acquire,
+            F.LOCK_RELEASE: self._lock_release,
+            F.LOCK_EXTEND: self._lock_extend,
+            F.LOCK_STATUS: self._lock_status,
+            F.LISTEN: self._listen,
+            F.UNLISTEN: self._unlisten,
+            F.TRACKER: self._tracker,
+            F.TRACK_GET: self._track_get,
+            F.TRACK_GET_MANY: self._track_get_many,
+            F.UNTRACK: self._untrack,
+        }
+
+    def _namespace(self, name: str, space: Namespace) -> Namespace:
+        def on_event(event: int, key, value, name=name, space=space) -> None:
+            # Near caches first (their pushes go out before the writer's reply),
+            # then listeners.
+            self.tracking.changed(name, event, key, value, space.deadline)
+            self.subscriptions.notify(name, event, key, value)
+
+        space.on_event = on_event
+        return space
+
+    # -- sessions ----------------------------------------------------------------------
+
+    def open_session(self, pid: int = 0, peer_uid: int | None = None) -> Session:
+        session = Session(self._next_sid, pid, peer_uid)
+        self._next_sid += 1
+        self.sessions[session.id] = session
+        return session
+
+    def close_session(self, session: Session) -> None:
+        """Forget a client: its locks are released (and granted to the next
+        waiter) at once, its queued lock requests, subscriptions and tracking dropped."""
+        if self.sessions.pop(session.id, None) is not None:
+            self.locks.drop_session(session)
+            self.subscriptions.drop_session(session)
+            self.tracking.drop_session(session)
+
+    # -- dispatch ----------------------------------------------------------------------
+
+    def dispatch(self, session: Session, op: int, args: list, rid: int = 0):
+        """The result of one request, ``DEFERRED`` if it is answered later
+        through ``session.deliver`` (a lock acquire that has to wait), or
+        ``NO_REPLY``. A refused request raises a :class:`ClusterShmError`."""
+        handler = self.handlers.get(op)
+        if handler is None:
+            raise InvalidArgument(f"unknown opcode 0x{op:02x}")
+        session.ops += 1
+        self.ops += 1
+        self._rid = rid
+        try:
+            return handler(session, *args)
+        except ClusterShmError:
+            raise
+        except TypeError as exc:  # a wrong number or shape of arguments
+            raise ArgumentTypeError(f"{F.OPCODE_NAMES.get(op, op)}: malformed arguments ({exc})") from exc
+        except Exception as exc:  # a bug of ours: refuse this request, keep serving
+            logger.exception("error handling %s", F.OPCODE_NAMES.get(op, op))
+            raise RemoteError(f"{F.OPCODE_NAMES.get(op, op)} failed in the Manager: {exc!r}") from exc
+
+    def tick(self) -> float | None:
+        """Reclaim expired keys, time out lock waits and leases; return the next
+        deadline (monotonic) or None. The transport calls it before it sleeps
+        and at least every few milliseconds while busy."""
+        second = int(self.clock())
+        if second != self._rate_second:
+            self.ops_per_second = self.ops - self._rate_ops if second == self._rate_second + 1 else 0
+            self._rate_second = second
+            self._rate_ops = self.ops
+        self.store.reap()
+        if self.caches:
+            # Reads expire lazily; reclaiming the rest (and telling listeners)
+            # can wait a few ms, and doing it every loop round would cost
+            # O(caches) per request.
+            now = self.clock()
+            if now >= self._next_cache_reap:
+                self._next_cache_reap = now + CACHE_REAP_INTERVAL
+                for cache in self.caches.values():
+                    cache.reap()
+        store_next = self.store.next_deadline()
+        locks_next = self.locks.tick()
+        if store_next is None:
+            return locks_next
+        return store_next if locks_next is None else min(store_next, locks_next)
+
+    def _answer_waiter(self, waiter, result) -> None:
+        deliver = waiter.session.deliver
+        if deliver is not None:
+            deliver(waiter.rid, result)
+
+    # -- arguments -----------------------------------------------------------------------
+
+    def _space(self, ns) -> Namespace:
+        """The store, or the named cache (an empty stand-in if none exists yet)."""
+        if ns == "":
+            return self.store
+        cache = self.caches.get(ns)
+        if cache is not None:
+            return cache
+        if type(ns) is not str:
+            raise ArgumentTypeError(f"a namespace is a str, not {type(ns).__name__}")
+        return self._empty
+
+    def _space_for_write(self, ns, bounds) -> tuple[Namespace, list | None]:
+        bounds = A.bounds(bounds)
+        if ns == "":
+            if bounds is not None:
+                raise InvalidArgument("the shared store takes no cache bounds")
+            return self.store, None
+        if bounds is None:
+            bounds = list(DEFAULT_BOUNDS)
+        cache = self.caches.get(ns)
+        if cache is None:
+            if type(ns) is not str:
+                raise ArgumentTypeError(f"a cache name is a str, not {type(ns).__name__}")
+            if len(ns) > MAX_CACHE_NAME:
+                raise InvalidKey(f"a cache name is at most {MAX_CACHE_NAME} characters")
+            if len(self.caches) >= MAX_CACHES:
+                raise LimitExceeded(f"the Manager holds {MAX_CACHES} caches already; use fewer cache LOCATIONs")
+            cache = self.caches[ns] = self._namespace(ns, Namespace.cache(bounds[2], clock=self.clock))
+        return cache, bounds
+
+    def _key(self, key) -> str:
+        if type(key) is not str:
+            raise InvalidKey(f"keys are str, not {type(key).__name__}")
+        return A.key(key, self.limits.max_key)
+
+    def _value(self, value):
+        kind = type(value)
+        if kind is bytes:
+            if len(value) > self.limits.max_value:
+                raise ValueTooLarge(f"value of {len(value)} bytes exceeds the maximum of {self.limits.max_value} (MAX_VALUE_SIZE)")
+            return value
+        if kind is int:
+            return A.integer(value, "value")
+        raise ArgumentTypeError(f"values are bin or int on the wire, not {kind.__name__}")
+
+    def _keys_list(self, keys) -> list:
+        if type(keys) is not list:
+            raise ArgumentTypeError("keys are a list")
+        return [self._key(k) for k in keys]
+
+    def _mapping(self, mapping) -> dict:
+        if type(mapping) is not dict:
+            raise ArgumentTypeError("set_many takes a map of key to value")
+        return {self._key(k): self._value(v) for k, v in mapping.items()}
+
+    def _check_reply(self, found: dict) -> dict:
+        """A batch reply must fit in one frame, in both modes alike."""
+        size = 0
+        for key, value in found.items():
+            size += len(key) + (len(value) if type(value) is bytes else 9) + F.ITEM_OVERHEAD
+        if size > self.limits.max_frame:
+            raise ValueTooLarge(
+                f"the reply would be about {size} bytes, over the maximum frame of {self.limits.max_frame}; "
+                "ask for fewer keys at once"
+            )
+        return found
+
+    # -- the store and the caches --------------------------------------------------------
+
+    def _ping(self, session):
+        return "pong"
+
+    def _get(self, session, ns, key):
+        return self._space(ns).get(self._key(key))
+
+    def _set(self, session, ns, key, value, ttl, bounds=None):
+        key, value, ttl = self._key(key), self._value(value), A.timeout(ttl)
+        space, bounds = self._space_for_write(ns, bounds)
+        space.set(key, value, ttl, bounds)
+
+    def _add(self, session, ns, key, value, ttl, bounds=None):
+        key, value, ttl = self._key(key), self._value(value), A.timeout(ttl)
+        space, bounds = self._space_for_write(ns, bounds)
+        return space.add(key, value, ttl, bounds)
+
+    def _remove(self, session, ns, key):
+        return self._space(ns).remove(self._key(key))
+
+    def _has(self, session, ns, key):
+        return self._space(ns).has(self._key(key))
+
+    def _incr(self, session, ns, key, delta, initial, bounds=None):
+        key, delta = self._key(key), A.integer(delta, "delta")
+        initial = None if initial is None else A.integer(initial, "default")
+        if initial is None:
+            return self._space(ns).incr(key, delta, None)  # a missing key is an error: nothing to create
+        space, bounds = self._space_for_write(ns, bounds)
+        return space.incr(key, delta, initial, bounds)
+
+    def _touch(self, session, ns, key, ttl):
+        return self._space(ns).touch(self._key(key), A.timeout(ttl))
+
+    def _get_many(self, session, ns, keys):
+        return self._check_reply(self._space(ns).get_many(self._keys_list(keys)))
+
+    def _set_many(self, session, ns, mapping, ttl, bounds=None):
+        mapping, ttl = self._mapping(mapping), A.timeout(ttl)
+        space, bounds = self._space_for_write(ns, bounds)
+        space.set_many(mapping, ttl, bounds)
+
+    def _delete_many(self, session, ns, keys):
+        return self._space(ns).delete_many(self._keys_list(keys))
+
+    def _keys(self, session, ns, prefix):
+        return self._space(ns).keys(A.prefix(prefix))
+
+    def _clear(self, session, ns):
+        return self._space(ns).clear()
+
+    # -- locks -----------------------------------------------------------------------------
+
+    def _lock_acquire(self, session, key, lease, wait):
+        key, lease, wait = self._key(key), A.positive_seconds(lease, "lease"), A.timeout(wait, "wait")
+        result = self.locks.acquire(session, self._rid, key, lease, wait)
+        return DEFERRED if result is ... else result
+
+    def _lock_release(self, session, key, token):
+        return self.locks.release(self._key(key), A.token(token))
+
+    def _lock_extend(self, session, key, token, lease):
+        key, token, lease = self._key(key), A.token(token), A.positive_seconds(lease, "lease")
+        return self.locks.extend(key, token, lease)
+
+    def _lock_status(self, session, key, token):
+        return self.locks.status(self._key(key), None if token is None else A.token(token))
+
+    # -- listeners -------------------------------------------------------------------------
+
+    def _listen(self, session, sub_id, ns, key, prefix):
+        if type(ns) is not str or type(prefix) is not bool:
+            raise ArgumentTypeError("LISTEN takes [sub_id, ns, key, prefix]")
+        key = A.prefix(key) if prefix else self._key(key)
+        self.subscriptions.add(session, A.integer(sub_id, "sub_id"), ns, key, prefix)
+        return True
+
+    def _unlisten(self, session, sub_id):
+        return self.subscriptions.remove(session, A.integer(sub_id, "sub_id"))
+
+    # -- near caches (see .tracking) -------------------------------------------------------
+
+    def _tracker(self, session, push_limit=0):
+        session.tracker = True
+        session.push_limit = min(A.integer(push_limit, "push_limit"), MAX_PUSH_VALUE)
+        if session.tracked is None:
+            session.tracked = set()
+        return [session.id]
+
+    def _untrack(self, session, ns, key, seq):
+        if not session.tracker or type(ns) is not str or type(key) is not str or type(seq) is not int:
+            raise ArgumentTypeError("UNTRACK takes [ns, key, seq] on a tracker connection")
+        self.tracking.untrack(session, ns, key, seq)
+        return NO_REPLY
+
+    def _tracker_session(self, tracker_id) -> Session | None:
+        """The tracker, or None if it is gone (cut off, or its process lost it
+        meanwhile): the read is then answered untracked, not refused."""
+        tracker = self.sessions.get(A.integer(tracker_id, "tracker"))
+        return tracker if tracker is not None and tracker.tracker else None
+
+    def _track_get(self, session, ns, key, tracker_id):
+        tracker = self._tracker_session(tracker_id)
+        space = self._space(ns)
+        key = self._key(key)
+        value = space.get(key)
+        seq = 0 if tracker is None else tracker.inval_seq
+        if value is None:
+            return [None, None, seq, False]
+        return [value, space.ttl(key), seq, self.tracking.track(tracker, ns, key)]
+
+    def _track_get_many(self, session, ns, keys, tracker_id):
+        tracker = self._tracker_session(tracker_id)
+        space = self._space(ns)
+        found = {}
+        tracked = True
+        for key in self._keys_list(keys):
+            value = space.get(key)
+            if value is not None:
+                found[key] = [value, space.ttl(key)]
+                tracked = self.tracking.track(tracker, ns, key) and tracked
+        self._check_reply({k: v[0] for k, v in found.items()})
+        return [found, 0 if tracker is None else tracker.inval_seq, tracked and tracker is not None]
+
+    # -- introspection -----------------------------------------------------------------------
+
+    def _stats(self, session):
+        store = self.store
+        return {
+            "manager_pid": os.getpid(),
+            "uptime": time.time() - self.started,
+            "ops": self.ops,
+            "ops_per_second": self.ops_per_second,
+            "store": {
+                "keys": len(store),
+                "bytes": store.bytes,
+                "max_bytes": store.max_bytes,
+                "hits": store.hits,
+                "misses": store.misses,
+                "expired": store.expired,
+            },
+            "caches": {
+                name: {
+                    "keys": len(cache),
+                    "bytes": cache.bytes,
+                    "max_bytes": cache.max_bytes,
+                    "hits": cache.hits,
+                    "misses": cache.misses,
+                    "evictions": cache.evictions,
+                    "expired": cache.expired,
+                }
+                for name, cache in self.caches.items()
+            },
+            "clients": [{"id": s.id, "pid": s.pid, "since": s.since, "ops": s.ops} for s in self.sessions.values()],
+            "locks": self.locks.describe(),
+            "listeners": self.subscriptions.describe(),
+            "near_cache_tracking": len(self.tracking),
+            "limits": self.limits.as_dict(),
+        }

@@ -1,0 +1,130 @@
+"""Near-cache tracking: which process may hold a copy of which key, and what it is sent.
+
+Pure bookkeeping, like :mod:`.subscriptions`. A process's *tracker*
+connection (see :mod:`..client.near` for the guarantee this serves) reads a
+key with TRACK_GET, which records ``(ns, key) -> {tracker: its push count
+then}``. Every change of a recorded key is then pushed to each tracker, in
+order, through ``session.invalidate(opcode, payload) -> bool`` (set by the
+transport: into the socket at once, or the tracker is shut down):
+
+* a write of a value of at most the tracker's ``push_limit`` bytes: a
+  PUSH_UPDATE with the value and its deadline, and the record is kept;
+* any other change (delete, touch, expiry, eviction, clear, a larger value,
+  or an update the transport refused because the tracker lags): a
+  PUSH_INVALIDATE, and the record is forgotten.
+
+Why push values rather than only invalidate (what Redis sends): with N
+processes reading a hot key, an invalidation costs each of them a round trip
+to read the key again (measured with bench_cache.py at 4 processes and 10%
+writes: 23% of gets went to the Manager); an update costs the Manager what
+the invalidation did, and no process a miss.
+"""
+
+from __future__ import annotations
+
+from ..wire import frames as F
+from ..wire.frames import EVENT_SET
+
+#: What an int counts for against a tracker's push limit.
+_INT_SIZE = 8
+#: (ns, key) records the Manager keeps at most; beyond, reads are not tracked.
+MAX_TRACKED = 1_000_000
+#: Largest value pushed as an update (a larger one is invalidated instead); a
+#: tracker may ask for less. Bounded so that a burst of writes fits the
+#: tracker's socket buffer (see Manager.tracker_sndbuf).
+MAX_PUSH_VALUE = 64 * 1024
+
+
+class Tracking:
+    def __init__(self) -> None:
+        # (ns, key) -> {tracker session: its push count when it read the key}
+        self.records: dict[tuple[str, str], dict] = {}
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def track(self, tracker, ns: str, key: str) -> bool:
+        """Record that ``tracker``'s process may now hold ``key``; False if the table is full."""
+        if tracker is None:
+            return False
+        record = (ns, key)
+        trackers = self.records.get(record)
+        if trackers is None:
+            if len(self.records) >= MAX_TRACKED:
+                return False
+            trackers = self.records[record] = {}
+        trackers[tracker] = tracker.inval_seq
+        tracker.tracked.add(record)
+        return True
+
+    def changed(self, ns: str, event: int, key, value, deadline_of) -> None:
+        """A key of ``ns`` changed (``key`` None: the namespace was cleared).
+        ``deadline_of(key)`` gives a written key's deadline."""
+        if not self.records:
+            return
+        if key is None:
+            trackers = set()
+            for record in [r for r in self.records if r[0] == ns]:
+                for session in self.records.pop(record):
+                    session.tracked.discard(record)
+                    trackers.add(session)
+            for session in trackers:
+                _invalidate(session, ns, None)
+        elif event == EVENT_SET:
+            self._update(ns, key, value, deadline_of)
+        else:
+            trackers = self.records.pop((ns, key), None)
+            if trackers:
+                for session in trackers:
+                    session.tracked.discard((ns, key))
+                    _invalidate(session, ns, key)
+
+    def _update(self, ns: str, key: str, value, deadline_of) -> None:
+        record = (ns, key)
+        trackers = self.records.get(record)
+        if not trackers:
+            return
+        size = _INT_SIZE if type(value) is int else len(value)
+        deadline = deadline_of(key)
+        for session in list(trackers):
+            session.inval_seq += 1
+            send = session.invalidate
+            if size <= session.push_limit and send is not None and send(F.PUSH_UPDATE, [session.inval_seq, ns, key, value, deadline]):
+                continue
+            # Too large for it, or refused by the transport (a tracker that
+            # lags behind): an invalidation, and the tracking ends.
+            del trackers[session]
+            session.tracked.discard(record)
+            if send is not None:
+                send(F.PUSH_INVALIDATE, [session.inval_seq, ns, key])
+        if not trackers:
+            del self.records[record]
+
+    def untrack(self, session, ns: str, key: str, seq: int) -> None:
+        """A tracker was pushed a key it no longer holds (evicted from its near
+        cache, or dropped there after updates it never read): stop sending it
+        that key, unless it read the key again after that push (then it holds
+        the newer copy and must stay tracked)."""
+        record = (ns, key)
+        trackers = self.records.get(record)
+        if trackers is not None and trackers.get(session, seq) < seq:
+            del trackers[session]
+            session.tracked.discard(record)
+            if not trackers:
+                del self.records[record]
+
+    def drop_session(self, session) -> None:
+        if session.tracked:
+            for record in session.tracked:
+                trackers = self.records.get(record)
+                if trackers is not None:
+                    trackers.pop(session, None)
+                    if not trackers:
+                        del self.records[record]
+            session.tracked = None
+
+
+def _invalidate(session, ns: str, key) -> None:
+    session.inval_seq += 1
+    if session.invalidate is not None:
+        session.invalidate(F.PUSH_INVALIDATE, [session.inval_seq, ns, key])
