@@ -251,3 +251,65 @@ def test_listen_arguments():
         clustershm.listen("k", prefix="p")
     with pytest.raises(TypeError):
         clustershm.listen("k", callback="not callable")
+
+
+# -- the writer's own process (see client/dispatcher.py, "What a listener sees") -----------------
+
+
+def test_the_writers_own_callbacks_have_run_when_its_call_returns(client):
+    """On every transport: 200 writes, and after each returns its callback has run."""
+    got = []
+    handle = client.listen(prefix="own:", callback=lambda k, v, e: got.append((k, v, e)))
+    for i in range(200):
+        client.set(f"own:{i % 3}", i)
+        assert got[-1] == (f"own:{i % 3}", i, "set"), (i, got[-3:])
+    client.incr("own:n")
+    assert got[-1] == ("own:n", 1, "set")
+    client.remove("own:n")
+    assert got[-1] == ("own:n", None, "remove")
+    client.set_many({"own:a": "A", "own:b": "B"})
+    assert sorted(got[-2:]) == [("own:a", "A", "set"), ("own:b", "B", "set")]
+    client.clear()
+    assert got[-1] == (None, None, "clear")
+    n = len(got)
+    client.set("other", 1)  # a key no handle here listens to: no barrier, no event
+    assert len(got) == n
+    handle.cancel()
+
+
+def test_other_threads_of_the_writers_process_are_covered_too(client):
+    got = set()
+    client.listen(prefix="t:", callback=lambda k, v, e: got.add(v))
+    errors = []
+
+    def writer(t):
+        for i in range(50):
+            value = (t, i)
+            client.set(f"t:{t}", value)
+            if value not in got:
+                errors.append(value)
+
+    threads = [threading.Thread(target=writer, args=(t,)) for t in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    client.shutdown()
+
+
+def test_a_write_from_a_callback_does_not_wait_for_itself(client):
+    """A callback that writes a key it listens to must not deadlock on the barrier."""
+    got = []
+
+    def callback(key, value, event):
+        got.append(value)
+        if value < 3:
+            client.set("chain", value + 1)  # from the dispatcher thread: no barrier
+
+    client.listen("chain", callback)
+    start = time.monotonic()
+    client.set("chain", 0)
+    wait_until(lambda: got == [0, 1, 2, 3], timeout=5, message="the chain of writes")
+    assert time.monotonic() - start < 2  # no barrier timed out on the way
+    client.shutdown()
