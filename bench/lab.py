@@ -590,12 +590,12 @@ def table(header: list[str], rows: list[list], align: str | None = None) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
-def target(text: str, value: float | None, limit: float, at_least: bool = False) -> tuple[str, dict]:
-    """A design target as a PASS/FAIL line and its JSON; ``value`` (a ratio or a figure) at most
-    ``limit``, or at least with ``at_least``; None: not evaluated."""
+def target(text: str, value: float | None, limit: float, at_least: bool = False, ok: bool = True) -> tuple[str, dict]:
+    """A design target as a PASS/FAIL line and its JSON: ``value`` (a ratio or a figure) at most
+    ``limit``, or at least with ``at_least``, and ``ok``; a None value is not evaluated."""
     if value is None:
         return f"- not evaluated: {text}", {"value": None, "met": None}
-    met = value >= limit if at_least else value <= limit
+    met = ok and (value >= limit if at_least else value <= limit)
     return f"- {'PASS' if met else 'FAIL'}: {text}", {"value": value, "min" if at_least else "max": limit, "met": met}
 
 
