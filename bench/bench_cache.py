@@ -1,57 +1,36 @@
 """Django cache backends compared: ClusterShmCache (and +near) vs LocMem, Redis, Memcached, diskcache, files, SQLite.
 
-Run by hand from the repository root (it is not part of the test suite)::
+Run by hand from the repository root (not part of the test suite)::
 
     python bench/bench_cache.py                          # every backend, N = 5000, 3 s per throughput run
-    python bench/bench_cache.py --only near,diskcache    # a subset, in table order
-    python bench/bench_cache.py --n 20000 --seconds 5 --json bench/results/cache.json
+    python bench/bench_cache.py --only near,diskcache --json bench/results/cache.json
     python bench/bench_cache.py --quick                  # a smoke run of half a minute
 
-The backends (``--only`` names); every server is started by this script and
-stopped by pid, every file it makes is in one private temp dir (lab.py):
+Backends (``--only`` names), servers started and stopped by pid by this script, files in its temp
+dir: clustershm (``django_clustershm.cache.ClusterShmCache`` on a forked Manager, reached through
+``clustershm.configure()``); near (the same on its own LOCATION with ``NEAR_CACHE``: each process
+keeps a copy of the keys it read, which the Manager updates or invalidates); redis (RedisCache on
+redis-server on a Unix socket); memcached (PyMemcacheCache on 127.0.0.1, no UDP); locmem (not
+shared: the ceiling); diskcache (``diskcache.DjangoCache``); file (FileBasedCache); db
+(DatabaseCache on SQLite, WAL, ``transaction_mode = IMMEDIATE``, 20 s busy timeout). Bounded
+backends get ``MAX_ENTRIES = 100000``: nothing is culled.
 
-* clustershm: ``django_clustershm.cache.ClusterShmCache`` on a Manager forked
-  by this script (a Unix socket), which ``clustershm.configure()`` points this
-  process and every worker at;
-* near: the same backend and Manager on its own LOCATION with ``NEAR_CACHE =
-  {"MAX_ENTRIES": 100000, "MAX_BYTES": 64 MiB}``: each process keeps a
-  consistent local copy of the keys it read, which the Manager updates or
-  invalidates on every change;
-* redis: Django's ``RedisCache`` (redis-py, hiredis) on ``redis-server --port
-  0`` on a Unix socket, no persistence;
-* memcached: ``PyMemcacheCache`` on ``memcached`` on 127.0.0.1, no UDP;
-* locmem: ``LocMemCache``, in-process, not shared between processes (the ceiling);
-* diskcache, file: ``diskcache.DjangoCache`` and ``FileBasedCache`` in the temp dir;
-* db: ``DatabaseCache`` on SQLite in WAL mode, ``transaction_mode =
-  IMMEDIATE`` and a 20 s busy timeout (Django 5.1+; without them concurrent
-  writers fail with "database is locked").
+1. Latency, one process: median / p99 (µs) of get hit, get miss, set, incr, get_many(10) and
+   set_many(10), interleaved blocks, garbage collector paused; FileBased and DB ``--n-slow`` times.
+2. Throughput: 1, 2 and 4 forked workers, 90% get / 10% set over 1000 keys for ``--seconds``
+   after a common start; the sum of each worker's calls/s. For near, the share of gets answered
+   locally (``clustershm.near_stats()``).
+3. Shared counter: 4 processes x ``--incr`` ``cache.incr``; Django's generic get-then-set incr
+   (FileBased, DB) loses updates.
 
-Django is configured here (``settings.configure``). LocMem, FileBased, DB and
-both ClusterShm backends get ``MAX_ENTRIES = 100000``: nothing is culled.
-
-What it measures (the value is ``{"user": 42, "name": "x" * 50}``)
----------------------------------------------------------------------
-1. Latency, one process: median / p99 (nearest rank, µs) of ``get`` hit,
-   ``get`` miss, ``set``, ``incr``, ``get_many`` and ``set_many`` of 10 keys,
-   timed in interleaved blocks with the garbage collector paused; FileBased
-   and DB ``--n-slow`` times (their ``set`` costs milliseconds).
-2. Aggregate throughput: 1, 2 and 4 forked workers, each a 90/10
-   ``get``/``set`` mix over 1000 pre-filled keys for ``--seconds`` after a
-   common start; the sum of each worker's calls per second. For the near cache,
-   the share of gets answered from the process's copy (``clustershm.near_stats()``).
-3. A shared counter: 4 processes x ``--incr`` calls of ``cache.incr``. An
-   atomic ``incr`` ends exact; Django's generic one (get then set: FileBased,
-   DB) loses updates.
-
-Each worker builds its own backend instances after the fork (the parent
-closes its caches and database connections first). Compare backends within
-one run only: on the 2-CPU reference VM the workers, the servers and this
-script share the CPUs. The targets at the end: ClusterShmCache against
-RedisCache and the near cache against diskcache.DjangoCache, same run.
+Each worker builds its own backend instances after the fork. Compare backends within one run: the
+workers, servers and this script share the 2 CPUs of the reference VM. The targets: ClusterShmCache
+against RedisCache, the near cache against diskcache.DjangoCache.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import sys
@@ -71,61 +50,39 @@ SET_SHARE = 0.10
 PLAN = 4096  # length of each worker's precomputed (op, key) sequence; a power of two
 PROCS = (1, 2, 4)
 INCR_PROCS = 4
-MAX_ENTRIES = 100_000
+BOUNDED = {"MAX_ENTRIES": 100_000}
 NEAR_LOCATION = "bench-near"
-NEAR_OPTIONS = {"MAX_ENTRIES": 100_000, "MAX_BYTES": 64 * 2**20}
 OPS = ("get hit", "get miss", "set", "incr", f"get_many({MANY})", f"set_many({MANY})")
-
-BACKENDS = {  # --only name -> label, in table order
-    "clustershm": "ClusterShmCache",
-    "near": "ClusterShmCache+near",
-    "redis": "RedisCache",
-    "memcached": "PyMemcacheCache",
-    "locmem": "LocMemCache",
-    "diskcache": "diskcache.DjangoCache",
-    "file": "FileBasedCache",
-    "db": "DatabaseCache (SQLite)",
-}
-CLUSTERSHM = {"clustershm", "near"}  # need the Manager
+BACKENDS = {"clustershm": "ClusterShmCache", "near": "ClusterShmCache+near", "redis": "RedisCache",
+            "memcached": "PyMemcacheCache", "locmem": "LocMemCache", "diskcache": "diskcache.DjangoCache",
+            "file": "FileBasedCache", "db": "DatabaseCache (SQLite)"}  # fmt: skip  # --only name -> label, in order
 SLOW = {"file", "db"}  # timed --n-slow times in the latency phase
 NOT_SHARED = {"locmem"}
-
-
-def _caches(bench: lab.Lab) -> dict:
-    django_backend = "django.core.cache.backends."
-    bounded = {"OPTIONS": {"MAX_ENTRIES": MAX_ENTRIES}}
-    return {
-        "clustershm": {"BACKEND": "django_clustershm.cache.ClusterShmCache", "LOCATION": "bench", **bounded},
-        "near": {"BACKEND": "django_clustershm.cache.ClusterShmCache", "LOCATION": NEAR_LOCATION,
-                 "OPTIONS": {"MAX_ENTRIES": MAX_ENTRIES, "NEAR_CACHE": NEAR_OPTIONS}},
-        "redis": {"BACKEND": django_backend + "redis.RedisCache", "LOCATION": f"unix://{bench.redis_path}"},
-        "memcached": {"BACKEND": django_backend + "memcached.PyMemcacheCache",
-                      "LOCATION": f"127.0.0.1:{bench.memcached_port}"},
-        "locmem": {"BACKEND": django_backend + "locmem.LocMemCache", "LOCATION": "bench", **bounded},
-        "diskcache": {"BACKEND": "diskcache.DjangoCache", "LOCATION": bench.path("diskcache")},
-        "file": {"BACKEND": django_backend + "filebased.FileBasedCache", "LOCATION": bench.path("filecache"),
-                 **bounded},
-        "db": {"BACKEND": django_backend + "db.DatabaseCache", "LOCATION": "bench_cache_table", **bounded},
-    }  # fmt: skip
 
 
 def configure_django(selected: list[str], bench: lab.Lab) -> None:
     import django
     from django.conf import settings
 
-    entries = _caches(bench)
-    caches = {"default": {"BACKEND": "django.core.cache.backends.locmem.LocMemCache", "LOCATION": "bench-default"}}
+    dj, shm = "django.core.cache.backends.", "django_clustershm.cache.ClusterShmCache"
+    entries = {
+        "clustershm": {"BACKEND": shm, "LOCATION": "bench", "OPTIONS": BOUNDED},
+        "near": {"BACKEND": shm, "LOCATION": NEAR_LOCATION,
+                 "OPTIONS": {**BOUNDED, "NEAR_CACHE": {"MAX_ENTRIES": 100_000, "MAX_BYTES": 64 * 2**20}}},
+        "redis": {"BACKEND": dj + "redis.RedisCache", "LOCATION": f"unix://{bench.redis_path}"},
+        "memcached": {"BACKEND": dj + "memcached.PyMemcacheCache", "LOCATION": f"127.0.0.1:{bench.memcached_port}"},
+        "locmem": {"BACKEND": dj + "locmem.LocMemCache", "LOCATION": "bench", "OPTIONS": BOUNDED},
+        "diskcache": {"BACKEND": "diskcache.DjangoCache", "LOCATION": bench.path("diskcache")},
+        "file": {"BACKEND": dj + "filebased.FileBasedCache", "LOCATION": bench.path("files"), "OPTIONS": BOUNDED},
+        "db": {"BACKEND": dj + "db.DatabaseCache", "LOCATION": "bench_cache_table", "OPTIONS": BOUNDED},
+    }  # fmt: skip
+    caches = {"default": {"BACKEND": dj + "locmem.LocMemCache", "LOCATION": "bench-default"}}
     caches.update({name: entries[name] for name in selected})
     sqlite = {"transaction_mode": "IMMEDIATE", "timeout": 20, "init_command": "PRAGMA journal_mode=WAL"}
-    settings.configure(
-        DEBUG=False,
-        SECRET_KEY="bench-cache-not-a-secret",
-        INSTALLED_APPS=[],
-        USE_TZ=True,
-        DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": bench.path("cache.sqlite3"),
-                               "OPTIONS": sqlite}},
-        CACHES=caches,
-    )  # fmt: skip
+    settings.configure(DEBUG=False, SECRET_KEY="bench-cache-not-a-secret", INSTALLED_APPS=[], USE_TZ=True,
+                       DATABASES={"default": {"ENGINE": "django.db.backends.sqlite3",
+                                              "NAME": bench.path("cache.sqlite3"), "OPTIONS": sqlite}},
+                       CACHES=caches)  # fmt: skip
     django.setup()
     if "db" in selected:
         from django.core.management import call_command
@@ -134,7 +91,15 @@ def configure_django(selected: list[str], bench: lab.Lab) -> None:
         # createcachetable instantiates every configured cache: show it only the database one.
         with override_settings(CACHES={"default": caches["default"], "db": caches["db"]}):
             call_command("createcachetable", verbosity=0)
-    _release(None)
+    _close_all()
+
+
+def _close_all() -> None:
+    from django.core.cache import caches
+    from django.db import connections
+
+    caches.close_all()
+    connections.close_all()
 
 
 def _new_cache(alias: str):
@@ -145,15 +110,15 @@ def _new_cache(alias: str):
     return caches.create_connection(alias)
 
 
-def _release(cache) -> None:
-    """Close a parent-side backend instance and the database connections before the next fork."""
-    from django.core.cache import caches
-    from django.db import connections
-
-    if cache is not None:
+@contextlib.contextmanager
+def _parent_cache(alias: str):
+    """A backend instance for this process, closed with the database connections before the next fork."""
+    cache = _new_cache(alias)
+    try:
+        yield cache
+    finally:
         cache.close()
-    caches.close_all()
-    connections.close_all()
+        _close_all()
 
 
 def _near_counts():
@@ -163,8 +128,7 @@ def _near_counts():
 
 
 def smoke_test(alias: str) -> None:
-    cache = _new_cache(alias)
-    try:
+    with _parent_cache(alias) as cache:
         cache.clear()
         cache.set("bench:smoke", VALUE)
         if (got := cache.get("bench:smoke")) != VALUE:
@@ -172,18 +136,12 @@ def smoke_test(alias: str) -> None:
         cache.delete("bench:smoke")
         if alias == "near" and _near_counts() is None:
             raise AssertionError("the near cache is not enabled (it needs cluster mode: clustershm.configure)")
-    finally:
-        _release(cache)
-
-
-# -- 1. latency -----------------------------------------------------------------------
 
 
 def run_latency(alias: str, n: int, warmup: int) -> dict:
-    cache = _new_cache(alias)
-    try:
-        many_keys = [f"bench:many:{i}" for i in range(MANY)]
-        many_items = {f"bench:setmany:{i}": VALUE for i in range(MANY)}
+    many_keys = [f"bench:many:{i}" for i in range(MANY)]
+    many_items = {f"bench:setmany:{i}": VALUE for i in range(MANY)}
+    with _parent_cache(alias) as cache:
         cache.clear()
         cache.set("bench:hit", VALUE)
         cache.set_many(dict.fromkeys(many_keys, VALUE))
@@ -193,22 +151,12 @@ def run_latency(alias: str, n: int, warmup: int) -> dict:
         if len(cache.get_many(many_keys)) != MANY or cache.incr("bench:counter") != 1:
             raise AssertionError("get_many does not return every key just set, or incr of 0 is not 1")
         get, set_, incr, get_many, set_many = cache.get, cache.set, cache.incr, cache.get_many, cache.set_many
-        ops = {
-            "get hit": lambda: get("bench:hit"),
-            "get miss": lambda: get("bench:missing"),
-            "set": lambda: set_("bench:set", VALUE),
-            "incr": lambda: incr("bench:counter"),
-            f"get_many({MANY})": lambda: get_many(many_keys),
-            f"set_many({MANY})": lambda: set_many(many_items),
-        }
+        ops = dict(zip(OPS, (lambda: get("bench:hit"), lambda: get("bench:missing"), lambda: set_("bench:set", VALUE),
+                             lambda: incr("bench:counter"), lambda: get_many(many_keys),
+                             lambda: set_many(many_items))))  # fmt: skip
         samples = lab.time_interleaved(ops, n, warmup, BLOCK)
         cache.clear()
-    finally:
-        _release(cache)
     return lab.summarise(samples)
-
-
-# -- 2. throughput ---------------------------------------------------------------------
 
 
 def _throughput_worker(index: int, ready, alias: str, seconds: float, seed: int) -> dict:
@@ -240,49 +188,35 @@ def _throughput_worker(index: int, ready, alias: str, seconds: float, seed: int)
         if not (gets + sets + errors) & 15 and clock() >= deadline:
             break
     elapsed = clock() - t0
-    near = _near_counts()
-    if near is not None and near_before is not None:  # the gets answered from the local copy, and the others
-        near = (near[0] - near_before[0], near[1] - near_before[1])
+    near = _near_counts()  # the gets answered from the local copy during the run, and the others
+    near = (near[0] - near_before[0], near[1] - near_before[1]) if near and near_before else None
     return {"index": index, "ok": gets + sets, "gets": gets, "hits": hits, "sets": sets, "errors": errors,
             "first_error": first_error, "seconds": elapsed, "near": near}  # fmt: skip
 
 
 def run_throughput(alias: str, seconds: float, seed: int) -> dict:
-    cache = _new_cache(alias)
-    try:
+    keys = [f"tp:{i}" for i in range(KEYSPACE)]
+    with _parent_cache(alias) as cache:
         cache.clear()
-        keys = [f"tp:{i}" for i in range(KEYSPACE)]
         for start in range(0, KEYSPACE, 100):
             cache.set_many(dict.fromkeys(keys[start : start + 100], VALUE))
         if len(cache.get_many(keys[:100])) != 100:
             raise AssertionError("the key space was not filled")
-    finally:
-        _release(cache)
     out = {}
     for procs in PROCS:
         lab.log(f"  throughput {alias}: {procs} process(es), {seconds:g}s")
         workers = lab.run_workers(procs, _throughput_worker, (alias, seconds, seed), timeout=seconds + 120)
-        gets = sum(w["gets"] for w in workers)
-        near = [w["near"] for w in workers]
+        gets, near = sum(w["gets"] for w in workers), [w["near"] for w in workers]
         near_total = sum(h + m for h, m in near) if None not in near else 0
-        out[str(procs)] = {
-            "ops_per_s": sum(w["ok"] / w["seconds"] for w in workers),
-            "ops": sum(w["ok"] for w in workers),
-            "errors": sum(w["errors"] for w in workers),
-            "first_error": next((w["first_error"] for w in workers if w["first_error"]), None),
-            "get_hit_rate": sum(w["hits"] for w in workers) / gets if gets else None,
-            "near_local_share": sum(h for h, _ in near) / near_total if near_total else None,
-            "workers": workers,
-        }
-    cache = _new_cache(alias)
-    try:
+        out[str(procs)] = {"ops_per_s": sum(w["ok"] / w["seconds"] for w in workers),
+                           "ops": sum(w["ok"] for w in workers), "errors": sum(w["errors"] for w in workers),
+                           "first_error": next((w["first_error"] for w in workers if w["first_error"]), None),
+                           "get_hit_rate": sum(w["hits"] for w in workers) / gets if gets else None,
+                           "near_local_share": sum(h for h, _ in near) / near_total if near_total else None,
+                           "workers": workers}  # fmt: skip
+    with _parent_cache(alias) as cache:
         cache.clear()
-    finally:
-        _release(cache)
     return out
-
-
-# -- 3. incr counter ---------------------------------------------------------------------
 
 
 def _incr_worker(index: int, ready, alias: str, calls: int) -> dict:
@@ -302,33 +236,19 @@ def _incr_worker(index: int, ready, alias: str, calls: int) -> dict:
 
 
 def run_incr(alias: str, calls: int) -> dict:
-    cache = _new_cache(alias)
-    try:
+    with _parent_cache(alias) as cache:
         cache.delete("counter")
         cache.set("counter", 0)
-    finally:
-        _release(cache)
     workers = lab.run_workers(INCR_PROCS, _incr_worker, (alias, calls))
-    cache = _new_cache(alias)
-    try:
+    with _parent_cache(alias) as cache:
         final = cache.get("counter")
         cache.delete("counter")
-    finally:
-        _release(cache)
-    expected = INCR_PROCS * calls
-    errors = sum(w["errors"] for w in workers)
-    shared = alias not in NOT_SHARED
-    return {
-        "shared": shared,
-        "final": final,
-        "expected": expected,
-        "failed_calls": errors,
-        # calls that returned without an error but whose increment is not in the final value
-        "lost_updates": expected - errors - final if shared and isinstance(final, int) else None,
-        "first_error": next((w["first_error"] for w in workers if w["first_error"]), None),
-        "seconds": max(w["seconds"] for w in workers),
-        "per_process_last": [w["last"] for w in workers],
-    }
+    errors, shared = sum(w["errors"] for w in workers), alias not in NOT_SHARED
+    # lost: calls that returned without an error but whose increment is not in the final value
+    return {"shared": shared, "final": final, "expected": INCR_PROCS * calls, "failed_calls": errors,
+            "lost_updates": INCR_PROCS * calls - errors - final if shared and isinstance(final, int) else None,
+            "first_error": next((w["first_error"] for w in workers if w["first_error"]), None),
+            "seconds": max(w["seconds"] for w in workers), "per_process_last": [w["last"] for w in workers]}  # fmt: skip
 
 
 # -- report ---------------------------------------------------------------------------
@@ -461,7 +381,7 @@ def main(argv=None) -> int:
     bench = lab.Lab("cache")
     started = time.perf_counter()
     try:
-        if CLUSTERSHM & set(selected):
+        if {"clustershm", "near"} & set(selected):
             bench.start_manager(configure=False)  # configure() once Django is set up, before any fork
         if "redis" in selected:
             bench.start_redis()
@@ -500,15 +420,11 @@ def main(argv=None) -> int:
         *tables(selected, results, args),
         target_text,
     ]
-    near = results.get("near", {}).get("throughput", {}).get(str(PROCS[-1]), {})
     headlines = {
-        "cache get hit median (µs)": lab.headline(_figure(results, "clustershm", "latency", "get hit", "median_us"),
-                                                  "lower"),
-        "cache 4-process 90/10 ops/s": lab.headline(_figure(results, "clustershm", "throughput", "4", "ops_per_s"),
-                                                    "higher"),
-        "cache+near get hit median (µs)": lab.headline(_figure(results, "near", "latency", "get hit", "median_us"),
-                                                       "lower"),
-        "cache+near 4-process 90/10 ops/s": lab.headline(near.get("ops_per_s"), "higher"),
+        f"cache{'+near' if name == 'near' else ''} {what}": lab.headline(_figure(results, name, *path), better)
+        for name in ("clustershm", "near")
+        for what, path, better in (("get hit median (µs)", ("latency", "get hit", "median_us"), "lower"),
+                                   ("4-process 90/10 ops/s", ("throughput", "4", "ops_per_s"), "higher"))
     }  # fmt: skip
     report = {"servers": bench.versions, "n": args.n, "n_slow": min(args.n, args.n_slow), "warmup": args.warmup,
               "seconds_per_run": args.seconds, "procs": list(PROCS), "keyspace": KEYSPACE, "set_share": SET_SHARE,

@@ -1,39 +1,23 @@
 """Core latency benchmark: one client, one Manager, one operation at a time.
 
-Run by hand from the repository root (it is not part of the test suite)::
+Run by hand from the repository root (not part of the test suite)::
 
     python bench/bench_core.py                # N = 20000 timed calls per operation
-    python bench/bench_core.py --n 50000 --pin 0 --json bench/results/core.json
-    python bench/bench_core.py --quick        # a smoke run of a second or two
+    python bench/bench_core.py --pin 0 --json bench/results/core.json
+    python bench/bench_core.py --quick        # a smoke run of a second
 
-What it measures
-----------------
-The wall-clock latency of single, sequential calls of a client made by
-``clustershm.connect(address, secret)`` against a real Manager serving in its
-own forked process over a Unix socket: argument checks, pickling the value,
-the framing, the socket round trip, the Manager's dispatch, decoding the
-reply. Operations: ``get`` hit (a small dict value), ``get`` miss, ``set``,
-``incr``, ``get_many`` and ``set_many`` of 10 keys.
+Sequential calls of a client from ``clustershm.connect(address, secret)`` to a Manager serving in
+a forked process over a Unix socket (argument checks, pickling, framing, the round trip, the
+dispatch, the reply): get hit and miss, set, incr, get_many and set_many of 10 keys, the value a
+small dict. The *floor* is the cheapest round trip Python makes between two processes: a forked
+echo on a socketpair, a length prefix and a pickle each way; what the Manager costs above it is its
+own. The table: median and p99 (nearest rank) in µs, each median over the floor's; the target, a
+get hit at most 2x the floor. The operations run in interleaved blocks, the garbage collector
+paused, the server not under measurement SIGSTOPped.
 
-They are compared with a *floor*, the cheapest round trip Python can make
-between two processes: a second forked process echoes on a
-``socket.socketpair()`` (a ``struct "!I"`` length prefix and a pickled request
-in, a length prefix and a ``pickle.dumps`` of the same small dict out). No
-protocol, no checks, no store: what the Manager costs above that is its own.
-
-How to read it
---------------
-One table: median and p99 (nearest rank) in µs per operation and the median's
-ratio to the floor's; then the design target, a ``get`` hit at most twice the
-floor. Operations are timed in interleaved blocks with the garbage collector
-paused, and the server not under measurement is SIGSTOPped meanwhile. Only
-medians and ratios within one run count on the noisy 2-CPU reference VM.
-
-CPU placement dominates there: a round trip between two CPUs pays for waking
-an idle one (20-40 µs), on one CPU it does not, and the scheduler chooses.
-``--pin CPU`` puts every process of the run on one CPU, which steadies the
-comparison (the header says which CPUs the run used). Memory layout can
-matter too: if two runs disagree widely, compare a few before concluding.
+Only medians and ratios within one run count on the noisy 2-CPU reference VM, where CPU placement
+dominates: a round trip across CPUs pays for waking an idle one (20-40 µs), and the scheduler
+chooses. ``--pin CPU`` runs every process on one CPU, which steadies the comparison.
 """
 
 from __future__ import annotations

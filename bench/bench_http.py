@@ -1,45 +1,24 @@
 """HTTP benchmark: ``manage.py runcluster`` against plain gunicorn on Django's RedisCache, under wrk.
 
-Run by hand from the repository root (it is not part of the test suite)::
+Run by hand from the repository root (not part of the test suite; needs wrk, redis-server, gunicorn, redis)::
 
     python bench/bench_http.py                 # 10 s of wrk per server
     python bench/bench_http.py --seconds 30 --json bench/results/http.json
-    python bench/bench_http.py --quick         # a smoke run of about fifteen seconds
+    python bench/bench_http.py --quick         # a smoke run of about ten seconds
 
-Needs ``wrk`` and ``redis-server`` (``apt-get install -y wrk redis-server``)
-and the Python packages ``gunicorn`` and ``redis``.
+``/bench/`` of the testproject (one ``cache.get``, one ``cache.incr``; the project of the tree whose
+package is imported, or this checkout's) served by 4 sync gunicorn workers on 127.0.0.1, one setup
+after the other: ``manage.py runcluster --workers 4`` (ClusterShmCache, the Manager in the master)
+and ``python -m gunicorn -w 4 testproject.wsgi`` with ``testproject.settings_redis`` (RedisCache on
+redis-server on a Unix socket). Once ``/bench/`` answers and the 4 workers are up: ``--warmup``
+requests from 16 threads, ``wrk -t2 -c16 -d10s --latency``, then SIGTERM; the master must exit 0
+and leave nothing in its process group (killed only otherwise).
 
-What it measures
-----------------
-Requests per second and latency of the ``testproject`` view ``/bench/`` (one
-``cache.get`` and one ``cache.incr`` of the default cache) served by 4 sync
-gunicorn workers on 127.0.0.1 and a free port, one setup after the other:
-
-1. ``python manage.py runcluster --workers 4``: ClusterShmCache, the Manager in
-   gunicorn's master, the workers talking to it over a Unix socket;
-2. ``python -m gunicorn -w 4 testproject.wsgi`` with
-   ``testproject.settings_redis``: RedisCache on a ``redis-server`` on a Unix
-   socket in the script's temp dir (no TCP, no persistence).
-
-The project is the one of the tree whose django_clustershm is imported
-(``PYTHONPATH``), or this checkout's. Each server runs in its own session;
-once ``/bench/`` answers and its 4 workers are up, ``--warmup`` requests from
-16 threads, then ``wrk -t2 -c16 -d10s --latency``, then SIGTERM: the master
-must exit 0 and leave nothing in its process group (the group is SIGKILLed
-only otherwise). Everything is stopped by the pid this script started.
-
-Correctness: every request increments one counter; after the run it must
-equal the probe + warm-up requests, wrk's requests and the final GET, plus
-up to 16 in flight when wrk stops (and any request wrk lost to a socket
-error), never less (a shortfall is a lost update). A counter outside that,
-a non-2xx answer or an unclean stop makes the script exit 1 after the report.
-
-How to read it
---------------
-One table: requests/s, p50/p90/p99 latency in ms, and requests/s over the
-Redis setup's. wrk shares the 2 CPUs of the reference VM with the servers, and
-the setups run one after the other: only the ratio within one run counts, and
-the report warns when the CPUs were already busy before the run.
+The table: requests/s, p50/p90/p99 latency (ms), requests/s over the Redis setup's. Correctness:
+the shared counter must equal the probe, warm-up and wrk requests and the final GET, plus at most
+the 16 in flight when wrk stops (and any wrk lost to a socket error); a shortfall, a non-2xx or an
+unclean stop exits 1. wrk shares the 2 CPUs of the reference VM and the setups run in turn: only
+the ratio within one run counts (the report warns if the CPUs were busy before the run).
 """
 
 from __future__ import annotations

@@ -1,38 +1,23 @@
-"""Listener delivery delay: clustershm.listen() against Redis pub/sub, from a write in one process to a callback in another.
+"""Listener delivery delay: clustershm.listen() against Redis pub/sub, write in one process to callback in another.
 
-Run by hand from the repository root (it is not part of the test suite)::
+Run by hand from the repository root (not part of the test suite)::
 
     python bench/bench_listeners.py                  # N = 5000 events per system
     python bench/bench_listeners.py --n 20000 --json bench/results/listeners.json
-    python bench/bench_listeners.py --quick          # a smoke run of a few seconds
+    python bench/bench_listeners.py --quick          # a smoke run of a second
 
-What it measures
-----------------
-* django_clustershm: a forked listener calls ``clustershm.listen(KEY,
-  callback)`` (the callback runs in its dispatcher thread); this process, the
-  writer, calls ``clustershm.set(KEY, (seq, time.monotonic_ns()))`` on a
-  Manager forked by this script (``clustershm.configure()``, before the fork).
-* Redis: a forked subscriber loops on redis-py's blocking
-  ``pubsub.get_message(timeout=1.0)`` in its main thread and ``pickle.loads``
-  the payload (clustershm's callback gets an unpickled value too); the writer
-  calls ``publish(CHANNEL, pickle.dumps((seq, time.monotonic_ns())))`` on
-  ``redis-server --port 0`` on a Unix socket in the script's temp dir.
+clustershm: a forked listener's ``clustershm.listen(KEY, callback)`` (run by its dispatcher
+thread); this process writes ``clustershm.set(KEY, (seq, time.monotonic_ns()))`` through a Manager
+it forked. Redis: a forked subscriber loops on redis-py's blocking ``pubsub.get_message()`` and
+unpickles the payload; this process ``publish``es the pickled ``(seq, stamp)`` to redis-server on a
+Unix socket. The callback takes ``time.monotonic_ns()`` first thing (system-wide, so the difference
+is the delay) and sends it back over a pipe; the writer waits for it before the next write, so one
+event is in flight at a time. ``--warmup`` events first, then interleaved blocks of 500 per system;
+garbage collector off in the listeners, paused in the writer.
 
-The callback (the subscriber, once it has the payload) takes
-``time.monotonic_ns()`` first thing; CLOCK_MONOTONIC is system-wide, so the
-difference is the delivery delay. It sends ``(seq, delay)`` back over a pipe
-and the writer waits for it before the next write: one event in flight at a
-time. ``--warmup`` untimed events first, then interleaved blocks of 500 per
-system; the garbage collector is off in the listeners and paused in the writer.
-
-How to read it
---------------
-One table: median, p90, p99 (nearest rank) and max of the delay in µs, the
-median of the write call itself, the events that never arrived (there must be
-none) and the median over Redis'; then the target: clustershm's median under
-200 µs. Each event wakes three processes (writer, server, listener); on the
-2-CPU reference VM their placement moves the medians and especially the p99
-from run to run, so compare the two systems within one run.
+The table: median, p90, p99 (nearest rank) and max delay in µs, the write call's median, the
+events lost (there must be none), the median over Redis'; the target: clustershm's median at most
+200 µs. Each event wakes three processes on the 2-CPU reference VM: compare within one run.
 """
 
 from __future__ import annotations

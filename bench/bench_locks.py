@@ -1,56 +1,33 @@
 """Locks compared: django_clustershm.Lock against redis-py, diskcache and multiprocessing.
 
-Run by hand from the repository root (it is not part of the test suite)::
+Run by hand from the repository root (not part of the test suite)::
 
     python bench/bench_locks.py                     # N = 5000, 3 rounds of 3 s per lock, 20 hand-overs
-    python bench/bench_locks.py --n 20000 --seconds 5 --trials 50 --json bench/results/locks.json
+    python bench/bench_locks.py --trials 50 --json bench/results/locks.json
     python bench/bench_locks.py --quick             # a smoke run of about ten seconds
 
-The locks (``--only`` names), everything on Unix sockets in one private temp
-dir, every server stopped and every child reaped by pid (lab.py):
+Locks (``--only`` names), on Unix sockets in the script's temp dir, stopped by pid: clustershm
+(``clustershm.Lock`` on a forked Manager), redis (redis-py's ``Redis.lock`` on redis-server),
+diskcache (``diskcache.Lock``, ``eviction_policy="none"``), multiprocessing
+(``multiprocessing.Manager().Lock()``).
 
-* clustershm: ``clustershm.Lock`` on a Manager forked by this script, which
-  ``clustershm.configure()`` points this process and every worker at;
-* redis: redis-py's ``Redis(unix_socket_path=...).lock(name)`` on
-  ``redis-server --port 0``, no persistence;
-* diskcache: ``diskcache.Lock`` on a ``diskcache.Cache`` in the temp dir
-  (``eviction_policy="none"``, as diskcache asks for locks);
-* multiprocessing: ``multiprocessing.Manager().Lock()`` (a ``SyncManager``).
+1. Uncontended ``acquire()`` + ``release()``, one process, no lease: median and p99 (µs),
+   interleaved blocks, garbage collector paused; each median over redis-py's.
+2. Locked read-modify-write: ``--procs`` (4) forked processes loop for ``--seconds`` after a common
+   start: acquire, read a counter in the lock's own store, write it + 1, release. Ops/s over the
+   longest process's time, over diskcache's; the final counter must equal the increments (lost
+   updates must be 0); slowest and fastest process, longest wait. ``--rounds`` (3) rounds, the locks
+   taking turns; each row is the lock's median round, with the range over the rounds.
+3. Hand-over after the holder's SIGKILL: a forked waiter blocks in ``acquire()`` (for clustershm,
+   until ``clustershm.stats()`` lists it as queued; else 0.2 s), then the holder is SIGKILLed;
+   the delay runs to the waiter's grant (``time.monotonic()``, system-wide), ``--trials`` times.
+   clustershm needs no lease (the Manager frees a lock when its holder's connection closes);
+   redis-py and diskcache need a 1 s lease (polling every 0.1 s and 1 ms), and the table also gives
+   the delay from the holder's acquire; multiprocessing's lock has no owner and is never freed.
 
-What it measures
-----------------
-1. Uncontended latency, one process: ``acquire()`` + ``release()`` timed
-   together, ``--n`` times per lock, interleaved blocks, garbage collector
-   paused; median and p99 in µs, and the median over redis-py's. No lease.
-2. Locked read-modify-write: ``--procs`` forked processes (4) loop for
-   ``--seconds`` after a common start: acquire, read a shared counter in the
-   lock's own store (clustershm.get/set, redis GET/SET, the diskcache's
-   get/set, a ``manager.Value``), write it + 1, release. The figure is the
-   increments over the longest process's time, and its ratio to diskcache's;
-   the final counter must equal the increments (lost updates must be 0). Also
-   the slowest and fastest process (fairness) and the longest wait. The phase
-   runs ``--rounds`` times (3), the locks taking turns; each row is the lock's
-   median round, with the range over the rounds (one 3-second run swings by
-   15% either way on the 2-CPU reference VM).
-3. Hand-over after the holder is SIGKILLed: a forked holder acquires the lock,
-   a forked waiter blocks in ``acquire()``; once it waits (clustershm: the
-   public ``clustershm.stats()`` lists its pid as queued; the others: 0.2 s
-   after it says it is about to call ``acquire()``), this process SIGKILLs the
-   holder, and the delay runs to the waiter's grant (``time.monotonic()``,
-   system-wide). ``--trials`` fresh keys per lock; median and max in ms.
-   clustershm has no lease: the Manager frees the lock when the holder's
-   connection closes. redis-py needs a 1 s lease (``timeout``) and polls every
-   0.1 s; diskcache ``expire=1`` and polls every 1 ms (a waiter stuck 10 s is
-   SIGKILLed, a failure); multiprocessing's lock has no owner process and is
-   never freed (one trial, ``acquire(timeout=2)``). For the leased locks the
-   table also gives the delay from the holder's ``acquire()``: lease + polling.
-
-The targets at the end: clustershm's acquire+release median at most 0.5x
-redis-py's, its read-modify-write at least 2x diskcache's, its median
-hand-over after SIGKILL at most 50 ms. Compare locks within one run only.
-Spin locks (redis-py, diskcache) can look fast in phase 2 while unfair: the
-process that just released takes the lock again before the sleeping ones wake
-up, which the slowest process and the longest wait show.
+Targets: clustershm's acquire+release at most 0.5x redis-py's, its read-modify-write at least 2x
+diskcache's, its hand-over at most 50 ms. Compare within one run. Spin locks (redis-py, diskcache)
+can look fast in phase 2 while unfair, which the slowest process and the longest wait show.
 """
 
 from __future__ import annotations
@@ -60,6 +37,7 @@ import signal
 import statistics
 import sys
 import time
+from functools import partial
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, for lab
 import lab
@@ -79,9 +57,10 @@ LABELS = {
 
 
 # -- the four locks, behind one interface --------------------------------------------
-# A backend is made in this process; a forked child calls .child() for one with its
-# own connections. prepare(key) runs here before forking (multiprocessing's locks are
-# proxies to the SyncManager, made by the process that asks for them).
+# A backend is made in this process; a forked child calls child() for one with its own
+# connections. prepare(key) runs here before forking (multiprocessing's locks are proxies
+# made by the process that asks for them). read() and write(n): the counter in the lock's
+# own store (read may return bytes, which int() takes); warm(): one round trip.
 
 
 class Backend:
@@ -102,18 +81,10 @@ class Backend:
 
 class ClusterShm(Backend):
     name = "clustershm"  # the client reconnects in a forked child by itself
+    warm, read, write = partial(clustershm.ping), partial(clustershm.get, COUNTER), partial(clustershm.set, COUNTER)
 
     def lock(self, key: str, lease: float | None = None):
         return clustershm.Lock(key, lease=lease)
-
-    def warm(self) -> None:
-        clustershm.ping()
-
-    def read(self) -> int:
-        return clustershm.get(COUNTER)
-
-    def write(self, value: int) -> None:
-        clustershm.set(COUNTER, value)
 
 
 class Redis(Backend):
@@ -122,28 +93,18 @@ class Redis(Backend):
     def __init__(self, path: str) -> None:
         import redis
 
-        self.path, self.r = path, redis.Redis(unix_socket_path=path)
+        self.path, r = path, redis.Redis(unix_socket_path=path)
+        self.lock_of, self.close = r.lock, r.close  # redis.lock.Lock; default sleep=0.1 between tries
+        self.warm, self.read, self.write = r.ping, partial(r.get, COUNTER), partial(r.set, COUNTER)
 
     def child(self):
         return Redis(self.path)
 
     def lock(self, key: str, lease: float | None = None):
-        return self.r.lock(key, timeout=lease)  # redis.lock.Lock; default sleep=0.1 between tries
+        return self.lock_of(key, timeout=lease)
 
     def acquire(self, lock, timeout: float | None = None) -> bool:
         return lock.acquire(blocking=True, blocking_timeout=timeout)
-
-    def warm(self) -> None:
-        self.r.ping()
-
-    def read(self) -> int:
-        return int(self.r.get(COUNTER))
-
-    def write(self, value: int) -> None:
-        self.r.set(COUNTER, value)
-
-    def close(self) -> None:
-        self.r.close()
 
 
 class DiskCache(Backend):
@@ -153,7 +114,9 @@ class DiskCache(Backend):
         import diskcache
 
         self.directory = directory
-        self.cache = diskcache.Cache(directory, **({"eviction_policy": "none"} if create else {}))
+        c = self.cache = diskcache.Cache(directory, **({"eviction_policy": "none"} if create else {}))
+        self.warm, self.close = partial(c.get, "bench:locks:warm"), c.close
+        self.read, self.write = partial(c.get, COUNTER), partial(c.set, COUNTER)
 
     def child(self):
         return DiskCache(self.directory)  # the same directory, this process's own connection
@@ -166,18 +129,6 @@ class DiskCache(Backend):
     def acquire(self, lock, timeout: float | None = None) -> bool:
         lock.acquire()  # no timeout in diskcache.Lock: the parent gives up on a stuck waiter
         return True
-
-    def warm(self) -> None:
-        self.cache.get("bench:locks:warm")
-
-    def read(self) -> int:
-        return self.cache.get(COUNTER)
-
-    def write(self, value: int) -> None:
-        self.cache.set(COUNTER, value)
-
-    def close(self) -> None:
-        self.cache.close()
 
 
 class MultiProcessing(Backend):
@@ -205,11 +156,10 @@ class MultiProcessing(Backend):
     def acquire(self, lock, timeout: float | None = None) -> bool:
         return lock.acquire(True, timeout)
 
-    def warm(self) -> None:
-        self.value.value  # noqa: B018 - one round trip opens this thread's connection
-
     def read(self) -> int:
         return self.value.value
+
+    warm = read
 
     def write(self, value: int) -> None:
         self.value.value = value
@@ -276,7 +226,7 @@ def _rmw_worker(index: int, ready, backend, key: str, seconds: float) -> dict:
     while (t0 := clock()) < deadline:
         acquire(lock)
         max_wait = max(max_wait, clock() - t0)
-        write(read() + 1)
+        write(int(read()) + 1)
         release()
         n += 1
     return {"increments": n, "elapsed": clock() - start, "max_wait": max_wait}
@@ -287,7 +237,7 @@ def phase_rmw(backend, procs: int, seconds: float) -> dict:
     backend.prepare(key)
     backend.write(0)
     reports = lab.run_workers(procs, _rmw_worker, (backend, key, seconds), timeout=seconds + 60.0)
-    total, final = sum(r["increments"] for r in reports), backend.read()
+    total, final = sum(r["increments"] for r in reports), int(backend.read())
     longest = max(r["elapsed"] for r in reports)
     return {"procs": procs, "seconds": longest, "increments": total, "final_counter": final,
             "lost_updates": total - final, "ops_per_s": total / longest,

@@ -1,33 +1,20 @@
 """The lab every benchmark script in this directory shares (not a benchmark itself).
 
-The scripts run as ``python bench/bench_x.py`` and import this module as
-``lab``. They use only the stable public API of the package (``import
-django_clustershm as clustershm``: Manager, configure, connect, get/set and
-friends, Lock, listen, stats, the Django backend's path), so that the same
-scripts run against any source tree that has it: put the tree first on
-``PYTHONPATH`` (compare.py does). Every JSON report names the package
-directory it imported.
+The scripts import it as ``lab`` and use only the package's stable public API
+(``import django_clustershm as clustershm``: Manager, configure, connect,
+get/set..., Lock, listen, stats, near_stats, the Django backend's path), so the
+same scripts measure any tree that has it: put the tree first on PYTHONPATH
+(compare.py does); every JSON report names the package directory it imported.
 
-Here, once for every script:
-
-* processes: ``fork`` (a child that ignores Ctrl-C, gets SIGTERM if the script
-  dies, and leaves with ``os._exit``), ``reap`` by pid (SIGTERM, then SIGKILL if
-  it lingers), ``Lines`` (newline messages over a pipe, with a deadline) and
-  ``run_workers`` (N forked workers that start together and send back one
-  JSON result each);
-* ``Lab``: a private (0700) temporary directory and what runs in it: the
-  Manager in a forked child, redis-server on a Unix socket, memcached on
-  127.0.0.1 (a free port, no UDP), any other server (``spawn``). Each is
-  stopped by its pid (a server's own process group is killed only if it leaves
-  processes behind) and the directory is removed;
-* timing: ``time_interleaved`` (blocks of every operation in turn, the garbage
-  collector paused, so that drift in the machine's load hits every row alike);
-* statistics: ``summary`` (median, p90, p99 by nearest rank, min, max),
-  ``rounds`` (the median over rounds and their spread), ``ratio``;
-* the report: ``parser``/``parse`` (``--json PATH``, ``--quick``), ``table``
-  (Markdown), ``target`` (PASS/FAIL lines) and ``finish``, which prints the
-  report and writes the JSON with the machine, the versions and the headline
-  figures that compare.py reads.
+Here once for all: ``fork``/``reap`` by pid, ``Lines`` over pipes and
+``run_workers`` (N forked workers started together, one JSON result each);
+``Lab``, a private temp dir with the Manager in a forked child, redis-server on
+a Unix socket, memcached on 127.0.0.1 and any other server, each stopped by its
+pid; ``time_interleaved`` (blocks of every operation in turn, the garbage
+collector paused); ``summary`` (median, p90, p99 by nearest rank), ``rounds``
+(median and spread over rounds), ``ratio``; ``table``, ``target``, ``--json``
+and ``--quick`` (``parser``/``parse``), and ``finish``, which prints the report
+and writes the JSON with the headline figures compare.py reads.
 """
 
 from __future__ import annotations
@@ -94,12 +81,9 @@ def die_with_parent() -> None:
 
 
 def fork(body, *args, close=()) -> int:
-    """Fork a child that runs ``body(*args)``; it leaves with os._exit (0, or 1 after printing the exception).
-
-    The child ignores SIGINT (Ctrl-C goes to the script, which stops it by
-    pid), takes SIGTERM's default action, gets SIGTERM if the script dies, and
-    first closes the descriptors ``close`` (the parent's ends of its pipes).
-    """
+    """Fork a child that runs ``body(*args)`` and leaves with os._exit (0, or 1 after printing the exception).
+    It ignores Ctrl-C (the script stops it by pid), gets SIGTERM if the script dies, and first closes
+    the descriptors ``close`` (the parent's ends of its pipes)."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -141,11 +125,10 @@ def reap(pid: int, timeout: float = REAP_TIMEOUT, term: bool = False) -> int | N
             break
         time.sleep(0.005)
     log(f"child {pid} did not exit within {timeout:g}s; killing it")
-    try:
+    with contextlib.suppress(ProcessLookupError, ChildProcessError):
         os.kill(pid, signal.SIGKILL)
         return os.waitpid(pid, 0)[1]
-    except (ProcessLookupError, ChildProcessError):
-        return None
+    return None
 
 
 def describe(status: int | None) -> str:
@@ -176,8 +159,7 @@ class Lines:
     """Newline-terminated messages from a child over a pipe, read with a deadline."""
 
     def __init__(self, fd: int) -> None:
-        self.fd = fd
-        self.buf = b""
+        self.fd, self.buf = fd, b""
 
     def read(self, timeout: float, what: str) -> str:
         """The next message; TimeoutError after ``timeout`` seconds, BenchError if the child closed its end."""
@@ -207,14 +189,10 @@ def _worker(body, index: int, args: tuple, out_w: int, go_r: int) -> None:
 
 
 def run_workers(count: int, body, args: tuple = (), timeout: float = 600.0) -> list:
-    """Fork ``count`` workers running ``body(index, ready, *args)``; start them together; their results.
-
-    Each worker calls ``ready()`` once connected and returns something JSON
-    can carry; the results come back in index order. BenchError (or
-    TimeoutError) if a worker fails (its traceback is on stderr), does not
-    report, or is not done ``timeout`` seconds after the start; on that path
-    every worker still running is SIGTERMed by pid. Every worker is reaped.
-    """
+    """Fork ``count`` workers running ``body(index, ready, *args)``, each calling ``ready()`` once connected
+    and returning something JSON carries; start them together; their results in index order. BenchError
+    (or TimeoutError) if one fails, does not report or is not done ``timeout`` s after the start (then
+    every worker is SIGTERMed by pid). Every worker is reaped."""
     go_r, go_w = os.pipe()
     workers: list[tuple[int, Lines]] = []
     done = False
@@ -222,13 +200,9 @@ def run_workers(count: int, body, args: tuple = (), timeout: float = 600.0) -> l
         for index in range(count):
             out_r, out_w = os.pipe()
             try:
-                pid = fork(_worker, body, index, args, out_w, go_r, close=[go_w, out_r])
-            except BaseException:
-                os.close(out_r)
-                raise
+                workers.append((fork(_worker, body, index, args, out_w, go_r, close=[go_w, out_r]), Lines(out_r)))
             finally:
                 os.close(out_w)
-            workers.append((pid, Lines(out_r)))
         for pid, lines in workers:
             if lines.read(READY_TIMEOUT, f"word from worker {pid}") != "ready":
                 raise BenchError(f"worker {pid} did not get ready")
@@ -281,15 +255,20 @@ def _group_alive(pgid: int) -> bool:
         os.killpg(pgid, 0)
     except ProcessLookupError:
         return False
-    except PermissionError:
-        pass
     return True
 
 
 def _describe_rc(rc: int | None) -> str:
-    if rc is None:
-        return "still running"
-    return f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+    return "still running" if rc is None else f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+
+
+def _answers(address, request: bytes, expect: bytes) -> bool:
+    """Whether the server at ``address`` (a Unix socket's path, or (host, port)) answers ``request`` with ``expect``."""
+    with socket.socket(socket.AF_UNIX if isinstance(address, str) else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        s.connect(address)
+        s.sendall(request)
+        return s.recv(64).startswith(expect)
 
 
 def version_of(argv: list[str], pattern: str = r"(\S+)") -> str:
@@ -318,17 +297,13 @@ class Lab:
     """A private (0700) temp dir and everything a script starts in it, each stopped by its pid in ``close()``."""
 
     def __init__(self, name: str) -> None:
-        self.tmpdir = tempfile.mkdtemp(prefix=f"clustershm-bench-{name}-")
+        self.tmpdir = tempfile.mkdtemp(prefix=f"clustershm-bench-{name}-")  # mode 0700
         self.servers: dict[str, subprocess.Popen] = {}
         self.ended: dict[str, dict] = {}  # server name -> how it ended (see stop)
         self.cleanups: list = []  # callables returning warnings, run first by close()
-        self.manager_pid: int | None = None
-        self.address: str | None = None
-        self.secret: bytes | None = None
+        self.versions: dict[str, str] = {}  # server name -> version
+        self.manager_pid = self.address = self.secret = self.redis_path = self.memcached_port = None
         self.configured = False
-        self.redis_path: str | None = None
-        self.memcached_port: int | None = None
-        self.versions: dict[str, str] = {}
 
     def path(self, name: str) -> str:
         return os.path.join(self.tmpdir, name)
@@ -362,16 +337,9 @@ class Lab:
         in the temp dir; return its Popen once ``probe()`` is true (an OSError counts as not yet)."""
         with open(self.path(f"{name}.log"), "wb") as out:
             try:
-                proc = subprocess.Popen(
-                    argv,
-                    stdin=subprocess.DEVNULL,
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    cwd=cwd or self.tmpdir,
-                    env=env,
-                    start_new_session=True,
-                    preexec_fn=die_with_parent,  # noqa: PLW1509 - servers start before any thread
-                )
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        cwd=cwd or self.tmpdir, env=env, start_new_session=True,
+                                        preexec_fn=die_with_parent)  # noqa: PLW1509 - no threads yet  # fmt: skip
             except OSError as exc:
                 raise BenchError(f"cannot start {argv[0]}: {exc}") from exc
         self.servers[name] = proc
@@ -428,38 +396,21 @@ class Lab:
     def start_redis(self) -> str:
         """redis-server on a Unix socket in the temp dir only (no TCP), no persistence; the socket's path."""
         need(binaries=["redis-server"])
-        path = self.path("redis.sock")
-
-        def probe() -> bool:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
-                s.settimeout(1.0)
-                s.connect(path)
-                s.sendall(b"PING\r\n")
-                return s.recv(64).startswith(b"+PONG")
-
+        path = self.redis_path = self.path("redis.sock")
         argv = ["redis-server", "--port", "0", "--unixsocket", path, "--unixsocketperm", "700", "--save", "",
                 "--appendonly", "no", "--dir", self.tmpdir, "--daemonize", "no"]  # fmt: skip
-        self.spawn("redis-server", argv, probe)
+        self.spawn("redis-server", argv, lambda: _answers(path, b"PING\r\n", b"+PONG"))
         self.versions["redis-server"] = version_of(["redis-server", "--version"], r"v=(\S+)")
-        self.redis_path = path
         return path
 
     def start_memcached(self) -> int:
         """memcached on 127.0.0.1 and a free port, no UDP; the port."""
         need(binaries=["memcached"])
-        port = free_port()
+        port = self.memcached_port = free_port()
         argv = ["memcached", "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "64"]
-        if os.geteuid() == 0:  # memcached refuses to run as root without -u
-            argv += ["-u", "root"]
-
-        def probe() -> bool:
-            with socket.create_connection(("127.0.0.1", port), timeout=1.0) as s:
-                s.sendall(b"version\r\n")
-                return s.recv(64).startswith(b"VERSION")
-
-        self.spawn("memcached", argv, probe)
+        argv += ["-u", "root"] if os.geteuid() == 0 else []  # memcached refuses to run as root without -u
+        self.spawn("memcached", argv, lambda: _answers(("127.0.0.1", port), b"version\r\n", b"VERSION"))
         self.versions["memcached"] = version_of(["memcached", "-V"], r"memcached (\S+)")
-        self.memcached_port = port
         return port
 
     def close(self) -> list[str]:
@@ -505,13 +456,9 @@ def gc_paused():
 
 
 def time_interleaved(ops: dict, n: int, warmup: int, block: int, pause: dict | None = None) -> dict:
-    """Time every zero-argument callable of ``ops`` (name -> fn) ``n`` times; name -> list of seconds.
-
-    ``warmup`` untimed calls of each first; then blocks of ``block`` calls of
-    every operation in turn until each has ``n``, the garbage collector
-    paused. ``pause`` (name -> pid) names a process to SIGSTOP while that
-    operation is timed (SIGCONT after).
-    """
+    """Time each zero-argument callable of ``ops`` (name -> fn) ``n`` times, after ``warmup`` untimed calls,
+    in blocks of ``block`` calls of every one in turn, the garbage collector paused; name -> seconds.
+    ``pause`` (name -> pid) names a process to SIGSTOP while that operation is timed."""
     for fn in ops.values():
         for _ in range(warmup):
             fn()
@@ -572,15 +519,12 @@ def ratio(a, b) -> float | None:
 
 def fmt(x, digits: int = 1) -> str:
     """A figure for a Markdown cell: "-" for None, thousands separators from 1000 on."""
-    if x is None:
-        return "-"
-    return f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.{digits}f}"
+    return "-" if x is None else f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.{digits}f}"
 
 
 def fmt_x(a, b) -> str:
     """``a / b`` as "1.23x", or "n/a"."""
-    r = ratio(a, b)
-    return "n/a" if r is None else f"{r:.2f}x"
+    return "n/a" if (r := ratio(a, b)) is None else f"{r:.2f}x"
 
 
 def table(header: list[str], rows: list[list], align: str | None = None) -> str:
@@ -599,25 +543,18 @@ def target(text: str, value: float | None, limit: float, at_least: bool = False,
     return f"- {'PASS' if met else 'FAIL'}: {text}", {"value": value, "min" if at_least else "max": limit, "met": met}
 
 
-def _int(low: int):
-    def parse(text: str) -> int:
-        value = int(text)
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be >= {low}")
+def _at_least(cast, low, strict: bool = False):
+    def parse(text: str):
+        value = cast(text)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}")
         return value
 
     return parse
 
 
-count, count0 = _int(1), _int(0)  # argparse types: an int >= 1, an int >= 0
-
-
-def seconds(text: str) -> float:
-    """argparse type: a duration > 0."""
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError("must be > 0")
-    return value
+# argparse types: an int >= 1, an int >= 0, a duration > 0
+count, count0, seconds = _at_least(int, 1), _at_least(int, 0), _at_least(float, 0, strict=True)
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
