@@ -167,6 +167,7 @@ class MultiProcessing(Backend):
 
 def _syncmanager_init() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C goes to the script, which shuts it down
+    lab.die_with_parent()
 
 
 def start_syncmanager(bench: lab.Lab):
