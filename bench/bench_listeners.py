@@ -153,7 +153,7 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=lab.count, default=5000, help="timed events per system (default 5000)")
     p.add_argument("--warmup", type=lab.count0, default=200, help="untimed events per system first (default 200)")
     args = lab.parse(p, argv, quick={"n": 500, "warmup": 50})
-    lab.need(modules=["redis"])
+    lab.need(binaries=["redis-server"], modules=["redis"])
     import redis
 
     started = time.perf_counter()

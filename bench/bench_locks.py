@@ -435,7 +435,8 @@ def main(argv=None) -> int:
     p.add_argument("--only", metavar="NAME[,NAME]", help=f"run a subset of: {','.join(LABELS)}")
     args = lab.parse(p, argv, quick={"n": 500, "warmup": 50, "seconds": 0.5, "rounds": 1, "trials": 2})
     selected = lab.only(p, args.only, LABELS)
-    lab.need(modules=[m for n, m in (("redis", "redis"), ("diskcache", "diskcache")) if n in selected])
+    lab.need(binaries=["redis-server"] if "redis" in selected else [],
+             modules=[m for n, m in (("redis", "redis"), ("diskcache", "diskcache")) if n in selected])  # fmt: skip
 
     started = time.perf_counter()
     bench = lab.Lab("locks")
