@@ -67,11 +67,13 @@ def compare(values: dict, better: dict) -> tuple[list[list], dict]:
         b, a = (lab.rounds(values[side][name]) if values[side].get(name) else None for side in ("before", "after"))
         r = lab.ratio(a and a["median"], b and b["median"])
         change = "n/a"
-        if r is not None:
+        if r is not None and min(len(b["values"]), len(a["values"])) < 2:
+            change = "n/a (one round: no spread)"
+        elif r is not None:
             noise = max(b["spread"] or 0.0, a["spread"] or 0.0)
             up = r > 1 if direction == "higher" else r < 1
             change = "within the spread" if abs(r - 1) <= noise else ("better" if up else "worse")
-        cells = [[lab.fmt(s and s["median"]), "-" if not s or s["spread"] is None else f"{s['spread']:.0%}"]
+        cells = [[lab.fmt(s and s["median"], 2), "-" if not s or s["spread"] is None else f"{s['spread']:.0%}"]
                  for s in (b, a)]  # fmt: skip
         rows.append([f"{name} ({direction} is better)", *cells[0], *cells[1],
                      "n/a" if r is None else f"{r:.3f}", change])  # fmt: skip
