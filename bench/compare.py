@@ -17,8 +17,8 @@ the headline figures need (``--peers``: every peer, for the scripts' full
 reports in ``--keep DIR``); ``--quick`` and ``--args NAME=OPTIONS`` go to the
 scripts. For each headline figure the table gives the median over the
 rounds and the spread ((max - min) / median) for before and after, after /
-before, and whether the change is beyond both spreads; ``--json PATH`` also
-writes every round's figures.
+before, and "better"/"worse" only where the two trees' ranges over the
+rounds do not overlap; ``--json PATH`` also writes every round's figures.
 """
 
 from __future__ import annotations
@@ -70,9 +70,9 @@ def compare(values: dict, better: dict) -> tuple[list[list], dict]:
         if r is not None and min(len(b["values"]), len(a["values"])) < 2:
             change = "n/a (one round: no spread)"
         elif r is not None:
-            noise = max(b["spread"] or 0.0, a["spread"] or 0.0)
             up = r > 1 if direction == "higher" else r < 1
-            change = "within the spread" if abs(r - 1) <= noise else ("better" if up else "worse")
+            apart = a["max"] < b["min"] or a["min"] > b["max"]
+            change = ("better" if up else "worse") if apart else "ranges overlap"
         cells = [[lab.fmt(s and s["median"], 2), "-" if not s or s["spread"] is None else f"{s['spread']:.0%}"]
                  for s in (b, a)]  # fmt: skip
         rows.append([f"{name} ({direction} is better)", *cells[0], *cells[1],

@@ -39,11 +39,24 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-try:
-    import django_clustershm as clustershm
-except ImportError:  # a checkout where the package is neither installed nor on PYTHONPATH
-    sys.path.insert(0, ROOT)
-    import django_clustershm as clustershm
+
+
+def package():
+    """django_clustershm, imported on first use (``from lab import clustershm`` too): compare.py,
+    which only runs the scripts, works whatever state the package it would import is in."""
+    try:
+        import django_clustershm
+    except ImportError:  # a checkout where the package is neither installed nor on PYTHONPATH
+        sys.path.insert(0, ROOT)
+        import django_clustershm
+    return django_clustershm
+
+
+def __getattr__(name: str):
+    if name == "clustershm":
+        return package()
+    raise AttributeError(f"module 'lab' has no attribute {name!r}")
+
 
 REAP_TIMEOUT = 10.0  # seconds a process may take to exit before it is SIGKILLed
 READY_TIMEOUT = 60.0  # seconds a forked child may take to connect and report
@@ -233,7 +246,7 @@ def run_workers(count: int, body, args: tuple = (), timeout: float = 600.0) -> l
 def _manager_child(address: str, secret: bytes, ready_w: int) -> None:
     """Body of the Manager process: create the Manager here (it belongs to its creator), serve until SIGTERM."""
     stop_on_sigterm()
-    manager = clustershm.Manager(address, secret)
+    manager = package().Manager(address, secret)
     try:
         send(ready_w, "ok")
         manager.serve_forever()  # shuts the Manager down in its own finally clause when Stop interrupts it
@@ -327,9 +340,9 @@ class Lab:
             self.configure()
 
     def configure(self) -> None:
-        clustershm.configure(self.address, self.secret)  # inherited by every process forked from here on
+        package().configure(self.address, self.secret)  # inherited by every process forked from here on
         self.configured = True
-        if not clustershm.ping():
+        if not package().ping():
             raise BenchError("the Manager does not answer")
 
     def spawn(self, name: str, argv: list[str], probe, env=None, cwd=None, timeout: float = 30.0):
@@ -420,7 +433,7 @@ class Lab:
             warnings += cleanup()
         self.cleanups.clear()
         if self.configured:
-            clustershm.configure(None)  # closes this process's connection before the Manager goes
+            package().configure(None)  # closes this process's connection before the Manager goes
             self.configured = False
         if self.manager_pid is not None:
             status = reap(self.manager_pid, term=True)
@@ -605,7 +618,7 @@ def environment() -> dict:
         "platform": platform.platform(),
         "cpus": os.cpu_count(),
         "allowed_cpus": sorted(os.sched_getaffinity(0)),
-        "package": os.path.dirname(os.path.abspath(clustershm.__file__)),
+        "package": os.path.dirname(os.path.abspath(package().__file__)),
         "packages": package_versions("django", "redis", "hiredis", "pymemcache", "diskcache", "gunicorn"),
     }
 
