@@ -1,0 +1,663 @@
+"""The lab every benchmark script in this directory shares (not a benchmark itself).
+
+The scripts import it as ``lab`` and use only the package's stable public API
+(``import django_clustershm as clustershm``: Manager, configure, connect,
+get/set..., Lock, listen, stats, near_stats, the Django backend's path), so the
+same scripts measure any tree that has it: put the tree first on PYTHONPATH
+(compare.py does); every JSON report names the package directory it imported.
+
+Here once for all: ``fork``/``reap`` by pid, ``Lines`` over pipes and
+``run_workers`` (N forked workers started together, one JSON result each);
+``Lab``, a private temp dir with the Manager in a forked child, redis-server on
+a Unix socket, memcached on 127.0.0.1 and any other server, each stopped by its
+pid; ``time_interleaved`` (blocks of every operation in turn, the garbage
+collector paused); ``summary`` (median, p90, p99 by nearest rank), ``rounds``
+(median and spread over rounds), ``ratio``; ``table``, ``target``, ``--json``
+and ``--quick`` (``parser``/``parse``), and ``finish``, which prints the report
+and writes the JSON with the headline figures compare.py reads.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import gc
+import json
+import math
+import os
+import platform
+import re
+import select
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def package():
+    """django_clustershm, imported on first use (``from lab import clustershm`` too): compare.py,
+    which only runs the scripts, works whatever state the package it would import is in."""
+    try:
+        import django_clustershm
+    except ImportError:  # a checkout where the package is neither installed nor on PYTHONPATH
+        sys.path.insert(0, ROOT)
+        import django_clustershm
+    return django_clustershm
+
+
+def __getattr__(name: str):
+    if name == "clustershm":
+        return package()
+    raise AttributeError(f"module 'lab' has no attribute {name!r}")
+
+
+REAP_TIMEOUT = 10.0  # seconds a process may take to exit before it is SIGKILLed
+READY_TIMEOUT = 60.0  # seconds a forked child may take to connect and report
+
+
+def log(msg: str) -> None:
+    """Progress goes to stderr; stdout carries only the Markdown report."""
+    print(msg, file=sys.stderr, flush=True)
+
+
+class BenchError(Exception):
+    """The benchmark cannot go on (a missing tool, a server that does not start, a child that failed)."""
+
+
+class Stop(BaseException):
+    """Raised by a child's SIGTERM handler (``stop_on_sigterm``) to leave its loop cleanly."""
+
+
+def stop_on_sigterm() -> None:
+    def handler(signum, frame):
+        raise Stop
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+# -- processes -----------------------------------------------------------------------
+
+
+def die_with_parent() -> None:
+    """SIGTERM this process if the script dies without cleaning up (Linux's PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(OSError, AttributeError):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
+
+
+def fork(body, *args, close=()) -> int:
+    """Fork a child that runs ``body(*args)`` and leaves with os._exit (0, or 1 after printing the exception).
+    It ignores Ctrl-C (the script stops it by pid), gets SIGTERM if the script dies, and first closes
+    the descriptors ``close`` (the parent's ends of its pipes)."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid:
+        return pid
+    status = 1
+    try:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        die_with_parent()
+        for fd in close:
+            os.close(fd)
+        body(*args)
+        status = 0
+    except BaseException:  # noqa: BLE001 - a child reports any failure through its exit status
+        traceback.print_exc()
+    finally:
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        finally:
+            os._exit(status)
+
+
+def reap(pid: int, timeout: float = REAP_TIMEOUT, term: bool = False) -> int | None:
+    """Wait for child ``pid`` (SIGTERM it first if ``term``), SIGKILL it by pid if it lingers; its wait status."""
+    if term:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            done, status = os.waitpid(pid, os.WNOHANG)
+        except ChildProcessError:
+            return None
+        if done:
+            return status
+        if time.monotonic() >= deadline:
+            break
+        time.sleep(0.005)
+    log(f"child {pid} did not exit within {timeout:g}s; killing it")
+    with contextlib.suppress(ProcessLookupError, ChildProcessError):
+        os.kill(pid, signal.SIGKILL)
+        return os.waitpid(pid, 0)[1]
+    return None
+
+
+def describe(status: int | None) -> str:
+    """A wait status in words."""
+    if status is None:
+        return "unknown (already reaped)"
+    if os.WIFSIGNALED(status):
+        return f"killed by signal {os.WTERMSIG(status)}"
+    return f"exit code {os.WEXITSTATUS(status)}" if os.WIFEXITED(status) else f"wait status {status}"
+
+
+def exited_ok(status: int | None) -> bool:
+    return status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+
+
+def killed_by(status: int | None, sig: int) -> bool:
+    return status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == sig
+
+
+def send(fd: int, msg: str) -> None:
+    """One newline-terminated message into a pipe."""
+    data = msg.encode() + b"\n"
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+class Lines:
+    """Newline-terminated messages from a child over a pipe, read with a deadline."""
+
+    def __init__(self, fd: int) -> None:
+        self.fd, self.buf = fd, b""
+
+    def read(self, timeout: float, what: str) -> str:
+        """The next message; TimeoutError after ``timeout`` seconds, BenchError if the child closed its end."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.fd], [], [], left)[0]:
+                raise TimeoutError(f"no {what} within {timeout:g}s")
+            chunk = os.read(self.fd, 65536)
+            if not chunk:
+                raise BenchError(f"the child exited before sending {what} (see stderr)")
+            self.buf += chunk
+        line, self.buf = self.buf.split(b"\n", 1)
+        return line.decode()
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+def _worker(body, index: int, args: tuple, out_w: int, go_r: int) -> None:
+    def ready() -> None:
+        """Tell the parent this worker is connected, then wait for the common start."""
+        send(out_w, "ready")
+        os.read(go_r, 1)  # EOF when the parent closes its end: the start signal
+
+    send(out_w, json.dumps(body(index, ready, *args)))
+
+
+def run_workers(count: int, body, args: tuple = (), timeout: float = 600.0) -> list:
+    """Fork ``count`` workers running ``body(index, ready, *args)``, each calling ``ready()`` once connected
+    and returning something JSON carries; start them together; their results in index order. BenchError
+    (or TimeoutError) if one fails, does not report or is not done ``timeout`` s after the start (then
+    every worker is SIGTERMed by pid). Every worker is reaped."""
+    go_r, go_w = os.pipe()
+    workers: list[tuple[int, Lines]] = []
+    done = False
+    try:
+        for index in range(count):
+            out_r, out_w = os.pipe()
+            try:
+                workers.append((fork(_worker, body, index, args, out_w, go_r, close=[go_w, out_r]), Lines(out_r)))
+            finally:
+                os.close(out_w)
+        for pid, lines in workers:
+            if lines.read(READY_TIMEOUT, f"word from worker {pid}") != "ready":
+                raise BenchError(f"worker {pid} did not get ready")
+        os.close(go_w)
+        go_w = -1
+        deadline = time.monotonic() + timeout
+        results = [
+            json.loads(lines.read(deadline - time.monotonic(), f"result of worker {pid}")) for pid, lines in workers
+        ]
+        done = True
+    finally:
+        for fd in (go_w, go_r):
+            if fd >= 0:
+                os.close(fd)
+        statuses = []
+        for pid, lines in workers:
+            lines.close()
+            statuses.append((pid, reap(pid, timeout=REAP_TIMEOUT if done else 2.0, term=not done)))
+    bad = [(pid, status) for pid, status in statuses if not exited_ok(status)]
+    if bad:
+        raise BenchError(f"{len(bad)} of {count} workers failed; worker {bad[0][0]}: {describe(bad[0][1])}")
+    return results
+
+
+# -- the lab: a temp dir, the Manager, the servers -------------------------------------
+
+
+def _manager_child(address: str, secret: bytes, ready_w: int) -> None:
+    """Body of the Manager process: create the Manager here (it belongs to its creator), serve until SIGTERM."""
+    stop_on_sigterm()
+    manager = package().Manager(address, secret)
+    try:
+        send(ready_w, "ok")
+        manager.serve_forever()  # shuts the Manager down in its own finally clause when Stop interrupts it
+    except Stop:
+        pass
+    finally:
+        manager.close()  # removes the socket file
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _describe_rc(rc: int | None) -> str:
+    return "still running" if rc is None else f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
+
+
+def _answers(address, request: bytes, expect: bytes) -> bool:
+    """Whether the server at ``address`` (a Unix socket's path, or (host, port)) answers ``request`` with ``expect``."""
+    with socket.socket(socket.AF_UNIX if isinstance(address, str) else socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        s.connect(address)
+        s.sendall(request)
+        return s.recv(64).startswith(expect)
+
+
+def version_of(argv: list[str], pattern: str = r"(\S+)") -> str:
+    """The first match of ``pattern`` in what a ``--version``-like command prints, or "?"."""
+    try:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10, stdin=subprocess.DEVNULL, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return "?"
+    found = re.search(pattern, done.stdout + done.stderr)
+    return found.group(1) if found else "?"
+
+
+def need(binaries=(), modules=()) -> None:
+    """BenchError naming every missing server binary and Python package, with how to install it."""
+    problems = [f"'{b}' is not on the PATH (apt-get install -y {b})" for b in binaries if not shutil.which(b)]
+    for module in modules:
+        try:
+            __import__(module)
+        except ImportError:
+            problems.append(f"the Python package '{module}' is missing (pip install -e '.[bench]')")
+    if problems:
+        raise BenchError("; ".join(problems))
+
+
+class Lab:
+    """A private (0700) temp dir and everything a script starts in it, each stopped by its pid in ``close()``."""
+
+    def __init__(self, name: str) -> None:
+        self.tmpdir = tempfile.mkdtemp(prefix=f"clustershm-bench-{name}-")  # mode 0700
+        self.servers: dict[str, subprocess.Popen] = {}
+        self.ended: dict[str, dict] = {}  # server name -> how it ended (see stop)
+        self.cleanups: list = []  # callables returning warnings, run first by close()
+        self.versions: dict[str, str] = {}  # server name -> version
+        self.manager_pid = self.address = self.secret = self.redis_path = self.memcached_port = None
+        self.configured = False
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.tmpdir, name)
+
+    def start_manager(self, configure: bool = True) -> None:
+        """Fork the Manager serving on a socket in the temp dir; with ``configure``, point this
+        process (and every child forked from here on) at it."""
+        address, secret = self.path("manager.sock"), os.urandom(32)
+        ready_r, ready_w = os.pipe()
+        try:
+            self.manager_pid = fork(_manager_child, address, secret, ready_w, close=[ready_r])
+        finally:
+            os.close(ready_w)
+        lines = Lines(ready_r)
+        try:
+            lines.read(READY_TIMEOUT, "word that the Manager started")
+        finally:
+            lines.close()
+        self.address, self.secret = address, secret
+        if configure:
+            self.configure()
+
+    def configure(self) -> None:
+        package().configure(self.address, self.secret)  # inherited by every process forked from here on
+        self.configured = True
+        if not package().ping():
+            raise BenchError("the Manager does not answer")
+
+    def spawn(self, name: str, argv: list[str], probe, env=None, cwd=None, timeout: float = 30.0):
+        """Start server ``name`` in its own session (its pid is its process group), output to NAME.log
+        in the temp dir; return its Popen once ``probe()`` is true (an OSError counts as not yet)."""
+        with open(self.path(f"{name}.log"), "wb") as out:
+            try:
+                proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+                                        cwd=cwd or self.tmpdir, env=env, start_new_session=True,
+                                        preexec_fn=die_with_parent)  # noqa: PLW1509 - no threads yet  # fmt: skip
+            except OSError as exc:
+                raise BenchError(f"cannot start {argv[0]}: {exc}") from exc
+        self.servers[name] = proc
+        deadline = time.monotonic() + timeout
+        while True:
+            self.check(name)
+            with contextlib.suppress(OSError):
+                if probe():
+                    return proc
+            if time.monotonic() > deadline:
+                raise BenchError(f"{name} did not get ready within {timeout:g}s; its log ends:\n{self.log_tail(name)}")
+            time.sleep(0.05)
+
+    def check(self, name: str) -> None:
+        """BenchError if server ``name`` has exited."""
+        proc = self.servers[name]
+        if proc.poll() is not None:
+            raise BenchError(f"{name} exited ({_describe_rc(proc.returncode)}); its log ends:\n{self.log_tail(name)}")
+
+    def log_tail(self, name: str, size: int = 3000) -> str:
+        try:
+            with open(self.path(f"{name}.log"), "rb") as fh:
+                return fh.read()[-size:].decode(errors="replace").strip()
+        except OSError:
+            return "(no log)"
+
+    def stop(self, name: str, timeout: float = REAP_TIMEOUT) -> list[str]:
+        """SIGTERM server ``name`` by pid and wait; SIGKILL its process group only if it does not exit
+        in time or leaves processes in it. Its warnings; ``self.ended[name]`` says how it ended."""
+        proc = self.servers.pop(name)
+        warnings, killed = [], False
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                warnings.append(f"{name} (pid {proc.pid}) ignored SIGTERM for {timeout:g}s; killed")
+                killed = True
+        deadline = time.monotonic() + 5.0  # members of its group (workers) exiting after it
+        while _group_alive(proc.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        leftovers = _group_alive(proc.pid)
+        if leftovers or killed:
+            if leftovers and not killed:
+                warnings.append(f"{name} left processes in its process group {proc.pid}; killed")
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+        rc = proc.wait(5)
+        if rc != 0 and not killed:
+            warnings.append(f"{name} (pid {proc.pid}) ended with {_describe_rc(rc)}")
+        self.ended[name] = {"returncode": rc, "killed": killed, "leftovers": leftovers}
+        return warnings
+
+    def start_redis(self) -> str:
+        """redis-server on a Unix socket in the temp dir only (no TCP), no persistence; the socket's path."""
+        need(binaries=["redis-server"])
+        path = self.redis_path = self.path("redis.sock")
+        argv = ["redis-server", "--port", "0", "--unixsocket", path, "--unixsocketperm", "700", "--save", "",
+                "--appendonly", "no", "--dir", self.tmpdir, "--daemonize", "no"]  # fmt: skip
+        self.spawn("redis-server", argv, lambda: _answers(path, b"PING\r\n", b"+PONG"))
+        self.versions["redis-server"] = version_of(["redis-server", "--version"], r"v=(\S+)")
+        return path
+
+    def start_memcached(self) -> int:
+        """memcached on 127.0.0.1 and a free port, no UDP; the port."""
+        need(binaries=["memcached"])
+        port = self.memcached_port = free_port()
+        argv = ["memcached", "-l", "127.0.0.1", "-p", str(port), "-U", "0", "-m", "64"]
+        argv += ["-u", "root"] if os.geteuid() == 0 else []  # memcached refuses to run as root without -u
+        self.spawn("memcached", argv, lambda: _answers(("127.0.0.1", port), b"version\r\n", b"VERSION"))
+        self.versions["memcached"] = version_of(["memcached", "-V"], r"memcached (\S+)")
+        return port
+
+    def close(self) -> list[str]:
+        """Stop everything this lab started, by pid, and remove the temp dir; log and return the warnings."""
+        warnings = []
+        for cleanup in reversed(self.cleanups):
+            warnings += cleanup()
+        self.cleanups.clear()
+        if self.configured:
+            package().configure(None)  # closes this process's connection before the Manager goes
+            self.configured = False
+        if self.manager_pid is not None:
+            status = reap(self.manager_pid, term=True)
+            if not exited_ok(status):
+                warnings.append(f"the Manager (pid {self.manager_pid}) ended with {describe(status)}")
+            elif os.path.exists(self.address or ""):
+                warnings.append("the Manager left its socket behind")
+            self.manager_pid = None
+        for name in list(self.servers):
+            warnings += self.stop(name)
+        shutil.rmtree(self.tmpdir, ignore_errors=True)
+        if os.path.exists(self.tmpdir):
+            warnings.append(f"could not remove {self.tmpdir}")
+        for warning in warnings:
+            log(f"warning: {warning}")
+        return warnings
+
+
+# -- timing and statistics ------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def gc_paused():
+    """Collect, then keep the garbage collector off for the block (restored as it was)."""
+    gc.collect()
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def time_interleaved(ops: dict, n: int, warmup: int, block: int, pause: dict | None = None) -> dict:
+    """Time each zero-argument callable of ``ops`` (name -> fn) ``n`` times, after ``warmup`` untimed calls,
+    in blocks of ``block`` calls of every one in turn, the garbage collector paused; name -> seconds.
+    ``pause`` (name -> pid) names a process to SIGSTOP while that operation is timed."""
+    for fn in ops.values():
+        for _ in range(warmup):
+            fn()
+    samples: dict[str, list] = {name: [] for name in ops}
+    clock = time.perf_counter
+    with gc_paused():
+        remaining = n
+        while remaining > 0:
+            count = min(block, remaining)
+            for name, fn in ops.items():
+                other = (pause or {}).get(name)
+                if other:
+                    os.kill(other, signal.SIGSTOP)
+                append = samples[name].append
+                try:
+                    for _ in range(count):
+                        t0 = clock()
+                        fn()
+                        append(clock() - t0)
+                finally:
+                    if other:
+                        os.kill(other, signal.SIGCONT)
+            remaining -= count
+    return samples
+
+
+def rank(sorted_values: list, q: float):
+    """Nearest-rank percentile of an already sorted list."""
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def summary(values, scale: float = 1e6) -> dict:
+    """Median, p90, p99 (nearest rank), min and max of ``values`` times ``scale`` (seconds -> µs by
+    default), and their count; None for each figure of an empty list."""
+    v = sorted(values)
+    figures = {"median_us": statistics.median, "p90_us": lambda v: rank(v, 0.90), "p99_us": lambda v: rank(v, 0.99),
+               "min_us": lambda v: v[0], "max_us": lambda v: v[-1]}  # fmt: skip
+    return {**{k: f(v) * scale if v else None for k, f in figures.items()}, "n": len(v)}
+
+
+def summarise(samples: dict, scale: float = 1e6) -> dict:
+    return {name: summary(values, scale) for name, values in samples.items()}
+
+
+def rounds(values: list) -> dict:
+    """Per-round figures: their median, range and spread ((max - min) / median)."""
+    median = statistics.median(values)
+    spread = (max(values) - min(values)) / median if median else None
+    return {"median": median, "min": min(values), "max": max(values), "spread": spread, "values": list(values)}
+
+
+def ratio(a, b) -> float | None:
+    return a / b if a is not None and b else None
+
+
+# -- the report -----------------------------------------------------------------------
+
+
+def fmt(x, digits: int = 1) -> str:
+    """A figure for a Markdown cell: "-" for None, thousands separators from 1000 on."""
+    return "-" if x is None else f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.{digits}f}"
+
+
+def fmt_x(a, b) -> str:
+    """``a / b`` as "1.23x", or "n/a"."""
+    return "n/a" if (r := ratio(a, b)) is None else f"{r:.2f}x"
+
+
+def table(header: list[str], rows: list[list], align: str | None = None) -> str:
+    """A Markdown table; ``align`` one letter per column, l or r (default: the first left, the rest right)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def target(text: str, value: float | None, limit: float, at_least: bool = False, ok: bool = True) -> tuple[str, dict]:
+    """A design target as a PASS/FAIL line and its JSON: ``value`` (a ratio or a figure) at most
+    ``limit``, or at least with ``at_least``, and ``ok``; a None value is not evaluated."""
+    if value is None:
+        return f"- not evaluated: {text}", {"value": None, "met": None}
+    met = ok and (value >= limit if at_least else value <= limit)
+    return f"- {'PASS' if met else 'FAIL'}: {text}", {"value": value, "min" if at_least else "max": limit, "met": met}
+
+
+def _at_least(cast, low, strict: bool = False):
+    def parse(text: str):
+        value = cast(text)
+        if value < low or (strict and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if strict else '>='} {low}")
+        return value
+
+    return parse
+
+
+# argparse types: an int >= 1, an int >= 0, a duration > 0
+count, count0, seconds = _at_least(int, 1), _at_least(int, 0), _at_least(float, 0, strict=True)
+
+
+def parser(doc: str) -> argparse.ArgumentParser:
+    """The script's argument parser, with ``--json PATH`` and ``--quick``."""
+    p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
+    p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (figures are not meaningful)")
+    return p
+
+
+def parse(p: argparse.ArgumentParser, argv, quick: dict) -> argparse.Namespace:
+    """Parse ``argv``; with --quick, the ``quick`` values become the defaults (explicit options still win)."""
+    args = p.parse_args(argv)
+    if args.quick:
+        p.set_defaults(**quick)
+        args = p.parse_args(argv)
+    return args
+
+
+def only(p: argparse.ArgumentParser, value: str | None, names) -> list[str]:
+    """The names of a comma-separated ``--only`` value, in the order of ``names`` (all of them if empty)."""
+    if not value:
+        return list(names)
+    chosen = [n.strip().lower() for n in value.split(",") if n.strip()]
+    unknown = [n for n in chosen if n not in names]
+    if unknown or not chosen:
+        p.error(f"--only: unknown name(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(names)}")
+    return [n for n in names if n in chosen]
+
+
+def package_versions(*dists: str) -> dict:
+    """name -> installed version (None if not installed)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for dist in dists:
+        try:
+            out[dist] = version(dist)
+        except PackageNotFoundError:
+            out[dist] = None
+    return out
+
+
+def environment() -> dict:
+    """What the JSON report says about the machine and the package under test."""
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "allowed_cpus": sorted(os.sched_getaffinity(0)),
+        "package": os.path.dirname(os.path.abspath(package().__file__)),
+        "packages": package_versions("django", "redis", "hiredis", "pymemcache", "diskcache", "gunicorn"),
+    }
+
+
+def header(what: str, servers: dict | None = None) -> str:
+    """The report's first line: what ran, and on what."""
+    env = environment()
+    pk = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
+    srv = "".join(f", {k} {v}" for k, v in (servers or {}).items())
+    return (f"{what}. Python {env['python']}, {env['cpus']} CPUs (allowed: {env['allowed_cpus']}), {pk}{srv}; "
+            f"django_clustershm from {env['package']}")  # fmt: skip
+
+
+def headline(value, better: str) -> dict:
+    """A headline figure for compare.py: its value and whether "higher" or "lower" is better."""
+    return {"value": value, "better": better}
+
+
+def finish(args, name: str, text: list[str], report: dict, headlines: dict) -> None:
+    """Print the report's parts; with --json, write them with the environment and the headline figures."""
+    print("\n\n".join(text))
+    if args.json:
+        data = {"benchmark": name, **environment(), "args": vars(args), "headline": headlines, **report}
+        os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+        with open(args.json, "w") as fh:
+            json.dump(data, fh, indent=2)
+            fh.write("\n")
+
+
+def run(main) -> None:
+    """Run ``main()`` as the script: its result is the exit status. SIGTERM and Ctrl-C end it through
+    the finally clauses (which stop what it started); BenchError or TimeoutError: status 2."""
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    name = os.path.basename(sys.argv[0])
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        log(f"{name}: interrupted; everything it started has been stopped")
+        sys.exit(130)
+    except (BenchError, TimeoutError) as exc:
+        log(f"{name}: cannot go on: {exc}")
+        sys.exit(2)
