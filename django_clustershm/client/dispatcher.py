@@ -210,12 +210,13 @@ class Dispatcher:
         fork, a reconnection, a cut-off), events may have been missed in
         between: ``on_resync()`` lets the owner reload what it mirrors."""
         handle.subscriptions += 1
-        handle.subscribed.set()
         if handle.subscriptions > 1 and handle.on_resync is not None and handle.error is None:
             try:
                 handle.on_resync()
             except Exception:
                 logger.exception("on_resync of %r raised", handle)
+        # Only now: a forked worker serves no request before its mirrors are reloaded.
+        handle.subscribed.set()
 
     def _dispatch(self, sub_id: int, ns: str, key, event: int, value) -> None:
         handle = self.handles.get(sub_id)
