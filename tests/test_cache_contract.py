@@ -36,9 +36,11 @@ All rights reserved. Django is distributed under the BSD 3-clause license:
     OTHERWISE) ARISING IN ANY WAY OUT OF THE USE OF THIS SOFTWARE, EVEN IF
     ADVISED OF THE POSSIBILITY OF SUCH DAMAGE.
 
-Two concrete classes run the mixin: ``ClusterShmCacheTests`` (our backend) and
-``LocMemReferenceTests`` (Django's ``LocMemCache``, which validates the port:
-it must pass in full).
+Four concrete classes run the mixin: our backend on each transport,
+``ClusterShmCacheTests`` (embedded), ``ClusterShmCacheSocketTests`` (a Manager
+in another process) and ``ClusterShmCacheNearTests`` (the same, every alias
+reading through a near cache), and ``LocMemReferenceTests`` (Django's
+``LocMemCache``, which validates the port: it must pass in full).
 
 Dropped tests: none. All 62 test methods of ``BaseCacheTests`` are here,
 including the three that need the ``Poll`` model (pickling model instances and
@@ -88,7 +90,9 @@ from django.middleware.cache import FetchFromCacheMiddleware, UpdateCacheMiddlew
 from django.test import RequestFactory, TestCase, override_settings
 from django.utils import timezone
 
-from .helpers import wait_until
+from django_clustershm import registry
+
+from .helpers import ManagerProcess, wait_until
 
 # --- Django's tests/cache/models.py ------------------------------------------
 
@@ -1208,7 +1212,69 @@ class BaseCacheTests:
     )
 )
 class ClusterShmCacheTests(BaseCacheTests, TestCase):
-    pass
+    """On the embedded transport (no cluster: the default of a test suite)."""
+
+
+class _OnACluster:
+    """The same contract over the socket transport: a Manager in its own
+    process, which this process is pointed at before every test."""
+
+    @classmethod
+    def setUpClass(cls):
+        cls.manager_process = ManagerProcess().start()
+        super().setUpClass()
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        registry.configure(None)
+        cls.manager_process.cleanup()
+
+    def setUp(self):
+        registry.configure(self.manager_process.address, self.manager_process.secret)
+        super().setUp()
+
+
+@override_settings(
+    CACHES=caches_setting_for_tests(
+        BACKEND="django_clustershm.cache.ClusterShmCache",
+        LOCATION="cache-contract-clustershm",
+    )
+)
+class ClusterShmCacheSocketTests(_OnACluster, BaseCacheTests, TestCase):
+    """Over the socket transport."""
+
+
+def _with_near_cache(setting):
+    for params in setting.values():
+        params["OPTIONS"] = {**params.get("OPTIONS", {}), "NEAR_CACHE": {"MAX_ENTRIES": 1000, "MAX_BYTES": 1 << 20}}
+    return setting
+
+
+@override_settings(
+    CACHES=_with_near_cache(
+        caches_setting_for_tests(
+            BACKEND="django_clustershm.cache.ClusterShmCache",
+            LOCATION="cache-contract-clustershm",
+        )
+    )
+)
+class ClusterShmCacheNearTests(_OnACluster, BaseCacheTests, TestCase):
+    """Over the socket transport, every alias reading through a near cache."""
+
+    near_hits = near_misses = 0
+
+    def tearDown(self):
+        super().tearDown()
+        for stats in registry.get_client().near_stats().values():
+            type(self).near_hits += stats["hits"]
+            type(self).near_misses += stats["misses"]
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        # The near cache was in the path: reads were answered from it.
+        assert cls.near_hits >= 20 and cls.near_misses >= 100, (cls.near_hits, cls.near_misses)
 
 
 # The port's reference run: the same mixin on Django's own LocMemCache.
