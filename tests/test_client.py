@@ -1,5 +1,6 @@
 """The client API, run on both transports (socket and embedded) for the same semantics."""
 
+import datetime
 import os
 import signal
 import threading
@@ -8,7 +9,9 @@ import time
 import pytest
 
 from django_clustershm.exceptions import (
+    ArgumentTypeError,
     ClusterShmError,
+    InvalidArgument,
     IntegerOverflow,
     InvalidKey,
     KeyNotFound,
@@ -18,9 +21,10 @@ from django_clustershm.exceptions import (
     SerializationError,
     ValueTooLarge,
 )
+from django_clustershm.wire.frames import FRAME_OVERHEAD
 from django_clustershm.wire.limits import Limits
 
-from .helpers import ManagerProcess, socket_client, wait_until
+from .helpers import ManagerProcess, embedded_client, fork_call, reap, socket_client, wait_until
 
 
 def test_set_get_remove(client):
@@ -187,6 +191,73 @@ def test_unpicklable_value(client):
 def test_errors_share_one_root(client):
     with pytest.raises(ClusterShmError):
         client.incr("missing", default=None)
+
+
+BAD_CALLS = [
+    (ArgumentTypeError, "timeout", lambda c: c.set("k", 1, timeout="5")),
+    (ArgumentTypeError, "timeout", lambda c: c.set("k", 1, timeout=datetime.timedelta(seconds=5))),
+    (ArgumentTypeError, "timeout", lambda c: c.set("k", 1, timeout=True)),
+    (InvalidArgument, "timeout", lambda c: c.set("k", 1, timeout=float("nan"))),
+    (InvalidArgument, "timeout", lambda c: c.add("k", 1, timeout=float("inf"))),
+    (ArgumentTypeError, "timeout", lambda c: c.touch("k", "5")),
+    (InvalidArgument, "timeout", lambda c: c.set_many({"k": 1}, timeout=float("-inf"))),
+    (ArgumentTypeError, "delta", lambda c: c.incr("k", 1.5)),
+    (ArgumentTypeError, "default", lambda c: c.incr("k", 1, default="0")),
+    (InvalidArgument, "delta", lambda c: c.incr("k", 2**64)),
+    (ArgumentTypeError, "token", lambda c: c.lock_release("held", None)),
+    (ArgumentTypeError, "token", lambda c: c.lock_release("held", b"short")),
+    (InvalidArgument, "lease", lambda c: c.lock_acquire("other", lease=-1, wait=0)),
+    (ArgumentTypeError, "lease", lambda c: c.lock_acquire("other", lease="30", wait=0)),
+    (ArgumentTypeError, "timeout", lambda c: c.lock_acquire("other", wait="1")),
+]
+
+
+def test_bad_arguments_raise_the_same_error_everywhere_and_keep_the_lock(client, transport):
+    """Each mistake raises a ClusterShmError naming the argument, before
+    anything is sent; the thread's connection (and so its lock) survives."""
+    token, _fence = client.lock_acquire("held", None, 0)
+    for error, argument, call in BAD_CALLS:
+        with pytest.raises(error, match=argument):
+            call(client)
+    assert client.get("k") is None  # nothing was stored by a refused call
+    assert client.lock_status("held", token) == [True, True]
+    if transport == "embedded":
+        other = threading.Thread(target=lambda: taken.append(client.lock_acquire("held", None, 0)))
+        taken: list = []
+        other.start()
+        other.join()
+        assert taken == [None]
+    else:
+        address, secret = client.transport.address, client.transport.secret
+
+        def another_process():
+            assert socket_client(address, secret).lock_acquire("held", None, 0) is None
+
+        assert reap(fork_call(another_process), 10) == 0
+    assert client.lock_release("held", token) is False
+
+
+def test_a_batch_over_the_frame_limit_fails_the_same_way_in_both_modes(transport):
+    limits = Limits(max_key=100, max_value=1000, max_frame=1000 + FRAME_OVERHEAD)
+    if transport == "embedded":
+        client, proc = embedded_client(limits=limits), None
+    else:
+        proc = ManagerProcess(limits=limits).start()
+        client = socket_client(proc.address, proc.secret)
+    try:
+        batch = {f"k{i}": b"x" * 900 for i in range(100)}  # 90 kB in one request
+        with pytest.raises(ValueTooLarge, match="over the maximum frame of 66536; send fewer items"):
+            client.set_many(batch)
+        assert client.get_many(list(batch)) == {}  # all or nothing
+        for i in range(0, 100, 10):
+            client.set_many({k: batch[k] for k in list(batch)[i : i + 10]})
+        with pytest.raises(ValueTooLarge, match="reply would be about .* over the maximum frame of 66536"):
+            client.get_many(list(batch))
+        assert len(client.get_many(list(batch)[:50])) == 50
+    finally:
+        client.close()
+        if proc is not None:
+            proc.cleanup()
 
 
 # -- the socket transport only -------------------------------------------------------
