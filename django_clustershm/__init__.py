@@ -66,7 +66,7 @@ from .signals import changed
 
 __version__ = "0.1.0"
 
-__all__ = [
+__all__ = [  # noqa: RUF022 - grouped by what users reach for, not alphabetically
     # the shared store (the seed's set/get/remove and more)
     "add",
     "clear",

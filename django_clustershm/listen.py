@@ -30,6 +30,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+from .client import Keyspace
 from .client.dispatcher import Handle
 from .exceptions import ArgumentTypeError
 from .registry import get_client
@@ -58,8 +59,7 @@ def listen(
     cut-off), once it is live: events of the gap may be lost, so a listener
     that mirrors state reloads it there.
     """
-    client = get_client()
-    space = client
+    space: Keyspace = get_client()
     if cache is not None:
         from django.core.cache import caches
 

@@ -243,4 +243,3 @@ class amutex:
         token, self.token = self.token, None
         if token is not None:
             await asyncio.to_thread(self._client.lock_release, self.key, token)
-

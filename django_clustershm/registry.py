@@ -61,8 +61,8 @@ def connect(
 ) -> Client:
     """A client of the running Manager at ``address`` (same user, same host)::
 
-        client = django_clustershm.connect("/tmp/clustershm-x/manager.sock")
-        client.get("flags:checkout")
+    client = django_clustershm.connect("/tmp/clustershm-x/manager.sock")
+    client.get("flags:checkout")
     """
     if secret is None:
         secret = read_secret(address, secret_file)

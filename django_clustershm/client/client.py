@@ -289,7 +289,9 @@ class Client(Keyspace):
 
     # -- near caches (see .near) ----------------------------------------------------------------
 
-    def enable_near_cache(self, ns: str = "", max_entries: int = 10_000, max_bytes: int = 16 * 2**20) -> NearCache | None:
+    def enable_near_cache(
+        self, ns: str = "", max_entries: int = 10_000, max_bytes: int = 16 * 2**20
+    ) -> NearCache | None:
         """Answer reads of namespace ``ns`` from a consistent process-local copy.
         Only over a transport to another process (None otherwise: an embedded
         engine is in this process already)."""

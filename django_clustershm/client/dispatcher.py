@@ -233,7 +233,9 @@ class Dispatcher:
             try:
                 handle.callback(key, obj, name)
             except Exception:
-                logger.exception("listener callback %r raised on %s of %r; delivery goes on", handle.callback, name, key)
+                logger.exception(
+                    "listener callback %r raised on %s of %r; delivery goes on", handle.callback, name, key
+                )
         for observer in observers:
             try:
                 observer(ns, key, obj, name, handle)

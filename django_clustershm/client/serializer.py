@@ -36,6 +36,6 @@ class Serializer:
         return data
 
     def loads(self, data: bytes | int) -> Any:
-        if type(data) is int:
+        if isinstance(data, int):
             return data
         return _loads(data)

@@ -236,7 +236,9 @@ class SocketTransport(Transport):
     name = "socket"
     remote = True
 
-    def __init__(self, address: str, secret: bytes, *, timeout: float = DEFAULT_TIMEOUT, spin: float = DEFAULT_SPIN) -> None:
+    def __init__(
+        self, address: str, secret: bytes, *, timeout: float = DEFAULT_TIMEOUT, spin: float = DEFAULT_SPIN
+    ) -> None:
         self.address = address
         self.secret = secret
         self.timeout = timeout

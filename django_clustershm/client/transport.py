@@ -84,7 +84,7 @@ class Transport(ABC):
         """In a forked child: drop (never use) what belongs to the parent, renew
         every lock another thread may have held at the fork. Never blocks."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional: not every transport holds anything per thread
         """Release what the calling thread holds (its connection or session);
         the transport stays usable."""
 

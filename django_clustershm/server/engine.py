@@ -275,7 +275,9 @@ class Engine:
         kind = type(value)
         if kind is bytes:
             if len(value) > self.limits.max_value:
-                raise ValueTooLarge(f"value of {len(value)} bytes exceeds the maximum of {self.limits.max_value} (MAX_VALUE_SIZE)")
+                raise ValueTooLarge(
+                    f"value of {len(value)} bytes exceeds the maximum of {self.limits.max_value} (MAX_VALUE_SIZE)"
+                )
             return value
         if kind is int:
             return A.integer(value, "value")

@@ -54,7 +54,7 @@ from ..exceptions import ArgumentTypeError, AuthenticationFailed, ClusterShmErro
 from ..wire import frames as P
 from ..wire import handshake as H
 from ..wire.limits import Limits
-from .engine import DEFERRED, NO_REPLY, Engine
+from .engine import DEFERRED, NO_REPLY, Engine, Session
 
 logger = logging.getLogger("django_clustershm.manager")
 
@@ -67,6 +67,7 @@ def forget_in_child() -> None:
     descriptors (never unlink, never shut down: the parent still serves)."""
     for manager in list(_instances):
         manager._forget_in_child()
+
 
 _RECV_SIZE = 64 * 1024  # under glibc's mmap threshold: a larger recv() buffer costs an mmap+munmap per call
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
@@ -116,7 +117,7 @@ class _Conn:
         self.reader = P.FrameReader(P.HANDSHAKE_MAX_FRAME)
         self.out: list[bytes] = []
         self.out_size = 0
-        self.session = None
+        self.session: Session | None = None
         self.nonce = os.urandom(H.NONCE_SIZE)
         self.deadline = deadline
         self.peer_pid = 0
@@ -443,7 +444,9 @@ class Manager:
             sock.setblocking(False)
             conn = _Conn(sock, time.monotonic() + self.handshake_timeout)
             try:
-                pid, uid, _gid = _PEERCRED.unpack(sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size))
+                pid, uid, _gid = _PEERCRED.unpack(
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
+                )
             except OSError as exc:
                 logger.warning("refusing a client whose credentials cannot be read: %s", exc)
                 sock.close()
@@ -457,7 +460,7 @@ class Manager:
 
     def _drop_slow_handshakes(self, now: float) -> None:
         for conn in [c for c in self._conns.values() if c.session is None and c.deadline <= now]:
-            self._close(conn, "no handshake within %.0fs" % self.handshake_timeout)
+            self._close(conn, f"no handshake within {self.handshake_timeout:.0f}s")
 
     def _close(self, conn: _Conn, reason: str | None) -> None:
         if conn.closed:

@@ -89,7 +89,9 @@ class StoreTable:
 
     def check_batch(self, delta: int) -> None:
         if self.max_bytes is not None and delta > 0 and self.bytes + delta > self.max_bytes:
-            raise StoreFull(f"the batch would take the store over its maximum of {self.max_bytes} bytes (MAX_STORE_BYTES)")
+            raise StoreFull(
+                f"the batch would take the store over its maximum of {self.max_bytes} bytes (MAX_STORE_BYTES)"
+            )
 
     def put(self, key: str, entry: tuple, old) -> None:
         self.data[key] = entry
@@ -283,7 +285,9 @@ class Namespace:
             heap = self._heap
             heapq.heappush(heap, (deadline, key))
             if len(heap) > 2 * len(table) + 1024:
-                self._heap = [(e[1], k) for k, e in ((k, table.peek(k)) for k in table) if e is not None and e[1] != INF]
+                self._heap = [
+                    (e[1], k) for k, e in ((k, table.peek(k)) for k in table) if e is not None and e[1] != INF
+                ]
                 heapq.heapify(self._heap)
         self._emit(event, key, value if event == EVENT_SET else None)
 
@@ -415,7 +419,7 @@ class Namespace:
             return []
         now = self.clock()
         table = self.table
-        gone = []
+        gone: list[str] = []
         while heap and heap[0][0] <= now and len(gone) < limit:
             deadline, key = heapq.heappop(heap)
             entry = table.peek(key)

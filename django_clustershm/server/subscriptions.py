@@ -74,9 +74,9 @@ class Subscriptions:
             for _, session, sub_id in list(self._prefixes.get(ns, ())):
                 self._push(session, (sub_id, ns, None, event, None))
             return
-        targets = self._by_key.get((ns, key))
-        if targets:
-            for (_, sub_id), session in list(targets.items()):
+        by_key = self._by_key.get((ns, key))
+        if by_key:
+            for (_, sub_id), session in list(by_key.items()):
                 self._push(session, (sub_id, ns, key, event, value))
         prefixes = self._prefixes.get(ns)
         if prefixes:
@@ -94,10 +94,7 @@ class Subscriptions:
         return {
             "subscriptions": self.count,
             "pushed": self.pushed,
-            "by_pid": {
-                str(pid): n
-                for pid, n in _count_by_pid(self._by_key, self._prefixes).items()
-            },
+            "by_pid": {str(pid): n for pid, n in _count_by_pid(self._by_key, self._prefixes).items()},
         }
 
 

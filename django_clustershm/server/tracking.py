@@ -63,12 +63,12 @@ class Tracking:
         if not self.records:
             return
         if key is None:
-            trackers = set()
+            cleared: set = set()
             for record in [r for r in self.records if r[0] == ns]:
                 for session in self.records.pop(record):
                     session.tracked.discard(record)
-                    trackers.add(session)
-            for session in trackers:
+                    cleared.add(session)
+            for session in cleared:
                 _invalidate(session, ns, None)
         elif event == EVENT_SET:
             self._update(ns, key, value, deadline_of)
@@ -89,7 +89,11 @@ class Tracking:
         for session in list(trackers):
             session.inval_seq += 1
             send = session.invalidate
-            if size <= session.push_limit and send is not None and send(F.PUSH_UPDATE, [session.inval_seq, ns, key, value, deadline]):
+            if (
+                size <= session.push_limit
+                and send is not None
+                and send(F.PUSH_UPDATE, [session.inval_seq, ns, key, value, deadline])
+            ):
                 continue
             # Too large for it, or refused by the transport (a tracker that
             # lags behind): an invalidation, and the tracking ends.

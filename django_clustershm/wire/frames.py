@@ -190,12 +190,20 @@ EVENT_EVICT = 4
 EVENT_CLEAR = 5
 #: Internal: the expiry changed (invalidates near caches; not told to listeners).
 EVENT_TOUCH = 6
-EVENT_NAMES = {EVENT_SET: "set", EVENT_REMOVE: "remove", EVENT_EXPIRE: "expire", EVENT_EVICT: "evict", EVENT_CLEAR: "clear"}
+EVENT_NAMES = {
+    EVENT_SET: "set",
+    EVENT_REMOVE: "remove",
+    EVENT_EXPIRE: "expire",
+    EVENT_EVICT: "evict",
+    EVENT_CLEAR: "clear",
+}
 
 OPCODE_NAMES = {
     value: name
     for name, value in list(globals().items())
-    if name.isupper() and isinstance(value, int) and name not in {"VERSION", "HEADER_SIZE", "PUSH_MIN"}
+    if name.isupper()
+    and isinstance(value, int)
+    and name not in {"VERSION", "HEADER_SIZE", "PUSH_MIN"}
     and not name.startswith(("DEFAULT_", "HANDSHAKE_", "FRAME_", "EVENT_", "ITEM_"))
 }
 

@@ -12,7 +12,9 @@ class Command(BaseCommand):
     help = "Show the Manager's statistics (keys, bytes, hits, ops/s, connected workers)."
 
     def add_arguments(self, parser):
-        parser.add_argument("--address", help="socket of a running cluster (default: from settings or CLUSTERSHM_ADDRESS)")
+        parser.add_argument(
+            "--address", help="socket of a running cluster (default: from settings or CLUSTERSHM_ADDRESS)"
+        )
         parser.add_argument("--json", action="store_true", dest="as_json", help="print JSON")
 
     def handle(self, *args, address=None, as_json=False, **options):
@@ -25,11 +27,14 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(stats, indent=2, sort_keys=True))
             return
         store = stats["store"]
-        self.stdout.write(f"Manager pid {stats['manager_pid']}, up {stats['uptime']:.0f}s, "
-                          f"{stats['ops']} ops ({stats['ops_per_second']}/s)")
-        self.stdout.write(f"store: {store['keys']} keys, {store['bytes']} bytes, "
-                          f"{store['hits']} hits, {store['misses']} misses, {store['expired']} expired")
+        self.stdout.write(
+            f"Manager pid {stats['manager_pid']}, up {stats['uptime']:.0f}s, "
+            f"{stats['ops']} ops ({stats['ops_per_second']}/s)"
+        )
+        self.stdout.write(
+            f"store: {store['keys']} keys, {store['bytes']} bytes, "
+            f"{store['hits']} hits, {store['misses']} misses, {store['expired']} expired"
+        )
         self.stdout.write(f"clients: {len(stats['clients'])}")
         for c in stats["clients"]:
             self.stdout.write(f"  pid {c['pid']}: {c['ops']} ops")
-

@@ -62,7 +62,8 @@ def check_bind(bind: tuple) -> None:
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         probe.bind(addr)
     except OSError as exc:
-        raise CommandError(f"Cannot bind {host}:{port}: {ERRNO_MESSAGES.get(exc.errno, exc.strerror)}") from exc
+        reason = ERRNO_MESSAGES.get(exc.errno or 0) or exc.strerror
+        raise CommandError(f"Cannot bind {host}:{port}: {reason}") from exc
     finally:
         probe.close()
 
@@ -83,7 +84,7 @@ def check_in_child(command: BaseCommand) -> None:
             from django.urls import get_resolver
 
             try:
-                get_resolver().url_patterns
+                _ = get_resolver().url_patterns  # imports the URLconf and every view module
             except Exception as exc:
                 message = f"The application failed to import: {type(exc).__name__}: {exc}"
             else:
@@ -95,7 +96,7 @@ def check_in_child(command: BaseCommand) -> None:
             if message:
                 os.write(w, message.encode()[:16000])
                 code = 1
-        except BaseException as exc:  # noqa: BLE001 - any failure is reported to the parent
+        except BaseException as exc:  # any failure is reported to the parent
             os.write(w, f"The application failed to import: {type(exc).__name__}: {exc}".encode()[:16000])
             code = 1
         finally:
@@ -116,22 +117,46 @@ class Command(BaseCommand):
     requires_system_checks: list = []
 
     def add_arguments(self, parser):
-        parser.add_argument("--bind", "-b", action="append", metavar="ADDRESS",
-                            help=f"HOST:PORT, PORT or unix:PATH; repeatable (default {self.default_bind})")
-        parser.add_argument("--workers", "-w", type=int, default=None,
-                            help=f"worker processes (default 2 x CPUs + 1 = {default_workers()})")
+        parser.add_argument(
+            "--bind",
+            "-b",
+            action="append",
+            metavar="ADDRESS",
+            help=f"HOST:PORT, PORT or unix:PATH; repeatable (default {self.default_bind})",
+        )
+        parser.add_argument(
+            "--workers",
+            "-w",
+            type=int,
+            default=None,
+            help=f"worker processes (default 2 x CPUs + 1 = {default_workers()})",
+        )
         parser.add_argument("--threads", type=int, default=1, help="threads per worker (more than 1: gthread workers)")
-        parser.add_argument("--worker-class", default=None, help="gunicorn worker class (default: sync, or gthread with --threads)")
-        parser.add_argument("--timeout", type=int, default=30, help="seconds before a silent worker is killed and replaced")
-        parser.add_argument("--graceful-timeout", type=int, default=30, help="seconds workers get to finish on stop or reload")
-        parser.add_argument("--max-requests", type=int, default=0, help="restart a worker after this many requests (0: never)")
+        parser.add_argument(
+            "--worker-class", default=None, help="gunicorn worker class (default: sync, or gthread with --threads)"
+        )
+        parser.add_argument(
+            "--timeout", type=int, default=30, help="seconds before a silent worker is killed and replaced"
+        )
+        parser.add_argument(
+            "--graceful-timeout", type=int, default=30, help="seconds workers get to finish on stop or reload"
+        )
+        parser.add_argument(
+            "--max-requests", type=int, default=0, help="restart a worker after this many requests (0: never)"
+        )
         parser.add_argument("--max-requests-jitter", type=int, default=0)
         parser.add_argument("--access-log", default=None, metavar="FILE", help="access log file, or - for stdout")
         parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error", "critical"])
         parser.add_argument("--reload", action="store_true", help="restart workers when code changes (development)")
         parser.add_argument("--pid", dest="pidfile", default=None, metavar="FILE", help="write the master's pid here")
-        parser.add_argument("--config", "-c", dest="gunicorn_config", default=None, metavar="FILE",
-                            help="a gunicorn config file for every other setting (its hooks keep working)")
+        parser.add_argument(
+            "--config",
+            "-c",
+            dest="gunicorn_config",
+            default=None,
+            metavar="FILE",
+            help="a gunicorn config file for every other setting (its hooks keep working)",
+        )
 
     def handle(self, *args, **opts):
         binds = opts["bind"] or [self.default_bind]
@@ -146,7 +171,10 @@ class Command(BaseCommand):
         check_in_child(self)
 
         options = {
-            "bind": [f"unix:{b[1]}" if b[0] == "unix" else f"[{b[1]}]:{b[2]}" if ":" in b[1] else f"{b[1]}:{b[2]}" for b in parsed],
+            "bind": [
+                f"unix:{b[1]}" if b[0] == "unix" else f"[{b[1]}]:{b[2]}" if ":" in b[1] else f"{b[1]}:{b[2]}"
+                for b in parsed
+            ],
             "workers": workers,
             "threads": opts["threads"],
             "timeout": opts["timeout"],
