@@ -175,7 +175,8 @@ AUTH = 0x71
 # Replies.
 OK = 0x80
 ERR = 0x81
-# Pushes (0xC0-0xFF): sent by the Manager unasked, request id 0.
+# Pushes (0xC0-0xFF): sent by the Manager unasked, request id 0 (PUSH_QUEUED
+# carries the id of the LOCK_ACQUIRE it is about; a later grant is a reply).
 PUSH_MIN = 0xC0
 PUSH_EVENT = 0xC0
 PUSH_INVALIDATE = 0xC1
