@@ -110,6 +110,7 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limits = limits or Limits()
+        self._max_key = self.limits.max_key
         self.clock = clock
         self.store = self._namespace("", Namespace.store(max_store_bytes, clock=clock))
         self.caches: dict[str, Namespace] = {}
@@ -248,6 +249,8 @@ class Engine:
         return self._empty
 
     def _space_for_write(self, ns, bounds) -> tuple[Namespace, list | None]:
+        if bounds is None and ns == "":
+            return self.store, None  # the common case, without the checks below
         bounds = A.bounds(bounds)
         if ns == "":
             if bounds is not None:
@@ -267,6 +270,8 @@ class Engine:
         return cache, bounds
 
     def _key(self, key) -> str:
+        if type(key) is str and len(key) <= self._max_key and key.isascii():
+            return key  # the common case, without a call
         if type(key) is not str:
             raise InvalidKey(f"keys are str, not {type(key).__name__}")
         return A.key(key, self.limits.max_key)
