@@ -61,6 +61,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 
 from ..exceptions import ClusterShmError
 from ..wire import frames as P
@@ -81,10 +82,22 @@ PUSH_LIMIT = 64 * 1024
 
 
 class NearCache:
-    """The local copies of one namespace (a cache LOCATION, or "" for the store)."""
+    """The local copies of one namespace (a cache LOCATION, or "" for the store).
 
-    def __init__(self, tracker: Tracker, ns: str, max_entries: int = 10_000, max_bytes: int = 16 * 2**20) -> None:
+    ``clock`` gives the copies' deadlines their time: CLOCK_MONOTONIC, the
+    Manager's own (a test may pass another)."""
+
+    def __init__(
+        self,
+        tracker: Tracker,
+        ns: str,
+        max_entries: int = 10_000,
+        max_bytes: int = 16 * 2**20,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.tracker = tracker
+        self.clock = clock
         self.ns = ns
         self.max_entries = int(max_entries)
         self.max_bytes = int(max_bytes)
@@ -103,7 +116,7 @@ class NearCache:
         entry = self._entries.get(key)
         if entry is None:
             return None
-        if entry[1] is not None and entry[1] <= time.monotonic():
+        if entry[1] is not None and entry[1] <= self.clock():
             self._drop(key)
             return None
         self._entries.move_to_end(key)
@@ -176,7 +189,7 @@ class NearCache:
                     return data
         self.misses += 1
         sid = tracker.session_id()
-        sent_at = time.monotonic()
+        sent_at = self.clock()
         data, ttl, seq, tracked = tracker.transport.call(P.TRACK_GET, [self.ns, key, sid])
         if data is not None and tracked:
             with tracker.lock:
@@ -202,7 +215,7 @@ class NearCache:
             return found
         self.misses += len(missing)
         sid = tracker.session_id()
-        sent_at = time.monotonic()
+        sent_at = self.clock()
         fetched, seq, tracked = tracker.transport.call(P.TRACK_GET_MANY, [self.ns, missing, sid])
         with tracker.lock:
             tracker.drain()

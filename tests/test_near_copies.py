@@ -1,0 +1,305 @@
+"""A near cache's copies, on a fake clock and a stand-in tracker: no Manager, no sockets, no sleeping.
+
+The table-level operations (``_lookup``, ``_put``, ``update``, ``invalidate``)
+are called as the tracker calls them, under its lock; ``get``/``get_many`` are
+driven by a stand-in tracker whose replies and pushes the test scripts.
+"""
+
+import threading
+from contextlib import contextmanager
+
+import pytest
+
+from django_clustershm.client.near import MAX_UNREAD_UPDATES, NearCache
+from django_clustershm.wire import frames as P
+
+
+class Clock:
+    def __init__(self, now: float = 500.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class StandInTracker:
+    """What NearCache uses of its Tracker: ``lock``, ``drain()``, ``session_id()``,
+    ``sid``, ``seq`` and ``transport.call``.
+
+    ``replies`` are what the Manager answers, in order; ``on_call`` runs during
+    a call (the round trip: move the clock, or have a push arrive, which the
+    next ``drain()`` applies)."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.sid = 7
+        self.seq = 0
+        self.live = True
+        self.replies: list = []
+        self.calls: list = []
+        self.pushes: list = []  # (cache, key, data or None for an invalidation)
+        self.on_call = None
+        self.transport = self
+
+    def session_id(self):
+        return self.sid
+
+    def drain(self) -> bool:
+        assert self.lock.locked()  # always called under the tracker's lock
+        for cache, key, data in self.pushes:
+            self.seq += 1
+            if data is None:
+                cache.invalidate(key)
+            else:
+                cache.update(key, data, None)
+        self.pushes = []
+        return self.live
+
+    def call(self, op, args):
+        assert not self.lock.locked()  # never holds the lock over a round trip
+        self.calls.append((op, args))
+        if self.on_call is not None:
+            self.on_call()
+        return self.replies.pop(0)
+
+
+@pytest.fixture
+def clock():
+    return Clock()
+
+
+def make(clock, max_entries=100, max_bytes=10_000, tracker=None):
+    return NearCache(tracker or StandInTracker(), "ns", max_entries, max_bytes, clock=clock)
+
+
+@contextmanager
+def held(cache):
+    """The tracker's lock, under which the tracker reads and changes the copies."""
+    with cache.tracker.lock:
+        yield
+
+
+def size(key: str, data) -> int:
+    return len(key) + (len(data) if type(data) is bytes else 8)
+
+
+# -- the copies ---------------------------------------------------------------------------
+
+
+def test_put_and_lookup_count_bytes(clock):
+    cache = make(clock)
+    with held(cache):
+        assert cache._lookup("k") is None
+        cache._put("k", b"abc", None)
+        cache._put("n", 42, None)
+        assert cache._lookup("k") == b"abc" and cache._lookup("n") == 42
+        assert len(cache) == 2 and cache.bytes == size("k", b"abc") + size("n", 42)
+        cache._put("k", b"a longer value", None)  # replaces, and counts the new size only
+        assert cache.bytes == size("k", b"a longer value") + size("n", 42)
+
+
+def test_lru_by_entries(clock):
+    cache = make(clock, max_entries=3)
+    with held(cache):
+        for key in "abc":
+            cache._put(key, b"v", None)
+        assert cache._lookup("a") == b"v"  # "a" is now the most recently used
+        cache._put("d", b"v", None)  # over 3 entries: "b", the least recently used, goes
+        assert list(cache._entries) == ["c", "a", "d"]
+        assert cache.bytes == 3 * size("a", b"v")
+
+
+def test_lru_by_bytes(clock):
+    cache = make(clock, max_bytes=100)
+    with held(cache):
+        cache._put("a", b"x" * 39, None)  # 40 bytes
+        cache._put("b", b"x" * 39, None)  # 80
+        cache._lookup("a")
+        cache._put("c", b"x" * 29, None)  # 110: "b" goes
+        assert list(cache._entries) == ["a", "c"] and cache.bytes == 70
+        cache._put("d", b"x" * 99, None)  # exactly 100 on its own: everything else goes
+        assert list(cache._entries) == ["d"] and cache.bytes == 100
+
+
+def test_a_value_too_large_to_keep_drops_the_old_copy(clock):
+    cache = make(clock, max_bytes=100)
+    with held(cache):
+        cache._put("k", b"small", None)
+        cache._put("other", b"kept", None)
+        cache._put("k", b"x" * 100, None)  # 101 bytes with its key: never kept
+        assert cache._lookup("k") is None  # and the old value is not left behind
+        assert list(cache._entries) == ["other"] and cache.bytes == size("other", b"kept")
+
+
+def test_expiry_by_the_clock(clock):
+    cache = make(clock)
+    with held(cache):
+        cache._put("k", b"v", clock.now + 10)
+        cache._put("forever", b"v", None)
+        clock.now += 9.999
+        assert cache._lookup("k") == b"v"
+        clock.now += 0.001  # the deadline itself is expired
+        assert cache._lookup("k") is None
+        assert "k" not in cache._entries and cache.bytes == size("forever", b"v")  # dropped, not only hidden
+        clock.now += 10**9
+        assert cache._lookup("forever") == b"v"
+
+
+def test_invalidate_one_and_all(clock):
+    cache = make(clock)
+    with held(cache):
+        for key in "abc":
+            cache._put(key, b"v", None)
+        cache.invalidate("b")
+        cache.invalidate("missing")  # nothing to drop: no error
+        assert list(cache._entries) == ["a", "c"] and cache.bytes == 2 * size("a", b"v")
+        cache.invalidate(None)  # a clear of the namespace, or a lost tracker
+        assert len(cache) == 0 and cache.bytes == 0
+
+
+# -- pushed updates -------------------------------------------------------------------------
+
+
+def test_an_update_replaces_a_held_copy_only(clock):
+    cache = make(clock)
+    with held(cache):
+        assert cache.update("k", b"new", None) is False  # not held: nothing stored, UNTRACK
+        assert len(cache) == 0 and cache.bytes == 0
+        cache._put("k", b"old", clock.now + 1)
+        assert cache.update("k", b"newer value", clock.now + 60) is True
+        assert cache.bytes == size("k", b"newer value")
+        clock.now += 30  # past the old deadline, not the pushed one
+        assert cache._lookup("k") == b"newer value"
+        assert cache.update("k", 7, None) is True  # an int, no deadline
+        assert cache._lookup("k") == 7 and cache.bytes == size("k", 7)
+
+
+def test_an_update_does_not_make_the_key_recently_used(clock):
+    cache = make(clock, max_entries=2)
+    with held(cache):
+        cache._put("a", b"v", None)
+        cache._put("b", b"v", None)
+        assert cache.update("a", b"w", None) is True
+        cache._put("c", b"v", None)  # "a" is still the least recently used
+        assert list(cache._entries) == ["b", "c"]
+
+
+def test_updates_without_a_read_drop_the_copy_after_max_unread_updates(clock):
+    cache = make(clock)
+    with held(cache):
+        cache._put("k", b"v0", None)
+        for i in range(1, MAX_UNREAD_UPDATES + 1):
+            assert cache.update("k", b"v%d" % i, None) is True
+        assert cache.update("k", b"one too many", None) is False  # dropped: the Manager is told to stop
+        assert "k" not in cache._entries and cache.bytes == 0
+        cache._put("k", b"v0", None)
+        for _round in range(3):  # a read in between resets the count
+            for i in range(MAX_UNREAD_UPDATES):
+                assert cache.update("k", b"v%d" % i, None) is True
+            assert cache._lookup("k") == b"v%d" % (MAX_UNREAD_UPDATES - 1)
+        assert cache.update("k", b"again", None) is True
+
+
+def test_an_update_too_large_for_the_near_cache_drops_the_old_copy(clock):
+    cache = make(clock, max_bytes=100)
+    with held(cache):
+        cache._put("other", b"kept", None)
+        cache._put("k", b"small", None)
+        assert cache.update("k", b"x" * 100, None) is False  # 101 bytes with its key
+        assert cache._lookup("k") is None
+        assert list(cache._entries) == ["other"] and cache.bytes == size("other", b"kept")  # not evicted for it
+
+
+def test_an_update_that_grows_the_copies_evicts_the_least_recently_used(clock):
+    cache = make(clock, max_bytes=100)
+    with held(cache):
+        cache._put("a", b"x" * 29, None)  # 30 bytes, least recently used
+        cache._put("b", b"x" * 29, None)
+        assert cache.update("b", b"x" * 79, None) is True  # 110 bytes: "a" goes
+        assert list(cache._entries) == ["b"] and cache.bytes == 80
+        cache._put("c", b"x" * 9, None)  # 90 bytes; "b" is now the least recently used
+        assert cache.update("b", b"x" * 95, None) is False  # 106 bytes: the LRU, "b" itself, goes
+        assert list(cache._entries) == ["c"] and cache.bytes == 10
+
+
+# -- reads through the tracker ---------------------------------------------------------------
+
+
+def test_a_miss_fills_the_copy_with_a_deadline_from_before_the_request(clock):
+    cache = make(clock)
+    tracker = cache.tracker
+    tracker.replies = [(b"v", 10.0, 0, True)]  # data, ttl, the tracker's push count, tracked
+
+    def round_trip():
+        clock.now += 0.5
+
+    tracker.on_call = round_trip
+    sent = clock.now
+    assert cache.get("k") == b"v"
+    assert tracker.calls == [(P.TRACK_GET, ["ns", "k", 7])]
+    assert cache._entries["k"][1] == sent + 10.0  # never later than the Manager's deadline
+    assert cache.get("k") == b"v" and len(tracker.calls) == 1  # a hit
+    assert (cache.hits, cache.misses) == (1, 1)
+    clock.now = sent + 10.0
+    tracker.replies = [(None, None, 0, True)]
+    assert cache.get("k") is None  # expired here: asked again
+    assert (cache.hits, cache.misses) == (1, 2) and len(cache) == 0
+
+
+def test_a_fill_raced_by_a_push_is_not_kept(clock):
+    cache = make(clock)
+    tracker = cache.tracker
+    tracker.replies = [(b"old", None, 0, True)]  # the Manager had sent 0 pushes when it answered
+    tracker.on_call = lambda: tracker.pushes.append((cache, "k", None))  # then invalidated "k"
+    assert cache.get("k") == b"old"  # this read's answer...
+    assert len(cache) == 0  # ...is not kept: a later write may already have changed it
+    tracker.on_call = None
+    tracker.replies = [(b"new", None, 1, True)]
+    assert cache.get("k") == b"new" and len(cache) == 1  # the push count matches now: kept
+    assert cache.get("k") == b"new" and (cache.hits, cache.misses) == (1, 2)
+
+
+def test_an_untracked_or_missing_value_is_not_kept(clock):
+    cache = make(clock)
+    tracker = cache.tracker
+    tracker.replies = [(b"v", None, 0, False), (None, None, 0, True)]  # the Manager's table is full; a miss
+    assert cache.get("k") == b"v" and cache.get("k2") is None
+    assert len(cache) == 0 and (cache.hits, cache.misses) == (0, 2)
+
+
+def test_copies_are_not_answered_without_a_live_tracker(clock):
+    cache = make(clock)
+    tracker = cache.tracker
+    with held(cache):
+        cache._put("k", b"stale?", None)
+    tracker.live = False  # channel lost (the tracker empties the caches too; here it did not yet)
+    tracker.replies = [(b"fresh", None, 0, True)]
+    assert cache.get("k") == b"fresh" and (cache.hits, cache.misses) == (0, 1)
+
+
+def test_pushes_are_applied_before_a_hit(clock):
+    cache = make(clock)
+    tracker = cache.tracker
+    with held(cache):
+        cache._put("k", b"v1", None)
+        cache._put("gone", b"v1", None)
+    tracker.pushes = [(cache, "k", b"v2"), (cache, "gone", None)]
+    tracker.replies = [(None, None, 2, True)]
+    assert cache.get("k") == b"v2" and cache.get("gone") is None
+    assert (cache.hits, cache.misses) == (1, 1)
+
+
+def test_get_many_hits_and_fills(clock):
+    cache = make(clock)
+    tracker = cache.tracker
+    with held(cache):
+        cache._put("a", b"A", None)
+    tracker.on_call = lambda: setattr(clock, "now", clock.now + 1.0)
+    sent = clock.now
+    tracker.replies = [({"b": (b"B", 5.0), "c": (3, None)}, 0, True)]  # "d" does not exist
+    assert cache.get_many(["a", "b", "c", "d"]) == {"a": b"A", "b": b"B", "c": 3}
+    assert tracker.calls == [(P.TRACK_GET_MANY, ["ns", ["b", "c", "d"], 7])]  # only the misses
+    assert (cache.hits, cache.misses) == (1, 3)
+    assert cache._entries["b"][1] == sent + 5.0 and cache._entries["c"][1] is None
+    assert cache.get_many(["a", "b", "c"]) == {"a": b"A", "b": b"B", "c": 3}
+    assert len(tracker.calls) == 1 and (cache.hits, cache.misses) == (4, 3)
