@@ -6,6 +6,7 @@ import time
 import pytest
 from django.core.cache import caches
 from django.test import override_settings
+
 import django_clustershm as clustershm
 from django_clustershm import registry as conf
 from django_clustershm.client.near import MAX_UNREAD_UPDATES, PUSH_LIMIT
@@ -26,6 +27,16 @@ BIG = "x" * (PUSH_LIMIT + 1)
 
 def near():
     return clustershm.get_client()._near["near"]
+
+
+def counts(ns: str = "near") -> tuple[int, int]:
+    """(hits, misses) of this process's near cache of ``ns``; fails if there is none.
+
+    The tests below check these and not only the values read: every value
+    would be the same with no near cache at all (each read a round trip)."""
+    stats = clustershm.near_stats()
+    assert ns in stats, f"no near cache for {ns!r} in this process: {stats}"
+    return stats[ns]["hits"], stats[ns]["misses"]
 
 
 @override_settings(CACHES=CACHES)
@@ -49,12 +60,14 @@ def test_a_write_in_another_process_is_seen_at_once(cluster):
     cache = caches["default"]
     cache.set("k", 1)
     assert cache.get("k") == 1 and cache.get("k") == 1  # now held locally
+    assert counts() == (1, 1)  # a miss, then a hit
 
     def writer():
         caches["default"].set("k", 2)
 
     assert reap(fork_call(writer), 10) == 0
-    assert cache.get("k") == 2  # the writer's call returned, so the invalidation was already here
+    assert cache.get("k") == 2  # the writer's call returned, so its push was already here
+    assert counts() == (2, 1)  # answered locally, from the pushed value: no round trip
 
 
 @override_settings(CACHES=CACHES)
@@ -247,8 +260,17 @@ def test_no_stale_reads_under_heavy_concurrent_writes(cluster):
 def test_expiry_is_kept_locally(cluster):
     cache = caches["default"]
     cache.set("short", "v", 0.2)
+    asked = time.monotonic()
     assert cache.get("short") == "v" and cache.get("short") == "v"
+    assert counts() == (1, 1)  # the second read was answered locally
+    # The copy carries its own deadline: no later than the Manager's, counted
+    # from before the read was sent.
+    deadline = near()._entries[cache.make_key("short")][1]
+    assert deadline is not None and asked < deadline <= asked + 0.2
     wait_until(lambda: cache.get("short") is None, timeout=5, message="expiry of the local copy")
+    assert cache.make_key("short") not in near()._entries
+    _, misses = counts()
+    assert misses >= 2  # the expired copy was not answered: the Manager was asked again
 
 
 @override_settings(CACHES=CACHES)
@@ -256,23 +278,36 @@ def test_touch_incr_delete_clear_evict_invalidate(cluster):
     cache = caches["default"]
     cache.set("n", 1)
     assert cache.get("n") == 1 and cache.get("n") == 1
+    assert counts() == (1, 1)
     cache.incr("n")
     assert cache.get("n") == 2
+    assert counts() == (2, 1)  # the incremented value was pushed: a hit
     cache.touch("n", 0.1)
     wait_until(lambda: cache.get("n") is None, timeout=5, message="the touched expiry")
+    hits, misses = counts()
+    assert misses >= 2 and cache.make_key("n") not in near()._entries  # the touch invalidated the copy
     cache.set_many({"a": 1, "b": 2})
     assert cache.get_many(["a", "b"]) == {"a": 1, "b": 2}
+    assert cache.get_many(["a", "b"]) == {"a": 1, "b": 2}
+    assert counts() == (hits + 2, misses + 2)  # two misses, then two hits
     cache.delete("a")
     assert cache.get("a") is None
+    assert counts() == (hits + 2, misses + 3)  # invalidated: a miss
+    assert cache.get("b") == 2
+    assert counts() == (hits + 3, misses + 3)  # "b" is still held
     cache.clear()
     assert cache.get("b") is None
+    assert counts() == (hits + 3, misses + 4)  # the clear invalidated every copy
+    assert len(near()) == 0
     with override_settings(CACHES={"default": {**NEAR, "OPTIONS": {**NEAR["OPTIONS"], "MAX_ENTRIES": 3}}}):
         small = caches["default"]
         small.set("x0", 0)
         assert small.get("x0") == 0 and small.get("x0") == 0
+        assert counts() == (hits + 4, misses + 5)  # the same near cache ("near"): held again
         for i in range(1, 4):
             small.set(f"x{i}", i)  # culls x0 in the Manager
         assert small.get("x0") is None
+        assert counts() == (hits + 4, misses + 6)  # the eviction invalidated the copy
 
 
 @override_settings(CACHES=CACHES)
@@ -280,10 +315,14 @@ def test_versions_and_prefixes(cluster):
     caches["default"].set("k", "v1")
     caches["v2"].set("k", "v2")
     assert caches["default"].get("k") == "v1" and caches["v2"].get("k") == "v2"
-    caches["default"].incr_version("k")  # moves v1's value to version 2
+    assert counts() == (0, 2)  # two keys (":1:k", ":2:k") in one near cache
+    caches["default"].incr_version("k")  # moves v1's value to version 2 (a hit, a set, a delete)
+    assert counts() == (1, 2)
     assert caches["default"].get("k") is None
+    assert counts() == (1, 3)  # ":1:k" was invalidated by the delete
     assert caches["default"].get("k", version=2) == "v1"
     assert caches["v2"].get("k") == "v1"
+    assert counts() == (3, 3)  # ":2:k" was updated by the push of the set: two hits
 
 
 @override_settings(CACHES=CACHES)
@@ -306,11 +345,14 @@ def test_after_the_manager_restarts(cluster):
     cache = caches["default"]
     cache.set("k", "old")
     assert cache.get("k") == "old" and cache.get("k") == "old"
+    assert counts() == (1, 1) and len(near()) == 1
     cluster.kill()
     cluster.start()  # empty state
     assert cache.get("k") is None  # the lost channel emptied the near cache
+    assert counts() == (1, 2) and len(near()) == 0  # not answered locally: emptied, then a miss
     cache.set("k", "new")
     assert cache.get("k") == "new" and cache.get("k") == "new"
+    assert counts() == (2, 3)  # a new tracker: the new value is held locally again
 
 
 def test_the_shared_store_near_cache(cluster, settings):
@@ -351,7 +393,7 @@ def _raw_tracker(cluster, tracker_args: list):
 def test_a_tracker_that_cannot_take_an_invalidation_is_cut_off(cluster):
     """A tracker that never reads: once its socket is full, the next invalidation
     shuts it down instead of being queued (and the writer is not held up)."""
-    tracker, reader, sid, worker, call = _raw_tracker(cluster, [])
+    tracker, _reader, sid, worker, call = _raw_tracker(cluster, [])
 
     key = "k" * 4000  # big invalidations fill the tracker's socket fast
     start = time.monotonic()
@@ -407,8 +449,10 @@ def test_a_tracker_that_reads_nothing_gets_invalidations_not_a_cut_off(cluster):
 def test_plain_alias_without_near_cache_on_the_same_location(cluster):
     caches["plain"].set("k", 1)
     assert caches["default"].get("k") == 1
-    caches["plain"].set("k", 2)
+    assert counts() == (0, 1)
+    caches["plain"].set("k", 2)  # a write through the alias with no near cache...
     assert caches["default"].get("k") == 2
+    assert counts() == (1, 1)  # ...is pushed to the near cache of the other: a hit, of the new value
 
 
 @override_settings(CACHES=CACHES)
@@ -417,6 +461,7 @@ def test_many_processes_hammer_one_key(cluster):
 
     def worker(i):
         cache = caches["default"]
+        hits0, misses0 = counts()  # a forked child starts with no copies (its counts are the parent's)
         last = 0
         for _ in range(500):
             value = cache.get("hot")
@@ -424,6 +469,15 @@ def test_many_processes_hammer_one_key(cluster):
             last = value
             if i == 0:
                 cache.incr("hot")
+        hits, misses = counts()
+        hits, misses = hits - hits0, misses - misses0
+        assert hits + misses == 500
+        if i == 0:
+            # The writer's own increments are pushed to it before each incr
+            # returns: after its first read, every read is answered locally.
+            assert (hits, misses) == (499, 1)
+        else:
+            assert hits > 0  # readers miss after MAX_UNREAD_UPDATES unread pushes, or a fill raced by a write
 
     assert run_forked(4, worker) == [0] * 4
     assert caches["default"].get("hot") == 500
