@@ -1,6 +1,7 @@
 """Listeners with real processes: every event, in order, pushed before the writer returns."""
 
 import os
+import re
 import signal
 import threading
 import time
@@ -14,7 +15,7 @@ import django_clustershm.registry
 from django_clustershm.signals import changed
 from django_clustershm.wire import frames as P
 
-from .helpers import block_until_killed, fork_call, reap, wait_until
+from .helpers import ManagerProcess, block_until_killed, fork_call, reap, wait_until
 from .test_manager import _handshaked_socket
 
 
@@ -120,8 +121,13 @@ def test_expire_and_evict_events_arrive(cluster):
     clustershm.set("short", 1, timeout=0.05)
     wait_until(lambda: ("short", "expire") in got, timeout=5, message="expire event without any read")
     with override_settings(
-        CACHES={"default": {"BACKEND": "django_clustershm.cache.ClusterShmCache", "LOCATION": "evict",
-                            "OPTIONS": {"MAX_ENTRIES": 3, "CULL_FREQUENCY": 3}}}  # fmt: skip
+        CACHES={
+            "default": {
+                "BACKEND": "django_clustershm.cache.ClusterShmCache",
+                "LOCATION": "evict",
+                "OPTIONS": {"MAX_ENTRIES": 3, "CULL_FREQUENCY": 3},
+            }
+        }  # fmt: skip
     ):
         cache = caches["default"]
         seen = []
@@ -199,7 +205,30 @@ def test_django_signal_is_sent(cluster):
         changed.disconnect(receiver)
 
 
-def test_a_slow_listener_is_cut_off_and_does_not_stall_writers(cluster):
+#: The listener backlog of the Manager in the slow-listener test: small, so
+#: that what the Manager queued can be told from its default (16 MiB) and
+#: from no limit at all.
+SMALL_BACKLOG = 1 << 20
+
+
+@pytest.fixture
+def small_backlog_cluster(monkeypatch):
+    """A cluster whose Manager cuts listeners off at SMALL_BACKLOG bytes.
+
+    Manager.max_listener_backlog is a class attribute: set here, before the
+    fork, the Manager's process inherits it."""
+    from django_clustershm.server.manager import Manager
+
+    monkeypatch.setattr(Manager, "max_listener_backlog", SMALL_BACKLOG)
+    proc = ManagerProcess().start()
+    clustershm.configure(proc.address, proc.secret)
+    yield proc
+    clustershm.configure(None)
+    proc.cleanup()
+
+
+def test_a_slow_listener_is_cut_off_and_does_not_stall_writers(small_backlog_cluster):
+    cluster = small_backlog_cluster
     r, w = os.pipe()
 
     def slow_listener():
@@ -211,28 +240,30 @@ def test_a_slow_listener_is_cut_off_and_does_not_stall_writers(cluster):
         block_until_killed()
 
     pid = fork_call(slow_listener)
-    os.read(r, 1)
-    rss_before = _rss_kib(cluster.pid)
-    value = os.urandom(256 * 1024)
-    start = time.monotonic()
-    for i in range(200):  # 50 MiB of events for a listener that takes 1 s each
-        clustershm.set(f"big:{i % 4}", value)
-    elapsed = time.monotonic() - start
-    assert elapsed < 30  # the writer never waits for the listener
-    wait_until(lambda: "listener too slow" in cluster.log(), message="cut off, with a logged reason")
-    assert _rss_kib(cluster.pid) - rss_before < 64 * 1024  # backlog bounded (16 MiB) + the values stored
-    os.kill(pid, signal.SIGKILL)
-    reap(pid, 10)
-    os.close(r)
-    os.close(w)
-
-
-def _rss_kib(pid: int) -> int:
-    with open(f"/proc/{pid}/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
+    os.close(w)  # the child's copy only: EOF here if it dies before listening
+    try:
+        assert os.read(r, 1) == b"r", "the listener process failed to subscribe"
+        value = os.urandom(256 * 1024)
+        start = time.monotonic()
+        for i in range(200):  # 50 MiB of events for a listener that reads none after the first
+            clustershm.set(f"big:{i % 4}", value)
+        elapsed = time.monotonic() - start
+        assert elapsed < 30  # the writer never waits for the listener
+        reason = rf"closing client \(pid {pid}\): listener too slow: (\d+) bytes of events pending"
+        found = wait_until(
+            lambda: re.search(reason, cluster.log()), message="the slow listener cut off, with a logged reason"
+        )
+        # What the Manager had queued for that connection when it cut it off:
+        # over the limit by at most the one event that crossed it (the value
+        # and a header), so what a slow listener costs the Manager is bounded
+        # by the limit (with no limit, or the default one, this fails).
+        pending = int(found.group(1))
+        most = SMALL_BACKLOG + len(value) + 1024
+        assert SMALL_BACKLOG < pending <= most, f"{pending} bytes queued, limit {SMALL_BACKLOG}"
+    finally:
+        os.kill(pid, signal.SIGKILL)  # also on failure: the child would otherwise wait forever
+        reap(pid, 10)
+        os.close(r)
 
 
 def test_embedded_listeners():
