@@ -1,0 +1,309 @@
+"""The Manager's lock table on a fake clock: no sleeping, no real time, no sockets.
+
+What is checked here is what :mod:`django_clustershm.server.locktable`
+promises: FIFO grants, leases that run out (on a tick, or when anyone looks),
+waiter deadlines (a waiter is never granted after its deadline), a dead
+session's locks handed over, fences that only grow, a bound on the waiters of
+one session, and LockNotOwned for a token that does not hold the lock.
+"""
+
+import pytest
+
+from django_clustershm.exceptions import LimitExceeded, LockNotOwned
+from django_clustershm.server.locktable import MAX_WAITERS_PER_SESSION, LockTable
+from django_clustershm.wire.args import TOKEN_SIZE
+
+
+class Clock:
+    """A clock that moves only when a test says so."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += seconds
+
+
+class Session:
+    """What the table uses of an engine session."""
+
+    def __init__(self, sid: int, pid: int | None = None) -> None:
+        self.id = sid
+        self.pid = 100 + sid if pid is None else pid
+        self.waiting = 0
+
+    def __repr__(self) -> str:
+        return f"<Session {self.id}>"
+
+
+class Table:
+    """A LockTable on a fake clock, with the answers it gives later recorded."""
+
+    def __init__(self) -> None:
+        self.clock = Clock()
+        self.answers: list[tuple[Session, int, object]] = []
+        self.locks = LockTable(self._answer, clock=self.clock)
+        self.sessions = [Session(i) for i in range(4)]
+
+    def _answer(self, waiter, result) -> None:
+        self.answers.append((waiter.session, waiter.rid, result))
+
+    def take_answers(self) -> list:
+        answers, self.answers = self.answers, []
+        return answers
+
+
+@pytest.fixture
+def t():
+    return Table()
+
+
+def test_a_free_lock_is_granted_at_once_with_a_token_and_a_fence(t):
+    a = t.sessions[0]
+    token, fence = t.locks.acquire(a, 1, "k", None, None)
+    assert type(token) is bytes and len(token) == TOKEN_SIZE and fence == 1
+    assert t.locks.status("k", token) == [True, True]
+    assert t.locks.status("k", None) == [True, False]
+    assert t.locks.status("k", b"x" * TOKEN_SIZE) == [True, False]
+    assert t.locks.status("other", token) == [False, False]
+    assert a.waiting == 0 and t.answers == []  # answered now, not later
+
+
+def test_a_try_of_a_held_lock_is_not_acquired_and_does_not_queue(t):
+    a, b = t.sessions[:2]
+    t.locks.acquire(a, 1, "k", None, None)
+    assert t.locks.acquire(b, 2, "k", None, 0) is None
+    assert t.locks.acquire(b, 3, "k", None, -1.0) is None
+    assert b.waiting == 0 and t.locks.describe()["waiting"] == 0
+
+
+def test_waiters_are_granted_in_fifo_order(t):
+    a, b, c, d = t.sessions
+    token, fence = t.locks.acquire(a, 1, "k", None, None)
+    for rid, session in ((2, b), (3, c), (4, d)):
+        assert t.locks.acquire(session, rid, "k", None, None) is ...  # answered later
+        assert session.waiting == 1
+    holders = [(a, token, fence)]
+    for expected in (b, c, d):
+        session, token, fence = holders[-1]
+        assert t.locks.release("k", token) is True  # handed over, not freed
+        ((got, rid, (new_token, new_fence)),) = t.take_answers()
+        assert got is expected and rid == {b: 2, c: 3, d: 4}[expected]
+        assert expected.waiting == 0
+        assert new_fence > fence and new_token != token
+        assert t.locks.status("k", new_token) == [True, True] and t.locks.status("k", token) == [True, False]
+        holders.append((expected, new_token, new_fence))
+    assert t.locks.release("k", holders[-1][1]) is False  # no one waits: free
+    assert t.locks.status("k", None) == [False, False] and t.answers == []
+    assert [f for _, _, f in holders] == [1, 2, 3, 4]
+
+
+def test_fences_grow_across_keys_and_after_a_key_is_forgotten(t):
+    a = t.sessions[0]
+    fences = []
+    for key in ("k", "k", "other", "k"):
+        token, fence = t.locks.acquire(a, 1, key, None, None)
+        fences.append(fence)
+        assert t.locks.release(key, token) is False  # the key's state is forgotten here
+    assert fences == sorted(set(fences)) and len(fences) == 4
+    assert t.locks._keys == {}
+
+
+def test_release_extend_status_with_a_wrong_token(t):
+    a = t.sessions[0]
+    token, _ = t.locks.acquire(a, 1, "k", 10.0, None)
+    wrong = bytes(TOKEN_SIZE)
+    with pytest.raises(LockNotOwned):
+        t.locks.release("k", wrong)
+    with pytest.raises(LockNotOwned):
+        t.locks.extend("k", wrong, 10.0)
+    assert t.locks.status("k", wrong) == [True, False]
+    with pytest.raises(LockNotOwned):
+        t.locks.release("never", token)  # never acquired
+    with pytest.raises(LockNotOwned):
+        t.locks.extend("never", token, None)
+    assert t.locks.status("k", token) == [True, True]  # the refusals changed nothing
+    assert t.locks.release("k", token) is False
+    with pytest.raises(LockNotOwned):
+        t.locks.release("k", token)  # released already
+
+
+def test_a_lease_runs_out_on_a_tick_and_the_lock_is_handed_over(t):
+    a, b = t.sessions[:2]
+    token, _ = t.locks.acquire(a, 1, "k", 5.0, None)
+    assert t.locks.acquire(b, 2, "k", None, None) is ...
+    assert t.locks.tick() == t.clock.now + 5.0  # the next due time: the lease
+    t.clock.advance(4.999)
+    t.locks.tick()
+    assert t.answers == [] and t.locks.status("k", token) == [True, True]
+    t.clock.advance(0.001)
+    assert t.locks.tick() is None  # nothing else is due
+    ((got, rid, (b_token, fence)),) = t.take_answers()
+    assert (got, rid, fence) == (b, 2, 2) and b.waiting == 0
+    assert t.locks.expired_leases == 1
+    assert t.locks.status("k", token) == [True, False] and t.locks.status("k", b_token) == [True, True]
+    with pytest.raises(LockNotOwned):
+        t.locks.release("k", token)  # the lease ran out: no longer the holder's
+    with pytest.raises(LockNotOwned):
+        t.locks.extend("k", token, 5.0)
+
+
+def test_a_lease_that_ran_out_is_seen_without_a_tick(t):
+    a, b = t.sessions[:2]
+    token, _ = t.locks.acquire(a, 1, "k", 1.0, None)
+    t.clock.advance(1.0)  # no tick: whoever looks next sees it expired
+    assert t.locks.status("k", token) == [False, False]
+    token, _ = t.locks.acquire(a, 2, "j", 1.0, None)
+    t.clock.advance(2.0)
+    b_token, _ = t.locks.acquire(b, 3, "j", None, 0)  # granted at once, not "held"
+    assert t.locks.status("j", b_token) == [True, True] and t.locks.expired_leases == 2
+    r_token, _ = t.locks.acquire(a, 4, "r", 1.0, None)
+    e_token, _ = t.locks.acquire(a, 5, "e", 1.0, None)
+    t.clock.advance(1.0)
+    with pytest.raises(LockNotOwned):
+        t.locks.release("r", r_token)  # too late to release: no longer the holder's
+    with pytest.raises(LockNotOwned):
+        t.locks.extend("e", e_token, 10.0)  # too late to extend a lease that ran out
+    assert t.locks.status("e", None) == [False, False] and t.locks.expired_leases == 4
+
+
+def test_extend_moves_the_lease_from_now_and_none_makes_it_unlimited(t):
+    a = t.sessions[0]
+    token, _ = t.locks.acquire(a, 1, "k", 1.0, None)
+    t.clock.advance(0.5)
+    assert t.locks.extend("k", token, 2.0) is True  # until now + 2 = start + 2.5
+    t.clock.advance(1.0)
+    t.locks.tick()  # the first lease's timer fires, and is ignored
+    assert t.locks.status("k", token) == [True, True]
+    t.clock.advance(0.999)
+    t.locks.tick()
+    assert t.locks.status("k", token) == [True, True]
+    t.clock.advance(0.001)
+    t.locks.tick()
+    assert t.locks.status("k", token) == [False, False] and t.locks.expired_leases == 1
+    token, _ = t.locks.acquire(a, 2, "k", 1.0, None)
+    assert t.locks.extend("k", token, None) is True
+    t.clock.advance(10_000)
+    assert t.locks.tick() is None
+    assert t.locks.status("k", token) == [True, True] and t.locks.expired_leases == 1
+
+
+def test_a_waiter_times_out_at_its_deadline(t):
+    a, b = t.sessions[:2]
+    token, _ = t.locks.acquire(a, 1, "k", None, None)
+    assert t.locks.acquire(b, 2, "k", None, 2.0) is ...
+    t.clock.advance(1.999)
+    assert t.locks.tick() == pytest.approx(t.clock.now + 0.001)
+    assert t.answers == [] and b.waiting == 1
+    t.clock.advance(0.001)
+    t.locks.tick()
+    assert t.take_answers() == [(b, 2, None)]  # "not acquired", answered by the table
+    assert b.waiting == 0 and t.locks.timed_out == 1
+    assert t.locks.release("k", token) is False  # nobody left to hand it to
+    t.clock.advance(100)
+    t.locks.tick()
+    assert t.answers == []  # answered once
+
+
+def test_a_waiter_past_its_deadline_is_never_granted_even_before_the_tick(t):
+    a, b, c = t.sessions[:3]
+    token, _ = t.locks.acquire(a, 1, "k", None, None)
+    assert t.locks.acquire(b, 2, "k", None, 1.0) is ...
+    assert t.locks.acquire(c, 3, "k", None, None) is ...
+    t.clock.advance(1.5)  # b's deadline passed, and no tick ran yet
+    assert t.locks.release("k", token) is True
+    answers = t.take_answers()
+    assert answers[0] == (b, 2, None)  # b is refused, not granted late
+    assert [(s, rid) for s, rid, _ in answers[1:]] == [(c, 3)] and answers[1][2] is not None
+    t.locks.tick()
+    assert t.answers == [] and b.waiting == 0 and c.waiting == 0
+
+
+def test_a_late_tick_does_not_grant_a_waiter_whose_deadline_passed(t):
+    """The lease ran out before the waiter's deadline, but the table learns of
+    both only after it: the waiter has given up by then and must not be granted."""
+    a, b = t.sessions[:2]
+    t.locks.acquire(a, 1, "k", 1.0, None)
+    assert t.locks.acquire(b, 2, "k", None, 2.0) is ...
+    t.clock.advance(3.0)
+    t.locks.tick()
+    assert t.take_answers() == [(b, 2, None)]
+    assert t.locks.status("k", None) == [False, False] and t.locks.granted == 1
+
+
+def test_drop_session_frees_its_locks_hands_them_over_and_forgets_its_waits(t):
+    a, b, c = t.sessions[:3]
+    t.locks.acquire(a, 1, "k1", None, None)
+    t.locks.acquire(a, 2, "k2", 30.0, None)
+    b_token, _ = t.locks.acquire(b, 3, "k3", None, None)
+    assert t.locks.acquire(a, 4, "k3", None, 5.0) is ...  # a waits for k3, with a deadline
+    assert t.locks.acquire(c, 5, "k1", None, None) is ...  # c waits for k1
+    assert a.waiting == 1
+    t.locks.drop_session(a)
+    ((got, rid, (c_token, fence)),) = t.take_answers()
+    assert (got, rid, fence) == (c, 5, 4)  # k1 handed over to the next waiter at once
+    assert t.locks.status("k1", c_token) == [True, True]
+    assert t.locks.status("k2", None) == [False, False]  # freed: no one waited
+    assert a.waiting == 0 and c.waiting == 0
+    assert t.locks.release("k3", b_token) is False  # a's wait is gone: nobody to hand it to
+    t.clock.advance(100)
+    t.locks.tick()  # a's old deadline and lease timers: nothing to answer
+    assert t.answers == []
+    assert sorted(t.locks._keys) == ["k1"]
+
+
+def test_drop_session_of_the_holder_skips_its_own_waits(t):
+    a, b = t.sessions[:2]
+    t.locks.acquire(a, 1, "k", None, None)
+    assert t.locks.acquire(a, 2, "k", None, None) is ...  # a also waits behind itself
+    assert t.locks.acquire(b, 3, "k", None, None) is ...
+    t.locks.drop_session(a)
+    ((got, rid, _),) = t.take_answers()
+    assert (got, rid) == (b, 3)
+
+
+def test_waiters_per_session_are_bounded(t):
+    a, b = t.sessions[:2]
+    token, _ = t.locks.acquire(a, 1, "k", None, None)
+    for rid in range(MAX_WAITERS_PER_SESSION):
+        wait = 1.0 if rid == 0 else None  # the first one has a deadline
+        assert t.locks.acquire(b, rid, "k", None, wait) is ...
+    assert b.waiting == MAX_WAITERS_PER_SESSION
+    with pytest.raises(LimitExceeded):
+        t.locks.acquire(b, -1, "k", None, None)
+    assert b.waiting == MAX_WAITERS_PER_SESSION  # the refused one was not queued
+    assert t.locks.acquire(b, -2, "k", None, 0) is None  # a try still gets its plain answer
+    assert t.locks.acquire(b, -3, "free", None, None)[1] > 0  # and a free lock is still granted
+    t.clock.advance(1.0)
+    t.locks.tick()  # the first one times out...
+    assert t.take_answers() == [(b, 0, None)] and b.waiting == MAX_WAITERS_PER_SESSION - 1
+    assert t.locks.acquire(b, -4, "k", None, None) is ...  # ...which makes room for one more
+    with pytest.raises(LimitExceeded):
+        t.locks.acquire(b, -5, "k", None, None)
+    assert t.locks.release("k", token) is True  # the first waiter of b gets it
+    assert t.take_answers()[0][:2] == (b, 1) and b.waiting == MAX_WAITERS_PER_SESSION - 1
+
+
+def test_describe_uses_the_tables_clock(t):
+    a, b, c = t.sessions[:3]
+    t.locks.acquire(a, 1, "k", 10.0, None)
+    t.locks.acquire(b, 2, "j", None, None)
+    t.locks.acquire(b, 3, "k", None, None)
+    t.locks.acquire(c, 4, "k", None, 1.0)
+    t.clock.advance(4.0)
+    t.locks.tick()  # c's wait ran out
+    described = t.locks.describe()
+    held = sorted(described["held"], key=lambda h: h["key"])
+    assert held == [
+        {"key": "j", "pid": b.pid, "fence": 2, "held_for": 4.0, "lease_left": None, "waiters": []},
+        {"key": "k", "pid": a.pid, "fence": 1, "held_for": 4.0, "lease_left": 6.0, "waiters": [b.pid]},
+    ]
+    assert (described["waiting"], described["granted"], described["expired_leases"], described["timed_out"]) == (
+        1,
+        2,
+        0,
+        1,
+    )
