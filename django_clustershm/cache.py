@@ -90,13 +90,12 @@ class ClusterShmCache(BaseCache):
         client = get_client()
         space = self._space
         if space is None or space[0] is not client:
-            if self._near is not None:
-                client.enable_near_cache(self._location, *self._near)
             keyspace = client.cache(
                 self._location,
                 max_entries=int(self._max_entries),
                 cull_frequency=int(self._cull_frequency),
                 max_bytes=self._max_bytes,
+                near_cache=self._near,
             )
             self._space = space = (client, keyspace)
         return space[1]

@@ -307,3 +307,14 @@ def test_describe_uses_the_tables_clock(t):
         0,
         1,
     )
+
+
+def test_timers_of_released_holds_do_not_pile_up():
+    """10,000 leased acquire/release pairs leave a bounded timer heap (each
+    stale timer would keep its session alive until its lease time)."""
+    table = LockTable(lambda waiter, result: None, clock=Clock())
+    session = Session(1)
+    for _ in range(10_000):
+        token, _fence = table.acquire(session, 1, "k", 30, 0)
+        table.release("k", token)
+    assert len(table._timers) <= 2 * 1024

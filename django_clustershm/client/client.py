@@ -63,11 +63,14 @@ class Keyspace:
     _client: Client
     _ns: str
     _bounds: list | None
+    #: The near cache this keyspace reads through, if it has one.
+    _near_cache: NearCache | None
 
-    def __init__(self, client: Client, ns: str, bounds: list | None) -> None:
+    def __init__(self, client: Client, ns: str, bounds: list | None, near_cache: NearCache | None = None) -> None:
         self._client = client
         self._ns = ns
         self._bounds = bounds
+        self._near_cache = near_cache
 
     def __repr__(self) -> str:
         return f"<Keyspace {self._ns!r} of {self._client!r}>"
@@ -104,7 +107,7 @@ class Keyspace:
         """The value of ``key``, or ``default`` if it is missing or expired."""
         client = self._client
         key = self._key(key)
-        near = client._near.get(self._ns) if client._near else None
+        near = self._near_cache
         if near is not None:
             data = near.get(key)
         else:
@@ -168,7 +171,7 @@ class Keyspace:
         """The values of the keys that exist, in one round trip."""
         client = self._client
         checked = [self._key(k) for k in keys]
-        near = client._near.get(self._ns) if client._near else None
+        near = self._near_cache
         if near is not None:
             found = near.get_many(checked)
         else:
@@ -250,6 +253,7 @@ class Client(Keyspace):
         self._client = self
         self._ns = ""
         self._bounds = None
+        self._near_cache = None
         self._max_key = -1  # known once the limits are (a socket learns them at its handshake)
         self._near: dict[str, NearCache] = {}
         self._tracker: Tracker | None = None
@@ -279,13 +283,19 @@ class Client(Keyspace):
         max_entries: int = DEFAULT_MAX_ENTRIES,
         cull_frequency: int = DEFAULT_CULL_FREQUENCY,
         max_bytes: int = DEFAULT_CACHE_BYTES,
+        near_cache: tuple[int, int] | None = None,
     ) -> Keyspace:
         """The named LRU cache ``name`` (what a Django cache LOCATION names), with
         these bounds for this keyspace's writes (Django's MAX_ENTRIES and
-        CULL_FREQUENCY; MAX_BYTES is fixed by the cache's first write)."""
+        CULL_FREQUENCY; MAX_BYTES is fixed by the cache's first write).
+
+        ``near_cache=(max_entries, max_bytes)``: this keyspace reads through a
+        near cache of the namespace (shared with the other keyspaces of it that
+        ask for one; a keyspace that does not ask reads from the Manager)."""
         if type(name) is not str or not name:
             raise ArgumentTypeError("a cache name is a non-empty str")
-        return Keyspace(self, name, A.bounds([max_entries, cull_frequency, max_bytes]))
+        near = None if near_cache is None else self.enable_near_cache(name, *near_cache)
+        return Keyspace(self, name, A.bounds([max_entries, cull_frequency, max_bytes]), near)
 
     # -- near caches (see .near) ----------------------------------------------------------------
 
@@ -303,6 +313,8 @@ class Client(Keyspace):
                 self._tracker = Tracker(self.transport)
             near = self._tracker.near_cache(ns, max_entries, max_bytes)
             self._near = {**self._near, ns: near}
+            if ns == "":
+                self._near_cache = near  # the store's reads (this client's own methods)
         return near
 
     def near_stats(self) -> dict:

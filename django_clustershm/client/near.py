@@ -187,7 +187,7 @@ class NearCache:
                 if data is not None:
                     self.hits += 1
                     return data
-        self.misses += 1
+            self.misses += 1  # counted under the lock: threads share the figures
         sid = tracker.session_id()
         sent_at = self.clock()
         data, ttl, seq, tracked = tracker.transport.call(P.TRACK_GET, [self.ns, key, sid])
@@ -210,10 +210,10 @@ class NearCache:
                     missing.append(key)
                 else:
                     found[key] = data
-        self.hits += len(found)
+            self.hits += len(found)
+            self.misses += len(missing)
         if not missing:
             return found
-        self.misses += len(missing)
         sid = tracker.session_id()
         sent_at = self.clock()
         fetched, seq, tracked = tracker.transport.call(P.TRACK_GET_MANY, [self.ns, missing, sid])
@@ -313,4 +313,4 @@ class Tracker:
         self.sid = None
         for cache in self.caches.values():
             cache._entries = OrderedDict()
-            cache.bytes = 0
+            cache.bytes = cache.hits = cache.misses = 0  # this process's figures start here

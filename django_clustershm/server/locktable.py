@@ -71,6 +71,7 @@ class LockTable:
         self._keys: dict[str, _Key] = {}
         self._timers: list[tuple[float, int, str, object]] = []  # (when, seq, key, waiter|holder)
         self._seq = 0
+        self._compact_at = 1024
         # One counter for all keys: a key's state is forgotten when no one
         # holds or waits for it, and its next fence must still be larger.
         # Fences grow for the Manager's lifetime (the server's).
@@ -171,6 +172,20 @@ class LockTable:
     def _timer(self, when: float, key: str, item) -> None:
         self._seq += 1
         heapq.heappush(self._timers, (when, self._seq, key, item))
+        if len(self._timers) > self._compact_at:
+            # Timers of released holds, extended leases and answered waiters
+            # stay in the heap until their time (each keeping its session
+            # alive): drop them once they are most of it. Amortized O(1).
+            self._timers = [t for t in self._timers if self._timer_live(t)]
+            heapq.heapify(self._timers)
+            self._compact_at = 2 * len(self._timers) + 1024
+
+    def _timer_live(self, timer) -> bool:
+        when, _seq, key, item = timer
+        if isinstance(item, Waiter):
+            return not item.done
+        state = self._keys.get(key)
+        return isinstance(item, Holder) and state is not None and state.holder is item and item.lease_until == when
 
     def _grant(self, key: str, state: _Key, session, lease: float | None, now: float) -> list:
         self._fence += 1
