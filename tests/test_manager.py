@@ -440,3 +440,31 @@ def test_a_closed_connection_never_touches_a_new_one_on_its_fd():
         manager._conns.clear()
     finally:
         manager.close()
+
+
+def test_a_second_manager_on_a_live_address_fails_and_leaves_the_first_alone(tmp_path):
+    address = str(tmp_path / "m.sock")
+    first = Manager(address, b"s" * 32).start()
+    try:
+        with pytest.raises(OSError, match="already listening"):
+            Manager(address, b"t" * 32)
+        client = socket_client(address, b"s" * 32)
+        client.set("still", "reachable")  # the first one's socket was not unlinked
+        assert client.get("still") == "reachable"
+        client.close()
+    finally:
+        first.close()
+
+
+def test_a_stale_socket_file_is_taken_over(tmp_path):
+    address = str(tmp_path / "m.sock")
+    dead = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    dead.bind(address)  # a Manager that died without unlinking its socket
+    dead.close()
+    manager = Manager(address, b"s" * 32).start()
+    try:
+        client = socket_client(address, b"s" * 32)
+        assert client.ping()
+        client.close()
+    finally:
+        manager.close()

@@ -90,6 +90,41 @@ def _remove_files(address: str, own_dir: str | None, pid: int) -> None:
         shutil.rmtree(own_dir, ignore_errors=True)
 
 
+def _bind(listener: socket.socket, address: str) -> None:
+    """Bind ``address`` (born 0600). A socket file already there is taken over
+    only if nothing answers on it (a Manager that died without cleaning up);
+    a live one makes this fail, and is left alone."""
+    old_umask = os.umask(0o177)  # the socket is born 0600, no window at 0755
+    try:
+        try:
+            listener.bind(address)
+            return
+        except OSError as exc:
+            if exc.errno != errno.EADDRINUSE:
+                raise
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.settimeout(1.0)
+            probe.connect(address)
+        except (ConnectionRefusedError, FileNotFoundError):
+            pass  # stale: nobody listens there any more
+        except OSError:
+            raise OSError(
+                errno.EADDRINUSE, f"cannot tell whether a server listens on {address}; not taking it over"
+            ) from None
+        else:
+            raise OSError(errno.EADDRINUSE, f"a Manager (or another server) is already listening on {address}")
+        finally:
+            probe.close()
+        try:
+            os.unlink(address)
+        except FileNotFoundError:
+            pass
+        listener.bind(address)
+    finally:
+        os.umask(old_umask)
+
+
 class _Conn:
     __slots__ = (
         "closed",
@@ -194,16 +229,15 @@ class Manager:
 
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            old_umask = os.umask(0o177)  # the socket is born 0600, no window at 0755
-            try:
-                listener.bind(address)
-            finally:
-                os.umask(old_umask)
+            _bind(listener, address)
             listener.listen(512)
             listener.setblocking(False)
         except OSError:
             listener.close()
-            self._remove_files()
+            # Only what this Manager made: a failed bind must never unlink the
+            # socket of a live Manager at the same address.
+            if self._own_dir is not None:
+                shutil.rmtree(self._own_dir, ignore_errors=True)
             raise
         self._listener = listener
         if write_secret_file and self._own_dir is not None:
