@@ -468,3 +468,28 @@ def test_a_stale_socket_file_is_taken_over(tmp_path):
         client.close()
     finally:
         manager.close()
+
+
+def test_requests_before_a_malformed_frame_are_applied_and_answered(manager_process):
+    """The Manager stops at the first bad frame: what came before it is applied
+    and answered, nothing after it is read."""
+    sock = _handshaked_socket(manager_process.address, manager_process.secret)
+    sock.sendall(
+        P.encode(P.SET, 1, ["", "before", b"v", None])
+        + P.encode(P.INCR, 2, ["", "n", 5, 0])
+        + b"XX" + bytes([P.VERSION, P.GET]) + struct.pack("!II", 3, 0)  # bad magic
+        + P.encode(P.SET, 4, ["", "after", b"v", None])
+    )  # fmt: skip
+    reader = P.FrameReader(1 << 20)
+    replies = []
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            break
+        replies += [(op, rid, P.decode_payload(payload)) for op, rid, payload in reader.feed(data)]
+    assert replies == [(P.OK, 1, None), (P.OK, 2, 5)]
+    sock.close()
+    client = socket_client(manager_process.address, manager_process.secret)
+    assert client.get("n") == 5 and client.has("before") and not client.has("after")
+    client.close()
+    wait_until(lambda: "bad magic" in manager_process.log(), message="the reason logged")

@@ -551,7 +551,7 @@ class Manager:
             try:
                 args = P.decode_payload(payload)
             except ProtocolError as exc:  # not msgpack: the stream cannot be trusted
-                self._close(conn, str(exc))
+                self._close_after_replies(conn, str(exc))
                 return
             try:
                 if type(args) is not list:
@@ -578,6 +578,11 @@ class Manager:
                 reply = encode(P.ERR, rid, [exc.code, str(exc)])
             out.append(reply)
             conn.out_size += len(reply)
+        if conn.reader.error is not None:
+            # A malformed frame after these: they were applied, so they are
+            # answered; nothing after it is read.
+            self._close_after_replies(conn, str(conn.reader.error))
+            return
         if self._dirty:
             # Listener events caused by these requests go out before the
             # writer's reply does: a listener hears of a write before the
@@ -585,6 +590,21 @@ class Manager:
             self._flush_dirty()
         if not conn.closed:
             self._flush(conn)
+
+    def _close_after_replies(self, conn: _Conn, reason: str) -> None:
+        """Close a connection whose stream broke, after trying to send the replies
+        of the requests before the break (and the events they caused)."""
+        if self._dirty:
+            self._flush_dirty()
+        if not conn.closed and conn.out:
+            data = b"".join(conn.out)
+            try:
+                conn.sock.setblocking(True)
+                conn.sock.settimeout(0.1)  # best effort, bounded: the peer is broken or hostile
+                conn.sock.sendall(data)
+            except OSError:
+                pass
+        self._close(conn, reason)
 
     def _handshake(self, conn: _Conn, frames) -> None:
         op, _rid, payload = frames[0]

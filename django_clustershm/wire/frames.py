@@ -109,6 +109,10 @@ write's ``max_bytes``; every other request on a cache that does not exist
 yet sees an empty one. Every request works on the store and on the caches
 alike: one implementation serves both (:mod:`..server.namespace`).
 
+A malformed frame ends the stream there: the requests before it (even in the
+same read) are applied and answered, nothing after it is read, and the
+connection is closed with the reason logged.
+
 A reply is ``OK`` with the result, or ``ERR`` with ``[code, message]``
 (codes in :mod:`django_clustershm.exceptions`). A well-formed request whose
 arguments the Manager refuses (a wrong type, an unknown opcode) is answered
@@ -236,20 +240,31 @@ class FrameReader:
     32 MiB value a hundred times).
     """
 
-    __slots__ = ("_chunks", "_have", "_need", "max_frame")
+    __slots__ = ("_chunks", "_have", "_need", "error", "max_frame")
 
     def __init__(self, max_frame: int = HANDSHAKE_MAX_FRAME) -> None:
         self._chunks: list[bytes] = []
         self._have = 0
         self._need = HEADER_SIZE
         self.max_frame = max_frame
+        #: The malformation met after the frames last returned: the stream
+        #: ends there (the next feed raises it).
+        self.error: ProtocolError | None = None
 
     def pending(self) -> int:
         """Bytes received but not yet part of a returned frame."""
         return self._have
 
     def feed(self, data: bytes) -> list[tuple[int, int, bytes]]:
-        """Add ``data``; return the complete frames as ``(opcode, rid, payload)``."""
+        """Add ``data``; return the complete frames as ``(opcode, rid, payload)``.
+
+        A malformed header raises ProtocolError; if whole frames came before
+        it, they are returned first and the error is kept in :attr:`error`
+        (the stream is over: the next feed raises it). So a peer's requests
+        sent before its bad frame are applied and answered, none after it.
+        """
+        if self.error is not None:
+            raise self.error
         if self._chunks:
             self._chunks.append(data)
             self._have += len(data)
@@ -271,12 +286,19 @@ class FrameReader:
         need = HEADER_SIZE
         while end - pos >= HEADER_SIZE:
             magic, version, op, rid, length = HEADER.unpack_from(buf, pos)
+            error = None
             if magic != MAGIC:
-                raise ProtocolError(f"bad magic {magic!r}")
-            if version != VERSION:
-                raise ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})")
-            if length > self.max_frame:
-                raise ProtocolError(f"frame of {length} bytes exceeds the maximum of {self.max_frame}")
+                error = ProtocolError(f"bad magic {magic!r}")
+            elif version != VERSION:
+                error = ProtocolError(f"unsupported protocol version {version} (this side speaks {VERSION})")
+            elif length > self.max_frame:
+                error = ProtocolError(f"frame of {length} bytes exceeds the maximum of {self.max_frame}")
+            if error is not None:
+                if not frames:
+                    raise error
+                self.error = error
+                self._chunks, self._have, self._need = [], 0, HEADER_SIZE
+                return frames
             stop = pos + HEADER_SIZE + length
             if stop > end:
                 need = HEADER_SIZE + length
