@@ -280,7 +280,7 @@ class FrameReader:
                 magic, version, op, rid, length = HEADER.unpack_from(buf)
                 if end == HEADER_SIZE + length and magic == MAGIC and version == VERSION and length <= self.max_frame:
                     return [(op, rid, buf[HEADER_SIZE:])]
-        frames = []
+        frames: list[tuple[int, int, bytes]] = []
         pos = 0
         end = len(buf)
         need = HEADER_SIZE
