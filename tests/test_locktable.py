@@ -318,3 +318,56 @@ def test_timers_of_released_holds_do_not_pile_up():
         token, _fence = table.acquire(session, 1, "k", 30, 0)
         table.release("k", token)
     assert len(table._timers) <= 2 * 1024
+
+
+class _NoScan(dict):
+    """The lock table's keys, refusing to be scanned whole."""
+
+    def items(self):
+        raise AssertionError("scanned every lock")
+
+    def __iter__(self):
+        raise AssertionError("scanned every lock")
+
+
+def _refs_from_scratch(table) -> dict:
+    refs: dict = {}
+    for key, state in dict.items(table._keys):
+        for session in ([state.holder.session] if state.holder else []) + [w.session for w in state.queue]:
+            per = refs.setdefault(session.id, {})
+            per[key] = per.get(key, 0) + 1
+    return refs
+
+
+def test_a_closing_session_touches_only_its_own_locks():
+    """Dropping a session visits the keys it holds or waits for (an index by
+    session), never every lock of the Manager (#12: 79-157 ms per close with 100k held)."""
+    clock = Clock()
+    table = LockTable(lambda waiter, result: None, clock=clock)
+    others = [Session(i) for i in range(1, 2001)]
+    for i, session in enumerate(others):
+        table.acquire(session, 1, f"k{i}", None, 0)
+    leaving = Session(9999)
+    table.acquire(leaving, 1, "mine", None, 0)
+    table.acquire(leaving, 2, "k0", None, None)  # and waits behind another's lock
+    table.acquire(others[1], 3, "mine", 5, None)  # someone waits for its lock
+    assert table._refs == _refs_from_scratch(table)
+    table._keys = _NoScan(table._keys)
+    table.drop_session(leaving)  # would raise if it scanned
+    table._keys = dict(table._keys)
+    assert table.status("mine", None) == [True, False]  # handed over to the waiter
+    assert 9999 not in table._refs
+    clock.advance(10)  # the new holder's 5 s lease runs out
+    table.tick()
+    assert table._refs == _refs_from_scratch(table)
+    for i, session in enumerate(others):
+        table.drop_session(session)
+    assert table._refs == {} and table.describe()["held_count"] == 0
+
+
+def test_describe_lists_a_bounded_number_of_locks_and_counts_them_all():
+    table = LockTable(lambda waiter, result: None, clock=Clock())
+    for i in range(LockTable.DESCRIBE_LIMIT + 50):
+        table.acquire(Session(i + 1), 1, f"k{i}", None, 0)
+    figures = table.describe()
+    assert len(figures["held"]) == LockTable.DESCRIBE_LIMIT and figures["held_count"] == LockTable.DESCRIBE_LIMIT + 50

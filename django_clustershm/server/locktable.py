@@ -72,6 +72,8 @@ class LockTable:
         self._timers: list[tuple[float, int, str, object]] = []  # (when, seq, key, waiter|holder)
         self._seq = 0
         self._compact_at = 1024
+        # session id -> {key: how many holds and waits it has there}
+        self._refs: dict[int, dict[str, int]] = {}
         # One counter for all keys: a key's state is forgotten when no one
         # holds or waits for it, and its next fence must still be larger.
         # Fences grow for the Manager's lifetime (the server's).
@@ -100,6 +102,7 @@ class LockTable:
         waiter = Waiter(session, rid, lease, None if wait is None else now + wait)
         state.queue.append(waiter)
         session.waiting += 1
+        self._ref(session, key)
         if waiter.deadline is not None:
             self._timer(waiter.deadline, key, waiter)
         return ...
@@ -135,8 +138,14 @@ class LockTable:
         return [holder is not None, holder is not None and token is not None and holder.token == token]
 
     def drop_session(self, session) -> None:
-        """The session is gone (its process died): free its locks, forget its waits."""
-        for key, state in list(self._keys.items()):
+        """The session is gone (its process died): free its locks, forget its waits.
+
+        Work is proportional to the keys this session holds or waits for (an
+        index by session), not to every lock of the Manager."""
+        for key in self._refs.pop(session.id, ()):
+            state = self._keys.get(key)
+            if state is None:
+                continue
             if state.queue:
                 kept = deque(w for w in state.queue if w.session is not session)
                 for w in state.queue:
@@ -187,7 +196,27 @@ class LockTable:
         state = self._keys.get(key)
         return isinstance(item, Holder) and state is not None and state.holder is item and item.lease_until == when
 
+    def _ref(self, session, key: str) -> None:
+        """``session`` holds or waits for ``key`` once more (the by-session index)."""
+        refs = self._refs.get(session.id)
+        if refs is None:
+            refs = self._refs[session.id] = {}
+        refs[key] = refs.get(key, 0) + 1
+
+    def _unref(self, session, key: str) -> None:
+        refs = self._refs.get(session.id)
+        if refs is None:
+            return  # the session is being dropped
+        count = refs.get(key, 0) - 1
+        if count > 0:
+            refs[key] = count
+        else:
+            refs.pop(key, None)
+            if not refs:
+                del self._refs[session.id]
+
     def _grant(self, key: str, state: _Key, session, lease: float | None, now: float) -> list:
+        self._ref(session, key)
         self._fence += 1
         holder = Holder(session, os.urandom(TOKEN_SIZE), self._fence, now, None if lease is None else now + lease)
         state.holder = holder
@@ -198,12 +227,15 @@ class LockTable:
 
     def _hand_over(self, key: str, state: _Key) -> bool:
         """The holder is done: grant the first waiter still waiting, in FIFO order (True if one was)."""
+        if state.holder is not None:
+            self._unref(state.holder.session, key)
         state.holder = None
         now = self.clock()
         while state.queue:
             waiter = state.queue.popleft()
             waiter.session.waiting -= 1
             waiter.done = True
+            self._unref(waiter.session, key)
             if waiter.deadline is not None and waiter.deadline <= now:
                 self.timed_out += 1
                 self.answer(waiter, None)  # its time ran out: never granted afterwards
@@ -220,6 +252,7 @@ class LockTable:
             return
         waiter.done = True
         waiter.session.waiting -= 1
+        self._unref(waiter.session, key)
         self.timed_out += 1
         self.answer(waiter, None)
         if state.holder is None and not state.queue:
@@ -233,12 +266,22 @@ class LockTable:
 
     # -- introspection --------------------------------------------------------------
 
+    #: Held locks that describe() lists at most (it counts them all).
+    DESCRIBE_LIMIT = 100
+
     def describe(self) -> dict:
+        """Figures, and the first DESCRIBE_LIMIT held locks in detail (a stats()
+        call must not stall the loop listing 200,000 of them)."""
         now = self.clock()
-        held = []
+        held: list[dict] = []
+        held_count = waiting = 0
         for key, state in self._keys.items():
             holder = state.holder
-            if holder is not None:
+            waiting += len(state.queue)
+            if holder is None:
+                continue
+            held_count += 1
+            if len(held) < self.DESCRIBE_LIMIT:
                 held.append(
                     {
                         "key": key,
@@ -246,12 +289,13 @@ class LockTable:
                         "fence": holder.fence,
                         "held_for": now - holder.since,
                         "lease_left": None if holder.lease_until is None else holder.lease_until - now,
-                        "waiters": [w.session.pid for w in state.queue],
+                        "waiters": [w.session.pid for w in list(state.queue)[: self.DESCRIBE_LIMIT]],
                     }
                 )
         return {
             "held": held,
-            "waiting": sum(len(s.queue) for s in self._keys.values()),
+            "held_count": held_count,
+            "waiting": waiting,
             "granted": self.granted,
             "expired_leases": self.expired_leases,
             "timed_out": self.timed_out,
