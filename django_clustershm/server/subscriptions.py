@@ -17,72 +17,105 @@ MAX_SUBSCRIPTIONS_PER_SESSION = 1024
 
 
 class Subscriptions:
+    """Subscriptions by exact key and by prefix, per namespace.
+
+    A write looks its key up once in the exact index, and once per distinct
+    prefix *length* in the prefix index (``key[:n]`` in a dict), never
+    scanning the subscriptions: 49,000 prefix subscriptions used to make a
+    write 182x slower. Adding and removing one is O(1).
+    """
+
     def __init__(self) -> None:
-        self._by_key: dict[tuple[str, str], dict[tuple[int, int], object]] = {}
-        self._prefixes: dict[str, list[tuple[str, object, int]]] = {}
-        self._by_session: dict[int, dict[int, tuple[str, str, bool]]] = {}
+        # ns -> key -> {(session id, sub_id): session}
+        self._exact: dict[str, dict[str, dict[tuple[int, int], object]]] = {}
+        # ns -> prefix -> {(session id, sub_id): session}
+        self._prefixed: dict[str, dict[str, dict[tuple[int, int], object]]] = {}
+        # ns -> {prefix length: how many distinct prefixes have it}
+        self._lengths: dict[str, dict[int, int]] = {}
+        # session id -> (session, {sub_id: (ns, key, prefix)})
+        self._by_session: dict[int, tuple[object, dict[int, tuple[str, str, bool]]]] = {}
         self.count = 0
         self.pushed = 0
 
     def add(self, session, sub_id: int, ns: str, key: str, prefix: bool) -> None:
-        subs = self._by_session.setdefault(session.id, {})
+        entry = self._by_session.get(session.id)
+        if entry is None:
+            entry = self._by_session[session.id] = (session, {})
+        subs = entry[1]
         if sub_id in subs:
             self.remove(session, sub_id)
         if len(subs) >= MAX_SUBSCRIPTIONS_PER_SESSION:
             raise LimitExceeded(f"this connection already holds {len(subs)} subscriptions")
         subs[sub_id] = (ns, key, prefix)
-        if prefix:
-            self._prefixes.setdefault(ns, []).append((key, session, sub_id))
-        else:
-            self._by_key.setdefault((ns, key), {})[(session.id, sub_id)] = session
+        index = (self._prefixed if prefix else self._exact).setdefault(ns, {})
+        targets = index.get(key)
+        if targets is None:
+            targets = index[key] = {}
+            if prefix:
+                lengths = self._lengths.setdefault(ns, {})
+                lengths[len(key)] = lengths.get(len(key), 0) + 1
+        targets[(session.id, sub_id)] = session
         self.count += 1
 
     def remove(self, session, sub_id: int) -> bool:
-        subs = self._by_session.get(session.id)
-        if not subs or sub_id not in subs:
+        entry = self._by_session.get(session.id)
+        if entry is None or sub_id not in entry[1]:
             return False
-        ns, key, prefix = subs.pop(sub_id)
-        if prefix:
-            remaining = [p for p in self._prefixes[ns] if not (p[1] is session and p[2] == sub_id)]
-            if remaining:
-                self._prefixes[ns] = remaining
-            else:
-                del self._prefixes[ns]
-        else:
-            targets = self._by_key[(ns, key)]
-            del targets[(session.id, sub_id)]
-            if not targets:
-                del self._by_key[(ns, key)]
+        ns, key, prefix = entry[1].pop(sub_id)
+        if not entry[1]:
+            del self._by_session[session.id]
+        index = (self._prefixed if prefix else self._exact)[ns]
+        targets = index[key]
+        del targets[(session.id, sub_id)]
+        if not targets:
+            del index[key]
+            if not index:
+                del (self._prefixed if prefix else self._exact)[ns]
+            if prefix:
+                lengths = self._lengths[ns]
+                lengths[len(key)] -= 1
+                if not lengths[len(key)]:
+                    del lengths[len(key)]
+                    if not lengths:
+                        del self._lengths[ns]
         self.count -= 1
         return True
 
     def drop_session(self, session) -> None:
-        for sub_id in list(self._by_session.get(session.id, ())):
-            self.remove(session, sub_id)
-        self._by_session.pop(session.id, None)
+        entry = self._by_session.get(session.id)
+        if entry is not None:
+            for sub_id in list(entry[1]):
+                self.remove(session, sub_id)
 
     def notify(self, ns: str, event: int, key: str | None, value) -> None:
         if not self.count or event == EVENT_TOUCH:
             return
         if event != EVENT_SET:
             value = None
+        push = self._push
         if key is None:  # clear: every subscription of the namespace hears it
-            for (sub_ns, _), targets in list(self._by_key.items()):
-                if sub_ns == ns:
-                    for (_, sub_id), session in list(targets.items()):
-                        self._push(session, (sub_id, ns, None, event, None))
-            for _, session, sub_id in list(self._prefixes.get(ns, ())):
-                self._push(session, (sub_id, ns, None, event, None))
+            for index in (self._exact.get(ns), self._prefixed.get(ns)):
+                if index:
+                    for targets in list(index.values()):
+                        for (_, sub_id), session in list(targets.items()):
+                            push(session, (sub_id, ns, None, event, None))
             return
-        by_key = self._by_key.get((ns, key))
-        if by_key:
-            for (_, sub_id), session in list(by_key.items()):
-                self._push(session, (sub_id, ns, key, event, value))
-        prefixes = self._prefixes.get(ns)
-        if prefixes:
-            for prefix, session, sub_id in prefixes:
-                if key.startswith(prefix):
-                    self._push(session, (sub_id, ns, key, event, value))
+        exact = self._exact.get(ns)
+        if exact:
+            found = exact.get(key)
+            if found:
+                for (_, sub_id), session in list(found.items()):
+                    push(session, (sub_id, ns, key, event, value))
+        lengths = self._lengths.get(ns)
+        if lengths:
+            prefixed = self._prefixed[ns]
+            size = len(key)
+            for length in lengths:
+                if length <= size:
+                    found = prefixed.get(key[:length])
+                    if found:
+                        for (_, sub_id), session in list(found.items()):
+                            push(session, (sub_id, ns, key, event, value))
 
     def _push(self, session, event: tuple) -> None:
         push = session.push
@@ -94,16 +127,13 @@ class Subscriptions:
         return {
             "subscriptions": self.count,
             "pushed": self.pushed,
-            "by_pid": {str(pid): n for pid, n in _count_by_pid(self._by_key, self._prefixes).items()},
+            "by_pid": _count_by_pid(self._by_session),
         }
 
 
-def _count_by_pid(by_key, prefixes) -> dict:
-    counts: dict[int, int] = {}
-    for targets in by_key.values():
-        for session in targets.values():
-            counts[session.pid] = counts.get(session.pid, 0) + 1
-    for entries in prefixes.values():
-        for _, session, _ in entries:
-            counts[session.pid] = counts.get(session.pid, 0) + 1
+def _count_by_pid(by_session) -> dict:
+    counts: dict[str, int] = {}
+    for session, subs in by_session.values():
+        pid = str(session.pid)
+        counts[pid] = counts.get(pid, 0) + len(subs)
     return counts
