@@ -35,7 +35,8 @@ class ManagerProcess:
     for closing a connection.
     """
 
-    def __init__(self, **manager_options) -> None:
+    def __init__(self, *, nofile: int | None = None, **manager_options) -> None:
+        self.nofile = nofile  # a hard limit on the Manager process's open files
         self.dir = tempfile.mkdtemp(prefix="cshm-test-")
         self.address = os.path.join(self.dir, "m.sock")
         self.secret = os.urandom(32)
@@ -56,6 +57,10 @@ class ManagerProcess:
                 log = logging.getLogger("django_clustershm")
                 log.handlers[:] = [handler]
                 log.setLevel(logging.DEBUG)
+                if self.nofile is not None:
+                    import resource
+
+                    resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
                 manager = Manager(self.address, self.secret, **self.options)
                 signal.signal(signal.SIGTERM, lambda *_: manager.close())
                 os.write(w, b"1")

@@ -11,12 +11,14 @@ import time
 import msgpack
 import pytest
 
+import django_clustershm as clustershm
+
 from django_clustershm import Manager
 from django_clustershm.exceptions import AuthenticationFailed, ManagerUnavailable
 from django_clustershm.wire import frames as P
 from django_clustershm.wire import handshake as H
 
-from .helpers import block_until_killed, fork_call, reap, run_forked, socket_client, wait_until
+from .helpers import ManagerProcess, block_until_killed, fork_call, reap, run_forked, socket_client, wait_until
 
 
 def _handshaked_socket(address: str, secret: bytes) -> socket.socket:
@@ -493,3 +495,57 @@ def test_requests_before_a_malformed_frame_are_applied_and_answered(manager_proc
     assert client.get("n") == 5 and client.has("before") and not client.has("after")
     client.close()
     wait_until(lambda: "bad magic" in manager_process.log(), message="the reason logged")
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as fh:
+        fields = fh.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")  # utime + stime
+
+
+def test_out_of_descriptors_the_manager_backs_off_instead_of_spinning():
+    proc = ManagerProcess(nofile=64).start()
+    peers = []
+    try:
+        for _ in range(100):  # more than it can accept: it runs out of descriptors
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(proc.address)
+            peers.append(s)
+        wait_until(lambda: "cannot accept clients" in proc.log(), message="out of descriptors")
+        before = _cpu_seconds(proc.pid)
+        time.sleep(1.0)  # a window to measure CPU in, not a wait for a condition
+        assert _cpu_seconds(proc.pid) - before < 0.3  # not a busy loop
+        assert proc.log().count("cannot accept clients") <= 3  # one line per pause
+        for s in peers:
+            s.close()
+        peers.clear()
+        client = socket_client(proc.address, proc.secret, timeout=5)
+        wait_until(lambda: _pings(client), timeout=10, message="served again once descriptors are free")
+        client.close()
+    finally:
+        for s in peers:
+            s.close()
+        proc.cleanup()
+
+
+def _pings(client) -> bool:
+    try:
+        return client.ping()
+    except clustershm.ManagerUnavailable:
+        return False
+
+
+def test_the_connection_cap_is_its_own_error(manager_process):
+    proc = ManagerProcess(max_connections=2).start()
+    try:
+        first, second = (socket_client(proc.address, proc.secret) for _ in range(2))
+        assert first.ping() and second.ping()
+        third = socket_client(proc.address, proc.secret)
+        with pytest.raises(clustershm.LimitExceeded, match="connections"):
+            third.ping()
+        first.close()
+        wait_until(lambda: _pings(third), message="a freed slot is usable")
+        for client in (second, third):
+            client.close()
+    finally:
+        proc.cleanup()

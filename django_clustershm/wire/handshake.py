@@ -21,7 +21,7 @@ import hashlib
 import hmac
 import os
 
-from ..exceptions import AuthenticationFailed, ProtocolError
+from ..exceptions import AuthenticationFailed, ProtocolError, error_from_code
 from . import frames as F
 from .limits import Limits
 
@@ -70,6 +70,9 @@ def refusal() -> bytes:
 
 def answer_hello(op: int, payload: bytes, secret: bytes) -> tuple[bytes, bytes]:
     """The client's AUTH frame for the Manager's HELLO, and the nonce it must see proven."""
+    if op == F.ERR:  # refused before the handshake (the Manager's connection cap)
+        code, message = F.decode_payload(payload)
+        raise error_from_code(code, message)
     if op != F.HELLO:
         raise ProtocolError(f"expected HELLO from the Manager, got opcode 0x{op:02x}")
     version, server_nonce, _manager_pid = F.decode_payload(payload)
