@@ -433,3 +433,27 @@ def test_a_listener_registered_in_ready_is_live_in_every_worker(server):
     )  # fmt: skip
     assert out.returncode == 0, out.stderr
     wait_until(lambda: every_worker_sees("checkout", False), timeout=20, message="command's change in every worker")
+
+
+def test_a_dead_manager_stops_the_server_with_a_non_zero_exit(tmp_path):
+    """Never limp: if the Manager's loop dies, the master stops (exit 70) with a
+    clear log line, instead of workers answering 500 forever. The fault is
+    injected through the Manager's own call_soon, from a gunicorn hook."""
+    config = tmp_path / "gunicorn_fault.conf.py"
+    config.write_text(
+        "def when_ready(server):\n"
+        "    from django_clustershm.serve import cluster\n"
+        "    class Fatal(BaseException):\n"
+        "        pass\n"
+        "    def boom():\n"
+        "        raise Fatal('injected')\n"
+        "    cluster.manager().call_soon(boom)\n"
+    )
+    srv = Server(tmp_path, "--config", str(config))
+    try:
+        srv.start(wait=False)
+        assert srv.wait(30) == 70
+        assert "the Manager died" in srv.log() and "Fatal('injected')" in srv.log()
+        assert srv.workers() == set()
+    finally:
+        srv.stop()

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 
 from .. import conf, registry
 from ..client import EmbeddedTransport
@@ -58,10 +59,31 @@ def start_manager() -> Manager:
             limits=conf.limits_from_settings(settings),
             max_store_bytes=None if max_store is None else int(max_store),
         )
-    _manager = Manager(engine=engine).start()
+    _manager = Manager(engine=engine)
+    _manager.on_failure = _manager_died
+    _manager.start()
     registry.configure(_manager.address, _manager.secret, adopt=handles)
     logger.info("django-clustershm: Manager started in the master (pid %d) on %s", os.getpid(), _manager.address)
     return _manager
+
+
+#: The master's exit status when its Manager died (EX_SOFTWARE), so that a
+#: supervisor restarts the whole server instead of workers serving 500s forever.
+EXIT_MANAGER_DIED = 70
+_failed = False
+
+
+def _manager_died(exc: BaseException) -> None:
+    """The Manager's loop died (on its thread): stop the server, non-zero."""
+    global _failed
+    _failed = True
+    logger.critical(
+        "django-clustershm: the Manager died (%r); stopping the server with exit status %d "
+        "rather than serving without it",
+        exc,
+        EXIT_MANAGER_DIED,
+    )
+    os.kill(os.getpid(), signal.SIGTERM)  # the arbiter's own graceful stop; on_exit sets the status
 
 
 def stop_manager() -> None:
@@ -90,6 +112,8 @@ def child_exit(server, worker) -> None:
 
 def on_exit(server) -> None:
     stop_manager()
+    if _failed:
+        raise SystemExit(EXIT_MANAGER_DIED)  # out of gunicorn's halt(), instead of its exit 0
 
 
 HOOKS = {"on_starting": on_starting, "child_exit": child_exit, "on_exit": on_exit}

@@ -50,6 +50,7 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable
 
 from ..exceptions import (
     ArgumentTypeError,
@@ -250,6 +251,9 @@ class Manager:
         self._dirty: set[_Conn] = set()
         self._stopping = False
         self._accept_paused = False
+        #: on_failure(exc): called (from the loop's thread) if the loop dies.
+        self.on_failure: Callable[[BaseException], None] | None = None
+        self.failure: BaseException | None = None
         self._thread: threading.Thread | None = None
         self._serving: threading.Thread | None = None
         self._closed = False
@@ -300,10 +304,22 @@ class Manager:
         return self
 
     def serve_forever(self) -> None:
-        """Serve in the calling thread until :meth:`close`."""
+        """Serve in the calling thread until :meth:`close`.
+
+        If the loop dies of anything (a MemoryError, a bug of ours), that is
+        logged as critical and :attr:`on_failure` is called with the error
+        before it is raised: a server must not limp on without its Manager
+        (the cluster's hook stops the master with a non-zero exit)."""
         self._serving = threading.current_thread()
         try:
             self._loop()
+        except BaseException as exc:
+            if not self._stopping:
+                logger.critical("the Manager's loop died: %r; the Manager is gone", exc, exc_info=True)
+                self.failure = exc
+                if self.on_failure is not None:
+                    self.on_failure(exc)
+            raise
         finally:
             self._shutdown()
             self._serving = None
