@@ -1,6 +1,7 @@
 """The Manager with real processes: sharing, atomicity, fork safety, rogue clients, auth."""
 
 import os
+import pickle
 import signal
 import socket
 import stat
@@ -27,10 +28,10 @@ def _handshaked_socket(address: str, secret: bytes) -> socket.socket:
     sock.settimeout(5)
     sock.connect(address)
     reader = P.FrameReader()
-    (op, _, payload), = reader.feed(sock.recv(512))
+    ((op, _, payload),) = reader.feed(sock.recv(512))
     auth, _client_nonce = H.answer_hello(op, payload, secret)
     sock.sendall(auth)
-    (op, _, _), = reader.feed(sock.recv(512))
+    ((op, _, _),) = reader.feed(sock.recv(512))
     assert op == P.OK
     return sock
 
@@ -531,11 +532,11 @@ def test_out_of_descriptors_the_manager_backs_off_instead_of_spinning():
 def _pings(client) -> bool:
     try:
         return client.ping()
-    except clustershm.ManagerUnavailable:
+    except (clustershm.ManagerUnavailable, clustershm.LimitExceeded):  # not served yet
         return False
 
 
-def test_the_connection_cap_is_its_own_error(manager_process):
+def test_the_connection_cap_is_its_own_error():
     proc = ManagerProcess(max_connections=2).start()
     try:
         first, second = (socket_client(proc.address, proc.secret) for _ in range(2))
@@ -547,5 +548,44 @@ def test_the_connection_cap_is_its_own_error(manager_process):
         wait_until(lambda: _pings(third), message="a freed slot is usable")
         for client in (second, third):
             client.close()
+    finally:
+        proc.cleanup()
+
+
+def _rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+def test_pipelined_reads_of_a_large_value_cannot_grow_the_manager_past_its_output_bound():
+    """#12 row 1: 5,400 bytes of pipelined GETs of a 1 MiB value made the Manager
+    buffer 894 MiB of replies. It now stops reading and answering a connection
+    whose unsent output passes its bound (8 MiB here) until the client reads;
+    every reply still arrives, in order."""
+    proc = ManagerProcess(max_pending_output=8 * 2**20).start()
+    try:
+        client = socket_client(proc.address, proc.secret)
+        value = os.urandom(2**20)
+        client.set("big", value)
+        sock = _handshaked_socket(proc.address, proc.secret)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        rss_before = _rss_kib(proc.pid)
+        count = 300  # 300 MiB of replies if all were answered at once
+        sock.sendall(b"".join(P.encode(P.GET, i + 1, ["", "big"]) for i in range(count)))
+        assert client.ping()  # everyone else is served meanwhile
+        wait_until(lambda: _rss_kib(proc.pid) > rss_before + 4 * 1024, message="the backlog builds up to its bound")
+        assert _rss_kib(proc.pid) - rss_before < 48 * 1024  # bound (8 MiB) + a reply in flight + slack, not 300 MiB
+        reader = P.FrameReader(P.DEFAULT_MAX_FRAME)
+        rids = []
+        while len(rids) < count:
+            for op, rid, payload in reader.feed(sock.recv(1 << 20)):
+                assert op == P.OK and pickle.loads(P.decode_payload(payload)) == value
+                rids.append(rid)
+        assert rids == list(range(1, count + 1))
+        sock.close()
+        client.close()
     finally:
         proc.cleanup()

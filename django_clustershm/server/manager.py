@@ -78,6 +78,7 @@ def forget_in_child() -> None:
         manager._forget_in_child()
 
 
+_IOV_BATCH = 64  # buffers one sendmsg() takes at most (Linux allows 1,024)
 _RECV_SIZE = 64 * 1024  # under glibc's mmap threshold: a larger recv() buffer costs an mmap+munmap per call
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 _READ = select.EPOLLIN
@@ -161,6 +162,7 @@ class _Conn:
         "overflow",
         "peer_pid",
         "peer_uid",
+        "pending",
         "pushed",
         "reader",
         "session",
@@ -171,7 +173,7 @@ class _Conn:
         self.sock = sock
         self.fd = sock.fileno()
         self.reader = P.FrameReader(P.HANDSHAKE_MAX_FRAME)
-        self.out: list[bytes] = []
+        self.out: list[bytes | memoryview] = []
         self.out_size = 0
         self.session: Session | None = None
         self.nonce = os.urandom(H.NONCE_SIZE)
@@ -187,6 +189,8 @@ class _Conn:
         self.pushed = 0
         self.lag_check = 0
         self.lagging = False
+        # Frames read but not yet answered (the output was over its bound).
+        self.pending: list | None = None
 
 
 class Manager:
@@ -228,7 +232,10 @@ class Manager:
         write_secret_file: bool = True,
         max_connections: int | None = None,
         max_listener_backlog: int | None = None,
+        max_pending_output: int | None = None,
     ) -> None:
+        if max_pending_output is not None:
+            self.max_pending_output = max_pending_output
         if max_connections is not None:
             self.max_connections = max_connections
         if max_listener_backlog is not None:
@@ -473,6 +480,8 @@ class Manager:
                         self._on_readable(conn)
                     if mask & _WRITE and not conn.closed:
                         self._flush(conn)
+                        if conn.pending and not conn.closed and conn.out_size <= self.max_pending_output:
+                            self._serve_frames(conn, conn.pending)
                 elif fd == listener_fd:
                     accept = True
                 elif fd == wake_fd:
@@ -608,15 +617,28 @@ class Manager:
             return
         if not frames:
             return
-        session = conn.session
-        if session is None:
+        if conn.session is None:
             self._handshake(conn, frames)
+            return
+        self._serve_frames(conn, frames)
+
+    def _serve_frames(self, conn: _Conn, frames: list) -> None:
+        """Answer ``frames`` in order; stop *before* a frame while this
+        connection's unsent output is over its bound, keeping the rest for
+        when it drains (and reading nothing more meanwhile): pipelined reads
+        of a large value cannot make the Manager buffer more than the bound."""
+        session = conn.session
+        if session is None:  # closed meanwhile
             return
         engine = self.engine
         encode = P.encode
         max_frame = self.engine.limits.max_frame
+        max_output = self.max_pending_output
         out = conn.out
-        for op, rid, payload in frames:
+        for index, (op, rid, payload) in enumerate(frames):
+            if conn.out_size > max_output:
+                conn.pending = frames[index:]
+                break
             try:
                 args = P.decode_payload(payload)
             except ProtocolError as exc:  # not msgpack: the stream cannot be trusted
@@ -647,7 +669,9 @@ class Manager:
                 reply = encode(P.ERR, rid, [exc.code, str(exc)])
             out.append(reply)
             conn.out_size += len(reply)
-        if conn.reader.error is not None:
+        else:
+            conn.pending = None
+        if conn.reader.error is not None and conn.pending is None:
             # A malformed frame after these: they were applied, so they are
             # answered; nothing after it is read.
             self._close_after_replies(conn, str(conn.reader.error))
@@ -788,25 +812,36 @@ class Manager:
         self._close(conn, None)
 
     def _flush(self, conn: _Conn) -> None:
-        if conn.out:
-            data = conn.out[0] if len(conn.out) == 1 else b"".join(conn.out)
+        out = conn.out
+        if out:
+            # Scatter-gather, and what is left is sliced as a view: a backlog
+            # is never copied (joining and re-slicing it copied it twice per
+            # partial send).
             try:
-                sent = conn.sock.send(data)
+                sent = conn.sock.send(out[0]) if len(out) == 1 else conn.sock.sendmsg(out[:_IOV_BATCH])
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError as exc:
                 self._close(conn, None if exc.errno in (errno.EPIPE, errno.ECONNRESET) else f"send failed: {exc}")
                 return
-            if sent == len(data):
-                conn.out = []
-                conn.out_size = 0
-            else:
-                conn.out = [data[sent:]]
-                conn.out_size = len(data) - sent
+            if sent:
+                conn.out_size -= sent
+                done = 0
+                while done < len(out) and sent >= len(out[done]):
+                    sent -= len(out[done])
+                    done += 1
+                if done:
+                    del out[:done]
+                if sent:
+                    out[0] = memoryview(out[0])[sent:]
         if conn.out:
             # A client that does not read its replies is not served more
-            # requests until it does: its backlog cannot grow without bound.
-            mask = _WRITE if conn.out_size > self.max_pending_output else _READ | _WRITE
+            # requests until it does (and frames it sent meanwhile wait,
+            # unanswered): its backlog cannot grow without bound.
+            if conn.out_size > self.max_pending_output or conn.pending:
+                mask = _WRITE
+            else:
+                mask = _READ | _WRITE
         else:
             mask = _READ
         if mask != conn.mask:
