@@ -589,3 +589,21 @@ def test_pipelined_reads_of_a_large_value_cannot_grow_the_manager_past_its_outpu
         client.close()
     finally:
         proc.cleanup()
+
+
+def test_stats_report_the_loops_longest_stall():
+    """The loop's own figure (what #12's stall targets are measured by): a
+    round that takes 80 ms shows as at least that."""
+    manager = Manager().start()
+    try:
+        client = socket_client(manager.address, manager.secret)
+        assert client.stats()["loop"]["max_stall_ms"] < 80
+        done = threading.Event()
+        manager.call_soon(lambda: (time.sleep(0.08), done.set()))  # a stand-in for a slow event
+        assert done.wait(5)
+        figures = client.stats()["loop"]
+        assert figures["max_stall_ms"] >= 80 and figures["recent_max_stall_ms"] >= 80
+        assert figures["connections"] == 1
+        client.close()
+    finally:
+        manager.close()

@@ -122,6 +122,8 @@ class Engine:
         self.subscriptions = Subscriptions()
         self.tracking = Tracking()
         self._rid = 0
+        #: The transport's own figures for stats() (the Manager's loop: its longest stall).
+        self.loop_stats: Callable[[], dict] | None = None
         self.sessions: dict[int, Session] = {}
         self._next_sid = 1
         self.started = time.time()
@@ -468,5 +470,7 @@ class Engine:
             "locks": self.locks.describe(),
             "listeners": self.subscriptions.describe(),
             "near_cache_tracking": len(self.tracking),
+            "near_cache_tracked_pairs": self.tracking.pairs,
             "limits": self.limits.as_dict(),
+            "loop": self.loop_stats() if self.loop_stats is not None else {},
         }

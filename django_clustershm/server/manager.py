@@ -241,6 +241,7 @@ class Manager:
         if max_listener_backlog is not None:
             self.max_listener_backlog = max_listener_backlog
         self.engine = engine or Engine(limits=limits, max_store_bytes=max_store_bytes)
+        self.engine.loop_stats = self.loop_stats
         self.secret = secret if secret is not None else os.urandom(32)
         self._own_dir = None
         if address is None:
@@ -258,6 +259,10 @@ class Manager:
         self._dirty: set[_Conn] = set()
         self._stopping = False
         self._accept_paused = False
+        #: Seconds of the loop's longest round since it started (see loop_stats).
+        self.max_stall = 0.0
+        self._stall_recent = self._stall_last_minute = 0.0
+        self._stall_seconds = 0
         #: on_failure(exc): called (from the loop's thread) if the loop dies.
         self.on_failure: Callable[[BaseException], None] | None = None
         self.failure: BaseException | None = None
@@ -469,6 +474,7 @@ class Manager:
                     next_tick = now + _TICK
                     timeout = min(next_check, deadline) - now if deadline is not None else next_check - now
                     events = poll(max(timeout, 0.0))
+            round_start = clock()
             accept = False
             for fd, mask in events:
                 conn = conns.get(fd)
@@ -513,6 +519,29 @@ class Manager:
                 next_check = now + 1.0
                 self._drop_slow_handshakes(now)
                 self._resume_accepting()
+                self._stall_window()
+            stall = clock() - round_start
+            if stall > self._stall_recent:
+                self._stall_recent = stall
+                if stall > self.max_stall:
+                    self.max_stall = stall
+
+    def _stall_window(self) -> None:
+        """Every second: the longest round of the last minute rolls over."""
+        self._stall_seconds += 1
+        if self._stall_seconds >= 60:
+            self._stall_seconds = 0
+            self._stall_last_minute = self._stall_recent
+            self._stall_recent = 0.0
+
+    def loop_stats(self) -> dict:
+        """The loop's longest round (the longest any one event kept every
+        client waiting): ever, and over the last minute or so."""
+        return {
+            "max_stall_ms": round(self.max_stall * 1000, 3),
+            "recent_max_stall_ms": round(max(self._stall_recent, self._stall_last_minute) * 1000, 3),
+            "connections": len(self._conns),
+        }
 
     def _accept(self) -> None:
         for _ in range(64):
