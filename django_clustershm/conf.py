@@ -7,6 +7,8 @@
 ``MAX_KEY_SIZE``     bytes of a key in UTF-8 (default 4096)
 ``MAX_VALUE_SIZE``   bytes of a pickled value (default 32 MiB)
 ``MAX_STORE_BYTES``  budget of the shared store (default: unbounded)
+``MAX_CACHE_BYTES``  the most a cache's MAX_BYTES may be (default 1 GiB): a
+                     larger one (whatever a client sends) is clamped to it
 ``NEAR_CACHE``       ``{"MAX_ENTRIES": n, "MAX_BYTES": n}``: a near cache for
                      the store's reads (cluster mode; see :mod:`.client.near`)
 ``CLIENT_SPIN``      seconds a call polls for its reply before sleeping
@@ -24,6 +26,9 @@ from .client.socket import DEFAULT_SPIN
 from .client.transport import DEFAULT_TIMEOUT
 from .wire.limits import DEFAULT_MAX_KEY, DEFAULT_MAX_VALUE, Limits
 
+#: The Manager-wide ceiling of one cache's MAX_BYTES (the engine's default too).
+DEFAULT_MAX_CACHE_BYTES = 2**30
+
 #: One defaults table (diskcache's ``DEFAULT_SETTINGS``).
 DEFAULTS: dict[str, Any] = {
     "ADDRESS": None,
@@ -32,6 +37,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_KEY_SIZE": DEFAULT_MAX_KEY,
     "MAX_VALUE_SIZE": DEFAULT_MAX_VALUE,
     "MAX_STORE_BYTES": None,
+    "MAX_CACHE_BYTES": DEFAULT_MAX_CACHE_BYTES,
     "NEAR_CACHE": None,
     "CLIENT_SPIN": DEFAULT_SPIN,
 }
@@ -56,6 +62,17 @@ def settings() -> dict[str, Any]:
 def limits_from_settings(conf: dict[str, Any] | None = None) -> Limits:
     conf = conf or settings()
     return Limits(max_key=int(conf["MAX_KEY_SIZE"]), max_value=int(conf["MAX_VALUE_SIZE"]))
+
+
+def engine_options(conf: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The Manager's engine as the settings describe it (the settings the Manager trusts)."""
+    conf = conf or settings()
+    max_store = conf["MAX_STORE_BYTES"]
+    return {
+        "limits": limits_from_settings(conf),
+        "max_store_bytes": None if max_store is None else int(max_store),
+        "max_cache_bytes": int(conf["MAX_CACHE_BYTES"]),
+    }
 
 
 def near_options(options) -> tuple[int, int] | None:

@@ -81,10 +81,7 @@ def embedded(engine: Engine | None = None) -> Client:
     """A client of an in-process engine built from the settings (or ``engine``)."""
     settings = conf.settings()
     if engine is None:
-        max_store = settings["MAX_STORE_BYTES"]
-        engine = Engine(
-            limits=conf.limits_from_settings(settings), max_store_bytes=None if max_store is None else int(max_store)
-        )
+        engine = Engine(**conf.engine_options(settings))
     return Client(EmbeddedTransport(engine, timeout=float(settings["TIMEOUT"])))
 
 

@@ -238,3 +238,16 @@ def test_an_expired_key_never_stalls_reaping(store, clock):
     clock.now += 2
     assert len(store.reap()) == 1000 and len(store) == 0
     assert math.isinf(float("inf"))
+
+
+def test_a_caches_max_bytes_is_clamped_to_the_managers_ceiling():
+    """#12 row 8: a cache's MAX_BYTES came from whatever its first writer sent (2**62 accepted)."""
+    from django_clustershm.server.engine import Engine
+    from django_clustershm.wire import frames as P
+
+    engine = Engine(max_cache_bytes=10_000)
+    session = engine.open_session()
+    engine.dispatch(session, P.SET, ["greedy", "k", b"v", None, [300, 3, 2**62]])
+    assert engine.caches["greedy"].max_bytes == 10_000
+    engine.dispatch(session, P.SET, ["modest", "k", b"v", None, [300, 3, 5_000]])
+    assert engine.caches["modest"].max_bytes == 5_000

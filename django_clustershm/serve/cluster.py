@@ -54,11 +54,7 @@ def start_manager() -> Manager:
         handles = current.shutdown()  # for configure() below to move to the cluster
         engine = current.transport.retire()
     else:
-        max_store = settings["MAX_STORE_BYTES"]
-        engine = Engine(
-            limits=conf.limits_from_settings(settings),
-            max_store_bytes=None if max_store is None else int(max_store),
-        )
+        engine = Engine(**conf.engine_options(settings))
     _manager = Manager(engine=engine)
     _manager.on_failure = _manager_died
     _manager.start()

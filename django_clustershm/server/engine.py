@@ -107,9 +107,13 @@ class Engine:
         *,
         limits: Limits | None = None,
         max_store_bytes: int | None = None,
+        max_cache_bytes: int = 2**30,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limits = limits or Limits()
+        #: A cache's MAX_BYTES is whatever its first writer asks, clamped to
+        #: this (the settings the Manager trusts): never 2**62 from a client.
+        self.max_cache_bytes = max_cache_bytes
         self._max_key = self.limits.max_key
         self.clock = clock
         self.store = self._namespace("", Namespace.store(max_store_bytes, clock=clock))
@@ -268,7 +272,8 @@ class Engine:
                 raise InvalidKey(f"a cache name is at most {MAX_CACHE_NAME} characters")
             if len(self.caches) >= MAX_CACHES:
                 raise LimitExceeded(f"the Manager holds {MAX_CACHES} caches already; use fewer cache LOCATIONs")
-            cache = self.caches[ns] = self._namespace(ns, Namespace.cache(bounds[2], clock=self.clock))
+            max_bytes = min(bounds[2], self.max_cache_bytes)
+            cache = self.caches[ns] = self._namespace(ns, Namespace.cache(max_bytes, clock=self.clock))
         return cache, bounds
 
     def _key(self, key) -> str:
