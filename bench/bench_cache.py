@@ -1,31 +1,9 @@
-"""Django cache backends compared: ClusterShmCache (and +near) vs LocMem, Redis, Memcached, diskcache, files, SQLite.
+"""Django cache backends: ClusterShmCache (and its near cache) against LocMem, Redis, Memcached, diskcache, files, SQLite.
 
-Run by hand from the repository root (not part of the test suite)::
-
-    python bench/bench_cache.py                          # every backend, N = 5000, 3 s per throughput run
-    python bench/bench_cache.py --only near,diskcache --json bench/results/cache.json
-    python bench/bench_cache.py --quick                  # a smoke run of half a minute
-
-Backends (``--only`` names), servers started and stopped by pid by this script, files in its temp
-dir: clustershm (``django_clustershm.cache.ClusterShmCache`` on a forked Manager, reached through
-``clustershm.configure()``); near (the same on its own LOCATION with ``NEAR_CACHE``: each process
-keeps a copy of the keys it read, which the Manager updates or invalidates); redis (RedisCache on
-redis-server on a Unix socket); memcached (PyMemcacheCache on 127.0.0.1, no UDP); locmem (not
-shared: the ceiling); diskcache (``diskcache.DjangoCache``); file (FileBasedCache); db
-(DatabaseCache on SQLite, WAL, ``transaction_mode = IMMEDIATE``, 20 s busy timeout). Bounded
-backends get ``MAX_ENTRIES = 100000``: nothing is culled.
-
-1. Latency, one process: median / p99 (µs) of get hit, get miss, set, incr, get_many(10) and
-   set_many(10), interleaved blocks, garbage collector paused; FileBased and DB ``--n-slow`` times.
-2. Throughput: 1, 2 and 4 forked workers, 90% get / 10% set over 1000 keys for ``--seconds``
-   after a common start; the sum of each worker's calls/s. For near, the share of gets answered
-   locally (``clustershm.near_stats()``).
-3. Shared counter: 4 processes x ``--incr`` ``cache.incr``; Django's generic get-then-set incr
-   (FileBased, DB) loses updates.
-
-Each worker builds its own backend instances after the fork. Compare backends within one run: the
-workers, servers and this script share the 2 CPUs of the reference VM. The targets: ClusterShmCache
-against RedisCache, the near cache against diskcache.DjangoCache.
+Three phases with one small value: one process's latency per operation; the aggregate throughput of 1, 2 and 4
+forked workers on a 90/10 get/set mix; a counter incremented by 4 processes, which shows whose ``incr`` is shared
+and atomic. Targets: ClusterShmCache against RedisCache, the near cache against diskcache.DjangoCache. README.md
+has the setup of every backend and how to read the numbers.
 """
 
 from __future__ import annotations

@@ -1,23 +1,8 @@
-"""Core latency benchmark: one client, one Manager, one operation at a time.
+"""Core latency: one client of a Manager, one operation at a time, against the cheapest Python IPC round trip.
 
-Run by hand from the repository root (not part of the test suite)::
-
-    python bench/bench_core.py                # N = 20000 timed calls per operation
-    python bench/bench_core.py --pin 0 --json bench/results/core.json
-    python bench/bench_core.py --quick        # a smoke run of a second
-
-Sequential calls of a client from ``clustershm.connect(address, secret)`` to a Manager serving in
-a forked process over a Unix socket (argument checks, pickling, framing, the round trip, the
-dispatch, the reply): get hit and miss, set, incr, get_many and set_many of 10 keys, the value a
-small dict. The *floor* is the cheapest round trip Python makes between two processes: a forked
-echo on a socketpair, a length prefix and a pickle each way; what the Manager costs above it is its
-own. The table: median and p99 (nearest rank) in µs, each median over the floor's; the target, a
-get hit at most 2x the floor. The operations run in interleaved blocks, the garbage collector
-paused, the server not under measurement SIGSTOPped.
-
-Only medians and ratios within one run count on the noisy 2-CPU reference VM, where CPU placement
-dominates: a round trip across CPUs pays for waking an idle one (20-40 µs), and the scheduler
-chooses. ``--pin CPU`` runs every process on one CPU, which steadies the comparison.
+Sequential calls of ``clustershm.connect()``'s client to a Manager in a forked process (the whole path: pickling,
+framing, the Unix socket, the dispatch, the reply), each median over the *floor*, a length-prefixed pickle echo on
+a socketpair: what the Manager costs above it is its own. Target: a get hit at most 2x the floor (README.md).
 """
 
 from __future__ import annotations

@@ -1,24 +1,8 @@
-"""HTTP benchmark: ``manage.py runcluster`` against plain gunicorn on Django's RedisCache, under wrk.
+"""HTTP benchmark: ``manage.py runcluster`` against plain gunicorn with Django's RedisCache, under wrk.
 
-Run by hand from the repository root (not part of the test suite; needs wrk, redis-server, gunicorn, redis)::
-
-    python bench/bench_http.py                 # 10 s of wrk per server
-    python bench/bench_http.py --seconds 30 --json bench/results/http.json
-    python bench/bench_http.py --quick         # a smoke run of about ten seconds
-
-``/bench/`` of the testproject (one ``cache.get``, one ``cache.incr``; the project of the tree whose
-package is imported, or this checkout's) served by 4 sync gunicorn workers on 127.0.0.1, one setup
-after the other: ``manage.py runcluster --workers 4`` (ClusterShmCache, the Manager in the master)
-and ``python -m gunicorn -w 4 testproject.wsgi`` with ``testproject.settings_redis`` (RedisCache on
-redis-server on a Unix socket). Once ``/bench/`` answers and the 4 workers are up: ``--warmup``
-requests from 16 threads, ``wrk -t2 -c16 -d10s --latency``, then SIGTERM; the master must exit 0
-and leave nothing in its process group (killed only otherwise).
-
-The table: requests/s, p50/p90/p99 latency (ms), requests/s over the Redis setup's. Correctness:
-the shared counter must equal the probe, warm-up and wrk requests and the final GET, plus at most
-the 16 in flight when wrk stops (and any wrk lost to a socket error); a shortfall, a non-2xx or an
-unclean stop exits 1. wrk shares the 2 CPUs of the reference VM and the setups run in turn: only
-the ratio within one run counts (the report warns if the CPUs were busy before the run).
+Whole requests to the testproject's ``/bench/`` (one ``cache.get``, one ``cache.incr``), 4 sync workers per server,
+one server after the other: requests/s and latency percentiles, and the shared counter, which must match the
+requests served (README.md has the setup and the checks). Only the ratio within one run counts.
 """
 
 from __future__ import annotations

@@ -1,23 +1,8 @@
-"""Listener delivery delay: clustershm.listen() against Redis pub/sub, write in one process to callback in another.
+"""Listener delivery delay: clustershm.listen() against Redis pub/sub, a write in one process to the callback in another.
 
-Run by hand from the repository root (not part of the test suite)::
-
-    python bench/bench_listeners.py                  # N = 5000 events per system
-    python bench/bench_listeners.py --n 20000 --json bench/results/listeners.json
-    python bench/bench_listeners.py --quick          # a smoke run of a second
-
-clustershm: a forked listener's ``clustershm.listen(KEY, callback)`` (run by its dispatcher
-thread); this process writes ``clustershm.set(KEY, (seq, time.monotonic_ns()))`` through a Manager
-it forked. Redis: a forked subscriber loops on redis-py's blocking ``pubsub.get_message()`` and
-unpickles the payload; this process ``publish``es the pickled ``(seq, stamp)`` to redis-server on a
-Unix socket. The callback takes ``time.monotonic_ns()`` first thing (system-wide, so the difference
-is the delay) and sends it back over a pipe; the writer waits for it before the next write, so one
-event is in flight at a time. ``--warmup`` events first, then interleaved blocks of 500 per system;
-garbage collector off in the listeners, paused in the writer.
-
-The table: median, p90, p99 (nearest rank) and max delay in µs, the write call's median, the
-events lost (there must be none), the median over Redis'; the target: clustershm's median at most
-200 µs. Each event wakes three processes on the 2-CPU reference VM: compare within one run.
+One event in flight at a time: the writer stamps ``time.monotonic_ns()`` (system-wide) into the value it writes or
+publishes, the listener's callback takes the difference and acknowledges it over a pipe, and the writer waits for
+that before the next event. None may be lost. Target: a clustershm median under 200 µs (README.md has the details).
 """
 
 from __future__ import annotations

@@ -1,33 +1,9 @@
 """Locks compared: django_clustershm.Lock against redis-py, diskcache and multiprocessing.
 
-Run by hand from the repository root (not part of the test suite)::
-
-    python bench/bench_locks.py                     # N = 5000, 3 rounds of 3 s per lock, 20 hand-overs
-    python bench/bench_locks.py --trials 50 --json bench/results/locks.json
-    python bench/bench_locks.py --quick             # a smoke run of about ten seconds
-
-Locks (``--only`` names), on Unix sockets in the script's temp dir, stopped by pid: clustershm
-(``clustershm.Lock`` on a forked Manager), redis (redis-py's ``Redis.lock`` on redis-server),
-diskcache (``diskcache.Lock``, ``eviction_policy="none"``), multiprocessing
-(``multiprocessing.Manager().Lock()``).
-
-1. Uncontended ``acquire()`` + ``release()``, one process, no lease: median and p99 (µs),
-   interleaved blocks, garbage collector paused; each median over redis-py's.
-2. Locked read-modify-write: ``--procs`` (4) forked processes loop for ``--seconds`` after a common
-   start: acquire, read a counter in the lock's own store, write it + 1, release. Ops/s over the
-   longest process's time, over diskcache's; the final counter must equal the increments (lost
-   updates must be 0); slowest and fastest process, longest wait. ``--rounds`` (3) rounds, the locks
-   taking turns; each row is the lock's median round, with the range over the rounds.
-3. Hand-over after the holder's SIGKILL: a forked waiter blocks in ``acquire()`` (for clustershm,
-   until ``clustershm.stats()`` lists it as queued; else 0.2 s), then the holder is SIGKILLed;
-   the delay runs to the waiter's grant (``time.monotonic()``, system-wide), ``--trials`` times.
-   clustershm needs no lease (the Manager frees a lock when its holder's connection closes);
-   redis-py and diskcache need a 1 s lease (polling every 0.1 s and 1 ms), and the table also gives
-   the delay from the holder's acquire; multiprocessing's lock has no owner and is never freed.
-
-Targets: clustershm's acquire+release at most 0.5x redis-py's, its read-modify-write at least 2x
-diskcache's, its hand-over at most 50 ms. Compare within one run. Spin locks (redis-py, diskcache)
-can look fast in phase 2 while unfair, which the slowest process and the longest wait show.
+Three phases (README.md has the details): uncontended acquire + release in one process; a locked
+read-modify-write of a shared counter by 4 processes, which must lose no update; the hand-over to a
+blocked waiter after the holder is SIGKILLed, which shows who frees a dead holder's lock, and how fast.
+Targets: at most 0.5x redis-py's acquire+release, at least 2x diskcache's ops/s, a 50 ms hand-over.
 """
 
 from __future__ import annotations

@@ -1,24 +1,10 @@
 """Compare two source trees of django-clustershm on the benchmarks' headline figures, in one run.
 
-    python bench/compare.py --before /work/before --after . --rounds 3 core cache locks listeners
-    python bench/compare.py --before /work/before --after . --rounds 2 --quick core listeners  # a smoke run
-
-Every round runs each named script (``bench/bench_NAME.py`` beside this file:
-core, cache, locks, listeners, http) once against each tree, before then
-after, as a child process with ``PYTHONPATH`` set to the tree, so that the
-tree's django_clustershm is the one imported: each run's JSON names the
-package directory it imported, and it must be the tree's. The runs
-interleave (before, after, before, after, ...) so that drift in the machine's
-load hits both trees alike. The scripts are this checkout's, on the package's
-public API only, so one script measures both trees the same way.
-
-cache runs ``--only clustershm,near`` and locks ``--only clustershm``, what
-the headline figures need (``--peers``: every peer, for the scripts' full
-reports in ``--keep DIR``); ``--quick`` and ``--args NAME=OPTIONS`` go to the
-scripts. For each headline figure the table gives the median over the
-rounds and the spread ((max - min) / median) for before and after, after /
-before, and "better"/"worse" only where the two trees' ranges over the
-rounds do not overlap; ``--json PATH`` also writes every round's figures.
+Each round runs every named script (core, cache, locks, listeners, http: this checkout's, on the package's public
+API) once against each tree, before then after, with PYTHONPATH set to the tree, whose package the run's JSON must
+name. The table: each headline figure's median and spread over the rounds per tree, after / before, and "better"
+or "worse" only where the two trees' ranges do not overlap. cache runs only clustershm and near, locks only
+clustershm, unless ``--peers``.
 """
 
 from __future__ import annotations

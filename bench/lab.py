@@ -1,21 +1,7 @@
-"""The lab every benchmark script in this directory shares (not a benchmark itself).
-
-The scripts import it as ``lab`` and use only the package's stable public API
-(``import django_clustershm as clustershm``: Manager, configure, connect,
-get/set..., Lock, listen, stats, near_stats, the Django backend's path), so the
-same scripts measure any tree that has it: put the tree first on PYTHONPATH
-(compare.py does); every JSON report names the package directory it imported.
-
-Here once for all: ``fork``/``reap`` by pid, ``Lines`` over pipes and
-``run_workers`` (N forked workers started together, one JSON result each);
-``Lab``, a private temp dir with the Manager in a forked child, redis-server on
-a Unix socket, memcached on 127.0.0.1 and any other server, each stopped by its
-pid; ``time_interleaved`` (blocks of every operation in turn, the garbage
-collector paused); ``summary`` (median, p90, p99 by nearest rank), ``rounds``
-(median and spread over rounds), ``ratio``; ``table``, ``target``, ``--json``
-and ``--quick`` (``parser``/``parse``), and ``finish``, which prints the report
-and writes the JSON with the headline figures compare.py reads.
-"""
+"""The lab every benchmark script here shares (not a benchmark): forked children and servers in a private
+temp dir, each stopped by its pid; timing and statistics; the options, the Markdown report and its JSON.
+The scripts use only the package's public API (``from lab import clustershm``), so they measure whichever
+tree is first on PYTHONPATH (compare.py sets it); every JSON report names the package it imported."""
 
 from __future__ import annotations
 
