@@ -88,16 +88,14 @@ def _operations(client, floor) -> dict:
 
 
 def main(argv=None) -> int:
-    p = lab.parser(__doc__)
-    p.add_argument("--n", type=lab.count, default=20000, help="timed calls per operation (default 20000)")
-    p.add_argument("--warmup", type=lab.count0, default=1000, help="untimed calls per operation first (default 1000)")
-    p.add_argument("--pin", type=int, metavar="CPU", help="run every process on this one CPU (default: unpinned)")
-    args = lab.parse(p, argv, quick={"n": 2000, "warmup": 200})
+    args = lab.options(__doc__, argv, {"n": 2000, "warmup": 200}, n=(lab.count, 20000, "timed calls per operation"),
+                       warmup=(lab.count0, 1000, "untimed calls per operation first"),
+                       pin=(int, None, "run every process on this one CPU (default: unpinned)"))  # fmt: skip
     if args.pin is not None:
         try:
             os.sched_setaffinity(0, {args.pin})  # inherited by the children forked below
         except (OSError, ValueError) as exc:
-            p.error(f"cannot pin to CPU {args.pin}: {exc}")
+            raise lab.BenchError(f"cannot pin to CPU {args.pin}: {exc}") from exc
 
     bench = lab.Lab("core")
     client = floor_sock = floor_pid = None
@@ -113,26 +111,24 @@ def main(argv=None) -> int:
         ops = _operations(client, _floor_caller(floor_sock))
         # Only the server under measurement runs: the other is stopped, so both see the same machine.
         pause = {name: bench.manager_pid if name == FLOOR else floor_pid for name in ops}
-        results = lab.summarise(lab.time_interleaved(ops, args.n, args.warmup, BLOCK, pause))
+        results = lab.time_interleaved(ops, args.n, args.warmup, BLOCK, pause)
     finally:
         if client is not None:
             client.close()
         if floor_sock is not None:
             floor_sock.close()  # EOF: the floor process returns
-        if floor_pid is not None and not lab.exited_ok(status := lab.reap(floor_pid, timeout=5.0)):
-            lab.log(f"warning: the floor process ended with {lab.describe(status)}")
+        if floor_pid is not None and (rc := lab.reap(floor_pid, timeout=5.0)) != 0:
+            lab.log(f"warning: the floor process ended with {lab.describe(rc)}")
         warnings = bench.close()
     elapsed = time.perf_counter() - started
 
     floor = results[FLOOR]["median_us"]
     for row in results.values():
         row["ratio_to_floor"] = row["median_us"] / floor
+    hit = results["get hit"]["ratio_to_floor"]
+    line, target = lab.target(f"get-hit median / floor median = {hit:.2f}x (target <= 2x)", hit, 2.0)
     rows = [[name, lab.fmt(r["median_us"]), lab.fmt(r["p99_us"]), f"{r['ratio_to_floor']:.2f}x"]
             for name, r in results.items()]  # fmt: skip
-    line, target = lab.target(
-        f"get-hit median / floor median = {results['get hit']['ratio_to_floor']:.2f}x (target <= 2x)",
-        results["get hit"]["ratio_to_floor"], 2.0,
-    )  # fmt: skip
     placement = f"pinned to CPU {args.pin}" if args.pin is not None else "unpinned"
     text = [
         lab.header(f"django-clustershm core latency: N={args.n} timed calls per operation after {args.warmup} "
@@ -142,9 +138,8 @@ def main(argv=None) -> int:
     ]  # fmt: skip
     report = {"n": args.n, "warmup": args.warmup, "pinned_cpu": args.pin, "seconds": elapsed, "value": repr(VALUE),
               "results": results, "target": target, "warnings": warnings}  # fmt: skip
-    headlines = {"core get hit median (µs)": lab.headline(results["get hit"]["median_us"], "lower")}
-    lab.finish(args, "bench_core", text, report, headlines)
-    return 1 if warnings else 0
+    headlines = {"core get hit median (µs)": (results["get hit"]["median_us"], "lower")}
+    return lab.finish(args, "bench_core", text, report, headlines, failed=warnings)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, for lab
 import lab
 from lab import clustershm
 
@@ -100,7 +99,7 @@ def parse_wrk(output: str) -> dict:
         "requests": int(requests[1]),
         "duration_s": float(requests[2]) * _UNITS_MS[requests[3]] / 1e3,
         "socket_errors": dict(zip(("connect", "read", "write", "timeout"), map(int, errors.groups() if errors else
-                                                                                 (0, 0, 0, 0)))),
+                                                                                 (0, 0, 0, 0)), strict=True)),
         "non_2xx": int(non2xx[1]) if non2xx else 0,
     }  # fmt: skip
 
@@ -150,18 +149,12 @@ def measure(bench: lab.Lab, name: str, argv: list[str], env: dict, args) -> dict
 
 
 def main(argv=None) -> int:
-    p = lab.parser(__doc__)
-    p.add_argument("--seconds", type=lab.count, default=10, help="duration of each wrk run (default 10)")
-    p.add_argument("--warmup", type=lab.count0, default=1000, help="warm-up requests per server (default 1000)")
-    args = lab.parse(p, argv, quick={"seconds": 2, "warmup": 100})
+    args = lab.options(__doc__, argv, {"seconds": 2, "warmup": 100}, seconds=(lab.count, 10, "duration of each wrk run"),
+                       warmup=(lab.count0, 1000, "warm-up requests per server"))  # fmt: skip
     lab.need(binaries=["wrk", "redis-server"], modules=["gunicorn", "redis"])
-
     busy = cpu_busy()
-    bench = lab.Lab("http")
-    started = time.monotonic()
     results: dict[str, dict] = {}
-    warnings: list[str] = []
-    try:
+    with lab.Lab("http") as bench:
         results[f"runcluster ({WORKERS} workers, ClusterShmCache)"] = measure(
             bench, "runcluster", [sys.executable, "manage.py", "runcluster", "--workers", str(WORKERS), "--bind",
                                   "127.0.0.1:PORT", "--log-level", "warning"],
@@ -171,11 +164,9 @@ def main(argv=None) -> int:
             bench, "gunicorn", [sys.executable, "-m", "gunicorn", "-w", str(WORKERS), "-b", "127.0.0.1:PORT",
                                 "testproject.wsgi"],
             {"DJANGO_SETTINGS_MODULE": "testproject.settings_redis", "REDIS_URL": redis_url}, args)  # fmt: skip
-    finally:
-        warnings = bench.close()
-    elapsed = time.monotonic() - started
 
-    base = list(results.values())[-1]["requests_per_s"]
+    first, redis = results.values()
+    base = redis["requests_per_s"]
     rows = [[name, f"{r['requests_per_s']:.0f}", *(f"{r['latency_ms'][k]:.2f}" for k in ("p50", "p90", "p99")),
              lab.fmt_x(r["requests_per_s"], base)] for name, r in results.items()]  # fmt: skip
     checks = []
@@ -190,8 +181,7 @@ def main(argv=None) -> int:
     bench.versions["wrk"] = lab.version_of(["wrk", "-v"], r"wrk (\S+)")
     text = [
         lab.header(f"django-clustershm HTTP benchmark: GET /bench/ (one cache.get + one cache.incr), {WORKERS} sync "
-                   f"gunicorn workers per server, {elapsed:.0f}s",
-                   bench.versions),
+                   f"gunicorn workers per server, {bench.elapsed:.0f}s", bench.versions),
         lab.table(["server", "requests/s", "p50 latency (ms)", "p90 latency (ms)", "p99 latency (ms)",
                    "requests/s / Redis"], rows),
         f"wrk command line: {wrk} (after {args.warmup} warm-up requests from {WARMUP_THREADS} threads)\n"
@@ -204,13 +194,12 @@ def main(argv=None) -> int:
     ]  # fmt: skip
     report = {"seconds": args.seconds, "warmup": args.warmup, "workers": WORKERS, "servers": bench.versions,
               "wrk": {"threads": WRK_THREADS, "connections": WRK_CONNECTIONS, "command": wrk}, "cpu_busy_before": busy,
-              "elapsed_s": elapsed, "results": {n: {**r, "ratio_to_redis": r["requests_per_s"] / base}
-                                                for n, r in results.items()}, "warnings": warnings}  # fmt: skip
-    first = next(iter(results.values()))
-    headlines = {"runcluster requests/s": lab.headline(first["requests_per_s"], "higher"),
-                 "runcluster / gunicorn+Redis requests/s": lab.headline(first["requests_per_s"] / base, "higher")}  # fmt: skip
-    lab.finish(args, "bench_http", text, report, headlines)
-    return 1 if warnings or any(r["problems"] for r in results.values()) else 0
+              "elapsed_s": bench.elapsed, "results": {n: {**r, "ratio_to_redis": r["requests_per_s"] / base}
+                                                      for n, r in results.items()}, "warnings": bench.warnings}  # fmt: skip
+    headlines = {"runcluster requests/s": (first["requests_per_s"], "higher"),
+                 "runcluster / gunicorn+Redis requests/s": (first["requests_per_s"] / base, "higher")}  # fmt: skip
+    failed = bench.warnings or any(r["problems"] for r in results.values())
+    return lab.finish(args, "bench_http", text, report, headlines, failed)
 
 
 if __name__ == "__main__":

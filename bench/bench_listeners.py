@@ -8,14 +8,11 @@ that before the next event. None may be lost. Target: a clustershm median under 
 from __future__ import annotations
 
 import gc
-import os
 import pickle
 import signal
 import statistics
-import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, for lab
 import lab
 from lab import clustershm
 
@@ -73,27 +70,6 @@ def _redis_subscriber(path: str, ack_w: int) -> None:
         client.close()
 
 
-def start_listener(bench: lab.Lab, name: str) -> lab.Lines:
-    """Fork the listener of ``name``, wait until it is subscribed; its acknowledgements. The lab stops it."""
-    ack_r, ack_w = os.pipe()
-    body, args = (_clustershm_listener, ()) if name == "clustershm" else (_redis_subscriber, (bench.redis_path,))
-    try:
-        pid = lab.fork(body, *args, ack_w, close=[ack_r])
-    finally:
-        os.close(ack_w)
-    acks = lab.Lines(ack_r)
-
-    def stop() -> list[str]:
-        acks.close()
-        status = lab.reap(pid, term=True)
-        return [] if lab.exited_ok(status) else [f"the {LABELS[name]} listener {pid} ended with {lab.describe(status)}"]
-
-    bench.cleanups.append(stop)
-    if (word := acks.read(lab.READY_TIMEOUT, f"subscription of the {LABELS[name]} listener")) != "ready":
-        raise lab.BenchError(f"the {LABELS[name]} listener said {word!r}")
-    return acks
-
-
 def measure(writers: dict, acks: dict, n: int, warmup: int, problems: list) -> dict:
     """``warmup`` then ``n`` events per system, one at a time, interleaved blocks; the delays' summary."""
     delays: dict = {name: [] for name in writers}
@@ -134,22 +110,22 @@ def measure(writers: dict, acks: dict, n: int, warmup: int, problems: list) -> d
 
 
 def main(argv=None) -> int:
-    p = lab.parser(__doc__)
-    p.add_argument("--n", type=lab.count, default=5000, help="timed events per system (default 5000)")
-    p.add_argument("--warmup", type=lab.count0, default=200, help="untimed events per system first (default 200)")
-    args = lab.parse(p, argv, quick={"n": 500, "warmup": 50})
+    args = lab.options(__doc__, argv, {"n": 500, "warmup": 50}, n=(lab.count, 5000, "timed events per system"),
+                       warmup=(lab.count0, 200, "untimed events per system first"))  # fmt: skip
     lab.need(binaries=["redis-server"], modules=["redis"])
     import redis
 
-    started = time.perf_counter()
-    bench = lab.Lab("listen")
     problems: list[str] = []
-    client = None
-    try:
+    with lab.Lab("listen") as bench:
         lab.log(f"temp dir {bench.tmpdir}: starting the Manager, redis-server and the two listeners")
         bench.start_manager()
         client = redis.Redis(unix_socket_path=bench.start_redis())
-        acks = {name: start_listener(bench, name) for name in LABELS}
+        bench.cleanups.append(client.close)
+        acks = {}
+        for name, body, *more in (("clustershm", _clustershm_listener), ("redis", _redis_subscriber, bench.redis_path)):
+            acks[name] = bench.start_child(f"the {LABELS[name]} listener", body, *more)
+            if (word := acks[name].read(lab.READY_TIMEOUT, f"subscription of the {LABELS[name]} listener")) != "ready":
+                raise lab.BenchError(f"the {LABELS[name]} listener said {word!r}")
         publish, dumps, shm_set = client.publish, pickle.dumps, clustershm.set
 
         def write_redis(seq: int, stamp: int) -> None:
@@ -159,38 +135,31 @@ def main(argv=None) -> int:
         writers = {"clustershm": lambda seq, stamp: shm_set(KEY, (seq, stamp)), "redis": write_redis}
         lab.log(f"{args.warmup} warm-up then {args.n} timed events per system, interleaved blocks of {BLOCK}")
         results = measure(writers, acks, args.n, args.warmup, problems)
-    finally:
-        if client is not None:
-            client.close()
-        problems += bench.close()
-    elapsed = time.perf_counter() - started
+    problems += bench.warnings
 
-    base = results["redis"]["median_us"]
+    base, shm = results["redis"]["median_us"], results["clustershm"]
     rows = [[LABELS[name], f"{r['delivered']} / {r['events']}", *(lab.fmt(r[k]) for k in
              ("median_us", "p90_us", "p99_us", "max_us", "write_call_median_us")), lab.fmt_x(r["median_us"], base)]
             for name, r in results.items()]  # fmt: skip
-    shm = results["clustershm"]
-    line, target = lab.target(
+    target_text, target = lab.targets("Target", {"median": (
         f"django_clustershm median write -> callback delay {lab.fmt(shm['median_us'])} µs"
         + (f", {shm['lost']} events lost" if shm["lost"] else "")
         + f" (target <= {TARGET_MEDIAN_US:g} µs, none lost); Redis pub/sub in the same run: {lab.fmt(base)} µs",
-        shm["median_us"], TARGET_MEDIAN_US, ok=not shm["lost"],
-    )  # fmt: skip
+        shm["median_us"], TARGET_MEDIAN_US, False, not shm["lost"])})  # fmt: skip
     more = f"; and {len(problems) - 20} more" if len(problems) > 20 else ""
     text = [
         lab.header(f"Listener delivery delay, write in one process -> callback in another: N={args.n} sequential "
-                   f"events per system after {args.warmup} warm-up, interleaved blocks of {BLOCK}; {elapsed:.1f}s",
+                   f"events per system after {args.warmup} warm-up, interleaved blocks of {BLOCK}; {bench.elapsed:.1f}s",
                    bench.versions),
         lab.table(["system", "delivered / events", "median (µs)", "p90 (µs)", "p99 (µs)", "max (µs)",
                    "write call median (µs)", "median / Redis"], rows),
-        "### Target\n\n" + line,
+        target_text,
         *(["Problems: " + "; ".join(problems[:20]) + more] if problems else []),
     ]  # fmt: skip
-    report = {"servers": bench.versions, "n": args.n, "warmup": args.warmup, "block": BLOCK, "elapsed_s": elapsed,
-              "results": results, "target": target, "problems": problems}  # fmt: skip
-    headlines = {"listener delay median (µs)": lab.headline(shm["median_us"], "lower")}
-    lab.finish(args, "bench_listeners", text, report, headlines)
-    return 1 if problems else 0
+    report = {"servers": bench.versions, "n": args.n, "warmup": args.warmup, "block": BLOCK, "elapsed_s": bench.elapsed,
+              "results": results, "target": target["median"], "problems": problems}  # fmt: skip
+    headlines = {"listener delay median (µs)": (shm["median_us"], "lower")}
+    return lab.finish(args, "bench_listeners", text, report, headlines, failed=problems)
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ clustershm, unless ``--peers``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -18,9 +17,9 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)  # for lab
 import lab
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 SCRIPTS = ("core", "cache", "locks", "listeners", "http")
 FOCUS = {"cache": ["--only", "clustershm,near"], "locks": ["--only", "clustershm"]}
@@ -68,17 +67,15 @@ def compare(values: dict, better: dict) -> tuple[list[list], dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = lab.parser(__doc__, quick="pass --quick to every script (a smoke run)")
     p.add_argument("scripts", nargs="+", choices=SCRIPTS, help="the benchmarks to run, by name")
     p.add_argument("--before", required=True, metavar="TREE", help="the older source tree (a checkout)")
     p.add_argument("--after", required=True, metavar="TREE", help="the newer source tree (a checkout)")
     p.add_argument("--rounds", type=lab.count, default=3, help="runs of each script per tree (default 3)")
-    p.add_argument("--quick", action="store_true", help="pass --quick to every script (a smoke run)")
     p.add_argument("--peers", action="store_true", help="run every peer in cache and locks, not only clustershm")
     p.add_argument("--args", action="append", default=[], metavar="NAME=OPTIONS", help="more options for one script")
     p.add_argument("--timeout", type=lab.seconds, default=1800.0, help="seconds one run may take (default 1800)")
     p.add_argument("--keep", metavar="DIR", help="keep every run's report (Markdown and JSON) in DIR")
-    p.add_argument("--json", metavar="PATH", help="also write the comparison as JSON to PATH")
     args = p.parse_args(argv)
     trees = {"before": os.path.abspath(args.before), "after": os.path.abspath(args.after)}
     for side, tree in trees.items():
