@@ -231,9 +231,6 @@ def run_incr(alias: str, args) -> dict:
             "seconds": max(w["seconds"] for w in workers), "per_process_last": [w["last"] for w in workers]}  # fmt: skip
 
 
-# -- report ---------------------------------------------------------------------------
-
-
 def _label(name: str) -> str:
     return BACKENDS[name] + (" (not shared)" if name in NOT_SHARED else "")
 
@@ -318,9 +315,6 @@ def targets(results: dict) -> tuple[str, dict]:
     return lab.targets(title, checks)
 
 
-# -- main ---------------------------------------------------------------------------
-
-
 def _attempt(results: dict, name: str, phase: str, fn, *args) -> bool:
     """results[name][phase] = fn(*args) unless None; a failure goes to results[name][phase + "_error"], the run goes on."""
     try:
@@ -347,9 +341,7 @@ def main(argv=None) -> int:
                                                   ("diskcache", "diskcache")) if n in selected])  # fmt: skip
 
     results: dict[str, dict] = {name: {"label": BACKENDS[name]} for name in selected}
-    bench = lab.Lab("cache")
-    started = time.perf_counter()
-    try:
+    with lab.Lab("cache") as bench:
         if {"clustershm", "near"} & set(selected):
             bench.start_manager(configure=False)  # configure() once Django is set up, before any fork
         if "redis" in selected:
@@ -363,16 +355,13 @@ def main(argv=None) -> int:
         for phase, fn in (("latency", run_latency), ("throughput", run_throughput), ("incr", run_incr)):
             for name in active:
                 _attempt(results, name, phase, fn, name, args)
-    finally:
-        warnings = bench.close()
-    elapsed = time.perf_counter() - started
 
     failures = [f"- {BACKENDS[name]}: {msg}" for name, r in results.items() for key, msg in r.items()
                 if key.endswith("_error")]  # fmt: skip
     target_text, target_results = targets(results)
     text = [
         "## Django cache backends: latency, throughput, shared incr",
-        lab.header(f"Value {VALUE_TEXT}; run took {elapsed:.0f}s", bench.versions),
+        lab.header(f"Value {VALUE_TEXT}; run took {bench.elapsed:.0f}s", bench.versions),
         *(["**Errors:**", "\n".join(failures)] if failures else []),
         *tables(selected, results, args),
         target_text,
@@ -383,11 +372,9 @@ def main(argv=None) -> int:
         for what, path, better in (("get hit median (µs)", ("latency", "get hit", "median_us"), "lower"),
                                    ("4-process 90/10 ops/s", ("throughput", "4", "ops_per_s"), "higher"))
     }  # fmt: skip
-    report = {"servers": bench.versions, "n": args.n, "n_slow": min(args.n, args.n_slow), "warmup": args.warmup,
-              "seconds_per_run": args.seconds, "procs": list(PROCS), "keyspace": KEYSPACE, "set_share": SET_SHARE,
-              "incr": {"procs": INCR_PROCS, "calls_each": args.incr}, "value": VALUE_TEXT, "elapsed_s": elapsed,
-              "backends": results, "targets": target_results, "warnings": warnings}  # fmt: skip
-    return lab.finish(args, "bench_cache", text, report, headlines, failed=failures or warnings)
+    report = {"n_slow": min(args.n, args.n_slow), "procs": list(PROCS), "keyspace": KEYSPACE, "set_share": SET_SHARE,
+              "incr_procs": INCR_PROCS, "value": VALUE_TEXT, "backends": results, "targets": target_results}  # fmt: skip
+    return lab.finish(args, bench, text, report, headlines, failed=failures)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,7 @@ import os
 import pickle
 import socket
 import struct
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, for lab
 import lab
 from lab import clustershm
 
@@ -76,15 +73,10 @@ def _operations(client, floor) -> dict:
     if client.get("bench:hit") != VALUE or floor() != VALUE or client.get("bench:missing") is not None:
         raise lab.BenchError("a get of the seeded keys does not return what was stored")
     get, set_, incr, get_many, set_many = client.get, client.set, client.incr, client.get_many, client.set_many
-    return {
-        FLOOR: floor,
-        "get hit": lambda: get("bench:hit"),
-        "get miss": lambda: get("bench:missing"),
-        "set": lambda: set_("bench:set", VALUE),
-        "incr": lambda: incr("bench:counter"),
-        f"get_many({MANY} keys)": lambda: get_many(many_keys),
-        f"set_many({MANY} keys)": lambda: set_many(many_items),
-    }
+    return {FLOOR: floor, "get hit": lambda: get("bench:hit"), "get miss": lambda: get("bench:missing"),
+            "set": lambda: set_("bench:set", VALUE), "incr": lambda: incr("bench:counter"),
+            f"get_many({MANY} keys)": lambda: get_many(many_keys),
+            f"set_many({MANY} keys)": lambda: set_many(many_items)}  # fmt: skip
 
 
 def main(argv=None) -> int:
@@ -97,30 +89,26 @@ def main(argv=None) -> int:
         except (OSError, ValueError) as exc:
             raise lab.BenchError(f"cannot pin to CPU {args.pin}: {exc}") from exc
 
-    bench = lab.Lab("core")
-    client = floor_sock = floor_pid = None
-    started = time.perf_counter()
-    try:
+    with lab.Lab("core") as bench:
         bench.start_manager(configure=False)
         floor_sock, floor_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             floor_pid = lab.fork(_floor_child, floor_end, close=[floor_sock.fileno()])
         finally:
             floor_end.close()
+
+        def stop_floor() -> list[str]:
+            floor_sock.close()  # EOF: the floor process returns
+            rc = lab.reap(floor_pid, timeout=5.0)
+            return [] if rc == 0 else [f"the floor process ended with {lab.describe(rc)}"]
+
+        bench.cleanups.append(stop_floor)
         client = clustershm.connect(bench.address, bench.secret)
+        bench.cleanups.append(client.close)
         ops = _operations(client, _floor_caller(floor_sock))
         # Only the server under measurement runs: the other is stopped, so both see the same machine.
         pause = {name: bench.manager_pid if name == FLOOR else floor_pid for name in ops}
         results = lab.time_interleaved(ops, args.n, args.warmup, BLOCK, pause)
-    finally:
-        if client is not None:
-            client.close()
-        if floor_sock is not None:
-            floor_sock.close()  # EOF: the floor process returns
-        if floor_pid is not None and (rc := lab.reap(floor_pid, timeout=5.0)) != 0:
-            lab.log(f"warning: the floor process ended with {lab.describe(rc)}")
-        warnings = bench.close()
-    elapsed = time.perf_counter() - started
 
     floor = results[FLOOR]["median_us"]
     for row in results.values():
@@ -132,14 +120,12 @@ def main(argv=None) -> int:
     placement = f"pinned to CPU {args.pin}" if args.pin is not None else "unpinned"
     text = [
         lab.header(f"django-clustershm core latency: N={args.n} timed calls per operation after {args.warmup} "
-                   f"warm-up, {placement}, {elapsed:.1f}s"),
+                   f"warm-up, {placement}, {bench.elapsed:.1f}s"),
         lab.table(["operation", "median (µs)", "p99 (µs)", "median / floor"], rows),
         line,
     ]  # fmt: skip
-    report = {"n": args.n, "warmup": args.warmup, "pinned_cpu": args.pin, "seconds": elapsed, "value": repr(VALUE),
-              "results": results, "target": target, "warnings": warnings}  # fmt: skip
     headlines = {"core get hit median (µs)": (results["get hit"]["median_us"], "lower")}
-    return lab.finish(args, "bench_core", text, report, headlines, failed=warnings)
+    return lab.finish(args, bench, text, {"value": repr(VALUE), "results": results, "target": target}, headlines)
 
 
 if __name__ == "__main__":

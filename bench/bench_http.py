@@ -192,14 +192,12 @@ def main(argv=None) -> int:
         "Correctness (the counter after the run vs. probe + warm-up + wrk's requests + the final GET):\n"
         + "\n".join(checks),
     ]  # fmt: skip
-    report = {"seconds": args.seconds, "warmup": args.warmup, "workers": WORKERS, "servers": bench.versions,
-              "wrk": {"threads": WRK_THREADS, "connections": WRK_CONNECTIONS, "command": wrk}, "cpu_busy_before": busy,
-              "elapsed_s": bench.elapsed, "results": {n: {**r, "ratio_to_redis": r["requests_per_s"] / base}
-                                                      for n, r in results.items()}, "warnings": bench.warnings}  # fmt: skip
+    report = {"workers": WORKERS, "wrk": {"threads": WRK_THREADS, "connections": WRK_CONNECTIONS, "command": wrk},
+              "cpu_busy_before": busy, "results": {n: {**r, "ratio_to_redis": r["requests_per_s"] / base}
+                                                   for n, r in results.items()}}  # fmt: skip
     headlines = {"runcluster requests/s": (first["requests_per_s"], "higher"),
                  "runcluster / gunicorn+Redis requests/s": (first["requests_per_s"] / base, "higher")}  # fmt: skip
-    failed = bench.warnings or any(r["problems"] for r in results.values())
-    return lab.finish(args, "bench_http", text, report, headlines, failed)
+    return lab.finish(args, bench, text, report, headlines, failed=any(r["problems"] for r in results.values()))
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def main(argv=None) -> int:
         bench.cleanups.append(client.close)
         acks = {}
         for name, body, *more in (("clustershm", _clustershm_listener), ("redis", _redis_subscriber, bench.redis_path)):
-            acks[name] = bench.start_child(f"the {LABELS[name]} listener", body, *more)
+            _, acks[name] = bench.start_child(f"the {LABELS[name]} listener", body, *more)
             if (word := acks[name].read(lab.READY_TIMEOUT, f"subscription of the {LABELS[name]} listener")) != "ready":
                 raise lab.BenchError(f"the {LABELS[name]} listener said {word!r}")
         publish, dumps, shm_set = client.publish, pickle.dumps, clustershm.set
@@ -156,10 +156,9 @@ def main(argv=None) -> int:
         target_text,
         *(["Problems: " + "; ".join(problems[:20]) + more] if problems else []),
     ]  # fmt: skip
-    report = {"servers": bench.versions, "n": args.n, "warmup": args.warmup, "block": BLOCK, "elapsed_s": bench.elapsed,
-              "results": results, "target": target["median"], "problems": problems}  # fmt: skip
+    report = {"block": BLOCK, "results": results, "target": target["median"], "problems": problems}
     headlines = {"listener delay median (µs)": (shm["median_us"], "lower")}
-    return lab.finish(args, "bench_listeners", text, report, headlines, failed=problems)
+    return lab.finish(args, bench, text, report, headlines, failed=problems)
 
 
 if __name__ == "__main__":

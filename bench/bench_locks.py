@@ -27,7 +27,7 @@ LABELS = {"clustershm": "django_clustershm.Lock", "redis": "redis-py Lock", "dis
 
 # -- the four locks, behind one interface --------------------------------------------
 # A backend is made in this process; a forked child calls child() for one with its own connections.
-# prepare(key) runs here before forking (multiprocessing's locks are proxies made by the process that
+# lock(key) runs here before forking too (multiprocessing's locks are proxies made by the process that
 # asks for them). read() and write(n): the counter in the lock's own store (read may return bytes,
 # which int() takes); warm(): one round trip. Phase 3: the waiter's timeout ``wait``, the ``lease``
 # the holder takes, the ``recovery`` that frees a dead holder's lock.
@@ -38,9 +38,6 @@ class Backend:
 
     def child(self):
         return self
-
-    def prepare(self, key: str) -> None:
-        pass
 
     def acquire(self, lock, timeout: float | None = None) -> bool:
         return lock.acquire(timeout=timeout)
@@ -151,12 +148,9 @@ class MultiProcessing(Backend):
         multiprocessing.util._run_after_forkers()
         return self
 
-    def prepare(self, key: str) -> None:
-        self.locks[key] = self.manager.Lock()
-
     def lock(self, key: str, lease: float | None = None):
         if key not in self.locks:
-            self.prepare(key)
+            self.locks[key] = self.manager.Lock()
         return self.locks[key]
 
     def acquire(self, lock, timeout: float | None = None) -> bool:
@@ -203,7 +197,7 @@ def _rmw_worker(index: int, ready, backend, key: str, seconds: float) -> dict:
 
 def phase_rmw(backend, procs: int, seconds: float) -> dict:
     key = "bench:locks:rmw"
-    backend.prepare(key)
+    backend.lock(key)  # made before the fork
     backend.write(0)
     reports = lab.run_workers(procs, _rmw_worker, (backend, key, seconds), timeout=seconds + 60.0)
     total, final = sum(r["increments"] for r in reports), int(backend.read())
@@ -261,7 +255,7 @@ def _queued_in_manager(key: str, pid: int, timeout: float = 5.0) -> None:
 
 
 def _handover_trial(backend, key: str, problems: list) -> dict:
-    backend.prepare(key)
+    backend.lock(key)  # made before the fork
     children: dict[str, tuple[int, lab.Lines]] = {}
     result: dict = {}
     try:
@@ -314,9 +308,6 @@ def phase_handover(backend, trials: int, problems: list) -> dict:
         if not out["still_locked_after"]:
             lock.release()
     return out
-
-
-# -- report and main ---------------------------------------------------------------
 
 
 def tables(latency: dict, rmw: dict, handover: dict, args) -> list[str]:
@@ -418,10 +409,8 @@ def main(argv=None) -> int:
     headlines = {"lock acquire+release median (µs)": (shm[0].get("median_us"), "lower"),
                  f"locked read-modify-write ops/s ({args.procs} processes)": (shm[1].get("ops_per_s"), "higher"),
                  "lock hand-over after SIGKILL median (ms)": (shm[2].get("median_ms"), "lower")}  # fmt: skip
-    report = {"servers": bench.versions, "n": args.n, "warmup": args.warmup, "seconds": args.seconds,
-              "procs": args.procs, "rounds": args.rounds, "trials": args.trials, "elapsed_s": bench.elapsed,
-              "latency": latency, "rmw": rmw, "handover": handover, "targets": target_results, "problems": problems}  # fmt: skip
-    return lab.finish(args, "bench_locks", text, report, headlines, failed=problems)
+    report = {"latency": latency, "rmw": rmw, "handover": handover, "targets": target_results, "problems": problems}
+    return lab.finish(args, bench, text, report, headlines, failed=problems)
 
 
 if __name__ == "__main__":

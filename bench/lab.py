@@ -77,9 +77,8 @@ def die_with_parent() -> None:
 
 
 def fork(body, *args, close=()) -> int:
-    """Fork a child that runs ``body(*args)`` and leaves with os._exit (0, or 1 after printing the exception).
-    It ignores Ctrl-C (the script stops it by pid), gets SIGTERM if the script dies, and first closes
-    the descriptors ``close`` (the parent's ends of its pipes)."""
+    """Fork a child that closes ``close`` (the parent's pipe ends), runs ``body(*args)`` and leaves with os._exit:
+    0, or 1 after printing the exception. It ignores Ctrl-C (the script stops it by pid), SIGTERMed if the script dies."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -114,8 +113,7 @@ def child(body, *args, close=()) -> tuple[int, Lines]:
 
 
 def reap(pid: int, timeout: float = REAP_TIMEOUT, term: bool = False) -> int | None:
-    """Wait for child ``pid`` (SIGTERM it first if ``term``), SIGKILL it if it lingers; its return code
-    (negative: the signal that ended it, as Popen's), None if it was not ours to reap."""
+    """Wait for child ``pid`` (SIGTERM it first if ``term``), SIGKILL it if it lingers; its return code, as Popen's."""
     if term:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
@@ -179,10 +177,9 @@ def _worker(body, index: int, args: tuple, go_r: int, out_w: int) -> None:
 
 
 def run_workers(count: int, body, args: tuple = (), timeout: float = 600.0) -> list:
-    """Fork ``count`` workers running ``body(index, ready, *args)``, each calling ``ready()`` once connected
-    and returning something JSON carries; start them together; their results in index order. BenchError
-    (or TimeoutError) if one fails, does not report or is not done ``timeout`` s after the start (then
-    every worker is SIGTERMed by pid). Every worker is reaped."""
+    """Fork ``count`` workers running ``body(index, ready, *args)``, each calling ``ready()`` once connected and
+    returning something JSON carries; start them together; their results in index order. BenchError (or TimeoutError,
+    every worker SIGTERMed) if one fails or is not done ``timeout`` s after the start. Every worker is reaped."""
     go_r, go_w = os.pipe()
     workers: list[tuple[int, Lines]] = []
     done = False
@@ -274,17 +271,17 @@ def need(binaries=(), modules=()) -> None:
 
 
 class Lab:
-    """A private (0700) temp dir and everything a script starts in it, each stopped by its pid in ``close()``;
-    as a context manager, closed on leaving the block, which sets ``warnings`` and ``elapsed`` (seconds)."""
+    """A private temp dir and all a script starts in it, each stopped by pid in ``close()``, which leaving the
+    ``with`` block calls, setting ``warnings`` and ``elapsed``."""
 
     def __init__(self, name: str) -> None:
         self.tmpdir = tempfile.mkdtemp(prefix=f"clustershm-bench-{name}-")  # mode 0700
         self.servers: dict[str, subprocess.Popen] = {}
         self.ended: dict[str, dict] = {}  # server name -> how it ended (see stop)
-        self.cleanups: list = []  # callables returning a list of warnings or None, run first by close()
+        self.cleanups: list = []  # callables returning a list of warnings or None, run last first by close()
         self.versions: dict[str, str] = {}  # server name -> version
         self.manager_pid = self.address = self.secret = self.redis_path = self.memcached_port = None
-        self.configured, self.started = False, time.perf_counter()
+        self.started = time.perf_counter()
 
     def __enter__(self) -> Lab:
         return self
@@ -296,40 +293,37 @@ class Lab:
     def path(self, name: str) -> str:
         return os.path.join(self.tmpdir, name)
 
-    def start_manager(self, configure: bool = True) -> None:
-        """Fork the Manager serving on a socket in the temp dir; with ``configure``, point this
-        process (and every child forked from here on) at it."""
-        address, secret = self.path("manager.sock"), os.urandom(32)
-        self.manager_pid, lines = child(_manager_child, address, secret)
-        try:
-            lines.read(READY_TIMEOUT, "word that the Manager started")
-        finally:
-            lines.close()
-        self.address, self.secret = address, secret
-        if configure:
-            self.configure()
-
-    def configure(self) -> None:
-        package().configure(self.address, self.secret)  # inherited by every process forked from here on
-        self.configured = True
-        if not package().ping():
-            raise BenchError("the Manager does not answer")
-
-    def start_child(self, what: str, body, *args) -> Lines:
-        """``child(body, *args)``, SIGTERMed and reaped by ``close()`` (a warning unless it exits 0); its Lines."""
+    def start_child(self, what: str, body, *args) -> tuple[int, Lines]:
+        """``child(body, *args)``, SIGTERMed and reaped by ``close()`` (a warning unless it exits 0)."""
         pid, lines = child(body, *args)
 
         def stop() -> list[str]:
             lines.close()
             rc = reap(pid, term=True)
-            return [] if rc == 0 else [f"{what} {pid} ended with {describe(rc)}"]
+            return [] if rc == 0 else [f"{what} (pid {pid}) ended with {describe(rc)}"]
 
         self.cleanups.append(stop)
-        return lines
+        return pid, lines
+
+    def start_manager(self, configure: bool = True) -> None:
+        """Fork the Manager serving on a socket in the temp dir; with ``configure``, point this process at it."""
+        address, secret = self.address, self.secret = self.path("manager.sock"), os.urandom(32)
+        self.cleanups.append(lambda: ["the Manager left its socket behind"] if os.path.exists(address) else [])
+        self.manager_pid, lines = self.start_child("the Manager", _manager_child, address, secret)
+        lines.read(READY_TIMEOUT, "word that the Manager started")
+        if configure:
+            self.configure()
+
+    def configure(self) -> None:
+        """Point this process, and every child forked from here on, at the Manager (until ``close()``)."""
+        package().configure(self.address, self.secret)
+        self.cleanups.append(lambda: package().configure(None))  # closes the connection before the Manager goes
+        if not package().ping():
+            raise BenchError("the Manager does not answer")
 
     def spawn(self, name: str, argv: list[str], probe, env=None, cwd=None, timeout: float = 30.0):
-        """Start server ``name`` in its own session (its pid is its process group), output to NAME.log
-        in the temp dir; return its Popen once ``probe()`` is true (an OSError counts as not yet)."""
+        """Start server ``name`` in its own session (its pid is its group), output to NAME.log in the temp dir;
+        its Popen once ``probe()`` is true (an OSError counts as not yet)."""
         with open(self.path(f"{name}.log"), "wb") as out:
             try:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
@@ -411,19 +405,8 @@ class Lab:
     def close(self) -> list[str]:
         """Stop everything this lab started, by pid, and remove the temp dir; log and return the warnings."""
         warnings = []
-        for cleanup in reversed(self.cleanups):
-            warnings += cleanup() or []
-        self.cleanups.clear()
-        if self.configured:
-            package().configure(None)  # closes this process's connection before the Manager goes
-            self.configured = False
-        if self.manager_pid is not None:
-            rc = reap(self.manager_pid, term=True)
-            if rc != 0:
-                warnings.append(f"the Manager (pid {self.manager_pid}) ended with {describe(rc)}")
-            elif os.path.exists(self.address or ""):
-                warnings.append("the Manager left its socket behind")
-            self.manager_pid = None
+        while self.cleanups:
+            warnings += self.cleanups.pop()() or []
         for name in list(self.servers):
             warnings += self.stop(name)
         shutil.rmtree(self.tmpdir, ignore_errors=True)
@@ -451,9 +434,8 @@ def gc_paused():
 
 
 def time_interleaved(ops: dict, n: int, warmup: int, block: int, pause: dict | None = None) -> dict:
-    """Time each zero-argument callable of ``ops`` (name -> fn) ``n`` times, after ``warmup`` untimed calls,
-    in blocks of ``block`` calls of every one in turn, the garbage collector paused; the summary of each.
-    ``pause`` (name -> pid) names a process to SIGSTOP while that operation is timed."""
+    """Time each callable of ``ops`` (name -> fn) ``n`` times after ``warmup`` calls, in blocks of ``block`` calls
+    of each in turn, the GC paused; the summary of each. ``pause``: name -> a pid to SIGSTOP while it is timed."""
     for fn in ops.values():
         for _ in range(warmup):
             fn()
@@ -483,8 +465,7 @@ def rank(sorted_values: list, q: float):
 
 
 def summary(values, scale: float = 1e6) -> dict:
-    """Median, p90, p99 (nearest rank), min and max of ``values`` times ``scale`` (seconds -> µs by
-    default), and their count; None for each figure of an empty list."""
+    """Median, p90, p99 (nearest rank), min, max of ``values`` times ``scale`` (s -> µs), or None; and their count."""
     v = sorted(values)
     figures = {"median_us": statistics.median, "p90_us": lambda v: rank(v, 0.90), "p99_us": lambda v: rank(v, 0.99),
                "min_us": lambda v: v[0], "max_us": lambda v: v[-1]}  # fmt: skip
@@ -560,8 +541,7 @@ def fmt_x(a, b) -> str:
 
 
 def table(header: list[str], rows: list[list], align: str | None = None, title: str = "") -> str:
-    """A Markdown table under ``### title`` if given; ``align`` one letter per column, l or r (default: the
-    first left, the rest right)."""
+    """A Markdown table, under ``### title`` if given; ``align``: l or r per column (default: l, then all r)."""
     align = align or "l" + "r" * (len(header) - 1)
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
     lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
@@ -569,8 +549,7 @@ def table(header: list[str], rows: list[list], align: str | None = None, title: 
 
 
 def target(text: str, value: float | None, limit: float, at_least: bool = False, ok: bool = True) -> tuple[str, dict]:
-    """A design target as a PASS/FAIL line and its JSON: ``value`` (a ratio or a figure) at most
-    ``limit``, or at least with ``at_least``, and ``ok``; a None value is not evaluated."""
+    """A PASS/FAIL line and its JSON: ``value`` at most ``limit`` (at least, with ``at_least``), and ``ok``."""
     if value is None:
         return f"- not evaluated: {text}", {"value": None, "met": None}
     met = ok and (value >= limit if at_least else value <= limit)
@@ -605,23 +584,24 @@ def header(what: str, servers: dict | None = None) -> str:
             f"django_clustershm from {env['package']}")  # fmt: skip
 
 
-def finish(args, name: str, text: list[str], report: dict, headlines: dict, failed) -> int:
-    """Print the report's parts; with --json, write them with the environment and the headline figures that
-    compare.py reads (headlines: name -> (value, "higher" or "lower" is better)). The exit status: 1 if ``failed``."""
+def finish(args, bench: Lab, text: list[str], report: dict, headlines: dict, failed=False) -> int:
+    """Print the report's parts; with --json, write them with the environment, the lab's servers, time and warnings,
+    and the headline figures compare.py reads (name -> (value, "higher" or "lower" is better)). The exit status:
+    1 if ``failed`` or the lab had warnings."""
     print("\n\n".join(text))
     if args.json:
-        figures = {k: {"value": value, "better": better} for k, (value, better) in headlines.items()}
-        data = {"benchmark": name, **environment(), "args": vars(args), "headline": figures, **report}
+        data = {"benchmark": os.path.basename(sys.argv[0]).removesuffix(".py"), **environment(), "args": vars(args),
+                "headline": {k: {"value": value, "better": better} for k, (value, better) in headlines.items()},
+                "servers": bench.versions, "elapsed_s": bench.elapsed, "warnings": bench.warnings, **report}  # fmt: skip
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump(data, fh, indent=2)
             fh.write("\n")
-    return 1 if failed else 0
+    return 1 if failed or bench.warnings else 0
 
 
 def run(main) -> None:
-    """Run ``main()`` as the script: its result is the exit status. SIGTERM and Ctrl-C end it through
-    the finally clauses (which stop what it started); BenchError or TimeoutError: status 2."""
+    """Run ``main()``, its result the exit status; SIGTERM and Ctrl-C go through the finally clauses; BenchError: 2."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     name = os.path.basename(sys.argv[0])
     try:
