@@ -28,12 +28,6 @@ STOP_TIMEOUT = 40.0  # more than gunicorn's 30 s graceful timeout
 _UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
 
 
-def project_dir() -> str:
-    """The tree whose package is imported, if it has the test project; else this checkout."""
-    tree = os.path.dirname(os.path.dirname(os.path.abspath(clustershm.__file__)))
-    return tree if os.path.exists(os.path.join(tree, "testproject", "settings_redis.py")) else lab.ROOT
-
-
 def bench_count(port: int) -> int:
     """One ``GET /bench/``: the counter's new value (BenchError unless 200)."""
     conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
@@ -118,8 +112,10 @@ def measure(bench: lab.Lab, name: str, argv: list[str], env: dict, args) -> dict
         return len(children_of(bench.servers[name].pid)) == WORKERS
 
     env = {k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", **env}.items() if v is not None}
+    tree = os.path.dirname(os.path.dirname(os.path.abspath(clustershm.__file__)))  # its testproject, else ours
+    cwd = tree if os.path.exists(os.path.join(tree, "testproject", "settings_redis.py")) else lab.ROOT
     try:
-        proc = bench.spawn(name, argv, ready, env=env, cwd=project_dir(), timeout=START_TIMEOUT)
+        proc = bench.spawn(name, argv, ready, env=env, cwd=cwd, timeout=START_TIMEOUT)
         with ThreadPoolExecutor(WARMUP_THREADS) as pool:  # every warm-up request must answer 200
             counts.extend(pool.map(lambda _: bench_count(port), range(args.warmup)))
         bench.check(name)
@@ -144,7 +140,7 @@ def measure(bench: lab.Lab, name: str, argv: list[str], env: dict, args) -> dict
         problems.append(f"{result['non_2xx']} non-2xx answers")
     result.update(wrk_output=done.stdout, workers=workers, warmup_requests=len(counts), count_after_warmup=max(counts),
                   final_count=final, expected_count=expected, count_difference=final - expected, allowed_excess=excess,
-                  command=" ".join(argv), exit_status=bench.ended[name]["returncode"], problems=problems)  # fmt: skip
+                  command=" ".join(argv), exit_status=proc.returncode, problems=problems)  # fmt: skip
     return result
 
 

@@ -63,12 +63,9 @@ class Redis(Backend):
     def __init__(self, path: str) -> None:
         import redis
 
-        self.path, r = path, redis.Redis(unix_socket_path=path)
+        r, self.child = redis.Redis(unix_socket_path=path), partial(Redis, path)  # a child's own connection
         self.lock_of, self.close = r.lock, r.close  # redis.lock.Lock; default sleep=0.1 between tries
         self.warm, self.read, self.write = r.ping, partial(r.get, COUNTER), partial(r.set, COUNTER)
-
-    def child(self):
-        return Redis(self.path)
 
     def lock(self, key: str, lease: float | None = None):
         return self.lock_of(key, timeout=lease)
@@ -84,13 +81,10 @@ class DiskCache(Backend):
     def __init__(self, directory: str, create: bool = False) -> None:
         import diskcache
 
-        self.directory = directory
         c = self.cache = diskcache.Cache(directory, **({"eviction_policy": "none"} if create else {}))
+        self.child = partial(DiskCache, directory)  # the same directory, a child's own connection
         self.warm, self.close = partial(c.get, "bench:locks:warm"), c.close
         self.read, self.write = partial(c.get, COUNTER), partial(c.set, COUNTER)
-
-    def child(self):
-        return DiskCache(self.directory)  # the same directory, this process's own connection
 
     def lock(self, key: str, lease: float | None = None):
         import diskcache

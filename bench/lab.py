@@ -277,7 +277,6 @@ class Lab:
     def __init__(self, name: str) -> None:
         self.tmpdir = tempfile.mkdtemp(prefix=f"clustershm-bench-{name}-")  # mode 0700
         self.servers: dict[str, subprocess.Popen] = {}
-        self.ended: dict[str, dict] = {}  # server name -> how it ended (see stop)
         self.cleanups: list = []  # callables returning a list of warnings or None, run last first by close()
         self.versions: dict[str, str] = {}  # server name -> version
         self.manager_pid = self.address = self.secret = self.redis_path = self.memcached_port = None
@@ -357,7 +356,7 @@ class Lab:
 
     def stop(self, name: str, timeout: float = REAP_TIMEOUT) -> list[str]:
         """SIGTERM server ``name`` by pid and wait; SIGKILL its process group only if it does not exit
-        in time or leaves processes in it. Its warnings; ``self.ended[name]`` says how it ended."""
+        in time or leaves processes in it; its warnings."""
         proc = self.servers.pop(name)
         warnings, killed = [], False
         if proc.poll() is None:
@@ -379,7 +378,6 @@ class Lab:
         rc = proc.wait(5)
         if rc != 0 and not killed:
             warnings.append(f"{name} (pid {proc.pid}) ended with {describe(rc)}")
-        self.ended[name] = {"returncode": rc, "killed": killed, "leftovers": leftovers}
         return warnings
 
     def start_redis(self) -> str:
