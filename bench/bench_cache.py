@@ -1,31 +1,9 @@
-"""Django cache backends compared: ClusterShmCache (and +near) vs LocMem, Redis, Memcached, diskcache, files, SQLite.
+"""Django cache backends: ClusterShmCache (and its near cache) against LocMem, Redis, Memcached, diskcache, files, SQLite.
 
-Run by hand from the repository root (not part of the test suite)::
-
-    python bench/bench_cache.py                          # every backend, N = 5000, 3 s per throughput run
-    python bench/bench_cache.py --only near,diskcache --json bench/results/cache.json
-    python bench/bench_cache.py --quick                  # a smoke run of half a minute
-
-Backends (``--only`` names), servers started and stopped by pid by this script, files in its temp
-dir: clustershm (``django_clustershm.cache.ClusterShmCache`` on a forked Manager, reached through
-``clustershm.configure()``); near (the same on its own LOCATION with ``NEAR_CACHE``: each process
-keeps a copy of the keys it read, which the Manager updates or invalidates); redis (RedisCache on
-redis-server on a Unix socket); memcached (PyMemcacheCache on 127.0.0.1, no UDP); locmem (not
-shared: the ceiling); diskcache (``diskcache.DjangoCache``); file (FileBasedCache); db
-(DatabaseCache on SQLite, WAL, ``transaction_mode = IMMEDIATE``, 20 s busy timeout). Bounded
-backends get ``MAX_ENTRIES = 100000``: nothing is culled.
-
-1. Latency, one process: median / p99 (µs) of get hit, get miss, set, incr, get_many(10) and
-   set_many(10), interleaved blocks, garbage collector paused; FileBased and DB ``--n-slow`` times.
-2. Throughput: 1, 2 and 4 forked workers, 90% get / 10% set over 1000 keys for ``--seconds``
-   after a common start; the sum of each worker's calls/s. For near, the share of gets answered
-   locally (``clustershm.near_stats()``).
-3. Shared counter: 4 processes x ``--incr`` ``cache.incr``; Django's generic get-then-set incr
-   (FileBased, DB) loses updates.
-
-Each worker builds its own backend instances after the fork. Compare backends within one run: the
-workers, servers and this script share the 2 CPUs of the reference VM. The targets: ClusterShmCache
-against RedisCache, the near cache against diskcache.DjangoCache.
+Three phases with one small value: one process's latency per operation; the aggregate throughput of 1, 2 and 4
+forked workers on a 90/10 get/set mix; a counter incremented by 4 processes, which shows whose ``incr`` is shared
+and atomic. Targets: ClusterShmCache against RedisCache, the near cache against diskcache.DjangoCache. README.md
+has the setup of every backend and how to read the numbers.
 """
 
 from __future__ import annotations
@@ -33,11 +11,9 @@ from __future__ import annotations
 import contextlib
 import os
 import random
-import sys
 import time
 import traceback
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, for lab
 import lab
 from lab import clustershm
 
@@ -138,7 +114,9 @@ def smoke_test(alias: str) -> None:
             raise AssertionError("the near cache is not enabled (it needs cluster mode: clustershm.configure)")
 
 
-def run_latency(alias: str, n: int, warmup: int) -> dict:
+def run_latency(alias: str, args) -> dict:
+    n = min(args.n, args.n_slow) if alias in SLOW else args.n
+    lab.log(f"latency {alias}: N={n}")
     many_keys = [f"bench:many:{i}" for i in range(MANY)]
     many_items = {f"bench:setmany:{i}": VALUE for i in range(MANY)}
     with _parent_cache(alias) as cache:
@@ -153,10 +131,10 @@ def run_latency(alias: str, n: int, warmup: int) -> dict:
         get, set_, incr, get_many, set_many = cache.get, cache.set, cache.incr, cache.get_many, cache.set_many
         ops = dict(zip(OPS, (lambda: get("bench:hit"), lambda: get("bench:missing"), lambda: set_("bench:set", VALUE),
                              lambda: incr("bench:counter"), lambda: get_many(many_keys),
-                             lambda: set_many(many_items))))  # fmt: skip
-        samples = lab.time_interleaved(ops, n, warmup, BLOCK)
+                             lambda: set_many(many_items)), strict=True))  # fmt: skip
+        results = lab.time_interleaved(ops, n, min(args.warmup, n), BLOCK)
         cache.clear()
-    return lab.summarise(samples)
+    return results
 
 
 def _throughput_worker(index: int, ready, alias: str, seconds: float, seed: int) -> dict:
@@ -182,7 +160,7 @@ def _throughput_worker(index: int, ready, alias: str, seconds: float, seed: int)
             else:
                 hits += get(key) is not None
                 gets += 1
-        except Exception as exc:  # noqa: BLE001 - a failed call is counted and reported, the run goes on
+        except Exception as exc:  # a failed call is counted and reported, the run goes on
             errors += 1
             first_error = first_error or repr(exc)[:300]
         if not (gets + sets + errors) & 15 and clock() >= deadline:
@@ -194,7 +172,7 @@ def _throughput_worker(index: int, ready, alias: str, seconds: float, seed: int)
             "first_error": first_error, "seconds": elapsed, "near": near}  # fmt: skip
 
 
-def run_throughput(alias: str, seconds: float, seed: int) -> dict:
+def run_throughput(alias: str, args) -> dict:
     keys = [f"tp:{i}" for i in range(KEYSPACE)]
     with _parent_cache(alias) as cache:
         cache.clear()
@@ -204,8 +182,8 @@ def run_throughput(alias: str, seconds: float, seed: int) -> dict:
             raise AssertionError("the key space was not filled")
     out = {}
     for procs in PROCS:
-        lab.log(f"  throughput {alias}: {procs} process(es), {seconds:g}s")
-        workers = lab.run_workers(procs, _throughput_worker, (alias, seconds, seed), timeout=seconds + 120)
+        lab.log(f"  throughput {alias}: {procs} process(es), {args.seconds:g}s")
+        workers = lab.run_workers(procs, _throughput_worker, (alias, args.seconds, args.seed), args.seconds + 120)
         gets, near = sum(w["gets"] for w in workers), [w["near"] for w in workers]
         near_total = sum(h + m for h, m in near) if None not in near else 0
         out[str(procs)] = {"ops_per_s": sum(w["ok"] / w["seconds"] for w in workers),
@@ -229,13 +207,15 @@ def _incr_worker(index: int, ready, alias: str, calls: int) -> dict:
     for _ in range(calls):
         try:
             last = incr("counter")
-        except Exception as exc:  # noqa: BLE001 - a failed call is counted and reported, the run goes on
+        except Exception as exc:  # a failed call is counted and reported, the run goes on
             errors += 1
             first_error = first_error or repr(exc)[:300]
     return {"index": index, "errors": errors, "first_error": first_error, "last": last, "seconds": clock() - t0}
 
 
-def run_incr(alias: str, calls: int) -> dict:
+def run_incr(alias: str, args) -> dict:
+    calls = args.incr
+    lab.log(f"incr {alias}: {INCR_PROCS} x {calls}")
     with _parent_cache(alias) as cache:
         cache.delete("counter")
         cache.set("counter", 0)
@@ -251,15 +231,12 @@ def run_incr(alias: str, calls: int) -> dict:
             "seconds": max(w["seconds"] for w in workers), "per_process_last": [w["last"] for w in workers]}  # fmt: skip
 
 
-# -- report ---------------------------------------------------------------------------
-
-
 def _label(name: str) -> str:
     return BACKENDS[name] + (" (not shared)" if name in NOT_SHARED else "")
 
 
 def _error_cell(r: dict, phase: str) -> str:
-    err = r.get(f"{phase}_error") or r.get("error") or "not run"
+    err = r.get(f"{phase}_error") or r.get("smoke_error") or "not run"
     return "error: " + err.replace("|", "\\|").replace("\n", " ")[:200]
 
 
@@ -277,110 +254,94 @@ def tables(selected: list[str], results: dict, args) -> list[str]:
     redis_ops = _figure(results, "redis", "throughput", p, "ops_per_s")
     latency, throughput, incr = [], [], []
     for name in selected:
-        r = results[name]
-        if (lat := r.get("latency")) is None:
-            latency.append([_label(name), "", _error_cell(r, "latency")])
+        r, label = results[name], _label(name)
+        if lat := r.get("latency"):
+            latency.append([label, lat["get hit"]["n"], *(f"{lab.fmt(lat[op]['median_us'])} / {lab.fmt(lat[op]['p99_us'])}"
+                            for op in OPS), lab.fmt_x(lat["get hit"]["median_us"], redis_hit)])  # fmt: skip
         else:
-            cells = [f"{lab.fmt(lat[op]['median_us'])} / {lab.fmt(lat[op]['p99_us'])}" for op in OPS]
-            latency.append([_label(name), lat["get hit"]["n"], *cells,
-                            lab.fmt_x(lat["get hit"]["median_us"], redis_hit)])  # fmt: skip
-        if (tp := r.get("throughput")) is None:
-            throughput.append([_label(name), _error_cell(r, "throughput")])
-        else:
+            latency.append([label, "", _error_cell(r, "latency")])
+        if tp := r.get("throughput"):
             hit = tp[p]["get_hit_rate"]
-            throughput.append([_label(name), *(f"{tp[str(n)]['ops_per_s']:,.0f}" for n in PROCS),
+            throughput.append([label, *(f"{tp[str(n)]['ops_per_s']:,.0f}" for n in PROCS),
                                lab.fmt_x(tp[p]["ops_per_s"], redis_ops), "n/a" if hit is None else f"{hit:.1%}",
                                sum(tp[str(n)]["errors"] for n in PROCS)])  # fmt: skip
-        if (c := r.get("incr")) is None:
-            incr.append([_label(name), _error_cell(r, "incr"), "", "", ""])
+        else:
+            throughput.append([label, _error_cell(r, "throughput")])
+        if not (c := r.get("incr")):
+            incr.append([label, _error_cell(r, "incr"), "", "", ""])
             continue
         final, lost = str(c["final"]), "n/a" if c["lost_updates"] is None else str(c["lost_updates"])
         if not c["shared"]:
             per = "/".join(map(str, sorted({v for v in c["per_process_last"] if v is not None})))
             final = f"n/a (not shared; parent sees {c['final']}, each process counted to {per})"
-        failed = str(c["failed_calls"]) + (
-            f" ({c['first_error'][:80]})" if c["failed_calls"] and c["first_error"] else ""
-        )
-        incr.append([_label(name), final, lost, failed, f"{c['seconds']:.2f}"])
-    procs = [f"{n} process{'es' if n > 1 else ''}" for n in PROCS]
-    out = [
-        f"### 1. Latency, one process (median / p99, µs; N = {args.n}{slow})\n\n"
-        + lab.table(["backend", "N", *OPS, "get hit median x RedisCache"], latency),
-        f"### 2. Aggregate throughput, ops/s (90% get / 10% set, {KEYSPACE} keys, {args.seconds:g} s per run, "
-        f"forked workers, {os.cpu_count()} CPUs)\n\n"
-        + lab.table(["backend", *procs, f"{p} processes x RedisCache", f"get hit rate ({p} procs)", "errors"],
-                    throughput),
-    ]  # fmt: skip
+        error = f" ({c['first_error'][:80]})" if c["failed_calls"] and c["first_error"] else ""
+        incr.append([label, final, lost, f"{c['failed_calls']}{error}", f"{c['seconds']:.2f}"])
     near = results.get("near", {}).get("throughput")
-    if near and all(near[str(n)]["near_local_share"] is not None for n in PROCS):
-        shares = " / ".join(f"{near[str(n)]['near_local_share']:.1%}" for n in PROCS)
-        out.append(f"ClusterShmCache+near: share of gets answered from the process's near cache with "
-                   f"{'/'.join(map(str, PROCS))} processes: {shares} (the rest went to the Manager: first reads, "
-                   "and reads of a key invalidated or evicted since).")  # fmt: skip
-    out.append(
-        f"### 3. Shared counter: {INCR_PROCS} processes x {args.incr} incr (expected {INCR_PROCS * args.incr})"
-        "\n\n" + lab.table(["backend", "final value", "lost updates", "failed calls", "seconds"], incr)
-    )
-    return out
+    shares = [near[str(n)]["near_local_share"] for n in PROCS] if near else [None]
+    return [
+        lab.table(["backend", "N", *OPS, "get hit median x RedisCache"], latency,
+                  title=f"1. Latency, one process (median / p99, µs; N = {args.n}{slow})"),
+        lab.table(["backend", *(f"{n} process{'es' if n > 1 else ''}" for n in PROCS), f"{p} processes x RedisCache",
+                   f"get hit rate ({p} procs)", "errors"], throughput,
+                  title=f"2. Aggregate throughput, ops/s (90% get / 10% set, {KEYSPACE} keys, {args.seconds:g} s per run, "
+                        f"forked workers, {os.cpu_count()} CPUs)"),
+        *([f"ClusterShmCache+near: share of gets answered from the process's near cache with "
+           f"{'/'.join(map(str, PROCS))} processes: {' / '.join(f'{s:.1%}' for s in shares)} (the rest went to the "
+           "Manager: first reads, and reads of a key invalidated or evicted since)."] if None not in shares else []),
+        lab.table(["backend", "final value", "lost updates", "failed calls", "seconds"], incr,
+                  title=f"3. Shared counter: {INCR_PROCS} processes x {args.incr} incr (expected {INCR_PROCS * args.incr})"),
+    ]  # fmt: skip
 
 
 def targets(results: dict) -> tuple[str, dict]:
-    p = str(PROCS[-1])
-    lines, out = [], {}
-    for key, a, b, phase, path, text, limit, at_least in (
+    p, checks = str(PROCS[-1]), {}
+    for key, a, b, phase, path, text, limit in (
         ("get_hit_median_ratio", "clustershm", "redis", "latency", ("get hit", "median_us"),
-         "get-hit median <= 0.35x RedisCache's", 0.35, False),
+         "get-hit median <= 0.35x RedisCache's", 0.35),
         ("throughput_ratio", "clustershm", "redis", "throughput", (p, "ops_per_s"),
-         f"{p}-process ops/s >= 2x RedisCache's", 2.0, True),
+         f"{p}-process ops/s >= 2x RedisCache's", 2.0),
         ("near_get_hit_median_vs_diskcache", "near", "diskcache", "latency", ("get hit", "median_us"),
-         "near-cache get-hit median <= diskcache's", 1.0, False),
+         "near-cache get-hit median <= diskcache's", 1.0),
         ("near_throughput_vs_diskcache", "near", "diskcache", "throughput", (p, "ops_per_s"),
-         f"near-cache {p}-process ops/s >= diskcache's", 1.0, True),
+         f"near-cache {p}-process ops/s >= diskcache's", 1.0),
     ):  # fmt: skip
         x, y = _figure(results, a, phase, *path), _figure(results, b, phase, *path)
         if x is not None and y is not None:
-            unit = "µs" if phase == "latency" else "ops/s"
-            text += f": {lab.fmt(x)} vs {lab.fmt(y)} {unit} = {x / y:.2f}x"
+            text += f": {lab.fmt(x)} vs {lab.fmt(y)} {'µs' if phase == 'latency' else 'ops/s'} = {x / y:.2f}x"
         else:
             text += f" ({BACKENDS[a]} or {BACKENDS[b]} not measured)"
-        line, out[key] = lab.target(text, lab.ratio(x, y), limit, at_least)
-        lines.append(line)
-    return "### Targets (ClusterShmCache against RedisCache, ClusterShmCache+near against diskcache, same run)\n\n" + (
-        "\n".join(lines)
-    ), out
+        checks[key] = (text, lab.ratio(x, y), limit, phase == "throughput")
+    title = "Targets (ClusterShmCache against RedisCache, ClusterShmCache+near against diskcache, same run)"
+    return lab.targets(title, checks)
 
 
-# -- main ---------------------------------------------------------------------------
-
-
-def _attempt(results: dict, name: str, key: str, fn, *args) -> None:
-    """results[name][key] = fn(*args); a failure goes to results[name][key + "_error"], the run goes on."""
+def _attempt(results: dict, name: str, phase: str, fn, *args) -> bool:
+    """results[name][phase] = fn(*args) unless None; a failure goes to results[name][phase + "_error"], the run goes on."""
     try:
-        results[name][key] = fn(*args)
-    except Exception as exc:  # noqa: BLE001 - one backend's failure is reported in its row
-        results[name][f"{key}_error"] = f"{type(exc).__name__}: {exc}"
-        lab.log(f"{BACKENDS[name]}: {key} failed:\n{traceback.format_exc()}")
+        if (value := fn(*args)) is not None:
+            results[name][phase] = value
+        return True
+    except Exception as exc:  # one backend's failure is reported in its row
+        results[name][f"{phase}_error"] = f"{type(exc).__name__}: {exc}"
+        lab.log(f"{BACKENDS[name]}: {phase} failed:\n{traceback.format_exc()}")
+        return False
 
 
 def main(argv=None) -> int:
-    p = lab.parser(__doc__)
-    p.add_argument("--n", type=lab.count, default=5000, help="timed calls per operation, latency (default 5000)")
-    p.add_argument("--n-slow", type=lab.count, default=1000, help="the same for FileBased and DB (default 1000)")
-    p.add_argument("--warmup", type=lab.count0, default=200, help="untimed calls per operation first (default 200)")
-    p.add_argument("--seconds", type=lab.seconds, default=3.0, help="duration of each throughput run (default 3)")
-    p.add_argument("--incr", type=lab.count, default=2000, help="incr calls per process, counter (default 2000)")
-    p.add_argument("--only", metavar="NAME[,NAME]", help=f"run a subset of: {','.join(BACKENDS)}")
-    p.add_argument("--seed", type=int, default=1, help="seed of the workers' key sequences (default 1)")
-    args = lab.parse(p, argv, quick={"n": 500, "n_slow": 100, "warmup": 50, "seconds": 0.5, "incr": 200})
-    selected = lab.only(p, args.only, BACKENDS)
+    args = lab.options(__doc__, argv, {"n": 500, "n_slow": 100, "warmup": 50, "seconds": 0.5, "incr": 200}, BACKENDS,
+                       n=(lab.count, 5000, "timed calls per operation, latency"),
+                       n_slow=(lab.count, 1000, "the same for FileBased and DB"),
+                       warmup=(lab.count0, 200, "untimed calls per operation first"),
+                       seconds=(lab.seconds, 3.0, "duration of each throughput run"),
+                       incr=(lab.count, 2000, "incr calls per process, counter"),
+                       seed=(int, 1, "seed of the workers' key sequences"))  # fmt: skip
+    selected = args.selected
     lab.need(binaries=[b for n, b in (("redis", "redis-server"), ("memcached", "memcached")) if n in selected],
              modules=["django"] + [m for n, m in (("redis", "redis"), ("memcached", "pymemcache"),
                                                   ("diskcache", "diskcache")) if n in selected])  # fmt: skip
 
     results: dict[str, dict] = {name: {"label": BACKENDS[name]} for name in selected}
-    bench = lab.Lab("cache")
-    started = time.perf_counter()
-    try:
+    with lab.Lab("cache") as bench:
         if {"clustershm", "near"} & set(selected):
             bench.start_manager(configure=False)  # configure() once Django is set up, before any fork
         if "redis" in selected:
@@ -390,48 +351,30 @@ def main(argv=None) -> int:
         configure_django(selected, bench)
         if bench.manager_pid is not None:
             bench.configure()  # every worker inherits the address and the secret
-        active = []
-        for name in selected:
-            _attempt(results, name, "smoke", smoke_test, name)
-            if "smoke_error" in results[name]:
-                results[name]["error"] = results[name].pop("smoke_error")
-            else:
-                active.append(name)
-        for name in active:
-            n = min(args.n, args.n_slow) if name in SLOW else args.n
-            lab.log(f"latency {name}: N={n}")
-            _attempt(results, name, "latency", run_latency, name, n, min(args.warmup, n))
-        for name in active:
-            _attempt(results, name, "throughput", run_throughput, name, args.seconds, args.seed)
-        for name in active:
-            lab.log(f"incr {name}: {INCR_PROCS} x {args.incr}")
-            _attempt(results, name, "incr", run_incr, name, args.incr)
-    finally:
-        warnings = bench.close()
-    elapsed = time.perf_counter() - started
+        active = [name for name in selected if _attempt(results, name, "smoke", smoke_test, name)]
+        for phase, fn in (("latency", run_latency), ("throughput", run_throughput), ("incr", run_incr)):
+            for name in active:
+                _attempt(results, name, phase, fn, name, args)
 
-    failures = [f"- {BACKENDS[name]}: {r[key]}" for name, r in results.items()
-                for key in ("error", "latency_error", "throughput_error", "incr_error") if key in r]  # fmt: skip
+    failures = [f"- {BACKENDS[name]}: {msg}" for name, r in results.items() for key, msg in r.items()
+                if key.endswith("_error")]  # fmt: skip
     target_text, target_results = targets(results)
     text = [
         "## Django cache backends: latency, throughput, shared incr",
-        lab.header(f"Value {VALUE_TEXT}; run took {elapsed:.0f}s", bench.versions),
+        lab.header(f"Value {VALUE_TEXT}; run took {bench.elapsed:.0f}s", bench.versions),
         *(["**Errors:**", "\n".join(failures)] if failures else []),
         *tables(selected, results, args),
         target_text,
     ]
     headlines = {
-        f"cache{'+near' if name == 'near' else ''} {what}": lab.headline(_figure(results, name, *path), better)
+        f"cache{'+near' if name == 'near' else ''} {what}": (_figure(results, name, *path), better)
         for name in ("clustershm", "near")
         for what, path, better in (("get hit median (µs)", ("latency", "get hit", "median_us"), "lower"),
                                    ("4-process 90/10 ops/s", ("throughput", "4", "ops_per_s"), "higher"))
     }  # fmt: skip
-    report = {"servers": bench.versions, "n": args.n, "n_slow": min(args.n, args.n_slow), "warmup": args.warmup,
-              "seconds_per_run": args.seconds, "procs": list(PROCS), "keyspace": KEYSPACE, "set_share": SET_SHARE,
-              "incr": {"procs": INCR_PROCS, "calls_each": args.incr}, "value": VALUE_TEXT, "elapsed_s": elapsed,
-              "backends": results, "targets": target_results, "warnings": warnings}  # fmt: skip
-    lab.finish(args, "bench_cache", text, report, headlines)
-    return 1 if failures or warnings else 0
+    report = {"n_slow": min(args.n, args.n_slow), "procs": list(PROCS), "keyspace": KEYSPACE, "set_share": SET_SHARE,
+              "incr_procs": INCR_PROCS, "value": VALUE_TEXT, "backends": results, "targets": target_results}  # fmt: skip
+    return lab.finish(args, bench, text, report, headlines, failed=failures)
 
 
 if __name__ == "__main__":

@@ -1,23 +1,8 @@
-"""Core latency benchmark: one client, one Manager, one operation at a time.
+"""Core latency: one client of a Manager, one operation at a time, against the cheapest Python IPC round trip.
 
-Run by hand from the repository root (not part of the test suite)::
-
-    python bench/bench_core.py                # N = 20000 timed calls per operation
-    python bench/bench_core.py --pin 0 --json bench/results/core.json
-    python bench/bench_core.py --quick        # a smoke run of a second
-
-Sequential calls of a client from ``clustershm.connect(address, secret)`` to a Manager serving in
-a forked process over a Unix socket (argument checks, pickling, framing, the round trip, the
-dispatch, the reply): get hit and miss, set, incr, get_many and set_many of 10 keys, the value a
-small dict. The *floor* is the cheapest round trip Python makes between two processes: a forked
-echo on a socketpair, a length prefix and a pickle each way; what the Manager costs above it is its
-own. The table: median and p99 (nearest rank) in µs, each median over the floor's; the target, a
-get hit at most 2x the floor. The operations run in interleaved blocks, the garbage collector
-paused, the server not under measurement SIGSTOPped.
-
-Only medians and ratios within one run count on the noisy 2-CPU reference VM, where CPU placement
-dominates: a round trip across CPUs pays for waking an idle one (20-40 µs), and the scheduler
-chooses. ``--pin CPU`` runs every process on one CPU, which steadies the comparison.
+Sequential calls of ``clustershm.connect()``'s client to a Manager in a forked process (the whole path: pickling,
+framing, the Unix socket, the dispatch, the reply), each median over the *floor*, a length-prefixed pickle echo on
+a socketpair: what the Manager costs above it is its own. Target: a get hit at most 2x the floor (README.md).
 """
 
 from __future__ import annotations
@@ -26,10 +11,7 @@ import os
 import pickle
 import socket
 import struct
-import sys
-import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, for lab
 import lab
 from lab import clustershm
 
@@ -91,75 +73,59 @@ def _operations(client, floor) -> dict:
     if client.get("bench:hit") != VALUE or floor() != VALUE or client.get("bench:missing") is not None:
         raise lab.BenchError("a get of the seeded keys does not return what was stored")
     get, set_, incr, get_many, set_many = client.get, client.set, client.incr, client.get_many, client.set_many
-    return {
-        FLOOR: floor,
-        "get hit": lambda: get("bench:hit"),
-        "get miss": lambda: get("bench:missing"),
-        "set": lambda: set_("bench:set", VALUE),
-        "incr": lambda: incr("bench:counter"),
-        f"get_many({MANY} keys)": lambda: get_many(many_keys),
-        f"set_many({MANY} keys)": lambda: set_many(many_items),
-    }
+    return {FLOOR: floor, "get hit": lambda: get("bench:hit"), "get miss": lambda: get("bench:missing"),
+            "set": lambda: set_("bench:set", VALUE), "incr": lambda: incr("bench:counter"),
+            f"get_many({MANY} keys)": lambda: get_many(many_keys),
+            f"set_many({MANY} keys)": lambda: set_many(many_items)}  # fmt: skip
 
 
 def main(argv=None) -> int:
-    p = lab.parser(__doc__)
-    p.add_argument("--n", type=lab.count, default=20000, help="timed calls per operation (default 20000)")
-    p.add_argument("--warmup", type=lab.count0, default=1000, help="untimed calls per operation first (default 1000)")
-    p.add_argument("--pin", type=int, metavar="CPU", help="run every process on this one CPU (default: unpinned)")
-    args = lab.parse(p, argv, quick={"n": 2000, "warmup": 200})
+    args = lab.options(__doc__, argv, {"n": 2000, "warmup": 200}, n=(lab.count, 20000, "timed calls per operation"),
+                       warmup=(lab.count0, 1000, "untimed calls per operation first"),
+                       pin=(int, None, "run every process on this one CPU (default: unpinned)"))  # fmt: skip
     if args.pin is not None:
         try:
             os.sched_setaffinity(0, {args.pin})  # inherited by the children forked below
         except (OSError, ValueError) as exc:
-            p.error(f"cannot pin to CPU {args.pin}: {exc}")
+            raise lab.BenchError(f"cannot pin to CPU {args.pin}: {exc}") from exc
 
-    bench = lab.Lab("core")
-    client = floor_sock = floor_pid = None
-    started = time.perf_counter()
-    try:
+    with lab.Lab("core") as bench:
         bench.start_manager(configure=False)
         floor_sock, floor_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             floor_pid = lab.fork(_floor_child, floor_end, close=[floor_sock.fileno()])
         finally:
             floor_end.close()
+
+        def stop_floor() -> list[str]:
+            floor_sock.close()  # EOF: the floor process returns
+            rc = lab.reap(floor_pid, timeout=5.0)
+            return [] if rc == 0 else [f"the floor process ended with {lab.describe(rc)}"]
+
+        bench.cleanups.append(stop_floor)
         client = clustershm.connect(bench.address, bench.secret)
+        bench.cleanups.append(client.close)
         ops = _operations(client, _floor_caller(floor_sock))
         # Only the server under measurement runs: the other is stopped, so both see the same machine.
         pause = {name: bench.manager_pid if name == FLOOR else floor_pid for name in ops}
-        results = lab.summarise(lab.time_interleaved(ops, args.n, args.warmup, BLOCK, pause))
-    finally:
-        if client is not None:
-            client.close()
-        if floor_sock is not None:
-            floor_sock.close()  # EOF: the floor process returns
-        if floor_pid is not None and not lab.exited_ok(status := lab.reap(floor_pid, timeout=5.0)):
-            lab.log(f"warning: the floor process ended with {lab.describe(status)}")
-        warnings = bench.close()
-    elapsed = time.perf_counter() - started
+        results = lab.time_interleaved(ops, args.n, args.warmup, BLOCK, pause)
 
     floor = results[FLOOR]["median_us"]
     for row in results.values():
         row["ratio_to_floor"] = row["median_us"] / floor
+    hit = results["get hit"]["ratio_to_floor"]
+    line, target = lab.target(f"get-hit median / floor median = {hit:.2f}x (target <= 2x)", hit, 2.0)
     rows = [[name, lab.fmt(r["median_us"]), lab.fmt(r["p99_us"]), f"{r['ratio_to_floor']:.2f}x"]
             for name, r in results.items()]  # fmt: skip
-    line, target = lab.target(
-        f"get-hit median / floor median = {results['get hit']['ratio_to_floor']:.2f}x (target <= 2x)",
-        results["get hit"]["ratio_to_floor"], 2.0,
-    )  # fmt: skip
     placement = f"pinned to CPU {args.pin}" if args.pin is not None else "unpinned"
     text = [
         lab.header(f"django-clustershm core latency: N={args.n} timed calls per operation after {args.warmup} "
-                   f"warm-up, {placement}, {elapsed:.1f}s"),
+                   f"warm-up, {placement}, {bench.elapsed:.1f}s"),
         lab.table(["operation", "median (µs)", "p99 (µs)", "median / floor"], rows),
         line,
     ]  # fmt: skip
-    report = {"n": args.n, "warmup": args.warmup, "pinned_cpu": args.pin, "seconds": elapsed, "value": repr(VALUE),
-              "results": results, "target": target, "warnings": warnings}  # fmt: skip
-    headlines = {"core get hit median (µs)": lab.headline(results["get hit"]["median_us"], "lower")}
-    lab.finish(args, "bench_core", text, report, headlines)
-    return 1 if warnings else 0
+    headlines = {"core get hit median (µs)": (results["get hit"]["median_us"], "lower")}
+    return lab.finish(args, bench, text, {"value": repr(VALUE), "results": results, "target": target}, headlines)
 
 
 if __name__ == "__main__":

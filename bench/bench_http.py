@@ -1,24 +1,8 @@
-"""HTTP benchmark: ``manage.py runcluster`` against plain gunicorn on Django's RedisCache, under wrk.
+"""HTTP benchmark: ``manage.py runcluster`` against plain gunicorn with Django's RedisCache, under wrk.
 
-Run by hand from the repository root (not part of the test suite; needs wrk, redis-server, gunicorn, redis)::
-
-    python bench/bench_http.py                 # 10 s of wrk per server
-    python bench/bench_http.py --seconds 30 --json bench/results/http.json
-    python bench/bench_http.py --quick         # a smoke run of about ten seconds
-
-``/bench/`` of the testproject (one ``cache.get``, one ``cache.incr``; the project of the tree whose
-package is imported, or this checkout's) served by 4 sync gunicorn workers on 127.0.0.1, one setup
-after the other: ``manage.py runcluster --workers 4`` (ClusterShmCache, the Manager in the master)
-and ``python -m gunicorn -w 4 testproject.wsgi`` with ``testproject.settings_redis`` (RedisCache on
-redis-server on a Unix socket). Once ``/bench/`` answers and the 4 workers are up: ``--warmup``
-requests from 16 threads, ``wrk -t2 -c16 -d10s --latency``, then SIGTERM; the master must exit 0
-and leave nothing in its process group (killed only otherwise).
-
-The table: requests/s, p50/p90/p99 latency (ms), requests/s over the Redis setup's. Correctness:
-the shared counter must equal the probe, warm-up and wrk requests and the final GET, plus at most
-the 16 in flight when wrk stops (and any wrk lost to a socket error); a shortfall, a non-2xx or an
-unclean stop exits 1. wrk shares the 2 CPUs of the reference VM and the setups run in turn: only
-the ratio within one run counts (the report warns if the CPUs were busy before the run).
+Whole requests to the testproject's ``/bench/`` (one ``cache.get``, one ``cache.incr``), 4 sync workers per server,
+one server after the other: requests/s and latency percentiles, and the shared counter, which must match the
+requests served (README.md has the setup and the checks). Only the ratio within one run counts.
 """
 
 from __future__ import annotations
@@ -32,7 +16,6 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, for lab
 import lab
 from lab import clustershm
 
@@ -43,12 +26,6 @@ WARMUP_THREADS = 16
 START_TIMEOUT = 60.0  # seconds for a server to answer and have all its workers
 STOP_TIMEOUT = 40.0  # more than gunicorn's 30 s graceful timeout
 _UNITS_MS = {"us": 1e-3, "ms": 1.0, "s": 1e3, "m": 60e3, "h": 3600e3}
-
-
-def project_dir() -> str:
-    """The tree whose package is imported, if it has the test project; else this checkout."""
-    tree = os.path.dirname(os.path.dirname(os.path.abspath(clustershm.__file__)))
-    return tree if os.path.exists(os.path.join(tree, "testproject", "settings_redis.py")) else lab.ROOT
 
 
 def bench_count(port: int) -> int:
@@ -116,7 +93,7 @@ def parse_wrk(output: str) -> dict:
         "requests": int(requests[1]),
         "duration_s": float(requests[2]) * _UNITS_MS[requests[3]] / 1e3,
         "socket_errors": dict(zip(("connect", "read", "write", "timeout"), map(int, errors.groups() if errors else
-                                                                                 (0, 0, 0, 0)))),
+                                                                                 (0, 0, 0, 0)), strict=True)),
         "non_2xx": int(non2xx[1]) if non2xx else 0,
     }  # fmt: skip
 
@@ -135,8 +112,10 @@ def measure(bench: lab.Lab, name: str, argv: list[str], env: dict, args) -> dict
         return len(children_of(bench.servers[name].pid)) == WORKERS
 
     env = {k: v for k, v in {**os.environ, "PYTHONUNBUFFERED": "1", **env}.items() if v is not None}
+    tree = os.path.dirname(os.path.dirname(os.path.abspath(clustershm.__file__)))  # its testproject, else ours
+    cwd = tree if os.path.exists(os.path.join(tree, "testproject", "settings_redis.py")) else lab.ROOT
     try:
-        proc = bench.spawn(name, argv, ready, env=env, cwd=project_dir(), timeout=START_TIMEOUT)
+        proc = bench.spawn(name, argv, ready, env=env, cwd=cwd, timeout=START_TIMEOUT)
         with ThreadPoolExecutor(WARMUP_THREADS) as pool:  # every warm-up request must answer 200
             counts.extend(pool.map(lambda _: bench_count(port), range(args.warmup)))
         bench.check(name)
@@ -161,23 +140,17 @@ def measure(bench: lab.Lab, name: str, argv: list[str], env: dict, args) -> dict
         problems.append(f"{result['non_2xx']} non-2xx answers")
     result.update(wrk_output=done.stdout, workers=workers, warmup_requests=len(counts), count_after_warmup=max(counts),
                   final_count=final, expected_count=expected, count_difference=final - expected, allowed_excess=excess,
-                  command=" ".join(argv), exit_status=bench.ended[name]["returncode"], problems=problems)  # fmt: skip
+                  command=" ".join(argv), exit_status=proc.returncode, problems=problems)  # fmt: skip
     return result
 
 
 def main(argv=None) -> int:
-    p = lab.parser(__doc__)
-    p.add_argument("--seconds", type=lab.count, default=10, help="duration of each wrk run (default 10)")
-    p.add_argument("--warmup", type=lab.count0, default=1000, help="warm-up requests per server (default 1000)")
-    args = lab.parse(p, argv, quick={"seconds": 2, "warmup": 100})
+    args = lab.options(__doc__, argv, {"seconds": 2, "warmup": 100}, seconds=(lab.count, 10, "duration of each wrk run"),
+                       warmup=(lab.count0, 1000, "warm-up requests per server"))  # fmt: skip
     lab.need(binaries=["wrk", "redis-server"], modules=["gunicorn", "redis"])
-
     busy = cpu_busy()
-    bench = lab.Lab("http")
-    started = time.monotonic()
     results: dict[str, dict] = {}
-    warnings: list[str] = []
-    try:
+    with lab.Lab("http") as bench:
         results[f"runcluster ({WORKERS} workers, ClusterShmCache)"] = measure(
             bench, "runcluster", [sys.executable, "manage.py", "runcluster", "--workers", str(WORKERS), "--bind",
                                   "127.0.0.1:PORT", "--log-level", "warning"],
@@ -187,11 +160,9 @@ def main(argv=None) -> int:
             bench, "gunicorn", [sys.executable, "-m", "gunicorn", "-w", str(WORKERS), "-b", "127.0.0.1:PORT",
                                 "testproject.wsgi"],
             {"DJANGO_SETTINGS_MODULE": "testproject.settings_redis", "REDIS_URL": redis_url}, args)  # fmt: skip
-    finally:
-        warnings = bench.close()
-    elapsed = time.monotonic() - started
 
-    base = list(results.values())[-1]["requests_per_s"]
+    first, redis = results.values()
+    base = redis["requests_per_s"]
     rows = [[name, f"{r['requests_per_s']:.0f}", *(f"{r['latency_ms'][k]:.2f}" for k in ("p50", "p90", "p99")),
              lab.fmt_x(r["requests_per_s"], base)] for name, r in results.items()]  # fmt: skip
     checks = []
@@ -206,8 +177,7 @@ def main(argv=None) -> int:
     bench.versions["wrk"] = lab.version_of(["wrk", "-v"], r"wrk (\S+)")
     text = [
         lab.header(f"django-clustershm HTTP benchmark: GET /bench/ (one cache.get + one cache.incr), {WORKERS} sync "
-                   f"gunicorn workers per server, {elapsed:.0f}s",
-                   bench.versions),
+                   f"gunicorn workers per server, {bench.elapsed:.0f}s", bench.versions),
         lab.table(["server", "requests/s", "p50 latency (ms)", "p90 latency (ms)", "p99 latency (ms)",
                    "requests/s / Redis"], rows),
         f"wrk command line: {wrk} (after {args.warmup} warm-up requests from {WARMUP_THREADS} threads)\n"
@@ -218,15 +188,12 @@ def main(argv=None) -> int:
         "Correctness (the counter after the run vs. probe + warm-up + wrk's requests + the final GET):\n"
         + "\n".join(checks),
     ]  # fmt: skip
-    report = {"seconds": args.seconds, "warmup": args.warmup, "workers": WORKERS, "servers": bench.versions,
-              "wrk": {"threads": WRK_THREADS, "connections": WRK_CONNECTIONS, "command": wrk}, "cpu_busy_before": busy,
-              "elapsed_s": elapsed, "results": {n: {**r, "ratio_to_redis": r["requests_per_s"] / base}
-                                                for n, r in results.items()}, "warnings": warnings}  # fmt: skip
-    first = next(iter(results.values()))
-    headlines = {"runcluster requests/s": lab.headline(first["requests_per_s"], "higher"),
-                 "runcluster / gunicorn+Redis requests/s": lab.headline(first["requests_per_s"] / base, "higher")}  # fmt: skip
-    lab.finish(args, "bench_http", text, report, headlines)
-    return 1 if warnings or any(r["problems"] for r in results.values()) else 0
+    report = {"workers": WORKERS, "wrk": {"threads": WRK_THREADS, "connections": WRK_CONNECTIONS, "command": wrk},
+              "cpu_busy_before": busy, "results": {n: {**r, "ratio_to_redis": r["requests_per_s"] / base}
+                                                   for n, r in results.items()}}  # fmt: skip
+    headlines = {"runcluster requests/s": (first["requests_per_s"], "higher"),
+                 "runcluster / gunicorn+Redis requests/s": (first["requests_per_s"] / base, "higher")}  # fmt: skip
+    return lab.finish(args, bench, text, report, headlines, failed=any(r["problems"] for r in results.values()))
 
 
 if __name__ == "__main__":

@@ -1,33 +1,9 @@
 """Locks compared: django_clustershm.Lock against redis-py, diskcache and multiprocessing.
 
-Run by hand from the repository root (not part of the test suite)::
-
-    python bench/bench_locks.py                     # N = 5000, 3 rounds of 3 s per lock, 20 hand-overs
-    python bench/bench_locks.py --trials 50 --json bench/results/locks.json
-    python bench/bench_locks.py --quick             # a smoke run of about ten seconds
-
-Locks (``--only`` names), on Unix sockets in the script's temp dir, stopped by pid: clustershm
-(``clustershm.Lock`` on a forked Manager), redis (redis-py's ``Redis.lock`` on redis-server),
-diskcache (``diskcache.Lock``, ``eviction_policy="none"``), multiprocessing
-(``multiprocessing.Manager().Lock()``).
-
-1. Uncontended ``acquire()`` + ``release()``, one process, no lease: median and p99 (µs),
-   interleaved blocks, garbage collector paused; each median over redis-py's.
-2. Locked read-modify-write: ``--procs`` (4) forked processes loop for ``--seconds`` after a common
-   start: acquire, read a counter in the lock's own store, write it + 1, release. Ops/s over the
-   longest process's time, over diskcache's; the final counter must equal the increments (lost
-   updates must be 0); slowest and fastest process, longest wait. ``--rounds`` (3) rounds, the locks
-   taking turns; each row is the lock's median round, with the range over the rounds.
-3. Hand-over after the holder's SIGKILL: a forked waiter blocks in ``acquire()`` (for clustershm,
-   until ``clustershm.stats()`` lists it as queued; else 0.2 s), then the holder is SIGKILLed;
-   the delay runs to the waiter's grant (``time.monotonic()``, system-wide), ``--trials`` times.
-   clustershm needs no lease (the Manager frees a lock when its holder's connection closes);
-   redis-py and diskcache need a 1 s lease (polling every 0.1 s and 1 ms), and the table also gives
-   the delay from the holder's acquire; multiprocessing's lock has no owner and is never freed.
-
-Targets: clustershm's acquire+release at most 0.5x redis-py's, its read-modify-write at least 2x
-diskcache's, its hand-over at most 50 ms. Compare within one run. Spin locks (redis-py, diskcache)
-can look fast in phase 2 while unfair, which the slowest process and the longest wait show.
+Three phases (README.md has the details): uncontended acquire + release in one process; a locked
+read-modify-write of a shared counter by 4 processes, which must lose no update; the hand-over to a
+blocked waiter after the holder is SIGKILLed, which shows who frees a dead holder's lock, and how fast.
+Targets: at most 0.5x redis-py's acquire+release, at least 2x diskcache's ops/s, a 50 ms hand-over.
 """
 
 from __future__ import annotations
@@ -35,42 +11,33 @@ from __future__ import annotations
 import os
 import signal
 import statistics
-import sys
 import time
 from functools import partial
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # bench/, for lab
 import lab
 from lab import clustershm
 
 BLOCK = 500  # timed calls per lock per round of the interleaving (phase 1)
 LEASE = 1.0  # seconds: redis-py's lock timeout and diskcache's expire in phase 3
-MP_WAIT = 2.0  # seconds the multiprocessing waiter waits in phase 3
 STUCK = 10.0  # seconds after the kill before a waiter that never got the lock is given up on
 COUNTER = "bench:locks:counter"
-LABELS = {
-    "clustershm": "django_clustershm.Lock",
-    "redis": "redis-py Lock",
-    "diskcache": "diskcache.Lock",
-    "multiprocessing": "multiprocessing Manager().Lock()",
-}
+LABELS = {"clustershm": "django_clustershm.Lock", "redis": "redis-py Lock", "diskcache": "diskcache.Lock",
+          "multiprocessing": "multiprocessing Manager().Lock()"}  # fmt: skip
 
 
 # -- the four locks, behind one interface --------------------------------------------
-# A backend is made in this process; a forked child calls child() for one with its own
-# connections. prepare(key) runs here before forking (multiprocessing's locks are proxies
-# made by the process that asks for them). read() and write(n): the counter in the lock's
-# own store (read may return bytes, which int() takes); warm(): one round trip.
+# A backend is made in this process; a forked child calls child() for one with its own connections.
+# lock(key) runs here before forking too (multiprocessing's locks are proxies made by the process that
+# asks for them). read() and write(n): the counter in the lock's own store (read may return bytes,
+# which int() takes); warm(): one round trip. Phase 3: the waiter's timeout ``wait``, the ``lease``
+# the holder takes, the ``recovery`` that frees a dead holder's lock.
 
 
 class Backend:
-    name = ""
+    lease, wait = None, 10.0
 
     def child(self):
         return self
-
-    def prepare(self, key: str) -> None:
-        pass
 
     def acquire(self, lock, timeout: float | None = None) -> bool:
         return lock.acquire(timeout=timeout)
@@ -80,25 +47,25 @@ class Backend:
 
 
 class ClusterShm(Backend):
-    name = "clustershm"  # the client reconnects in a forked child by itself
+    name, recovery = "clustershm", "holder's connection closes (no lease)"  # the client reconnects after a fork
     warm, read, write = partial(clustershm.ping), partial(clustershm.get, COUNTER), partial(clustershm.set, COUNTER)
+
+    def __init__(self, bench: lab.Lab) -> None:
+        bench.start_manager()
 
     def lock(self, key: str, lease: float | None = None):
         return clustershm.Lock(key, lease=lease)
 
 
 class Redis(Backend):
-    name = "redis"
+    name, lease, recovery = "redis", LEASE, f"lease (timeout={LEASE:g} s) expires; waiter polls every 0.1 s"
 
     def __init__(self, path: str) -> None:
         import redis
 
-        self.path, r = path, redis.Redis(unix_socket_path=path)
+        r, self.child = redis.Redis(unix_socket_path=path), partial(Redis, path)  # a child's own connection
         self.lock_of, self.close = r.lock, r.close  # redis.lock.Lock; default sleep=0.1 between tries
         self.warm, self.read, self.write = r.ping, partial(r.get, COUNTER), partial(r.set, COUNTER)
-
-    def child(self):
-        return Redis(self.path)
 
     def lock(self, key: str, lease: float | None = None):
         return self.lock_of(key, timeout=lease)
@@ -108,18 +75,16 @@ class Redis(Backend):
 
 
 class DiskCache(Backend):
-    name = "diskcache"
+    name, lease, wait = "diskcache", LEASE, None  # no timeout in diskcache.Lock: the parent gives up on a stuck waiter
+    recovery = f"key expires (expire={LEASE:g} s); waiter polls every 1 ms"
 
     def __init__(self, directory: str, create: bool = False) -> None:
         import diskcache
 
-        self.directory = directory
         c = self.cache = diskcache.Cache(directory, **({"eviction_policy": "none"} if create else {}))
+        self.child = partial(DiskCache, directory)  # the same directory, a child's own connection
         self.warm, self.close = partial(c.get, "bench:locks:warm"), c.close
         self.read, self.write = partial(c.get, COUNTER), partial(c.set, COUNTER)
-
-    def child(self):
-        return DiskCache(self.directory)  # the same directory, this process's own connection
 
     def lock(self, key: str, lease: float | None = None):
         import diskcache
@@ -127,42 +92,8 @@ class DiskCache(Backend):
         return diskcache.Lock(self.cache, key, expire=lease)  # spins with 1 ms sleeps
 
     def acquire(self, lock, timeout: float | None = None) -> bool:
-        lock.acquire()  # no timeout in diskcache.Lock: the parent gives up on a stuck waiter
+        lock.acquire()
         return True
-
-
-class MultiProcessing(Backend):
-    name = "multiprocessing"
-
-    def __init__(self, manager) -> None:
-        self.manager, self.locks, self.value = manager, {}, manager.Value("i", 0)
-
-    def child(self):
-        # A proxy keeps one connection per thread, reset after a fork only in the children
-        # multiprocessing starts itself: run the same hooks in an os.fork() child.
-        import multiprocessing.util
-
-        multiprocessing.util._run_after_forkers()
-        return self
-
-    def prepare(self, key: str) -> None:
-        self.locks[key] = self.manager.Lock()
-
-    def lock(self, key: str, lease: float | None = None):
-        if key not in self.locks:
-            self.prepare(key)
-        return self.locks[key]
-
-    def acquire(self, lock, timeout: float | None = None) -> bool:
-        return lock.acquire(True, timeout)
-
-    def read(self) -> int:
-        return self.value.value
-
-    warm = read
-
-    def write(self, value: int) -> None:
-        self.value.value = value
 
 
 def _syncmanager_init() -> None:
@@ -181,7 +112,7 @@ def start_syncmanager(bench: lab.Lab):
     def stop() -> list[str]:
         try:
             manager.shutdown()  # asks it to exit, joins it, SIGTERMs its pid if it lingers
-        except Exception as exc:  # noqa: BLE001 - reported; the pid is killed below if still alive
+        except Exception as exc:  # reported; the pid is killed below if still alive
             lab.log(f"SyncManager shutdown failed: {exc!r}")
         process.join(lab.REAP_TIMEOUT)
         if process.is_alive():
@@ -192,6 +123,32 @@ def start_syncmanager(bench: lab.Lab):
 
     bench.cleanups.append(stop)
     return manager
+
+
+class MultiProcessing(Backend):
+    name, wait, recovery = "multiprocessing", 2.0, "none: the lock has no owner process"
+
+    def __init__(self, bench: lab.Lab) -> None:
+        self.manager = start_syncmanager(bench)
+        self.locks, value = {}, self.manager.Value("i", 0)
+        self.warm = self.read = value.get
+        self.write = value.set
+
+    def child(self):
+        # A proxy keeps one connection per thread, reset after a fork only in the children
+        # multiprocessing starts itself: run the same hooks in an os.fork() child.
+        import multiprocessing.util
+
+        multiprocessing.util._run_after_forkers()
+        return self
+
+    def lock(self, key: str, lease: float | None = None):
+        if key not in self.locks:
+            self.locks[key] = self.manager.Lock()
+        return self.locks[key]
+
+    def acquire(self, lock, timeout: float | None = None) -> bool:
+        return lock.acquire(True, timeout)
 
 
 # -- phase 1: uncontended latency; phase 2: locked read-modify-write ------------------------
@@ -208,10 +165,9 @@ def phase_latency(backends: dict, n: int, warmup: int) -> dict:
         return op
 
     ops = {name: pair(backend.lock("bench:locks:latency")) for name, backend in backends.items()}
-    results = lab.summarise(lab.time_interleaved(ops, n, warmup, BLOCK))
-    base = results.get("redis", {}).get("median_us")
+    results = lab.time_interleaved(ops, n, warmup, BLOCK)
     for row in results.values():
-        row["ratio_to_redis"] = lab.ratio(row["median_us"], base)
+        row["ratio_to_redis"] = lab.ratio(row["median_us"], results.get("redis", {}).get("median_us"))
     return results
 
 
@@ -235,7 +191,7 @@ def _rmw_worker(index: int, ready, backend, key: str, seconds: float) -> dict:
 
 def phase_rmw(backend, procs: int, seconds: float) -> dict:
     key = "bench:locks:rmw"
-    backend.prepare(key)
+    backend.lock(key)  # made before the fork
     backend.write(0)
     reports = lab.run_workers(procs, _rmw_worker, (backend, key, seconds), timeout=seconds + 60.0)
     total, final = sum(r["increments"] for r in reports), int(backend.read())
@@ -257,9 +213,9 @@ def median_round(runs: list[dict]) -> dict:
 # -- phase 3: hand-over after SIGKILL -------------------------------------------------
 
 
-def _holder(backend, key: str, lease: float | None, out_w: int) -> None:
+def _holder(backend, key: str, out_w: int) -> None:
     b = backend.child()
-    lock = b.lock(key, lease)
+    lock = b.lock(key, b.lease)
     if not b.acquire(lock, 10.0):
         raise lab.BenchError("the holder could not acquire a fresh lock")
     lab.send(out_w, f"held {time.monotonic()!r}")
@@ -267,12 +223,12 @@ def _holder(backend, key: str, lease: float | None, out_w: int) -> None:
     os._exit(3)  # not killed: the parent reports this exit code
 
 
-def _waiter(backend, key: str, lease: float | None, wait: float | None, out_w: int) -> None:
+def _waiter(backend, key: str, out_w: int) -> None:
     b = backend.child()
-    lock = b.lock(key, lease)
+    lock = b.lock(key, b.lease)
     b.warm()  # connected: "waiting" means the acquire request goes out next
     lab.send(out_w, "waiting")
-    granted = b.acquire(lock, wait)
+    granted = b.acquire(lock, b.wait)
     lab.send(out_w, f"{'granted' if granted else 'timeout'} {time.monotonic()!r}")
     if granted:
         lock.release()
@@ -292,34 +248,26 @@ def _queued_in_manager(key: str, pid: int, timeout: float = 5.0) -> None:
     raise lab.BenchError(f"the waiter {pid} never showed up as queued for {key!r} in the Manager's stats")
 
 
-def _handover_trial(backend, key: str, lease: float | None, wait: float | None, problems: list) -> dict:
-    backend.prepare(key)
+def _handover_trial(backend, key: str, problems: list) -> dict:
+    backend.lock(key)  # made before the fork
     children: dict[str, tuple[int, lab.Lines]] = {}
     result: dict = {}
-
-    def start(role: str, body, *args) -> lab.Lines:
-        out_r, out_w = os.pipe()
-        try:
-            children[role] = (lab.fork(body, backend, key, lease, *args, out_w, close=[out_r]), lab.Lines(out_r))
-        finally:
-            os.close(out_w)
-        return children[role][1]
-
     try:
-        word, t_acquired = start("holder", _holder).read(lab.READY_TIMEOUT, "the holder's report").split()
+        children["holder"] = lab.child(_holder, backend, key)
+        word, t_acquired = children["holder"][1].read(lab.READY_TIMEOUT, "the holder's report").split()
         if word != "held":
             raise lab.BenchError(f"the holder said {word!r}")
-        waiter = start("waiter", _waiter, wait)
+        waiter_pid, waiter = children["waiter"] = lab.child(_waiter, backend, key)
         if waiter.read(lab.READY_TIMEOUT, "the waiter's report") != "waiting":
             raise lab.BenchError("the waiter did not report waiting")
         if backend.name == "clustershm":
-            _queued_in_manager(key, children["waiter"][0])
+            _queued_in_manager(key, waiter_pid)
         else:
             time.sleep(0.2)
         t_kill = time.monotonic()
         os.kill(children["holder"][0], signal.SIGKILL)
         try:
-            word, t_done = waiter.read((wait or 0.0) + STUCK, "the waiter's result").split()
+            word, t_done = waiter.read((backend.wait or 0.0) + STUCK, "the waiter's result").split()
         except TimeoutError:
             result = {"granted": False, "stuck": True}
         else:
@@ -331,31 +279,24 @@ def _handover_trial(backend, key: str, lease: float | None, wait: float | None, 
         for role, (pid, lines) in children.items():
             lines.close()
             stuck = role == "waiter" and result.get("stuck")
-            status = lab.reap(pid, timeout=1.0 if stuck else lab.REAP_TIMEOUT)
-            ok = lab.killed_by(status, signal.SIGKILL) if role == "holder" else stuck or lab.exited_ok(status)
-            if not ok:
-                problems.append(f"{backend.name} {role} {pid} ended with {lab.describe(status)}")
+            rc = lab.reap(pid, timeout=1.0 if stuck else lab.REAP_TIMEOUT)
+            if not (rc == -signal.SIGKILL if role == "holder" else stuck or rc == 0):
+                problems.append(f"{backend.name} {role} {pid} ended with {lab.describe(rc)}")
     return result
 
 
 def phase_handover(backend, trials: int, problems: list) -> dict:
-    lease, wait, mechanism = {
-        "clustershm": (None, 10.0, "holder's connection closes (no lease)"),
-        "redis": (LEASE, 10.0, f"lease (timeout={LEASE:g} s) expires; waiter polls every 0.1 s"),
-        "diskcache": (LEASE, None, f"key expires (expire={LEASE:g} s); waiter polls every 1 ms"),
-        "multiprocessing": (None, MP_WAIT, "none: the lock has no owner process"),
-    }[backend.name]
     trials = 1 if backend.name == "multiprocessing" else trials
-    runs = [_handover_trial(backend, f"bench:locks:handover:{backend.name}:{i}", lease, wait, problems)
-            for i in range(trials)]  # fmt: skip
+    runs = [_handover_trial(backend, f"bench:locks:handover:{backend.name}:{i}", problems) for i in range(trials)]
     granted = [r for r in runs if r.get("granted")]
-    out: dict = {"mechanism": mechanism, "lease_s": lease, "trials": trials, "runs": runs, "granted": len(granted)}
+    out: dict = {"mechanism": backend.recovery, "lease_s": backend.lease, "trials": trials, "runs": runs,
+                 "granted": len(granted)}  # fmt: skip
     if granted:
         delays = sorted(r["delay_ms"] for r in granted)
         out.update(median_ms=statistics.median(delays), max_ms=delays[-1],
                    median_from_acquire_ms=statistics.median(r["from_acquire_ms"] for r in granted))  # fmt: skip
     if backend.name == "multiprocessing":
-        out["waiter_timeout_s"] = wait
+        out["waiter_timeout_s"] = backend.wait
         lock = backend.lock(f"bench:locks:handover:{backend.name}:0")  # still held by a process that is gone?
         out["still_locked_after"] = not lock.acquire(False)
         if not out["still_locked_after"]:
@@ -363,20 +304,15 @@ def phase_handover(backend, trials: int, problems: list) -> dict:
     return out
 
 
-# -- report and main ---------------------------------------------------------------
-
-
 def tables(latency: dict, rmw: dict, handover: dict, args) -> list[str]:
     base = rmw.get("diskcache", {}).get("ops_per_s")
-    rows1 = [[LABELS[name], lab.fmt(r["median_us"]), lab.fmt(r["p99_us"]),
-              "n/a" if r["ratio_to_redis"] is None else f"{r['ratio_to_redis']:.2f}x"]
+    rows1 = [[LABELS[name], lab.fmt(r["median_us"]), lab.fmt(r["p99_us"]), lab.fmt_x(r["ratio_to_redis"], 1)]
              for name, r in latency.items()]  # fmt: skip
-    rows2, rows3 = [], []
-    for name, r in rmw.items():
-        per, spread = r["per_process_ops_per_s"], r["rounds"]
-        rows2.append([LABELS[name], f"{r['ops_per_s']:,.0f}", lab.fmt_x(r["ops_per_s"], base),
-                      f"{spread['min']:,.0f} - {spread['max']:,.0f}", f"{r['increments']:,}", f"{r['final_counter']:,}",
-                      r["lost_updates_all_rounds"], f"{min(per):,.0f} / {max(per):,.0f}", f"{r['max_wait_ms']:.1f}"])  # fmt: skip
+    rows2 = [[LABELS[name], f"{r['ops_per_s']:,.0f}", lab.fmt_x(r["ops_per_s"], base),
+              f"{r['rounds']['min']:,.0f} - {r['rounds']['max']:,.0f}", f"{r['increments']:,}", f"{r['final_counter']:,}",
+              r["lost_updates_all_rounds"], f"{min(r['per_process_ops_per_s']):,.0f} / "
+              f"{max(r['per_process_ops_per_s']):,.0f}", f"{r['max_wait_ms']:.1f}"] for name, r in rmw.items()]  # fmt: skip
+    rows3 = []
     for name, r in handover.items():
         cells = ["never", "-", "-"]
         if r["granted"]:
@@ -384,76 +320,61 @@ def tables(latency: dict, rmw: dict, handover: dict, args) -> list[str]:
         elif name == "multiprocessing":
             cells[0] = f"never (timed out after {r['waiter_timeout_s']:g} s)"
         rows3.append([LABELS[name], r["mechanism"], f"{r['granted']} / {r['trials']}", *cells])
-    out = [
-        "### 1. Uncontended acquire + release, one process\n\n"
-        + lab.table(["lock", "median (µs)", "p99 (µs)", "median / redis-py"], rows1),
-        f"### 2. Locked read-modify-write of a shared counter, {args.procs} processes, {args.seconds:g} s, "
-        f"median of {args.rounds} rounds\n\n"
-        + lab.table(["lock", "ops/s (median round)", "ops/s / diskcache", "range over the rounds", "increments",
-                     "final counter", "lost updates (all rounds)", "slowest / fastest process (ops/s)",
-                     "longest lock wait (ms)"], rows2),
-        "### 3. Hand-over to a blocked waiter after the holder is SIGKILLed\n\n"
-        + lab.table(["lock", "recovery", "granted / trials", "median after SIGKILL (ms)", "max (ms)",
-                     "median from holder's acquire (ms)"], rows3, align="llrrrr"),
+    still = handover.get("multiprocessing", {}).get("still_locked_after")
+    return [
+        lab.table(["lock", "median (µs)", "p99 (µs)", "median / redis-py"], rows1,
+                  title="1. Uncontended acquire + release, one process"),
+        lab.table(["lock", "ops/s (median round)", "ops/s / diskcache", "range over the rounds", "increments",
+                   "final counter", "lost updates (all rounds)", "slowest / fastest process (ops/s)",
+                   "longest lock wait (ms)"], rows2,
+                  title=f"2. Locked read-modify-write of a shared counter, {args.procs} processes, {args.seconds:g} s, "
+                        f"median of {args.rounds} rounds"),
+        lab.table(["lock", "recovery", "granted / trials", "median after SIGKILL (ms)", "max (ms)",
+                   "median from holder's acquire (ms)"], rows3, align="llrrrr",
+                  title="3. Hand-over to a blocked waiter after the holder is SIGKILLed"),
+        *([] if still is None else ["multiprocessing: after the waiter gave up, a try-acquire " + (
+            "still fails: the lock stays held by the dead process." if still else "succeeded.")]),
     ]  # fmt: skip
-    if "still_locked_after" in handover.get("multiprocessing", {}):
-        still = handover["multiprocessing"]["still_locked_after"]
-        out.append("multiprocessing: after the waiter gave up, a try-acquire "
-                   + ("still fails: the lock stays held by the dead process." if still else "succeeded."))  # fmt: skip
-    return out
 
 
-def targets(latency: dict, rmw: dict, handover: dict) -> tuple[list[str], dict]:
+def targets(latency: dict, rmw: dict, handover: dict) -> tuple[str, dict]:
     a, b = latency.get("clustershm", {}).get("median_us"), latency.get("redis", {}).get("median_us")
     c, d = rmw.get("clustershm", {}).get("ops_per_s"), rmw.get("diskcache", {}).get("ops_per_s")
     shm = handover.get("clustershm", {})
     hand = shm.get("median_ms") if shm and shm["granted"] == shm["trials"] else None
-    checks = {
-        "acquire_release_median_vs_redis": lab.target(
+    return lab.targets("Targets", {
+        "acquire_release_median_vs_redis": (
             f"clustershm acquire+release median {lab.fmt(a)} µs = {lab.fmt_x(a, b)} redis-py's {lab.fmt(b)} µs "
             "(target <= 0.5x)", lab.ratio(a, b), 0.5),
-        "rmw_ops_vs_diskcache": lab.target(
+        "rmw_ops_vs_diskcache": (
             f"clustershm locked read-modify-write {lab.fmt(c)} ops/s = {lab.fmt_x(c, d)} diskcache's {lab.fmt(d)} "
-            "ops/s (target >= 2x)", lab.ratio(c, d), 2.0, at_least=True),
-        "handover_after_sigkill_median_ms": lab.target(
+            "ops/s (target >= 2x)", lab.ratio(c, d), 2.0, True),
+        "handover_after_sigkill_median_ms": (
             f"clustershm median hand-over after SIGKILL {lab.fmt(hand)} ms (target <= 50 ms, every trial granted)",
             hand, 50.0),
-    }  # fmt: skip
-    return [line for line, _ in checks.values()], {key: t for key, (_, t) in checks.items()}
+    })  # fmt: skip
 
 
 def main(argv=None) -> int:
-    p = lab.parser(__doc__)
-    p.add_argument("--n", type=lab.count, default=5000, help="timed acquire+release pairs per lock (default 5000)")
-    p.add_argument("--warmup", type=lab.count0, default=500, help="untimed pairs per lock first (default 500)")
-    p.add_argument("--seconds", type=lab.seconds, default=3.0, help="each read-modify-write run (default 3)")
-    p.add_argument("--procs", type=lab.count, default=4, help="processes in the read-modify-write runs (default 4)")
-    p.add_argument(
-        "--rounds", type=lab.count, default=3, help="read-modify-write rounds; the median counts (default 3)"
-    )
-    p.add_argument("--trials", type=lab.count, default=20, help="hand-overs after SIGKILL per lock (default 20)")
-    p.add_argument("--only", metavar="NAME[,NAME]", help=f"run a subset of: {','.join(LABELS)}")
-    args = lab.parse(p, argv, quick={"n": 500, "warmup": 50, "seconds": 0.5, "rounds": 1, "trials": 2})
-    selected = lab.only(p, args.only, LABELS)
-    lab.need(binaries=["redis-server"] if "redis" in selected else [],
-             modules=[m for n, m in (("redis", "redis"), ("diskcache", "diskcache")) if n in selected])  # fmt: skip
-
-    started = time.perf_counter()
-    bench = lab.Lab("locks")
+    args = lab.options(__doc__, argv, {"n": 500, "warmup": 50, "seconds": 0.5, "rounds": 1, "trials": 2}, LABELS,
+                       n=(lab.count, 5000, "timed acquire+release pairs per lock"),
+                       warmup=(lab.count0, 500, "untimed pairs per lock first"),
+                       seconds=(lab.seconds, 3.0, "each read-modify-write run"),
+                       procs=(lab.count, 4, "processes in the read-modify-write runs"),
+                       rounds=(lab.count, 3, "read-modify-write rounds; the median counts"),
+                       trials=(lab.count, 20, "hand-overs after SIGKILL per lock"))  # fmt: skip
+    selected = args.selected
+    lab.need(["redis-server"] if "redis" in selected else [], [m for m in ("redis", "diskcache") if m in selected])
     problems: list[str] = []
     backends: dict = {}
-    try:
+    with lab.Lab("locks") as bench:
         lab.log(f"temp dir {bench.tmpdir}: starting the servers")
+        make = {"clustershm": ClusterShm, "redis": lambda bench: Redis(bench.start_redis()),
+                "diskcache": lambda bench: DiskCache(bench.path("diskcache"), create=True),
+                "multiprocessing": MultiProcessing}  # fmt: skip  # each starts its server in the lab
         for name in selected:
-            if name == "clustershm":
-                bench.start_manager()
-                backends[name] = ClusterShm()
-            elif name == "redis":
-                backends[name] = Redis(bench.start_redis())
-            elif name == "diskcache":
-                backends[name] = DiskCache(bench.path("diskcache"), create=True)
-            else:
-                backends[name] = MultiProcessing(start_syncmanager(bench))
+            backends[name] = make[name](bench)
+            bench.cleanups.append(backends[name].close)
         lab.log(f"phase 1: uncontended acquire+release, N={args.n} per lock")
         latency = phase_latency(backends, args.n, args.warmup)
         runs: dict = {name: [] for name in backends}
@@ -466,35 +387,24 @@ def main(argv=None) -> int:
         for name, backend in backends.items():
             lab.log(f"phase 3: hand-over after SIGKILL: {LABELS[name]}")
             handover[name] = phase_handover(backend, args.trials, problems)
-    finally:
-        for backend in backends.values():
-            backend.close()
-        problems += bench.close()
-    elapsed = time.perf_counter() - started
-
+    problems += bench.warnings
     problems += [f"{LABELS[name]}: {r['lost_updates_all_rounds']} lost updates" for name, r in rmw.items()
                  if r["lost_updates_all_rounds"]]  # fmt: skip
-    target_lines, target_results = targets(latency, rmw, handover)
+    target_text, target_results = targets(latency, rmw, handover)
     text = [
         lab.header(f"Locks: N={args.n} uncontended pairs per lock after {args.warmup} warm-up; {args.procs} processes "
                    f"x {args.seconds:g} s of locked read-modify-write; {args.trials} hand-overs after SIGKILL; "
-                   f"{elapsed:.1f}s", bench.versions),
+                   f"{bench.elapsed:.1f}s", bench.versions),
         *tables(latency, rmw, handover, args),
-        "### Targets\n\n" + "\n".join(target_lines),
+        target_text,
         *(["Problems: " + "; ".join(problems)] if problems else []),
     ]  # fmt: skip
-    headlines = {
-        "lock acquire+release median (µs)": lab.headline(latency.get("clustershm", {}).get("median_us"), "lower"),
-        f"locked read-modify-write ops/s ({args.procs} processes)": lab.headline(
-            rmw.get("clustershm", {}).get("ops_per_s"), "higher"),
-        "lock hand-over after SIGKILL median (ms)": lab.headline(handover.get("clustershm", {}).get("median_ms"),
-                                                                 "lower"),
-    }  # fmt: skip
-    report = {"servers": bench.versions, "n": args.n, "warmup": args.warmup, "seconds": args.seconds,
-              "procs": args.procs, "rounds": args.rounds, "trials": args.trials, "elapsed_s": elapsed,
-              "latency": latency, "rmw": rmw, "handover": handover, "targets": target_results, "problems": problems}  # fmt: skip
-    lab.finish(args, "bench_locks", text, report, headlines)
-    return 1 if problems else 0
+    shm = [phase.get("clustershm", {}) for phase in (latency, rmw, handover)]
+    headlines = {"lock acquire+release median (µs)": (shm[0].get("median_us"), "lower"),
+                 f"locked read-modify-write ops/s ({args.procs} processes)": (shm[1].get("ops_per_s"), "higher"),
+                 "lock hand-over after SIGKILL median (ms)": (shm[2].get("median_ms"), "lower")}  # fmt: skip
+    report = {"latency": latency, "rmw": rmw, "handover": handover, "targets": target_results, "problems": problems}
+    return lab.finish(args, bench, text, report, headlines, failed=problems)
 
 
 if __name__ == "__main__":

@@ -1,29 +1,14 @@
 """Compare two source trees of django-clustershm on the benchmarks' headline figures, in one run.
 
-    python bench/compare.py --before /work/before --after . --rounds 3 core cache locks listeners
-    python bench/compare.py --before /work/before --after . --rounds 2 --quick core listeners  # a smoke run
-
-Every round runs each named script (``bench/bench_NAME.py`` beside this file:
-core, cache, locks, listeners, http) once against each tree, before then
-after, as a child process with ``PYTHONPATH`` set to the tree, so that the
-tree's django_clustershm is the one imported: each run's JSON names the
-package directory it imported, and it must be the tree's. The runs
-interleave (before, after, before, after, ...) so that drift in the machine's
-load hits both trees alike. The scripts are this checkout's, on the package's
-public API only, so one script measures both trees the same way.
-
-cache runs ``--only clustershm,near`` and locks ``--only clustershm``, what
-the headline figures need (``--peers``: every peer, for the scripts' full
-reports in ``--keep DIR``); ``--quick`` and ``--args NAME=OPTIONS`` go to the
-scripts. For each headline figure the table gives the median over the
-rounds and the spread ((max - min) / median) for before and after, after /
-before, and "better"/"worse" only where the two trees' ranges over the
-rounds do not overlap; ``--json PATH`` also writes every round's figures.
+Each round runs every named script (core, cache, locks, listeners, http: this checkout's, on the package's public
+API) once against each tree, before then after, with PYTHONPATH set to the tree, whose package the run's JSON must
+name. The table: each headline figure's median and spread over the rounds per tree, after / before, and "better"
+or "worse" only where the two trees' ranges do not overlap. cache runs only clustershm and near, locks only
+clustershm, unless ``--peers``.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shlex
@@ -32,9 +17,9 @@ import subprocess
 import sys
 import tempfile
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)  # for lab
 import lab
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 SCRIPTS = ("core", "cache", "locks", "listeners", "http")
 FOCUS = {"cache": ["--only", "clustershm,near"], "locks": ["--only", "clustershm"]}
@@ -82,17 +67,15 @@ def compare(values: dict, better: dict) -> tuple[list[list], dict]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = lab.parser(__doc__, quick="pass --quick to every script (a smoke run)")
     p.add_argument("scripts", nargs="+", choices=SCRIPTS, help="the benchmarks to run, by name")
     p.add_argument("--before", required=True, metavar="TREE", help="the older source tree (a checkout)")
     p.add_argument("--after", required=True, metavar="TREE", help="the newer source tree (a checkout)")
     p.add_argument("--rounds", type=lab.count, default=3, help="runs of each script per tree (default 3)")
-    p.add_argument("--quick", action="store_true", help="pass --quick to every script (a smoke run)")
     p.add_argument("--peers", action="store_true", help="run every peer in cache and locks, not only clustershm")
     p.add_argument("--args", action="append", default=[], metavar="NAME=OPTIONS", help="more options for one script")
     p.add_argument("--timeout", type=lab.seconds, default=1800.0, help="seconds one run may take (default 1800)")
     p.add_argument("--keep", metavar="DIR", help="keep every run's report (Markdown and JSON) in DIR")
-    p.add_argument("--json", metavar="PATH", help="also write the comparison as JSON to PATH")
     args = p.parse_args(argv)
     trees = {"before": os.path.abspath(args.before), "after": os.path.abspath(args.after)}
     for side, tree in trees.items():

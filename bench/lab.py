@@ -1,21 +1,7 @@
-"""The lab every benchmark script in this directory shares (not a benchmark itself).
-
-The scripts import it as ``lab`` and use only the package's stable public API
-(``import django_clustershm as clustershm``: Manager, configure, connect,
-get/set..., Lock, listen, stats, near_stats, the Django backend's path), so the
-same scripts measure any tree that has it: put the tree first on PYTHONPATH
-(compare.py does); every JSON report names the package directory it imported.
-
-Here once for all: ``fork``/``reap`` by pid, ``Lines`` over pipes and
-``run_workers`` (N forked workers started together, one JSON result each);
-``Lab``, a private temp dir with the Manager in a forked child, redis-server on
-a Unix socket, memcached on 127.0.0.1 and any other server, each stopped by its
-pid; ``time_interleaved`` (blocks of every operation in turn, the garbage
-collector paused); ``summary`` (median, p90, p99 by nearest rank), ``rounds``
-(median and spread over rounds), ``ratio``; ``table``, ``target``, ``--json``
-and ``--quick`` (``parser``/``parse``), and ``finish``, which prints the report
-and writes the JSON with the headline figures compare.py reads.
-"""
+"""The lab every benchmark script here shares (not a benchmark): forked children and servers in a private
+temp dir, each stopped by its pid; timing and statistics; the options, the Markdown report and its JSON.
+The scripts use only the package's public API (``from lab import clustershm``), so they measure whichever
+tree is first on PYTHONPATH (compare.py sets it); every JSON report names the package it imported."""
 
 from __future__ import annotations
 
@@ -39,11 +25,12 @@ import time
 import traceback
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REAP_TIMEOUT = 10.0  # seconds a process may take to exit before it is SIGKILLed
+READY_TIMEOUT = 60.0  # seconds a forked child may take to connect and report
 
 
 def package():
-    """django_clustershm, imported on first use (``from lab import clustershm`` too): compare.py,
-    which only runs the scripts, works whatever state the package it would import is in."""
+    """django_clustershm, imported on first use, so that compare.py, which only runs the scripts, never needs it."""
     try:
         import django_clustershm
     except ImportError:  # a checkout where the package is neither installed nor on PYTHONPATH
@@ -56,10 +43,6 @@ def __getattr__(name: str):
     if name == "clustershm":
         return package()
     raise AttributeError(f"module 'lab' has no attribute {name!r}")
-
-
-REAP_TIMEOUT = 10.0  # seconds a process may take to exit before it is SIGKILLed
-READY_TIMEOUT = 60.0  # seconds a forked child may take to connect and report
 
 
 def log(msg: str) -> None:
@@ -94,9 +77,8 @@ def die_with_parent() -> None:
 
 
 def fork(body, *args, close=()) -> int:
-    """Fork a child that runs ``body(*args)`` and leaves with os._exit (0, or 1 after printing the exception).
-    It ignores Ctrl-C (the script stops it by pid), gets SIGTERM if the script dies, and first closes
-    the descriptors ``close`` (the parent's ends of its pipes)."""
+    """Fork a child that closes ``close`` (the parent's pipe ends), runs ``body(*args)`` and leaves with os._exit:
+    0, or 1 after printing the exception. It ignores Ctrl-C (the script stops it by pid), SIGTERMed if the script dies."""
     sys.stdout.flush()
     sys.stderr.flush()
     pid = os.fork()
@@ -111,7 +93,7 @@ def fork(body, *args, close=()) -> int:
             os.close(fd)
         body(*args)
         status = 0
-    except BaseException:  # noqa: BLE001 - a child reports any failure through its exit status
+    except BaseException:  # a child reports any failure through its exit status
         traceback.print_exc()
     finally:
         try:
@@ -121,44 +103,37 @@ def fork(body, *args, close=()) -> int:
             os._exit(status)
 
 
+def child(body, *args, close=()) -> tuple[int, Lines]:
+    """``fork`` a child running ``body(*args, w)``, ``w`` a pipe's write end (``send``); its pid and the ``Lines`` it sends."""
+    r, w = os.pipe()
+    try:
+        return fork(body, *args, w, close=[r, *close]), Lines(r)
+    finally:
+        os.close(w)
+
+
 def reap(pid: int, timeout: float = REAP_TIMEOUT, term: bool = False) -> int | None:
-    """Wait for child ``pid`` (SIGTERM it first if ``term``), SIGKILL it by pid if it lingers; its wait status."""
+    """Wait for child ``pid`` (SIGTERM it first if ``term``), SIGKILL it if it lingers; its return code, as Popen's."""
     if term:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:
-            return None
-        if done:
-            return status
-        if time.monotonic() >= deadline:
-            break
-        time.sleep(0.005)
-    log(f"child {pid} did not exit within {timeout:g}s; killing it")
-    with contextlib.suppress(ProcessLookupError, ChildProcessError):
-        os.kill(pid, signal.SIGKILL)
-        return os.waitpid(pid, 0)[1]
+    with contextlib.suppress(ChildProcessError):
+        while not (done := os.waitpid(pid, os.WNOHANG))[0]:
+            if time.monotonic() >= deadline:
+                log(f"child {pid} did not exit within {timeout:g}s; killing it")
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                done = os.waitpid(pid, 0)
+                break
+            time.sleep(0.005)
+        return os.waitstatus_to_exitcode(done[1])
     return None
 
 
-def describe(status: int | None) -> str:
-    """A wait status in words."""
-    if status is None:
-        return "unknown (already reaped)"
-    if os.WIFSIGNALED(status):
-        return f"killed by signal {os.WTERMSIG(status)}"
-    return f"exit code {os.WEXITSTATUS(status)}" if os.WIFEXITED(status) else f"wait status {status}"
-
-
-def exited_ok(status: int | None) -> bool:
-    return status is not None and os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
-
-
-def killed_by(status: int | None, sig: int) -> bool:
-    return status is not None and os.WIFSIGNALED(status) and os.WTERMSIG(status) == sig
+def describe(rc: int | None) -> str:
+    """A return code (``reap``'s or Popen's) in words."""
+    return "an unknown status" if rc is None else f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
 
 
 def send(fd: int, msg: str) -> None:
@@ -192,7 +167,7 @@ class Lines:
         os.close(self.fd)
 
 
-def _worker(body, index: int, args: tuple, out_w: int, go_r: int) -> None:
+def _worker(body, index: int, args: tuple, go_r: int, out_w: int) -> None:
     def ready() -> None:
         """Tell the parent this worker is connected, then wait for the common start."""
         send(out_w, "ready")
@@ -202,29 +177,22 @@ def _worker(body, index: int, args: tuple, out_w: int, go_r: int) -> None:
 
 
 def run_workers(count: int, body, args: tuple = (), timeout: float = 600.0) -> list:
-    """Fork ``count`` workers running ``body(index, ready, *args)``, each calling ``ready()`` once connected
-    and returning something JSON carries; start them together; their results in index order. BenchError
-    (or TimeoutError) if one fails, does not report or is not done ``timeout`` s after the start (then
-    every worker is SIGTERMed by pid). Every worker is reaped."""
+    """Fork ``count`` workers running ``body(index, ready, *args)``, each calling ``ready()`` once connected and
+    returning something JSON carries; start them together; their results in index order. BenchError (or TimeoutError,
+    every worker SIGTERMed) if one fails or is not done ``timeout`` s after the start. Every worker is reaped."""
     go_r, go_w = os.pipe()
     workers: list[tuple[int, Lines]] = []
     done = False
     try:
         for index in range(count):
-            out_r, out_w = os.pipe()
-            try:
-                workers.append((fork(_worker, body, index, args, out_w, go_r, close=[go_w, out_r]), Lines(out_r)))
-            finally:
-                os.close(out_w)
+            workers.append(child(_worker, body, index, args, go_r, close=[go_w]))
         for pid, lines in workers:
             if lines.read(READY_TIMEOUT, f"word from worker {pid}") != "ready":
                 raise BenchError(f"worker {pid} did not get ready")
         os.close(go_w)
         go_w = -1
         deadline = time.monotonic() + timeout
-        results = [
-            json.loads(lines.read(deadline - time.monotonic(), f"result of worker {pid}")) for pid, lines in workers
-        ]
+        results = [json.loads(w.read(deadline - time.monotonic(), f"result of worker {pid}")) for pid, w in workers]
         done = True
     finally:
         for fd in (go_w, go_r):
@@ -234,7 +202,7 @@ def run_workers(count: int, body, args: tuple = (), timeout: float = 600.0) -> l
         for pid, lines in workers:
             lines.close()
             statuses.append((pid, reap(pid, timeout=REAP_TIMEOUT if done else 2.0, term=not done)))
-    bad = [(pid, status) for pid, status in statuses if not exited_ok(status)]
+    bad = [(pid, rc) for pid, rc in statuses if rc != 0]
     if bad:
         raise BenchError(f"{len(bad)} of {count} workers failed; worker {bad[0][0]}: {describe(bad[0][1])}")
     return results
@@ -271,10 +239,6 @@ def _group_alive(pgid: int) -> bool:
     return True
 
 
-def _describe_rc(rc: int | None) -> str:
-    return "still running" if rc is None else f"killed by signal {-rc}" if rc < 0 else f"exit code {rc}"
-
-
 def _answers(address, request: bytes, expect: bytes) -> bool:
     """Whether the server at ``address`` (a Unix socket's path, or (host, port)) answers ``request`` with ``expect``."""
     with socket.socket(socket.AF_UNIX if isinstance(address, str) else socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -307,52 +271,63 @@ def need(binaries=(), modules=()) -> None:
 
 
 class Lab:
-    """A private (0700) temp dir and everything a script starts in it, each stopped by its pid in ``close()``."""
+    """A private temp dir and all a script starts in it, each stopped by pid in ``close()``, which leaving the
+    ``with`` block calls, setting ``warnings`` and ``elapsed``."""
 
     def __init__(self, name: str) -> None:
         self.tmpdir = tempfile.mkdtemp(prefix=f"clustershm-bench-{name}-")  # mode 0700
         self.servers: dict[str, subprocess.Popen] = {}
-        self.ended: dict[str, dict] = {}  # server name -> how it ended (see stop)
-        self.cleanups: list = []  # callables returning warnings, run first by close()
+        self.cleanups: list = []  # callables returning a list of warnings or None, run last first by close()
         self.versions: dict[str, str] = {}  # server name -> version
         self.manager_pid = self.address = self.secret = self.redis_path = self.memcached_port = None
-        self.configured = False
+        self.started = time.perf_counter()
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.warnings = self.close()
+        self.elapsed = time.perf_counter() - self.started
 
     def path(self, name: str) -> str:
         return os.path.join(self.tmpdir, name)
 
-    def start_manager(self, configure: bool = True) -> None:
-        """Fork the Manager serving on a socket in the temp dir; with ``configure``, point this
-        process (and every child forked from here on) at it."""
-        address, secret = self.path("manager.sock"), os.urandom(32)
-        ready_r, ready_w = os.pipe()
-        try:
-            self.manager_pid = fork(_manager_child, address, secret, ready_w, close=[ready_r])
-        finally:
-            os.close(ready_w)
-        lines = Lines(ready_r)
-        try:
-            lines.read(READY_TIMEOUT, "word that the Manager started")
-        finally:
+    def start_child(self, what: str, body, *args) -> tuple[int, Lines]:
+        """``child(body, *args)``, SIGTERMed and reaped by ``close()`` (a warning unless it exits 0)."""
+        pid, lines = child(body, *args)
+
+        def stop() -> list[str]:
             lines.close()
-        self.address, self.secret = address, secret
+            rc = reap(pid, term=True)
+            return [] if rc == 0 else [f"{what} (pid {pid}) ended with {describe(rc)}"]
+
+        self.cleanups.append(stop)
+        return pid, lines
+
+    def start_manager(self, configure: bool = True) -> None:
+        """Fork the Manager serving on a socket in the temp dir; with ``configure``, point this process at it."""
+        address, secret = self.address, self.secret = self.path("manager.sock"), os.urandom(32)
+        self.cleanups.append(lambda: ["the Manager left its socket behind"] if os.path.exists(address) else [])
+        self.manager_pid, lines = self.start_child("the Manager", _manager_child, address, secret)
+        lines.read(READY_TIMEOUT, "word that the Manager started")
         if configure:
             self.configure()
 
     def configure(self) -> None:
-        package().configure(self.address, self.secret)  # inherited by every process forked from here on
-        self.configured = True
+        """Point this process, and every child forked from here on, at the Manager (until ``close()``)."""
+        package().configure(self.address, self.secret)
+        self.cleanups.append(lambda: package().configure(None))  # closes the connection before the Manager goes
         if not package().ping():
             raise BenchError("the Manager does not answer")
 
     def spawn(self, name: str, argv: list[str], probe, env=None, cwd=None, timeout: float = 30.0):
-        """Start server ``name`` in its own session (its pid is its process group), output to NAME.log
-        in the temp dir; return its Popen once ``probe()`` is true (an OSError counts as not yet)."""
+        """Start server ``name`` in its own session (its pid is its group), output to NAME.log in the temp dir;
+        its Popen once ``probe()`` is true (an OSError counts as not yet)."""
         with open(self.path(f"{name}.log"), "wb") as out:
             try:
                 proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
                                         cwd=cwd or self.tmpdir, env=env, start_new_session=True,
-                                        preexec_fn=die_with_parent)  # noqa: PLW1509 - no threads yet  # fmt: skip
+                                        preexec_fn=die_with_parent)  # fmt: skip  # preexec_fn: no threads yet
             except OSError as exc:
                 raise BenchError(f"cannot start {argv[0]}: {exc}") from exc
         self.servers[name] = proc
@@ -370,7 +345,7 @@ class Lab:
         """BenchError if server ``name`` has exited."""
         proc = self.servers[name]
         if proc.poll() is not None:
-            raise BenchError(f"{name} exited ({_describe_rc(proc.returncode)}); its log ends:\n{self.log_tail(name)}")
+            raise BenchError(f"{name} exited ({describe(proc.returncode)}); its log ends:\n{self.log_tail(name)}")
 
     def log_tail(self, name: str, size: int = 3000) -> str:
         try:
@@ -381,7 +356,7 @@ class Lab:
 
     def stop(self, name: str, timeout: float = REAP_TIMEOUT) -> list[str]:
         """SIGTERM server ``name`` by pid and wait; SIGKILL its process group only if it does not exit
-        in time or leaves processes in it. Its warnings; ``self.ended[name]`` says how it ended."""
+        in time or leaves processes in it; its warnings."""
         proc = self.servers.pop(name)
         warnings, killed = [], False
         if proc.poll() is None:
@@ -402,8 +377,7 @@ class Lab:
                 os.killpg(proc.pid, signal.SIGKILL)
         rc = proc.wait(5)
         if rc != 0 and not killed:
-            warnings.append(f"{name} (pid {proc.pid}) ended with {_describe_rc(rc)}")
-        self.ended[name] = {"returncode": rc, "killed": killed, "leftovers": leftovers}
+            warnings.append(f"{name} (pid {proc.pid}) ended with {describe(rc)}")
         return warnings
 
     def start_redis(self) -> str:
@@ -429,19 +403,8 @@ class Lab:
     def close(self) -> list[str]:
         """Stop everything this lab started, by pid, and remove the temp dir; log and return the warnings."""
         warnings = []
-        for cleanup in reversed(self.cleanups):
-            warnings += cleanup()
-        self.cleanups.clear()
-        if self.configured:
-            package().configure(None)  # closes this process's connection before the Manager goes
-            self.configured = False
-        if self.manager_pid is not None:
-            status = reap(self.manager_pid, term=True)
-            if not exited_ok(status):
-                warnings.append(f"the Manager (pid {self.manager_pid}) ended with {describe(status)}")
-            elif os.path.exists(self.address or ""):
-                warnings.append("the Manager left its socket behind")
-            self.manager_pid = None
+        while self.cleanups:
+            warnings += self.cleanups.pop()() or []
         for name in list(self.servers):
             warnings += self.stop(name)
         shutil.rmtree(self.tmpdir, ignore_errors=True)
@@ -469,33 +432,29 @@ def gc_paused():
 
 
 def time_interleaved(ops: dict, n: int, warmup: int, block: int, pause: dict | None = None) -> dict:
-    """Time each zero-argument callable of ``ops`` (name -> fn) ``n`` times, after ``warmup`` untimed calls,
-    in blocks of ``block`` calls of every one in turn, the garbage collector paused; name -> seconds.
-    ``pause`` (name -> pid) names a process to SIGSTOP while that operation is timed."""
+    """Time each callable of ``ops`` (name -> fn) ``n`` times after ``warmup`` calls, in blocks of ``block`` calls
+    of each in turn, the GC paused; the summary of each. ``pause``: name -> a pid to SIGSTOP while it is timed."""
     for fn in ops.values():
         for _ in range(warmup):
             fn()
     samples: dict[str, list] = {name: [] for name in ops}
     clock = time.perf_counter
     with gc_paused():
-        remaining = n
-        while remaining > 0:
-            count = min(block, remaining)
+        for start in range(0, n, block):
             for name, fn in ops.items():
                 other = (pause or {}).get(name)
                 if other:
                     os.kill(other, signal.SIGSTOP)
                 append = samples[name].append
                 try:
-                    for _ in range(count):
+                    for _ in range(min(block, n - start)):
                         t0 = clock()
                         fn()
                         append(clock() - t0)
                 finally:
                     if other:
                         os.kill(other, signal.SIGCONT)
-            remaining -= count
-    return samples
+    return {name: summary(values) for name, values in samples.items()}
 
 
 def rank(sorted_values: list, q: float):
@@ -504,16 +463,11 @@ def rank(sorted_values: list, q: float):
 
 
 def summary(values, scale: float = 1e6) -> dict:
-    """Median, p90, p99 (nearest rank), min and max of ``values`` times ``scale`` (seconds -> µs by
-    default), and their count; None for each figure of an empty list."""
+    """Median, p90, p99 (nearest rank), min, max of ``values`` times ``scale`` (s -> µs), or None; and their count."""
     v = sorted(values)
     figures = {"median_us": statistics.median, "p90_us": lambda v: rank(v, 0.90), "p99_us": lambda v: rank(v, 0.99),
                "min_us": lambda v: v[0], "max_us": lambda v: v[-1]}  # fmt: skip
     return {**{k: f(v) * scale if v else None for k, f in figures.items()}, "n": len(v)}
-
-
-def summarise(samples: dict, scale: float = 1e6) -> dict:
-    return {name: summary(values, scale) for name, values in samples.items()}
 
 
 def rounds(values: list) -> dict:
@@ -527,33 +481,7 @@ def ratio(a, b) -> float | None:
     return a / b if a is not None and b else None
 
 
-# -- the report -----------------------------------------------------------------------
-
-
-def fmt(x, digits: int = 1) -> str:
-    """A figure for a Markdown cell: "-" for None, thousands separators from 1000 on."""
-    return "-" if x is None else f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.{digits}f}"
-
-
-def fmt_x(a, b) -> str:
-    """``a / b`` as "1.23x", or "n/a"."""
-    return "n/a" if (r := ratio(a, b)) is None else f"{r:.2f}x"
-
-
-def table(header: list[str], rows: list[list], align: str | None = None) -> str:
-    """A Markdown table; ``align`` one letter per column, l or r (default: the first left, the rest right)."""
-    align = align or "l" + "r" * (len(header) - 1)
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
-    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
-
-
-def target(text: str, value: float | None, limit: float, at_least: bool = False, ok: bool = True) -> tuple[str, dict]:
-    """A design target as a PASS/FAIL line and its JSON: ``value`` (a ratio or a figure) at most
-    ``limit``, or at least with ``at_least``, and ``ok``; a None value is not evaluated."""
-    if value is None:
-        return f"- not evaluated: {text}", {"value": None, "met": None}
-    met = ok and (value >= limit if at_least else value <= limit)
-    return f"- {'PASS' if met else 'FAIL'}: {text}", {"value": value, "min" if at_least else "max": limit, "met": met}
+# -- options and the report -------------------------------------------------------------
 
 
 def _at_least(cast, low, strict: bool = False):
@@ -570,87 +498,108 @@ def _at_least(cast, low, strict: bool = False):
 count, count0, seconds = _at_least(int, 1), _at_least(int, 0), _at_least(float, 0, strict=True)
 
 
-def parser(doc: str) -> argparse.ArgumentParser:
-    """The script's argument parser, with ``--json PATH`` and ``--quick``."""
+def parser(doc: str, quick: str = "a smoke run of a few seconds (figures are not meaningful)"):
+    """An argument parser described by the first paragraph of ``doc``, with ``--json PATH`` and ``--quick``."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH")
-    p.add_argument("--quick", action="store_true", help="a smoke run of a few seconds (figures are not meaningful)")
+    p.add_argument("--quick", action="store_true", help=quick)
     return p
 
 
-def parse(p: argparse.ArgumentParser, argv, quick: dict) -> argparse.Namespace:
-    """Parse ``argv``; with --quick, the ``quick`` values become the defaults (explicit options still win)."""
+def options(doc: str, argv, quick: dict, peers: dict | None = None, **spec) -> argparse.Namespace:
+    """The script's options: ``--json``, ``--quick`` (the ``quick`` values become the defaults; explicit options
+    still win), ``--NAME`` for each ``NAME=(type, default, help)`` of ``spec`` (``n_slow``: ``--n-slow``) and,
+    with ``peers`` (name -> label), ``--only NAME,...``: ``args.selected`` the chosen names, in peers' order."""
+    p = parser(doc)
+    for name, (kind, default, text) in spec.items():
+        text += "" if default is None else f" (default {default:g})"
+        p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
+    if peers:
+        p.add_argument("--only", metavar="NAME[,NAME]", help=f"run a subset of: {','.join(peers)}")
     args = p.parse_args(argv)
     if args.quick:
         p.set_defaults(**quick)
         args = p.parse_args(argv)
+    if peers:
+        chosen = [n.strip().lower() for n in (args.only or "").split(",") if n.strip()]
+        if (unknown := [n for n in chosen if n not in peers]) or (args.only and not chosen):
+            p.error(f"--only: unknown name(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(peers)}")
+        args.selected = [n for n in peers if n in chosen or not chosen]
     return args
 
 
-def only(p: argparse.ArgumentParser, value: str | None, names) -> list[str]:
-    """The names of a comma-separated ``--only`` value, in the order of ``names`` (all of them if empty)."""
-    if not value:
-        return list(names)
-    chosen = [n.strip().lower() for n in value.split(",") if n.strip()]
-    unknown = [n for n in chosen if n not in names]
-    if unknown or not chosen:
-        p.error(f"--only: unknown name(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(names)}")
-    return [n for n in names if n in chosen]
+def fmt(x, digits: int = 1) -> str:
+    """A figure for a Markdown cell: "-" for None, thousands separators from 1000 on."""
+    return "-" if x is None else f"{x:,.0f}" if abs(x) >= 1000 else f"{x:.{digits}f}"
 
 
-def package_versions(*dists: str) -> dict:
-    """name -> installed version (None if not installed)."""
-    from importlib.metadata import PackageNotFoundError, version
+def fmt_x(a, b) -> str:
+    """``a / b`` as "1.23x", or "n/a"."""
+    return "n/a" if (r := ratio(a, b)) is None else f"{r:.2f}x"
 
-    out = {}
-    for dist in dists:
-        try:
-            out[dist] = version(dist)
-        except PackageNotFoundError:
-            out[dist] = None
-    return out
+
+def table(header: list[str], rows: list[list], align: str | None = None, title: str = "") -> str:
+    """A Markdown table, under ``### title`` if given; ``align``: l or r per column (default: l, then all r)."""
+    align = align or "l" + "r" * (len(header) - 1)
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---:" if a == "r" else "---" for a in align) + "|"]
+    lines += ["| " + " | ".join(map(str, row)) + " |" for row in rows]
+    return (f"### {title}\n\n" if title else "") + "\n".join(lines)
+
+
+def target(text: str, value: float | None, limit: float, at_least: bool = False, ok: bool = True) -> tuple[str, dict]:
+    """A PASS/FAIL line and its JSON: ``value`` at most ``limit`` (at least, with ``at_least``), and ``ok``."""
+    if value is None:
+        return f"- not evaluated: {text}", {"value": None, "met": None}
+    met = ok and (value >= limit if at_least else value <= limit)
+    return f"- {'PASS' if met else 'FAIL'}: {text}", {"value": value, "min" if at_least else "max": limit, "met": met}
+
+
+def targets(title: str, checks: dict) -> tuple[str, dict]:
+    """``target`` for each key -> (text, value, limit[, at_least]) of ``checks``: the Markdown section and the JSON."""
+    done = {key: target(*check) for key, check in checks.items()}
+    return f"### {title}\n\n" + "\n".join(line for line, _ in done.values()), {k: t for k, (_, t) in done.items()}
 
 
 def environment() -> dict:
     """What the JSON report says about the machine and the package under test."""
-    return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "allowed_cpus": sorted(os.sched_getaffinity(0)),
-        "package": os.path.dirname(os.path.abspath(package().__file__)),
-        "packages": package_versions("django", "redis", "hiredis", "pymemcache", "diskcache", "gunicorn"),
-    }
+    from importlib.metadata import PackageNotFoundError, version
+
+    packages = {}
+    for dist in ("django", "redis", "hiredis", "pymemcache", "diskcache", "gunicorn"):
+        with contextlib.suppress(PackageNotFoundError):
+            packages[dist] = version(dist)
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "allowed_cpus": sorted(os.sched_getaffinity(0)), "packages": packages,
+            "package": os.path.dirname(os.path.abspath(package().__file__))}  # fmt: skip
 
 
 def header(what: str, servers: dict | None = None) -> str:
     """The report's first line: what ran, and on what."""
     env = environment()
-    pk = ", ".join(f"{k} {v}" for k, v in env["packages"].items() if v)
+    pk = ", ".join(f"{k} {v}" for k, v in env["packages"].items())
     srv = "".join(f", {k} {v}" for k, v in (servers or {}).items())
     return (f"{what}. Python {env['python']}, {env['cpus']} CPUs (allowed: {env['allowed_cpus']}), {pk}{srv}; "
             f"django_clustershm from {env['package']}")  # fmt: skip
 
 
-def headline(value, better: str) -> dict:
-    """A headline figure for compare.py: its value and whether "higher" or "lower" is better."""
-    return {"value": value, "better": better}
-
-
-def finish(args, name: str, text: list[str], report: dict, headlines: dict) -> None:
-    """Print the report's parts; with --json, write them with the environment and the headline figures."""
+def finish(args, bench: Lab, text: list[str], report: dict, headlines: dict, failed=False) -> int:
+    """Print the report's parts; with --json, write them with the environment, the lab's servers, time and warnings,
+    and the headline figures compare.py reads (name -> (value, "higher" or "lower" is better)). The exit status:
+    1 if ``failed`` or the lab had warnings."""
     print("\n\n".join(text))
     if args.json:
-        data = {"benchmark": name, **environment(), "args": vars(args), "headline": headlines, **report}
+        data = {"benchmark": os.path.basename(sys.argv[0]).removesuffix(".py"), **environment(), "args": vars(args),
+                "headline": {k: {"value": value, "better": better} for k, (value, better) in headlines.items()},
+                "servers": bench.versions, "elapsed_s": bench.elapsed, "warnings": bench.warnings, **report}  # fmt: skip
         os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
         with open(args.json, "w") as fh:
             json.dump(data, fh, indent=2)
             fh.write("\n")
+    return 1 if failed or bench.warnings else 0
 
 
 def run(main) -> None:
-    """Run ``main()`` as the script: its result is the exit status. SIGTERM and Ctrl-C end it through
-    the finally clauses (which stop what it started); BenchError or TimeoutError: status 2."""
+    """Run ``main()``, its result the exit status; SIGTERM and Ctrl-C go through the finally clauses; BenchError: 2."""
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     name = os.path.basename(sys.argv[0])
     try:
