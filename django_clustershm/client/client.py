@@ -330,8 +330,10 @@ class Client(Keyspace):
         """``[token, fence]``, or None if not acquired within ``wait`` seconds
         (None: wait forever, 0 or less: do not wait)."""
         key = self._key(key)
-        lease = A.positive_seconds(lease, "lease")
-        wait = A.timeout(wait, "timeout")
+        if lease is not None:
+            lease = A.positive_seconds(lease, "lease")
+        if wait is not None and type(wait) is not int:
+            wait = A.timeout(wait, "timeout")
         if wait is None:
             reply_timeout = None  # no limit: the Manager answers when it grants the lock
         elif wait <= 0:
@@ -342,7 +344,9 @@ class Client(Keyspace):
 
     def lock_release(self, key: str, token: bytes) -> bool:
         """Release; True if the lock went to a waiter, False if it is free now."""
-        handed_over = self.transport.call(F.LOCK_RELEASE, [self._key(key), A.token(token)])
+        if type(token) is not bytes or len(token) != A.TOKEN_SIZE:
+            A.token(token)  # raises, naming the argument
+        handed_over = self.transport.call(F.LOCK_RELEASE, [self._key(key), token])
         if handed_over and self.transport.remote:
             # The next holder was just woken, most likely onto this CPU's run
             # queue (it slept in recv() here): let it run now rather than when

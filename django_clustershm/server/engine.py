@@ -372,12 +372,18 @@ class Engine:
     # -- locks -----------------------------------------------------------------------------
 
     def _lock_acquire(self, session, key, lease, wait):
-        key, lease, wait = self._key(key), A.positive_seconds(lease, "lease"), A.timeout(wait, "wait")
+        key = self._key(key)
+        if lease is not None:
+            lease = A.positive_seconds(lease, "lease")
+        if wait is not None and type(wait) is not int:
+            wait = A.timeout(wait, "wait")
         result = self.locks.acquire(session, self._rid, key, lease, wait)
         return DEFERRED if result is ... else result
 
     def _lock_release(self, session, key, token):
-        return self.locks.release(self._key(key), A.token(token))
+        if type(token) is not bytes or len(token) != A.TOKEN_SIZE:
+            A.token(token)  # raises, naming the argument
+        return self.locks.release(self._key(key), token)
 
     def _lock_extend(self, session, key, token, lease):
         key, token, lease = self._key(key), A.token(token), A.positive_seconds(lease, "lease")

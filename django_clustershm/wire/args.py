@@ -47,6 +47,8 @@ def timeout(value, name: str = "timeout"):
 
 def positive_seconds(value, name: str):
     """A lease: a positive finite number of seconds, or None."""
+    if value is None:
+        return None
     value = timeout(value, name)
     if value is not None and value <= 0:
         raise InvalidArgument(f"{name} must be a positive number of seconds or None, not {value!r}")
