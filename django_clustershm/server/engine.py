@@ -116,6 +116,8 @@ class Engine:
         self.max_cache_bytes = max_cache_bytes
         self._max_key = self.limits.max_key
         self.clock = clock
+        self.subscriptions = Subscriptions()
+        self.tracking = Tracking()
         self.store = self._namespace("", Namespace.store(max_store_bytes, clock=clock))
         self.caches: dict[str, Namespace] = {}
         # What a read sees of a cache no one has written yet: an empty one
@@ -123,8 +125,6 @@ class Engine:
         self._empty = Namespace.cache(clock=clock)
         self._next_cache_reap = 0.0
         self.locks = LockTable(self._answer_waiter, clock=clock)
-        self.subscriptions = Subscriptions()
-        self.tracking = Tracking()
         self._rid = 0
         #: The transport's own figures for stats() (the Manager's loop: its longest stall).
         self.loop_stats: Callable[[], dict] | None = None
@@ -164,11 +164,16 @@ class Engine:
         }
 
     def _namespace(self, name: str, space: Namespace) -> Namespace:
+        tracking, subscriptions = self.tracking, self.subscriptions
+
         def on_event(event: int, key, value, name=name, space=space) -> None:
             # Near caches first (their pushes go out before the writer's reply),
-            # then listeners.
-            self.tracking.changed(name, event, key, value, space.deadline)
-            self.subscriptions.notify(name, event, key, value)
+            # then listeners; no call at all when nobody tracks or listens (a
+            # write's common case, on the loop every worker waits for).
+            if tracking.records:
+                tracking.changed(name, event, key, value, space.deadline)
+            if subscriptions.count:
+                subscriptions.notify(name, event, key, value)
 
         space.on_event = on_event
         return space

@@ -853,7 +853,10 @@ class Manager:
             except OSError as exc:
                 self._close(conn, None if exc.errno in (errno.EPIPE, errno.ECONNRESET) else f"send failed: {exc}")
                 return
-            if sent:
+            if sent == conn.out_size:  # the common case: everything went
+                out.clear()
+                conn.out_size = 0
+            elif sent:
                 conn.out_size -= sent
                 done = 0
                 while done < len(out) and sent >= len(out[done]):

@@ -289,7 +289,9 @@ class Namespace:
                     (e[1], k) for k, e in ((k, table.peek(k)) for k in table) if e is not None and e[1] != INF
                 ]
                 heapq.heapify(self._heap)
-        self._emit(event, key, value if event == EVENT_SET else None)
+        on_event = self.on_event
+        if on_event is not None:
+            on_event(event, key, value if event == EVENT_SET else None)
 
     # -- operations (the wire's requests) ------------------------------------------------
 
