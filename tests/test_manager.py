@@ -607,3 +607,26 @@ def test_stats_report_the_loops_longest_stall():
         client.close()
     finally:
         manager.close()
+
+
+def test_replies_before_a_malformed_frame_drain_without_blocking_the_manager(manager_process):
+    """Replies larger than the socket can take at once go out on the loop (never
+    a blocking send to a peer that may be hostile); then the connection closes."""
+    client = socket_client(manager_process.address, manager_process.secret)
+    value = os.urandom(2**20)
+    client.set("big", value)
+    sock = _handshaked_socket(manager_process.address, manager_process.secret)
+    sock.sendall(b"".join(P.encode(P.GET, i, ["", "big"]) for i in (1, 2, 3)) + b"XX" + bytes(10))
+    assert client.ping()  # served while that connection's 3 MiB wait to be read
+    reader = P.FrameReader(P.DEFAULT_MAX_FRAME)
+    rids = []
+    while True:
+        data = sock.recv(1 << 20)
+        if not data:
+            break
+        for op, rid, payload in reader.feed(data):
+            assert op == P.OK and pickle.loads(P.decode_payload(payload)) == value
+            rids.append(rid)
+    assert rids == [1, 2, 3]
+    sock.close()
+    client.close()

@@ -150,6 +150,7 @@ def _bind(listener: socket.socket, address: str) -> None:
 class _Conn:
     __slots__ = (
         "closed",
+        "closing",
         "deadline",
         "fd",
         "gone",
@@ -191,6 +192,8 @@ class _Conn:
         self.lagging = False
         # Frames read but not yet answered (the output was over its bound).
         self.pending: list | None = None
+        # Why it closes once its output is sent (its stream broke after that output).
+        self.closing: str | None = None
 
 
 class Manager:
@@ -212,6 +215,8 @@ class Manager:
     max_listener_backlog = 16 * 1024 * 1024
     #: Seconds the loop keeps polling after activity before it sleeps (0: never spin).
     spin = 50e-6
+    #: Seconds a connection whose stream broke has to read its last replies.
+    closing_timeout = 5.0
     #: Connections beyond this are refused (closed at once, with a log line).
     max_connections = 4096
     #: Send buffer of a near-cache tracker: the pushes its process has not
@@ -602,6 +607,8 @@ class Manager:
     def _drop_slow_handshakes(self, now: float) -> None:
         for conn in [c for c in self._conns.values() if c.session is None and c.deadline <= now]:
             self._close(conn, f"no handshake within {self.handshake_timeout:.0f}s")
+        for conn in [c for c in self._conns.values() if c.closing is not None and c.deadline <= now]:
+            self._close(conn, f"{conn.closing} (its last replies were not read within {self.closing_timeout:.0f}s)")
 
     def _close(self, conn: _Conn, reason: str | None) -> None:
         if conn.closed:
@@ -621,6 +628,9 @@ class Manager:
             conn.session = None
 
     def _on_readable(self, conn: _Conn) -> None:
+        if conn.closing is not None:  # not read from any more: this is a hang-up or an error
+            self._close(conn, conn.closing)
+            return
         try:
             data = conn.sock.recv(_RECV_SIZE)
         except (BlockingIOError, InterruptedError):
@@ -714,19 +724,18 @@ class Manager:
             self._flush(conn)
 
     def _close_after_replies(self, conn: _Conn, reason: str) -> None:
-        """Close a connection whose stream broke, after trying to send the replies
-        of the requests before the break (and the events they caused)."""
+        """Close a connection whose stream broke, once the replies of the requests
+        before the break have gone out: nothing more is read from it, its output
+        drains on the loop like any other (never a blocking send: the peer may be
+        hostile), and it is closed when empty, or after ``closing_timeout``."""
         if self._dirty:
             self._flush_dirty()
-        if not conn.closed and conn.out:
-            data = b"".join(conn.out)
-            try:
-                conn.sock.setblocking(True)
-                conn.sock.settimeout(0.1)  # best effort, bounded: the peer is broken or hostile
-                conn.sock.sendall(data)
-            except OSError:
-                pass
-        self._close(conn, reason)
+        if conn.closed:
+            return
+        conn.pending = None
+        conn.closing = reason
+        conn.deadline = time.monotonic() + self.closing_timeout
+        self._flush(conn)
 
     def _handshake(self, conn: _Conn, frames) -> None:
         op, _rid, payload = frames[0]
@@ -866,11 +875,14 @@ class Manager:
                     del out[:done]
                 if sent:
                     out[0] = memoryview(out[0])[sent:]
+        if conn.closing is not None and not conn.out:
+            self._close(conn, conn.closing)
+            return
         if conn.out:
             # A client that does not read its replies is not served more
             # requests until it does (and frames it sent meanwhile wait,
             # unanswered): its backlog cannot grow without bound.
-            if conn.out_size > self.max_pending_output or conn.pending:
+            if conn.out_size > self.max_pending_output or conn.pending or conn.closing is not None:
                 mask = _WRITE
             else:
                 mask = _READ | _WRITE
