@@ -630,3 +630,20 @@ def test_replies_before_a_malformed_frame_drain_without_blocking_the_manager(man
     assert rids == [1, 2, 3]
     sock.close()
     client.close()
+
+
+def test_warnings_about_bad_peers_are_rate_limited(manager_process):
+    """#12 row 11: 60k bad frames wrote 5.35 MB of log. Each bad peer here is
+    closed with a reason, but at most 20 reasons a second are written; the
+    rest are counted."""
+    for _ in range(200):
+        s = _handshaked_socket(manager_process.address, manager_process.secret)
+        s.sendall(b"XX" + bytes(10))
+        _closed_by_peer(s)
+        s.close()
+    client = socket_client(manager_process.address, manager_process.secret)
+    assert client.ping()
+    wait_until(lambda: "were not logged" in manager_process.log(), timeout=10, message="the count held back")
+    lines = manager_process.log().count("bad magic")
+    assert 20 <= lines < 200
+    client.close()

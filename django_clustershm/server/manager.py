@@ -215,6 +215,8 @@ class Manager:
     max_listener_backlog = 16 * 1024 * 1024
     #: Seconds the loop keeps polling after activity before it sleeps (0: never spin).
     spin = 50e-6
+    #: Warnings about clients logged per second at most (the rest are counted).
+    max_warnings_per_second = 20
     #: Seconds a connection whose stream broke has to read its last replies.
     closing_timeout = 5.0
     #: Connections beyond this are refused (closed at once, with a log line).
@@ -264,6 +266,8 @@ class Manager:
         self._dirty: set[_Conn] = set()
         self._stopping = False
         self._accept_paused = False
+        self._warn_window = 0.0
+        self._warn_count = self._warn_suppressed = 0
         #: Seconds of the loop's longest round since it started (see loop_stats).
         self.max_stall = 0.0
         self._stall_recent = self._stall_last_minute = 0.0
@@ -525,6 +529,7 @@ class Manager:
                 self._drop_slow_handshakes(now)
                 self._resume_accepting()
                 self._stall_window()
+                self._warn_tick(now)
             stall = clock() - round_start
             if stall > self._stall_recent:
                 self._stall_recent = stall
@@ -617,7 +622,7 @@ class Manager:
         if self._conns.get(conn.fd) is conn:
             del self._conns[conn.fd]
         if reason:
-            logger.warning("closing client (pid %s): %s", conn.peer_pid, reason)
+            self._warn("closing client (pid %s): %s", conn.peer_pid, reason)
         try:
             self._ep.unregister(conn.fd)
         except (OSError, ValueError):
@@ -841,8 +846,31 @@ class Manager:
         conn.out_size += len(reply)
         self._dirty.add(conn)
 
+    def _warn(self, message: str, *args) -> None:
+        """A warning about a peer, rate-limited: a flood of bad peers cannot
+        flood the log (60k bad frames wrote 5.35 MB); what is held back is
+        counted and said once per second."""
+        now = time.monotonic()
+        if now >= self._warn_window:
+            self._warn_tick(now)
+            self._warn_window = now + 1.0
+        if self._warn_count < self.max_warnings_per_second:
+            self._warn_count += 1
+            logger.warning(message, *args)
+        else:
+            self._warn_suppressed += 1
+
+    def _warn_tick(self, now: float) -> None:
+        """Once the second is over (also from the loop's periodic check): say what was held back."""
+        if now >= self._warn_window:
+            if self._warn_suppressed:
+                logger.warning(
+                    "%d more warnings about clients were not logged in the last second", self._warn_suppressed
+                )
+            self._warn_count = self._warn_suppressed = 0
+
     def _refuse(self, conn: _Conn, reason: str) -> None:
-        logger.warning("refusing client (pid %s): %s", conn.peer_pid, reason)
+        self._warn("refusing client (pid %s): %s", conn.peer_pid, reason)
         try:
             conn.sock.send(H.refusal())
         except OSError:
