@@ -647,3 +647,25 @@ def test_warnings_about_bad_peers_are_rate_limited(manager_process):
     lines = manager_process.log().count("bad magic")
     assert 20 <= lines < 200
     client.close()
+
+
+def test_silent_half_open_peers_cannot_keep_a_client_out():
+    """#12 row 11: 4,096 unauthenticated peers blocked new clients for 10 s at a
+    time. Half-open peers have their own small cap, and the oldest makes room,
+    so a client that authenticates gets in at once while they sit there."""
+    proc = ManagerProcess(max_unauthenticated=16, max_connections=32).start()
+    silent = []
+    try:
+        for _ in range(100):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.connect(proc.address)
+            silent.append(s)  # reads HELLO, never answers
+        client = socket_client(proc.address, proc.secret, timeout=2)  # the handshake deadline is 10 s
+        assert client.ping()
+        assert client.stats()["loop"]["connections"] <= 16 + 1
+        client.close()
+        wait_until(lambda: "make room for a new peer" in proc.log(), message="the oldest made room")
+    finally:
+        for s in silent:
+            s.close()
+        proc.cleanup()

@@ -215,6 +215,8 @@ class Manager:
     max_listener_backlog = 16 * 1024 * 1024
     #: Seconds the loop keeps polling after activity before it sleeps (0: never spin).
     spin = 50e-6
+    #: Connections that have not completed the handshake, at most (the oldest makes room).
+    max_unauthenticated = 64
     #: Warnings about clients logged per second at most (the rest are counted).
     max_warnings_per_second = 20
     #: Seconds a connection whose stream broke has to read its last replies.
@@ -240,7 +242,10 @@ class Manager:
         max_connections: int | None = None,
         max_listener_backlog: int | None = None,
         max_pending_output: int | None = None,
+        max_unauthenticated: int | None = None,
     ) -> None:
+        if max_unauthenticated is not None:
+            self.max_unauthenticated = max_unauthenticated
         if max_pending_output is not None:
             self.max_pending_output = max_pending_output
         if max_connections is not None:
@@ -259,6 +264,8 @@ class Manager:
         self._pid = os.getpid()
         self._uid = os.getuid()
         self._conns: dict[int, _Conn] = {}
+        # Connections that have not completed the handshake, oldest first.
+        self._unauthenticated: dict[int, _Conn] = {}
         self._calls: deque = deque()
         # Connections given a reply outside their own request (a lock grant
         # caused by another client's release): flushed at the end of the
@@ -433,6 +440,7 @@ class Manager:
         for conn in list(self._conns.values()):
             conn.sock.close()
         self._conns = {}
+        self._unauthenticated = {}
         for obj in (self._listener, self._wake_r, self._wake_w, self._ep):
             try:
                 obj.close()
@@ -589,7 +597,15 @@ class Manager:
                 sock.close()
                 continue
             conn.peer_pid, conn.peer_uid = pid, uid
+            if len(self._unauthenticated) >= self.max_unauthenticated:
+                # Half-open peers have their own small cap, and the oldest makes
+                # room: a legitimate client authenticates in microseconds, so a
+                # flood of silent peers cannot keep it out (4,096 of them used to
+                # block new clients for 10 s at a time).
+                oldest = next(iter(self._unauthenticated.values()))
+                self._close(oldest, "no handshake yet; dropped to make room for a new peer")
             self._conns[conn.fd] = conn
+            self._unauthenticated[conn.fd] = conn
             self._ep.register(conn.fd, _READ)
             conn.out.append(H.hello(conn.nonce, self._pid))
             conn.out_size = len(conn.out[0])
@@ -610,7 +626,7 @@ class Manager:
             self._ep.register(self._listener.fileno(), _READ)
 
     def _drop_slow_handshakes(self, now: float) -> None:
-        for conn in [c for c in self._conns.values() if c.session is None and c.deadline <= now]:
+        for conn in [c for c in self._unauthenticated.values() if c.deadline <= now]:
             self._close(conn, f"no handshake within {self.handshake_timeout:.0f}s")
         for conn in [c for c in self._conns.values() if c.closing is not None and c.deadline <= now]:
             self._close(conn, f"{conn.closing} (its last replies were not read within {self.closing_timeout:.0f}s)")
@@ -621,6 +637,8 @@ class Manager:
         conn.closed = True
         if self._conns.get(conn.fd) is conn:
             del self._conns[conn.fd]
+        if self._unauthenticated.get(conn.fd) is conn:
+            del self._unauthenticated[conn.fd]
         if reason:
             self._warn("closing client (pid %s): %s", conn.peer_pid, reason)
         try:
@@ -758,6 +776,7 @@ class Manager:
         except ProtocolError as exc:
             self._close(conn, f"handshake failed: {exc}")
             return
+        self._unauthenticated.pop(conn.fd, None)
         session = conn.session = self.engine.open_session(pid=conn.peer_pid or client_pid, peer_uid=conn.peer_uid)
         session.deliver = lambda rid, result, conn=conn: self._deliver(conn, rid, result)
         session.push = lambda event, conn=conn: self._push(conn, event)
