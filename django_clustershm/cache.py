@@ -38,7 +38,7 @@ from . import conf
 from .client import Client, Keyspace
 from .exceptions import KeyNotFound, ManagerUnavailable
 from .registry import get_client
-from .server.namespace import DEFAULT_CACHE_BYTES
+from .wire.limits import DEFAULT_CACHE_BYTES
 
 logger = logging.getLogger("django_clustershm.cache")
 

@@ -24,10 +24,7 @@ from typing import Any
 
 from .client.socket import DEFAULT_SPIN
 from .client.transport import DEFAULT_TIMEOUT
-from .wire.limits import DEFAULT_MAX_KEY, DEFAULT_MAX_VALUE, Limits
-
-#: The Manager-wide ceiling of one cache's MAX_BYTES (the engine's default too).
-DEFAULT_MAX_CACHE_BYTES = 2**30
+from .wire.limits import DEFAULT_MAX_CACHE_BYTES, DEFAULT_MAX_KEY, DEFAULT_MAX_VALUE, Limits
 
 #: One defaults table (diskcache's ``DEFAULT_SETTINGS``).
 DEFAULTS: dict[str, Any] = {

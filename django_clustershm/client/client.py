@@ -36,7 +36,7 @@ from typing import Any
 from ..exceptions import ArgumentTypeError, ValueTooLarge
 from ..wire import args as A
 from ..wire import frames as F
-from ..wire.limits import Limits
+from ..wire.limits import DEFAULT_CACHE_BYTES, DEFAULT_CULL_FREQUENCY, DEFAULT_MAX_ENTRIES, Limits
 from .dispatcher import Dispatcher, Handle
 from .near import NearCache, Tracker
 from .serializer import Serializer
@@ -45,10 +45,6 @@ from .transport import USE_DEFAULT, Transport
 #: Every Client of this process, for the after-fork reset (registry.py).
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
 
-#: Django's MAX_ENTRIES and CULL_FREQUENCY defaults, and our MAX_BYTES.
-DEFAULT_MAX_ENTRIES = 300
-DEFAULT_CULL_FREQUENCY = 3
-DEFAULT_CACHE_BYTES = 128 * 1024 * 1024
 
 _GET, _SET, _ADD, _REMOVE, _HAS, _INCR, _TOUCH = F.GET, F.SET, F.ADD, F.REMOVE, F.HAS, F.INCR, F.TOUCH
 

@@ -36,9 +36,9 @@ from ..exceptions import (
 )
 from ..wire import args as A
 from ..wire import frames as F
-from ..wire.limits import Limits
+from ..wire.limits import DEFAULT_BOUNDS, DEFAULT_MAX_CACHE_BYTES, Limits
 from .locktable import LockTable
-from .namespace import DEFAULT_BOUNDS, Namespace
+from .namespace import Namespace
 from .subscriptions import Subscriptions
 from .tracking import MAX_PUSH_VALUE, Tracking
 
@@ -107,7 +107,7 @@ class Engine:
         *,
         limits: Limits | None = None,
         max_store_bytes: int | None = None,
-        max_cache_bytes: int = 2**30,
+        max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limits = limits or Limits()

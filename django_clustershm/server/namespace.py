@@ -41,17 +41,13 @@ from cachetools import Cache, LRUCache
 from ..exceptions import IntegerOverflow, KeyNotFound, NotAnInteger, StoreFull, ValueTooLarge
 from ..wire.args import INT64_MAX, INT64_MIN
 from ..wire.frames import EVENT_CLEAR, EVENT_EVICT, EVENT_EXPIRE, EVENT_REMOVE, EVENT_SET, EVENT_TOUCH
+from ..wire.limits import DEFAULT_CACHE_BYTES
 
 INF = math.inf
 #: What an integer value counts for in the byte accounting.
 INT_SIZE = 8
 #: What one entry costs beyond its key and value (the tuple, dict and heap slots).
 ENTRY_OVERHEAD = 150
-#: A named cache's MAX_BYTES when its first write does not say.
-DEFAULT_CACHE_BYTES = 128 * 1024 * 1024
-#: Django's defaults for MAX_ENTRIES and CULL_FREQUENCY, and our MAX_BYTES:
-#: the bounds of a write that gives none.
-DEFAULT_BOUNDS = (300, 3, DEFAULT_CACHE_BYTES)
 
 
 def entry_size(key: str, value) -> int:

@@ -7,6 +7,16 @@ from .frames import DEFAULT_MAX_FRAME, FRAME_OVERHEAD
 DEFAULT_MAX_KEY = 4096
 DEFAULT_MAX_VALUE = 32 * 1024 * 1024
 
+# A named cache's bounds when a write gives none (the wire's nil): Django's
+# MAX_ENTRIES and CULL_FREQUENCY defaults, and our MAX_BYTES. One table, for
+# the client's keyspaces and the Manager's caches alike.
+DEFAULT_MAX_ENTRIES = 300
+DEFAULT_CULL_FREQUENCY = 3
+DEFAULT_CACHE_BYTES = 128 * 1024 * 1024
+DEFAULT_BOUNDS = (DEFAULT_MAX_ENTRIES, DEFAULT_CULL_FREQUENCY, DEFAULT_CACHE_BYTES)
+#: The Manager-wide ceiling of one cache's MAX_BYTES (setting MAX_CACHE_BYTES).
+DEFAULT_MAX_CACHE_BYTES = 2**30
+
 
 class Limits:
     """``max_key`` (UTF-8 bytes of a key), ``max_value`` (bytes of a stored
