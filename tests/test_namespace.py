@@ -64,10 +64,17 @@ def test_reap_reclaims_only_what_expired(store, clock):
     gone = store.reap()
     assert sorted(gone) == sorted(f"short{i}" for i in range(100))
     assert len(store) == 2
-    assert store.next_deadline() == pytest.approx(1100.0)
+    # The wheel looks again at "long" no later than its deadline plus 1/64 s:
+    # a far deadline waits in a coarse bucket first, then a finer one.
+    assert 1000 < store.next_deadline() <= 1100 + 1 / 64
+    while store.next_deadline() < 1100:
+        clock.now = store.next_deadline()
+        assert store.reap() == []
+    clock.now = store.next_deadline()
+    assert store.reap() == ["long"]
 
 
-def test_reset_ttl_leaves_stale_heap_entries_harmless(store, clock):
+def test_reset_ttl_leaves_stale_wheel_references_harmless(store, clock):
     store.set("a", b"1", ttl=1)
     store.set("a", b"2", ttl=100)
     clock.now += 5
@@ -79,10 +86,79 @@ def test_reset_ttl_leaves_stale_heap_entries_harmless(store, clock):
     assert store.get("a") == b"3"
 
 
-def test_heap_is_compacted_when_stale_entries_pile_up(store):
+def test_a_key_re_set_with_the_same_timeout_keeps_one_reference(store, clock):
     for _ in range(5000):
         store.set("a", b"1", ttl=50)
-    assert len(store._heap) <= 2 * 1 + 1024 + 1
+        clock.now += 0.0001
+    assert store.wheel.refs <= 3
+
+
+def test_stale_references_are_swept_in_bounded_steps(store, clock):
+    """A client setting and removing expiring keys cannot grow the wheel
+    without bound: the writes themselves sweep, a few references each."""
+    store.SWEEP_SLACK = 100
+    store.set("kept", b"y", ttl=3600)
+    most = 0
+    for i in range(20_000):
+        store.set(f"k{i}", b"x", ttl=3600)
+        store.remove(f"k{i}")
+        most = max(most, store.wheel.refs)
+    assert store.timed == 1
+    assert most <= 2 * store.SWEEP_SLACK + store.SWEEP_PER_WRITE
+    # A reap does a bounded step too: stale references left are swept over several calls.
+    store.SWEEP_PER_WRITE = 0
+    for i in range(5_000):
+        store.set(f"j{i}", b"x", ttl=3600)
+        store.remove(f"j{i}")
+    store.REAP_BATCH = 50
+    calls = 0
+    while store.wheel.refs > 1 + store.SWEEP_SLACK:
+        store.reap(limit=50)
+        calls += 1
+    assert calls >= 5_000 // 50 // 2
+    clock.now += 3601
+    assert store.reap() == ["kept"]
+
+
+def test_the_wheel_reaps_every_key_within_a_unit_of_its_deadline(store, clock):
+    """A model check: random writes, re-sets, touches, removals and time steps;
+    every key is reaped no later than 1/64 s after its deadline, never before,
+    and the references stay bounded."""
+    import random
+
+    rng = random.Random(7)
+    store.SWEEP_SLACK = 64
+    deadlines: dict[str, float] = {}
+    for _ in range(20_000):
+        key = f"k{rng.randrange(300)}"
+        action = rng.random()
+        if action < 0.5:
+            ttl = rng.choice([0.001, 0.02, 0.5, 3, 70, 5000, 100_000]) * rng.random()
+            store.set(key, b"v" if rng.random() < 0.5 else 1, ttl=ttl)
+            if ttl > 0:
+                deadlines[key] = clock.now + ttl
+            else:  # a timeout of zero stores nothing
+                deadlines.pop(key, None)
+        elif action < 0.6:
+            store.set(key, b"forever")
+            deadlines[key] = math.inf
+        elif action < 0.7:
+            if store.touch(key, 40):
+                deadlines[key] = clock.now + 40
+            else:  # absent, or found expired (and dropped) by the touch
+                deadlines.pop(key, None)
+        elif action < 0.8:
+            store.remove(key)
+            deadlines.pop(key, None)
+        else:
+            clock.now += rng.choice([0.001, 0.01, 0.3, 5, 100, 3000])
+            for gone in store.reap(limit=10**9):
+                assert deadlines.pop(gone) <= clock.now
+            overdue = [k for k, d in deadlines.items() if d + 1 / 64 < clock.now]
+            assert overdue == [], overdue
+        assert store.wheel.refs <= 3 * max(store.timed, 1) + 200 + 64
+    assert store.timed == sum(1 for d in deadlines.values() if d != math.inf)
+    assert sorted(store.data) == sorted(deadlines)
 
 
 def test_zero_or_negative_ttl_stores_nothing(store):
@@ -158,12 +234,13 @@ def test_keys_by_prefix_and_clear(store, clock):
 def test_byte_accounting_and_budget(clock):
     store = Namespace.store(100 + 2 * ENTRY_OVERHEAD, clock=clock)
     store.set("a", b"x" * 50)
-    assert store.bytes == entry_size("a", b"x" * 50) == 51 + ENTRY_OVERHEAD
+    # the key, the value, its tag byte, and what the objects and dict slot cost
+    assert store.bytes == entry_size("a", b"x" * 50) == 1 + 50 + 1 + ENTRY_OVERHEAD
     store.set("a", b"x" * 90)  # replacing counts the difference only
-    assert store.bytes == 91 + ENTRY_OVERHEAD
+    assert store.bytes == entry_size("a", b"x" * 90)
     with pytest.raises(StoreFull, match="MAX_STORE_BYTES"):
         store.set("b", b"x" * 100)
-    assert store.get("b") is None and store.bytes == 91 + ENTRY_OVERHEAD
+    assert store.get("b") is None and store.bytes == entry_size("a", b"x" * 90)
     with pytest.raises(StoreFull):
         store.set_many({"c": b"1", "d": b"x" * 50})
     assert store.get("c") is None  # all or nothing
@@ -171,6 +248,28 @@ def test_byte_accounting_and_budget(clock):
     assert store.bytes == 0
     store.set("n", 5)
     assert store.bytes == 1 + 8 + ENTRY_OVERHEAD
+    # An expiring entry costs more (its deadline and its reference in the wheel).
+    assert entry_size("a", b"x", expires=True) > entry_size("a", b"x")
+    assert entry_size("n", 5, expires=True) > entry_size("n", 5)
+
+
+def test_values_of_every_size_and_kind_come_back_as_stored(store, clock):
+    """The dict holds small values inline (tagged, with their deadline),
+    large ones as they came: each kind, with and without expiry, round-trips."""
+    from django_clustershm.server.namespace import INLINE_MAX
+
+    values = [b"", b"\x00", b"\x01" * 9, b"x" * INLINE_MAX, b"\x00" * (INLINE_MAX + 1)]
+    values += [b"\x00" * (INLINE_MAX + 9), b"\x01" * (INLINE_MAX + 10), b"y" * 100_000, 0, -1, 2**62]
+    for ttl in (None, 50):
+        for i, value in enumerate(values):
+            store.set(f"v{i}", value, ttl)
+        for i, value in enumerate(values):
+            assert store.get(f"v{i}") == value and type(store.get(f"v{i}")) is type(value)
+            assert store.ttl(f"v{i}") == (None if ttl is None else pytest.approx(50))
+        assert store.bytes == sum(entry_size(f"v{i}", v, ttl is not None) for i, v in enumerate(values))
+    big = b"z" * 200_000
+    store.set("big", big)
+    assert store.get("big") is big  # a large value is never copied
 
 
 def test_events_are_the_same_on_both_policies(store, clock):
@@ -192,7 +291,7 @@ def test_events_are_the_same_on_both_policies(store, clock):
 
 
 def test_a_cache_evicts_the_least_recently_used_to_fit_its_bytes(clock):
-    size = entry_size("k0", b"x" * 100)
+    size = Namespace.cache(clock=clock).entry_cost("k0", b"x" * 100)
     cache = Namespace.cache(3 * size, clock=clock)
     events = []
     cache.on_event = lambda event, key, value: events.append((event, key))
@@ -251,3 +350,4 @@ def test_a_caches_max_bytes_is_clamped_to_the_managers_ceiling():
     assert engine.caches["greedy"].max_bytes == 10_000
     engine.dispatch(session, P.SET, ["modest", "k", b"v", None, [300, 3, 5_000]])
     assert engine.caches["modest"].max_bytes == 5_000
+

@@ -1,24 +1,50 @@
 """One namespace implementation for the shared store and for every named cache.
 
 The store (``ns == ""``) and the caches (one per Django cache ``LOCATION``)
-obey the same rules, written once here: expiry (a per-key deadline on the
-Manager's clock, reclaimed from a heap in work proportional to what expired),
-"a timeout of zero or less stores nothing" (Django's meaning), ``add``,
-``touch``, atomic ``incr``/``decr`` that keep a key's expiry, size
-accounting (:func:`entry_size`), batches, and the events that listeners and
-near caches are told. What differs is only where the entries live, the
-*table* (a policy):
+obey the same rules, written once here in :class:`Namespace`: expiry (a
+per-key deadline on the Manager's clock, reclaimed by an :class:`ExpiryWheel`
+in work proportional to what expired), "a timeout of zero or less stores
+nothing" (Django's meaning), ``add``, ``touch``, atomic ``incr``/``decr``
+that keep a key's expiry, byte accounting, batches, and the events that
+listeners and near caches are told. What differs is the policy, in two
+subclasses:
 
-* :class:`StoreTable`: a dict, unbounded, or with a byte budget
-  (``MAX_STORE_BYTES``) that *refuses* a write past it (:class:`StoreFull`):
-  the store holds state (login status, flags) that must not vanish.
-* :class:`LruTable`: ``cachetools.LRUCache`` bounded by bytes (``MAX_BYTES``),
-  that *evicts* the least recently used entries to make room; plus Django's
-  ``MAX_ENTRIES``/``CULL_FREQUENCY``, applied exactly as ``LocMemCache`` does
-  (before a write, if the cache holds ``MAX_ENTRIES`` entries or more, drop
-  ``len // CULL_FREQUENCY`` least recently used ones, all when it is 0).
-  Those two travel with every write, so aliases that share a LOCATION keep
-  their own; ``MAX_BYTES`` is fixed when the cache is first written.
+* :class:`Store`: refuses a write past its byte budget (``MAX_STORE_BYTES``,
+  :class:`StoreFull`): the store holds state (login status, flags) that must
+  not vanish to make room.
+* :class:`Cache`: least recently used order, bounded by bytes (``MAX_BYTES``),
+  *evicting* to make room; plus Django's ``MAX_ENTRIES``/``CULL_FREQUENCY``,
+  applied exactly as ``LocMemCache`` does (before a write, if the cache holds
+  ``MAX_ENTRIES`` entries or more, drop ``len // CULL_FREQUENCY`` least
+  recently used ones, all when it is 0). Those two travel with every write,
+  so aliases that share a LOCATION keep their own; ``MAX_BYTES`` is fixed
+  when the cache is first written.
+
+Memory (#12). A Manager may hold millions of small keys, and what an entry
+costs is what the budgets must count. So an entry is the least Python can
+hold: one slot of one ``dict`` (key -> stored value), and no per-entry
+tuple, size or order record:
+
+* In the store, the stored value is the client's ``bytes`` (or a native
+  ``int``) itself; only a key with a deadline holds a ``(value, deadline)``
+  tuple (the store's keys rarely expire).
+* In a cache, where nearly every key expires (Django's default timeout is
+  300 s), a value of up to :data:`INLINE_MAX` bytes is stored as *8 bytes of
+  deadline followed by the value*, one ``bytes`` object: the deadline costs 8
+  bytes instead of a tuple and a float (96). Larger values and integers are a
+  ``(value, deadline)`` tuple, whose cost is small next to theirs (and a large
+  value is then never copied).
+* The cache's LRU order is the dict's own order: a hit moves the key to the
+  end (pop and insert again), eviction takes keys from the front, in batches
+  so that the dict's holes are skipped once per batch, not once per key.
+  ``cachetools.LRUCache`` (which this replaced) keeps three hash-table slots
+  and an ``OrderedDict`` node per entry: 230 bytes more per key, measured.
+* Expiry is an :class:`ExpiryWheel`: one reference per expiring key in a
+  bucket list, instead of a ``(deadline, key)`` tuple on a heap (72 bytes).
+
+:func:`entry_size` counts an entry as it really costs (the str and bytes
+headers, the dict slot and allocator rounding, measured; see
+``bench/bench_memory.py``), so that RSS stays near the budgets.
 
 Pure data structures: no I/O, no threads, an injected clock (tests move time
 by hand). The Manager calls them from its one loop thread (the embedded
@@ -33,10 +59,10 @@ from __future__ import annotations
 
 import heapq
 import math
+import struct
 import time
-from collections.abc import Callable, Iterable
-
-from cachetools import Cache, LRUCache
+from collections.abc import Callable, Generator, Iterable
+from itertools import islice
 
 from ..exceptions import IntegerOverflow, KeyNotFound, NotAnInteger, StoreFull, ValueTooLarge
 from ..wire.args import INT64_MAX, INT64_MIN
@@ -44,189 +70,243 @@ from ..wire.frames import EVENT_CLEAR, EVENT_EVICT, EVENT_EXPIRE, EVENT_REMOVE, 
 from ..wire.limits import DEFAULT_CACHE_BYTES
 
 INF = math.inf
-#: What an integer value counts for in the byte accounting.
+#: What an integer value counts for in the byte accounting (beyond the overhead).
 INT_SIZE = 8
-#: What one entry costs beyond its key and value (the tuple, dict and heap slots).
-ENTRY_OVERHEAD = 150
+#: What one entry costs beyond the characters of its key and the bytes of its
+#: value: a str header (49), a bytes header (33), a dict slot (31-40 at 1M keys)
+#: and the allocator's rounding of two objects to 16 bytes. Measured on CPython
+#: 3.11 at 100k and 1M keys (bench/bench_memory.py).
+ENTRY_OVERHEAD = 136
+#: What an expiring entry costs more: its wheel reference (8 bytes, and the
+#: stale ones a sweep has not dropped yet, which keep a removed key's str).
+WHEEL_REF = 32
+#: ... and where its deadline does not fit inline, a (value, deadline) tuple and float.
+TIMED_TUPLE = 96
+#: Values up to this size are stored inline, after a tag byte (and the
+#: deadline's 8 bytes if they have one); larger ones are stored as they came
+#: (or in a tuple with their deadline) and never copied.
+INLINE_MAX = 1024
+#: A stored bytes object longer than this is a large value as it came.
+_RAW_MIN = INLINE_MAX + 9
+
+_TIMED = struct.Struct("<Bd")  # tag 1 and the deadline
+_pack_timed = _TIMED.pack
+_unpack_deadline = struct.Struct("<d").unpack_from
 
 
-def entry_size(key: str, value) -> int:
+def _pack(value, deadline: float):
+    """What the dict holds for ``value`` expiring at ``deadline`` (INF: never).
+
+    * ``b"\\x00" + value``: a value of up to INLINE_MAX bytes without expiry;
+    * ``b"\\x01" + deadline (8 bytes) + value``: the same with a deadline;
+    * the value itself: a larger value without expiry (longer than _RAW_MIN,
+      so it cannot be mistaken for the two above), or an int without expiry;
+    * ``(value, deadline)``: anything else (a larger value or an int that expires).
+    """
+    if type(value) is bytes:
+        size = len(value)
+        if size <= INLINE_MAX:
+            return b"\x00" + value if deadline == INF else _pack_timed(1, deadline) + value
+        if size > _RAW_MIN and deadline == INF:
+            return value
+        return (value, deadline)
+    return value if deadline == INF else (value, deadline)
+
+
+def _unpack(stored) -> tuple:
+    """(value, deadline) of what the dict holds."""
+    kind = type(stored)
+    if kind is bytes:
+        if len(stored) > _RAW_MIN:
+            return stored, INF
+        if stored[0] == 0:
+            return stored[1:], INF
+        return stored[9:], _unpack_deadline(stored, 1)[0]
+    if kind is tuple:
+        return stored
+    return stored, INF
+
+
+def _deadline_of(stored) -> float:
+    kind = type(stored)
+    if kind is bytes:
+        if len(stored) > _RAW_MIN or stored[0] == 0:
+            return INF
+        return _unpack_deadline(stored, 1)[0]
+    if kind is tuple:
+        return stored[1]
+    return INF
+
+
+def _cost(key: str, stored) -> int:
+    """What an entry costs in memory, as the budgets count it."""
+    kind = type(stored)
+    if kind is bytes:
+        size = len(key) + len(stored) + ENTRY_OVERHEAD
+        return size if len(stored) > _RAW_MIN or stored[0] == 0 else size + WHEEL_REF
+    if kind is int:
+        return len(key) + INT_SIZE + ENTRY_OVERHEAD
+    value = stored[0]
+    size = len(key) + (len(value) if type(value) is bytes else INT_SIZE) + ENTRY_OVERHEAD + TIMED_TUPLE
+    return size if stored[1] == INF else size + WHEEL_REF
+
+
+def entry_size(key: str, value, expires: bool = False) -> int:
     """What an entry counts for against a budget, in the store and in caches alike.
 
-    ``len(key)`` counts characters, not UTF-8 bytes: the accounting is a
-    budget, and encoding every key on every write would cost more than it is worth.
+    ``len(key)`` counts characters, not UTF-8 bytes: keys are ASCII (the
+    engine checks), and encoding every key on every write would cost more
+    than it is worth.
     """
-    return len(key) + (len(value) if type(value) is bytes else INT_SIZE) + ENTRY_OVERHEAD
+    return _cost(key, _pack(value, 1.0 if expires else INF))
 
 
-# An entry is a tuple (value, deadline, size); deadline INF: never expires.
+# -- the expiry wheel -------------------------------------------------------------------
+
+#: The wheel's resolution: an expired key is reclaimed (and listeners told)
+#: at most 1/64 s after its deadline. Reads are exact whatever the wheel does.
+UNITS = 64
+#: Far deadlines wait in coarse buckets (64 s, then 1 s) and move to finer
+#: ones as they come near, so that a long-lived key costs one reference and
+#: the number of buckets stays small (about 128 plus one per 64 s of TTL).
+_COARSE = (4096, 64)
 
 
-class StoreTable:
-    """The store's policy: a dict, with an optional budget that refuses."""
+def _check_point(du: float, nu: float) -> int:
+    """The first check of a deadline ``du`` (in units) strictly after ``nu``.
 
-    kind = "store"
+    A deadline's checks (its *chain*) are its floor at 64 s, its floor at
+    1 s, and the unit after it. They depend on the deadline alone, so the
+    wheel can tell a key's current reference from a stale one without
+    keeping anything per key.
+    """
+    for k in _COARSE:
+        point = int(du // k) * k
+        if point > nu:
+            return point
+    return int(du // 1) + 1
 
-    def __init__(self, max_bytes: int | None = None) -> None:
+
+def _on_chain(point: int, du: float) -> bool:
+    return point == int(du // 1) + 1 or point == int(du // 64) * 64 or point == int(du // 4096) * 4096
+
+
+class ExpiryWheel:
+    """Buckets of keys to look at, by time (in 1/64 s units), and a heap of the bucket times.
+
+    A key is in the bucket of its deadline's next check; when that comes, the
+    namespace expires it, or moves it to its next check, or drops the
+    reference if the key was since removed or given another deadline (a
+    stale reference). Stale references are also swept incrementally when they
+    pile up (:meth:`Namespace.reap`), so that a client setting and removing
+    expiring keys cannot grow the wheel without bound.
+    """
+
+    __slots__ = ("buckets", "heap", "refs")
+
+    def __init__(self) -> None:
+        self.buckets: dict[int, list[str]] = {}
+        self.heap: list[int] = []
+        #: references held by all buckets, current and stale
+        self.refs = 0
+
+    def add(self, key: str, deadline: float, now: float, old_deadline: float = INF) -> None:
+        """``key`` now expires at ``deadline``; ``old_deadline`` is the one it had (INF: none).
+
+        No second reference is added when the old one is already at the
+        right check (a key re-set with the same timeout, over and over).
+        """
+        nu = now * UNITS
+        point = _check_point(deadline * UNITS, nu)
+        if old_deadline != INF and _check_point(old_deadline * UNITS, nu) == point:
+            return
+        self.put(key, point)
+
+    def put(self, key: str, point: int) -> None:
+        bucket = self.buckets.get(point)
+        if bucket is None:
+            bucket = self.buckets[point] = []
+            heapq.heappush(self.heap, point)
+        bucket.append(key)
+        self.refs += 1
+
+    def next_time(self) -> float | None:
+        return self.heap[0] / UNITS if self.heap else None
+
+    def clear(self) -> None:
+        self.buckets.clear()
+        self.heap.clear()
+        self.refs = 0
+
+
+# -- the namespace ----------------------------------------------------------------------
+
+
+class Namespace:
+    """The operations, over one dict; :class:`Store` and :class:`Cache` are the policies."""
+
+    kind = ""
+    #: How many stale references are tolerated before a sweep starts.
+    SWEEP_SLACK = 8192
+    #: The most references a reap looks at in one call (bounded work per loop round).
+    REAP_BATCH = 10_000
+    #: References an expiring write sweeps while a sweep is on.
+    SWEEP_PER_WRITE = 16
+
+    def __init__(self, max_bytes: int | None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_bytes = max_bytes
-        self.data: dict[str, tuple] = {}
-        self.get = self.peek = self.data.get
+        self.clock = clock
+        self.data: dict[str, object] = {}
         self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.expired = 0
         self.evictions = 0
+        #: entries with a deadline (against which the wheel's references are judged)
+        self.timed = 0
+        self.wheel = ExpiryWheel()
+        self._sweep: Generator[None, None, None] | None = None
+        self._sweep_chunk = 0
+        #: on_event(event, key, value): what listeners and near caches are told (set by the engine).
+        self.on_event: Callable | None = None
 
-    def check(self, key: str, size: int, old) -> None:
-        if self.max_bytes is not None:
-            delta = size - (old[2] if old is not None else 0)
-            if delta > 0 and self.bytes + delta > self.max_bytes:
-                raise StoreFull(
-                    f"storing {key!r} would take the store to {self.bytes + delta} bytes; "
-                    f"its maximum (MAX_STORE_BYTES) is {self.max_bytes}"
-                )
+    @classmethod
+    def store(cls, max_bytes: int | None = None, *, clock: Callable[[], float] = time.monotonic) -> Namespace:
+        return Store(max_bytes, clock=clock)
 
-    def check_batch(self, delta: int) -> None:
-        if self.max_bytes is not None and delta > 0 and self.bytes + delta > self.max_bytes:
-            raise StoreFull(
-                f"the batch would take the store over its maximum of {self.max_bytes} bytes (MAX_STORE_BYTES)"
-            )
-
-    def put(self, key: str, entry: tuple, old) -> None:
-        self.data[key] = entry
-        self.bytes += entry[2] - (old[2] if old is not None else 0)
-
-    def pop(self, key: str):
-        entry = self.data.pop(key, None)
-        if entry is not None:
-            self.bytes -= entry[2]
-        return entry
-
-    def popitem(self):  # pragma: no cover - the store never evicts
-        raise KeyError("the store does not evict")
+    @classmethod
+    def cache(cls, max_bytes: int = DEFAULT_CACHE_BYTES, *, clock: Callable[[], float] = time.monotonic) -> Namespace:
+        return Cache(max_bytes, clock=clock)
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __iter__(self):
-        return iter(self.data)
+    def entry_cost(self, key: str, value, expires: bool = False) -> int:
+        """What an entry of ``key`` and ``value`` counts for here (as it costs in memory)."""
+        return entry_size(key, value, expires)
 
-    def clear(self) -> None:
-        self.data.clear()
-        self.bytes = 0
+    # -- the policy (subclasses) ---------------------------------------------------------
 
+    _pack = staticmethod(_pack)
+    _unpack = staticmethod(_unpack)
+    _deadline_of = staticmethod(_deadline_of)
+    _cost = staticmethod(_cost)
 
-class _LRU(LRUCache):
-    """cachetools' LRUCache that reports what it evicts to make room."""
+    def _lookup(self, key: str):
+        """The stored entry of ``key`` or None, as a read sees it (a cache marks it used)."""
+        return self.data.get(key)
 
-    on_evict: Callable | None = None
+    def _check(self, key: str, size: int, delta: int) -> None:
+        """Refuse a write of ``size`` bytes (``delta`` more than now) before anything changes."""
 
-    def popitem(self):
-        item = super().popitem()
-        if self.on_evict is not None:
-            self.on_evict(item[0])
-        return item
+    def _make_room(self, bounds, keep: str) -> None:
+        """Django's MAX_ENTRIES/CULL_FREQUENCY (caches only)."""
 
+    def _fit(self, delta: int, keep: str) -> None:
+        """Make room for ``delta`` more bytes (caches evict)."""
 
-def _sizeof(entry) -> int:
-    return entry[2]
-
-
-_peek = Cache.__getitem__
-
-
-class LruTable:
-    """A named cache's policy: LRU order, bounded by bytes, evicting to make room."""
-
-    kind = "cache"
-
-    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES) -> None:
-        self.max_bytes = max_bytes
-        self._c = _LRU(maxsize=max_bytes, getsizeof=_sizeof)
-        self.evictions = 0
-
-    @property
-    def bytes(self) -> int:
-        return int(self._c.currsize)
-
-    def get(self, key: str):
-        try:
-            return self._c[key]  # makes it the most recently used
-        except KeyError:
-            return None
-
-    def peek(self, key: str):
-        try:
-            return _peek(self._c, key)
-        except KeyError:
-            return None
-
-    def check(self, key: str, size: int, old) -> None:
-        if size > self.max_bytes:
-            raise ValueTooLarge(f"an entry of {size} bytes does not fit in a cache of MAX_BYTES={self.max_bytes}")
-
-    def check_batch(self, delta: int) -> None:
-        pass  # a cache makes room by evicting
-
-    def put(self, key: str, entry: tuple, old) -> None:
-        self._c[key] = entry
-
-    def pop(self, key: str):
-        return self._c.pop(key, None)
-
-    def popitem(self):
-        """The least recently used entry, removed (a cull)."""
-        return LRUCache.popitem(self._c)
-
-    def __len__(self) -> int:
-        return len(self._c)
-
-    def __iter__(self):
-        return iter(list(self._c.keys()))
-
-    def clear(self) -> None:
-        self._c.clear()
-
-
-class Namespace:
-    """The store, or one named cache: the operations, over a table (policy)."""
-
-    def __init__(self, table, *, clock: Callable[[], float] = time.monotonic) -> None:
-        self.table = table
-        self.clock = clock
-        # (deadline, key) of entries that expire; stale ones (key re-set,
-        # touched or removed) are skipped when popped, and the heap is rebuilt
-        # when they pile up.
-        self._heap: list[tuple[float, str]] = []
-        self.hits = 0
-        self.misses = 0
-        self.expired = 0
-        #: on_event(event, key, value): what listeners and near caches are told (set by the engine).
-        self.on_event: Callable | None = None
-        if isinstance(table, LruTable):
-            table._c.on_evict = self._evicted
-
-    @classmethod
-    def store(cls, max_bytes: int | None = None, *, clock: Callable[[], float] = time.monotonic) -> Namespace:
-        return cls(StoreTable(max_bytes), clock=clock)
-
-    @classmethod
-    def cache(cls, max_bytes: int = DEFAULT_CACHE_BYTES, *, clock: Callable[[], float] = time.monotonic) -> Namespace:
-        return cls(LruTable(max_bytes), clock=clock)
-
-    # -- figures -------------------------------------------------------------------
-
-    def __len__(self) -> int:
-        return len(self.table)
-
-    @property
-    def bytes(self) -> int:
-        return self.table.bytes
-
-    @property
-    def max_bytes(self) -> int | None:
-        return self.table.max_bytes
-
-    @property
-    def evictions(self) -> int:
-        return self.table.evictions
+    def _insert(self, key: str, stored, old) -> None:
+        self.data[key] = stored
 
     # -- internals -------------------------------------------------------------------
 
@@ -234,57 +314,49 @@ class Namespace:
         if self.on_event is not None:
             self.on_event(event, key, value)
 
+    def _drop(self, key: str, stored) -> None:
+        del self.data[key]
+        self.bytes -= self._cost(key, stored)
+        if self._deadline_of(stored) != INF:
+            self.timed -= 1
+
     def _live(self, key: str, peek: bool = False):
-        """The entry of ``key`` if it exists and has not expired (an expired one is dropped now)."""
-        entry = (self.table.peek if peek else self.table.get)(key)
-        if entry is None:
+        """The stored entry of ``key`` if it exists and has not expired (an expired one is dropped now)."""
+        stored = self.data.get(key) if peek else self._lookup(key)
+        if stored is None:
             return None
-        deadline = entry[1]
+        deadline = self._deadline_of(stored)
         if deadline != INF and deadline <= self.clock():
-            self.table.pop(key)
+            self._drop(key, stored)
             self.expired += 1
             self._emit(EVENT_EXPIRE, key)
             return None
-        return entry
-
-    def _evicted(self, key: str) -> None:
-        self.table.evictions += 1
-        self._emit(EVENT_EVICT, key)
+        return stored
 
     def _deadline(self, ttl) -> float:
         return INF if ttl is None else self.clock() + ttl
 
-    def _make_room(self, bounds) -> None:
-        """Django's MAX_ENTRIES/CULL_FREQUENCY, before a cache write (as LocMemCache)."""
-        max_entries, cull_frequency = bounds[0], bounds[1]
-        table = self.table
-        if len(table) < max_entries:
-            return
-        self.reap()
-        if len(table) < max_entries:
-            return
-        count = len(table) if cull_frequency == 0 else len(table) // cull_frequency
-        for _ in range(count):
-            key, _entry = table.popitem()
-            self._evicted(key)
-
     def _put(self, key: str, value, deadline: float, bounds, event: int = EVENT_SET) -> None:
-        table = self.table
-        size = entry_size(key, value)
-        old = table.peek(key)
-        table.check(key, size, old)  # refuse before anything changes
+        stored = self._pack(value, deadline)
+        size = self._cost(key, stored)
+        data = self.data
+        old = data.get(key)
+        self._check(key, size, size - (self._cost(key, old) if old is not None else 0))
         if bounds is not None:
-            self._make_room(bounds)
-            old = table.peek(key)  # the cull may have taken it
-        table.put(key, (value, deadline, size), old)
+            self._make_room(bounds, key)
+            old = data.get(key)  # a reap may have taken it
+        old_size = self._cost(key, old) if old is not None else 0
+        self._fit(size - old_size, key)
+        self._insert(key, stored, old)
+        self.bytes += size - old_size
+        old_deadline = INF if old is None else self._deadline_of(old)
         if deadline != INF:
-            heap = self._heap
-            heapq.heappush(heap, (deadline, key))
-            if len(heap) > 2 * len(table) + 1024:
-                self._heap = [
-                    (e[1], k) for k, e in ((k, table.peek(k)) for k in table) if e is not None and e[1] != INF
-                ]
-                heapq.heapify(self._heap)
+            if old_deadline == INF:
+                self.timed += 1
+            self.wheel.add(key, deadline, self.clock(), old_deadline)
+            self._sweep_step(self.SWEEP_PER_WRITE)
+        elif old_deadline != INF:
+            self.timed -= 1
         on_event = self.on_event
         if on_event is not None:
             on_event(event, key, value if event == EVENT_SET else None)
@@ -292,12 +364,12 @@ class Namespace:
     # -- operations (the wire's requests) ------------------------------------------------
 
     def get(self, key: str):
-        entry = self._live(key)
-        if entry is None:
+        stored = self._live(key)
+        if stored is None:
             self.misses += 1
             return None
         self.hits += 1
-        return entry[0]
+        return self._unpack(stored)[0]
 
     def has(self, key: str) -> bool:
         return self._live(key, peek=True) is not None
@@ -318,38 +390,39 @@ class Namespace:
         return True
 
     def remove(self, key: str) -> bool:
-        if self._live(key, peek=True) is None:
+        stored = self._live(key, peek=True)
+        if stored is None:
             return False
-        self.table.pop(key)
+        self._drop(key, stored)
         self._emit(EVENT_REMOVE, key)
         return True
 
     def touch(self, key: str, ttl: float | None) -> bool:
-        entry = self._live(key)
-        if entry is None:
+        stored = self._live(key)
+        if stored is None:
             return False
         if ttl is not None and ttl <= 0:
-            self.table.pop(key)
+            self._drop(key, stored)
             self._emit(EVENT_REMOVE, key)
             return True
-        self._put(key, entry[0], self._deadline(ttl), None, EVENT_TOUCH)
+        self._put(key, self._unpack(stored)[0], self._deadline(ttl), None, EVENT_TOUCH)
         return True
 
     def incr(self, key: str, delta: int, initial: int | None = None, bounds=None) -> int:
-        entry = self._live(key)
-        if entry is None:
+        stored = self._live(key)
+        if stored is None:
             if initial is None:
                 raise KeyNotFound(f"Key '{key}' not found")
             value, deadline = initial, INF
         else:
-            value, deadline = entry[0], entry[1]
+            value, deadline = self._unpack(stored)
             if type(value) is not int:
                 raise NotAnInteger(f"the value of {key!r} is not an integer")
         result = value + delta
         if not INT64_MIN <= result <= INT64_MAX:
             raise IntegerOverflow(f"incrementing {key!r} by {delta} leaves the signed 64-bit range")
         # An existing key keeps its expiry (as in Redis and Django's LocMemCache).
-        self._put(key, result, deadline, bounds if entry is None else None)
+        self._put(key, result, deadline, bounds if stored is None else None)
         return result
 
     def get_many(self, keys: Iterable[str]) -> dict:
@@ -362,32 +435,43 @@ class Namespace:
 
     def set_many(self, mapping: dict, ttl: float | None = None, bounds=None) -> None:
         """All or nothing: every entry is checked against the budget before the first is written."""
-        table = self.table
+        data = self.data
+        deadline = self._deadline(ttl)
         delta = 0
         for key, value in mapping.items():
-            size = entry_size(key, value)
-            old = table.peek(key)
-            table.check(key, size, old)
-            delta += size - (old[2] if old is not None else 0)
+            size = self._cost(key, self._pack(value, deadline))
+            old = data.get(key)
+            step = size - (self._cost(key, old) if old is not None else 0)
+            self._check(key, size, step)
+            delta += step
         if ttl is None or ttl > 0:
-            table.check_batch(delta)
+            self._check_batch(delta)
         for key, value in mapping.items():
             self.set(key, value, ttl, bounds)
+
+    def _check_batch(self, delta: int) -> None:
+        pass
 
     def delete_many(self, keys: Iterable[str]) -> int:
         return sum(1 for key in keys if self.remove(key))
 
     def keys(self, prefix: str = "") -> list[str]:
         self.reap()
-        if not prefix:
-            return list(self.table)
-        return [key for key in self.table if key.startswith(prefix)]
+        now = self.clock()
+        deadline_of = self._deadline_of
+        return [
+            key
+            for key, stored in self.data.items()
+            if key.startswith(prefix) and (type(stored) is int or deadline_of(stored) > now)
+        ]
 
     def clear(self) -> int:
-        self.reap()
-        count = len(self.table)
-        self.table.clear()
-        self._heap.clear()
+        count = len(self.keys())
+        self.data.clear()
+        self.bytes = 0
+        self.timed = 0
+        self.wheel.clear()
+        self._sweep = None
         self._emit(EVENT_CLEAR, None)
         return count
 
@@ -395,35 +479,202 @@ class Namespace:
 
     def ttl(self, key: str) -> float | None:
         """Seconds ``key`` has left (None: no expiry). The key must exist."""
-        deadline = self.table.peek(key)[1]
+        deadline = self._deadline_of(self.data[key])
         return None if deadline == INF else deadline - self.clock()
 
     def deadline(self, key: str) -> float | None:
         """When ``key`` expires, on the clock (None: never). The key must exist."""
-        deadline = self.table.peek(key)[1]
+        deadline = self._deadline_of(self.data[key])
         return None if deadline == INF else deadline
 
     def next_deadline(self) -> float | None:
-        """When the next key may expire, for the event loop's sleep."""
-        return self._heap[0][0] if self._heap else None
+        """When the wheel has keys to look at next, for the event loop's sleep."""
+        return self.wheel.next_time()
 
-    def reap(self, limit: int = 10_000) -> list[str]:
-        """Drop up to ``limit`` keys whose deadline has passed; return their names.
+    def reap(self, limit: int = REAP_BATCH) -> list[str]:
+        """Drop the keys whose deadline has passed (up to ``limit`` references
+        looked at per call); return their names.
 
-        Work is proportional to what expired, never to the size of the namespace.
+        Work is proportional to what expired (and to the references it left
+        behind), never to the size of the namespace.
         """
-        heap = self._heap
+        wheel = self.wheel
+        self._sweep_step(limit)
+        heap = wheel.heap
         if not heap:
             return []
         now = self.clock()
-        table = self.table
+        nu = now * UNITS
+        if heap[0] > nu:
+            return []
+        buckets, data = wheel.buckets, self.data
+        deadline_of = self._deadline_of
         gone: list[str] = []
-        while heap and heap[0][0] <= now and len(gone) < limit:
-            deadline, key = heapq.heappop(heap)
-            entry = table.peek(key)
-            if entry is not None and entry[1] == deadline:
-                table.pop(key)
-                self.expired += 1
-                gone.append(key)
-                self._emit(EVENT_EXPIRE, key)
+        budget = limit
+        while heap and heap[0] <= nu and budget > 0:
+            point = heap[0]
+            bucket = buckets[point]
+            while bucket and budget > 0:
+                budget -= 1
+                key = bucket.pop()
+                wheel.refs -= 1
+                stored = data.get(key)
+                if stored is None:
+                    continue
+                deadline = deadline_of(stored)
+                if deadline == INF:
+                    continue
+                if deadline <= now:
+                    self._drop(key, stored)
+                    self.expired += 1
+                    gone.append(key)
+                    self._emit(EVENT_EXPIRE, key)
+                elif _on_chain(point, deadline * UNITS):
+                    wheel.put(key, _check_point(deadline * UNITS, nu))
+            if not bucket:
+                heapq.heappop(heap)
+                del buckets[point]
         return gone
+
+    def _sweep_step(self, refs: int) -> None:
+        """Look at up to ``refs`` more references if stale ones passed a quarter of the live ones.
+
+        Writes call it too (a few references each), so that a client that
+        churns expiring keys (a cache evicting, set and delete) pays for the
+        sweep as it goes: a pass over 1.25x the live references starts after
+        0.25x went stale, about 5 looked at per stale one.
+        """
+        if self._sweep is None:
+            if self.wheel.refs <= self.timed + (self.timed >> 2) + self.SWEEP_SLACK:
+                return
+            self._sweep = self._sweeping()
+        self._sweep_chunk = refs
+        if next(self._sweep, True):
+            self._sweep = None
+
+    def _sweeping(self) -> Generator[None, None, None]:
+        """Drop stale references from the buckets not yet due, a bounded step per reap.
+
+        A key's live reference is at its deadline's first check after now
+        (or in a bucket already due); any other is stale.
+        """
+        wheel = self.wheel
+        for point in list(wheel.buckets):
+            bucket = wheel.buckets.get(point)
+            kept = done = 0  # compacted in place: references [0, kept) are kept
+            while bucket is not None and done < len(bucket):
+                nu = self.clock() * UNITS
+                if point <= nu:
+                    bucket = None  # due now: the reap takes it
+                    break
+                data, deadline_of = self.data, self._deadline_of
+                end = min(done + self._sweep_chunk, len(bucket))
+                for i in range(done, end):
+                    key = bucket[i]
+                    stored = data.get(key)
+                    if stored is not None:
+                        deadline = deadline_of(stored)
+                        if deadline != INF and _check_point(deadline * UNITS, nu) == point:
+                            bucket[kept] = key
+                            kept += 1
+                done = end
+                if done < len(bucket):
+                    yield
+                    if wheel.buckets.get(point) is not bucket:
+                        bucket = None  # reaped or cleared meanwhile
+            if bucket is not None:
+                wheel.refs -= len(bucket) - kept
+                del bucket[kept:]
+            yield
+
+
+class Store(Namespace):
+    """The store's policy: refuses a write past its budget (``MAX_STORE_BYTES``)."""
+
+    kind = "store"
+
+    def get(self, key: str):
+        # The hot path, inlined: a small value without a deadline.
+        stored = self.data.get(key)
+        if type(stored) is bytes and stored[0] == 0 and len(stored) <= _RAW_MIN:
+            self.hits += 1
+            return stored[1:]
+        return super().get(key)
+
+    def _check(self, key: str, size: int, delta: int) -> None:
+        if self.max_bytes is not None and delta > 0 and self.bytes + delta > self.max_bytes:
+            raise StoreFull(
+                f"storing {key!r} would take the store to {self.bytes + delta} bytes; "
+                f"its maximum (MAX_STORE_BYTES) is {self.max_bytes}"
+            )
+
+    def _check_batch(self, delta: int) -> None:
+        if self.max_bytes is not None and delta > 0 and self.bytes + delta > self.max_bytes:
+            raise StoreFull(
+                f"the batch would take the store over its maximum of {self.max_bytes} bytes (MAX_STORE_BYTES)"
+            )
+
+
+class Cache(Namespace):
+    """A named cache's policy: LRU order, bounded by bytes, evicting to make room."""
+
+    kind = "cache"
+    max_bytes: int
+
+    def __init__(self, max_bytes: int = DEFAULT_CACHE_BYTES, *, clock: Callable[[], float] = time.monotonic) -> None:
+        super().__init__(max_bytes, clock=clock)
+
+    def _lookup(self, key: str):
+        data = self.data
+        stored = data.pop(key, None)
+        if stored is not None:
+            data[key] = stored  # now the most recently used
+        return stored
+
+    def _insert(self, key: str, stored, old) -> None:
+        if old is not None:
+            del self.data[key]  # a write makes it the most recently used
+        self.data[key] = stored
+
+    def _check(self, key: str, size: int, delta: int) -> None:
+        if size > self.max_bytes:
+            raise ValueTooLarge(f"an entry of {size} bytes does not fit in a cache of MAX_BYTES={self.max_bytes}")
+
+    def _evict(self, keys: list[str]) -> None:
+        data = self.data
+        for key in keys:
+            self._drop(key, data[key])
+            self.evictions += 1
+            self._emit(EVENT_EVICT, key)
+
+    def _make_room(self, bounds, keep: str) -> None:
+        max_entries, cull_frequency = bounds[0], bounds[1]
+        data = self.data
+        if len(data) < max_entries:
+            return
+        self.reap()
+        if len(data) < max_entries:
+            return
+        count = len(data) if cull_frequency == 0 else len(data) // cull_frequency
+        self._evict(list(islice(data, count)))
+
+    def _fit(self, delta: int, keep: str) -> None:
+        if self.bytes + delta <= self.max_bytes:
+            return
+        # In a large cache, evict a little more than needed (1/64 of the
+        # budget): the dict's front is full of holes left by moved and evicted
+        # keys, skipped once per batch instead of once per key.
+        data = self.data
+        excess = self.bytes + delta - self.max_bytes
+        if len(data) > 4096:
+            excess += self.max_bytes // 64
+        victims: list[str] = []
+        freed = 0
+        for key in data:
+            if key == keep:
+                continue
+            victims.append(key)
+            freed += self._cost(key, data[key])
+            if freed >= excess:
+                break
+        self._evict(victims)
