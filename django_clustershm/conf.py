@@ -6,9 +6,12 @@
 ``TIMEOUT``          seconds any call may take (default 5)
 ``MAX_KEY_SIZE``     bytes of a key in UTF-8 (default 4096)
 ``MAX_VALUE_SIZE``   bytes of a pickled value (default 32 MiB)
-``MAX_STORE_BYTES``  budget of the shared store (default: unbounded)
+``MAX_STORE_BYTES``  budget of the shared store (default: a quarter of the
+                     memory, RAM or the cgroup's limit: ``StoreFull`` beyond)
 ``MAX_CACHE_BYTES``  the most a cache's MAX_BYTES may be (default 1 GiB): a
                      larger one (whatever a client sends) is clamped to it
+``MAX_TOTAL_CACHE_BYTES``  what all caches' MAX_BYTES may add up to (default:
+                     a quarter of the memory); a cache past it is refused
 ``NEAR_CACHE``       ``{"MAX_ENTRIES": n, "MAX_BYTES": n}``: a near cache for
                      the store's reads (cluster mode; see :mod:`.client.near`)
 ``CLIENT_SPIN``      seconds a call polls for its reply before sleeping
@@ -35,6 +38,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_VALUE_SIZE": DEFAULT_MAX_VALUE,
     "MAX_STORE_BYTES": None,
     "MAX_CACHE_BYTES": DEFAULT_MAX_CACHE_BYTES,
+    "MAX_TOTAL_CACHE_BYTES": None,
     "NEAR_CACHE": None,
     "CLIENT_SPIN": DEFAULT_SPIN,
 }
@@ -69,6 +73,7 @@ def engine_options(conf: dict[str, Any] | None = None) -> dict[str, Any]:
         "limits": limits_from_settings(conf),
         "max_store_bytes": None if max_store is None else int(max_store),
         "max_cache_bytes": int(conf["MAX_CACHE_BYTES"]),
+        "max_total_cache_bytes": None if conf["MAX_TOTAL_CACHE_BYTES"] is None else int(conf["MAX_TOTAL_CACHE_BYTES"]),
     }
 
 

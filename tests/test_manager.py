@@ -669,3 +669,51 @@ def test_silent_half_open_peers_cannot_keep_a_client_out():
         for s in silent:
             s.close()
         proc.cleanup()
+
+
+def _fill(keyspace, count: int, timeout=None, batch: int = 2000) -> int:
+    """Write up to ``count`` small keys (as an app would: a pickled short str); return how many fit."""
+    from django_clustershm.exceptions import StoreFull
+
+    written = 0
+    for start in range(0, count, batch):
+        try:
+            keyspace.set_many({f"user:{i:08d}": f"value-{i}" for i in range(start, start + batch)}, timeout)
+        except StoreFull:
+            return written
+        written += batch
+    return written
+
+
+@pytest.mark.parametrize("kind", ["store", "store+timeout", "cache"])
+def test_the_budgets_bound_the_managers_memory(kind):
+    """#12 row 8: MAX_STORE_BYTES undercounted (9.3x the budget in RSS). Entries
+    now count what they cost, so a Manager filled past its budget (the store
+    refuses, a cache evicts) stays within 1.5x the budget plus a fixed base."""
+    from django_clustershm.exceptions import StoreFull
+    from django_clustershm.server.engine import Engine
+
+    budget = 32 * 2**20
+    proc = ManagerProcess(engine=Engine(max_store_bytes=budget)).start()
+    try:
+        client = socket_client(proc.address, proc.secret)
+        rss_before = _rss_kib(proc.pid)
+        if kind == "cache":
+            cache = client.cache("c", max_entries=10**9, max_bytes=budget)
+            assert _fill(cache, 600_000, timeout=300) == 600_000  # twice what fits: the cache evicts
+            stats = client.stats()["caches"]["c"]
+            assert stats["evictions"] > 0 and stats["bytes"] <= budget
+        else:
+            timeout = 300 if kind == "store+timeout" else None
+            written = _fill(client, 600_000, timeout=timeout)
+            assert 50_000 < written < 600_000  # the store refused past its budget...
+            with pytest.raises(StoreFull, match="MAX_STORE_BYTES"):
+                client.set("one:more", "x" * 2**20)
+            assert client.get(f"user:{written - 1:08d}") == f"value-{written - 1}"  # ...and lost nothing
+            assert client.stats()["store"]["bytes"] <= budget
+        grown = (_rss_kib(proc.pid) - rss_before) * 1024
+        assert grown <= 1.5 * budget + 8 * 2**20, f"{grown / 2**20:.1f} MiB for a budget of {budget / 2**20:.0f} MiB"
+        client.close()
+    finally:
+        proc.stop()
+        proc.cleanup()

@@ -351,3 +351,31 @@ def test_a_caches_max_bytes_is_clamped_to_the_managers_ceiling():
     engine.dispatch(session, P.SET, ["modest", "k", b"v", None, [300, 3, 5_000]])
     assert engine.caches["modest"].max_bytes == 5_000
 
+
+def test_all_caches_together_stay_within_the_managers_total():
+    """#12 row 8: MAX_CACHES caches of MAX_CACHE_BYTES each would multiply the
+    ceiling; their MAX_BYTES add up to at most MAX_TOTAL_CACHE_BYTES: a cache
+    gets what is left (logged), and none is made once too little is left."""
+    from django_clustershm.exceptions import LimitExceeded
+    from django_clustershm.server.engine import MIN_CACHE_BYTES, Engine
+    from django_clustershm.wire import frames as P
+
+    engine = Engine(max_cache_bytes=4 * MIN_CACHE_BYTES, max_total_cache_bytes=6 * MIN_CACHE_BYTES)
+    session = engine.open_session()
+    engine.dispatch(session, P.SET, ["a", "k", b"v", None, [300, 3, 4 * MIN_CACHE_BYTES]])
+    engine.dispatch(session, P.SET, ["b", "k", b"v", None, [300, 3, 4 * MIN_CACHE_BYTES]])
+    assert engine.caches["b"].max_bytes == 2 * MIN_CACHE_BYTES  # what was left
+    with pytest.raises(LimitExceeded, match="MAX_TOTAL_CACHE_BYTES"):
+        engine.dispatch(session, P.SET, ["c", "k", b"v", None, [300, 3, 4 * MIN_CACHE_BYTES]])
+    assert engine.dispatch(session, P.GET, ["a", "k"]) == b"v"  # the others are untouched
+    assert engine.dispatch(session, P.STATS, [])["max_total_cache_bytes"] == 6 * MIN_CACHE_BYTES
+
+
+def test_the_store_has_a_finite_default_budget():
+    """#12 row 8: the store was unbounded by default; now a quarter of the memory."""
+    from django_clustershm.server.engine import Engine
+    from django_clustershm.wire.limits import memory_limit
+
+    engine = Engine()
+    assert engine.store.max_bytes == memory_limit() // 4 > 0
+    assert Engine(max_store_bytes=10**6).store.max_bytes == 10**6

@@ -36,7 +36,13 @@ from ..exceptions import (
 )
 from ..wire import args as A
 from ..wire import frames as F
-from ..wire.limits import DEFAULT_BOUNDS, DEFAULT_MAX_CACHE_BYTES, Limits
+from ..wire.limits import (
+    DEFAULT_BOUNDS,
+    DEFAULT_MAX_CACHE_BYTES,
+    Limits,
+    default_store_bytes,
+    default_total_cache_bytes,
+)
 from .locktable import LockTable
 from .namespace import Namespace
 from .subscriptions import Subscriptions
@@ -48,6 +54,8 @@ logger = logging.getLogger("django_clustershm.server")
 CACHE_REAP_INTERVAL = 0.01
 #: Named caches one Manager holds at most (each is bounded by its MAX_BYTES).
 MAX_CACHES = 256
+#: A new cache gets at least this much of MAX_TOTAL_CACHE_BYTES, or is refused.
+MIN_CACHE_BYTES = 2**20
 MAX_CACHE_NAME = 256
 
 #: What dispatch returns for a request that will be answered later.
@@ -108,12 +116,21 @@ class Engine:
         limits: Limits | None = None,
         max_store_bytes: int | None = None,
         max_cache_bytes: int = DEFAULT_MAX_CACHE_BYTES,
+        max_total_cache_bytes: int | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.limits = limits or Limits()
         #: A cache's MAX_BYTES is whatever its first writer asks, clamped to
         #: this (the settings the Manager trusts): never 2**62 from a client.
         self.max_cache_bytes = max_cache_bytes
+        #: ... and all caches' MAX_BYTES together stay within this, so that
+        #: MAX_CACHES caches cannot multiply it.
+        self.max_total_cache_bytes = (
+            default_total_cache_bytes() if max_total_cache_bytes is None else max_total_cache_bytes
+        )
+        self._cache_bytes_granted = 0
+        if max_store_bytes is None:
+            max_store_bytes = default_store_bytes()
         self._max_key = self.limits.max_key
         self.clock = clock
         self.subscriptions = Subscriptions()
@@ -277,7 +294,24 @@ class Engine:
                 raise InvalidKey(f"a cache name is at most {MAX_CACHE_NAME} characters")
             if len(self.caches) >= MAX_CACHES:
                 raise LimitExceeded(f"the Manager holds {MAX_CACHES} caches already; use fewer cache LOCATIONs")
-            max_bytes = min(bounds[2], self.max_cache_bytes)
+            asked = bounds[2]
+            remaining = self.max_total_cache_bytes - self._cache_bytes_granted
+            max_bytes = min(asked, self.max_cache_bytes, remaining)
+            if remaining < min(asked, self.max_cache_bytes, MIN_CACHE_BYTES):
+                raise LimitExceeded(
+                    f"the caches' MAX_BYTES add up to {self._cache_bytes_granted} bytes: no room for cache {ns!r} "
+                    f"within MAX_TOTAL_CACHE_BYTES={self.max_total_cache_bytes}"
+                )
+            if max_bytes < asked:
+                logger.warning(
+                    "cache %r asked for MAX_BYTES=%d; it gets %d (MAX_CACHE_BYTES=%d, MAX_TOTAL_CACHE_BYTES=%d)",
+                    ns,
+                    asked,
+                    max_bytes,
+                    self.max_cache_bytes,
+                    self.max_total_cache_bytes,
+                )
+            self._cache_bytes_granted += max_bytes
             cache = self.caches[ns] = self._namespace(ns, Namespace.cache(max_bytes, clock=self.clock))
         return cache, bounds
 
@@ -487,6 +521,7 @@ class Engine:
             "listeners": self.subscriptions.describe(),
             "near_cache_tracking": len(self.tracking),
             "near_cache_tracked_pairs": self.tracking.pairs,
+            "max_total_cache_bytes": self.max_total_cache_bytes,
             "limits": self.limits.as_dict(),
             "loop": self.loop_stats() if self.loop_stats is not None else {},
         }

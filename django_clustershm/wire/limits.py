@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from .frames import DEFAULT_MAX_FRAME, FRAME_OVERHEAD
 
 DEFAULT_MAX_KEY = 4096
@@ -16,6 +18,36 @@ DEFAULT_CACHE_BYTES = 128 * 1024 * 1024
 DEFAULT_BOUNDS = (DEFAULT_MAX_ENTRIES, DEFAULT_CULL_FREQUENCY, DEFAULT_CACHE_BYTES)
 #: The Manager-wide ceiling of one cache's MAX_BYTES (setting MAX_CACHE_BYTES).
 DEFAULT_MAX_CACHE_BYTES = 2**30
+
+
+def memory_limit() -> int:
+    """The memory this process may use: physical RAM, or its cgroup's limit if lower."""
+    limit = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            limit = min(limit, int(text))
+        break
+    return limit
+
+
+def default_store_bytes() -> int:
+    """The store's budget when MAX_STORE_BYTES is not set: a quarter of :func:`memory_limit`.
+
+    Finite, so that a runaway writer meets ``StoreFull`` instead of the
+    kernel's OOM killer taking the Manager (and every worker's state) down;
+    large, so that no ordinary application meets it.
+    """
+    return memory_limit() // 4
+
+
+def default_total_cache_bytes() -> int:
+    """What all caches' MAX_BYTES may add up to (MAX_TOTAL_CACHE_BYTES): a quarter of memory too."""
+    return memory_limit() // 4
 
 
 class Limits:
