@@ -578,6 +578,8 @@ def test_pipelined_reads_of_a_large_value_cannot_grow_the_manager_past_its_outpu
         assert client.ping()  # everyone else is served meanwhile
         wait_until(lambda: _rss_kib(proc.pid) > rss_before + 4 * 1024, message="the backlog builds up to its bound")
         assert _rss_kib(proc.pid) - rss_before < 48 * 1024  # bound (8 MiB) + a reply in flight + slack, not 300 MiB
+        held = client.stats()["loop"]["output_bytes"]  # what the Manager counts: that backlog
+        assert 4 * 2**20 < held <= 9 * 2**20 + 1024  # the bound (8 MiB) and the reply that crossed it
         reader = P.FrameReader(P.DEFAULT_MAX_FRAME)
         rids = []
         while len(rids) < count:
@@ -585,6 +587,7 @@ def test_pipelined_reads_of_a_large_value_cannot_grow_the_manager_past_its_outpu
                 assert op == P.OK and pickle.loads(P.decode_payload(payload)) == value
                 rids.append(rid)
         assert rids == list(range(1, count + 1))
+        assert client.stats()["loop"]["output_bytes"] == 0
         sock.close()
         client.close()
     finally:

@@ -264,6 +264,9 @@ class Manager:
         self._pid = os.getpid()
         self._uid = os.getuid()
         self._conns: dict[int, _Conn] = {}
+        # Unsent bytes of every connection together (the sum of their out_size,
+        # kept where out_size changes).
+        self._output = 0
         # Connections that have not completed the handshake, oldest first.
         self._unauthenticated: dict[int, _Conn] = {}
         self._calls: deque = deque()
@@ -554,11 +557,13 @@ class Manager:
 
     def loop_stats(self) -> dict:
         """The loop's longest round (the longest any one event kept every
-        client waiting): ever, and over the last minute or so."""
+        client waiting): ever, and over the last minute or so; and the unsent
+        output of all clients together."""
         return {
             "max_stall_ms": round(self.max_stall * 1000, 3),
             "recent_max_stall_ms": round(max(self._stall_recent, self._stall_last_minute) * 1000, 3),
             "connections": len(self._conns),
+            "output_bytes": self._output,
         }
 
     def _accept(self) -> None:
@@ -609,6 +614,7 @@ class Manager:
             self._ep.register(conn.fd, _READ)
             conn.out.append(H.hello(conn.nonce, self._pid))
             conn.out_size = len(conn.out[0])
+            self._output += conn.out_size
             self._flush(conn)
 
     def _pause_accepting(self, exc: OSError) -> None:
@@ -639,6 +645,7 @@ class Manager:
             del self._conns[conn.fd]
         if self._unauthenticated.get(conn.fd) is conn:
             del self._unauthenticated[conn.fd]
+        self._drop_output(conn)
         if reason:
             self._warn("closing client (pid %s): %s", conn.peer_pid, reason)
         try:
@@ -714,6 +721,7 @@ class Manager:
                     queued = encode(P.PUSH_QUEUED, rid, None)
                     out.append(queued)
                     conn.out_size += len(queued)
+                    self._output += len(queued)
                     continue
                 if result is NO_REPLY:
                     continue
@@ -731,6 +739,7 @@ class Manager:
                 reply = encode(P.ERR, rid, [exc.code, str(exc)])
             out.append(reply)
             conn.out_size += len(reply)
+            self._output += len(reply)
         else:
             conn.pending = None
         if conn.reader.error is not None and conn.pending is None:
@@ -785,6 +794,7 @@ class Manager:
         reply = H.welcome(self.secret, client_nonce, self.engine.limits, session.id)
         conn.out.append(reply)
         conn.out_size += len(reply)
+        self._output += len(reply)
         self._flush(conn)
 
     def _flush_dirty(self) -> None:
@@ -807,9 +817,16 @@ class Manager:
         frame = P.encode(P.PUSH_EVENT, 0, event)
         conn.out.append(frame)
         conn.out_size += len(frame)
+        self._output += len(frame)
         if conn.out_size > self.max_listener_backlog:
             conn.overflow = True
         self._dirty.add(conn)
+
+    def _drop_output(self, conn: _Conn) -> None:
+        if conn.out_size:
+            self._output -= conn.out_size
+            conn.out_size = 0
+            conn.out.clear()
 
     def _invalidate(self, conn: _Conn, op: int, payload: list) -> bool:
         """A near-cache push (invalidation or update) goes into the tracker's
@@ -863,6 +880,7 @@ class Manager:
         reply = P.encode(P.OK, rid, result)
         conn.out.append(reply)
         conn.out_size += len(reply)
+        self._output += len(reply)
         self._dirty.add(conn)
 
     def _warn(self, message: str, *args) -> None:
@@ -912,8 +930,10 @@ class Manager:
             if sent == conn.out_size:  # the common case: everything went
                 out.clear()
                 conn.out_size = 0
+                self._output -= sent
             elif sent:
                 conn.out_size -= sent
+                self._output -= sent
                 done = 0
                 while done < len(out) and sent >= len(out[done]):
                     sent -= len(out[done])
