@@ -594,6 +594,69 @@ def test_pipelined_reads_of_a_large_value_cannot_grow_the_manager_past_its_outpu
         proc.cleanup()
 
 
+def _hwm_kib(pid: int) -> int:
+    """The process's peak resident size: a backlog built and dropped within
+    one round shows here, where a later sample of VmRSS would miss it."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def _loop_figures(client) -> dict:
+    return client.stats()["loop"]
+
+
+#: The Manager-wide output budget of the tests below: small, so that what the
+#: Manager holds can be told from the per-connection bounds multiplied.
+BUDGET = 16 * 2**20
+
+
+def test_pipelining_clients_that_never_read_hold_the_output_budget_between_them():
+    """Each connection's reply bound (128 MiB) multiplied by the clients that
+    pipeline reads of a large value without reading the replies: 8 of them
+    here would hold 8 x 40 MiB. Past the budget (16 MiB), the Manager answers
+    no client that has unsent replies, so together they hold the budget and at
+    most a reply each; a client that reads its replies is served throughout,
+    exactly; and each pipelining client gets every reply, in order, once it reads."""
+    proc = ManagerProcess(max_total_output=BUDGET).start()
+    socks = []
+    try:
+        client = socket_client(proc.address, proc.secret)
+        value = os.urandom(2**20)
+        client.set("big", value)
+        rss_before = _rss_kib(proc.pid)
+        count = 40
+        for _ in range(8):
+            sock = _handshaked_socket(proc.address, proc.secret)
+            sock.sendall(b"".join(P.encode(P.GET, i + 1, ["", "big"]) for i in range(count)))
+            socks.append(sock)
+        for i in range(20):  # served throughout, exactly (a reply of 1 MiB and small ones)
+            assert client.get("big") == value
+            assert client.incr("n") == i + 1
+        held = _loop_figures(client)
+        reply = len(P.encode(P.OK, 1, pickle.dumps(value)))  # about; the bound is loose by far more
+        assert BUDGET <= held["output_bytes"] <= BUDGET + 8 * (reply + 1024)
+        assert held["max_total_output"] == BUDGET
+        growth = _hwm_kib(proc.pid) - rss_before
+        assert growth < (BUDGET + 8 * reply) // 1024 + 32 * 1024, f"the Manager grew by {growth} KiB"
+        for sock in socks:
+            reader = P.FrameReader(P.DEFAULT_MAX_FRAME)
+            rids = []
+            while len(rids) < count:
+                for op, rid, payload in reader.feed(sock.recv(1 << 20)):
+                    assert op == P.OK and pickle.loads(P.decode_payload(payload)) == value
+                    rids.append(rid)
+            assert rids == list(range(1, count + 1))
+        assert _loop_figures(client)["output_bytes"] == 0
+        client.close()
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.cleanup()
+
+
 def test_stats_report_the_loops_longest_stall():
     """The loop's own figure (what #12's stall targets are measured by): a
     round that takes 80 ms shows as at least that."""

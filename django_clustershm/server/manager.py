@@ -209,6 +209,14 @@ class Manager:
     handshake_timeout = 10.0
     #: Reply bytes queued for one client beyond which we stop reading its requests.
     max_pending_output = 128 * 1024 * 1024
+    #: Unsent bytes queued for all clients together (replies and listener
+    #: events) beyond which the Manager sheds load: it reads no more requests
+    #: from a client that has unsent output (one with none is still served).
+    #: Per-connection bounds alone let N slow peers multiply them.
+    #: 256 MiB: twice max_pending_output, so one client can still use its own
+    #: bound in full; four times the largest frame, so a maximal reply fits;
+    #: and a small part of a server's memory, like Redis's client buffers.
+    max_total_output = 256 * 1024 * 1024
     #: Listener events queued for one client beyond which it is cut off (it
     #: reconnects and subscribes again): a slow listener can neither grow the
     #: Manager's memory nor slow the writers down.
@@ -242,6 +250,7 @@ class Manager:
         max_connections: int | None = None,
         max_listener_backlog: int | None = None,
         max_pending_output: int | None = None,
+        max_total_output: int | None = None,
         max_unauthenticated: int | None = None,
     ) -> None:
         if max_unauthenticated is not None:
@@ -252,6 +261,8 @@ class Manager:
             self.max_connections = max_connections
         if max_listener_backlog is not None:
             self.max_listener_backlog = max_listener_backlog
+        if max_total_output is not None:
+            self.max_total_output = max_total_output
         self.engine = engine or Engine(limits=limits, max_store_bytes=max_store_bytes)
         self.engine.loop_stats = self.loop_stats
         self.secret = secret if secret is not None else os.urandom(32)
@@ -506,7 +517,7 @@ class Manager:
                         self._on_readable(conn)
                     if mask & _WRITE and not conn.closed:
                         self._flush(conn)
-                        if conn.pending and not conn.closed and conn.out_size <= self.max_pending_output:
+                        if conn.pending and not conn.closed and not self._held_back(conn):
                             self._serve_frames(conn, conn.pending)
                 elif fd == listener_fd:
                     accept = True
@@ -558,12 +569,13 @@ class Manager:
     def loop_stats(self) -> dict:
         """The loop's longest round (the longest any one event kept every
         client waiting): ever, and over the last minute or so; and the unsent
-        output of all clients together."""
+        output of all clients together, with its budget."""
         return {
             "max_stall_ms": round(self.max_stall * 1000, 3),
             "recent_max_stall_ms": round(max(self._stall_recent, self._stall_last_minute) * 1000, 3),
             "connections": len(self._conns),
             "output_bytes": self._output,
+            "max_total_output": self.max_total_output,
         }
 
     def _accept(self) -> None:
@@ -689,13 +701,23 @@ class Manager:
         if conn.session is None:
             self._handshake(conn, frames)
             return
+        if conn.pending:  # frames still unanswered come first (not read meanwhile, as a rule)
+            frames = conn.pending + frames
         self._serve_frames(conn, frames)
+
+    def _held_back(self, conn: _Conn) -> bool:
+        """Whether ``conn`` is not served more requests for now: it has unsent
+        output, and that is over its own bound or all clients' together are
+        over the Manager's budget. A client whose output is empty is always
+        served: one that reads its replies never waits for the others."""
+        return conn.out_size > 0 and (conn.out_size > self.max_pending_output or self._output > self.max_total_output)
 
     def _serve_frames(self, conn: _Conn, frames: list) -> None:
         """Answer ``frames`` in order; stop *before* a frame while this
-        connection's unsent output is over its bound, keeping the rest for
+        connection is held back (see :meth:`_held_back`), keeping the rest for
         when it drains (and reading nothing more meanwhile): pipelined reads
-        of a large value cannot make the Manager buffer more than the bound."""
+        of a large value cannot make the Manager buffer more than the bounds,
+        whatever the number of clients that send them."""
         session = conn.session
         if session is None:  # closed meanwhile
             return
@@ -703,11 +725,21 @@ class Manager:
         encode = P.encode
         max_frame = self.engine.limits.max_frame
         max_output = self.max_pending_output
+        budget = self.max_total_output
         out = conn.out
         for index, (op, rid, payload) in enumerate(frames):
-            if conn.out_size > max_output:
-                conn.pending = frames[index:]
-                break
+            if conn.out_size and (conn.out_size > max_output or self._output > budget):
+                # Send what it has first (events before replies, as below): a
+                # client that reads its replies is served on, a reply at a time.
+                if self._dirty:
+                    self._flush_dirty()
+                if not conn.closed:
+                    self._flush(conn)
+                if conn.closed:
+                    return
+                if self._held_back(conn):
+                    conn.pending = frames[index:]
+                    break
             try:
                 args = P.decode_payload(payload)
             except ProtocolError as exc:  # not msgpack: the stream cannot be trusted
@@ -948,11 +980,16 @@ class Manager:
         if conn.out:
             # A client that does not read its replies is not served more
             # requests until it does (and frames it sent meanwhile wait,
-            # unanswered): its backlog cannot grow without bound.
-            if conn.out_size > self.max_pending_output or conn.pending or conn.closing is not None:
+            # unanswered): its backlog cannot grow without bound, nor can
+            # those of all clients together grow past the Manager's budget.
+            if conn.pending or conn.closing is not None or self._held_back(conn):
                 mask = _WRITE
             else:
                 mask = _READ | _WRITE
+        elif conn.pending:
+            # Drained with frames still unanswered: served on the next round
+            # (as writable), not left waiting for a request that may never come.
+            mask = _WRITE
         else:
             mask = _READ
         if mask != conn.mask:
