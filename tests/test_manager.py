@@ -657,6 +657,124 @@ def test_pipelining_clients_that_never_read_hold_the_output_budget_between_them(
         proc.cleanup()
 
 
+def _listening_socket(address: str, secret: bytes, prefix: str) -> socket.socket:
+    """A raw listener channel on the store's keys under ``prefix``, read only when a test says so."""
+    sock = _handshaked_socket(address, secret)
+    sock.sendall(P.encode(P.LISTEN, 1, [1, "", prefix, True]))
+    ((op, rid, _),) = P.FrameReader().feed(sock.recv(512))
+    assert (op, rid) == (P.OK, 1)
+    return sock
+
+
+def test_listeners_that_never_read_hold_the_output_budget_between_them_not_each():
+    """#12 row 10: listener bounds were per connection, so 30 listeners that
+    never read cost 30 times 16 MiB at once (+631 MB measured). The Manager's
+    unsent output now has one budget for all clients together (16 MiB here):
+    past it, a listener holding more than its share is cut off. The writer is
+    never held up, a listener that reads gets every event, exactly, and the
+    Manager grows by about the budget, not 30 times a listener's bound."""
+    proc = ManagerProcess(max_total_output=BUDGET).start()
+    slow = []
+    try:
+        writer = socket_client(proc.address, proc.secret)
+        slow = [_listening_socket(proc.address, proc.secret, "big:") for _ in range(30)]
+        good = _listening_socket(proc.address, proc.secret, "big:")
+        slow.append(good)
+        value = os.urandom(64 * 1024)
+        count = 400  # 25 MiB of events for each listener: past its own bound (16 MiB)
+        events, errors = [], []
+
+        def read_events():
+            reader = P.FrameReader(P.DEFAULT_MAX_FRAME)
+            try:
+                while len(events) < count:
+                    data = good.recv(1 << 20)
+                    if not data:
+                        errors.append("the listener that reads was cut off")
+                        return
+                    for op, _, payload in reader.feed(data):
+                        events.append((op, P.decode_payload(payload)))
+            except Exception as exc:
+                errors.append(repr(exc))
+
+        thread = threading.Thread(target=read_events)
+        thread.start()
+        rss_before = _rss_kib(proc.pid)
+        try:
+            for i in range(count):
+                writer.set(f"big:{i % 4}", value)  # returns: the writer is never held up
+                assert writer.get(f"big:{i % 4}") == value
+        finally:
+            thread.join(30)
+        growth = _hwm_kib(proc.pid) - rss_before
+        assert errors == [] and len(events) == count
+        for i, (op, (_sub, ns, key, event, pickled)) in enumerate(events):
+            assert op == P.PUSH_EVENT and (ns, key, event) == ("", f"big:{i % 4}", P.EVENT_SET)
+            assert pickle.loads(pickled) == value
+        for sock in slow[:30]:
+            sock.settimeout(5)
+            assert _closed_by_peer(sock), "a listener that never reads was not cut off"
+        # The budget (16 MiB), the event that crossed it, and allocator slack; each
+        # listener's own bound let them hold 30 x 16 MiB.
+        assert growth < 48 * 1024, f"the Manager grew by {growth} KiB"
+        figures = wait_until(
+            lambda: (f := _loop_figures(writer))["output_bytes"] == 0 and f, message="every backlog gone"
+        )
+        assert figures["max_total_output"] == BUDGET
+        assert "over its share" in proc.log()
+        writer.close()
+    finally:
+        for sock in slow:
+            sock.close()
+        proc.cleanup()
+
+
+def test_near_caches_get_invalidations_while_all_output_is_over_the_budget():
+    """While the clients' unsent output is over the budget, a near-cache
+    tracker is sent invalidations instead of values; updates resume after."""
+    proc = ManagerProcess(max_total_output=BUDGET).start()
+    hog = None
+    try:
+        tracker = _handshaked_socket(proc.address, proc.secret)
+        tracker.sendall(P.encode(P.TRACKER, 1, [1 << 20]))
+        reader = P.FrameReader(P.DEFAULT_MAX_FRAME)
+        ((_op, _, payload),) = reader.feed(tracker.recv(4096))
+        (sid,) = P.decode_payload(payload)
+        worker = _handshaked_socket(proc.address, proc.secret)
+        wreader = P.FrameReader(P.DEFAULT_MAX_FRAME)
+
+        def call(op, args):
+            worker.sendall(P.encode(op, 1, args))
+            while True:
+                frames = wreader.feed(worker.recv(1 << 20))
+                if frames:
+                    return P.decode_payload(frames[0][2])
+
+        def push_after_write(key):
+            """What the tracker is sent when a key it holds is written."""
+            call(P.SET, ["", key, 1, None])
+            call(P.TRACK_GET, ["", key, sid])
+            call(P.SET, ["", key, 2, None])
+            ((op, _, payload),) = reader.feed(tracker.recv(1 << 20))
+            return op, P.decode_payload(payload)
+
+        assert push_after_write("before")[0] == P.PUSH_UPDATE
+        call(P.SET, ["", "big", os.urandom(2**20), None])
+        hog = _handshaked_socket(proc.address, proc.secret)
+        hog.sendall(b"".join(P.encode(P.GET, i + 1, ["", "big"]) for i in range(40)))
+        wait_until(lambda: call(P.STATS, [])["loop"]["output_bytes"] > BUDGET, message="output over the budget")
+        assert push_after_write("during")[0] == P.PUSH_INVALIDATE
+        hog.close()  # its backlog goes with it
+        wait_until(lambda: call(P.STATS, [])["loop"]["output_bytes"] == 0, message="the backlog gone")
+        assert push_after_write("after")[0] == P.PUSH_UPDATE
+        tracker.close()
+        worker.close()
+    finally:
+        if hog is not None:
+            hog.close()
+        proc.cleanup()
+
+
 def test_stats_report_the_loops_longest_stall():
     """The loop's own figure (what #12's stall targets are measured by): a
     round that takes 80 ms shows as at least that."""

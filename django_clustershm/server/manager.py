@@ -151,11 +151,13 @@ class _Conn:
     __slots__ = (
         "closed",
         "closing",
+        "cut_reason",
         "deadline",
         "fd",
         "gone",
         "lag_check",
         "lagging",
+        "listener",
         "mask",
         "nonce",
         "out",
@@ -194,6 +196,9 @@ class _Conn:
         self.pending: list | None = None
         # Why it closes once its output is sent (its stream broke after that output).
         self.closing: str | None = None
+        # A listener channel (it was pushed events), and why it was cut off if it was.
+        self.listener = False
+        self.cut_reason: str | None = None
 
 
 class Manager:
@@ -211,8 +216,10 @@ class Manager:
     max_pending_output = 128 * 1024 * 1024
     #: Unsent bytes queued for all clients together (replies and listener
     #: events) beyond which the Manager sheds load: it reads no more requests
-    #: from a client that has unsent output (one with none is still served).
-    #: Per-connection bounds alone let N slow peers multiply them.
+    #: from a client that has unsent output (one with none is still served),
+    #: cuts off a listener holding more than its share, and sends near caches
+    #: invalidations instead of updates. Per-connection bounds alone let N slow
+    #: peers multiply them (30 listeners that never read: +631 MB at once).
     #: 256 MiB: twice max_pending_output, so one client can still use its own
     #: bound in full; four times the largest frame, so a maximal reply fits;
     #: and a small part of a server's memory, like Redis's client buffers.
@@ -276,8 +283,9 @@ class Manager:
         self._uid = os.getuid()
         self._conns: dict[int, _Conn] = {}
         # Unsent bytes of every connection together (the sum of their out_size,
-        # kept where out_size changes).
+        # kept where out_size changes), and how many listener channels there are.
         self._output = 0
+        self._listeners = 0
         # Connections that have not completed the handshake, oldest first.
         self._unauthenticated: dict[int, _Conn] = {}
         self._calls: deque = deque()
@@ -658,6 +666,8 @@ class Manager:
         if self._unauthenticated.get(conn.fd) is conn:
             del self._unauthenticated[conn.fd]
         self._drop_output(conn)
+        if conn.listener:
+            self._listeners -= 1
         if reason:
             self._warn("closing client (pid %s): %s", conn.peer_pid, reason)
         try:
@@ -836,23 +846,44 @@ class Manager:
                 if conn.gone:
                     self._close(conn, None)
                 elif conn.overflow:
-                    if conn.session is not None and conn.session.tracker:
-                        self._close(conn, "near-cache invalidation could not be delivered at once; tracker cut off")
-                    else:
-                        self._close(conn, f"listener too slow: {conn.out_size} bytes of events pending; cut off")
+                    self._close(
+                        conn,
+                        conn.cut_reason or "near-cache invalidation could not be delivered at once; tracker cut off",
+                    )
                 else:
                     self._flush(conn)
 
     def _push(self, conn: _Conn, event: tuple) -> None:
+        """Queue a listener event. A listener past its own bound is cut off,
+        and so is one past its share of the Manager's budget while all
+        clients' output is over it: N slow listeners hold about the budget
+        between them, not N times their own bound."""
         if conn.overflow:
             return
         frame = P.encode(P.PUSH_EVENT, 0, event)
         conn.out.append(frame)
         conn.out_size += len(frame)
         self._output += len(frame)
+        if not conn.listener:
+            conn.listener = True
+            self._listeners += 1
         if conn.out_size > self.max_listener_backlog:
-            conn.overflow = True
+            self._cut(conn, f"listener too slow: {conn.out_size} bytes of events pending; cut off")
+        elif self._output > self.max_total_output and conn.out_size > self.max_total_output // self._listeners:
+            self._cut(
+                conn,
+                f"listener too slow: {conn.out_size} bytes of events pending, over its share "
+                f"({self.max_total_output // self._listeners}) of the output budget of all clients "
+                f"({self.max_total_output}); cut off",
+            )
         self._dirty.add(conn)
+
+    def _cut(self, conn: _Conn, reason: str) -> None:
+        """Cut a listener off: its backlog is dropped now (it is closed, with
+        ``reason``, at the end of this round)."""
+        conn.overflow = True
+        conn.cut_reason = reason
+        self._drop_output(conn)
 
     def _drop_output(self, conn: _Conn) -> None:
         if conn.out_size:
@@ -877,6 +908,8 @@ class Manager:
             return False
         frame = P.encode(op, 0, payload)
         if op == P.PUSH_UPDATE:
+            if self._output > self.max_total_output:
+                return False  # under memory pressure near caches get invalidations, not values
             conn.pushed += len(frame)
             if conn.pushed >= conn.lag_check:
                 conn.lag_check = conn.pushed + self.tracker_lag // 4
