@@ -578,6 +578,8 @@ def test_pipelined_reads_of_a_large_value_cannot_grow_the_manager_past_its_outpu
         assert client.ping()  # everyone else is served meanwhile
         wait_until(lambda: _rss_kib(proc.pid) > rss_before + 4 * 1024, message="the backlog builds up to its bound")
         assert _rss_kib(proc.pid) - rss_before < 48 * 1024  # bound (8 MiB) + a reply in flight + slack, not 300 MiB
+        held = client.stats()["loop"]["output_bytes"]  # what the Manager counts: that backlog
+        assert 4 * 2**20 < held <= 9 * 2**20 + 1024  # the bound (8 MiB) and the reply that crossed it
         reader = P.FrameReader(P.DEFAULT_MAX_FRAME)
         rids = []
         while len(rids) < count:
@@ -585,9 +587,191 @@ def test_pipelined_reads_of_a_large_value_cannot_grow_the_manager_past_its_outpu
                 assert op == P.OK and pickle.loads(P.decode_payload(payload)) == value
                 rids.append(rid)
         assert rids == list(range(1, count + 1))
+        assert client.stats()["loop"]["output_bytes"] == 0
         sock.close()
         client.close()
     finally:
+        proc.cleanup()
+
+
+def _hwm_kib(pid: int) -> int:
+    """The process's peak resident size: a backlog built and dropped within
+    one round shows here, where a later sample of VmRSS would miss it."""
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmHWM")
+
+
+def _loop_figures(client) -> dict:
+    return client.stats()["loop"]
+
+
+#: The Manager-wide output budget of the tests below: small, so that what the
+#: Manager holds can be told from the per-connection bounds multiplied.
+BUDGET = 16 * 2**20
+
+
+def test_pipelining_clients_that_never_read_hold_the_output_budget_between_them():
+    """Each connection's reply bound (128 MiB) multiplied by the clients that
+    pipeline reads of a large value without reading the replies: 8 of them
+    here would hold 8 x 40 MiB. Past the budget (16 MiB), the Manager answers
+    no client that has unsent replies, so together they hold the budget and at
+    most a reply each; a client that reads its replies is served throughout,
+    exactly; and each pipelining client gets every reply, in order, once it reads."""
+    proc = ManagerProcess(max_total_output=BUDGET).start()
+    socks = []
+    try:
+        client = socket_client(proc.address, proc.secret)
+        value = os.urandom(2**20)
+        client.set("big", value)
+        rss_before = _rss_kib(proc.pid)
+        count = 40
+        for _ in range(8):
+            sock = _handshaked_socket(proc.address, proc.secret)
+            sock.sendall(b"".join(P.encode(P.GET, i + 1, ["", "big"]) for i in range(count)))
+            socks.append(sock)
+        for i in range(20):  # served throughout, exactly (a reply of 1 MiB and small ones)
+            assert client.get("big") == value
+            assert client.incr("n") == i + 1
+        held = _loop_figures(client)
+        reply = len(P.encode(P.OK, 1, pickle.dumps(value)))  # about; the bound is loose by far more
+        assert BUDGET <= held["output_bytes"] <= BUDGET + 8 * (reply + 1024)
+        assert held["max_total_output"] == BUDGET
+        growth = _hwm_kib(proc.pid) - rss_before
+        assert growth < (BUDGET + 8 * reply) // 1024 + 32 * 1024, f"the Manager grew by {growth} KiB"
+        for sock in socks:
+            reader = P.FrameReader(P.DEFAULT_MAX_FRAME)
+            rids = []
+            while len(rids) < count:
+                for op, rid, payload in reader.feed(sock.recv(1 << 20)):
+                    assert op == P.OK and pickle.loads(P.decode_payload(payload)) == value
+                    rids.append(rid)
+            assert rids == list(range(1, count + 1))
+        assert _loop_figures(client)["output_bytes"] == 0
+        client.close()
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.cleanup()
+
+
+def _listening_socket(address: str, secret: bytes, prefix: str) -> socket.socket:
+    """A raw listener channel on the store's keys under ``prefix``, read only when a test says so."""
+    sock = _handshaked_socket(address, secret)
+    sock.sendall(P.encode(P.LISTEN, 1, [1, "", prefix, True]))
+    ((op, rid, _),) = P.FrameReader().feed(sock.recv(512))
+    assert (op, rid) == (P.OK, 1)
+    return sock
+
+
+def test_listeners_that_never_read_hold_the_output_budget_between_them_not_each():
+    """#12 row 10: listener bounds were per connection, so 30 listeners that
+    never read cost 30 times 16 MiB at once (+631 MB measured). The Manager's
+    unsent output now has one budget for all clients together (16 MiB here):
+    past it, a listener holding more than its share is cut off. The writer is
+    never held up, a listener that reads gets every event, exactly, and the
+    Manager grows by about the budget, not 30 times a listener's bound."""
+    proc = ManagerProcess(max_total_output=BUDGET).start()
+    slow = []
+    try:
+        writer = socket_client(proc.address, proc.secret)
+        slow = [_listening_socket(proc.address, proc.secret, "big:") for _ in range(30)]
+        good = _listening_socket(proc.address, proc.secret, "big:")
+        slow.append(good)
+        value = os.urandom(64 * 1024)
+        count = 400  # 25 MiB of events for each listener: past its own bound (16 MiB)
+        events, errors = [], []
+
+        def read_events():
+            reader = P.FrameReader(P.DEFAULT_MAX_FRAME)
+            try:
+                while len(events) < count:
+                    data = good.recv(1 << 20)
+                    if not data:
+                        errors.append("the listener that reads was cut off")
+                        return
+                    for op, _, payload in reader.feed(data):
+                        events.append((op, P.decode_payload(payload)))
+            except Exception as exc:
+                errors.append(repr(exc))
+
+        thread = threading.Thread(target=read_events)
+        thread.start()
+        rss_before = _rss_kib(proc.pid)
+        try:
+            for i in range(count):
+                writer.set(f"big:{i % 4}", value)  # returns: the writer is never held up
+                assert writer.get(f"big:{i % 4}") == value
+        finally:
+            thread.join(30)
+        growth = _hwm_kib(proc.pid) - rss_before
+        assert errors == [] and len(events) == count
+        for i, (op, (_sub, ns, key, event, pickled)) in enumerate(events):
+            assert op == P.PUSH_EVENT and (ns, key, event) == ("", f"big:{i % 4}", P.EVENT_SET)
+            assert pickle.loads(pickled) == value
+        for sock in slow[:30]:
+            sock.settimeout(5)
+            assert _closed_by_peer(sock), "a listener that never reads was not cut off"
+        # The budget (16 MiB), the event that crossed it, and allocator slack; each
+        # listener's own bound let them hold 30 x 16 MiB.
+        assert growth < 48 * 1024, f"the Manager grew by {growth} KiB"
+        figures = wait_until(
+            lambda: (f := _loop_figures(writer))["output_bytes"] == 0 and f, message="every backlog gone"
+        )
+        assert figures["max_total_output"] == BUDGET
+        assert "over its share" in proc.log()
+        writer.close()
+    finally:
+        for sock in slow:
+            sock.close()
+        proc.cleanup()
+
+
+def test_near_caches_get_invalidations_while_all_output_is_over_the_budget():
+    """While the clients' unsent output is over the budget, a near-cache
+    tracker is sent invalidations instead of values; updates resume after."""
+    proc = ManagerProcess(max_total_output=BUDGET).start()
+    hog = None
+    try:
+        tracker = _handshaked_socket(proc.address, proc.secret)
+        tracker.sendall(P.encode(P.TRACKER, 1, [1 << 20]))
+        reader = P.FrameReader(P.DEFAULT_MAX_FRAME)
+        ((_op, _, payload),) = reader.feed(tracker.recv(4096))
+        (sid,) = P.decode_payload(payload)
+        worker = _handshaked_socket(proc.address, proc.secret)
+        wreader = P.FrameReader(P.DEFAULT_MAX_FRAME)
+
+        def call(op, args):
+            worker.sendall(P.encode(op, 1, args))
+            while True:
+                frames = wreader.feed(worker.recv(1 << 20))
+                if frames:
+                    return P.decode_payload(frames[0][2])
+
+        def push_after_write(key):
+            """What the tracker is sent when a key it holds is written."""
+            call(P.SET, ["", key, 1, None])
+            call(P.TRACK_GET, ["", key, sid])
+            call(P.SET, ["", key, 2, None])
+            ((op, _, payload),) = reader.feed(tracker.recv(1 << 20))
+            return op, P.decode_payload(payload)
+
+        assert push_after_write("before")[0] == P.PUSH_UPDATE
+        call(P.SET, ["", "big", os.urandom(2**20), None])
+        hog = _handshaked_socket(proc.address, proc.secret)
+        hog.sendall(b"".join(P.encode(P.GET, i + 1, ["", "big"]) for i in range(40)))
+        wait_until(lambda: call(P.STATS, [])["loop"]["output_bytes"] > BUDGET, message="output over the budget")
+        assert push_after_write("during")[0] == P.PUSH_INVALIDATE
+        hog.close()  # its backlog goes with it
+        wait_until(lambda: call(P.STATS, [])["loop"]["output_bytes"] == 0, message="the backlog gone")
+        assert push_after_write("after")[0] == P.PUSH_UPDATE
+        tracker.close()
+        worker.close()
+    finally:
+        if hog is not None:
+            hog.close()
         proc.cleanup()
 
 

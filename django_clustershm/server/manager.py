@@ -151,11 +151,13 @@ class _Conn:
     __slots__ = (
         "closed",
         "closing",
+        "cut_reason",
         "deadline",
         "fd",
         "gone",
         "lag_check",
         "lagging",
+        "listener",
         "mask",
         "nonce",
         "out",
@@ -194,6 +196,9 @@ class _Conn:
         self.pending: list | None = None
         # Why it closes once its output is sent (its stream broke after that output).
         self.closing: str | None = None
+        # A listener channel (it was pushed events), and why it was cut off if it was.
+        self.listener = False
+        self.cut_reason: str | None = None
 
 
 class Manager:
@@ -209,6 +214,16 @@ class Manager:
     handshake_timeout = 10.0
     #: Reply bytes queued for one client beyond which we stop reading its requests.
     max_pending_output = 128 * 1024 * 1024
+    #: Unsent bytes queued for all clients together (replies and listener
+    #: events) beyond which the Manager sheds load: it reads no more requests
+    #: from a client that has unsent output (one with none is still served),
+    #: cuts off a listener holding more than its share, and sends near caches
+    #: invalidations instead of updates. Per-connection bounds alone let N slow
+    #: peers multiply them (30 listeners that never read: +631 MB at once).
+    #: 256 MiB: twice max_pending_output, so one client can still use its own
+    #: bound in full; four times the largest frame, so a maximal reply fits;
+    #: and a small part of a server's memory, like Redis's client buffers.
+    max_total_output = 256 * 1024 * 1024
     #: Listener events queued for one client beyond which it is cut off (it
     #: reconnects and subscribes again): a slow listener can neither grow the
     #: Manager's memory nor slow the writers down.
@@ -242,6 +257,7 @@ class Manager:
         max_connections: int | None = None,
         max_listener_backlog: int | None = None,
         max_pending_output: int | None = None,
+        max_total_output: int | None = None,
         max_unauthenticated: int | None = None,
     ) -> None:
         if max_unauthenticated is not None:
@@ -252,6 +268,8 @@ class Manager:
             self.max_connections = max_connections
         if max_listener_backlog is not None:
             self.max_listener_backlog = max_listener_backlog
+        if max_total_output is not None:
+            self.max_total_output = max_total_output
         self.engine = engine or Engine(limits=limits, max_store_bytes=max_store_bytes)
         self.engine.loop_stats = self.loop_stats
         self.secret = secret if secret is not None else os.urandom(32)
@@ -264,6 +282,10 @@ class Manager:
         self._pid = os.getpid()
         self._uid = os.getuid()
         self._conns: dict[int, _Conn] = {}
+        # Unsent bytes of every connection together (the sum of their out_size,
+        # kept where out_size changes), and how many listener channels there are.
+        self._output = 0
+        self._listeners = 0
         # Connections that have not completed the handshake, oldest first.
         self._unauthenticated: dict[int, _Conn] = {}
         self._calls: deque = deque()
@@ -503,7 +525,7 @@ class Manager:
                         self._on_readable(conn)
                     if mask & _WRITE and not conn.closed:
                         self._flush(conn)
-                        if conn.pending and not conn.closed and conn.out_size <= self.max_pending_output:
+                        if conn.pending and not conn.closed and not self._held_back(conn):
                             self._serve_frames(conn, conn.pending)
                 elif fd == listener_fd:
                     accept = True
@@ -554,11 +576,14 @@ class Manager:
 
     def loop_stats(self) -> dict:
         """The loop's longest round (the longest any one event kept every
-        client waiting): ever, and over the last minute or so."""
+        client waiting): ever, and over the last minute or so; and the unsent
+        output of all clients together, with its budget."""
         return {
             "max_stall_ms": round(self.max_stall * 1000, 3),
             "recent_max_stall_ms": round(max(self._stall_recent, self._stall_last_minute) * 1000, 3),
             "connections": len(self._conns),
+            "output_bytes": self._output,
+            "max_total_output": self.max_total_output,
         }
 
     def _accept(self) -> None:
@@ -609,6 +634,7 @@ class Manager:
             self._ep.register(conn.fd, _READ)
             conn.out.append(H.hello(conn.nonce, self._pid))
             conn.out_size = len(conn.out[0])
+            self._output += conn.out_size
             self._flush(conn)
 
     def _pause_accepting(self, exc: OSError) -> None:
@@ -639,6 +665,9 @@ class Manager:
             del self._conns[conn.fd]
         if self._unauthenticated.get(conn.fd) is conn:
             del self._unauthenticated[conn.fd]
+        self._drop_output(conn)
+        if conn.listener:
+            self._listeners -= 1
         if reason:
             self._warn("closing client (pid %s): %s", conn.peer_pid, reason)
         try:
@@ -682,13 +711,23 @@ class Manager:
         if conn.session is None:
             self._handshake(conn, frames)
             return
+        if conn.pending:  # frames still unanswered come first (not read meanwhile, as a rule)
+            frames = conn.pending + frames
         self._serve_frames(conn, frames)
+
+    def _held_back(self, conn: _Conn) -> bool:
+        """Whether ``conn`` is not served more requests for now: it has unsent
+        output, and that is over its own bound or all clients' together are
+        over the Manager's budget. A client whose output is empty is always
+        served: one that reads its replies never waits for the others."""
+        return conn.out_size > 0 and (conn.out_size > self.max_pending_output or self._output > self.max_total_output)
 
     def _serve_frames(self, conn: _Conn, frames: list) -> None:
         """Answer ``frames`` in order; stop *before* a frame while this
-        connection's unsent output is over its bound, keeping the rest for
+        connection is held back (see :meth:`_held_back`), keeping the rest for
         when it drains (and reading nothing more meanwhile): pipelined reads
-        of a large value cannot make the Manager buffer more than the bound."""
+        of a large value cannot make the Manager buffer more than the bounds,
+        whatever the number of clients that send them."""
         session = conn.session
         if session is None:  # closed meanwhile
             return
@@ -696,11 +735,21 @@ class Manager:
         encode = P.encode
         max_frame = self.engine.limits.max_frame
         max_output = self.max_pending_output
+        budget = self.max_total_output
         out = conn.out
         for index, (op, rid, payload) in enumerate(frames):
-            if conn.out_size > max_output:
-                conn.pending = frames[index:]
-                break
+            if conn.out_size and (conn.out_size > max_output or self._output > budget):
+                # Send what it has first (events before replies, as below): a
+                # client that reads its replies is served on, a reply at a time.
+                if self._dirty:
+                    self._flush_dirty()
+                if not conn.closed:
+                    self._flush(conn)
+                if conn.closed:
+                    return
+                if self._held_back(conn):
+                    conn.pending = frames[index:]
+                    break
             try:
                 args = P.decode_payload(payload)
             except ProtocolError as exc:  # not msgpack: the stream cannot be trusted
@@ -714,6 +763,7 @@ class Manager:
                     queued = encode(P.PUSH_QUEUED, rid, None)
                     out.append(queued)
                     conn.out_size += len(queued)
+                    self._output += len(queued)
                     continue
                 if result is NO_REPLY:
                     continue
@@ -731,6 +781,7 @@ class Manager:
                 reply = encode(P.ERR, rid, [exc.code, str(exc)])
             out.append(reply)
             conn.out_size += len(reply)
+            self._output += len(reply)
         else:
             conn.pending = None
         if conn.reader.error is not None and conn.pending is None:
@@ -785,6 +836,7 @@ class Manager:
         reply = H.welcome(self.secret, client_nonce, self.engine.limits, session.id)
         conn.out.append(reply)
         conn.out_size += len(reply)
+        self._output += len(reply)
         self._flush(conn)
 
     def _flush_dirty(self) -> None:
@@ -794,22 +846,50 @@ class Manager:
                 if conn.gone:
                     self._close(conn, None)
                 elif conn.overflow:
-                    if conn.session is not None and conn.session.tracker:
-                        self._close(conn, "near-cache invalidation could not be delivered at once; tracker cut off")
-                    else:
-                        self._close(conn, f"listener too slow: {conn.out_size} bytes of events pending; cut off")
+                    self._close(
+                        conn,
+                        conn.cut_reason or "near-cache invalidation could not be delivered at once; tracker cut off",
+                    )
                 else:
                     self._flush(conn)
 
     def _push(self, conn: _Conn, event: tuple) -> None:
+        """Queue a listener event. A listener past its own bound is cut off,
+        and so is one past its share of the Manager's budget while all
+        clients' output is over it: N slow listeners hold about the budget
+        between them, not N times their own bound."""
         if conn.overflow:
             return
         frame = P.encode(P.PUSH_EVENT, 0, event)
         conn.out.append(frame)
         conn.out_size += len(frame)
+        self._output += len(frame)
+        if not conn.listener:
+            conn.listener = True
+            self._listeners += 1
         if conn.out_size > self.max_listener_backlog:
-            conn.overflow = True
+            self._cut(conn, f"listener too slow: {conn.out_size} bytes of events pending; cut off")
+        elif self._output > self.max_total_output and conn.out_size > self.max_total_output // self._listeners:
+            self._cut(
+                conn,
+                f"listener too slow: {conn.out_size} bytes of events pending, over its share "
+                f"({self.max_total_output // self._listeners}) of the output budget of all clients "
+                f"({self.max_total_output}); cut off",
+            )
         self._dirty.add(conn)
+
+    def _cut(self, conn: _Conn, reason: str) -> None:
+        """Cut a listener off: its backlog is dropped now (it is closed, with
+        ``reason``, at the end of this round)."""
+        conn.overflow = True
+        conn.cut_reason = reason
+        self._drop_output(conn)
+
+    def _drop_output(self, conn: _Conn) -> None:
+        if conn.out_size:
+            self._output -= conn.out_size
+            conn.out_size = 0
+            conn.out.clear()
 
     def _invalidate(self, conn: _Conn, op: int, payload: list) -> bool:
         """A near-cache push (invalidation or update) goes into the tracker's
@@ -828,6 +908,8 @@ class Manager:
             return False
         frame = P.encode(op, 0, payload)
         if op == P.PUSH_UPDATE:
+            if self._output > self.max_total_output:
+                return False  # under memory pressure near caches get invalidations, not values
             conn.pushed += len(frame)
             if conn.pushed >= conn.lag_check:
                 conn.lag_check = conn.pushed + self.tracker_lag // 4
@@ -863,6 +945,7 @@ class Manager:
         reply = P.encode(P.OK, rid, result)
         conn.out.append(reply)
         conn.out_size += len(reply)
+        self._output += len(reply)
         self._dirty.add(conn)
 
     def _warn(self, message: str, *args) -> None:
@@ -912,8 +995,10 @@ class Manager:
             if sent == conn.out_size:  # the common case: everything went
                 out.clear()
                 conn.out_size = 0
+                self._output -= sent
             elif sent:
                 conn.out_size -= sent
+                self._output -= sent
                 done = 0
                 while done < len(out) and sent >= len(out[done]):
                     sent -= len(out[done])
@@ -928,11 +1013,16 @@ class Manager:
         if conn.out:
             # A client that does not read its replies is not served more
             # requests until it does (and frames it sent meanwhile wait,
-            # unanswered): its backlog cannot grow without bound.
-            if conn.out_size > self.max_pending_output or conn.pending or conn.closing is not None:
+            # unanswered): its backlog cannot grow without bound, nor can
+            # those of all clients together grow past the Manager's budget.
+            if conn.pending or conn.closing is not None or self._held_back(conn):
                 mask = _WRITE
             else:
                 mask = _READ | _WRITE
+        elif conn.pending:
+            # Drained with frames still unanswered: served on the next round
+            # (as writable), not left waiting for a request that may never come.
+            mask = _WRITE
         else:
             mask = _READ
         if mask != conn.mask:
