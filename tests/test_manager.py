@@ -657,6 +657,35 @@ def test_pipelining_clients_that_never_read_hold_the_output_budget_between_them(
         proc.cleanup()
 
 
+def test_past_twice_the_output_budget_the_clients_that_do_not_read_are_closed():
+    """Held back, a client that never reads still gets one reply once its
+    output is empty: N of them could hold N of the largest replies. Past twice
+    the budget (a hard ceiling, as Redis's client-output-buffer-limit) the
+    clients with the most unsent output are closed until the total is back
+    under the budget; a client that reads is served throughout, exactly."""
+    budget = 4 * 2**20
+    proc = ManagerProcess(max_total_output=budget).start()
+    socks = []
+    try:
+        client = socket_client(proc.address, proc.secret)
+        value = os.urandom(2**20)
+        client.set("big", value)
+        for _ in range(16):  # 16 x (a 1 MiB reply each), over the 8 MiB ceiling
+            sock = _handshaked_socket(proc.address, proc.secret)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            sock.sendall(b"".join(P.encode(P.GET, i + 1, ["", "big"]) for i in range(8)))
+            socks.append(sock)
+            assert client.get("big") == value
+        wait_until(lambda: "does not read" in proc.log(), message="the largest backlogs are shed")
+        for i in range(10):
+            assert client.get("big") == value and client.incr("n") == i + 1
+        assert _loop_figures(client)["output_bytes"] <= 2 * budget + 2 * 2**20
+    finally:
+        for sock in socks:
+            sock.close()
+        proc.cleanup()
+
+
 def _listening_socket(address: str, secret: bytes, prefix: str) -> socket.socket:
     """A raw listener channel on the store's keys under ``prefix``, read only when a test says so."""
     sock = _handshaked_socket(address, secret)

@@ -546,6 +546,8 @@ class Manager:
                 self._accept()
             if self._dirty:
                 self._flush_dirty()
+            if self._output > 2 * self.max_total_output:
+                self._shed_output()
             now = clock()
             if now >= next_tick:
                 # Busy: timers are run at least every _TICK seconds (each
@@ -877,6 +879,29 @@ class Manager:
                 f"({self.max_total_output}); cut off",
             )
         self._dirty.add(conn)
+
+    def _shed_output(self) -> None:
+        """The hard ceiling, twice ``max_total_output``: close the held-back
+        clients with the largest unsent output until the total is back under
+        the budget.
+
+        Held back, a client that never reads still gets one reply once its
+        output is empty, so N such clients could hold N of the largest replies
+        between them; past the ceiling the largest go (as Redis's
+        client-output-buffer-limit closes a client). A scan of the
+        connections, only when over the ceiling."""
+        # Only those held back with requests still waiting (pipelining without
+        # reading): a client in the middle of reading one large reply is not one.
+        held = (c for c in self._conns.values() if c.out_size and c.pending)
+        by_size = sorted(held, key=lambda c: c.out_size, reverse=True)
+        for conn in by_size:
+            if self._output <= self.max_total_output:
+                break
+            self._close(
+                conn,
+                f"it does not read: {conn.out_size} bytes unsent, with all clients' output over twice "
+                f"the budget (max_total_output={self.max_total_output})",
+            )
 
     def _cut(self, conn: _Conn, reason: str) -> None:
         """Cut a listener off: its backlog is dropped now (it is closed, with
