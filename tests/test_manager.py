@@ -208,7 +208,7 @@ REFUSED = [
     (17, "timeout must be a number", P.encode(P.SET, 7, ["", "k", b"v", "soon"])),
     (16, "timeout must be a finite number", P.encode(P.SET, 7, ["", "k", b"v", float("nan")])),
     (16, "timeout must be a finite number", P.encode(P.TOUCH, 7, ["", "k", float("inf")])),
-    (17, "set_many takes a map", P.encode(P.SET_MANY, 7, ["", ["k"], None])),
+    (17, "set_many takes a flat list", P.encode(P.SET_MANY, 7, ["", ["k"], None])),
     (17, "delta must be an int", P.encode(P.INCR, 7, ["", "k", 1.5, 0])),
     (17, "token must be", P.encode(P.LOCK_RELEASE, 7, ["held", None])),
     (16, "lease must be a positive", P.encode(P.LOCK_ACQUIRE, 7, ["other", -1, 0])),

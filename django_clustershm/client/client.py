@@ -190,7 +190,12 @@ class Keyspace:
                 f"set_many of {len(encoded)} items is about {size} bytes, over the maximum frame of {max_frame}; "
                 "send fewer items at once"
             )
-        self._client.transport.call(F.SET_MANY, self._write_args(encoded, ttl))
+        # A flat [key, value, key, value...] list, not a map: msgpack interns
+        # the str keys of every map it decodes, and an interned key costs the
+        # Manager a slot in the interpreter's intern table for as long as the
+        # key lives (34 bytes a key, measured).
+        items = [x for item in encoded.items() for x in item]
+        self._client.transport.call(F.SET_MANY, self._write_args(items, ttl))
         self._written(list(encoded))
 
     def delete_many(self, keys: Iterable[str]) -> int:

@@ -339,10 +339,11 @@ class Engine:
             raise ArgumentTypeError("keys are a list")
         return [self._key(k) for k in keys]
 
-    def _mapping(self, mapping) -> dict:
-        if type(mapping) is not dict:
-            raise ArgumentTypeError("set_many takes a map of key to value")
-        return {self._key(k): self._value(v) for k, v in mapping.items()}
+    def _mapping(self, items) -> dict:
+        """SET_MANY's flat [key, value, key, value...] list (see wire/frames.py), checked."""
+        if type(items) is not list or len(items) % 2:
+            raise ArgumentTypeError("set_many takes a flat list of keys and values, [key, value, key, value...]")
+        return {self._key(items[i]): self._value(items[i + 1]) for i in range(0, len(items), 2)}
 
     def _check_reply(self, found: dict) -> dict:
         """A batch reply must fit in one frame, in both modes alike."""

@@ -44,7 +44,9 @@ store; the value ``v`` is ``bin`` or ``int``; ``ttl`` is seconds or nil)::
     INCR         [ns, key, delta, init]  -> int (init nil: KeyNotFound if missing)
     TOUCH        [ns, key, ttl]          -> bool
     GET_MANY     [ns, [key...]]          -> {key: v} (hits only)
-    SET_MANY     [ns, {key: v}, ttl, bounds] -> nil
+    SET_MANY     [ns, [key, v, key, v...], ttl, bounds] -> nil  (a flat list:
+                 msgpack interns a map's str keys, which would cost the
+                 Manager an intern-table slot per stored key)
     DELETE_MANY  [ns, [key...]]          -> int (how many existed)
     KEYS         [ns, prefix]            -> [key...]
     CLEAR        [ns]                    -> int (how many removed)
@@ -129,7 +131,7 @@ import msgpack
 from ..exceptions import ProtocolError
 
 MAGIC = b"CS"
-VERSION = 2  # 2: SET/ADD/SET_MANY carry the cache bounds (no CACHE_* opcodes)
+VERSION = 3  # 2: SET/ADD/SET_MANY carry the cache bounds (no CACHE_* opcodes); 3: SET_MANY's flat list
 
 #: The one struct format of the header: magic, version, opcode, request id, length.
 HEADER = struct.Struct("!2sBBII")
