@@ -516,6 +516,7 @@ class Engine:
             "listeners": self.subscriptions.describe(),
             "near_cache_tracking": len(self.tracking),
             "near_cache_tracked_pairs": self.tracking.pairs,
+            "sweep": {"pending": self.sweep_pending, "swept": self.swept, "largest": self.sweep_largest},
             "limits": self.limits.as_dict(),
             "loop": self.loop_stats() if self.loop_stats is not None else {},
         }
