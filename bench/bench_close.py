@@ -4,7 +4,12 @@ Drives an Engine directly (no sockets): the loop runs close_session, then
 tick() every round; what is timed is each call, the longest being what the
 loop's max_stall_ms would show. Sizes are issue #12's (Deliver 3).
 
-    python bench/bench_close.py [--runs 5]
+    PYTHONPATH=. python bench/bench_close.py [--runs 5]
+
+(PYTHONPATH: the tree to measure; this script drives the engine, not the
+public API, so bench/compare.py does not run it.) Columns: the close itself,
+then the longest tick() of the sweep that follows, how many ticks, and their
+total.
 """
 
 from __future__ import annotations
@@ -27,24 +32,26 @@ def _engine() -> Engine:
     return Engine()
 
 
-def _drain(engine: Engine) -> tuple[float, int]:
-    """tick() until the deferred work is done: the longest call, and how many."""
-    longest, calls = 0.0, 0
+def _drain(engine: Engine) -> tuple[float, int, float]:
+    """tick() until the deferred work is done: the longest call, how many, and all of them."""
+    longest, calls, total = 0.0, 0, 0.0
     while True:
         t0 = time.perf_counter()
         engine.tick()
-        longest = max(longest, time.perf_counter() - t0)
+        took = time.perf_counter() - t0
+        longest = max(longest, took)
+        total += took
         calls += 1
-        if not getattr(engine, "cleanup_pending", 0):
-            return longest, calls
+        if not getattr(engine, "sweep_pending", 0):  # none before the sweep: one tick
+            return longest, calls, total
 
 
 def _time_close(engine: Engine, session) -> tuple[float, float, int]:
     t0 = time.perf_counter()
     engine.close_session(session)
     close = time.perf_counter() - t0
-    longest, calls = _drain(engine)
-    return close, longest, calls
+    longest, calls, total = _drain(engine)
+    return close, longest, calls, total
 
 
 def locks_close(waiters: int = 0) -> tuple:
@@ -76,7 +83,12 @@ def tracking_close(trackers: int = 1) -> tuple:
     results = []
     for s in sessions:
         results.append(_time_close(engine, s))
-    return max(r[0] for r in results), max(r[1] for r in results), sum(r[2] for r in results)
+    return (
+        max(r[0] for r in results),
+        max(r[1] for r in results),
+        sum(r[2] for r in results),
+        sum(r[3] for r in results),
+    )
 
 
 def subscriptions_close(n: int) -> tuple:
@@ -166,7 +178,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--only", default="")
     opts = parser.parse_args()
-    print(f"{'case':58} {'close ms':>9} {'tick max ms':>12} {'ticks':>6}")
+    print(f"{'case':58} {'close ms':>9} {'tick max ms':>12} {'ticks':>6} {'ticks ms':>9}")
     for name, case in CASES.items():
         if opts.only and opts.only not in name:
             continue
@@ -174,7 +186,7 @@ def main() -> None:
         cols = [statistics.median(r[i] for r in runs) for i in range(len(runs[0]))]
         line = f"{name:58} {cols[0] * 1000:9.2f}"
         if len(cols) > 1:
-            line += f" {cols[1] * 1000:12.2f} {cols[2]:6.0f}"
+            line += f" {cols[1] * 1000:12.2f} {cols[2]:6.0f} {cols[3] * 1000:9.2f}"
         print(line, flush=True)
 
 
