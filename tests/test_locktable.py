@@ -12,7 +12,12 @@ import random
 import pytest
 
 from django_clustershm.exceptions import LimitExceeded, LockNotOwned
-from django_clustershm.server.locktable import MAX_WAITERS_PER_SESSION, LockTable
+from django_clustershm.server.locktable import (
+    COMPACT_PER_TICK,
+    COMPACT_PER_TIMER,
+    MAX_WAITERS_PER_SESSION,
+    LockTable,
+)
 from django_clustershm.wire.args import TOKEN_SIZE
 
 
@@ -319,7 +324,47 @@ def test_timers_of_released_holds_do_not_pile_up():
     for _ in range(10_000):
         token, _fence = table.acquire(session, 1, "k", 30, 0)
         table.release("k", token)
-    assert len(table._timers) <= 2 * 1024
+        assert len(table._timers) + len(table._compacting) <= 2 * 1024
+
+
+def test_the_timer_heap_is_compacted_a_few_timers_at_a_time_and_its_timers_still_run():
+    """Rebuilding a heap of 400k lease timers in one go stalled an extend()
+    105 ms: a compaction moves COMPACT_PER_TIMER timers per new timer and
+    COMPACT_PER_TICK per tick, and the heap being compacted still runs its due timers."""
+    clock = Clock()
+    answers: list = []
+    table = LockTable(lambda waiter, result: answers.append((waiter.session, result)), clock=clock)
+    looked_at = []
+    live = table._timer_live
+    table._timer_live = lambda timer: looked_at.append(1) or live(timer)
+    a, b = Session(1), Session(2)
+    tokens = [table.acquire(a, i, f"k{i}", 10.0, None)[0] for i in range(3000)]
+    assert table.acquire(b, 1, "k0", None, 15.0) is ...  # a waiter, with a deadline
+    extends = 0
+    while not table._compacting:
+        extends += 1
+        looked_at.clear()
+        table.extend(f"k{extends}", tokens[extends], 100.0)  # each leaves a stale timer behind
+        assert len(looked_at) <= COMPACT_PER_TIMER
+    while len(table._compacting) > 2 * COMPACT_PER_TICK:  # under way, and a few timers more
+        extends += 1
+        looked_at.clear()
+        table.extend(f"k{extends}", tokens[extends], 100.0)
+        assert 0 < len(looked_at) <= COMPACT_PER_TIMER
+    assert extends < 2000  # so more leases are due at t+10 than one tick moves to the new heap
+    looked_at.clear()
+    clock.advance(10.0)  # k0 and the leases not extended run out: their timers may be in either heap
+    table.tick()
+    assert len(looked_at) <= COMPACT_PER_TICK
+    assert table.expired_leases == 3000 - extends
+    ((got, result),) = answers
+    assert got is b and result is not None  # k0 went to its waiter
+    clock.advance(100.0)
+    while table._compacting:
+        table.tick()
+    table.tick()
+    assert table.expired_leases == 3000 and table.held_count == 1
+    assert len(table._timers) == 0 and table.tick() is None
 
 
 class _NoScan(dict):
