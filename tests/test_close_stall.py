@@ -38,7 +38,7 @@ def _loaded_engine(locks: int, tracked: int):
     for i in range(locks):
         engine.dispatch(holder, P.LOCK_ACQUIRE, [f"lock:{i}", None, None])
     engine.dispatch(tracker, P.TRACKER, [1024])
-    engine.dispatch(reader, P.SET_MANY, ["", {f"k{i}": i for i in range(tracked)}, None])
+    engine.dispatch(reader, P.SET_MANY, ["", [x for i in range(tracked) for x in (f"k{i}", i)], None])
     engine.dispatch(reader, P.TRACK_GET_MANY, ["", [f"k{i}" for i in range(tracked)], tracker.id])
     assert engine.tracking.pairs == tracked
     return engine, clock, holder, tracker, reader
@@ -161,7 +161,7 @@ def test_killing_a_process_that_holds_100k_locks_65k_tracked_keys_and_10k_listen
         ((tracker_id,),) = call(tracker, [P.encode(P.TRACKER, 1, [1024])])
         for start in range(0, tracked, 4096):
             keys = [f"k{i}" for i in range(start, start + 4096)]
-            call(main, [P.encode(P.SET_MANY, 1, ["", dict.fromkeys(keys, 1), None])])
+            call(main, [P.encode(P.SET_MANY, 1, ["", [x for key in keys for x in (key, 1)], None])])
             ((_, _, all_tracked),) = call(main, [P.encode(P.TRACK_GET_MANY, 2, ["", keys, tracker_id])])
             assert all_tracked
         keep = [main, tracker]
