@@ -36,6 +36,19 @@ def cluster():
     proc.cleanup()
 
 
+@pytest.fixture(params=["embedded", "socket"])
+def anywhere(request):
+    """Semantics that must hold in both modes (threads stand in for processes in embedded mode)."""
+    if request.param == "embedded":
+        yield None
+        return
+    proc = ManagerProcess().start()
+    clustershm.configure(proc.address, proc.secret)
+    yield proc
+    clustershm.configure(None)
+    proc.cleanup()
+
+
 @pytest.fixture(params=TRANSPORTS)
 def transport(request):
     return request.param

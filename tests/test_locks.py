@@ -12,21 +12,8 @@ import django_clustershm as clustershm
 from django_clustershm.exceptions import LimitExceeded, LockNotOwned, LockTimeout, WouldDeadlock
 from django_clustershm.wire import frames as P
 
-from .helpers import ManagerProcess, block_until_killed, fork_call, reap, run_forked, wait_until
+from .helpers import block_until_killed, fork_call, reap, run_forked, wait_until
 from .test_manager import _handshaked_socket
-
-
-@pytest.fixture(params=["cluster", "embedded"])
-def anywhere(request):
-    """Semantics that must hold in both modes (threads stand in for processes in embedded mode)."""
-    if request.param == "embedded":
-        yield None
-        return
-    proc = ManagerProcess().start()
-    clustershm.configure(proc.address, proc.secret)
-    yield proc
-    clustershm.configure(None)
-    proc.cleanup()
 
 
 def waiters(key: str) -> int:
@@ -342,18 +329,22 @@ def test_stats_list_holders_and_waiters(cluster):
 def test_waiters_per_connection_are_limited(cluster):
     holder = clustershm.Lock("crowded")
     holder.acquire()
+    from django_clustershm.server.locktable import MAX_WAITERS_PER_SESSION as most
+
     sock = _handshaked_socket(cluster.address, cluster.secret)
-    frames = b"".join(P.encode(P.LOCK_ACQUIRE, rid, ["crowded", None, None]) for rid in range(1, 1026))
-    sock.sendall(frames)
+    frames = b"".join(P.encode(P.LOCK_ACQUIRE, rid, ["crowded", None, None]) for rid in range(1, most + 2))
+    sender = threading.Thread(target=sock.sendall, args=(frames,))
+    sender.start()  # while this thread reads what comes back
     reader = P.FrameReader(max_frame=1 << 20)
-    sock.settimeout(5)
+    sock.settimeout(10)
     queued, replies = [], []
     while not replies:
         for frame in reader.feed(sock.recv(65536)):
             (queued if frame[0] == P.PUSH_QUEUED else replies).append(frame)
-    assert [rid for _, rid, _ in queued] == list(range(1, 1025))  # each waiter is told it waits
+    sender.join()
+    assert [rid for _, rid, _ in queued] == list(range(1, most + 1))  # each waiter is told it waits
     op, rid, payload = replies[0]
-    assert op == P.ERR and rid == 1025
+    assert op == P.ERR and rid == most + 1
     assert P.decode_payload(payload)[0] == LimitExceeded.code
     sock.close()
     holder.release()

@@ -179,6 +179,7 @@ class Engine:
             F.LOCK_RELEASE: self._lock_release,
             F.LOCK_EXTEND: self._lock_extend,
             F.LOCK_STATUS: self._lock_status,
+            F.LOCK_CANCEL: self._lock_cancel,
             F.LISTEN: self._listen,
             F.UNLISTEN: self._unlisten,
             F.TRACKER: self._tracker,
@@ -457,6 +458,9 @@ class Engine:
     def _lock_extend(self, session, key, token, lease):
         key, token, lease = self._key(key), A.token(token), A.positive_seconds(lease, "lease")
         return self.locks.extend(key, token, lease)
+
+    def _lock_cancel(self, session, key, rid):
+        return self.locks.cancel(session, self._key(key), A.integer(rid, "rid"))
 
     def _lock_status(self, session, key, token):
         return self.locks.status(self._key(key), None if token is None else A.token(token))

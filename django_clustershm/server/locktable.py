@@ -29,8 +29,13 @@ from itertools import islice
 from ..exceptions import LimitExceeded, LockNotOwned
 from ..wire.args import TOKEN_SIZE
 
-#: Queued acquires one session may have at once (a blocking client has one).
-MAX_WAITERS_PER_SESSION = 1024
+#: Queued acquires one session may have at once. A blocking client has one
+#: per connection; an asyncio client pipelines every task of its event loop
+#: on one connection, so thousands may wait there (a waiter costs ~200 B).
+MAX_WAITERS_PER_SESSION = 65_536
+#: ... and all sessions together: the Manager's lock queues stay bounded
+#: whatever the number of connections (about 200 MB at most).
+MAX_WAITERS = 1_000_000
 #: Timers a compaction of the timer heap moves per new timer, and per tick.
 COMPACT_PER_TIMER = 4
 COMPACT_PER_TICK = 1024
@@ -117,6 +122,8 @@ class LockTable:
             return None
         if session.waiting >= MAX_WAITERS_PER_SESSION:
             raise LimitExceeded(f"this connection already waits for {session.waiting} locks")
+        if self.waiting_count >= MAX_WAITERS:
+            raise LimitExceeded(f"the Manager already queues {self.waiting_count} lock requests")
         waiter = Waiter(session, rid, lease, None if wait is None else now + wait)
         state.queue.append(waiter)
         session.waiting += 1
@@ -127,6 +134,31 @@ class LockTable:
         if waiter.deadline is not None:
             self._timer(waiter.deadline, key, waiter)
         return ...
+
+    def cancel(self, session, key: str, rid: int) -> bool:
+        """Take back ``session``'s queued acquire ``rid`` of ``key``: True if it
+        was still waiting (it will never be answered now), False if it was
+        answered already (a grant then reaches the client, which releases it).
+
+        What an asyncio client does for a task cancelled while it waits: its
+        connection is shared with the loop's other tasks, so it cannot be
+        dropped to take the wait back, as a blocking client's is."""
+        state = self._keys.get(key)
+        if state is None:
+            return False
+        for waiter in state.queue:
+            if waiter.rid == rid and waiter.session is session and not waiter.done:
+                break
+        else:
+            return False
+        state.queue.remove(waiter)
+        waiter.done = True
+        session.waiting -= 1
+        self.waiting_count -= 1
+        self._unref(session, key)
+        if state.holder is None and not state.queue:
+            del self._keys[key]
+        return True
 
     def release(self, key: str, token: bytes) -> bool:
         """Release; True if a waiter was granted the lock, False if it is free now."""

@@ -63,6 +63,10 @@ LOCATION keep their own MAX_ENTRIES and CULL_FREQUENCY, as LocMemCache's do.
                                             if not held with ``token``)
     LOCK_EXTEND  [key, token, lease]     -> true (LockNotOwned otherwise)
     LOCK_STATUS  [key, token]            -> [locked, owned]
+    LOCK_CANCEL  [key, rid]              -> true if this connection's acquire
+                                            ``rid`` was still queued (now taken
+                                            back, never answered); false if
+                                            it was answered already
 
 A LOCK_ACQUIRE that has to wait is answered at once with a PUSH_QUEUED
 frame carrying its request id and no payload (nil), then later with its
@@ -131,7 +135,7 @@ import msgpack
 from ..exceptions import ProtocolError
 
 MAGIC = b"CS"
-VERSION = 3  # 2: SET/ADD/SET_MANY carry the cache bounds (no CACHE_* opcodes); 3: SET_MANY's flat list
+VERSION = 3  # 2: SET/ADD/SET_MANY carry the cache bounds (no CACHE_* opcodes); 3: SET_MANY's flat list, LOCK_CANCEL
 
 #: The one struct format of the header: magic, version, opcode, request id, length.
 HEADER = struct.Struct("!2sBBII")
@@ -167,6 +171,7 @@ LOCK_ACQUIRE = 0x20
 LOCK_RELEASE = 0x21
 LOCK_EXTEND = 0x22
 LOCK_STATUS = 0x23
+LOCK_CANCEL = 0x24
 # Listeners.
 LISTEN = 0x30
 UNLISTEN = 0x31
