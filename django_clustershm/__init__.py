@@ -16,7 +16,21 @@ modules users import: this one, ``cache`` (the Django backend), ``lock``,
 """
 
 from .api import (
+    aadd,
+    aclear,
     add,
+    adecr,
+    adelete_many,
+    aget,
+    aget_many,
+    ahas,
+    aincr,
+    akeys,
+    aremove,
+    aset,
+    aset_many,
+    astats,
+    atouch,
     clear,
     decr,
     delete_many,
@@ -37,6 +51,7 @@ from .api import (
     touch,
 )
 from .client import Client, EmbeddedTransport, Keyspace, SocketTransport
+from .client.aio import AsyncClient, AsyncKeyspace
 from .exceptions import (
     ArgumentTypeError,
     AuthenticationFailed,
@@ -58,8 +73,8 @@ from .exceptions import (
     ValueTooLarge,
     WouldDeadlock,
 )
-from .listen import Handle, listen
-from .lock import Lock, amutex, get_lock, mutex, release_lock
+from .listen import Handle, alisten, listen
+from .lock import AsyncLock, Lock, amutex, get_lock, mutex, release_lock
 from .registry import configure, connect, get_client
 from .server import Engine, Limits, Manager
 from .signals import changed
@@ -84,14 +99,31 @@ __all__ = [  # noqa: RUF022 - grouped by what users reach for, not alphabeticall
     "set_many",
     "stats",
     "touch",
+    # the same, awaitable (asyncio: one pipelined connection per event loop)
+    "aadd",
+    "aclear",
+    "adecr",
+    "adelete_many",
+    "aget",
+    "aget_many",
+    "ahas",
+    "aincr",
+    "akeys",
+    "aremove",
+    "aset",
+    "aset_many",
+    "astats",
+    "atouch",
     # the seed's LRU operations on the default cache
     "get_lru",
     "remove_lru",
     "set_lru",
     # listeners
     "Handle",
+    "alisten",
     "listen",
     # locks
+    "AsyncLock",
     "Lock",
     "amutex",
     "get_lock",
@@ -100,6 +132,8 @@ __all__ = [  # noqa: RUF022 - grouped by what users reach for, not alphabeticall
     # listeners' Django signal
     "changed",
     # clients, transports and the Manager
+    "AsyncClient",
+    "AsyncKeyspace",
     "Client",
     "EmbeddedTransport",
     "Engine",

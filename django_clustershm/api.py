@@ -137,3 +137,63 @@ def get_lru(key: str, default: Any = None) -> Any:
 def remove_lru(key: str) -> bool:
     """Remove ``key`` from the default LRU cache (seed: ``removeLRU``)."""
     return _default_cache().delete(key)
+
+
+# -- the same, awaitable (the process-wide client's asyncio twin: no thread per call) --------------
+
+
+async def aget(key: str, default: Any = None) -> Any:
+    """``await clustershm.aget(key)``: :func:`get` for async views and tasks."""
+    return await get_client().aio.aget(key, default)
+
+
+async def aset(key: str, value: Any, timeout: float | None = None) -> None:
+    await get_client().aio.aset(key, value, timeout)
+
+
+async def aremove(key: str) -> bool:
+    return await get_client().aio.aremove(key)
+
+
+async def ahas(key: str) -> bool:
+    return await get_client().aio.ahas(key)
+
+
+async def aadd(key: str, value: Any, timeout: float | None = None) -> bool:
+    return await get_client().aio.aadd(key, value, timeout)
+
+
+async def aincr(key: str, delta: int = 1, *, default: int | None = 0) -> int:
+    return await get_client().aio.aincr(key, delta, default=default)
+
+
+async def adecr(key: str, delta: int = 1, *, default: int | None = 0) -> int:
+    return await get_client().aio.adecr(key, delta, default=default)
+
+
+async def atouch(key: str, timeout: float | None = None) -> bool:
+    return await get_client().aio.atouch(key, timeout)
+
+
+async def aget_many(keys: Iterable[str]) -> dict:
+    return await get_client().aio.aget_many(keys)
+
+
+async def aset_many(mapping: Mapping[str, Any], timeout: float | None = None) -> None:
+    await get_client().aio.aset_many(mapping, timeout)
+
+
+async def adelete_many(keys: Iterable[str]) -> int:
+    return await get_client().aio.adelete_many(keys)
+
+
+async def akeys(prefix: str = "") -> list[str]:
+    return await get_client().aio.akeys(prefix)
+
+
+async def aclear() -> int:
+    return await get_client().aio.aclear()
+
+
+async def astats() -> dict:
+    return await get_client().aio.astats()

@@ -31,11 +31,11 @@ from __future__ import annotations
 import logging
 from functools import wraps
 
-from asgiref.sync import sync_to_async
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
 
 from . import conf
 from .client import Client, Keyspace
+from .client.aio import AsyncKeyspace
 from .exceptions import KeyNotFound, ManagerUnavailable
 from .registry import get_client
 from .wire.limits import DEFAULT_CACHE_BYTES
@@ -64,6 +64,25 @@ def _ignorable(default):
     return decorate
 
 
+def _aignorable(default):
+    """:func:`_ignorable` for the async methods."""
+
+    def decorate(method):
+        @wraps(method)
+        async def wrapper(self, *args, **kwargs):
+            if not self._ignore_exceptions:
+                return await method(self, *args, **kwargs)
+            try:
+                return await method(self, *args, **kwargs)
+            except ManagerUnavailable as exc:
+                logger.warning("cache %r: %s (ignored: IGNORE_EXCEPTIONS)", self._location, exc)
+                return default(*args, **kwargs) if callable(default) else default
+
+        return wrapper
+
+    return decorate
+
+
 def _default_arg(key, default=None, *args, **kwargs):
     return kwargs.get("default", default)
 
@@ -81,6 +100,7 @@ class ClusterShmCache(BaseCache):
         self._ignore_exceptions = bool(options.get("IGNORE_EXCEPTIONS", False))
         self._near = conf.near_options(options.get("NEAR_CACHE"))
         self._space: tuple[Client, Keyspace] | None = None
+        self._aspace: tuple[Keyspace, AsyncKeyspace] | None = None
 
     @property
     def keyspace(self) -> Keyspace:
@@ -179,47 +199,85 @@ class ClusterShmCache(BaseCache):
         # pool); the cache stays usable after close().
         pass
 
-    # -- async: each maps to our own sync method, so aincr stays atomic in the
-    # Manager and aget_many one round trip (BaseCache's generic versions of
-    # Django 5.2 fall back to get/set per key). The blocking call runs in a
-    # thread of asgiref's pool, each with a connection of its own, until the
-    # native asyncio client (issue: native async) replaces it.
+    # -- async: native, on the process-wide client's asyncio twin (one
+    # pipelined connection per event loop, no thread per call, the same near
+    # cache). Each maps to its own request, so aincr stays atomic in the
+    # Manager and aget_many one round trip (BaseCache's generic versions fall
+    # back to get/set per key).
 
+    @property
+    def akeyspace(self) -> AsyncKeyspace:
+        """The awaitable twin of :attr:`keyspace`."""
+        sync = self.keyspace
+        space = self._aspace
+        if space is None or space[0] is not sync:
+            self._aspace = space = (sync, get_client().aio.keyspace(sync))
+        return space[1]
+
+    @_aignorable(False)
     async def aadd(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
-        return await sync_to_async(self.add, thread_sensitive=False)(key, value, timeout, version)
+        key = self.make_and_validate_key(key, version=version)
+        return await self.akeyspace.aadd(key, value, self.get_backend_timeout(timeout))
 
+    @_aignorable(_default_arg)
     async def aget(self, key, default=None, version=None):
-        return await sync_to_async(self.get, thread_sensitive=False)(key, default, version)
+        key = self.make_and_validate_key(key, version=version)
+        return await self.akeyspace.aget(key, default)
 
+    @_aignorable(None)
     async def aset(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
-        return await sync_to_async(self.set, thread_sensitive=False)(key, value, timeout, version)
+        key = self.make_and_validate_key(key, version=version)
+        await self.akeyspace.aset(key, value, self.get_backend_timeout(timeout))
 
+    @_aignorable(False)
     async def atouch(self, key, timeout=DEFAULT_TIMEOUT, version=None):
-        return await sync_to_async(self.touch, thread_sensitive=False)(key, timeout, version)
+        key = self.make_and_validate_key(key, version=version)
+        return await self.akeyspace.atouch(key, self.get_backend_timeout(timeout))
 
+    @_aignorable(False)
     async def adelete(self, key, version=None):
-        return await sync_to_async(self.delete, thread_sensitive=False)(key, version)
+        key = self.make_and_validate_key(key, version=version)
+        return await self.akeyspace.adelete(key)
 
+    @_aignorable(lambda *args, **kwargs: {})
     async def aget_many(self, keys, version=None):
-        return await sync_to_async(self.get_many, thread_sensitive=False)(keys, version)
+        made = {self.make_and_validate_key(key, version=version): key for key in keys}
+        if not made:
+            return {}
+        found = await self.akeyspace.aget_many(list(made))
+        return {made[k]: v for k, v in found.items()}
 
+    @_aignorable(_all_keys_failed)
     async def aset_many(self, data, timeout=DEFAULT_TIMEOUT, version=None):
-        return await sync_to_async(self.set_many, thread_sensitive=False)(data, timeout, version)
+        made = {self.make_and_validate_key(key, version=version): value for key, value in data.items()}
+        if made:
+            await self.akeyspace.aset_many(made, self.get_backend_timeout(timeout))
+        return []
 
+    @_aignorable(None)
     async def adelete_many(self, keys, version=None):
-        return await sync_to_async(self.delete_many, thread_sensitive=False)(keys, version)
+        made = [self.make_and_validate_key(key, version=version) for key in keys]
+        if made:
+            await self.akeyspace.adelete_many(made)
 
+    @_aignorable(False)
     async def ahas_key(self, key, version=None):
-        return await sync_to_async(self.has_key, thread_sensitive=False)(key, version)
+        key = self.make_and_validate_key(key, version=version)
+        return await self.akeyspace.ahas_key(key)
 
     async def aincr(self, key, delta=1, version=None):
-        return await sync_to_async(self.incr, thread_sensitive=False)(key, delta, version)
+        made = self.make_and_validate_key(key, version=version)
+        try:
+            return await self.akeyspace.aincr(made, delta, default=None)
+        except KeyNotFound:
+            raise ValueError(f"Key '{key}' not found") from None
 
     async def adecr(self, key, delta=1, version=None):
-        return await sync_to_async(self.decr, thread_sensitive=False)(key, delta, version)
+        return await self.aincr(key, -delta, version=version)
 
+    @_aignorable(None)
     async def aclear(self):
-        return await sync_to_async(self.clear, thread_sensitive=False)()
+        await self.akeyspace.aclear()
 
     async def aclose(self, **kwargs):
         self.close(**kwargs)

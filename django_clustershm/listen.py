@@ -12,6 +12,11 @@
     handle = clustershm.listen(prefix="", callback=on_change, cache="default")  # a cache's keys
     handle.cancel()
 
+    async def on_flag(key, value, event):   # a coroutine: runs on the loop that registered it
+        ...
+
+    handle = await clustershm.alisten(prefix="flags:", callback=on_flag)
+
 What a listener sees, and when, is stated precisely (and tested) in
 :mod:`.client.dispatcher`: in another process the event is pushed before the
 writer's call returns; in the writer's own process, its callbacks for that
@@ -27,6 +32,7 @@ such; ``cache.make_key`` helps build them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any
 
@@ -35,7 +41,7 @@ from .client.dispatcher import Handle
 from .exceptions import ArgumentTypeError
 from .registry import get_client
 
-__all__ = ["Handle", "listen"]
+__all__ = ["Handle", "alisten", "listen"]
 
 
 def listen(
@@ -59,6 +65,31 @@ def listen(
     cut-off), once it is live: events of the gap may be lost, so a listener
     that mirrors state reloads it there.
     """
+    space = _space(cache)
+    return space.listen(key, callback, prefix=prefix, timeout=timeout, on_resync=on_resync)
+
+
+async def alisten(
+    key: str | None = None,
+    callback: Callable[..., Any] | None = None,
+    *,
+    prefix: str | None = None,
+    cache: str | None = None,
+    timeout: float | None = None,
+    on_resync: Callable[[], None] | None = None,
+) -> Handle:
+    """:func:`listen` from async code: a coroutine ``callback`` runs on the
+    calling task's event loop, one event after another (a plain function on
+    the dispatcher thread, as with :func:`listen`). Registering waits for the
+    Manager's confirmation in a thread, so the loop is not blocked."""
+    loop = asyncio.get_running_loop()
+    space = _space(cache)
+    return await asyncio.to_thread(
+        space.listen, key, callback, prefix=prefix, timeout=timeout, on_resync=on_resync, loop=loop
+    )
+
+
+def _space(cache: str | None) -> Keyspace:
     space: Keyspace = get_client()
     if cache is not None:
         from django.core.cache import caches
@@ -69,4 +100,4 @@ def listen(
         if not isinstance(backend, ClusterShmCache):
             raise ArgumentTypeError(f"cache {cache!r} is not a ClusterShmCache")
         space = backend.keyspace
-    return space.listen(key, callback, prefix=prefix, timeout=timeout, on_resync=on_resync)
+    return space

@@ -1,4 +1,4 @@
-"""Locks for views and tasks: ``mutex()``, ``Lock``, ``get_lock``/``release_lock``, ``amutex()``.
+"""Locks for views and tasks: ``mutex()``, ``Lock``, ``get_lock``/``release_lock``; ``AsyncLock``, ``amutex()``.
 
 ::
 
@@ -40,13 +40,14 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import weakref
 from contextlib import ContextDecorator
 
 from .client import Client
 from .exceptions import LockNotOwned, LockTimeout, WouldDeadlock
 from .registry import get_client
 
-__all__ = ["Lock", "amutex", "get_lock", "mutex", "release_lock"]
+__all__ = ["AsyncLock", "Lock", "amutex", "get_lock", "mutex", "release_lock"]
 
 
 class _Hold:
@@ -64,7 +65,26 @@ class _Hold:
         self.client = client
 
 
-class Lock(ContextDecorator):
+class _LockOptions:
+    """What a :class:`Lock` and an :class:`AsyncLock` are made of."""
+
+    def __init__(
+        self,
+        key: str,
+        timeout: float | None = None,
+        lease: float | None = None,
+        *,
+        blocking: bool = True,
+        reentrant: bool = False,
+    ) -> None:
+        self.key = key
+        self.timeout = timeout
+        self.lease = lease
+        self.blocking = blocking
+        self.reentrant = reentrant
+
+
+class Lock(_LockOptions, ContextDecorator):
     """A lock on ``key`` shared by every process of the cluster, shaped like redis-py's.
 
     ``timeout``: seconds ``acquire()`` waits by default (None: forever).
@@ -82,11 +102,7 @@ class Lock(ContextDecorator):
         blocking: bool = True,
         reentrant: bool = False,
     ) -> None:
-        self.key = key
-        self.timeout = timeout
-        self.lease = lease
-        self.blocking = blocking
-        self.reentrant = reentrant
+        super().__init__(key, timeout, lease, blocking=blocking, reentrant=reentrant)
         self._local = threading.local()
 
     def __repr__(self) -> str:
@@ -206,40 +222,156 @@ def release_lock(key: str, token: bytes) -> None:
     get_client().lock_release(key, token)
 
 
-class amutex:
-    """``async with clustershm.amutex(key, timeout=5, lease=30):`` for async views.
+class AsyncLock(_LockOptions):
+    """The awaitable :class:`Lock`, shaped like redis-py's asyncio ``Lock``.
 
-    The wait runs in a worker thread, so the event loop is never blocked. If
-    the awaiting task is cancelled while waiting, a lock granted afterwards is
-    released at once rather than leaked.
+    ::
+
+        lock = clustershm.AsyncLock("report", timeout=5, lease=60)
+        if await lock.acquire():
+            try:
+                ...
+                await lock.extend()
+            finally:
+                await lock.release()
+
+        async with clustershm.AsyncLock("order:42", timeout=5):   # or clustershm.amutex(...)
+            ...
+
+    Ownership is per **task** (as ``Lock``'s is per thread): another task of
+    the loop, even one running the same code, waits its turn; a task asking
+    again for a lock it holds gets :class:`WouldDeadlock` (unless
+    ``reentrant=True``). Waiting takes no thread: the acquire is one pipelined
+    request on the loop's connection, answered when the Manager grants the
+    lock, in FIFO order with every other process's waiters. A task cancelled
+    while it waits leaves no lock held and no wait queued. The Manager's
+    guarantees are the sync API's: fencing, leases, timeouts decided by the
+    Manager, locks freed when the holding process dies.
     """
 
-    def __init__(self, key: str, timeout: float | None = None, lease: float | None = None) -> None:
-        self.key = key
-        self.timeout = timeout
-        self.lease = lease
-        self.token: bytes | None = None
-        self.fence: int | None = None
+    def __init__(
+        self,
+        key: str,
+        timeout: float | None = None,
+        lease: float | None = None,
+        *,
+        blocking: bool = True,
+        reentrant: bool = False,
+    ) -> None:
+        super().__init__(key, timeout, lease, blocking=blocking, reentrant=reentrant)
+        # task -> its hold through this object
+        self._holds: weakref.WeakKeyDictionary[asyncio.Task, _Hold] = weakref.WeakKeyDictionary()
 
-    async def __aenter__(self) -> amutex:
+    def __repr__(self) -> str:
+        return f"<AsyncLock {self.key!r} lease={self.lease} reentrant={self.reentrant}>"
+
+    async def acquire(self, blocking: bool | None = None, timeout: float | None = None) -> bool:
+        """Wait for the lock; True once held, False if ``timeout`` (or a try) failed."""
+        blocking = self.blocking if blocking is None else blocking
+        if timeout is None:
+            timeout = self.timeout
         client = get_client()
-        future = asyncio.ensure_future(asyncio.to_thread(client.lock_acquire, self.key, self.lease, self.timeout))
-        try:
-            granted = await asyncio.shield(future)
-        except asyncio.CancelledError:
-            future.add_done_callback(lambda f: self._release_late(client, f))
-            raise
+        aio = client.aio
+        holds = aio.holds()
+        mine = holds.get(self.key)
+        if mine is not None and not (await aio.alock_status(self.key, mine.token))[1]:
+            del holds[self.key]  # its lease ran out, or its connection went: held no more
+            mine = None
+        if mine is not None:
+            if self.reentrant:
+                mine.depth += 1
+                self._holds[_task()] = mine
+                return True
+            if not blocking:
+                return False
+            raise WouldDeadlock(
+                f"this task already holds lock {self.key!r}; waiting for it would wait for itself "
+                "(release it first, or use reentrant=True)"
+            )
+        granted = await aio.alock_acquire(self.key, self.lease, 0 if not blocking else timeout)
         if granted is None:
+            return False
+        hold = _Hold(granted[0], granted[1], client)
+        holds[self.key] = self._holds[_task()] = hold
+        return True
+
+    async def release(self) -> None:
+        """Release the lock; LockNotOwned if this task does not hold it (any more)."""
+        hold = self._hold()
+        hold.depth -= 1
+        if hold.depth > 0:
+            return
+        del self._holds[_task()]
+        aio = hold.client.aio
+        aio.holds().pop(self.key, None)
+        await aio.alock_release(self.key, hold.token)  # LockNotOwned if the lease ran out meanwhile
+
+    async def extend(self, lease: float | None = None) -> None:
+        """Restart the lease: ``lease`` seconds from now (default: this lock's lease)."""
+        hold = self._hold()
+        await hold.client.aio.alock_extend(self.key, hold.token, self.lease if lease is None else lease)
+
+    async def locked(self) -> bool:
+        """Whether anyone holds the lock now."""
+        return (await get_client().aio.alock_status(self.key))[0]
+
+    async def owned(self) -> bool:
+        """Whether this task holds the lock now (False once its lease has run out)."""
+        hold = self._mine()
+        if hold is None:
+            return False
+        return (await hold.client.aio.alock_status(self.key, hold.token))[1]
+
+    def _mine(self) -> _Hold | None:
+        """This task's hold through this object, if its client still records it."""
+        hold = self._holds.get(_task())
+        if hold is None:
+            return None
+        recorded: _Hold | None = hold.client.aio.holds().get(self.key)
+        return hold if recorded is hold else None
+
+    @property
+    def fence(self) -> int | None:
+        """The fencing token of this task's hold: larger for every later grant of the key."""
+        hold = self._holds.get(_task())
+        return None if hold is None else hold.fence
+
+    @property
+    def token(self) -> bytes | None:
+        """This task's owner token (None if it holds nothing through this object)."""
+        hold = self._holds.get(_task())
+        return None if hold is None else hold.token
+
+    def _hold(self) -> _Hold:
+        hold = self._mine()
+        if hold is None:
+            raise LockNotOwned(f"lock {self.key!r} is not held by this task through this AsyncLock")
+        return hold
+
+    async def __aenter__(self) -> AsyncLock:
+        if not await self.acquire():
             raise LockTimeout(f"lock {self.key!r} not acquired within {self.timeout}s")
-        self.token, self.fence = granted
-        self._client = client
         return self
 
-    def _release_late(self, client, future) -> None:
-        if not future.cancelled() and future.exception() is None and future.result() is not None:
-            client.lock_release(self.key, future.result()[0])
-
     async def __aexit__(self, *exc) -> None:
-        token, self.token = self.token, None
-        if token is not None:
-            await asyncio.to_thread(self._client.lock_release, self.key, token)
+        await self.release()
+
+
+def _task() -> asyncio.Task:
+    task = asyncio.current_task()
+    if task is None:  # pragma: no cover - a coroutine always runs in a task under asyncio
+        raise RuntimeError("AsyncLock is used from a task of a running event loop")
+    return task
+
+
+class amutex(AsyncLock):
+    """``async with clustershm.amutex(key, timeout=5, lease=30):`` for async views.
+
+    An :class:`AsyncLock` (native: no thread, however many tasks wait);
+    :class:`LockTimeout` if not acquired within ``timeout`` seconds.
+    """
+
+    def __init__(
+        self, key: str, timeout: float | None = None, lease: float | None = None, *, reentrant: bool = False
+    ) -> None:
+        super().__init__(key, timeout, lease, reentrant=reentrant)

@@ -23,6 +23,8 @@ def test_public_names_are_pinned():
             "KeyTooLarge", "LimitExceeded", "LockNotOwned", "LockTimeout", "ManagerUnavailable",
             "NotAnInteger", "ProtocolError", "RemoteError", "SerializationError", "StoreFull",
             "ValueTooLarge", "WouldDeadlock", "Lock", "amutex", "get_lock", "mutex", "release_lock", "Handle", "listen",
+            "aadd", "aclear", "adecr", "adelete_many", "aget", "aget_many", "ahas", "aincr", "akeys", "aremove",
+            "aset", "aset_many", "astats", "atouch", "AsyncLock", "AsyncClient", "AsyncKeyspace", "alisten",
         ]
     )  # fmt: skip
     for name in clustershm.__all__:

@@ -27,11 +27,14 @@ they overlap (``get``, ``set``, ``add``, ``delete``, ``has_key``, ``incr``...).
 
 from __future__ import annotations
 
+import asyncio
+import inspect
+import logging
 import os
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ArgumentTypeError, ValueTooLarge
 from ..wire import args as A
@@ -41,6 +44,11 @@ from .dispatcher import Dispatcher, Handle
 from .near import NearCache, Tracker
 from .serializer import Serializer
 from .transport import USE_DEFAULT, Transport
+
+if TYPE_CHECKING:
+    from .aio import AsyncClient
+
+logger = logging.getLogger("django_clustershm.client")
 
 #: Every Client of this process, for the after-fork reset (registry.py).
 _clients: weakref.WeakSet[Client] = weakref.WeakSet()
@@ -178,6 +186,12 @@ class Keyspace:
     def set_many(self, mapping: Mapping[str, Any], timeout: float | None = None) -> None:
         """Store every item in one round trip (all or none)."""
         ttl = A.timeout(timeout)
+        items, keys = self._set_many_items(mapping)
+        self._client.transport.call(F.SET_MANY, self._write_args(items, ttl))
+        self._written(keys)
+
+    def _set_many_items(self, mapping: Mapping[str, Any]) -> tuple[list, list]:
+        """SET_MANY's flat [key, value...] list, checked against the frame limit, and its keys."""
         encoded = {self._key(k): self._value(v) for k, v in mapping.items()}
         max_frame = self._client.limits.max_frame
         size = 0
@@ -194,9 +208,7 @@ class Keyspace:
         # the str keys of every map it decodes, and an interned key costs the
         # Manager a slot in the interpreter's intern table for as long as the
         # key lives (34 bytes a key, measured).
-        items = [x for item in encoded.items() for x in item]
-        self._client.transport.call(F.SET_MANY, self._write_args(items, ttl))
-        self._written(list(encoded))
+        return [x for item in encoded.items() for x in item], list(encoded)
 
     def delete_many(self, keys: Iterable[str]) -> int:
         """Remove the keys in one round trip; return how many existed."""
@@ -225,14 +237,18 @@ class Keyspace:
         prefix: str | None = None,
         timeout: float | None = None,
         on_resync: Callable[[], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> Handle:
         """Call ``callback(key, value, event)`` for every change of ``key`` (or
         of every key starting with ``prefix``) of this namespace; see
-        :func:`django_clustershm.listen`."""
+        :func:`django_clustershm.listen`. A coroutine function runs on ``loop``
+        (default: the running loop), one event after another."""
         if (key is None) == (prefix is None):
             raise ArgumentTypeError("listen() takes a key or a prefix=, not both")
         if callback is not None and not callable(callback):
             raise ArgumentTypeError("callback must be callable")
+        if callback is not None and inspect.iscoroutinefunction(callback):
+            callback = _OnLoop(callback, loop)
         if on_resync is not None and not callable(on_resync):
             raise ArgumentTypeError("on_resync must be callable")
         target = key if prefix is None else prefix
@@ -242,7 +258,61 @@ class Keyspace:
             target = self._key(target)
         wait = self._client.transport.timeout if timeout is None else A.timeout(timeout, "timeout")
         handle = Handle(self._ns, target, prefix is not None, callback, on_resync, self._client.serializer.loads)
+        if isinstance(callback, _OnLoop):
+            callback.handle = handle
         return self._client.dispatcher.add(handle, wait)
+
+
+class _OnLoop:
+    """A coroutine function as a listener callback: the dispatcher thread
+    queues each event onto the loop, where one task per subscription awaits
+    the callback for each, in order. (A write's return waits for its events
+    to be queued there, not for the coroutines to finish: the writer may be a
+    task of that very loop.)"""
+
+    def __init__(self, function: Callable, loop: asyncio.AbstractEventLoop | None) -> None:
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                raise ArgumentTypeError(
+                    "a coroutine callback runs on an event loop: call listen() from async code "
+                    "(or await alisten()), or pass loop="
+                ) from None
+        self.function = function
+        self.loop = loop
+        self.handle: Handle | None = None
+        self._queue: asyncio.Queue | None = None
+
+    def __repr__(self) -> str:
+        return f"<coroutine callback {self.function!r}>"
+
+    def __call__(self, key, value, event: str) -> None:
+        loop = self.loop
+        if loop.is_closed():
+            if self.handle is not None:
+                self.handle.cancel()  # its loop is gone: so is the subscription
+            return
+        try:
+            loop.call_soon_threadsafe(self._put, (key, value, event))
+        except RuntimeError:  # closed meanwhile
+            pass
+
+    def _put(self, item: tuple) -> None:
+        if self._queue is None:
+            self._queue = asyncio.Queue()
+            self.loop.create_task(self._consume(self._queue))
+        self._queue.put_nowait(item)
+
+    async def _consume(self, queue: asyncio.Queue) -> None:
+        while self.handle is None or self.handle.active:
+            key, value, event = await queue.get()
+            try:
+                await self.function(key, value, event)
+            except Exception:
+                logger.exception(
+                    "listener coroutine %r raised on %s of %r; delivery goes on", self.function, event, key
+                )
 
 
 class Client(Keyspace):
@@ -260,6 +330,7 @@ class Client(Keyspace):
         self._tracker: Tracker | None = None
         self._dispatcher: Dispatcher | None = None
         self._held = threading.local()
+        self._aio: AsyncClient | None = None
         _clients.add(self)
 
     def __repr__(self) -> str:
@@ -274,6 +345,16 @@ class Client(Keyspace):
     @property
     def timeout(self) -> float:
         return self.transport.timeout
+
+    @property
+    def aio(self) -> AsyncClient:
+        """This client's awaitable twin (:mod:`.aio`): same data, same near caches, no thread per call."""
+        aio = self._aio
+        if aio is None:
+            from .aio import AsyncClient
+
+            aio = self._aio = AsyncClient(self)
+        return aio
 
     # -- named caches -----------------------------------------------------------------------
 
@@ -408,6 +489,8 @@ class Client(Keyspace):
         """In a forked child: drop every connection, session, hold, near copy
         and thread of the parent, renewing every lock; never blocks."""
         self.transport.after_fork()
+        if self._aio is not None:
+            self._aio.after_fork()
         self._held = threading.local()
         if self._tracker is not None:
             self._tracker.after_fork()

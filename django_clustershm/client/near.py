@@ -62,6 +62,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
+from typing import Any
 
 from ..exceptions import ClusterShmError
 from ..wire import frames as P
@@ -179,6 +180,25 @@ class NearCache:
 
     def get(self, key: str):
         """The stored data (bytes or int) of ``key``, or None on a miss."""
+        data = self._local(key)
+        if data is not None:
+            return data
+        sid, sent_at = self.tracker.session_id(), self.clock()
+        return self._remember(key, sid, sent_at, *self.tracker.transport.call(P.TRACK_GET, [self.ns, key, sid]))
+
+    async def aget(self, key: str, acall) -> Any:
+        """:meth:`get` for the asyncio client: a miss is read with ``await acall(...)``.
+
+        The local part never blocks: the tracker's lock is only held around
+        dict operations, and draining its channel reads what is already in the
+        socket. (The channel itself is opened once per process, at the first miss.)"""
+        data = self._local(key)
+        if data is not None:
+            return data
+        sid, sent_at = self.tracker.session_id(), self.clock()
+        return self._remember(key, sid, sent_at, *await acall(P.TRACK_GET, [self.ns, key, sid]))
+
+    def _local(self, key: str):
         tracker = self.tracker
         with tracker.lock:
             live = tracker.drain()
@@ -188,10 +208,12 @@ class NearCache:
                     self.hits += 1
                     return data
             self.misses += 1  # counted under the lock: threads share the figures
-        sid = tracker.session_id()
-        sent_at = self.clock()
-        data, ttl, seq, tracked = tracker.transport.call(P.TRACK_GET, [self.ns, key, sid])
+        return None
+
+    def _remember(self, key: str, sid, sent_at: float, data, ttl, seq, tracked):
+        """Keep what a tracked read brought, unless an invalidation may have passed it."""
         if data is not None and tracked:
+            tracker = self.tracker
             with tracker.lock:
                 tracker.drain()
                 if tracker.sid == sid and tracker.seq == seq:
@@ -199,6 +221,23 @@ class NearCache:
         return data
 
     def get_many(self, keys: list) -> dict:
+        found, missing = self._local_many(keys)
+        if not missing:
+            return found
+        sid, sent_at = self.tracker.session_id(), self.clock()
+        reply = self.tracker.transport.call(P.TRACK_GET_MANY, [self.ns, missing, sid])
+        return self._remember_many(found, sid, sent_at, *reply)
+
+    async def aget_many(self, keys: list, acall) -> dict:
+        """:meth:`get_many` for the asyncio client."""
+        found, missing = self._local_many(keys)
+        if not missing:
+            return found
+        sid, sent_at = self.tracker.session_id(), self.clock()
+        reply = await acall(P.TRACK_GET_MANY, [self.ns, missing, sid])
+        return self._remember_many(found, sid, sent_at, *reply)
+
+    def _local_many(self, keys: list) -> tuple[dict, list]:
         tracker = self.tracker
         found = {}
         missing = []
@@ -212,11 +251,10 @@ class NearCache:
                     found[key] = data
             self.hits += len(found)
             self.misses += len(missing)
-        if not missing:
-            return found
-        sid = tracker.session_id()
-        sent_at = self.clock()
-        fetched, seq, tracked = tracker.transport.call(P.TRACK_GET_MANY, [self.ns, missing, sid])
+        return found, missing
+
+    def _remember_many(self, found: dict, sid, sent_at: float, fetched: dict, seq, tracked) -> dict:
+        tracker = self.tracker
         with tracker.lock:
             tracker.drain()
             keep = tracked and tracker.sid == sid and tracker.seq == seq
