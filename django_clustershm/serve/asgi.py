@@ -39,10 +39,10 @@ def load_worker_class(uri: Any) -> type:
 
     try:
         return util.load_class(uri)
-    except RuntimeError as exc:  # gunicorn's: the whole traceback as text
+    except (RuntimeError, AttributeError) as exc:  # gunicorn's RuntimeError holds a whole traceback as text
         name = uri if isinstance(uri, str) else repr(uri)
         hint = f" (uvicorn's worker is in the asgi extra: {INSTALL_HINT})" if name.startswith("uvicorn") else ""
-        cause = exc.__context__
+        cause = exc.__context__ if isinstance(exc, RuntimeError) else exc
         reason = f": {type(cause).__name__}: {cause}" if cause is not None else ""
         raise WorkerClassError(f"Cannot load the worker class {name!r}{reason}{hint}.") from None
 
@@ -62,7 +62,10 @@ def is_asgi_worker(worker_class: type) -> bool:
 def uvicorn_worker_available() -> bool:
     import importlib.util
 
-    return importlib.util.find_spec("uvicorn_worker") is not None
+    try:
+        return importlib.util.find_spec("uvicorn_worker") is not None
+    except (ImportError, ValueError):  # ValueError: blocked with sys.modules["uvicorn_worker"] = None
+        return False
 
 
 def application_name() -> str:
