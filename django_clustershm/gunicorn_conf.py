@@ -5,6 +5,10 @@ For users who start gunicorn themselves::
     DJANGO_SETTINGS_MODULE=mysite.settings \\
         gunicorn -c python:django_clustershm.gunicorn_conf mysite.wsgi
 
+    # ASGI, with uvicorn's worker (pip install 'django-clustershm[asgi]'):
+    DJANGO_SETTINGS_MODULE=mysite.settings \\
+        gunicorn -c python:django_clustershm.gunicorn_conf -k uvicorn_worker.UvicornWorker mysite.asgi:application
+
 With a config file of your own, import the hooks into it; if you already
 define one of them, call ours from yours (or use :func:`chain`)::
 

@@ -26,6 +26,8 @@ MIDDLEWARE = [
 
 ROOT_URLCONF = "testproject.urls"
 WSGI_APPLICATION = "testproject.wsgi.application"
+# What `runcluster --asgi` serves (unset: Django's get_asgi_application()).
+ASGI_APPLICATION = "testproject.asgi.application"
 
 TEMPLATES = [
     {

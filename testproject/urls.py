@@ -15,4 +15,8 @@ urlpatterns = [
     path("booted/", views.booted, name="booted"),
     path("bench/", views.bench, name="bench"),
     path("flags/", views.flags_view, name="flags"),
+    # async views, for runcluster --asgi (under WSGI Django runs them too, one event loop per request)
+    path("ahit/", views.ahit, name="ahit"),
+    path("acounter/", views.acounter, name="acounter"),
+    path("alock/", views.alock, name="alock"),
 ]

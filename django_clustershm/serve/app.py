@@ -1,10 +1,10 @@
-"""The gunicorn application behind ``runcluster``: Django's WSGI app, our hooks."""
+"""The gunicorn application behind ``runcluster``: Django's WSGI or ASGI app, our hooks."""
 
 from __future__ import annotations
 
 from gunicorn.app.base import Application
 
-from . import cluster
+from . import asgi, cluster
 
 
 class ClusterApplication(Application):
@@ -34,7 +34,16 @@ class ClusterApplication(Application):
         for name, ours in cluster.HOOKS.items():
             self.cfg.set(name, cluster.chain(ours, self.cfg.settings[name].get()))
 
+    def serves_asgi(self) -> bool:
+        """True if the configured worker class speaks ASGI (:func:`.asgi.is_asgi_worker`);
+        :class:`.asgi.WorkerClassError` if it cannot be loaded."""
+        return asgi.is_asgi_worker(asgi.load_worker_class(self.cfg.settings["worker_class"].get()))
+
     def load(self):
+        # In each worker, after the fork (and again after a SIGHUP, which may
+        # have changed the worker class through a --config file).
+        if self.serves_asgi():
+            return asgi.get_asgi_application()
         from django.core.wsgi import get_wsgi_application
 
         return get_wsgi_application()

@@ -1,8 +1,10 @@
 """Demo views: state shared by every worker process of the server."""
 
+import asyncio
 import os
 import time
 
+from django.core.cache import cache
 from django.http import JsonResponse
 from django.shortcuts import render
 from django.views.decorators.cache import cache_page
@@ -95,3 +97,43 @@ def bench(request):
         cache.add("bench:counter", 0, None)
         count = cache.incr("bench:counter")
     return JsonResponse({"value": value, "count": count})
+
+
+# -- async views (runcluster --asgi) ------------------------------------------
+
+
+async def ahit(request):
+    """The hit counter of an async view: Django's async cache API, atomic in the Manager."""
+    try:
+        hits = await cache.aincr("demo:ahits")
+    except ValueError:  # the first request: create the counter (add: only one process wins)
+        await cache.aadd("demo:ahits", 0, None)
+        hits = await cache.aincr("demo:ahits")
+    return JsonResponse({"hits": hits, "pid": os.getpid()})
+
+
+async def acounter(request):
+    """A read-modify-write that is only exact because it runs under a cluster-wide lock."""
+    async with clustershm.amutex("demo:acounter", timeout=30):
+        count = await cache.aget("demo:acounter", 0) + 1
+        await asyncio.sleep(0)  # let other requests of this worker run in between, as real work would
+        await cache.aset("demo:acounter", count, None)
+    return JsonResponse({"count": count, "pid": os.getpid()})
+
+
+async def alock(request):
+    """Holds the lock ``?key=`` for ``?s=`` seconds; ``?id=`` names the request, whose
+    state ("waiting", then "holding" with the lock's fence) ``?peek=id,id...`` reads.
+    The tests kill a worker that holds it and watch a waiter in another worker get it."""
+    if "peek" in request.GET:
+        ids = request.GET["peek"].split(",")
+        found = await cache.aget_many([f"demo:alock-state:{i}" for i in ids])
+        return JsonResponse({i: found.get(f"demo:alock-state:{i}") for i in ids})
+    key, name = request.GET.get("key", "demo"), request.GET.get("id", "")
+    seconds, timeout = float(request.GET.get("s", "0")), float(request.GET.get("timeout", "30"))
+    await cache.aset(f"demo:alock-state:{name}", {"state": "waiting", "pid": os.getpid()}, 300)
+    async with clustershm.amutex(f"demo:alock:{key}", timeout=timeout) as held:
+        state = {"state": "holding", "pid": os.getpid(), "fence": held.fence}
+        await cache.aset(f"demo:alock-state:{name}", state, 300)
+        await asyncio.sleep(seconds)
+    return JsonResponse(state)

@@ -3,6 +3,10 @@
 One master process runs gunicorn's arbiter (signals, respawn, timeouts,
 graceful reload) and the Manager; the arbiter forks the workers, which
 inherit the Manager's address and secret in memory.
+
+WSGI by default; ``--asgi`` (or an ASGI worker class, see
+:mod:`django_clustershm.serve.asgi`) serves the project's ASGI application
+through uvicorn's gunicorn worker instead.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ import sys
 
 from django.core.management.base import BaseCommand, CommandError
 
-from django_clustershm.serve import cluster
+from django_clustershm.serve import asgi, cluster
 
 ERRNO_MESSAGES = {  # as Django's runserver words them
     errno.EACCES: "You don't have permission to access that port.",
@@ -68,8 +72,9 @@ def check_bind(bind: tuple) -> None:
         probe.close()
 
 
-def check_in_child(command: BaseCommand) -> None:
-    """Run Django's system checks and import the URLconf in a throwaway child.
+def check_in_child(command: BaseCommand, load_asgi: bool = False) -> None:
+    """Run Django's system checks and import the URLconf in a throwaway child
+    (and, with ``load_asgi``, load the ASGI application the workers will load).
 
     A broken app then fails now, in one sentence, while the master keeps no
     project code (views, urls) that a SIGHUP of the workers could not reload.
@@ -85,6 +90,8 @@ def check_in_child(command: BaseCommand) -> None:
 
             try:
                 _ = get_resolver().url_patterns  # imports the URLconf and every view module
+                if load_asgi:
+                    asgi.get_asgi_application()  # ASGI_APPLICATION's module, or Django's handler
             except Exception as exc:
                 message = f"The application failed to import: {type(exc).__name__}: {exc}"
             else:
@@ -133,7 +140,14 @@ class Command(BaseCommand):
         )
         parser.add_argument("--threads", type=int, default=1, help="threads per worker (more than 1: gthread workers)")
         parser.add_argument(
-            "--worker-class", default=None, help="gunicorn worker class (default: sync, or gthread with --threads)"
+            "--worker-class",
+            default=None,
+            help="gunicorn worker class (default: sync, or gthread with --threads); an ASGI one implies --asgi",
+        )
+        parser.add_argument(
+            "--asgi",
+            action="store_true",
+            help=f"serve the ASGI application with uvicorn's worker ({asgi.UVICORN_WORKER}; {asgi.INSTALL_HINT})",
         )
         parser.add_argument(
             "--timeout", type=int, default=30, help="seconds before a silent worker is killed and replaced"
@@ -166,9 +180,15 @@ class Command(BaseCommand):
             raise CommandError("--workers must be at least 1.")
         if opts["threads"] < 1:
             raise CommandError("--threads must be at least 1.")
+        worker_class = opts["worker_class"]
+        if opts["asgi"] and not worker_class:
+            if not asgi.uvicorn_worker_available():
+                raise CommandError(
+                    f"--asgi needs uvicorn's gunicorn worker ({asgi.UVICORN_WORKER}): {asgi.INSTALL_HINT}"
+                )
+            worker_class = asgi.UVICORN_WORKER
         for bind in parsed:
             check_bind(bind)
-        check_in_child(self)
 
         options = {
             "bind": [
@@ -188,24 +208,41 @@ class Command(BaseCommand):
             "pidfile": opts["pidfile"],
             "proc_name": "runcluster",
         }
-        if opts["worker_class"]:
-            options["worker_class"] = opts["worker_class"]
+        if worker_class:
+            options["worker_class"] = worker_class
         from django_clustershm.serve.app import ClusterApplication
 
         app = ClusterApplication(options, opts["gunicorn_config"])
+        try:
+            serves_asgi = app.serves_asgi()  # the worker class may come from --config too
+        except asgi.WorkerClassError as exc:
+            raise CommandError(str(exc)) from None
+        if opts["asgi"] and not serves_asgi:
+            raise CommandError(f"--asgi: the worker class {app.cfg.worker_class_str!r} is not an ASGI worker class.")
+        if serves_asgi and app.cfg.threads > 1:
+            raise CommandError(
+                "--threads applies to WSGI workers only: an ASGI worker serves many requests at once on its event "
+                "loop (Django runs sync views on threads of its own)."
+            )
+        check_in_child(self, load_asgi=serves_asgi)
         manager = cluster.start_manager()
         try:
-            self._banner(app, manager)
+            self._banner(app, manager, serves_asgi)
             app.run()
         finally:
             cluster.stop_manager()
 
-    def _banner(self, app, manager) -> None:
+    def _banner(self, app, manager, serves_asgi: bool = False) -> None:
         cfg = app.cfg
         addresses = ", ".join(f"http://{b}/" if not b.startswith("unix:") else b for b in cfg.bind)
+        kind = (
+            f"{cfg.worker_class_str}, ASGI: {asgi.application_name()}"
+            if serves_asgi
+            else f"{cfg.worker_class_str}, {cfg.threads} thread(s) each"
+        )
         self.stdout.write(
             f"Django {__import__('django').get_version()}, settings {os.environ.get('DJANGO_SETTINGS_MODULE')}\n"
-            f"runcluster: {cfg.workers} workers ({cfg.worker_class_str}, {cfg.threads} thread(s) each) at {addresses}\n"
+            f"runcluster: {cfg.workers} workers ({kind}) at {addresses}\n"
             f"Manager (cluster mode) in the master, pid {os.getpid()}, at {manager.address}\n"
             "Quit with CONTROL-C (SIGTERM/SIGINT stop gracefully, SIGHUP reloads the workers)."
         )
