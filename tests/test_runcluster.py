@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import http.client
 import importlib.util
-import inspect
 import json
 import os
 import re
@@ -18,7 +17,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-import django_clustershm as clustershm
 
 from .helpers import wait_until
 
@@ -478,15 +476,6 @@ def require_uvicorn_worker() -> None:
         pytest.skip(message)
 
 
-def amutex_waits_on_a_thread() -> bool:
-    """True while ``amutex`` waits in the event loop's thread pool (#14 parts 1-2 rebuild it):
-    more waiters in one worker than that pool has threads starve the holder's release."""
-    try:
-        return "to_thread" in inspect.getsource(clustershm.amutex)
-    except (OSError, TypeError):
-        return False
-
-
 def many_clients(server: Server, path: str, clients: int, each: int) -> tuple[list[dict], list, float]:
     """``clients`` threads, each making ``each`` requests (a new connection each, so that they
     spread over the workers); the bodies, the failures and the requests per second."""
@@ -523,15 +512,8 @@ def asgi_server(tmp_path):
     ("path", "field"),
     [
         ("/ahit/", "hits"),
-        pytest.param(
-            "/acounter/",
-            "count",
-            marks=pytest.mark.xfail(
-                amutex_waits_on_a_thread(),
-                reason="amutex waits on the loop's thread pool (#14 parts 1-2): 16 waiters a worker deadlock it",
-                run=False,
-            ),
-        ),
+        # 16 amutex waiters a worker: the to_thread amutex deadlocked here (#14); the native one queues them.
+        ("/acounter/", "count"),
     ],
 )
 def test_asgi_runcluster_serves_async_views_to_64_clients(asgi_server, path, field):
