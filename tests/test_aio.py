@@ -403,3 +403,25 @@ def test_a_coroutine_listener_needs_a_loop(cluster):
 
     with pytest.raises(clustershm.ArgumentTypeError, match="event loop"):
         clustershm.listen("k", on_change)
+
+
+def test_the_default_timeout_expires_calls_in_order_and_keeps_the_connection(cluster):
+    """Calls with the transport's default timeout share one sweeping timer."""
+    from django_clustershm.client.aio import AsyncSocketTransport
+    from django_clustershm.wire import frames as P
+
+    transport = AsyncSocketTransport(cluster.address, cluster.secret, timeout=0.2)
+    holder = clustershm.Lock("swept")
+    holder.acquire()
+
+    async def main():
+        conn = await transport.connection()
+        waits = [transport.call(P.LOCK_ACQUIRE, ["swept", None, 30.0]) for _ in range(3)]
+        results = await asyncio.gather(*waits, transport.call(P.PING, []), return_exceptions=True)
+        assert [type(r) for r in results[:3]] == [ManagerUnavailable] * 3
+        assert results[3] == "pong"
+        assert conn.lost is None and await transport.call(P.PING, []) == "pong"
+        await transport.close()
+
+    asyncio.run(main())
+    holder.release()
