@@ -46,12 +46,12 @@ def keys(count: int) -> list[str]:
 
 class ClusterShm:
     name, expected = "clustershm", VALUE
-    get = staticmethod(clustershm.aget)  # the process-wide client: get_client().aio, this loop's connection
 
     async def start(self) -> None:
+        self.get = clustershm.aget  # the process-wide client's get_client().aio: this loop's connection
         await clustershm.aget(HIT)  # the loop's connection and handshake, before anything is timed
 
-    def lock(self, key: str, timeout: float):
+    def lock(self, key: str, timeout: float | None):
         return clustershm.amutex(key, timeout=timeout)  # an AsyncLock; a waiter is queued in the Manager (FIFO)
 
     async def read(self) -> int:
@@ -100,7 +100,7 @@ class RedisAsync:
         self.get = self.r.get
         await self.r.get(HIT)
 
-    def lock(self, key: str, timeout: float):
+    def lock(self, key: str, timeout: float | None):
         return self.r.lock(key, blocking_timeout=timeout)  # redis.asyncio.lock.Lock: SET NX, else sleep 0.1 s, retry
 
     async def read(self) -> int:
@@ -607,6 +607,9 @@ def main(argv=None) -> int:
                        procs=(lab.count0, 4, "processes in phase 4 (0: skip it)"),
                        connections=(lab.count, 64, "max_connections of redis.asyncio's BlockingConnectionPool"))  # fmt: skip
     selected = args.selected
+    if "clustershm" in selected and not all(hasattr(clustershm, n) for n in ("aget", "aset", "amutex", "AsyncClient")):
+        raise lab.BenchError(f"the django_clustershm of {lab.environment()['package']} has no asyncio client (#14); "
+                             "put a tree that has one first on PYTHONPATH, or run --only django,redis")  # fmt: skip
     uses_redis = "django" in selected or "redis" in selected
     lab.need(["redis-server"] if uses_redis else [], ["redis"] if uses_redis else [])
     locks = [n for n in selected if n in LOCK_LABELS]
