@@ -1,10 +1,10 @@
 """Compare two source trees of django-clustershm on the benchmarks' headline figures, in one run.
 
-Each round runs every named script (core, cache, locks, listeners, http: this checkout's, on the package's public
-API) once against each tree, before then after, with PYTHONPATH set to the tree, whose package the run's JSON must
-name. The table: each headline figure's median and spread over the rounds per tree, after / before, and "better"
-or "worse" only where the two trees' ranges do not overlap. cache runs only clustershm and near, locks only
-clustershm, unless ``--peers``.
+Each round runs every named script (core, cache, locks, listeners, http, async: this checkout's, on the package's
+public API) once against each tree, before then after, with PYTHONPATH set to the tree, whose package the run's JSON
+must name. The table: each headline figure's median and spread over the rounds per tree, after / before, and "better"
+or "worse" only where the two trees' ranges do not overlap. cache runs only clustershm and near, locks and async
+only clustershm, unless ``--peers``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ import lab
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-SCRIPTS = ("core", "cache", "locks", "listeners", "http")
-FOCUS = {"cache": ["--only", "clustershm,near"], "locks": ["--only", "clustershm"]}
+SCRIPTS = ("core", "cache", "locks", "listeners", "http", "async")
+FOCUS = {"cache": ["--only", "clustershm,near"], "locks": ["--only", "clustershm"], "async": ["--only", "clustershm"]}
 
 
 def run_script(script: str, tree: str, options: list[str], out: str, timeout: float) -> tuple[dict | None, str]:
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     p.add_argument("--before", required=True, metavar="TREE", help="the older source tree (a checkout)")
     p.add_argument("--after", required=True, metavar="TREE", help="the newer source tree (a checkout)")
     p.add_argument("--rounds", type=lab.count, default=3, help="runs of each script per tree (default 3)")
-    p.add_argument("--peers", action="store_true", help="run every peer in cache and locks, not only clustershm")
+    p.add_argument("--peers", action="store_true", help="run every peer in cache, locks and async, not only clustershm")
     p.add_argument("--args", action="append", default=[], metavar="NAME=OPTIONS", help="more options for one script")
     p.add_argument("--timeout", type=lab.seconds, default=1800.0, help="seconds one run may take (default 1800)")
     p.add_argument("--keep", metavar="DIR", help="keep every run's report (Markdown and JSON) in DIR")
