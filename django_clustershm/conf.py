@@ -14,6 +14,9 @@
                      a quarter of the memory); a cache past it is refused
 ``NEAR_CACHE``       ``{"MAX_ENTRIES": n, "MAX_BYTES": n}``: a near cache for
                      the store's reads (cluster mode; see :mod:`.client.near`)
+``ON_START``         dotted path of a function run once per cluster start,
+                     against the Manager, before any worker (runcluster and
+                     the gunicorn config module; see :mod:`.serve.cluster`)
 ``CLIENT_SPIN``      seconds a call polls for its reply before sleeping
                      (default 20e-6, adaptive; 0: never)
 ==================  =========================================================
@@ -40,6 +43,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_CACHE_BYTES": DEFAULT_MAX_CACHE_BYTES,
     "MAX_TOTAL_CACHE_BYTES": None,
     "NEAR_CACHE": None,
+    "ON_START": None,
     "CLIENT_SPIN": DEFAULT_SPIN,
 }
 

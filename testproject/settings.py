@@ -79,6 +79,8 @@ SESSION_CACHE_ALIAS = "sessions"
 
 # django-clustershm: all optional, shown with their defaults.
 CLUSTERSHM = {
+    # Once per cluster start, against the Manager, before any worker.
+    "ON_START": "testproject.demo.startup.on_start",
     "TIMEOUT": 5.0,
     "MAX_KEY_SIZE": 4096,
     "MAX_VALUE_SIZE": 32 * 1024 * 1024,

@@ -200,7 +200,7 @@ def test_sessions_in_near_caches_are_fresh_on_every_worker(server):
 
 
 def test_master_state_set_before_fork_is_seen_by_workers(server):
-    # testproject.demo's AppConfig.ready() ran in the master before the fork.
+    # testproject.demo.startup.on_start (ON_START) ran once, before the fork.
     bodies = hammer(server, "/booted/", 40, threads=8)
     assert {b["booted_by"] for b in bodies} == {server.master}
     assert {b["pid"] for b in bodies} <= server.workers()
@@ -670,3 +670,65 @@ def test_asgi_errors_are_one_sentence(monkeypatch):
     require_uvicorn_worker()
     with pytest.raises(CommandError, match="--threads applies to WSGI workers only"):
         call_command("runcluster", "--worker-class", UVICORN_WORKER, "--threads", "4", "--bind", bind)
+
+
+def _write_probe(directory, text: str) -> None:
+    path = directory / "demo_code_probe.py"
+    path.write_text(f"TEXT = {text!r}\n")
+    stamp = time.time() + 2  # a newer mtime than any earlier version, for the reloader
+    os.utime(path, (stamp, stamp))
+    for cached in (directory / "__pycache__").glob("demo_code_probe*"):
+        cached.unlink()
+
+
+def _every_worker_serves(server, text: str) -> bool:
+    seen = {}
+    for _ in range(40):
+        body = server.get("/code/")[1]
+        seen[body["pid"]] = body["text"]
+    return set(seen) == server.workers() and set(seen.values()) == {text}
+
+
+def test_sighup_serves_new_code_and_keeps_the_state(tmp_path):
+    """#13: the master held the project (manage.py had set Django up), so
+    workers forked after a SIGHUP kept the old modules. It now re-executes
+    into a lean master: new workers load the new code; counters and the
+    Manager's state stay; ON_START ran once."""
+    probe_dir = tmp_path / "code"
+    probe_dir.mkdir()
+    _write_probe(probe_dir, "v1")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(probe_dir), os.environ.get("PYTHONPATH")]))}
+    srv = Server(tmp_path, env=env).start()
+    try:
+        wait_until(lambda: _every_worker_serves(srv, "v1"), timeout=20, message="v1 everywhere")
+        for _ in range(10):
+            srv.get("/hit/")
+        started = srv.get("/whoami/")[1]
+        _write_probe(probe_dir, "v2")
+        before = srv.workers()
+        srv.signal(signal.SIGHUP)
+        wait_until(lambda: len(srv.workers()) == 4 and not (srv.workers() & before), timeout=30, message="new workers")
+        wait_until(lambda: _every_worker_serves(srv, "v2"), timeout=20, message="v2 everywhere")
+        assert srv.get("/hit/")[1]["hits"] == 11  # the state stayed
+        assert srv.get("/whoami/")[1]["manager_pid"] == started["manager_pid"] == srv.master
+        assert {b["booted_by"] for b in hammer(srv, "/booted/", 16, threads=4)} == {srv.master}
+        assert "no project code" in srv.log()
+    finally:
+        srv.stop()
+
+
+def test_reload_serves_new_code_after_a_file_changes(tmp_path):
+    probe_dir = tmp_path / "code"
+    probe_dir.mkdir()
+    _write_probe(probe_dir, "v1")
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(probe_dir), os.environ.get("PYTHONPATH")]))}
+    srv = Server(tmp_path, "--reload", env=env).start()
+    try:
+        wait_until(lambda: _every_worker_serves(srv, "v1"), timeout=20, message="v1 everywhere")
+        for _ in range(5):
+            srv.get("/hit/")
+        _write_probe(probe_dir, "v3")
+        wait_until(lambda: _every_worker_serves(srv, "v3"), timeout=30, message="v3 everywhere after the change")
+        assert srv.get("/hit/")[1]["hits"] == 6
+    finally:
+        srv.stop()

@@ -5,27 +5,41 @@ its own process-wide client at it (:func:`~..registry.configure`); the workers
 inherit that configuration (address and secret) in memory through fork. The
 hooks used are gunicorn's documented server hooks:
 
-* ``on_starting`` starts the Manager (in a thread of the master);
+* ``on_starting`` starts the Manager (in a thread of the master), then runs
+  the project's start-up code once, in a child (:func:`run_start_up`);
 * ``child_exit`` tells the Manager a worker died, so whatever it held is
   released at once even if one of its descriptors outlived it;
 * ``on_exit`` stops the Manager and removes its socket directory.
 
-What the master wrote before the Manager started (for example initial state
-set in an ``AppConfig.ready()``, which runs in the master when Django is set
-up there) is not lost: the Manager adopts the master's embedded engine, so
-the workers see it, as in the seed, where the master declares the shared
-memory before it forks.
+**The master holds no project code** (#13): a worker forked after a SIGHUP
+(or a ``--reload``) must import the project afresh, so the master never
+imports it. It reads the settings the Manager needs in a throwaway child
+(:func:`engine_options_in_child`: importing the settings module would pin it
+too), and the project's start-up code runs in another child, after the
+Manager started and before any worker: ``django.setup()`` (every
+``AppConfig.ready()``) and then ``CLUSTERSHM["ON_START"]``, a dotted path
+to a function called once per cluster start. What they store is in the
+Manager before the first request, as in the seed, where the master declares
+the shared memory before it forks. ``ready()`` also runs in each worker when
+it loads the application (so listeners registered there are live in every
+worker before it serves): keep it idempotent (``add``, not ``set``), and put
+once-per-start state in ``ON_START``.
+
+With gunicorn's ``--preload`` the master does import the project (gunicorn
+loads it there); its ``ready()`` writes then reach the Manager through the
+socket, and a SIGHUP does not reload that code (gunicorn's own caveat).
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
 
 from .. import conf, registry
 from ..client import EmbeddedTransport
-from ..server import Engine, Manager
+from ..server import Engine, Limits, Manager
 
 logger = logging.getLogger("django_clustershm.cluster")
 
@@ -37,12 +51,86 @@ def manager() -> Manager | None:
     return _manager
 
 
+def _in_child(fn, *args):
+    """``fn(*args)`` in a forked child; its JSON result, or RuntimeError with the child's sentence.
+
+    The child writes with os-level calls only and leaves with ``os._exit``:
+    nothing it imports (the project, its settings) stays in this process.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        code = 0
+        try:
+            os.close(r)
+            try:
+                payload = {"ok": fn(*args)}
+            except BaseException as exc:
+                payload = {"error": f"{type(exc).__name__}: {exc}"}
+                code = 1
+            data = json.dumps(payload).encode()
+            while data:
+                data = data[os.write(w, data) :]
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as fh:
+        data = fh.read()
+    os.waitpid(pid, 0)
+    try:
+        payload = json.loads(data)
+    except ValueError:
+        raise RuntimeError("the child process died without an answer") from None
+    if "error" in payload:
+        raise RuntimeError(payload["error"])
+    return payload["ok"]
+
+
+def _read_engine_options() -> dict:
+    options = conf.engine_options()
+    options["limits"] = options["limits"].as_dict()
+    return options
+
+
+def engine_options_in_child() -> dict:
+    """The Manager's engine options from the settings, read in a child (the master imports no settings)."""
+    options = _in_child(_read_engine_options)
+    options["limits"] = Limits(**options["limits"])
+    return options
+
+
+def _start_up() -> None:
+    import django
+
+    django.setup()  # every AppConfig.ready(), against the cluster's Manager
+    hook = conf.settings().get("ON_START")
+    if hook:
+        from django.utils.module_loading import import_string
+
+        import_string(hook)()
+
+
+_started_up = False
+
+
+def run_start_up() -> None:
+    """The project's start-up code, once per cluster start, in a child, before any worker:
+    ``django.setup()`` (every ``ready()``) and ``CLUSTERSHM["ON_START"]``."""
+    global _started_up
+    if _started_up or os.environ.get("DJANGO_SETTINGS_MODULE") is None:
+        return  # done already, or not a Django project: nothing to set up
+    _started_up = True
+    try:
+        _in_child(_start_up)
+    except RuntimeError as exc:
+        raise RuntimeError(f"django-clustershm: the project's start-up code failed: {exc}") from None
+
+
 def start_manager() -> Manager:
     """Start the Manager in this (master) process, once; return it."""
     global _manager
     if _manager is not None:
         return _manager
-    settings = conf.settings()
     current = registry.current()
     handles = []
     if current is not None and isinstance(current.transport, EmbeddedTransport):
@@ -54,7 +142,7 @@ def start_manager() -> Manager:
         handles = current.shutdown()  # for configure() below to move to the cluster
         engine = current.transport.retire()
     else:
-        engine = Engine(**conf.engine_options(settings))
+        engine = Engine(**engine_options_in_child())
     _manager = Manager(engine=engine)
     _manager.on_failure = _manager_died
     _manager.start()
@@ -99,6 +187,12 @@ def stop_manager() -> None:
 
 def on_starting(server) -> None:
     start_manager()
+    try:
+        run_start_up()
+    except RuntimeError as exc:
+        logger.critical("%s", exc)
+        stop_manager()
+        raise SystemExit(1) from None
 
 
 def child_exit(server, worker) -> None:

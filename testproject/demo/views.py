@@ -82,8 +82,19 @@ def slow(request):
 
 
 def booted(request):
-    """What the master stored in AppConfig.ready() before it forked the workers."""
+    """What ON_START stored once, before the master forked the workers."""
     return JsonResponse({"booted_by": clustershm.get("demo:booted_by"), "pid": os.getpid()})
+
+
+def code(request):
+    """The text of the project's code as this worker loaded it (the reload tests change it).
+
+    ``demo_code_probe`` is a module the tests write (on PYTHONPATH); the
+    demo app imports it in ready(), as project code a master would pin if it
+    imported the project."""
+    from testproject.demo.apps import probe
+
+    return JsonResponse({"text": None if probe is None else probe.TEXT, "pid": os.getpid()})
 
 
 def bench(request):

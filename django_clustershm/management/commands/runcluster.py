@@ -18,7 +18,7 @@ import sys
 
 from django.core.management.base import BaseCommand, CommandError
 
-from django_clustershm.serve import asgi, cluster
+from django_clustershm.serve import asgi, master
 
 ERRNO_MESSAGES = {  # as Django's runserver words them
     errno.EACCES: "You don't have permission to access that port.",
@@ -225,14 +225,20 @@ class Command(BaseCommand):
                 "loop (Django runs sync views on threads of its own)."
             )
         check_in_child(self, load_asgi=serves_asgi)
-        manager = cluster.start_manager()
-        try:
-            self._banner(app, manager, serves_asgi)
-            app.run()
-        finally:
-            cluster.stop_manager()
+        # This process has imported the whole project (manage.py set Django
+        # up): become the lean master instead, which holds none of it, so
+        # that workers forked after a SIGHUP load the new code (serve/master.py).
+        master.exec_master(
+            {
+                "options": options,
+                "config": opts["gunicorn_config"],
+                "sys_path": [p for p in sys.path if p],
+                "banner": self._banner(app, serves_asgi),
+            }
+        )
 
-    def _banner(self, app, manager, serves_asgi: bool = False) -> None:
+    def _banner(self, app, serves_asgi: bool = False) -> list[str]:
+        """The banner's lines; the master fills in its pid and the Manager's address."""
         cfg = app.cfg
         addresses = ", ".join(f"http://{b}/" if not b.startswith("unix:") else b for b in cfg.bind)
         kind = (
@@ -240,10 +246,9 @@ class Command(BaseCommand):
             if serves_asgi
             else f"{cfg.worker_class_str}, {cfg.threads} thread(s) each"
         )
-        self.stdout.write(
-            f"Django {__import__('django').get_version()}, settings {os.environ.get('DJANGO_SETTINGS_MODULE')}\n"
-            f"runcluster: {cfg.workers} workers ({kind}) at {addresses}\n"
-            f"Manager (cluster mode) in the master, pid {os.getpid()}, at {manager.address}\n"
-            "Quit with CONTROL-C (SIGTERM/SIGINT stop gracefully, SIGHUP reloads the workers)."
-        )
-        sys.stdout.flush()
+        return [
+            f"Django {__import__('django').get_version()}, settings {os.environ.get('DJANGO_SETTINGS_MODULE')}",
+            f"runcluster: {cfg.workers} workers ({kind}) at {addresses}",
+            "Manager (cluster mode) in the master, pid {master}, at {manager}",
+            "Quit with CONTROL-C (SIGTERM/SIGINT stop gracefully, SIGHUP reloads the workers' code).",
+        ]
