@@ -34,8 +34,10 @@ from __future__ import annotations
 
 import asyncio
 import os
+import select
 import socket
 import threading
+import time
 import weakref
 from collections import deque
 from collections.abc import Iterable, Mapping
@@ -47,6 +49,7 @@ from ..wire import args as A
 from ..wire import frames as F
 from ..wire import handshake as H
 from ..wire.limits import Limits
+from .socket import DEFAULT_SPIN
 from .transport import DEFAULT_TIMEOUT, USE_DEFAULT
 
 if TYPE_CHECKING:
@@ -107,6 +110,12 @@ class AsyncConnection:
         #: to the loop: the transport keys connections by loop, weakly.
         self._deadlines: deque[tuple[float, int]] = deque()
         self._sweep_armed = False
+        #: Seconds a call polls for its reply before it awaits (0: never); see spin_for().
+        self.spin = 0.0
+        self.spin_skip = 0
+        self.spin_backoff = 0
+        self._poll = select.poll()
+        self._poll.register(sock.fileno(), select.POLLIN)
         self._handshake: asyncio.Future | None = None
 
     @property
@@ -279,6 +288,35 @@ class AsyncConnection:
             raise
         return rid, future
 
+    def spin_for(self, future: asyncio.Future) -> None:
+        """Poll the socket briefly for ``future``'s reply before the caller awaits it.
+
+        As the sync client does (client/socket.py, DEFAULT_SPIN): a reply that
+        comes within microseconds is read here, and the await returns at once,
+        instead of the loop sleeping in epoll and paying a wake-up (15-100 us
+        on a small VM). Bounded (``spin`` seconds) and adaptive: a poll that
+        finds nothing in time (a busy machine, or many tasks in flight) turns
+        polling off for the next 1, 3, 7... 256 calls, so a loop with many
+        tasks, or a slow Manager, is not held up by it."""
+        if self.spin_skip:
+            self.spin_skip -= 1
+            return
+        if self._out:
+            return  # the request is not even sent yet
+        poll = self._poll.poll
+        clock = time.perf_counter
+        until = clock() + self.spin
+        while clock() < until:
+            if poll(0):
+                self._on_readable()
+                if future.done():
+                    self.spin_backoff = 0
+                    return
+                if self.lost is not None:
+                    return
+        self.spin_backoff = min(self.spin_backoff * 2 + 1, 256)
+        self.spin_skip = self.spin_backoff
+
     def expire_after(self, rid: int, future: asyncio.Future, timeout: float) -> None:
         """Fail ``future`` if it has no reply within ``timeout`` seconds (the
         transport's default: calls expire in the order they were sent)."""
@@ -378,10 +416,13 @@ class AsyncSocketTransport:
     name = "socket"
     remote = True
 
-    def __init__(self, address: str, secret: bytes, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+    def __init__(
+        self, address: str, secret: bytes, *, timeout: float = DEFAULT_TIMEOUT, spin: float = DEFAULT_SPIN
+    ) -> None:
         self.address = address
         self.secret = secret
         self.timeout = timeout
+        self.spin = spin
         self._pid = os.getpid()
         self._conns: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, AsyncConnection] = weakref.WeakKeyDictionary()
         self._connecting: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, asyncio.Future] = (
@@ -414,6 +455,7 @@ class AsyncSocketTransport:
         try:
             self._sweep_closed_loops()
             conn = await AsyncConnection.open(self.address, self.secret, self.timeout)
+            conn.spin = self.spin
         except BaseException as exc:
             del self._connecting[loop]
             if not future.done():
@@ -449,7 +491,10 @@ class AsyncSocketTransport:
     async def call(self, op: int, args: list, timeout: Any = USE_DEFAULT) -> Any:
         conn, rid, future = await self._send(op, args)
         if timeout is USE_DEFAULT:
-            conn.expire_after(rid, future, self.timeout)
+            if conn.spin:
+                conn.spin_for(future)
+            if not future.done():
+                conn.expire_after(rid, future, self.timeout)
             rop, payload = await future
             return _reply(rop, payload)
         handle = None
@@ -747,7 +792,9 @@ class AsyncClient(AsyncKeyspace):
         transport = sync.transport
         self.transport: AsyncSocketTransport | AsyncEmbeddedTransport
         if isinstance(transport, SocketTransport):
-            self.transport = AsyncSocketTransport(transport.address, transport.secret, timeout=transport.timeout)
+            self.transport = AsyncSocketTransport(
+                transport.address, transport.secret, timeout=transport.timeout, spin=transport.spin
+            )
         elif isinstance(transport, EmbeddedTransport):
             self.transport = AsyncEmbeddedTransport(transport)
         else:  # pragma: no cover - a third transport brings its own twin
