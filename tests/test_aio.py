@@ -425,3 +425,21 @@ def test_the_default_timeout_expires_calls_in_order_and_keeps_the_connection(clu
 
     asyncio.run(main())
     holder.release()
+
+
+def test_async_leases_expire_and_extend(anywhere):
+    async def main():
+        lock = clustershm.AsyncLock("leased", lease=0.3)
+        assert await lock.acquire()
+        await lock.extend(1.0)  # the lease restarts: 1 s from now
+        await asyncio.sleep(0.5)
+        assert await lock.owned()  # past the first lease, within the extended one
+        other = clustershm.AsyncLock("leased", timeout=5)
+        started = time.monotonic()
+        assert await asyncio.create_task(other.acquire())  # granted when the lease runs out
+        assert time.monotonic() - started < 2
+        assert not await lock.owned()
+        with pytest.raises(LockNotOwned):
+            await lock.release()  # its lease ran out
+
+    asyncio.run(main())
