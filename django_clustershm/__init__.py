@@ -50,6 +50,7 @@ from .api import (
     stats,
     touch,
 )
+from .cache import cached
 from .client import Client, EmbeddedTransport, Keyspace, SocketTransport
 from .client.aio import AsyncClient, AsyncKeyspace
 from .exceptions import (
@@ -114,6 +115,8 @@ __all__ = [  # noqa: RUF022 - grouped by what users reach for, not alphabeticall
     "aset_many",
     "astats",
     "atouch",
+    # build once across the cluster (a ClusterShmCache's get_or_set, as a decorator)
+    "cached",
     # the seed's LRU operations on the default cache
     "get_lru",
     "remove_lru",

@@ -13,6 +13,7 @@
                 "MAX_BYTES": 128 * 2**20,   # bound of the cache's memory in the Manager
                 "IGNORE_EXCEPTIONS": False, # True: a missing Manager reads as a miss
                 "NEAR_CACHE": {"MAX_ENTRIES": 10000, "MAX_BYTES": 16 * 2**20},  # optional
+                "BUILD_TIMEOUT": 30,        # get_or_set: how long a miss waits for another's build
             },
         }
     }
@@ -22,12 +23,22 @@ and validates the key (so Django's key warnings apply), then calls the
 method of the same name on a :class:`~.client.Keyspace`, the client's view of
 the cache, which talks to the cluster's Manager (or the embedded one). The
 cache itself lives in the Manager (:mod:`.server.namespace`): every worker
-sees one cache, ``incr``/``decr``/``add`` are atomic there, and
-``get_or_set`` (Django's, built on ``add``) never stores twice.
+sees one cache, ``incr``/``decr``/``add`` are atomic there.
+
+``get_or_set(key, build)`` **builds once across the cluster**: when workers
+miss the same key at once, one takes the key's build lock in the Manager and
+builds, and the others wait for its value (Django's own, on ``add``, stores
+once but builds once per worker). A builder that raises, or whose process
+dies, releases the lock at once: the next waiter finds no value and builds.
+A waiter that waits longer than ``BUILD_TIMEOUT`` builds itself. With
+``stale=seconds`` an expired value is served for that long while exactly one
+worker rebuilds it. :func:`cached` is the same as a decorator.
 """
 
 from __future__ import annotations
 
+import hashlib
+import inspect
 import logging
 from functools import wraps
 
@@ -42,7 +53,7 @@ from .wire.limits import DEFAULT_CACHE_BYTES
 
 logger = logging.getLogger("django_clustershm.cache")
 
-__all__ = ["ClusterShmCache"]
+__all__ = ["ClusterShmCache", "cached"]
 
 
 def _ignorable(default):
@@ -58,6 +69,76 @@ def _ignorable(default):
             except ManagerUnavailable as exc:
                 logger.warning("cache %r: %s (ignored: IGNORE_EXCEPTIONS)", self._location, exc)
                 return default(*args, **kwargs) if callable(default) else default
+
+        return wrapper
+
+    return decorate
+
+
+#: get_or_set's build locks: apart from any name a user would give a lock.
+BUILD_LOCK_PREFIX = "clustershm:build:"
+#: The key that says a value stored with ``stale=`` is still fresh.
+FRESH_SUFFIX = ":clustershm:fresh"
+#: Seconds a get_or_set miss waits for another worker's build (OPTIONS BUILD_TIMEOUT).
+DEFAULT_BUILD_TIMEOUT = 30.0
+_MISSING = object()
+_NONE = object()
+
+
+async def _call(build):
+    value = build()
+    if inspect.isawaitable(value):
+        value = await value
+    return value
+
+
+def cached(timeout=DEFAULT_TIMEOUT, *, key=None, cache: str = "default", stale=None, version=None):
+    """Memoize a function (sync or async) in a ClusterShmCache, built once across the cluster::
+
+        @clustershm.cached(timeout=300)
+        def report(year):
+            ...                              # runs once per year and per 300 s, cluster-wide
+
+        @clustershm.cached(timeout=60, key=lambda request: f"home:{request.LANGUAGE_CODE}", stale=30)
+        def home(request):                   # a view: its response is cached (pickled)
+            ...
+
+    ``key``: a str (one entry) or a callable taking the function's arguments
+    and returning one; by default the function's module and qualified name and
+    the ``repr`` of its arguments (which must then be simple values).
+    ``stale``, ``timeout`` and ``version``: as :meth:`ClusterShmCache.get_or_set`.
+    """
+
+    def decorate(function):
+        def make_key(args, kwargs) -> str:
+            if key is None:
+                parts = [repr(a) for a in args] + [f"{k}={v!r}" for k, v in sorted(kwargs.items())]
+                return f"{function.__module__}.{function.__qualname__}({', '.join(parts)})"
+            return key(*args, **kwargs) if callable(key) else str(key)
+
+        def backend() -> ClusterShmCache:
+            from django.core.cache import caches
+
+            found = caches[cache]
+            if not isinstance(found, ClusterShmCache):
+                raise TypeError(f"cached(): cache {cache!r} is not a ClusterShmCache")
+            return found
+
+        if inspect.iscoroutinefunction(function):
+
+            @wraps(function)
+            async def awrapper(*args, **kwargs):
+                return await backend().aget_or_set(
+                    make_key(args, kwargs), lambda: function(*args, **kwargs), timeout, version, stale=stale
+                )
+
+            return awrapper
+
+        @wraps(function)
+        def wrapper(*args, **kwargs):
+            return backend().get_or_set(
+                make_key(args, kwargs), lambda: function(*args, **kwargs), timeout, version, stale=stale
+            )
 
         return wrapper
 
@@ -99,6 +180,7 @@ class ClusterShmCache(BaseCache):
         self._max_bytes = int(options.get("MAX_BYTES", DEFAULT_CACHE_BYTES))
         self._ignore_exceptions = bool(options.get("IGNORE_EXCEPTIONS", False))
         self._near = conf.near_options(options.get("NEAR_CACHE"))
+        self._build_timeout = float(options.get("BUILD_TIMEOUT", DEFAULT_BUILD_TIMEOUT))
         self._space: tuple[Client, Keyspace] | None = None
         self._aspace: tuple[Keyspace, AsyncKeyspace] | None = None
 
@@ -198,6 +280,120 @@ class ClusterShmCache(BaseCache):
         # thread's and is kept for the next request (as RedisCache keeps its
         # pool); the cache stays usable after close().
         pass
+
+    # -- get_or_set: built once across the cluster -----------------------------------------
+
+    def _build_lock(self, made: str) -> str:
+        """The name of ``made``'s build lock (apart from users' lock names, within the key limit)."""
+        name = f"{BUILD_LOCK_PREFIX}{self._location}:{made}"
+        if len(name) > 200:
+            name = f"{BUILD_LOCK_PREFIX}{self._location}:#{hashlib.sha256(made.encode()).hexdigest()}"
+        return name
+
+    def _stored_timeouts(self, timeout, stale) -> tuple:
+        """(the value's timeout, the freshness marker's): with ``stale``, the value outlives its freshness."""
+        fresh = self.get_backend_timeout(timeout)
+        if stale is None or fresh is None:
+            return fresh, None
+        return fresh + float(stale), fresh
+
+    def get_or_set(self, key, default, timeout=DEFAULT_TIMEOUT, version=None, *, stale=None):
+        """The value of ``key``; on a miss, ``default`` (or what the callable
+        ``default()`` returns) is stored and returned, built once across the
+        cluster (see the module's docstring). ``stale=seconds``: serve an
+        expired value for that long while one worker rebuilds it."""
+        made = self.make_and_validate_key(key, version=version)
+        space = self.keyspace
+        if stale is None:
+            value = space.get(made, _MISSING)
+            if value is not _MISSING:
+                return value
+        else:
+            found = space.get_many([made, made + FRESH_SUFFIX])
+            if made in found:
+                if made + FRESH_SUFFIX in found:
+                    return found[made]
+                # Stale: whoever takes the build lock at once rebuilds; the others serve it as it is.
+                return self._build(space, made, default, timeout, stale, wait=0, stale_value=found[made])
+        if not callable(default):
+            space.add(made, default, self.get_backend_timeout(timeout))
+            return space.get(made, default)
+        return self._build(space, made, default, timeout, stale, wait=self._build_timeout)
+
+    def _build(self, space, made, build, timeout, stale, wait, stale_value=_NONE):
+        client = get_client()
+        lock = self._build_lock(made)
+        granted = client.lock_acquire(lock, None, wait)
+        if granted is None:
+            if stale_value is not _NONE:
+                return stale_value  # another worker rebuilds it
+            # Waited BUILD_TIMEOUT for another's build: build without the lock.
+            value = space.get(made, _MISSING)
+            return value if value is not _MISSING else self._store(space, made, build(), timeout, stale)
+        try:
+            # Built by the one before us (we waited for its lock)? Then it is there.
+            if stale is None:
+                value = space.get(made, _MISSING)
+                if value is not _MISSING:
+                    return value
+            elif space.has_key(made + FRESH_SUFFIX):
+                return space.get(made, stale_value if stale_value is not _NONE else None)
+            return self._store(space, made, build(), timeout, stale)
+        finally:
+            client.lock_release(lock, granted[0])
+
+    def _store(self, space, made, value, timeout, stale):
+        value_timeout, fresh_timeout = self._stored_timeouts(timeout, stale)
+        space.set(made, value, value_timeout)
+        if stale is not None:
+            space.set(made + FRESH_SUFFIX, True, fresh_timeout)
+        return value
+
+    async def aget_or_set(self, key, default, timeout=DEFAULT_TIMEOUT, version=None, *, stale=None):
+        """:meth:`get_or_set`, awaited (a coroutine function as ``default`` is awaited)."""
+        made = self.make_and_validate_key(key, version=version)
+        space = self.akeyspace
+        if stale is None:
+            value = await space.aget(made, _MISSING)
+            if value is not _MISSING:
+                return value
+        else:
+            found = await space.aget_many([made, made + FRESH_SUFFIX])
+            if made in found:
+                if made + FRESH_SUFFIX in found:
+                    return found[made]
+                return await self._abuild(space, made, default, timeout, stale, 0, found[made])
+        if not callable(default):
+            await space.aadd(made, default, self.get_backend_timeout(timeout))
+            return await space.aget(made, default)
+        return await self._abuild(space, made, default, timeout, stale, self._build_timeout)
+
+    async def _abuild(self, space, made, build, timeout, stale, wait, stale_value=_NONE):
+        aio = get_client().aio
+        lock = self._build_lock(made)
+        granted = await aio.alock_acquire(lock, None, wait)
+        if granted is None:
+            if stale_value is not _NONE:
+                return stale_value
+            value = await space.aget(made, _MISSING)
+            return value if value is not _MISSING else await self._astore(space, made, await _call(build), timeout, stale)
+        try:
+            if stale is None:
+                value = await space.aget(made, _MISSING)
+                if value is not _MISSING:
+                    return value
+            elif await space.ahas_key(made + FRESH_SUFFIX):
+                return await space.aget(made, stale_value if stale_value is not _NONE else None)
+            return await self._astore(space, made, await _call(build), timeout, stale)
+        finally:
+            await aio.alock_release(lock, granted[0])
+
+    async def _astore(self, space, made, value, timeout, stale):
+        value_timeout, fresh_timeout = self._stored_timeouts(timeout, stale)
+        await space.aset(made, value, value_timeout)
+        if stale is not None:
+            await space.aset(made + FRESH_SUFFIX, True, fresh_timeout)
+        return value
 
     # -- async: native, on the process-wide client's asyncio twin (one
     # pipelined connection per event loop, no thread per call, the same near

@@ -24,7 +24,7 @@ def test_public_names_are_pinned():
             "NotAnInteger", "ProtocolError", "RemoteError", "SerializationError", "StoreFull",
             "ValueTooLarge", "WouldDeadlock", "Lock", "amutex", "get_lock", "mutex", "release_lock", "Handle", "listen",
             "aadd", "aclear", "adecr", "adelete_many", "aget", "aget_many", "ahas", "aincr", "akeys", "aremove",
-            "aset", "aset_many", "astats", "atouch", "AsyncLock", "AsyncClient", "AsyncKeyspace", "alisten",
+            "aset", "aset_many", "astats", "atouch", "AsyncLock", "AsyncClient", "AsyncKeyspace", "alisten", "cached",
         ]
     )  # fmt: skip
     for name in clustershm.__all__:
