@@ -517,10 +517,14 @@ def parser(doc: str, quick: str = "a smoke run of a few seconds (figures are not
 
 def options(doc: str, argv, quick: dict, peers: dict | None = None, **spec) -> argparse.Namespace:
     """The script's options: ``--json``, ``--quick`` (the ``quick`` values become the defaults; explicit options
-    still win), ``--NAME`` for each ``NAME=(type, default, help)`` of ``spec`` (``n_slow``: ``--n-slow``) and,
-    with ``peers`` (name -> label), ``--only NAME,...``: ``args.selected`` the chosen names, in peers' order."""
+    still win), ``--NAME`` for each ``NAME=(type, default, help)`` of ``spec`` (``n_slow``: ``--n-slow``; type
+    ``bool``: a flag, off by default) and, with ``peers`` (name -> label), ``--only NAME,...``: ``args.selected``
+    the chosen names, in peers' order."""
     p = parser(doc)
     for name, (kind, default, text) in spec.items():
+        if kind is bool:
+            p.add_argument("--" + name.replace("_", "-"), action="store_true", help=text)
+            continue
         text += "" if default is None else f" (default {default:g})"
         p.add_argument("--" + name.replace("_", "-"), type=kind, default=default, help=text)
     if peers:

@@ -19,5 +19,6 @@ urlpatterns = [
     # async views, for runcluster --asgi (under WSGI Django runs them too, one event loop per request)
     path("ahit/", views.ahit, name="ahit"),
     path("acounter/", views.acounter, name="acounter"),
+    path("abench/", views.abench, name="abench"),
     path("alock/", views.alock, name="alock"),
 ]

@@ -123,6 +123,20 @@ async def ahit(request):
     return JsonResponse({"hits": hits, "pid": os.getpid()})
 
 
+async def abench(request):
+    """/bench/'s async twin, what bench/bench_http.py --asgi serves: one awaited cache get and one incr.
+
+    Django's RedisCache has no async methods of its own: its ``aincr`` is BaseCache's, an ``aget`` then an
+    ``aset``, so under concurrent requests it loses updates where ClusterShmCache's, one Manager call, does not."""
+    value = await cache.aget("bench:key")
+    try:
+        count = await cache.aincr("bench:counter")
+    except ValueError:  # the first request: create the counter (add: only one process wins)
+        await cache.aadd("bench:counter", 0, None)
+        count = await cache.aincr("bench:counter")
+    return JsonResponse({"value": value, "count": count})
+
+
 async def acounter(request):
     """A read-modify-write that is only exact because it runs under a cluster-wide lock."""
     async with clustershm.amutex("demo:acounter", timeout=30):
