@@ -25,7 +25,7 @@ import signal
 
 from .. import conf, registry
 from ..client import EmbeddedTransport
-from ..server import Engine, Manager
+from ..server import Engine, Manager, snapshot
 
 logger = logging.getLogger("django_clustershm.cluster")
 
@@ -55,7 +55,8 @@ def start_manager() -> Manager:
         engine = current.transport.retire()
     else:
         engine = Engine(**conf.engine_options(settings))
-    _manager = Manager(engine=engine)
+    snapshot_config = _restore_snapshot(engine, settings)  # before any worker exists
+    _manager = Manager(engine=engine, snapshot=snapshot_config)  # writes the snapshot when it stops
     _manager.on_failure = _manager_died
     _manager.start()
     registry.configure(_manager.address, _manager.secret, adopt=handles)
@@ -92,6 +93,27 @@ def stop_manager() -> None:
         _manager.close()
         _manager = None
         registry.configure(None, listeners=False)
+
+
+# -- snapshots (CLUSTERSHM["SNAPSHOT"], see server/snapshot.py) ------------------
+
+
+def _restore_snapshot(engine: Engine, settings: dict) -> snapshot.SnapshotConfig | None:
+    """Restore the snapshot into ``engine``; the config for the Manager, or None if off.
+
+    A server that must not start (ON_ERROR "refuse", or a SNAPSHOT setting
+    that cannot work) says why in one sentence and exits with status 78
+    (EX_CONFIG): no traceback, and a supervisor can be told not to restart it
+    (systemd: ``RestartPreventExitStatus=78``).
+    """
+    try:
+        config = conf.snapshot_options(settings)
+        if config is not None:
+            snapshot.restore_at_start(engine, config)
+    except snapshot.SnapshotRefused as exc:
+        logger.critical("django-clustershm: %s", exc)
+        raise SystemExit(snapshot.EXIT_REFUSED) from None
+    return config
 
 
 # -- gunicorn server hooks ------------------------------------------------------
