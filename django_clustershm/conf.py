@@ -19,6 +19,10 @@
                      the gunicorn config module; see :mod:`.serve.cluster`)
 ``CLIENT_SPIN``      seconds a call polls for its reply before sleeping
                      (default 20e-6, adaptive; 0: never)
+``SNAPSHOT``         ``{"PATH": ..., "INTERVAL": seconds or None, "ON_ERROR":
+                     "start_empty" or "refuse"}``: keep the state in a file
+                     across restarts (off by default; see
+                     :mod:`.server.snapshot`)
 ==================  =========================================================
 
 Which Manager those settings lead to is :mod:`.registry`'s business.
@@ -30,6 +34,7 @@ from typing import Any
 
 from .client.socket import DEFAULT_SPIN
 from .client.transport import DEFAULT_TIMEOUT
+from .server.snapshot import SnapshotConfig, config_from_settings
 from .wire.limits import DEFAULT_MAX_CACHE_BYTES, DEFAULT_MAX_KEY, DEFAULT_MAX_VALUE, Limits
 
 #: One defaults table (diskcache's ``DEFAULT_SETTINGS``).
@@ -45,6 +50,7 @@ DEFAULTS: dict[str, Any] = {
     "NEAR_CACHE": None,
     "ON_START": None,
     "CLIENT_SPIN": DEFAULT_SPIN,
+    "SNAPSHOT": None,
 }
 
 #: A near cache's bounds when NEAR_CACHE gives none.
@@ -89,3 +95,9 @@ def near_options(options) -> tuple[int, int] | None:
         int(options.get("MAX_ENTRIES", NEAR_CACHE_DEFAULTS["MAX_ENTRIES"])),
         int(options.get("MAX_BYTES", NEAR_CACHE_DEFAULTS["MAX_BYTES"])),
     )
+
+
+def snapshot_options(conf: dict[str, Any] | None = None) -> SnapshotConfig | None:
+    """The SNAPSHOT setting, checked (None: off); ``SnapshotRefused`` in one sentence if it cannot work."""
+    conf = conf or settings()
+    return config_from_settings(conf.get("SNAPSHOT"))

@@ -15,7 +15,9 @@ The choice, made once per process on first use (and logged once):
 
 After a fork, the child runs :func:`_after_fork_in_child`, the only
 ``os.register_at_fork`` hook of the package, whose steps run in this order
-(gunicorn's habit: one post-fork entry point, named steps):
+(gunicorn's habit: one post-fork entry point, named steps; none of them in a
+snapshot writer, which the Manager forks to write a copy of its state and
+which touches nothing else, see :mod:`.server.snapshot`):
 
 1. every Manager of this process closes the child's copies of its sockets;
 2. the registry's own lock is renewed;
@@ -39,6 +41,7 @@ from .client.client import clients
 from .exceptions import ManagerUnavailable
 from .server import Engine
 from .server import manager as _server_manager
+from .server import snapshot as _snapshot
 
 logger = logging.getLogger("django_clustershm")
 
@@ -153,6 +156,8 @@ def reset() -> None:
 
 def _after_fork_in_child() -> None:
     global _lock
+    if _snapshot.in_writer_child():
+        return  # a snapshot writer: it touches none of this, and must take no lock (server/snapshot.py)
     _server_manager.forget_in_child()  # 1
     _lock = threading.Lock()  # 2
     forked = clients()

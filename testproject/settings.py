@@ -85,3 +85,10 @@ CLUSTERSHM = {
     "MAX_KEY_SIZE": 4096,
     "MAX_VALUE_SIZE": 32 * 1024 * 1024,
 }
+
+# Snapshots (README, "Snapshots"): the demo keeps its state across restarts when
+# DEMO_SNAPSHOT names a file, e.g. DEMO_SNAPSHOT=/tmp/demo-state/clustershm.snap.
+import os  # noqa: E402
+
+if os.environ.get("DEMO_SNAPSHOT"):
+    CLUSTERSHM["SNAPSHOT"] = {"PATH": os.environ["DEMO_SNAPSHOT"], "INTERVAL": 60}

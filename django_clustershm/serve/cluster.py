@@ -39,7 +39,7 @@ import signal
 
 from .. import conf, registry
 from ..client import EmbeddedTransport
-from ..server import Engine, Limits, Manager
+from ..server import Engine, Limits, Manager, snapshot
 
 logger = logging.getLogger("django_clustershm.cluster")
 
@@ -86,17 +86,23 @@ def _in_child(fn, *args):
     return payload["ok"]
 
 
-def _read_engine_options() -> dict:
+def _read_manager_settings() -> dict:
+    if os.environ.get("DJANGO_SETTINGS_MODULE"):
+        from django.conf import settings
+
+        settings.DEBUG  # noqa: B018 - loads the settings module (conf.settings() reads only loaded ones)
     options = conf.engine_options()
     options["limits"] = options["limits"].as_dict()
-    return options
+    return {"engine": options, "snapshot": conf.settings().get("SNAPSHOT")}
 
 
-def engine_options_in_child() -> dict:
-    """The Manager's engine options from the settings, read in a child (the master imports no settings)."""
-    options = _in_child(_read_engine_options)
+def manager_settings_in_child() -> tuple[dict, dict | None]:
+    """The Manager's engine options and its SNAPSHOT setting, read in a child (the
+    master imports no settings module: workers must load it afresh after a SIGHUP)."""
+    found = _in_child(_read_manager_settings)
+    options = found["engine"]
     options["limits"] = Limits(**options["limits"])
-    return options
+    return options, found["snapshot"]
 
 
 def _start_up() -> None:
@@ -131,6 +137,7 @@ def start_manager() -> Manager:
     global _manager
     if _manager is not None:
         return _manager
+    options, snapshot_setting = manager_settings_in_child()
     current = registry.current()
     handles = []
     if current is not None and isinstance(current.transport, EmbeddedTransport):
@@ -142,8 +149,9 @@ def start_manager() -> Manager:
         handles = current.shutdown()  # for configure() below to move to the cluster
         engine = current.transport.retire()
     else:
-        engine = Engine(**engine_options_in_child())
-    _manager = Manager(engine=engine)
+        engine = Engine(**options)
+    snapshot_config = _restore_snapshot(engine, snapshot_setting)  # before any worker exists
+    _manager = Manager(engine=engine, snapshot=snapshot_config)  # writes the snapshot when it stops
     _manager.on_failure = _manager_died
     _manager.start()
     registry.configure(_manager.address, _manager.secret, adopt=handles)
@@ -155,6 +163,11 @@ def start_manager() -> Manager:
 #: supervisor restarts the whole server instead of workers serving 500s forever.
 EXIT_MANAGER_DIED = 70
 _failed = False
+
+
+def manager_failed() -> bool:
+    """Whether this master's Manager died (its loop raised)."""
+    return _failed
 
 
 def _manager_died(exc: BaseException) -> None:
@@ -182,10 +195,45 @@ def stop_manager() -> None:
         registry.configure(None, listeners=False)
 
 
+# -- snapshots (CLUSTERSHM["SNAPSHOT"], see server/snapshot.py) ------------------
+
+
+def _restore_snapshot(engine: Engine, setting: dict | None) -> snapshot.SnapshotConfig | None:
+    """Restore the snapshot into ``engine``; the config for the Manager, or None if off.
+
+    A server that must not start (ON_ERROR "refuse", or a SNAPSHOT setting
+    that cannot work) says why in one sentence and exits with status 78
+    (EX_CONFIG): no traceback, and a supervisor can be told not to restart it
+    (systemd: ``RestartPreventExitStatus=78``).
+    """
+    try:
+        config = snapshot.config_from_settings(setting)
+        if config is not None:
+            snapshot.restore_at_start(engine, config)
+    except snapshot.SnapshotRefused as exc:
+        logger.critical("django-clustershm: %s", exc)
+        raise SystemExit(snapshot.EXIT_REFUSED) from None
+    return config
+
+
 # -- gunicorn server hooks ------------------------------------------------------
 
 
+def master_logging() -> None:
+    """The master's own log lines (the Manager's: started, snapshot restored,
+    bad peers) to stderr, as gunicorn's are: the master does not load the
+    project's settings, so its LOGGING does not apply here (it does in workers)."""
+    log = logging.getLogger("django_clustershm")
+    if not log.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
+
+
 def on_starting(server) -> None:
+    master_logging()
     start_manager()
     try:
         run_start_up()

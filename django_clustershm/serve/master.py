@@ -49,6 +49,7 @@ def main() -> int:
     from . import cluster
     from .app import ClusterApplication
 
+    cluster.master_logging()
     app = ClusterApplication(plan["options"], plan["config"])
     manager = cluster.start_manager()
     try:
@@ -64,9 +65,17 @@ def main() -> int:
     sys.stdout.flush()
     try:
         app.run()
+    except BaseException:
+        if cluster.manager_failed():
+            # However the arbiter ended (a worker that failed to boot while the
+            # Manager was gone halts it before its on_exit hook runs), a dead
+            # Manager is what the exit status says.
+            cluster.stop_manager()
+            return cluster.EXIT_MANAGER_DIED
+        raise
     finally:
         cluster.stop_manager()
-    return 0
+    return cluster.EXIT_MANAGER_DIED if cluster.manager_failed() else 0
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 
 from ..exceptions import (
     ArgumentTypeError,
@@ -148,6 +148,8 @@ class Engine:
         self._rid = 0
         #: The transport's own figures for stats() (the Manager's loop: its longest stall).
         self.loop_stats: Callable[[], dict] | None = None
+        #: ... and its snapshots' (see .snapshot), when it writes them.
+        self.snapshot_stats: Callable[[], dict] | None = None
         self.sessions: dict[int, Session] = {}
         self._next_sid = 1
         self.started = time.time()
@@ -318,32 +320,88 @@ class Engine:
             bounds = list(DEFAULT_BOUNDS)
         cache = self.caches.get(ns)
         if cache is None:
-            if type(ns) is not str:
-                raise ArgumentTypeError(f"a cache name is a str, not {type(ns).__name__}")
-            if len(ns) > MAX_CACHE_NAME:
-                raise InvalidKey(f"a cache name is at most {MAX_CACHE_NAME} characters")
-            if len(self.caches) >= MAX_CACHES:
-                raise LimitExceeded(f"the Manager holds {MAX_CACHES} caches already; use fewer cache LOCATIONs")
-            asked = bounds[2]
-            remaining = self.max_total_cache_bytes - self._cache_bytes_granted
-            max_bytes = min(asked, self.max_cache_bytes, remaining)
-            if remaining < min(asked, self.max_cache_bytes, MIN_CACHE_BYTES):
-                raise LimitExceeded(
-                    f"the caches' MAX_BYTES add up to {self._cache_bytes_granted} bytes: no room for cache {ns!r} "
-                    f"within MAX_TOTAL_CACHE_BYTES={self.max_total_cache_bytes}"
-                )
-            if max_bytes < asked:
-                logger.warning(
-                    "cache %r asked for MAX_BYTES=%d; it gets %d (MAX_CACHE_BYTES=%d, MAX_TOTAL_CACHE_BYTES=%d)",
-                    ns,
-                    asked,
-                    max_bytes,
-                    self.max_cache_bytes,
-                    self.max_total_cache_bytes,
-                )
-            self._cache_bytes_granted += max_bytes
-            cache = self.caches[ns] = self._namespace(ns, Namespace.cache(max_bytes, clock=self.clock))
+            cache = self._new_cache(ns, bounds[2])
         return cache, bounds
+
+    def _new_cache(self, ns, asked: int) -> Namespace:
+        """Create cache ``ns`` with a MAX_BYTES of ``asked``, clamped to what the settings allow."""
+        if type(ns) is not str:
+            raise ArgumentTypeError(f"a cache name is a str, not {type(ns).__name__}")
+        if len(ns) > MAX_CACHE_NAME:
+            raise InvalidKey(f"a cache name is at most {MAX_CACHE_NAME} characters")
+        if len(self.caches) >= MAX_CACHES:
+            raise LimitExceeded(f"the Manager holds {MAX_CACHES} caches already; use fewer cache LOCATIONs")
+        remaining = self.max_total_cache_bytes - self._cache_bytes_granted
+        max_bytes = min(asked, self.max_cache_bytes, remaining)
+        if remaining < min(asked, self.max_cache_bytes, MIN_CACHE_BYTES):
+            raise LimitExceeded(
+                f"the caches' MAX_BYTES add up to {self._cache_bytes_granted} bytes: no room for cache {ns!r} "
+                f"within MAX_TOTAL_CACHE_BYTES={self.max_total_cache_bytes}"
+            )
+        if max_bytes < asked:
+            logger.warning(
+                "cache %r asked for MAX_BYTES=%d; it gets %d (MAX_CACHE_BYTES=%d, MAX_TOTAL_CACHE_BYTES=%d)",
+                ns,
+                asked,
+                max_bytes,
+                self.max_cache_bytes,
+                self.max_total_cache_bytes,
+            )
+        self._cache_bytes_granted += max_bytes
+        cache = self.caches[ns] = self._namespace(ns, Namespace.cache(max_bytes, clock=self.clock))
+        return cache
+
+    # -- snapshots (the file format and the writer are .snapshot's) -----------------------
+
+    def snapshot(
+        self, max_entries: int = 4096, max_bytes: int = 1 << 20
+    ) -> Iterator[tuple[str, int | None, Iterator[list]]]:
+        """``(name, max_bytes, batches)`` for the store (name ``""``, max_bytes
+        None: the settings decide it at restore) and then every cache (its
+        MAX_BYTES), ``batches`` being :meth:`Namespace.snapshot_batches`: the
+        values as stored (opaque bytes or ints), their remaining ttls, in LRU
+        order. Reads only. Locks, listeners and near-cache tracking are not in
+        it: their holders do not outlive the server."""
+        yield "", None, self.store.snapshot_batches(max_entries, max_bytes)
+        for name, cache in list(self.caches.items()):
+            yield name, cache.max_bytes, cache.snapshot_batches(max_entries, max_bytes)
+
+    def snapshot_meta(self) -> dict:
+        """What a snapshot keeps besides the entries: the last fencing token
+        granted, so that fences keep growing across a restart (a store that
+        recorded one would otherwise refuse every new holder)."""
+        return {"fence": self.locks._fence}
+
+    def restore_meta(self, meta: dict) -> None:
+        fence = meta.get("fence")
+        if type(fence) is int and fence > self.locks._fence:
+            self.locks._fence = fence
+
+    def restore(self, spaces: Iterable[tuple[str, int | None, Iterable[list]]], elapsed: float = 0.0) -> dict:
+        """Put back what :meth:`snapshot` gave, ``elapsed`` seconds later (taken
+        off every ttl; what ran out is skipped); return counts (see
+        :meth:`Namespace.restore`). A cache is created with the MAX_BYTES it
+        had, clamped by MAX_CACHE_BYTES and MAX_TOTAL_CACHE_BYTES as any new
+        cache; one that no longer fits is left out (logged). Keys written
+        before the restore (start-up code) are newer and stay."""
+        totals = {"restored": 0, "expired": 0, "left_out": 0, "newer": 0, "caches": 0, "caches_left_out": 0}
+        for name, max_bytes, batches in spaces:
+            if name == "":
+                space = self.store
+            else:
+                cache = self.caches.get(name)
+                if cache is None:
+                    try:
+                        cache = self._new_cache(name, DEFAULT_BOUNDS[2] if max_bytes is None else max_bytes)
+                    except ClusterShmError as exc:
+                        logger.error("snapshot: cache %r is not restored: %s", name, exc)
+                        totals["caches_left_out"] += 1
+                        continue
+                totals["caches"] += 1
+                space = cache
+            for key, count in space.restore(batches, elapsed).items():
+                totals[key] += count
+        return totals
 
     def _key(self, key) -> str:
         if type(key) is str and len(key) <= self._max_key and key.isascii():
@@ -559,4 +617,5 @@ class Engine:
             "sweep": {"pending": self.sweep_pending, "swept": self.swept, "largest": self.sweep_largest},
             "limits": self.limits.as_dict(),
             "loop": self.loop_stats() if self.loop_stats is not None else {},
+            "snapshot": self.snapshot_stats() if self.snapshot_stats is not None else None,
         }

@@ -64,6 +64,7 @@ from ..wire import frames as P
 from ..wire import handshake as H
 from ..wire.limits import Limits
 from .engine import DEFERRED, NO_REPLY, Engine, Session
+from .snapshot import Periodic, SnapshotConfig
 
 logger = logging.getLogger("django_clustershm.manager")
 
@@ -259,6 +260,7 @@ class Manager:
         max_pending_output: int | None = None,
         max_total_output: int | None = None,
         max_unauthenticated: int | None = None,
+        snapshot: SnapshotConfig | None = None,
     ) -> None:
         if max_unauthenticated is not None:
             self.max_unauthenticated = max_unauthenticated
@@ -272,6 +274,10 @@ class Manager:
             self.max_total_output = max_total_output
         self.engine = engine or Engine(limits=limits, max_store_bytes=max_store_bytes)
         self.engine.loop_stats = self.loop_stats
+        #: Snapshots (see .snapshot): periodic ones from the loop, the last one when it stops.
+        self.snapshots = Periodic(self.engine, snapshot) if snapshot is not None else None
+        if self.snapshots is not None:
+            self.engine.snapshot_stats = self.snapshots.stats
         self.secret = secret if secret is not None else os.urandom(32)
         self._own_dir = None
         if address is None:
@@ -395,6 +401,8 @@ class Manager:
             self._shutdown()
         elif serving is not threading.current_thread():
             serving.join(timeout)
+            while serving.is_alive() and self.snapshots is not None and self.snapshots.writing_final:
+                serving.join(0.1)  # the last snapshot takes what it takes (seconds at millions of keys)
             if serving.is_alive():
                 logger.error("the Manager thread did not stop within %.1fs", timeout)
 
@@ -412,6 +420,12 @@ class Manager:
         """Run ``fn(*args)`` on the Manager's loop (safe from any thread)."""
         self._calls.append((fn, args))
         self._wake()
+
+    def request_snapshot(self) -> None:
+        """Have the loop fork a snapshot writer now, as an INTERVAL would (safe
+        from any thread); nothing if snapshots are off or one is being written."""
+        if self.snapshots is not None:
+            self.call_soon(self.snapshots.start)
 
     def forget_pid(self, pid: int) -> None:
         """Drop every connection of process ``pid`` (gunicorn's ``child_exit``).
@@ -444,6 +458,10 @@ class Manager:
         self._wake_r.close()
         self._wake_w.close()
         self._remove_files()
+        if self.snapshots is not None:
+            # Every connection is closed: nothing changes any more. Not after
+            # the loop died of something: the last periodic snapshot stays.
+            self.snapshots.close(final=self.failure is None)
         logger.debug("Manager on %s stopped", self.address)
 
     def _remove_files(self) -> None:
@@ -463,6 +481,8 @@ class Manager:
             conn.sock.close()
         self._conns = {}
         self._unauthenticated = {}
+        if self.snapshots is not None:
+            self.snapshots.forget_in_child()
         for obj in (self._listener, self._wake_r, self._wake_w, self._ep):
             try:
                 obj.close()
@@ -480,6 +500,7 @@ class Manager:
         clock = time.monotonic
         spin = self.spin
         spin_skip = spin_backoff = 0
+        snapshots = self.snapshots
         next_check = clock() + 1.0
         next_tick = 0.0
         while not self._stopping:
@@ -562,7 +583,11 @@ class Manager:
                 self._resume_accepting()
                 self._stall_window()
                 self._warn_tick(now)
+                if snapshots is not None:
+                    snapshots.tick(now)  # may fork a writer: between rounds, all requests answered
             stall = clock() - round_start
+            if snapshots is not None and snapshots.child is not None:
+                snapshots.note_round(stall)
             if stall > self._stall_recent:
                 self._stall_recent = stall
                 if stall > self.max_stall:

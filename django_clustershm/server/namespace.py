@@ -61,8 +61,9 @@ import heapq
 import math
 import struct
 import time
-from collections.abc import Callable, Generator, Iterable
+from collections.abc import Callable, Generator, Iterable, Iterator
 from itertools import islice
+from typing import Any
 
 from ..exceptions import IntegerOverflow, KeyNotFound, NotAnInteger, StoreFull, ValueTooLarge
 from ..wire.args import INT64_MAX, INT64_MIN
@@ -474,6 +475,121 @@ class Namespace:
         self._sweep = None
         self._emit(EVENT_CLEAR, None)
         return count
+
+    # -- snapshots (see .snapshot) -----------------------------------------------------
+
+    def snapshot_batches(self, max_entries: int = 4096, max_bytes: int = 1 << 20) -> Iterator[list]:
+        """The live entries as flat ``[key, value, ttl, key, value, ttl...]``
+        lists of at most ``max_entries`` entries (or a little over ``max_bytes``
+        bytes of values), in the dict's order: a cache's LRU order, least
+        recently used first. ``value`` is what a client stored (bytes, never
+        unpickled, or an int), ``ttl`` the seconds it has left (None: no expiry).
+
+        Reads only: nothing expires or moves, so a forked writer can call it
+        on its copy, and it gives the same entries as at the fork.
+        """
+        now = self.clock()
+        batch: list = []
+        size = 0
+        append = batch.append
+        data: dict[str, Any] = self.data
+        for key, stored in data.items():
+            kind = type(stored)
+            if kind is bytes:
+                if len(stored) > _RAW_MIN:
+                    value, ttl = stored, None
+                elif stored[0] == 0:
+                    value, ttl = stored[1:], None
+                else:
+                    deadline = _unpack_deadline(stored, 1)[0]
+                    if deadline <= now:
+                        continue
+                    value, ttl = stored[9:], deadline - now
+                size += len(value)
+            elif kind is tuple:
+                value, deadline = stored
+                if deadline == INF:
+                    ttl = None
+                elif deadline <= now:
+                    continue
+                else:
+                    ttl = deadline - now
+                if type(value) is bytes:
+                    size += len(value)
+            else:
+                value, ttl = stored, None
+            append(key)
+            append(value)
+            append(ttl)
+            if len(batch) >= 3 * max_entries or size >= max_bytes:
+                yield batch
+                batch = []
+                append = batch.append
+                size = 0
+        if batch:
+            yield batch
+
+    def items_for_snapshot(self) -> Iterator[tuple[str, object, float | None]]:
+        """``(key, value, remaining ttl or None)`` of every live entry, in LRU order (see :meth:`snapshot_batches`)."""
+        for batch in self.snapshot_batches():
+            for i in range(0, len(batch), 3):
+                yield batch[i], batch[i + 1], batch[i + 2]
+
+    def restore(self, batches: Iterable[list], elapsed: float = 0.0) -> dict[str, int]:
+        """Put back entries from :meth:`snapshot_batches` (``elapsed``: seconds
+        that passed since, taken off every ttl), in their order; return counts.
+
+        An entry whose ttl has run out is skipped, and so is a key this
+        namespace holds already: it was written since the snapshot (by start-up
+        code), so it is the newer. Restored entries come *before* those in a
+        cache's LRU order. The store leaves out what would take it over
+        ``MAX_STORE_BYTES`` (counted, not refused: the rest still comes back);
+        a cache evicts its least recently used entries down to its ``MAX_BYTES``.
+        Byte accounting, the timed count and the expiry wheel are kept as
+        every write keeps them. No events: nobody listens yet.
+        """
+        now = self.clock()
+        existing = self.data
+        data: dict[str, object] = {}
+        self.data = data
+        wheel_add = self.wheel.add
+        budget = self.max_bytes if self.kind == "store" else None
+        largest = self.max_bytes if self.kind == "cache" else None
+        total = self.bytes
+        restored = expired = left_out = newer = timed = 0
+        for batch in batches:
+            for i in range(0, len(batch), 3):
+                key, value, ttl = batch[i], batch[i + 1], batch[i + 2]
+                if key in existing or key in data:
+                    newer += 1
+                    continue
+                if ttl is None:
+                    deadline = INF
+                else:
+                    ttl -= elapsed
+                    if ttl <= 0:
+                        expired += 1
+                        continue
+                    deadline = now + ttl
+                stored = _pack(value, deadline)
+                size = _cost(key, stored)
+                if (budget is not None and total + size > budget) or (largest is not None and size > largest):
+                    left_out += 1
+                    continue
+                data[key] = stored
+                total += size
+                restored += 1
+                if deadline != INF:
+                    timed += 1
+                    wheel_add(key, deadline, now)
+        data.update(existing)  # the newer entries stay the most recently used
+        self.bytes = total
+        self.timed += timed
+        evictions = self.evictions
+        if self.max_bytes is not None and self.bytes > self.max_bytes and self.kind == "cache":
+            self._fit(0, "")
+        evicted = self.evictions - evictions
+        return {"restored": restored - evicted, "expired": expired, "left_out": left_out + evicted, "newer": newer}
 
     # -- expiry ------------------------------------------------------------------------
 
