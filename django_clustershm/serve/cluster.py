@@ -6,9 +6,14 @@ inherit that configuration (address and secret) in memory through fork. The
 hooks used are gunicorn's documented server hooks:
 
 * ``on_starting`` starts the Manager (in a thread of the master);
+* ``post_fork`` gives each worker its lifeline (:mod:`.lifeline`): it exits
+  within a second or so if the master dies, even by SIGKILL;
 * ``child_exit`` tells the Manager a worker died, so whatever it held is
   released at once even if one of its descriptors outlived it;
 * ``on_exit`` stops the Manager and removes its socket directory.
+
+At start the master also removes the socket directories that dead masters
+of its user left behind (:mod:`..runtime`).
 
 What the master wrote before the Manager started (for example initial state
 set in an ``AppConfig.ready()``, which runs in the master when Django is set
@@ -23,9 +28,10 @@ import logging
 import os
 import signal
 
-from .. import conf, registry
+from .. import conf, registry, runtime
 from ..client import EmbeddedTransport
 from ..server import Engine, Manager
+from . import lifeline
 
 logger = logging.getLogger("django_clustershm.cluster")
 
@@ -42,6 +48,7 @@ def start_manager() -> Manager:
     global _manager
     if _manager is not None:
         return _manager
+    runtime.remove_stale_socket_dirs()
     settings = conf.settings()
     current = registry.current()
     handles = []
@@ -56,6 +63,7 @@ def start_manager() -> Manager:
     else:
         engine = Engine(**conf.engine_options(settings))
     _manager = Manager(engine=engine)
+    runtime.mark_socket_dir(_manager.address)
     _manager.on_failure = _manager_died
     _manager.start()
     registry.configure(_manager.address, _manager.secret, adopt=handles)
@@ -101,6 +109,10 @@ def on_starting(server) -> None:
     start_manager()
 
 
+def post_fork(server, worker) -> None:
+    lifeline.post_fork(server, worker)
+
+
 def child_exit(server, worker) -> None:
     if _manager is not None:
         _manager.forget_pid(worker.pid)
@@ -112,7 +124,7 @@ def on_exit(server) -> None:
         raise SystemExit(EXIT_MANAGER_DIED)  # out of gunicorn's halt(), instead of its exit 0
 
 
-HOOKS = {"on_starting": on_starting, "child_exit": child_exit, "on_exit": on_exit}
+HOOKS = {"on_starting": on_starting, "post_fork": post_fork, "child_exit": child_exit, "on_exit": on_exit}
 
 
 def chain(ours, theirs):
@@ -122,7 +134,7 @@ def chain(ours, theirs):
     """
     if theirs is None or theirs is ours:
         return ours
-    if ours is child_exit:
+    if ours in (child_exit, post_fork):
 
         def hook2(server, worker):
             ours(server, worker)

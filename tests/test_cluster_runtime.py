@@ -1,0 +1,193 @@
+"""A cluster's life beside its master (#13 parts 3-5), with real processes where it matters:
+
+* a clean death: a master killed with SIGKILL takes its workers with it within 2 s (sync and
+  ASGI), the port is free for a new runcluster, which removes the dead master's socket
+  directory and leaves a live Manager's alone.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+
+import pytest
+
+from django_clustershm import runtime
+from django_clustershm.server import Manager
+
+from .helpers import wait_until
+from .test_runcluster import Server, require_uvicorn_worker
+
+
+@pytest.fixture
+def short_tmp():
+    """A short private directory under /tmp: the Manager's socket path lives under
+    $TMPDIR and must fit in 108 bytes, which pytest's tmp_path does not promise."""
+    path = tempfile.mkdtemp(prefix="cs-", dir="/tmp")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def isolated_env(short_tmp: str) -> dict:
+    """Manager directories and runtime files of the processes started with this
+    environment go under ``short_tmp``, away from any real cluster of this user."""
+    for name in ("tmp", "run"):
+        os.makedirs(os.path.join(short_tmp, name), mode=0o700, exist_ok=True)
+    return {"TMPDIR": os.path.join(short_tmp, "tmp"), "XDG_RUNTIME_DIR": os.path.join(short_tmp, "run")}
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(("127.0.0.1", port))
+            probe.listen(1)
+        except OSError:
+            return False
+    return True
+
+
+# -- 3. a clean death -------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["wsgi", "asgi"])
+def test_workers_exit_within_2s_of_a_sigkilled_master_and_a_restart_cleans_up(tmp_path, short_tmp, kind):
+    extra = ["--asgi"] if kind == "asgi" else []
+    if extra:
+        require_uvicorn_worker()
+    env = isolated_env(short_tmp)
+    first = Server(tmp_path, *extra, "--workers", "2", env=env, workers=2).start()
+    live_dir = os.path.join(env["TMPDIR"], "clustershm-live")
+    live = None
+    second = None
+    try:
+        old_dir = os.path.dirname(first.manager_address())
+        assert os.path.exists(os.path.join(old_dir, runtime.PID_FILE))
+        workers = first.workers()
+        # One worker is busy in a 30 s view: the grace is short, whatever a request does.
+        busy = threading.Thread(target=lambda: _swallow(first.get, "/slow/?s=30", 40), daemon=True)
+        busy.start()
+        time.sleep(0.3)
+        killed_at = time.monotonic()
+        os.kill(first.master, signal.SIGKILL)
+        first.proc.wait(5)
+        wait_until(lambda: not any(alive(pid) for pid in workers), timeout=10, interval=0.01, message="workers gone")
+        exited_after = time.monotonic() - killed_at
+        wait_until(lambda: port_is_free(first.port), timeout=10, interval=0.01, message="port free")
+        free_after = time.monotonic() - killed_at
+        print(
+            f"{kind}: {len(workers)} workers exited {exited_after:.2f}s after the master's SIGKILL, port free after {free_after:.2f}s"
+        )
+        assert exited_after < 2.0 and free_after < 2.0, (exited_after, free_after)
+        assert f"the master (pid {first.master}) is gone" in first.log()
+        assert os.path.isdir(old_dir)  # left behind by the SIGKILL
+
+        # A live Manager's directory, idle for an hour and naming a dead pid, is left alone: it answers.
+        os.mkdir(live_dir, 0o700)
+        live = Manager(os.path.join(live_dir, "manager.sock")).start()
+        with open(os.path.join(live_dir, runtime.PID_FILE), "w") as fh:
+            fh.write(f"{first.master}\n")
+        os.utime(live_dir, (time.time() - 3600, time.time() - 3600))
+
+        second = on_port(Server(tmp_path, *extra, "--workers", "2", env=env, workers=2), first.port).start()
+        assert second.get("/whoami/")[1]["manager_pid"] == second.master
+        assert not os.path.exists(old_dir)
+        assert f"removed {old_dir}, left by a Manager that is gone" in second.log()
+        assert os.path.exists(os.path.join(live_dir, "manager.sock"))
+    finally:
+        if second is not None:
+            second.stop()
+        first.stop()
+        if live is not None:
+            live.close()
+
+
+def on_port(server: Server, port: int) -> Server:
+    server.port = port
+    server.argv[server.argv.index("--bind") + 1] = f"127.0.0.1:{port}"
+    return server
+
+
+def _swallow(fn, *args):
+    try:
+        fn(*args)
+    except OSError:
+        pass
+
+
+def test_stale_socket_dirs_are_told_by_rules_that_never_touch_a_live_or_foreign_one(short_tmp):
+    base = os.path.join(short_tmp, "tmp")
+    os.mkdir(base, 0o700)
+    dead_pid = _dead_pid()
+    sleeper = subprocess.Popen(["sleep", "30"])
+    hour_ago = time.time() - 3600
+    live = None
+
+    def make(name: str, *, pid: int | None = None, old: bool = True, extra: str | None = None, mode: int = 0o700):
+        path = os.path.join(base, name)
+        os.mkdir(path, 0o700)
+        sock = socket.socket(socket.AF_UNIX)
+        sock.bind(os.path.join(path, "manager.sock"))  # bound, never listening: refuses, as a dead one's
+        sock.close()
+        with open(os.path.join(path, "secret"), "wb") as fh:
+            fh.write(b"x" * 32)
+        if pid is not None:
+            with open(os.path.join(path, runtime.PID_FILE), "w") as fh:
+                fh.write(f"{pid}\n")
+        if extra:
+            open(os.path.join(path, extra), "w").close()
+        os.chmod(path, mode)
+        if old:
+            os.utime(path, (hour_ago, hour_ago))
+        return path
+
+    try:
+        dead = make("clustershm-dead", pid=dead_pid, old=False)  # a dead master's, just now
+        old_no_pid = make("clustershm-oldnopid")  # a standalone Manager's, killed an hour ago
+        young_no_pid = make("clustershm-young", old=False)  # maybe a Manager being made
+        live_pid = make("clustershm-livepid", pid=sleeper.pid)  # its master still runs
+        foreign = make("clustershm-foreign", pid=dead_pid, extra="notes.txt")  # not only a Manager's files
+        shared = make("clustershm-shared", pid=dead_pid, mode=0o750)  # not private: not one of ours
+        os.symlink(dead, os.path.join(base, "clustershm-link"))  # a link is never followed
+        listening = os.path.join(base, "clustershm-listening")
+        os.mkdir(listening, 0o700)
+        live = Manager(os.path.join(listening, "manager.sock")).start()
+        with open(os.path.join(listening, runtime.PID_FILE), "w") as fh:
+            fh.write(f"{dead_pid}\n")
+        os.utime(listening, (hour_ago, hour_ago))
+        others = None
+        if os.getuid() == 0:  # another user's: only root can make one to test with
+            others = make("clustershm-others", pid=dead_pid)
+            os.chown(others, 12345, 12345)
+
+        removed = runtime.remove_stale_socket_dirs(base)
+        assert sorted(removed) == sorted([dead, old_no_pid])
+        for kept in (young_no_pid, live_pid, foreign, shared, listening, *(p for p in [others] if p)):
+            assert os.path.isdir(kept), kept
+        assert os.path.islink(os.path.join(base, "clustershm-link"))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+        if live is not None:
+            live.close()
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen(["true"])
+    proc.wait()
+    return proc.pid
