@@ -26,7 +26,8 @@ define one of them, call ours from yours (or use :func:`chain`)::
 ``on_starting`` runs before gunicorn loads the application, so with
 ``--preload`` too, what the app stores at import (or in ``AppConfig.ready()``)
 goes to the Manager the workers share. ``post_fork`` ties each worker to the
-master (it exits within about a second if the master dies, even by SIGKILL).
+master (it exits within about a second if the master dies, even by SIGKILL)
+and keeps its heartbeat going while it waits for a lock.
 """
 
 from .serve.cluster import chain, child_exit, on_exit, on_starting, post_fork

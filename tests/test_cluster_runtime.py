@@ -2,7 +2,9 @@
 
 * a clean death: a master killed with SIGKILL takes its workers with it within 2 s (sync and
   ASGI), the port is free for a new runcluster, which removes the dead master's socket
-  directory and leaves a live Manager's alone.
+  directory and leaves a live Manager's alone;
+* lock waits are not hangs: a sync worker waiting for a lock past gunicorn's --timeout is not
+  killed, the lock's own timeout decides.
 """
 
 from __future__ import annotations
@@ -15,13 +17,15 @@ import subprocess
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from django_clustershm import runtime
+from django_clustershm import registry, runtime
+from django_clustershm.client import transport as transport_module
 from django_clustershm.server import Manager
 
-from .helpers import wait_until
+from .helpers import socket_client, wait_until
 from .test_runcluster import Server, require_uvicorn_worker
 
 
@@ -191,3 +195,83 @@ def _dead_pid() -> int:
     proc = subprocess.Popen(["true"])
     proc.wait()
     return proc.pid
+
+
+# -- 4. lock waits are not hangs --------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_a_sync_lock_wait_past_gunicorns_timeout_is_not_a_hang(tmp_path):
+    """--timeout 2: the test holds two locks for 4.5 s. A sync view waiting with timeout=20 gets
+    its lock after ~4.5 s, one with timeout=3 gives up after 3 s (the lock's timeout decides),
+    an async view waiting in a sync worker gets its lock too; a view that merely sleeps 4 s is
+    still killed as hung."""
+    srv = Server(tmp_path)
+    srv.argv[srv.argv.index("--timeout") + 1] = "2"
+    srv.start()
+    holder = socket_client(srv.manager_address(), registry.read_secret(srv.manager_address()), timeout=5)
+    try:
+        sync_key, async_key = "demo:lock:hb", "demo:alock:hb"
+        tokens = [holder.lock_acquire(sync_key, wait=0), holder.lock_acquire(async_key, wait=0)]
+        assert all(tokens)
+        requests = {
+            "gets": "/lock/?key=hb&timeout=20",
+            "gives_up": "/lock/?key=hb&timeout=3",
+            "async_gets": "/alock/?key=hb&id=hb&timeout=20",
+            "sleeps": "/slow/?s=4",
+        }
+        with ThreadPoolExecutor(len(requests)) as pool:
+            futures = {name: pool.submit(_status, srv, path) for name, path in requests.items()}
+            time.sleep(4.5)
+            holder.lock_release(sync_key, tokens[0][0])
+            holder.lock_release(async_key, tokens[1][0])
+            answers = {name: f.result(timeout=30) for name, f in futures.items()}
+        print({name: (status, body.get("waited")) for name, (status, body) in answers.items()})
+        status, body = answers["gets"]
+        assert status == 200 and body["acquired"] is True and 4.0 < body["waited"] < 10, answers
+        status, body = answers["gives_up"]
+        assert status == 200 and body["acquired"] is False and 2.9 < body["waited"] < 4.4, answers
+        status, body = answers["async_gets"]
+        assert status == 200 and body["state"] == "holding", answers
+        assert answers["sleeps"][0] != 200, answers  # a real hang is still a hang
+        log = srv.log()
+        assert log.count("WORKER TIMEOUT") == 1, log
+    finally:
+        holder.shutdown()
+        holder.close()
+        srv.stop()
+
+
+def _status(srv: Server, path: str) -> tuple[int | None, dict]:
+    try:
+        return srv.get(path, timeout=30)
+    except OSError as exc:
+        return None, {"error": repr(exc)}
+
+
+def test_a_lock_wait_beats_the_heartbeat_and_an_ordinary_call_does_not(manager_process):
+    beats: list[float] = []
+    holder = socket_client(manager_process.address, manager_process.secret, timeout=5)
+    waiter = socket_client(manager_process.address, manager_process.secret, timeout=5)
+    try:
+        transport_module.set_heartbeat(lambda: beats.append(time.monotonic()), 0.2)
+        waiter.set("k", 1)
+        waiter.get("k")
+        assert beats == []  # ordinary calls give up within TIMEOUT: they never beat
+        token, _ = holder.lock_acquire("hb", wait=0)
+        started = time.monotonic()
+        assert waiter.lock_acquire("hb", wait=1.0) is None  # the Manager's timeout decides
+        waited = time.monotonic() - started
+        assert 0.9 < waited < 2.0
+        assert 5 <= len(beats) <= 8, beats  # at the start of the wait, then every 0.2 s
+        holder.lock_release("hb", token)
+        # A child forked afterwards does not inherit it.
+        pid = os.fork()
+        if pid == 0:
+            os._exit(0 if transport_module.heartbeat() is None else 1)
+        assert os.waitpid(pid, 0)[1] == 0
+    finally:
+        transport_module.set_heartbeat(None)
+        for c in (holder, waiter):
+            c.shutdown()
+            c.close()

@@ -7,7 +7,8 @@ hooks used are gunicorn's documented server hooks:
 
 * ``on_starting`` starts the Manager (in a thread of the master);
 * ``post_fork`` gives each worker its lifeline (:mod:`.lifeline`): it exits
-  within a second or so if the master dies, even by SIGKILL;
+  within a second or so if the master dies, even by SIGKILL, and a lock wait
+  keeps its heartbeat going;
 * ``child_exit`` tells the Manager a worker died, so whatever it held is
   released at once even if one of its descriptors outlived it;
 * ``on_exit`` stops the Manager and removes its socket directory.

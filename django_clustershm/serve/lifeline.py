@@ -1,6 +1,9 @@
 """A worker's lifeline to its master: set up in each worker by the ``post_fork`` hook.
 
-**A worker dies with its master.** A master killed with SIGKILL runs no hook: its
+Two things a gunicorn worker of ``runcluster`` needs that gunicorn alone
+does not give it:
+
+**It dies with its master.** A master killed with SIGKILL runs no hook: its
 Manager is gone, but its workers kept serving (500 ``ManagerUnavailable``)
 and held the port: a sync worker looks at its parent only when it is idle
 (every ``--timeout``/2 seconds), an ASGI worker never. So each worker
@@ -17,6 +20,14 @@ and held the port: a sync worker looks at its parent only when it is idle
 
 The master is the process that forked the worker: gunicorn's arbiter forks
 from its main thread, which is what the parent-death signal watches.
+
+**Its lock waits are not hangs.** gunicorn's arbiter kills a worker whose
+heartbeat (``worker.notify()``) is older than ``--timeout``; a sync worker
+beats only between requests, so a view waiting for a lock longer than that
+was killed as hung. The hook registers ``worker.notify`` as the client's
+heartbeat (:func:`..client.transport.set_heartbeat`), which a lock wait calls
+while it blocks: the lock's own timeout decides. ASGI workers get none: their
+event loop beats for them, and a lock wait there does not block it.
 """
 
 from __future__ import annotations
@@ -29,6 +40,8 @@ import signal
 import sys
 import threading
 import time
+
+from ..client.transport import set_heartbeat
 
 logger = logging.getLogger("django_clustershm.cluster")
 
@@ -111,5 +124,12 @@ def watch_master(master_pid: int, grace: float = ORPHAN_GRACE) -> threading.Thre
 
 
 def post_fork(server, worker) -> None:
-    """gunicorn's ``post_fork`` hook, in the new worker: its lifeline."""
+    """gunicorn's ``post_fork`` hook, in the new worker: its lifeline, and its
+    heartbeat during lock waits."""
+    from .asgi import is_asgi_worker
+
     watch_master(server.pid)
+    if worker.timeout and not is_asgi_worker(type(worker)):
+        # worker.timeout is gunicorn's --timeout / 2: the cadence at which
+        # gunicorn's own workers notify.
+        set_heartbeat(worker.notify, worker.timeout)
