@@ -16,6 +16,9 @@
                      the store's reads (cluster mode; see :mod:`.client.near`)
 ``CLIENT_SPIN``      seconds a call polls for its reply before sleeping
                      (default 20e-6, adaptive; 0: never)
+``AUTO_ATTACH``      whether a management command run from the command line
+                     attaches to the project's running cluster (default True;
+                     see :mod:`.registry`)
 ==================  =========================================================
 
 Which Manager those settings lead to is :mod:`.registry`'s business.
@@ -41,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "MAX_TOTAL_CACHE_BYTES": None,
     "NEAR_CACHE": None,
     "CLIENT_SPIN": DEFAULT_SPIN,
+    "AUTO_ATTACH": True,
 }
 
 #: A near cache's bounds when NEAR_CACHE gives none.

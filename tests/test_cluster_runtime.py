@@ -4,16 +4,23 @@
   ASGI), the port is free for a new runcluster, which removes the dead master's socket
   directory and leaves a live Manager's alone;
 * lock waits are not hangs: a sync worker waiting for a lock past gunicorn's --timeout is not
-  killed, the lock's own timeout decides.
+  killed, the lock's own timeout decides;
+* tools find the running cluster: clustershm_stats and shell attach to it through the runtime
+  file; without one they say so on stderr; pytest and imports never attach by themselves.
 """
 
 from __future__ import annotations
 
+import io
+import json
 import os
+import re
 import shutil
 import signal
 import socket
+import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -26,7 +33,7 @@ from django_clustershm.client import transport as transport_module
 from django_clustershm.server import Manager
 
 from .helpers import socket_client, wait_until
-from .test_runcluster import Server, require_uvicorn_worker
+from .test_runcluster import ROOT, Server, require_uvicorn_worker
 
 
 @pytest.fixture
@@ -63,6 +70,18 @@ def port_is_free(port: int) -> bool:
         except OSError:
             return False
     return True
+
+
+def load(path: str) -> dict:
+    with open(path) as fh:
+        return json.load(fh)
+
+
+def manage(*args: str, env: dict, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "manage.py", *args],
+        cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, timeout=timeout,
+    )  # fmt: skip
 
 
 # -- 3. a clean death -------------------------------------------------------------------------
@@ -275,3 +294,127 @@ def test_a_lock_wait_beats_the_heartbeat_and_an_ordinary_call_does_not(manager_p
         for c in (holder, waiter):
             c.shutdown()
             c.close()
+
+
+# -- 5. tools find the running cluster ---------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_clustershm_stats_and_shell_attach_to_the_running_cluster(tmp_path, short_tmp):
+    env = isolated_env(short_tmp)
+    srv = Server(tmp_path, "--workers", "2", env=env, workers=2).start()
+    holder = None
+    try:
+        for _ in range(3):
+            assert srv.get("/hit/")[0] == 200
+        assert srv.get("/cached/")[0] == 200  # an entry of the "default" cache
+        files = os.listdir(os.path.join(env["XDG_RUNTIME_DIR"], "django-clustershm"))
+        assert len(files) == 1
+        record = os.path.join(env["XDG_RUNTIME_DIR"], "django-clustershm", files[0])
+        assert stat.S_IMODE(os.stat(record).st_mode) == 0o600
+        assert load(record)["pid"] == srv.master
+        holder = socket_client(srv.manager_address(), registry.read_secret(srv.manager_address()), timeout=5)
+        token, _ = holder.lock_acquire("demo:lock:stats", wait=0)
+
+        out = manage("clustershm_stats", env=env)
+        assert out.returncode == 0, out.stderr
+        assert "no running cluster found" not in out.stderr
+        text = out.stdout
+        assert f"Manager pid {srv.master}," in text, text
+        assert re.search(r"^caches: 1\n  default: [1-9]\d* keys", text, re.M), text  # /cached/'s entries
+        assert "locks: 1 held" in text and "demo:lock:stats: pid" in text, text
+        assert "listeners: " in text and f"  pid {sorted(srv.workers())[0]}: 1 subscriptions" in text, text
+        stats = json.loads(manage("clustershm_stats", "--json", env=env).stdout)
+        assert stats["manager_pid"] == srv.master and stats["store"]["keys"] >= 2
+
+        shell = manage("shell", "-c", "import django_clustershm as c; print('hits', c.get('demo:hits'))", env=env)
+        assert shell.returncode == 0, shell.stderr
+        assert "hits 3" in shell.stdout, shell.stdout + shell.stderr
+
+        holder.lock_release("demo:lock:stats", token)
+        srv.signal(signal.SIGTERM)
+        assert srv.wait(30) == 0
+        assert not os.path.exists(record)  # a clean stop forgets it
+        out = manage("clustershm_stats", env=env)
+        assert registry.NO_CLUSTER in out.stderr
+    finally:
+        if holder is not None:
+            holder.shutdown()
+            holder.close()
+        srv.stop()
+
+
+def test_without_a_cluster_a_management_command_says_so_on_stderr(short_tmp):
+    out = manage("clustershm_stats", env=isolated_env(short_tmp))
+    assert out.returncode == 0, out.stderr
+    assert registry.NO_CLUSTER in out.stderr
+    assert "store: " in out.stdout
+
+
+@pytest.fixture
+def recorded(manager_process, short_tmp, monkeypatch):
+    """A runtime file for this project naming a live Manager (with this process as its
+    "master"), in a place of the test's own: the environment it returns points there."""
+    env = isolated_env(short_tmp)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(tempfile, "tempdir", None)  # gettempdir() reads TMPDIR again
+    secret_file = os.path.join(manager_process.dir, "secret")
+    with open(secret_file, "wb") as fh:
+        fh.write(manager_process.secret)
+    path = runtime.record(manager_process.address, secret_file)
+    assert path is not None and path.startswith(env["XDG_RUNTIME_DIR"])
+    registry.reset()
+    yield env
+    runtime.forget()
+    monkeypatch.undo()
+    tempfile.tempdir = None
+
+
+def test_pytest_and_imports_never_attach_by_surprise(recorded, manager_process):
+    """This very process has a live cluster recorded for its project, yet it is a test
+    suite, not a tool run from the command line: it stays embedded, and says nothing."""
+    from django.core.management import call_command
+
+    assert runtime.find_running()["address"] == manager_process.address
+    assert runtime.management_command() is None
+    assert registry.get_client().transport.name == "embedded"
+    assert registry.mode() == "embedded"
+    out, err = io.StringIO(), io.StringIO()
+    call_command("clustershm_stats", stdout=out, stderr=err)  # call_command() is not the command line either
+    assert f"Manager pid {os.getpid()}," in out.getvalue()  # this process's own embedded Manager
+    assert registry.NO_CLUSTER in err.getvalue()
+
+
+def test_a_management_command_from_the_command_line_attaches(recorded, manager_process):
+    out = manage("clustershm_stats", "--json", env=recorded)
+    assert out.returncode == 0, out.stderr
+    assert json.loads(out.stdout)["manager_pid"] == manager_process.pid
+    assert registry.NO_CLUSTER not in out.stderr
+
+
+@pytest.mark.parametrize(
+    ("command", "setting", "attaches"),
+    [("shell", True, True), ("clustershm_stats", True, True), ("shell", False, False)]
+    + [(name, True, False) for name in sorted(registry.NEVER_ATTACH)],
+)
+def test_which_commands_attach(monkeypatch, settings, command, setting, attaches):
+    settings.CLUSTERSHM = {"AUTO_ATTACH": setting}
+    with monkeypatch.context() as patch:
+        patch.setattr(runtime, "management_command", lambda: command)
+        assert registry.auto_attaches() is attaches
+
+
+def test_a_runtime_file_others_could_write_or_a_dead_masters_is_not_trusted(recorded):
+    path = runtime._recorded
+    assert path is not None
+    os.chmod(path, 0o620)
+    assert runtime.find_running() is None  # group-writable: ignored
+    os.chmod(path, 0o600)
+    assert runtime.find_running() is not None
+    data = load(path)
+    data["pid"] = _dead_pid()
+    with open(path, "w") as fh:
+        json.dump(data, fh)
+    assert runtime.find_running() is None
+    assert not os.path.exists(path)  # a dead master's file is removed by its reader

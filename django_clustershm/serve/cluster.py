@@ -14,7 +14,9 @@ hooks used are gunicorn's documented server hooks:
 * ``on_exit`` stops the Manager and removes its socket directory.
 
 At start the master also removes the socket directories that dead masters
-of its user left behind (:mod:`..runtime`).
+of its user left behind, and records its Manager in the project's runtime
+file, where management commands find it (:mod:`..runtime`); a clean stop
+removes that file.
 
 What the master wrote before the Manager started (for example initial state
 set in an ``AppConfig.ready()``, which runs in the master when Django is set
@@ -68,6 +70,7 @@ def start_manager() -> Manager:
     _manager.on_failure = _manager_died
     _manager.start()
     registry.configure(_manager.address, _manager.secret, adopt=handles)
+    runtime.record(_manager.address, _manager.secret_file)
     logger.info("django-clustershm: Manager started in the master (pid %d) on %s", os.getpid(), _manager.address)
     return _manager
 
@@ -95,6 +98,7 @@ def stop_manager() -> None:
     """Stop the Manager at the server's exit (its listeners first, quietly)."""
     global _manager
     if _manager is not None:
+        runtime.forget()
         client = registry.current()
         if client is not None:
             client.shutdown()
