@@ -23,6 +23,9 @@
                      "start_empty" or "refuse"}``: keep the state in a file
                      across restarts (off by default; see
                      :mod:`.server.snapshot`)
+``AUTO_ATTACH``      whether a management command run from the command line
+                     attaches to the project's running cluster (default True;
+                     see :mod:`.registry`)
 ==================  =========================================================
 
 Which Manager those settings lead to is :mod:`.registry`'s business.
@@ -51,6 +54,7 @@ DEFAULTS: dict[str, Any] = {
     "ON_START": None,
     "CLIENT_SPIN": DEFAULT_SPIN,
     "SNAPSHOT": None,
+    "AUTO_ATTACH": True,
 }
 
 #: A near cache's bounds when NEAR_CACHE gives none.

@@ -13,7 +13,7 @@ With a config file of your own, import the hooks into it; if you already
 define one of them, call ours from yours (or use :func:`chain`)::
 
     # gunicorn.conf.py
-    from django_clustershm.gunicorn_conf import on_starting, child_exit, on_exit  # noqa: F401
+    from django_clustershm.gunicorn_conf import on_starting, post_fork, child_exit, on_exit  # noqa: F401
 
     # or, keeping your own hooks:
     from django_clustershm.gunicorn_conf import chain, on_starting as cs_on_starting
@@ -25,9 +25,11 @@ define one of them, call ours from yours (or use :func:`chain`)::
 
 ``on_starting`` runs before gunicorn loads the application, so with
 ``--preload`` too, what the app stores at import (or in ``AppConfig.ready()``)
-goes to the Manager the workers share.
+goes to the Manager the workers share. ``post_fork`` ties each worker to the
+master (it exits within about a second if the master dies, even by SIGKILL)
+and keeps its heartbeat going while it waits for a lock.
 """
 
-from .serve.cluster import chain, child_exit, on_exit, on_starting
+from .serve.cluster import chain, child_exit, on_exit, on_starting, post_fork
 
-__all__ = ["chain", "child_exit", "on_exit", "on_starting"]
+__all__ = ["chain", "child_exit", "on_exit", "on_starting", "post_fork"]

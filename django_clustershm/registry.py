@@ -11,7 +11,22 @@ The choice, made once per process on first use (and logged once):
    that was not forked by the master (a management command, a cron job); the
    secret is read from the 0600 ``secret`` file beside the socket, or from
    ``CLUSTERSHM["SECRET_FILE"]``;
-3. otherwise an embedded, in-process Manager (``runserver``, ``shell``, tests).
+3. in a management command run from the command line (``manage.py NAME``:
+   ``shell``, ``clustershm_stats``, a command of the project's), the
+   project's running cluster as its runtime file records it
+   (:mod:`.runtime`); if there is none, it says so on stderr
+   (:data:`NO_CLUSTER`) and goes on embedded. Not in the commands of
+   :data:`NEVER_ATTACH`, nor with ``CLUSTERSHM["AUTO_ATTACH"] = False``;
+4. otherwise an embedded, in-process Manager (``runserver``, tests, a script).
+
+Why only management commands: they are the tools an operator runs beside the
+server, expecting to see its state (a count, a flag, a session). Anything
+else that merely imports the project (a test suite under pytest, a script
+that calls ``django.setup()``, ``call_command()`` from a test) keeps its own
+embedded Manager, as before, so that a test run on a developer's machine
+never reads or clears the state of the server that happens to be running
+there. Servers are not tools: ``runcluster`` *is* the cluster, and
+``runserver`` serves on its own state.
 
 After a fork, the child runs :func:`_after_fork_in_child`, the only
 ``os.register_at_fork`` hook of the package, whose steps run in this order
@@ -33,12 +48,13 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import threading
 
-from . import conf
+from . import conf, runtime
 from .client import Client, EmbeddedTransport, SocketTransport
 from .client.client import clients
-from .exceptions import ManagerUnavailable
+from .exceptions import ClusterShmError, ManagerUnavailable
 from .server import Engine
 from .server import manager as _server_manager
 from .server import snapshot as _snapshot
@@ -48,6 +64,13 @@ logger = logging.getLogger("django_clustershm")
 _lock = threading.Lock()
 _client: Client | None = None
 _cluster: tuple[str, bytes] | None = None
+#: How the process-wide client was chosen: "cluster", "address", "attached" or "embedded".
+_mode: str | None = None
+
+#: Management commands that never attach by themselves: servers, and the test runners.
+NEVER_ATTACH = frozenset({"runcluster", "runserver", "testserver", "test"})
+#: What a management command says on stderr when it finds no running cluster.
+NO_CLUSTER = "no running cluster found: embedded Manager"
 
 
 def read_secret(address: str, secret_file: str | None = None) -> bytes:
@@ -95,10 +118,10 @@ def configure(address: str | None, secret: bytes | None = None, *, listeners: bo
     Registered listeners move to the new Manager, unless ``listeners=False``;
     ``adopt`` adds handles taken from a client stopped earlier.
     """
-    global _client, _cluster
+    global _client, _cluster, _mode
     with _lock:
         _cluster = None if address is None else (address, secret if secret is not None else read_secret(address))
-        old, _client = _client, None
+        old, _client, _mode = _client, None, None
     handles = list(adopt) + (old.shutdown() if old is not None else [])
     if old is not None:
         old.close()
@@ -125,8 +148,41 @@ def get_client() -> Client:
     return client
 
 
+def mode() -> str | None:
+    """How this process's client was chosen, once it was: ``"cluster"`` (forked
+    by the master), ``"address"`` (configured), ``"attached"`` (the runtime
+    file, in a management command) or ``"embedded"``."""
+    return _mode
+
+
+def auto_attaches() -> bool:
+    """Whether this process would look for the project's running cluster
+    (rule 3 of the module's docstring)."""
+    command = runtime.management_command()
+    return command is not None and command not in NEVER_ATTACH and bool(conf.settings()["AUTO_ATTACH"])
+
+
+def _attach_running() -> Client | None:
+    """A client of the project's running cluster, connected; None if none answers."""
+    found = runtime.find_running()
+    if found is None:
+        return None
+    try:
+        client = connect(found["address"], secret_file=found["secret_file"])
+        client.transport.limits  # noqa: B018 - connects: a recorded cluster that does not answer is not running
+    except ClusterShmError as exc:
+        logger.warning("django-clustershm: the cluster recorded in %s does not answer: %s", found["path"], exc)
+        return None
+    logger.info(
+        "django-clustershm: attached to the running cluster (master pid %d), Manager at %s",
+        found["pid"],
+        found["address"],
+    )
+    return client
+
+
 def _make_client() -> Client:
-    global _client
+    global _client, _mode
     with _lock:
         if _client is not None:
             return _client
@@ -134,14 +190,29 @@ def _make_client() -> Client:
         if _cluster is not None:
             address, secret = _cluster
             client = connect(address, secret)
+            _mode = "cluster"
             logger.info("django-clustershm: cluster mode, Manager at %s", address)
         elif settings["ADDRESS"] or os.environ.get("CLUSTERSHM_ADDRESS"):
             address = settings["ADDRESS"] or os.environ["CLUSTERSHM_ADDRESS"]
             client = connect(address, secret_file=settings["SECRET_FILE"])
+            _mode = "address"
             logger.info("django-clustershm: attached to the Manager at %s", address)
         else:
-            client = embedded()
-            logger.info("django-clustershm: embedded mode (in-process Manager; state is not shared between processes)")
+            attached = None
+            if auto_attaches():
+                attached = _attach_running()
+                if attached is None:
+                    sys.stderr.write(NO_CLUSTER + "\n")
+                    sys.stderr.flush()
+            if attached is not None:
+                client = attached
+                _mode = "attached"
+            else:
+                client = embedded()
+                _mode = "embedded"
+                logger.info(
+                    "django-clustershm: embedded mode (in-process Manager; state is not shared between processes)"
+                )
         near = conf.near_options(settings["NEAR_CACHE"])
         if near is not None:
             client.enable_near_cache("", *near)

@@ -14,6 +14,7 @@ urlpatterns = [
     path("slow/", views.slow, name="slow"),
     path("booted/", views.booted, name="booted"),
     path("code/", views.code, name="code"),
+    path("lock/", views.lock, name="lock"),
     path("bench/", views.bench, name="bench"),
     path("flags/", views.flags_view, name="flags"),
     # async views, for runcluster --asgi (under WSGI Django runs them too, one event loop per request)

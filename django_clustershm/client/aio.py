@@ -50,7 +50,7 @@ from ..wire import frames as F
 from ..wire import handshake as H
 from ..wire.limits import Limits
 from .socket import DEFAULT_SPIN
-from .transport import DEFAULT_TIMEOUT, USE_DEFAULT
+from .transport import DEFAULT_TIMEOUT, USE_DEFAULT, beat, heartbeat
 
 if TYPE_CHECKING:
     from .embedded import EmbeddedTransport
@@ -74,6 +74,23 @@ def _reply(op: int, payload) -> Any:
     if op == F.ERR:
         raise error_from_code(result[0], result[1])
     raise ProtocolError(f"unexpected reply opcode 0x{op:02x}")
+
+
+def _keep_beating(loop: asyncio.AbstractEventLoop, future: asyncio.Future) -> None:
+    """Keep this process's heartbeat (:func:`.transport.set_heartbeat`) going
+    while ``future`` (a lock wait) is pending: an async view served by a sync
+    gunicorn worker waits here while the worker's main thread blocks."""
+    registered = heartbeat()
+    if registered is None:
+        return
+    callback, interval = registered
+
+    def tick() -> None:
+        if not future.done():
+            beat(callback)
+            loop.call_later(interval, tick)
+
+    tick()
 
 
 def _expire(future: asyncio.Future, message: str) -> None:
@@ -514,6 +531,7 @@ class AsyncSocketTransport:
         if timeout is not None:
             wait = self.timeout if timeout is USE_DEFAULT else timeout
             handle = conn.loop.call_later(wait, _expire, future, f"no reply from the Manager within {wait}s")
+        _keep_beating(conn.loop, future)
         try:
             rop, payload = await future
         except BaseException:

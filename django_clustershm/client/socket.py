@@ -40,7 +40,7 @@ from ..exceptions import (
 from ..wire import frames as F
 from ..wire import handshake as H
 from ..wire.limits import Limits
-from .transport import DEFAULT_TIMEOUT, USE_DEFAULT, Channel, Message, Transport
+from .transport import DEFAULT_TIMEOUT, USE_DEFAULT, Channel, Message, Transport, beat, heartbeat
 
 #: Seconds a call polls for its reply before it sleeps (0: never).
 #: Waking a sleeping process on another CPU costs 20-40 us on a small VM, more
@@ -162,10 +162,19 @@ class Connection:
         is queued (PUSH_QUEUED), the next ones sleep, since polling for a
         contended lock takes CPU from its holder; and a long wait does not
         teach the connection to stop polling for the quick requests that follow.
+
+        A lock wait of a process that registered a heartbeat
+        (:func:`.transport.set_heartbeat`: a gunicorn worker's ``notify``)
+        blocks in slices of the heartbeat's interval and calls it as it
+        starts to block and between slices, so that gunicorn does not kill a
+        worker that waits for a lock as hung: the lock's timeout decides.
         """
         own_timeout = timeout is not USE_DEFAULT
         timeout_set = False
         queued = False
+        pulse = None
+        deadline = None
+        rcvtimeo = -1.0
         spin_until = 0.0
         if self.spin:
             if learn:
@@ -195,10 +204,30 @@ class Connection:
                             self.spin_skip = self.spin_backoff
                         spin_until = 0.0
                 if frames is None:
-                    if own_timeout and not timeout_set:
-                        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(timeout or 0))
-                        timeout_set = True
-                    frames = self.recv_frames()
+                    if not own_timeout:
+                        frames = self.recv_frames()
+                    else:
+                        if not timeout_set:
+                            timeout_set = True
+                            pulse = heartbeat()
+                            if timeout is not None:
+                                deadline = time.monotonic() + timeout
+                        while True:  # one pass, or one per heartbeat
+                            if pulse is None:
+                                wait = 0.0 if timeout is None else max(timeout, 1e-3)  # 0: no limit
+                            else:
+                                beat(pulse[0])
+                                wait = pulse[1]
+                                if deadline is not None:
+                                    wait = max(min(wait, deadline - time.monotonic()), 1e-3)
+                            if wait != rcvtimeo:
+                                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(wait))
+                                rcvtimeo = wait
+                            frames = self.recv_frames()
+                            if frames is not None or pulse is None:
+                                break
+                            if deadline is not None and time.monotonic() >= deadline:
+                                break
                     if frames is None:
                         limit = self.timeout if not own_timeout else timeout or "no limit"
                         raise ManagerUnavailable(f"no reply from the Manager within {limit}s")

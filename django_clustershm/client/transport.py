@@ -21,12 +21,23 @@ Timeouts: ``call(..., timeout=USE_DEFAULT)`` waits the transport's own
 ``timeout`` for the reply; a number of seconds overrides it; ``None`` waits
 without limit (a lock acquire that waits forever: the Manager answers when
 it grants the lock).
+
+A process that must show a supervisor it is alive while it waits (a
+gunicorn worker: its arbiter kills a worker that does not ``notify()`` for
+``--timeout`` seconds) registers a heartbeat (:func:`set_heartbeat`): a lock
+wait calls it as it starts to block, and then every ``interval`` seconds
+while it blocks. Only lock waits, whose length is the lock's timeout: any
+other call gives up within the transport's ``timeout``, and a call that
+hangs longer should be seen as hung.
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 from ..exceptions import ManagerUnavailable, error_from_code
@@ -34,6 +45,8 @@ from ..wire import frames as F
 from ..wire.limits import Limits
 
 DEFAULT_TIMEOUT = 5.0
+
+logger = logging.getLogger("django_clustershm")
 
 
 class _UseDefault:
@@ -51,6 +64,42 @@ class _UseDefault:
 
 
 USE_DEFAULT: Any = _UseDefault()
+
+#: (pid, callback, interval): see set_heartbeat.
+_heartbeat: tuple[int, Callable[[], None], float] | None = None
+
+
+def set_heartbeat(callback: Callable[[], None] | None, interval: float = 0.0) -> None:
+    """Call ``callback()`` when a lock wait of this process starts to block,
+    and at least every ``interval`` seconds while it blocks (``None``: no
+    heartbeat). runcluster's ``post_fork`` hook sets gunicorn's
+    ``worker.notify`` here, so that a worker waiting for a lock is not killed
+    as hung: the lock's own timeout decides. Process-local: a child forked
+    afterwards has none until it sets its own."""
+    global _heartbeat
+    if callback is None:
+        _heartbeat = None
+        return
+    if not interval > 0:
+        raise ValueError(f"the heartbeat interval must be positive, not {interval!r}")
+    _heartbeat = (os.getpid(), callback, float(interval))
+
+
+def heartbeat() -> tuple[Callable[[], None], float] | None:
+    """This process's ``(callback, interval)``, if it set one."""
+    registered = _heartbeat
+    if registered is None or registered[0] != os.getpid():
+        return None
+    return registered[1], registered[2]
+
+
+def beat(callback: Callable[[], None]) -> None:
+    """Call a heartbeat; one that fails does not fail the lock wait it serves."""
+    try:
+        callback()
+    except Exception:  # a supervisor's bookkeeping, not the caller's business
+        logger.debug("the heartbeat failed", exc_info=True)
+
 
 #: A message on a channel: (opcode, request id, decoded payload).
 Message = tuple

@@ -7,6 +7,9 @@ hooks used are gunicorn's documented server hooks:
 
 * ``on_starting`` starts the Manager (in a thread of the master), then runs
   the project's start-up code once, in a child (:func:`run_start_up`);
+* ``post_fork`` gives each worker its lifeline (:mod:`.lifeline`): it exits
+  within a second or so if the master dies, even by SIGKILL, and a lock wait
+  keeps its heartbeat going;
 * ``child_exit`` tells the Manager a worker died, so whatever it held is
   released at once even if one of its descriptors outlived it;
 * ``on_exit`` stops the Manager and removes its socket directory.
@@ -14,7 +17,7 @@ hooks used are gunicorn's documented server hooks:
 **The master holds no project code** (#13): a worker forked after a SIGHUP
 (or a ``--reload``) must import the project afresh, so the master never
 imports it. It reads the settings the Manager needs in a throwaway child
-(:func:`engine_options_in_child`: importing the settings module would pin it
+(:func:`manager_settings_in_child`: importing the settings module would pin it
 too), and the project's start-up code runs in another child, after the
 Manager started and before any worker: ``django.setup()`` (every
 ``AppConfig.ready()``) and then ``CLUSTERSHM["ON_START"]``, a dotted path
@@ -28,6 +31,11 @@ once-per-start state in ``ON_START``.
 With gunicorn's ``--preload`` the master does import the project (gunicorn
 loads it there); its ``ready()`` writes then reach the Manager through the
 socket, and a SIGHUP does not reload that code (gunicorn's own caveat).
+
+At start the master also removes the socket directories that dead masters
+of its user left behind, and records its Manager in the project's runtime
+file, where management commands find it (:mod:`..runtime`); a clean stop
+removes that file.
 """
 
 from __future__ import annotations
@@ -37,9 +45,10 @@ import logging
 import os
 import signal
 
-from .. import conf, registry
+from .. import conf, registry, runtime
 from ..client import EmbeddedTransport
 from ..server import Engine, Limits, Manager, snapshot
+from . import lifeline
 
 logger = logging.getLogger("django_clustershm.cluster")
 
@@ -137,6 +146,7 @@ def start_manager() -> Manager:
     global _manager
     if _manager is not None:
         return _manager
+    runtime.remove_stale_socket_dirs()
     options, snapshot_setting = manager_settings_in_child()
     current = registry.current()
     handles = []
@@ -152,9 +162,11 @@ def start_manager() -> Manager:
         engine = Engine(**options)
     snapshot_config = _restore_snapshot(engine, snapshot_setting)  # before any worker exists
     _manager = Manager(engine=engine, snapshot=snapshot_config)  # writes the snapshot when it stops
+    runtime.mark_socket_dir(_manager.address)
     _manager.on_failure = _manager_died
     _manager.start()
     registry.configure(_manager.address, _manager.secret, adopt=handles)
+    runtime.record(_manager.address, _manager.secret_file)
     logger.info("django-clustershm: Manager started in the master (pid %d) on %s", os.getpid(), _manager.address)
     return _manager
 
@@ -187,6 +199,7 @@ def stop_manager() -> None:
     """Stop the Manager at the server's exit (its listeners first, quietly)."""
     global _manager
     if _manager is not None:
+        runtime.forget()
         client = registry.current()
         if client is not None:
             client.shutdown()
@@ -243,6 +256,10 @@ def on_starting(server) -> None:
         raise SystemExit(1) from None
 
 
+def post_fork(server, worker) -> None:
+    lifeline.post_fork(server, worker)
+
+
 def child_exit(server, worker) -> None:
     if _manager is not None:
         _manager.forget_pid(worker.pid)
@@ -254,7 +271,7 @@ def on_exit(server) -> None:
         raise SystemExit(EXIT_MANAGER_DIED)  # out of gunicorn's halt(), instead of its exit 0
 
 
-HOOKS = {"on_starting": on_starting, "child_exit": child_exit, "on_exit": on_exit}
+HOOKS = {"on_starting": on_starting, "post_fork": post_fork, "child_exit": child_exit, "on_exit": on_exit}
 
 
 def chain(ours, theirs):
@@ -264,7 +281,7 @@ def chain(ours, theirs):
     """
     if theirs is None or theirs is ours:
         return ours
-    if ours is child_exit:
+    if ours in (child_exit, post_fork):
 
         def hook2(server, worker):
             ours(server, worker)

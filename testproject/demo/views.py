@@ -81,6 +81,22 @@ def slow(request):
     return JsonResponse({"slept": seconds, "pid": os.getpid()})
 
 
+def lock(request):
+    """A sync view that waits up to ``?timeout=`` seconds for the lock ``?key=``,
+    and says whether it got it and how long it waited. Its worker blocks while
+    it waits, past gunicorn's --timeout if need be: the lock's timeout decides."""
+    key = request.GET.get("key", "demo")
+    timeout = float(request.GET.get("timeout", "30"))
+    held = clustershm.Lock(f"demo:lock:{key}")
+    started = time.monotonic()
+    acquired = held.acquire(timeout=timeout)
+    waited = time.monotonic() - started
+    fence = held.fence if acquired else None
+    if acquired:
+        held.release()
+    return JsonResponse({"acquired": acquired, "waited": waited, "fence": fence, "pid": os.getpid()})
+
+
 def booted(request):
     """What ON_START stored once, before the master forked the workers."""
     return JsonResponse({"booted_by": clustershm.get("demo:booted_by"), "pid": os.getpid()})

@@ -1,8 +1,10 @@
 """``manage.py setflag NAME VALUE``: change a feature flag in every worker of a running cluster.
 
-Run it as the server's user with ``CLUSTERSHM_ADDRESS`` set to the Manager's
-socket (runcluster prints it), e.g.::
+Run it as the server's user, in the project's directory: like any management
+command it attaches to the project's running cluster by itself (through the
+runtime file runcluster records). ``CLUSTERSHM_ADDRESS`` names another one::
 
+    python manage.py setflag checkout on
     CLUSTERSHM_ADDRESS=/tmp/clustershm-xxxx/manager.sock python manage.py setflag checkout on
 """
 
