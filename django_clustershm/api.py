@@ -7,10 +7,12 @@ elsewhere. See :class:`~.client.Client` for the full signatures.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Iterator, Mapping
+from datetime import datetime, timedelta
 from typing import Any
 
 from .registry import get_client
+from .wire.args import DEFAULT_ITERSIZE
 
 
 class _Missing:
@@ -73,8 +75,39 @@ def delete_many(keys: Iterable[str]) -> int:
     return get_client().delete_many(keys)
 
 
-def keys(prefix: str = "") -> list[str]:
-    return get_client().keys(prefix)
+def keys(prefix: str = "", *, pattern: str | None = None) -> list[str]:
+    """The live keys starting with ``prefix``, or matching the glob ``pattern=`` (``"user:*:cart"``)."""
+    return get_client().keys(prefix, pattern=pattern)
+
+
+def iter_keys(pattern: str = "*", *, itersize: int = DEFAULT_ITERSIZE) -> Iterator[str]:
+    """A generator of the keys matching the glob ``pattern``, ``itersize`` per request (never all at once)."""
+    return get_client().iter_keys(pattern, itersize=itersize)
+
+
+def delete_pattern(pattern: str, *, itersize: int = DEFAULT_ITERSIZE) -> int:
+    """Remove the keys matching the glob ``pattern``; how many were removed."""
+    return get_client().delete_pattern(pattern, itersize=itersize)
+
+
+def ttl(key: str) -> float | int | None:
+    """Seconds ``key`` has left (a float); None if it never expires; 0 if it is missing."""
+    return get_client().ttl(key)
+
+
+def expire(key: str, timeout: float | timedelta | None) -> bool:
+    """A new expiry, ``timeout`` seconds from now (a timedelta too; zero or less removes the key)."""
+    return get_client().expire(key, timeout)
+
+
+def expire_at(key: str, when: datetime | float) -> bool:
+    """Expire at ``when``, a datetime or a Unix timestamp (in the past: removed now)."""
+    return get_client().expire_at(key, when)
+
+
+def persist(key: str) -> bool:
+    """Remove ``key``'s expiry; True if it had one."""
+    return get_client().persist(key)
 
 
 def clear() -> int:
@@ -187,8 +220,33 @@ async def adelete_many(keys: Iterable[str]) -> int:
     return await get_client().aio.adelete_many(keys)
 
 
-async def akeys(prefix: str = "") -> list[str]:
-    return await get_client().aio.akeys(prefix)
+async def akeys(prefix: str = "", *, pattern: str | None = None) -> list[str]:
+    return await get_client().aio.akeys(prefix, pattern=pattern)
+
+
+def aiter_keys(pattern: str = "*", *, itersize: int = DEFAULT_ITERSIZE) -> AsyncIterator[str]:
+    """``async for key in clustershm.aiter_keys("user:*"):`` (an async generator)."""
+    return get_client().aio.aiter_keys(pattern, itersize=itersize)
+
+
+async def adelete_pattern(pattern: str, *, itersize: int = DEFAULT_ITERSIZE) -> int:
+    return await get_client().aio.adelete_pattern(pattern, itersize=itersize)
+
+
+async def attl(key: str) -> float | int | None:
+    return await get_client().aio.attl(key)
+
+
+async def aexpire(key: str, timeout: float | timedelta | None) -> bool:
+    return await get_client().aio.aexpire(key, timeout)
+
+
+async def aexpire_at(key: str, when: datetime | float) -> bool:
+    return await get_client().aio.aexpire_at(key, when)
+
+
+async def apersist(key: str) -> bool:
+    return await get_client().aio.apersist(key)
 
 
 async def aclear() -> int:

@@ -33,6 +33,13 @@ dies, releases the lock at once: the next waiter finds no value and builds.
 A waiter that waits longer than ``BUILD_TIMEOUT`` builds itself. With
 ``stale=seconds`` an expired value is served for that long while exactly one
 worker rebuilds it. :func:`cached` is the same as a decorator.
+
+django-redis's extra API is here too, with its names and meanings (#17):
+``ttl``/``pttl``, ``expire``/``pexpire``, ``expire_at``/``pexpire_at``,
+``persist``, ``keys``, ``iter_keys``, ``delete_pattern`` (glob patterns, with
+the alias's prefix and version applied as django-redis's ``make_pattern``
+does), ``lock`` (our :class:`~.lock.Lock`) and ``set(..., nx=True/xx=True)``,
+each one request, atomic in the Manager; and their ``a*`` forms.
 """
 
 from __future__ import annotations
@@ -40,15 +47,20 @@ from __future__ import annotations
 import hashlib
 import inspect
 import logging
+import re
+from collections.abc import AsyncIterator, Iterator
+from datetime import timedelta
 from functools import wraps
 
-from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache
+from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, get_key_func
 
 from . import conf
 from .client import Client, Keyspace
 from .client.aio import AsyncKeyspace
-from .exceptions import KeyNotFound, ManagerUnavailable
+from .exceptions import InvalidArgument, KeyNotFound, ManagerUnavailable
+from .lock import AsyncLock, Lock
 from .registry import get_client
+from .wire.args import DEFAULT_ITERSIZE
 from .wire.limits import DEFAULT_CACHE_BYTES
 
 logger = logging.getLogger("django_clustershm.cache")
@@ -77,6 +89,8 @@ def _ignorable(default):
 
 #: get_or_set's build locks: apart from any name a user would give a lock.
 BUILD_LOCK_PREFIX = "clustershm:build:"
+#: cache.lock()'s locks, per LOCATION (as django-redis's are per Redis database).
+CACHE_LOCK_PREFIX = "clustershm:lock:"
 #: The key that says a value stored with ``stale=`` is still fresh.
 FRESH_SUFFIX = ":clustershm:fresh"
 #: Seconds a get_or_set miss waits for another worker's build (OPTIONS BUILD_TIMEOUT).
@@ -172,6 +186,49 @@ def _all_keys_failed(data, *args, **kwargs):
     return list(data)
 
 
+def _set_failed(*args, nx=False, xx=False, **kwargs):
+    return False if nx or xx else None
+
+
+def _glob_escape(text: str) -> str:
+    """django-redis's ``glob_escape``: ``*``, ``?`` and ``[`` as one-character sets."""
+    return _GLOB_SPECIAL.sub(r"[\1]", text)
+
+
+_GLOB_SPECIAL = re.compile(r"([*?[])")
+
+
+def _milliseconds(left):
+    """Keyspace.ttl's seconds as Redis's PTTL: whole milliseconds (None and 0 as they are)."""
+    return left if not left else int(left * 1000)
+
+
+def _seconds(left):
+    """... and as Redis's TTL: the milliseconds rounded to whole seconds."""
+    return left if not left else (int(left * 1000) + 500) // 1000
+
+
+def _from_ms(timeout, given):
+    """pexpire's milliseconds as seconds (a timedelta, or the alias's default timeout, as they are)."""
+    if given is DEFAULT_TIMEOUT or timeout is None or isinstance(timeout, timedelta):
+        return timeout
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
+        return timeout  # refused by the client's check, with its message
+    return timeout / 1000
+
+
+def _at_ms(when):
+    """pexpire_at's Unix timestamp in milliseconds as seconds (a datetime as it is)."""
+    if isinstance(when, bool) or not isinstance(when, (int, float)):
+        return when
+    return when / 1000
+
+
+def default_reverse_key(key: str) -> str:
+    """django-redis's default REVERSE_KEY_FUNCTION: the user's key out of ``prefix:version:key``."""
+    return key.split(":", 2)[2]
+
+
 class ClusterShmCache(BaseCache):
     def __init__(self, location: str, params: dict) -> None:
         super().__init__(params)
@@ -181,6 +238,8 @@ class ClusterShmCache(BaseCache):
         self._ignore_exceptions = bool(options.get("IGNORE_EXCEPTIONS", False))
         self._near = conf.near_options(options.get("NEAR_CACHE"))
         self._build_timeout = float(options.get("BUILD_TIMEOUT", DEFAULT_BUILD_TIMEOUT))
+        # django-redis's setting, where django-redis reads it: beside KEY_FUNCTION.
+        self.reverse_key = get_key_func(params.get("REVERSE_KEY_FUNCTION") or default_reverse_key)
         self._space: tuple[Client, Keyspace] | None = None
         self._aspace: tuple[Keyspace, AsyncKeyspace] | None = None
 
@@ -220,9 +279,14 @@ class ClusterShmCache(BaseCache):
         key = self.make_and_validate_key(key, version=version)
         return self.keyspace.get(key, default)
 
-    @_ignorable(None)
-    def set(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
+    @_ignorable(_set_failed)
+    def set(self, key, value, timeout=DEFAULT_TIMEOUT, version=None, *, nx=False, xx=False):
+        """Django's ``set``; with django-redis's ``nx=True`` only if the key is
+        missing (``add``), with ``xx=True`` only if it exists; either returns
+        whether it stored (a plain ``set`` returns None, as Django's)."""
         key = self.make_and_validate_key(key, version=version)
+        if nx or xx:
+            return self._set_if(self.keyspace, key, value, timeout, nx, xx)
         self.keyspace.set(key, value, self.get_backend_timeout(timeout))
 
     @_ignorable(False)
@@ -280,6 +344,147 @@ class ClusterShmCache(BaseCache):
         # thread's and is kept for the next request (as RedisCache keeps its
         # pool); the cache stays usable after close().
         pass
+
+    # -- django-redis's extra API (#17): the same names and meanings ---------------------------
+    #
+    # Each call is one request, atomic in the Manager (django-redis's ttl is
+    # two: EXISTS, then TTL). keys/iter_keys/delete_pattern take glob patterns
+    # (Redis's rules), made and stripped as django-redis's make_pattern and
+    # reverse_key do: this alias's KEY_PREFIX and VERSION apply, so other
+    # prefixes and versions are never seen; other LOCATIONs are other caches.
+
+    def make_pattern(self, pattern: str, version=None, prefix=None) -> str:
+        """django-redis's ``make_pattern``: ``pattern`` inside this alias's key
+        function, with the prefix and version glob-escaped."""
+        prefix = _glob_escape(self.key_prefix if prefix is None else prefix)
+        version = _glob_escape(str(self.version if version is None else version))
+        return self.key_func(pattern, prefix, version)
+
+    def _set_if(self, space, made, value, timeout, nx, xx) -> bool:
+        if nx and xx:
+            raise InvalidArgument("set() takes nx=True or xx=True, not both")
+        timeout = self.get_backend_timeout(timeout)
+        return space.add(made, value, timeout) if nx else space.replace(made, value, timeout)
+
+    def _timeout_or_default(self, timeout):
+        return self.default_timeout if timeout is DEFAULT_TIMEOUT else timeout
+
+    @_ignorable(0)
+    def ttl(self, key, version=None):
+        """Seconds ``key`` has left, rounded as Redis's TTL; None if it never
+        expires; 0 if it is missing or expired (django-redis's meanings)."""
+        return _seconds(self.keyspace.ttl(self.make_and_validate_key(key, version=version)))
+
+    @_ignorable(0)
+    def pttl(self, key, version=None):
+        """:meth:`ttl` in milliseconds."""
+        return _milliseconds(self.keyspace.ttl(self.make_and_validate_key(key, version=version)))
+
+    @_ignorable(False)
+    def expire(self, key, timeout, version=None):
+        """A new expiry, ``timeout`` seconds from now (a number or a
+        ``timedelta``; None: never; zero or less removes the key); True if the
+        key exists."""
+        made = self.make_and_validate_key(key, version=version)
+        return self.keyspace.expire(made, self._timeout_or_default(timeout))
+
+    @_ignorable(False)
+    def pexpire(self, key, timeout, version=None):
+        """:meth:`expire` with ``timeout`` in milliseconds (or a ``timedelta``)."""
+        made = self.make_and_validate_key(key, version=version)
+        return self.keyspace.expire(made, _from_ms(self._timeout_or_default(timeout), timeout))
+
+    @_ignorable(False)
+    def expire_at(self, key, when, version=None):
+        """Expire at ``when``: a ``datetime`` (naive: local time, as redis-py
+        reads it) or a Unix timestamp; in the past, the key is removed."""
+        return self.keyspace.expire_at(self.make_and_validate_key(key, version=version), when)
+
+    @_ignorable(False)
+    def pexpire_at(self, key, when, version=None):
+        """:meth:`expire_at` with a Unix timestamp in milliseconds (or a ``datetime``)."""
+        return self.keyspace.expire_at(self.make_and_validate_key(key, version=version), _at_ms(when))
+
+    @_ignorable(False)
+    def persist(self, key, version=None):
+        """Remove ``key``'s expiry; True if it had one."""
+        return self.keyspace.persist(self.make_and_validate_key(key, version=version))
+
+    @_ignorable(lambda *args, **kwargs: [])
+    def keys(self, search, version=None):
+        """The keys matching the glob ``search`` (in one request). For many keys, prefer :meth:`iter_keys`."""
+        found = self.keyspace.keys(pattern=self.make_pattern(search, version=version))
+        reverse = self.reverse_key
+        return [reverse(key) for key in found if not key.endswith(FRESH_SUFFIX)]
+
+    def iter_keys(self, search, itersize=None, version=None) -> Iterator[str]:
+        """A generator of the keys matching the glob ``search``, fetched
+        ``itersize`` at a time (default 1,000): the key space is never loaded
+        whole, in this process or in the Manager. Every key present for the
+        whole iteration is yielded, once."""
+        pattern = self.make_pattern(search, version=version)
+        reverse = self.reverse_key
+        try:
+            for key in self.keyspace.iter_keys(pattern, itersize=itersize or DEFAULT_ITERSIZE):
+                if not key.endswith(FRESH_SUFFIX):
+                    yield reverse(key)
+        except ManagerUnavailable as exc:
+            if not self._ignore_exceptions:
+                raise
+            logger.warning("cache %r: %s (ignored: IGNORE_EXCEPTIONS)", self._location, exc)
+
+    @_ignorable(0)
+    def delete_pattern(self, pattern, version=None, prefix=None, itersize=None) -> int:
+        """Remove every key matching the glob ``pattern``; how many were
+        removed. In batches of ``itersize`` (default 1,000), each atomic."""
+        made = self.make_pattern(pattern, version=version, prefix=prefix)
+        return self.keyspace.delete_pattern(made, itersize=itersize or DEFAULT_ITERSIZE)
+
+    def _lock_name(self, key, version) -> str:
+        made = self.make_and_validate_key(key, version=version)
+        name = f"{CACHE_LOCK_PREFIX}{self._location}:{made}"
+        if len(name) > 200:
+            name = f"{CACHE_LOCK_PREFIX}{self._location}:#{hashlib.sha256(made.encode()).hexdigest()}"
+        return name
+
+    def lock(
+        self,
+        key,
+        version=None,
+        timeout=None,
+        sleep=0.1,
+        blocking=True,
+        blocking_timeout=None,
+        thread_local=True,
+        *,
+        reentrant=False,
+    ) -> Lock:
+        """django-redis's ``cache.lock()``, as a :class:`django_clustershm.Lock`.
+
+        redis-py's parameters map onto the Lock's: ``timeout`` (the lock's
+        longest life) is its ``lease``; ``blocking_timeout`` (how long
+        ``acquire()`` waits; None: forever) its ``timeout``; ``blocking=False``
+        makes ``acquire()`` a try. ``sleep`` is ignored: nothing polls, the
+        Manager grants waiters in FIFO order. Ownership is per thread, as with
+        redis-py's default ``thread_local=True``; ``thread_local=False`` (a
+        token any thread may release) is refused: use ``get_lock`` and
+        ``release_lock`` for that. The lock's name is the made key (prefix and
+        version) within this LOCATION, apart from the cache's keys."""
+        if not thread_local:
+            raise InvalidArgument(
+                "lock(thread_local=False) is not supported: a Lock is owned by the thread that acquired it "
+                "(use django_clustershm.get_lock()/release_lock() to pass a token between threads)"
+            )
+        return Lock(self._lock_name(key, version), blocking_timeout, timeout, blocking=blocking, reentrant=reentrant)
+
+    def alock(
+        self, key, version=None, timeout=None, sleep=0.1, blocking=True, blocking_timeout=None, *, reentrant=False
+    ) -> AsyncLock:
+        """:meth:`lock` for async code: a :class:`django_clustershm.AsyncLock`
+        (owned per task), used as ``async with cache.alock("name", timeout=30):``."""
+        return AsyncLock(
+            self._lock_name(key, version), blocking_timeout, timeout, blocking=blocking, reentrant=reentrant
+        )
 
     # -- get_or_set: built once across the cluster -----------------------------------------
 
@@ -376,7 +581,9 @@ class ClusterShmCache(BaseCache):
             if stale_value is not _NONE:
                 return stale_value
             value = await space.aget(made, _MISSING)
-            return value if value is not _MISSING else await self._astore(space, made, await _call(build), timeout, stale)
+            return (
+                value if value is not _MISSING else await self._astore(space, made, await _call(build), timeout, stale)
+            )
         try:
             if stale is None:
                 value = await space.aget(made, _MISSING)
@@ -420,10 +627,16 @@ class ClusterShmCache(BaseCache):
         key = self.make_and_validate_key(key, version=version)
         return await self.akeyspace.aget(key, default)
 
-    @_aignorable(None)
-    async def aset(self, key, value, timeout=DEFAULT_TIMEOUT, version=None):
+    @_aignorable(_set_failed)
+    async def aset(self, key, value, timeout=DEFAULT_TIMEOUT, version=None, *, nx=False, xx=False):
         key = self.make_and_validate_key(key, version=version)
-        await self.akeyspace.aset(key, value, self.get_backend_timeout(timeout))
+        space = self.akeyspace
+        if nx or xx:
+            if nx and xx:
+                raise InvalidArgument("set() takes nx=True or xx=True, not both")
+            timeout = self.get_backend_timeout(timeout)
+            return await (space.aadd(key, value, timeout) if nx else space.areplace(key, value, timeout))
+        await space.aset(key, value, self.get_backend_timeout(timeout))
 
     @_aignorable(False)
     async def atouch(self, key, timeout=DEFAULT_TIMEOUT, version=None):
@@ -477,3 +690,59 @@ class ClusterShmCache(BaseCache):
 
     async def aclose(self, **kwargs):
         self.close(**kwargs)
+
+    # -- django-redis's extra API, awaited --------------------------------------------------
+
+    @_aignorable(0)
+    async def attl(self, key, version=None):
+        return _seconds(await self.akeyspace.attl(self.make_and_validate_key(key, version=version)))
+
+    @_aignorable(0)
+    async def apttl(self, key, version=None):
+        return _milliseconds(await self.akeyspace.attl(self.make_and_validate_key(key, version=version)))
+
+    @_aignorable(False)
+    async def aexpire(self, key, timeout, version=None):
+        made = self.make_and_validate_key(key, version=version)
+        return await self.akeyspace.aexpire(made, self._timeout_or_default(timeout))
+
+    @_aignorable(False)
+    async def apexpire(self, key, timeout, version=None):
+        made = self.make_and_validate_key(key, version=version)
+        return await self.akeyspace.aexpire(made, _from_ms(self._timeout_or_default(timeout), timeout))
+
+    @_aignorable(False)
+    async def aexpire_at(self, key, when, version=None):
+        return await self.akeyspace.aexpire_at(self.make_and_validate_key(key, version=version), when)
+
+    @_aignorable(False)
+    async def apexpire_at(self, key, when, version=None):
+        return await self.akeyspace.aexpire_at(self.make_and_validate_key(key, version=version), _at_ms(when))
+
+    @_aignorable(False)
+    async def apersist(self, key, version=None):
+        return await self.akeyspace.apersist(self.make_and_validate_key(key, version=version))
+
+    @_aignorable(lambda *args, **kwargs: [])
+    async def akeys(self, search, version=None):
+        found = await self.akeyspace.akeys(pattern=self.make_pattern(search, version=version))
+        reverse = self.reverse_key
+        return [reverse(key) for key in found if not key.endswith(FRESH_SUFFIX)]
+
+    async def aiter_keys(self, search, itersize=None, version=None) -> AsyncIterator[str]:
+        """:meth:`iter_keys` as an async generator: ``async for key in cache.aiter_keys("user:*"):``."""
+        pattern = self.make_pattern(search, version=version)
+        reverse = self.reverse_key
+        try:
+            async for key in self.akeyspace.aiter_keys(pattern, itersize=itersize or DEFAULT_ITERSIZE):
+                if not key.endswith(FRESH_SUFFIX):
+                    yield reverse(key)
+        except ManagerUnavailable as exc:
+            if not self._ignore_exceptions:
+                raise
+            logger.warning("cache %r: %s (ignored: IGNORE_EXCEPTIONS)", self._location, exc)
+
+    @_aignorable(0)
+    async def adelete_pattern(self, pattern, version=None, prefix=None, itersize=None) -> int:
+        made = self.make_pattern(pattern, version=version, prefix=prefix)
+        return await self.akeyspace.adelete_pattern(made, itersize=itersize or DEFAULT_ITERSIZE)

@@ -110,11 +110,14 @@ class Lock(_LockOptions, ContextDecorator):
 
     # -- acquire / release ----------------------------------------------------------
 
-    def acquire(self, blocking: bool | None = None, timeout: float | None = None) -> bool:
-        """Wait for the lock; True once held, False if ``timeout`` (or a try) failed."""
+    def acquire(
+        self, blocking: bool | None = None, timeout: float | None = None, *, blocking_timeout: float | None = None
+    ) -> bool:
+        """Wait for the lock; True once held, False if ``timeout`` (or a try)
+        failed. ``blocking_timeout``: redis-py's name for ``timeout``."""
         blocking = self.blocking if blocking is None else blocking
         if timeout is None:
-            timeout = self.timeout
+            timeout = self.timeout if blocking_timeout is None else blocking_timeout
         client = get_client()
         holds = client.holds()
         mine = holds.get(self.key)
@@ -265,11 +268,14 @@ class AsyncLock(_LockOptions):
     def __repr__(self) -> str:
         return f"<AsyncLock {self.key!r} lease={self.lease} reentrant={self.reentrant}>"
 
-    async def acquire(self, blocking: bool | None = None, timeout: float | None = None) -> bool:
-        """Wait for the lock; True once held, False if ``timeout`` (or a try) failed."""
+    async def acquire(
+        self, blocking: bool | None = None, timeout: float | None = None, *, blocking_timeout: float | None = None
+    ) -> bool:
+        """Wait for the lock; True once held, False if ``timeout`` (or a try)
+        failed. ``blocking_timeout``: redis-py's name for ``timeout``."""
         blocking = self.blocking if blocking is None else blocking
         if timeout is None:
-            timeout = self.timeout
+            timeout = self.timeout if blocking_timeout is None else blocking_timeout
         client = get_client()
         aio = client.aio
         holds = aio.holds()

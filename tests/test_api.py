@@ -25,6 +25,8 @@ def test_public_names_are_pinned():
             "ValueTooLarge", "WouldDeadlock", "Lock", "amutex", "get_lock", "mutex", "release_lock", "Handle", "listen",
             "aadd", "aclear", "adecr", "adelete_many", "aget", "aget_many", "ahas", "aincr", "akeys", "aremove",
             "aset", "aset_many", "astats", "atouch", "AsyncLock", "AsyncClient", "AsyncKeyspace", "alisten", "cached",
+            "ttl", "expire", "expire_at", "persist", "iter_keys", "delete_pattern",
+            "attl", "aexpire", "aexpire_at", "apersist", "aiter_keys", "adelete_pattern",
         ]
     )  # fmt: skip
     for name in clustershm.__all__:

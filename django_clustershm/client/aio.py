@@ -40,10 +40,19 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ClusterShmError, InvalidKey, ManagerUnavailable, ProtocolError, ValueTooLarge, error_from_code
+from ..exceptions import (
+    ArgumentTypeError,
+    ClusterShmError,
+    InvalidKey,
+    ManagerUnavailable,
+    ProtocolError,
+    ValueTooLarge,
+    error_from_code,
+)
 from ..server.engine import DEFERRED
 from ..wire import args as A
 from ..wire import frames as F
@@ -791,13 +800,78 @@ class AsyncKeyspace:
         await self._written(checked)
         return count
 
-    async def akeys(self, prefix: str = "") -> list[str]:
-        return await self._aio.transport.call(F.KEYS, [self._sync._ns, A.prefix(prefix)])
-
     async def aclear(self) -> int:
         count = await self._aio.transport.call(F.CLEAR, [self._sync._ns])
         await self._written(None)
         return count
+
+    # -- expiry and key-space scans (the sync Keyspace's, awaited) --------------------------
+
+    async def attl(self, key: str) -> float | int | None:
+        ks = await self._ready()
+        exists, left = await self._aio.transport.call(F.TTL, [ks._ns, ks._key(key)])
+        return left if exists else 0
+
+    async def aexpire(self, key: str, timeout: float | timedelta | None) -> bool:
+        ks = await self._ready()
+        key = ks._key(key)
+        found = await self._aio.transport.call(F.TOUCH, [ks._ns, key, A.expire_timeout(timeout)])
+        await self._written((key,))
+        return found
+
+    async def aexpire_at(self, key: str, when: datetime | float) -> bool:
+        return await self.aexpire(key, A.seconds_until(when))
+
+    async def apersist(self, key: str) -> bool:
+        ks = await self._ready()
+        return await self._aio.transport.call(F.PERSIST, [ks._ns, ks._key(key)])
+
+    async def areplace(self, key: str, value: Any, timeout: float | None = None) -> bool:
+        ks = await self._ready()
+        key = ks._key(key)
+        stored = await self._aio.transport.call(F.REPLACE, ks._write_args(key, ks._value(value), A.timeout(timeout)))
+        await self._written((key,))
+        return stored
+
+    async def akeys(self, prefix: str = "", *, pattern: str | None = None) -> list[str]:
+        if pattern is None:
+            return await self._aio.transport.call(F.KEYS, [self._sync._ns, A.prefix(prefix)])
+        if prefix:
+            raise ArgumentTypeError("keys() takes a prefix or a pattern=, not both")
+        ks = await self._ready()
+        return await self._aio.transport.call(F.KEYS_MATCH, [ks._ns, A.pattern(pattern, ks._client.limits.max_key)])
+
+    def aiter_keys(self, pattern: str = "*", *, itersize: int = A.DEFAULT_ITERSIZE) -> AsyncIterator[str]:
+        """An async generator (``async for key in ...``): :meth:`Keyspace.iter_keys`, awaited."""
+        A.itersize(itersize)  # a wrong type fails here, not at the first step
+        return self._ascan(F.SCAN, pattern, itersize)
+
+    async def _ascan(self, op: int, pattern: str, itersize: int) -> AsyncIterator[str]:
+        ks = await self._ready()
+        args = [ks._ns, 0, A.pattern(pattern, ks._client.limits.max_key), itersize]
+        call = self._aio.transport.call
+        while True:
+            cursor, keys = await call(op, args)
+            for key in keys:
+                yield key
+            if not cursor:
+                return
+            args[1] = cursor
+
+    async def adelete_pattern(self, pattern: str, *, itersize: int = A.DEFAULT_ITERSIZE) -> int:
+        ks = await self._ready()
+        args = [ks._ns, 0, A.pattern(pattern, ks._client.limits.max_key), A.itersize(itersize)]
+        call = self._aio.transport.call
+        removed = 0
+        while True:
+            cursor, count = await call(F.SCAN_DELETE, args)
+            removed += count
+            if not cursor:
+                break
+            args[1] = cursor
+        if removed:
+            await self._written(None)
+        return removed
 
 
 class AsyncClient(AsyncKeyspace):

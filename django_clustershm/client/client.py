@@ -33,7 +33,8 @@ import logging
 import os
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
 from ..exceptions import ArgumentTypeError, ValueTooLarge
@@ -217,15 +218,95 @@ class Keyspace:
         self._written(checked)
         return count
 
-    def keys(self, prefix: str = "") -> list[str]:
-        """The live keys that start with ``prefix`` (all keys by default)."""
-        return self._client.transport.call(F.KEYS, [self._ns, A.prefix(prefix)])
-
     def clear(self) -> int:
         """Remove every key of the namespace; return how many there were."""
         count = self._client.transport.call(F.CLEAR, [self._ns])
         self._written(None)
         return count
+
+    # -- expiry and key-space scans (django-redis's extra API, #17) ------------------------------
+    #
+    # Each is one request, atomic in the Manager; iter_keys and delete_pattern
+    # walk the namespace a batch per request (see server/scans.py).
+
+    def ttl(self, key: str) -> float | int | None:
+        """Seconds ``key`` has left, as a float; None if it never expires; 0 if
+        it is missing or expired (django-redis's convention). One request,
+        never answered from a near cache."""
+        exists, left = self._client.transport.call(F.TTL, [self._ns, self._key(key)])
+        return left if exists else 0
+
+    def expire(self, key: str, timeout: float | timedelta | None) -> bool:
+        """Give ``key`` a new expiry, ``timeout`` seconds from now (a number or
+        a ``timedelta``, as redis-py's ``expire`` takes; None: never; zero or
+        less removes the key). True if the key exists. Django's ``touch``."""
+        key = self._key(key)
+        found = self._client.transport.call(F.TOUCH, [self._ns, key, A.expire_timeout(timeout)])
+        self._written((key,))
+        return found
+
+    def expire_at(self, key: str, when: datetime | float) -> bool:
+        """Make ``key`` expire at ``when``: an aware ``datetime`` (a naive one is
+        local time, as redis-py reads it) or a Unix timestamp in seconds. A time
+        in the past removes the key (Redis's EXPIREAT). True if the key exists."""
+        return self.expire(key, A.seconds_until(when))
+
+    def persist(self, key: str) -> bool:
+        """Remove ``key``'s expiry; True if it had one (False: missing, or it never expired)."""
+        return self._client.transport.call(F.PERSIST, [self._ns, self._key(key)])
+
+    def replace(self, key: str, value: Any, timeout: float | None = None) -> bool:
+        """Store ``value`` only if ``key`` exists (Redis's SET XX); True if it did."""
+        key = self._key(key)
+        stored = self._client.transport.call(F.REPLACE, self._write_args(key, self._value(value), A.timeout(timeout)))
+        self._written((key,))
+        return stored
+
+    def keys(self, prefix: str = "", *, pattern: str | None = None) -> list[str]:
+        """The live keys that start with ``prefix`` (all keys by default), or
+        that match the glob ``pattern`` (Redis's rules: ``*``, ``?``,
+        ``[abc]``, ``[^abc]``, ``\\`` escapes), in one request. For a large
+        namespace, :meth:`iter_keys` walks it without loading it whole."""
+        if pattern is None:
+            return self._client.transport.call(F.KEYS, [self._ns, A.prefix(prefix)])
+        if prefix:
+            raise ArgumentTypeError("keys() takes a prefix or a pattern=, not both")
+        return self._client.transport.call(F.KEYS_MATCH, [self._ns, A.pattern(pattern, self._client.limits.max_key)])
+
+    def iter_keys(self, pattern: str = "*", *, itersize: int = A.DEFAULT_ITERSIZE) -> Iterator[str]:
+        """A generator of the live keys matching the glob ``pattern``, fetched
+        ``itersize`` at a time at most (one request per batch): the key space is
+        never loaded whole. Every key present for the whole iteration is
+        yielded, once; keys written or removed meanwhile may or may not be."""
+        args = [self._ns, 0, A.pattern(pattern, self._client.limits.max_key), A.itersize(itersize)]
+        return self._scan(args)
+
+    def _scan(self, args: list) -> Iterator[str]:
+        call = self._client.transport.call
+        while True:
+            cursor, keys = call(F.SCAN, args)
+            yield from keys
+            if not cursor:
+                return
+            args[1] = cursor
+
+    def delete_pattern(self, pattern: str, *, itersize: int = A.DEFAULT_ITERSIZE) -> int:
+        """Remove every key matching the glob ``pattern``; return how many were
+        removed. The Manager walks the namespace as :meth:`iter_keys` does and
+        removes what matches as it goes (a request per ``itersize`` keys at
+        most: each batch is atomic, the whole is not, as with django-redis)."""
+        args = [self._ns, 0, A.pattern(pattern, self._client.limits.max_key), A.itersize(itersize)]
+        call = self._client.transport.call
+        removed = 0
+        while True:
+            cursor, count = call(F.SCAN_DELETE, args)
+            removed += count
+            if not cursor:
+                break
+            args[1] = cursor
+        if removed:
+            self._written(None)
+        return removed
 
     # -- listeners -------------------------------------------------------------------------
 

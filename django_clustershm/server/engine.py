@@ -45,6 +45,7 @@ from ..wire.limits import (
 )
 from .locktable import LockTable
 from .namespace import Namespace
+from .scans import Scans, compile_glob
 from .subscriptions import Subscriptions
 from .tracking import MAX_PUSH_VALUE, Tracking
 
@@ -145,6 +146,8 @@ class Engine:
         self._empty = Namespace.cache(clock=clock)
         self._next_cache_reap = 0.0
         self.locks = LockTable(self._answer_waiter, clock=clock)
+        #: Open SCAN cursors (see .scans).
+        self.scans = Scans(clock)
         self._rid = 0
         #: The transport's own figures for stats() (the Manager's loop: its longest stall).
         self.loop_stats: Callable[[], dict] | None = None
@@ -188,6 +191,12 @@ class Engine:
             F.TRACK_GET: self._track_get,
             F.TRACK_GET_MANY: self._track_get_many,
             F.UNTRACK: self._untrack,
+            F.TTL: self._ttl,
+            F.PERSIST: self._persist,
+            F.REPLACE: self._replace,
+            F.KEYS_MATCH: self._keys_match,
+            F.SCAN: self._scan,
+            F.SCAN_DELETE: self._scan_delete,
         }
 
     def _namespace(self, name: str, space: Namespace) -> Namespace:
@@ -226,6 +235,7 @@ class Engine:
             self.locks.drop_session(session)
             self.subscriptions.drop_session(session)  # at most 1,024: 0.6 ms
             self.tracking.drop_session(session)
+            self.scans.drop_session(session.id)
             session.deliver = session.push = session.invalidate = None
             self.sweep_pending = self.locks.sweeping + self.tracking.sweeping
 
@@ -497,6 +507,54 @@ class Engine:
     def _clear(self, session, ns):
         return self._space(ns).clear()
 
+    # -- expiry and key-space scans (#17: django-redis's extra API; see .scans) -------------
+
+    def _ttl(self, session, ns, key):
+        exists, left = self._space(ns).expiry(self._key(key))
+        return [exists, left]
+
+    def _persist(self, session, ns, key):
+        return self._space(ns).persist(self._key(key))
+
+    def _replace(self, session, ns, key, value, ttl, bounds=None):
+        key, value, ttl = self._key(key), self._value(value), A.timeout(ttl)
+        if ns != "" and ns not in self.caches:
+            A.bounds(bounds)
+            return False  # a cache no one has written has no key to replace: not created for this
+        space, bounds = self._space_for_write(ns, bounds)
+        return space.replace(key, value, ttl, bounds)
+
+    def _keys_match(self, session, ns, pattern):
+        keys = self._space(ns).keys_matching(compile_glob(A.pattern(pattern, self.limits.max_key)))
+        size = sum(map(len, keys)) + len(keys) * F.ITEM_OVERHEAD
+        if size > self.limits.max_frame:
+            raise ValueTooLarge(
+                f"{len(keys)} keys match, about {size} bytes, over the maximum frame of {self.limits.max_frame}; "
+                "iterate with iter_keys() instead"
+            )
+        return keys
+
+    def _scan_args(self, ns, cursor, pattern, count) -> tuple:
+        if type(ns) is not str:
+            raise ArgumentTypeError(f"a namespace is a str, not {type(ns).__name__}")
+        cursor, pattern = A.integer(cursor, "cursor"), A.pattern(pattern, self.limits.max_key)
+        # At most what fits in a reply, however long the keys.
+        count = min(A.itersize(count), max(1, self.limits.max_frame // (self.limits.max_key + F.ITEM_OVERHEAD)))
+        return self._space(ns), cursor, pattern, count
+
+    def _scan(self, session, ns, cursor, pattern, count):
+        space, cursor, pattern, count = self._scan_args(ns, cursor, pattern, count)
+        cursor, keys = self.scans.step(session.id, space, ns, cursor, pattern, count)
+        return [cursor, keys]
+
+    def _scan_delete(self, session, ns, cursor, pattern, count):
+        space, cursor, pattern, count = self._scan_args(ns, cursor, pattern, count)
+        cursor, keys = self.scans.step(session.id, space, ns, cursor, pattern, count)
+        removed = 0
+        for key in keys:
+            removed += space.remove(key)
+        return [cursor, removed]
+
     # -- locks -----------------------------------------------------------------------------
 
     def _lock_acquire(self, session, key, lease, wait):
@@ -618,4 +676,5 @@ class Engine:
             "limits": self.limits.as_dict(),
             "loop": self.loop_stats() if self.loop_stats is not None else {},
             "snapshot": self.snapshot_stats() if self.snapshot_stats is not None else None,
+            "scans": self.scans.describe(),
         }

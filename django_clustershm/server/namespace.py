@@ -591,6 +591,73 @@ class Namespace:
         evicted = self.evictions - evictions
         return {"restored": restored - evicted, "expired": expired, "left_out": left_out + evicted, "newer": newer}
 
+    # -- expiry and key-space scans (django-redis's extra API, #17; see .scans) -----------
+
+    def expiry(self, key: str) -> tuple[bool, float | None]:
+        """(whether ``key`` exists, the seconds it has left or None for no
+        expiry). Like Redis's TTL, not a use: no LRU move, no hit counted."""
+        stored = self._live(key, peek=True)
+        if stored is None:
+            return False, None
+        deadline = self._deadline_of(stored)
+        return True, None if deadline == INF else deadline - self.clock()
+
+    def persist(self, key: str) -> bool:
+        """Remove ``key``'s expiry; True if it had one (Redis's PERSIST)."""
+        stored = self._live(key, peek=True)
+        if stored is None or self._deadline_of(stored) == INF:
+            return False
+        self._put(key, self._unpack(stored)[0], INF, None, EVENT_TOUCH)
+        return True
+
+    def replace(self, key: str, value, ttl: float | None = None, bounds=None) -> bool:
+        """``set`` only if ``key`` exists (Redis's SET XX); True if it did.
+        A timeout of zero or less then removes it, as ``set`` does."""
+        if self._live(key, peek=True) is None:
+            return False
+        if ttl is not None and ttl <= 0:
+            self.remove(key)
+        else:
+            self._put(key, value, self._deadline(ttl), bounds)
+        return True
+
+    def key_list(self) -> list[str]:
+        """Every key (expired ones not yet reclaimed included): a scan's snapshot, one C-level copy."""
+        return list(self.data)
+
+    def scan_batch(self, keys: list, pos: int, examine: int, count: int, match) -> tuple[list[str], int]:
+        """Walk ``keys[pos:]``: look at ``examine`` of them at most, and collect
+        up to ``count`` that exist now, have not expired and ``match`` (a test,
+        or None for all). Returns them and where the walk stopped. Not a use
+        (no LRU move, nothing dropped)."""
+        data, deadline_of, now = self.data, self._deadline_of, self.clock()
+        found: list[str] = []
+        stop = min(len(keys), pos + examine)
+        while pos < stop:
+            key = keys[pos]
+            pos += 1
+            stored = data.get(key)
+            if (
+                stored is not None
+                and (match is None or match(key))
+                and (type(stored) is int or deadline_of(stored) > now)
+            ):
+                found.append(key)
+                if len(found) >= count:
+                    break
+        return found, pos
+
+    def keys_matching(self, match) -> list[str]:
+        """The live keys that ``match`` (a test, or None for all), in one pass (KEYS_MATCH)."""
+        now, deadline_of = self.clock(), self._deadline_of
+        if match is None:
+            return [key for key, stored in self.data.items() if type(stored) is int or deadline_of(stored) > now]
+        return [
+            key
+            for key, stored in self.data.items()
+            if match(key) and (type(stored) is int or deadline_of(stored) > now)
+        ]
+
     # -- expiry ------------------------------------------------------------------------
 
     def ttl(self, key: str) -> float | None:

@@ -15,6 +15,8 @@ names the argument: :class:`~..exceptions.ArgumentTypeError` (also a
 from __future__ import annotations
 
 import math
+import time
+from datetime import datetime, timedelta
 
 from ..exceptions import ArgumentTypeError, InvalidArgument, InvalidKey, KeyTooLarge
 
@@ -89,6 +91,42 @@ def key(value, max_key: int, name: str = "key") -> str:
 def prefix(value) -> str:
     if type(value) is not str:
         raise InvalidKey(f"a prefix is a str, not {type(value).__name__}")
+    return value
+
+
+def expire_timeout(value):
+    """An expiry as redis-py's ``expire`` takes it: seconds, or a ``timedelta`` (which :func:`timeout` refuses)."""
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    return timeout(value)
+
+
+def seconds_until(when) -> float:
+    """Seconds from now until ``when``: a ``datetime`` (a naive one is local
+    time, as redis-py reads it) or a Unix timestamp in seconds; negative if past."""
+    if isinstance(when, datetime):
+        return when.timestamp() - time.time()
+    if isinstance(when, bool) or not isinstance(when, (int, float)):
+        raise ArgumentTypeError(f"when must be a datetime or a Unix timestamp, not {type(when).__name__}")
+    return timeout(when, "when") - time.time()
+
+
+#: Keys one iter_keys/delete_pattern request fetches or removes at most by
+#: default (django-redis's DJANGO_REDIS_SCAN_ITERSIZE is 10; a round trip here
+#: is ~15 us, and 1,000 keys ~60 KB of the caller's memory).
+DEFAULT_ITERSIZE = 1000
+
+
+def pattern(value, max_key: int) -> str:
+    """A glob pattern (KEYS_MATCH, SCAN): a ``str`` of at most ``max_key`` bytes in UTF-8."""
+    return key(value, max_key, "pattern")
+
+
+def itersize(value) -> int:
+    """How many keys one SCAN reply may hold: an ``int`` of at least 1 (the Manager caps it)."""
+    value = integer(value, "itersize")
+    if value < 1:
+        raise InvalidArgument(f"itersize must be at least 1, not {value}")
     return value
 
 

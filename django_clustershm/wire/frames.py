@@ -57,6 +57,30 @@ store; the value ``v`` is ``bin`` or ``int``; ``ttl`` is seconds or nil)::
 writer's alias's bounds travel with each write, so aliases that share a
 LOCATION keep their own MAX_ENTRIES and CULL_FREQUENCY, as LocMemCache's do.
 
+Expiry and key-space scans (django-redis's extra API, #17), on the store
+and on the caches alike::
+
+    TTL          [ns, key]               -> [exists, seconds left, or nil: no expiry]
+    PERSIST      [ns, key]               -> bool (true if an expiry was removed)
+    REPLACE      [ns, key, v, ttl, bounds] -> bool (stored: only if the key exists, SET XX)
+    KEYS_MATCH   [ns, pattern]           -> [key...] (every live key matching)
+    SCAN         [ns, cursor, pattern, count] -> [cursor, [key...]]
+    SCAN_DELETE  [ns, cursor, pattern, count] -> [cursor, int (how many removed)]
+
+A ``pattern`` is a glob with Redis's rules: ``*`` any run of characters,
+``?`` one, ``[abc]``, ``[a-z]`` and ``[^abc]`` one of (or none of) a set,
+``\\`` makes the next character literal. A SCAN starts with cursor 0 and
+goes on with the cursor each reply gives until it gives 0; each reply holds
+at most ``count`` keys and looks at a bounded number of entries, so a reply
+may hold none before the scan ends. Every key present for the whole scan is
+returned exactly once; a key added or removed meanwhile may or may not be
+(Redis's SCAN guarantee, plus no duplicates). SCAN_DELETE walks the same
+way and removes what matches (each removal is told to listeners and near
+caches as a REMOVE would be). A cursor is the Manager's: one it no longer
+knows (finished, or dropped under its limits, see :mod:`..server.scans`) is
+refused with an error. TOUCH does what EXPIRE and EXPIREAT do (the client
+turns an absolute time into seconds from now).
+
     LOCK_ACQUIRE [key, lease, wait]      -> [token, fence], or nil (not acquired)
     LOCK_RELEASE [key, token]            -> handed over: true if a waiter got the
                                             lock, false if it is free (LockNotOwned
@@ -180,6 +204,13 @@ TRACKER = 0x38
 TRACK_GET = 0x39
 TRACK_GET_MANY = 0x3A
 UNTRACK = 0x3B
+# Expiry and key-space scans (#17: django-redis's ttl, persist, set(xx=True), keys, iter_keys, delete_pattern).
+TTL = 0x40
+PERSIST = 0x41
+REPLACE = 0x42
+KEYS_MATCH = 0x43
+SCAN = 0x44
+SCAN_DELETE = 0x45
 # Handshake.
 HELLO = 0x70
 AUTH = 0x71

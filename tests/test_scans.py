@@ -1,0 +1,314 @@
+"""Glob patterns and SCAN cursors in the Manager (#17 part 1), on the engine itself.
+
+The matcher is checked against a port of Redis's own ``stringmatchlen`` on
+random patterns and keys; the cursor against random writes between its
+calls (every key present throughout is returned, exactly once), its bounded
+work per call and its bounded state.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+
+import pytest
+
+from django_clustershm.exceptions import InvalidArgument, InvalidKey, LimitExceeded
+from django_clustershm.server import scans as S
+from django_clustershm.server.engine import Engine
+from django_clustershm.wire import frames as F
+from django_clustershm.wire.limits import DEFAULT_BOUNDS
+
+# -- patterns ------------------------------------------------------------------------------
+
+
+def redis_match(pattern: str, string: str) -> bool:
+    """Redis's stringmatchlen (util.c), ported as it is: the reference."""
+    p, s = 0, 0
+    while p < len(pattern) and s <= len(string):
+        c = pattern[p]
+        if c == "*":
+            while p + 1 < len(pattern) and pattern[p + 1] == "*":
+                p += 1
+            if p + 1 == len(pattern):
+                return True
+            return any(redis_match(pattern[p + 1 :], string[i:]) for i in range(s, len(string) + 1))
+        if s == len(string):
+            return False
+        if c == "?":
+            s += 1
+        elif c == "[":
+            p += 1
+            negate = p < len(pattern) and pattern[p] == "^"
+            if negate:
+                p += 1
+            matched = False
+            while True:
+                if p < len(pattern) - 1 and pattern[p] == "\\":
+                    p += 1
+                    matched |= pattern[p] == string[s]
+                elif p < len(pattern) and pattern[p] == "]":
+                    break
+                elif p >= len(pattern):
+                    p -= 1
+                    break
+                elif len(pattern) - p >= 3 and pattern[p + 1] == "-":
+                    low, high = sorted((pattern[p], pattern[p + 2]))
+                    p += 2
+                    matched |= low <= string[s] <= high
+                else:
+                    matched |= pattern[p] == string[s]
+                p += 1
+            if negate:
+                matched = not matched
+            if not matched:
+                return False
+            s += 1
+        else:
+            if c == "\\" and p + 1 < len(pattern):
+                p += 1
+                c = pattern[p]
+            if c != string[s]:
+                return False
+            s += 1
+        p += 1
+    while p < len(pattern) and pattern[p] == "*":
+        p += 1
+    return p == len(pattern) and s == len(string)
+
+
+def matches(pattern: str, key: str) -> bool:
+    test = S.compile_glob(pattern)
+    return True if test is None else bool(test(key))
+
+
+@pytest.mark.parametrize(
+    ("pattern", "yes", "no"),
+    [
+        ("*", ["", "anything", "a\nb"], []),
+        ("h?llo", ["hello", "hallo", "h\nllo"], ["hllo", "heello"]),
+        ("h*llo", ["hllo", "heeeello"], ["hell", "helloo"]),
+        ("h[ae]llo", ["hello", "hallo"], ["hillo"]),
+        ("h[^e]llo", ["hallo", "hbllo"], ["hello", "hllo"]),
+        ("h[a-b]llo", ["hallo", "hbllo"], ["hcllo"]),
+        ("h[b-a]llo", ["hallo", "hbllo"], ["hcllo"]),  # Redis swaps a reversed range
+        ("h\\*llo", ["h*llo"], ["hello"]),
+        ("[[]1]", ["[1]"], ["1]", "[1"]),
+        ("a[*]b", ["a*b"], ["axb"]),
+        ("[]", [], ["", "]", "a"]),  # an empty set matches nothing
+        ("[^]", ["a", "]"], ["", "ab"]),
+        ("[abc", ["a", "c"], ["ab", "d"]),  # unclosed: runs to the end, as in Redis
+        ("a\\", ["a\\"], ["a"]),
+        ("user:*:cart", ["user:1:cart", "user::cart"], ["user:1:carts", "user:1"]),
+        ("*.*", [".", "a.b"], ["ab"]),
+        (":1:user:*", [":1:user:", ":1:user:x"], [":2:user:x", "x:1:user:"]),
+        ("pre*", ["pre", "prefix"], ["pr", "xpre"]),
+        ("exact", ["exact"], ["exac", "exactly"]),
+    ],
+)
+def test_glob_rules_are_redis_rules(pattern, yes, no):
+    for key in yes:
+        assert matches(pattern, key) and redis_match(pattern, key), (pattern, key)
+    for key in no:
+        assert not matches(pattern, key) and not redis_match(pattern, key), (pattern, key)
+
+
+def test_glob_agrees_with_redis_on_random_patterns():
+    rng = random.Random(17)
+    alphabet = "ab-^]\\[*?x"
+    for _ in range(20_000):
+        pattern = "".join(rng.choice(alphabet) for _ in range(rng.randint(0, 8)))
+        key = "".join(rng.choice("ab-^][*?x\\") for _ in range(rng.randint(0, 8)))
+        assert matches(pattern, key) == redis_match(pattern, key), (pattern, key)
+
+
+def test_a_pathological_pattern_costs_linear_time():
+    """``a*a*a*...b`` against a long run of ``a``: exponential for a naive
+    backtracking matcher (Redis had a CVE for it), linear here."""
+    pattern = "a*" * 40 + "b"
+    key = "a" * 4000
+    test = S.compile_glob(pattern)
+    started = time.perf_counter()
+    for _ in range(10):
+        assert not test(key)
+    assert time.perf_counter() - started < 1.0
+    assert test("a" * 40 + "b")
+
+
+# -- scans on the engine -----------------------------------------------------------------
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def engine():
+    return Engine(max_store_bytes=2**30, clock=Clock())
+
+
+def scan_all(engine, session, ns, pattern="*", count=10, between=None, op=F.SCAN):
+    cursor, calls, out = 0, 0, []
+    while True:
+        cursor, found = engine.dispatch(session, op, [ns, cursor, pattern, count])
+        calls += 1
+        out.append(found)
+        if not cursor:
+            return out, calls
+        if between is not None:
+            between()
+
+
+@pytest.mark.parametrize("ns", ["", "pages"])
+def test_every_key_present_throughout_is_returned_exactly_once(engine, ns):
+    """Random writes between the calls: removals and additions of other keys,
+    re-sets and reads of the stable ones (which reorder a cache's LRU order),
+    expiries. Every stable key comes back exactly once; nothing twice."""
+    rng = random.Random(ns)
+    session = engine.open_session()
+    # MAX_ENTRIES and MAX_BYTES large enough that no stable key is culled
+    bounds = None if ns == "" else [10**9, DEFAULT_BOUNDS[1], 2**30]
+    stable = [f"stable:{i}" for i in range(3000)]
+    for key in stable:
+        engine.dispatch(session, F.SET, [ns, key, b"v", None, bounds])
+    churn = 0
+
+    def write():
+        nonlocal churn
+        for _ in range(rng.randint(0, 40)):
+            action = rng.random()
+            if action < 0.4:
+                churn += 1
+                ttl = rng.choice([None, 0.5, 5.0])
+                engine.dispatch(session, F.SET, [ns, f"churn:{churn}", b"c", ttl, bounds])
+            elif action < 0.6 and churn:
+                engine.dispatch(session, F.REMOVE, [ns, f"churn:{rng.randint(1, churn)}"])
+            elif action < 0.8:
+                engine.dispatch(session, F.SET, [ns, rng.choice(stable), b"new", None, bounds])
+            else:
+                engine.dispatch(session, F.GET, [ns, rng.choice(stable)])
+        engine.clock.now += rng.choice([0, 0, 0.3])
+
+    batches, calls = scan_all(engine, session, ns, "*", 7, write)
+    seen = [key for batch in batches for key in batch]
+    assert len(seen) == len(set(seen)), "a key came back twice"
+    assert set(stable) <= set(seen)
+    assert all(len(batch) <= 7 for batch in batches)
+    assert calls >= 3000 // 7
+    assert len(engine.scans) == 0 and engine.scans.refs == 0
+
+
+def test_a_call_looks_at_a_bounded_number_of_keys(engine, monkeypatch):
+    """A pattern that matches nothing: each call looks at SCAN_EXAMINE keys and
+    returns none, so the scan takes len/SCAN_EXAMINE calls, none of them long."""
+    session = engine.open_session()
+    for i in range(10_000):
+        engine.dispatch(session, F.SET, ["", f"k{i}", b"v", None])
+    looked = []
+    batch = type(engine.store).scan_batch
+
+    def spy(self, keys, pos, examine, count, match):
+        found, end = batch(self, keys, pos, examine, count, match)
+        looked.append(end - pos)
+        return found, end
+
+    monkeypatch.setattr(type(engine.store), "scan_batch", spy)
+    batches, calls = scan_all(engine, session, "", "nothing*", 10)
+    assert batches == [[]] * calls
+    assert calls == -(-10_000 // S.SCAN_EXAMINE)
+    assert max(looked) == S.SCAN_EXAMINE
+    # count is capped, whatever a client asks
+    looked.clear()
+    engine.dispatch(session, F.SCAN, ["", 0, "*", 10**9])
+    assert looked == [S.MAX_SCAN_COUNT]
+
+
+def test_scan_delete_removes_what_matches_and_tells_listeners(engine):
+    session = engine.open_session()
+    events = []
+    session.push = events.append
+    engine.dispatch(session, F.LISTEN, [1, "", "user:", True])
+    for i in range(3000):
+        engine.dispatch(session, F.SET, ["", f"user:{i}", b"v", None])
+        engine.dispatch(session, F.SET, ["", f"item:{i}", b"v", None])
+    batches, calls = scan_all(engine, session, "", "user:*", 500, op=F.SCAN_DELETE)
+    assert sum(batches) == 3000 and calls >= 6
+    assert engine.dispatch(session, F.KEYS_MATCH, ["", "user:*"]) == []
+    assert len(engine.dispatch(session, F.KEYS_MATCH, ["", "item:*"])) == 3000
+    assert len([e for e in events if e[3] == F.EVENT_REMOVE]) == 3000
+
+
+def test_a_scan_that_ends_in_one_call_keeps_nothing(engine):
+    session = engine.open_session()
+    engine.dispatch(session, F.SET, ["", "a", b"v", None])
+    assert engine.dispatch(session, F.SCAN, ["", 0, "*", 10]) == [0, ["a"]]
+    assert engine.dispatch(session, F.SCAN, ["nowhere", 0, "*", 10]) == [0, []]
+    assert len(engine.scans) == 0
+
+
+def test_scan_state_is_bounded_and_freed(engine, monkeypatch):
+    one, two = engine.open_session(), engine.open_session()
+    for i in range(5000):
+        engine.dispatch(one, F.SET, ["", f"k{i}", b"v", None])
+    # Per connection: a 17th open scan drops that connection's least recently used.
+    cursors = [engine.dispatch(one, F.SCAN, ["", 0, "*", 1])[0] for _ in range(S.SCANS_PER_SESSION)]
+    theirs = engine.dispatch(two, F.SCAN, ["", 0, "*", 1])[0]
+    engine.dispatch(one, F.SCAN, ["", cursors[0], "*", 1])  # now the most recently used
+    engine.dispatch(one, F.SCAN, ["", 0, "*", 1])
+    with pytest.raises(InvalidArgument, match="unknown"):
+        engine.dispatch(one, F.SCAN, ["", cursors[1], "*", 1])
+    engine.dispatch(one, F.SCAN, ["", cursors[0], "*", 1])
+    engine.dispatch(two, F.SCAN, ["", theirs, "*", 1])
+    assert engine.dispatch(one, F.STATS, [])["scans"]["open"] == S.SCANS_PER_SESSION + 1
+    # A cursor goes on with its own namespace and pattern only.
+    with pytest.raises(InvalidArgument, match="another"):
+        engine.dispatch(one, F.SCAN, ["", cursors[0], "k1*", 1])
+    # In all: past MAX_SCAN_REFS, idle scans make room; if they cannot, refused.
+    three = engine.open_session()
+    monkeypatch.setattr(S, "MAX_SCAN_REFS", engine.scans.refs + 4999)
+    with pytest.raises(LimitExceeded):
+        engine.dispatch(three, F.SCAN, ["", 0, "*", 1])
+    engine.clock.now += S.SCAN_IDLE + 1
+    engine.dispatch(two, F.SCAN, ["", theirs, "*", 1])  # in use: kept
+    assert engine.dispatch(three, F.SCAN, ["", 0, "*", 1])[0]
+    engine.dispatch(two, F.SCAN, ["", theirs, "*", 1])
+    assert engine.scans.dropped >= 2
+    # A closed connection's scans go with it.
+    engine.close_session(one)
+    engine.close_session(three)
+    assert list(engine.scans.by_session) == [two.id]
+    engine.close_session(two)
+    assert engine.scans.refs == 0 and len(engine.scans) == 0
+
+
+def test_the_walked_part_of_a_snapshot_is_let_go(engine):
+    session = engine.open_session()
+    for i in range(20_000):
+        engine.dispatch(session, F.SET, ["", f"k{i}", b"v", None])
+    cursor, _ = engine.dispatch(session, F.SCAN, ["", 0, "*", 5000])
+    assert engine.scans.refs == 20_000
+    engine.dispatch(session, F.SCAN, ["", cursor, "*", 5000])
+    assert engine.scans.refs == 10_000
+
+
+def test_bad_scan_arguments_are_refused_and_the_session_stays(engine):
+    from django_clustershm.exceptions import ArgumentTypeError
+
+    session = engine.open_session()
+    with pytest.raises(InvalidKey):
+        engine.dispatch(session, F.SCAN, ["", 0, 5, 10])
+    with pytest.raises(InvalidArgument):
+        engine.dispatch(session, F.SCAN, ["", 0, "*", 0])
+    with pytest.raises(ArgumentTypeError):
+        engine.dispatch(session, F.SCAN, ["", "0", "*", 10])
+    with pytest.raises(ArgumentTypeError):
+        engine.dispatch(session, F.SCAN, [None, 0, "*", 10])
+    with pytest.raises(InvalidArgument, match="unknown"):
+        engine.dispatch(session, F.SCAN, ["", 12345, "*", 10])
+    with pytest.raises(InvalidKey):
+        engine.dispatch(session, F.KEYS_MATCH, ["", None])
+    assert engine.dispatch(session, F.PING, []) == "pong"
