@@ -254,11 +254,14 @@ def _live(data: dict[str, Any]) -> bool:
     return _alive(data["pid"]) and not _refuses(data["address"])
 
 
-def record(address: str, secret_file: str | None) -> str | None:
+def record(address: str, secret_file: str | None, key: str | None = None) -> str | None:
     """Record this master's Manager as the project's running cluster; the
-    file's path, or None if there is no project or no private place for it."""
+    file's path, or None if there is no project or no private place for it.
+    ``key``: the project's (:func:`project_key`), when this process has not
+    loaded the settings (runcluster's lean master reads them in a child)."""
     global _recorded
-    key = project_key()
+    if key is None:
+        key = project_key()
     if key is None:
         return None
     directory = next((d for d in runtime_dirs() if _private_dir(d, create=True)), None)

@@ -282,7 +282,9 @@ def test_a_lock_wait_beats_the_heartbeat_and_an_ordinary_call_does_not(manager_p
         assert waiter.lock_acquire("hb", wait=1.0) is None  # the Manager's timeout decides
         waited = time.monotonic() - started
         assert 0.9 < waited < 2.0
-        assert 5 <= len(beats) <= 8, beats  # at the start of the wait, then every 0.2 s
+        # At the start of the wait, then about every 0.2 s of it (a property, not a timing:
+        # a busy VM stretches the wait and the count with it).
+        assert 3 <= len(beats) <= waited / 0.2 + 3, (waited, beats)
         holder.lock_release("hb", token)
         # A child forked afterwards does not inherit it.
         pid = os.fork()

@@ -102,15 +102,21 @@ def _read_manager_settings() -> dict:
         settings.DEBUG  # noqa: B018 - loads the settings module (conf.settings() reads only loaded ones)
     options = conf.engine_options()
     options["limits"] = options["limits"].as_dict()
-    return {"engine": options, "snapshot": conf.settings().get("SNAPSHOT")}
+    return {"engine": options, "snapshot": conf.settings().get("SNAPSHOT"), "project": runtime.project_key()}
+
+
+#: The project's key among runtime files (runtime.project_key), read with the settings.
+_project: str | None = None
 
 
 def manager_settings_in_child() -> tuple[dict, dict | None]:
     """The Manager's engine options and its SNAPSHOT setting, read in a child (the
     master imports no settings module: workers must load it afresh after a SIGHUP)."""
+    global _project
     found = _in_child(_read_manager_settings)
     options = found["engine"]
     options["limits"] = Limits(**options["limits"])
+    _project = found["project"]
     return options, found["snapshot"]
 
 
@@ -166,7 +172,7 @@ def start_manager() -> Manager:
     _manager.on_failure = _manager_died
     _manager.start()
     registry.configure(_manager.address, _manager.secret, adopt=handles)
-    runtime.record(_manager.address, _manager.secret_file)
+    runtime.record(_manager.address, _manager.secret_file, _project)
     logger.info("django-clustershm: Manager started in the master (pid %d) on %s", os.getpid(), _manager.address)
     return _manager
 
