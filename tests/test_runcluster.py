@@ -704,13 +704,17 @@ def test_sighup_serves_new_code_and_keeps_the_state(tmp_path):
         wait_until(lambda: _every_worker_serves(srv, "v1"), timeout=20, message="v1 everywhere")
         for _ in range(10):
             srv.get("/hit/")
+        body, cookie = request_with_session(srv, "/login/?name=tom", None)
+        assert body["user"] == "tom" and cookie
         started = srv.get("/whoami/")[1]
         _write_probe(probe_dir, "v2")
         before = srv.workers()
         srv.signal(signal.SIGHUP)
         wait_until(lambda: len(srv.workers()) == 4 and not (srv.workers() & before), timeout=30, message="new workers")
         wait_until(lambda: _every_worker_serves(srv, "v2"), timeout=20, message="v2 everywhere")
-        assert srv.get("/hit/")[1]["hits"] == 11  # the state stayed
+        assert srv.get("/hit/")[1]["hits"] == 11  # the state stayed: counters...
+        for _ in range(8):  # ...and sessions, whichever new worker answers
+            assert request_with_session(srv, "/me/", cookie)[0]["user"] == "tom"
         assert srv.get("/whoami/")[1]["manager_pid"] == started["manager_pid"] == srv.master
         assert {b["booted_by"] for b in hammer(srv, "/booted/", 16, threads=4)} == {srv.master}
         assert "no project code" in srv.log()
