@@ -12,6 +12,7 @@ through uvicorn's gunicorn worker instead.
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import socket
 import sys
@@ -80,7 +81,18 @@ def check_in_child(command: BaseCommand, load_asgi: bool = False) -> None:
     project code (views, urls) that a SIGHUP of the workers could not reload.
     """
     r, w = os.pipe()
-    pid = os.fork()
+    # The child only checks and reports through the pipe: no warning from it (its
+    # at-fork steps included) about the embedded Manager this process's ready()
+    # used, which it inherits and does not serve from.
+    log = logging.getLogger("django_clustershm")
+    level = log.level
+    log.setLevel(logging.ERROR)
+    pid = -1
+    try:
+        pid = os.fork()
+    finally:
+        if pid != 0:
+            log.setLevel(level)
     if pid == 0:  # pragma: no cover - runs in the child
         os.close(r)
         code = 0
