@@ -141,7 +141,7 @@ def test_refuses_what_it_cannot_encode(serializer, value, name):
 
 
 def test_default_is_the_same_pickle_as_before():
-    for value in COMMON[:3] + [PAGE, Point(1, 2)]:
+    for value in [*COMMON[:3], PAGE, Point(1, 2)]:
         assert Serializer().dumps(value, 1 << 30) == pickle.dumps(value, pickle.HIGHEST_PROTOCOL)
 
 
