@@ -14,6 +14,9 @@
                 "IGNORE_EXCEPTIONS": False, # True: a missing Manager reads as a miss
                 "NEAR_CACHE": {"MAX_ENTRIES": 10000, "MAX_BYTES": 16 * 2**20},  # optional
                 "BUILD_TIMEOUT": 30,        # get_or_set: how long a miss waits for another's build
+                "SERIALIZER": "django_clustershm.serializers.PickleSerializer",  # or JSON..., MSGPack...
+                "COMPRESSOR": None,         # e.g. "django_clustershm.compressors.ZlibCompressor"
+                "COMPRESS_MIN_LEN": 300,    # serialized values shorter than this stay raw
             },
         }
     }
@@ -40,6 +43,11 @@ django-redis's extra API is here too, with its names and meanings (#17):
 the alias's prefix and version applied as django-redis's ``make_pattern``
 does), ``lock`` (our :class:`~.lock.Lock`) and ``set(..., nx=True/xx=True)``,
 each one request, atomic in the Manager; and their ``a*`` forms.
+
+``SERIALIZER`` and ``COMPRESSOR`` are django-redis's options too: dotted
+paths to classes of :mod:`.serializers` and :mod:`.compressors` (or
+subclasses of them), given the alias's OPTIONS. Values are serialized and
+compressed in the caller; integers stay native so ``incr`` works with any.
 """
 
 from __future__ import annotations
@@ -53,10 +61,12 @@ from datetime import timedelta
 from functools import wraps
 
 from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, get_key_func
+from django.utils.module_loading import import_string
 
 from . import conf
 from .client import Client, Keyspace
 from .client.aio import AsyncKeyspace
+from .client.serializer import Serializer
 from .exceptions import InvalidArgument, KeyNotFound, ManagerUnavailable
 from .lock import AsyncLock, Lock
 from .registry import get_client
@@ -224,6 +234,26 @@ def _at_ms(when):
     return when / 1000
 
 
+def _codec(options: dict) -> Serializer | None:
+    """The alias's Serializer from OPTIONS SERIALIZER and COMPRESSOR (None: the client's, pickle)."""
+    name = options.get("SERIALIZER")
+    compressor_name = options.get("COMPRESSOR")
+    serializer = None
+    if name and name != _PICKLE:
+        serializer = (import_string(name) if isinstance(name, str) else name)(options)
+    elif "PICKLE_VERSION" in options:
+        serializer = import_string(_PICKLE)(options)
+    compressor = None
+    if compressor_name:
+        compressor = (import_string(compressor_name) if isinstance(compressor_name, str) else compressor_name)(options)
+    if serializer is None and compressor is None:
+        return None
+    return Serializer(serializer, compressor)
+
+
+_PICKLE = "django_clustershm.serializers.PickleSerializer"
+
+
 def default_reverse_key(key: str) -> str:
     """django-redis's default REVERSE_KEY_FUNCTION: the user's key out of ``prefix:version:key``."""
     return key.split(":", 2)[2]
@@ -238,6 +268,7 @@ class ClusterShmCache(BaseCache):
         self._ignore_exceptions = bool(options.get("IGNORE_EXCEPTIONS", False))
         self._near = conf.near_options(options.get("NEAR_CACHE"))
         self._build_timeout = float(options.get("BUILD_TIMEOUT", DEFAULT_BUILD_TIMEOUT))
+        self._codec = _codec(options)
         # django-redis's setting, where django-redis reads it: beside KEY_FUNCTION.
         self.reverse_key = get_key_func(params.get("REVERSE_KEY_FUNCTION") or default_reverse_key)
         self._space: tuple[Client, Keyspace] | None = None
@@ -257,6 +288,7 @@ class ClusterShmCache(BaseCache):
                 cull_frequency=int(self._cull_frequency),
                 max_bytes=self._max_bytes,
                 near_cache=self._near,
+                serializer=self._codec,
             )
             self._space = space = (client, keyspace)
         return space[1]

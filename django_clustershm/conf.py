@@ -5,7 +5,7 @@
 ``SECRET_FILE``      file holding its secret (default: ``secret`` beside it)
 ``TIMEOUT``          seconds any call may take (default 5)
 ``MAX_KEY_SIZE``     bytes of a key in UTF-8 (default 4096)
-``MAX_VALUE_SIZE``   bytes of a pickled value (default 32 MiB)
+``MAX_VALUE_SIZE``   bytes of a stored (serialized, compressed) value (default 32 MiB)
 ``MAX_STORE_BYTES``  budget of the shared store (default: a quarter of the
                      memory, RAM or the cgroup's limit: ``StoreFull`` beyond)
 ``MAX_CACHE_BYTES``  the most a cache's MAX_BYTES may be (default 1 GiB): a

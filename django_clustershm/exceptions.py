@@ -13,7 +13,7 @@ catches ``ValueError`` or ``ConnectionError`` keeps working::
      ├── InvalidKey (ValueError)                 not a str, or not encodable
      ├── ValueTooLarge (ValueError)              a key, value or batch over the maximum
      │    └── KeyTooLarge (InvalidKey)
-     ├── SerializationError (pickle.PicklingError)  a value that cannot be pickled
+     ├── SerializationError (pickle.PicklingError)  a value that cannot be serialized (pickled...)
      ├── KeyNotFound (LookupError)               incr/decr of a missing key
      ├── NotAnInteger (TypeError)                incr/decr of a value that is not an int
      ├── IntegerOverflow (OverflowError)         incr/decr past a signed 64-bit integer
@@ -105,7 +105,7 @@ class KeyTooLarge(ValueTooLarge, InvalidKey):
 
 
 class SerializationError(ClusterShmError, pickle.PicklingError):
-    """A value that cannot be pickled. Raised in the caller; nothing is sent."""
+    """A value its serializer cannot encode (pickle, JSON, msgpack). Raised in the caller; nothing is sent."""
 
     code = 7
 

@@ -727,7 +727,7 @@ class AsyncKeyspace:
             data = await near.aget(key, self._aio.transport.call)
         else:
             data = await self._aio.transport.call(F.GET, [ks._ns, key])
-        return default if data is None else ks._client.serializer.loads(data)
+        return default if data is None else ks.serializer.loads(data)
 
     async def aset(self, key: str, value: Any, timeout: float | None = None) -> None:
         ks = await self._ready()
@@ -784,7 +784,7 @@ class AsyncKeyspace:
             found = await near.aget_many(checked, self._aio.transport.call)
         else:
             found = await self._aio.transport.call(F.GET_MANY, [ks._ns, checked])
-        loads = ks._client.serializer.loads
+        loads = ks.serializer.loads
         return {key: loads(data) for key, data in found.items()}
 
     async def aset_many(self, mapping: Mapping[str, Any], timeout: float | None = None) -> None:

@@ -70,12 +70,22 @@ class Keyspace:
     _bounds: list | None
     #: The near cache this keyspace reads through, if it has one.
     _near_cache: NearCache | None
+    #: How this keyspace's values are stored (its client's, unless a cache alias gives its own).
+    serializer: Serializer
 
-    def __init__(self, client: Client, ns: str, bounds: list | None, near_cache: NearCache | None = None) -> None:
+    def __init__(
+        self,
+        client: Client,
+        ns: str,
+        bounds: list | None,
+        near_cache: NearCache | None = None,
+        serializer: Serializer | None = None,
+    ) -> None:
         self._client = client
         self._ns = ns
         self._bounds = bounds
         self._near_cache = near_cache
+        self.serializer = serializer or client.serializer
 
     def __repr__(self) -> str:
         return f"<Keyspace {self._ns!r} of {self._client!r}>"
@@ -94,8 +104,7 @@ class Keyspace:
         return A.key(key, client.limits.max_key)
 
     def _value(self, value):
-        client = self._client
-        return client.serializer.dumps(value, client.limits.max_value)
+        return self.serializer.dumps(value, self._client.limits.max_value)
 
     def _write_args(self, *args) -> list:
         return [self._ns, *args] if self._bounds is None else [self._ns, *args, self._bounds]
@@ -117,7 +126,7 @@ class Keyspace:
             data = near.get(key)
         else:
             data = client.transport.call(_GET, [self._ns, key])
-        return default if data is None else client.serializer.loads(data)
+        return default if data is None else self.serializer.loads(data)
 
     def set(self, key: str, value: Any, timeout: float | None = None) -> None:
         """Store ``value`` under ``key``; ``timeout`` seconds until it expires
@@ -181,7 +190,7 @@ class Keyspace:
             found = near.get_many(checked)
         else:
             found = client.transport.call(F.GET_MANY, [self._ns, checked])
-        loads = client.serializer.loads
+        loads = self.serializer.loads
         return {key: loads(data) for key, data in found.items()}
 
     def set_many(self, mapping: Mapping[str, Any], timeout: float | None = None) -> None:
@@ -338,7 +347,7 @@ class Keyspace:
         if prefix is None:
             target = self._key(target)
         wait = self._client.transport.timeout if timeout is None else A.timeout(timeout, "timeout")
-        handle = Handle(self._ns, target, prefix is not None, callback, on_resync, self._client.serializer.loads)
+        handle = Handle(self._ns, target, prefix is not None, callback, on_resync, self.serializer.loads)
         if isinstance(callback, _OnLoop):
             callback.handle = handle
         return self._client.dispatcher.add(handle, wait)
@@ -447,6 +456,7 @@ class Client(Keyspace):
         cull_frequency: int = DEFAULT_CULL_FREQUENCY,
         max_bytes: int = DEFAULT_CACHE_BYTES,
         near_cache: tuple[int, int] | None = None,
+        serializer: Serializer | None = None,
     ) -> Keyspace:
         """The named LRU cache ``name`` (what a Django cache LOCATION names), with
         these bounds for this keyspace's writes (Django's MAX_ENTRIES and
@@ -454,11 +464,12 @@ class Client(Keyspace):
 
         ``near_cache=(max_entries, max_bytes)``: this keyspace reads through a
         near cache of the namespace (shared with the other keyspaces of it that
-        ask for one; a keyspace that does not ask reads from the Manager)."""
+        ask for one; a keyspace that does not ask reads from the Manager).
+        ``serializer``: how this keyspace stores values (default: the client's)."""
         if type(name) is not str or not name:
             raise ArgumentTypeError("a cache name is a non-empty str")
         near = None if near_cache is None else self.enable_near_cache(name, *near_cache)
-        return Keyspace(self, name, A.bounds([max_entries, cull_frequency, max_bytes]), near)
+        return Keyspace(self, name, A.bounds([max_entries, cull_frequency, max_bytes]), near, serializer)
 
     # -- near caches (see .near) ----------------------------------------------------------------
 

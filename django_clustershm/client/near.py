@@ -45,7 +45,13 @@ A copy is kept with its expiry: for a value read, computed from the moment
 the request was sent (so never later than the Manager's); for a value pushed,
 the Manager's own deadline (CLOCK_MONOTONIC is the same in every process).
 The copies are bounded by entries and bytes (LRU).
-Values are kept pickled: every hit returns a fresh object.
+Values are kept serialized (pickled by default): every hit returns a fresh
+object. A value its cache alias compressed (``COMPRESSOR``) is kept
+*decompressed*: the copy is made once per fill or push, and a hit then costs
+what a raw value's does. Measured on a 100 KiB HTML page (zlib: 17.9 KB
+stored): a hit took 12 us from a decompressed copy against 249 us from a
+compressed one (950 us with lzma), slower than asking the Manager; the price
+is memory (the copy counts its decompressed size against MAX_BYTES).
 
 A fork, a lost Manager or a cut-off tracker empties the near caches of the
 process; the next miss opens a new tracker.
@@ -80,6 +86,16 @@ MAX_UNREAD_UPDATES = 4
 #: Values up to this size are pushed to the near caches that hold their key
 #: when they are written (larger ones are invalidated): the Manager's limit.
 PUSH_LIMIT = 64 * 1024
+
+
+def _expanded(data: bytes) -> bytes:
+    """A compressed value's serialization (kept as it is if it cannot be decompressed here)."""
+    from ..compressors import expand
+
+    try:
+        return bytes(expand(data))
+    except Exception:
+        return data
 
 
 class NearCache:
@@ -130,6 +146,8 @@ class NearCache:
             self.bytes -= entry[2]
 
     def _put(self, key: str, data, deadline) -> None:
+        if type(data) is bytes and data[:1] == b"\xc1":
+            data = _expanded(data)
         self._drop(key)  # first: a value too large to keep must not leave the old one behind
         size = len(key) + (len(data) if type(data) is bytes else _INT_SIZE)
         if size > self.max_bytes:
@@ -157,6 +175,8 @@ class NearCache:
         entry = self._entries.get(key)
         if entry is None:
             return False
+        if type(data) is bytes and data[:1] == b"\xc1":
+            data = _expanded(data)
         size = len(key) + (len(data) if type(data) is bytes else _INT_SIZE)
         if entry[3] >= MAX_UNREAD_UPDATES or size > self.max_bytes:
             self._drop(key)
