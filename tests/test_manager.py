@@ -935,3 +935,47 @@ def test_the_budgets_bound_the_managers_memory(kind):
     finally:
         proc.stop()
         proc.cleanup()
+
+
+def test_a_client_whose_handshake_is_dropped_connects_again(tmp_path):
+    """Half-open peers have a small cap, the oldest making room for a new one, so a
+    client caught mid-handshake by a flood can be dropped before anything was
+    sent. It connects again by itself (twice at most). Here a relay in front of
+    the Manager drops the first two connections, as an eviction would."""
+    proc = ManagerProcess().start()
+    relay_path = str(tmp_path / "relay.sock")
+    relay = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    relay.bind(relay_path)
+    relay.listen(8)
+    relay.settimeout(10)
+
+    def pipe(a, b):
+        try:
+            while data := a.recv(65536):
+                b.sendall(data)
+        except OSError:
+            pass
+        finally:
+            b.close()
+
+    def serve():
+        for i in range(3):
+            conn, _ = relay.accept()
+            if i < 2:
+                conn.close()  # dropped before the handshake
+                continue
+            upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            upstream.connect(proc.address)
+            threading.Thread(target=pipe, args=(upstream, conn), daemon=True).start()
+            pipe(conn, upstream)
+
+    server = threading.Thread(target=serve)
+    server.start()
+    try:
+        client = socket_client(relay_path, proc.secret)
+        assert client.incr("n") == 1  # through the third connection
+        client.close()
+    finally:
+        server.join(10)
+        relay.close()
+        proc.cleanup()

@@ -58,7 +58,7 @@ from ..wire import args as A
 from ..wire import frames as F
 from ..wire import handshake as H
 from ..wire.limits import Limits
-from .socket import DEFAULT_SPIN
+from .socket import DEFAULT_SPIN, HANDSHAKE_ATTEMPTS, HandshakeLost
 from .transport import DEFAULT_TIMEOUT, USE_DEFAULT, beat, heartbeat
 
 if TYPE_CHECKING:
@@ -188,9 +188,9 @@ class AsyncConnection:
             try:
                 data = await self.loop.sock_recv(self.sock, F.HANDSHAKE_MAX_FRAME)
             except OSError as exc:
-                raise ManagerUnavailable(f"the Manager closed the connection during the handshake: {exc}") from exc
+                raise HandshakeLost(f"the Manager closed the connection during the handshake: {exc}") from exc
             if not data:
-                raise ManagerUnavailable("the Manager closed the connection during the handshake")
+                raise HandshakeLost("the Manager closed the connection during the handshake")
             frames = self.reader.feed(data)
             if frames:
                 return frames[0]
@@ -480,7 +480,7 @@ class AsyncSocketTransport:
         self._connecting[loop] = future
         try:
             self._sweep_closed_loops()
-            conn = await AsyncConnection.open(self.address, self.secret, self.timeout)
+            conn = await self._open()
             conn.spin = self.spin
         except BaseException as exc:
             del self._connecting[loop]
@@ -494,6 +494,15 @@ class AsyncSocketTransport:
             self._conns[loop] = conn
         future.set_result(conn)
         return conn
+
+    async def _open(self) -> AsyncConnection:
+        """A new connection; one whose handshake the Manager dropped is tried again (see socket.HandshakeLost)."""
+        for attempt in range(HANDSHAKE_ATTEMPTS - 1):
+            try:
+                return await AsyncConnection.open(self.address, self.secret, self.timeout)
+            except HandshakeLost:
+                await asyncio.sleep(0.01 * (attempt + 1))
+        return await AsyncConnection.open(self.address, self.secret, self.timeout)
 
     def _sweep_closed_loops(self) -> None:
         """Connections of loops that were closed (asyncio.run() ended): closed, silently."""

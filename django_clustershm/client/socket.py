@@ -29,7 +29,6 @@ import weakref
 from typing import Any
 
 from ..exceptions import (
-    AuthenticationFailed,
     ClusterShmError,
     InvalidKey,
     ManagerUnavailable,
@@ -58,6 +57,17 @@ _encode = F.encode
 _decode = F.decode_payload
 _OK = F.OK
 _ERR = F.ERR
+
+
+class HandshakeLost(ManagerUnavailable):
+    """The Manager closed a connection before its handshake completed, without a
+    refusal: it dropped it (half-open peers have a small cap, the oldest making
+    room for a new one, README "A rogue or broken client"). Nothing was sent
+    yet, so connecting again is safe: :meth:`SocketTransport.connect` does, twice."""
+
+
+#: Attempts at a connection whose handshake the Manager dropped.
+HANDSHAKE_ATTEMPTS = 3
 
 
 def _timeval(seconds: float) -> bytes:
@@ -128,9 +138,9 @@ class Connection:
             except TimeoutError as exc:
                 raise ManagerUnavailable(f"the Manager did not complete the handshake within {self.timeout}s") from exc
             except OSError as exc:
-                raise ManagerUnavailable(f"the Manager closed the connection during the handshake: {exc}") from exc
+                raise HandshakeLost(f"the Manager closed the connection during the handshake: {exc}") from exc
             if not data:
-                raise AuthenticationFailed("the Manager closed the connection during the handshake")
+                raise HandshakeLost("the Manager closed the connection during the handshake")
             frames = self.reader.feed(data)
             if frames:
                 return frames[0]
@@ -289,7 +299,15 @@ class SocketTransport(Transport):
 
     def connect(self, spin: float | None = None) -> Connection:
         """A new authenticated connection (the caller owns it)."""
-        conn = Connection(self.address, self.secret, self.timeout, self.spin if spin is None else spin)
+        spin = self.spin if spin is None else spin
+        for attempt in range(HANDSHAKE_ATTEMPTS - 1):
+            try:
+                conn = Connection(self.address, self.secret, self.timeout, spin)
+                break
+            except HandshakeLost:
+                time.sleep(0.01 * (attempt + 1))
+        else:
+            conn = Connection(self.address, self.secret, self.timeout, spin)
         self._limits = conn.limits
         self._made.add(conn)
         return conn
