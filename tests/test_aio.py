@@ -140,7 +140,6 @@ def test_the_client_reconnects_after_a_manager_restart():
             restarted.log_path = proc.log_path
             restarted.start()
             try:
-                await asyncio.sleep(0.05)
                 for _ in range(50):  # the first call may find the old connection dead
                     try:
                         return await use(), restarted
@@ -210,14 +209,15 @@ def test_fifo_fencing_and_ownership_per_task(anywhere):
         order = []
 
         async def task(i):
-            await asyncio.sleep(0.002 * i)  # queue in order
             async with clustershm.AsyncLock("fair", timeout=10) as held:
                 order.append((i, held.fence))
-                await asyncio.sleep(0.005)
+                await asyncio.sleep(0.005)  # holds it a little
 
         assert await lock.acquire()
-        waiters = [asyncio.create_task(task(i)) for i in range(5)]
-        await asyncio.sleep(0.05)
+        waiters = []
+        for i in range(5):  # queued one after the other, in this order
+            waiters.append(asyncio.create_task(task(i)))
+            await _until_waiting(i + 1)
         other = asyncio.create_task(lock.release())  # another task does not own it
         with pytest.raises(LockNotOwned):
             await other
@@ -261,8 +261,13 @@ def test_a_timeout_raises_and_leaves_nothing_queued(anywhere):
     assert not clustershm.Lock("busy").locked()
 
 
-def _queued(key: str) -> int:
-    return clustershm.stats()["locks"]["waiting"] if clustershm.stats()["locks"].get("waiting") is not None else 0
+async def _until_waiting(count: int, timeout: float = 10.0) -> None:
+    """Until the Manager queues ``count`` lock requests in all (a condition, not a delay)."""
+    deadline = time.monotonic() + timeout
+    while (await clustershm.astats())["locks"]["waiting"] != count:
+        if time.monotonic() > deadline:
+            raise AssertionError(f"the Manager never queued {count} lock requests")
+        await asyncio.sleep(0.002)
 
 
 def test_a_task_cancelled_while_waiting_leaves_no_wait_and_no_lock(anywhere):
@@ -271,11 +276,11 @@ def test_a_task_cancelled_while_waiting_leaves_no_wait_and_no_lock(anywhere):
 
     async def main():
         waiting = asyncio.create_task(clustershm.AsyncLock("cancel-me").acquire(timeout=30))
-        await asyncio.sleep(0.05)  # queued in the Manager
+        await _until_waiting(1)  # queued in the Manager
         waiting.cancel()
         with pytest.raises(asyncio.CancelledError):
             await waiting
-        await asyncio.sleep(0.05)  # the cancel reached the Manager
+        await _until_waiting(0)  # the cancel took the wait back
 
     asyncio.run(main())
     holder.release()  # with the cancelled wait still queued, this would hand the lock to it
@@ -296,14 +301,13 @@ def test_a_grant_that_races_the_cancellation_is_released(anywhere):
 
         async def main(key=key, token=token):
             waiting = asyncio.create_task(take())
-            await asyncio.sleep(0.02)
+            await _until_waiting(1)
             await asyncio.to_thread(clustershm.release_lock, key, token)  # the grant is on its way...
             waiting.cancel()  # ...and the task goes
             try:
                 await waiting
             except asyncio.CancelledError:
                 pass
-            await asyncio.sleep(0.05)
 
         asyncio.run(main())
         wait_until(lambda key=key: not clustershm.Lock(key).locked(), message=f"{key} free")
@@ -353,7 +357,7 @@ def test_a_sigkilled_process_holding_an_async_lock_frees_it_for_another(cluster)
 
         async def main():
             waiter = asyncio.create_task(wait_for_it())
-            await asyncio.sleep(0.1)
+            await _until_waiting(1)
             os.kill(pid, signal.SIGKILL)
             return await waiter
 

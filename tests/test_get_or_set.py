@@ -15,6 +15,7 @@ import pytest
 from django.core.cache import caches
 
 import django_clustershm as clustershm
+from django_clustershm.cache import FRESH_SUFFIX
 
 from .helpers import fork_call, reap, run_forked, wait_until
 
@@ -83,7 +84,7 @@ def test_a_builder_killed_with_sigkill_lets_another_build(cache):
         assert cache.get_or_set("orphan", _slow_build(0.0, "rescued"), 60) == "rescued"
 
     waiters = [fork_call(waiter, i) for i in range(3)]
-    time.sleep(0.2)  # they wait behind the doomed builder's lock
+    wait_until(lambda: clustershm.stats()["locks"]["waiting"] == 3, message="they wait behind its lock")
     os.kill(pid, signal.SIGKILL)
     reap(pid, 10)
     assert [reap(p, 30) for p in waiters] == [0] * 3
@@ -115,7 +116,9 @@ def test_a_waiter_past_build_timeout_builds_itself(cluster, settings):
 
 def test_stale_while_revalidate_serves_the_old_value_while_one_process_rebuilds(cache):
     assert cache.get_or_set("page", _slow_build(0.0, "v1"), timeout=0.3, stale=30) == "v1"
-    time.sleep(0.4)  # no longer fresh, still stored
+    fresh = cache.make_key("page") + FRESH_SUFFIX
+    wait_until(lambda: not cache.keyspace.has(fresh), message="no longer fresh")
+    assert cache.get("page") == "v1"  # still stored
     clustershm.set("builds", 0)
 
     def reader(i):
