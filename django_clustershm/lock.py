@@ -68,6 +68,8 @@ class _Hold:
 class _LockOptions:
     """What a :class:`Lock` and an :class:`AsyncLock` are made of."""
 
+    _kind = ""
+
     def __init__(
         self,
         key: str,
@@ -83,6 +85,29 @@ class _LockOptions:
         self.blocking = blocking
         self.reentrant = reentrant
 
+    def __repr__(self) -> str:
+        return f"<{self._kind} {self.key!r} lease={self.lease} reentrant={self.reentrant}>"
+
+    def _wanted(self, blocking: bool | None, timeout: float | None, blocking_timeout: float | None) -> tuple:
+        """(blocking, timeout) of an acquire() call, from its arguments and this lock's defaults."""
+        blocking = self.blocking if blocking is None else blocking
+        if timeout is None:
+            timeout = self.timeout if blocking_timeout is None else blocking_timeout
+        return blocking, timeout
+
+    def _enter_again(self, mine: _Hold, blocking: bool, owner: str) -> bool:
+        """The owner (a thread, or a task) asks again for a lock it holds: enter
+        again if reentrant, fail a try, refuse a wait that would wait for itself."""
+        if self.reentrant:
+            mine.depth += 1
+            return True
+        if not blocking:
+            return False
+        raise WouldDeadlock(
+            f"this {owner} already holds lock {self.key!r}; waiting for it would wait for itself "
+            "(release it first, or use reentrant=True)"
+        )
+
 
 class Lock(_LockOptions, ContextDecorator):
     """A lock on ``key`` shared by every process of the cluster, shaped like redis-py's.
@@ -92,6 +117,8 @@ class Lock(_LockOptions, ContextDecorator):
     held (None: held until released or until the holder's process dies).
     ``blocking=False`` makes ``acquire()`` a try-acquire by default.
     """
+
+    _kind = "Lock"
 
     def __init__(
         self,
@@ -105,9 +132,6 @@ class Lock(_LockOptions, ContextDecorator):
         super().__init__(key, timeout, lease, blocking=blocking, reentrant=reentrant)
         self._local = threading.local()
 
-    def __repr__(self) -> str:
-        return f"<Lock {self.key!r} lease={self.lease} reentrant={self.reentrant}>"
-
     # -- acquire / release ----------------------------------------------------------
 
     def acquire(
@@ -115,9 +139,7 @@ class Lock(_LockOptions, ContextDecorator):
     ) -> bool:
         """Wait for the lock; True once held, False if ``timeout`` (or a try)
         failed. ``blocking_timeout``: redis-py's name for ``timeout``."""
-        blocking = self.blocking if blocking is None else blocking
-        if timeout is None:
-            timeout = self.timeout if blocking_timeout is None else blocking_timeout
+        blocking, timeout = self._wanted(blocking, timeout, blocking_timeout)
         client = get_client()
         holds = client.holds()
         mine = holds.get(self.key)
@@ -128,16 +150,10 @@ class Lock(_LockOptions, ContextDecorator):
             del holds[self.key]
             mine = None
         if mine is not None:
-            if self.reentrant:
-                mine.depth += 1
+            entered = self._enter_again(mine, blocking, "thread")
+            if entered:
                 self._local.hold = mine
-                return True
-            if not blocking:
-                return False
-            raise WouldDeadlock(
-                f"this thread already holds lock {self.key!r}; waiting for it would wait for itself "
-                "(release it first, or use reentrant=True)"
-            )
+            return entered
         hold = self.do_acquire(client, 0 if not blocking else timeout)
         if hold is None:
             return False
@@ -252,6 +268,8 @@ class AsyncLock(_LockOptions):
     Manager, locks freed when the holding process dies.
     """
 
+    _kind = "AsyncLock"
+
     def __init__(
         self,
         key: str,
@@ -265,17 +283,12 @@ class AsyncLock(_LockOptions):
         # task -> its hold through this object
         self._holds: weakref.WeakKeyDictionary[asyncio.Task, _Hold] = weakref.WeakKeyDictionary()
 
-    def __repr__(self) -> str:
-        return f"<AsyncLock {self.key!r} lease={self.lease} reentrant={self.reentrant}>"
-
     async def acquire(
         self, blocking: bool | None = None, timeout: float | None = None, *, blocking_timeout: float | None = None
     ) -> bool:
         """Wait for the lock; True once held, False if ``timeout`` (or a try)
         failed. ``blocking_timeout``: redis-py's name for ``timeout``."""
-        blocking = self.blocking if blocking is None else blocking
-        if timeout is None:
-            timeout = self.timeout if blocking_timeout is None else blocking_timeout
+        blocking, timeout = self._wanted(blocking, timeout, blocking_timeout)
         client = get_client()
         aio = client.aio
         holds = aio.holds()
@@ -284,16 +297,10 @@ class AsyncLock(_LockOptions):
             del holds[self.key]  # its lease ran out, or its connection went: held no more
             mine = None
         if mine is not None:
-            if self.reentrant:
-                mine.depth += 1
+            entered = self._enter_again(mine, blocking, "task")
+            if entered:
                 self._holds[_task()] = mine
-                return True
-            if not blocking:
-                return False
-            raise WouldDeadlock(
-                f"this task already holds lock {self.key!r}; waiting for it would wait for itself "
-                "(release it first, or use reentrant=True)"
-            )
+            return entered
         granted = await aio.alock_acquire(self.key, self.lease, 0 if not blocking else timeout)
         if granted is None:
             return False

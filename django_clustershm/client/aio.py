@@ -47,10 +47,8 @@ from typing import TYPE_CHECKING, Any
 from ..exceptions import (
     ArgumentTypeError,
     ClusterShmError,
-    InvalidKey,
     ManagerUnavailable,
     ProtocolError,
-    ValueTooLarge,
     error_from_code,
 )
 from ..server.engine import DEFERRED
@@ -58,7 +56,7 @@ from ..wire import args as A
 from ..wire import frames as F
 from ..wire import handshake as H
 from ..wire.limits import Limits
-from .socket import DEFAULT_SPIN, HANDSHAKE_ATTEMPTS, HandshakeLost
+from .socket import DEFAULT_SPIN, HANDSHAKE_ATTEMPTS, HandshakeLost, request_frame
 from .transport import DEFAULT_TIMEOUT, USE_DEFAULT, beat, heartbeat
 
 if TYPE_CHECKING:
@@ -288,16 +286,7 @@ class AsyncConnection:
             self.loop.add_writer(self.sock.fileno(), self._on_writable)
 
     def _frame(self, op: int, rid: int, args: list) -> bytes:
-        try:
-            frame = _encode(op, rid, args)
-        except UnicodeEncodeError as exc:
-            raise InvalidKey(f"a key cannot be encoded as UTF-8: {exc}") from exc
-        if len(frame) - F.HEADER_SIZE > self.limits.max_frame:
-            raise ValueTooLarge(
-                f"request of {len(frame)} bytes exceeds the maximum frame of {self.limits.max_frame}; "
-                "send fewer items at once"
-            )
-        return frame
+        return request_frame(op, rid, args, self.limits.max_frame)
 
     def send(self, op: int, args: list) -> tuple[int, asyncio.Future]:
         """Send a request; its request id and the future of its reply ``(op, payload)``."""

@@ -70,6 +70,19 @@ class HandshakeLost(ManagerUnavailable):
 HANDSHAKE_ATTEMPTS = 3
 
 
+def request_frame(op: int, rid: int, args: list, max_frame: int) -> bytes:
+    """One request, encoded and checked against the frame limit (both socket transports)."""
+    try:
+        frame = _encode(op, rid, args)
+    except UnicodeEncodeError as exc:
+        raise InvalidKey(f"a key cannot be encoded as UTF-8: {exc}") from exc
+    if len(frame) - F.HEADER_SIZE > max_frame:
+        raise ValueTooLarge(
+            f"request of {len(frame)} bytes exceeds the maximum frame of {max_frame}; send fewer items at once"
+        )
+    return frame
+
+
 def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1e6))
@@ -326,14 +339,7 @@ class SocketTransport(Transport):
     def call(self, op: int, args: list, timeout: Any = USE_DEFAULT) -> Any:
         conn = self._connection()
         conn.rid = rid = (conn.rid + 1) & 0xFFFFFFFF or 1
-        try:
-            frame = _encode(op, rid, args)
-        except UnicodeEncodeError as exc:
-            raise InvalidKey(f"a key cannot be encoded as UTF-8: {exc}") from exc
-        if len(frame) - F.HEADER_SIZE > conn.limits.max_frame:
-            raise ValueTooLarge(
-                f"request of {len(frame)} bytes exceeds the maximum frame of {conn.limits.max_frame}; send fewer items at once"
-            )
+        frame = request_frame(op, rid, args, conn.limits.max_frame)
         try:
             conn.sock.sendall(frame)
         except OSError as exc:
