@@ -23,6 +23,14 @@
                      "start_empty" or "refuse"}``: keep the state in a file
                      across restarts (off by default; see
                      :mod:`.server.snapshot`)
+``ENGINE``           ``"local"`` (the default: a Manager in the master, or
+                     embedded) or a Redis/Valkey URL (``redis://host:6379/0``,
+                     ``rediss://``, ``unix://``, ``redis+sentinel://``,
+                     ``redis+cluster://``): every worker of every host then
+                     shares one state there (see :mod:`.redisengine`)
+``ENGINE_OPTIONS``   the Redis engine's few knobs (KEY_PREFIX, LOCK_LEASE,
+                     LOCK_HEARTBEAT, SIGN_VALUES, SIGNING_KEY...: see
+                     :mod:`.redisengine.config`)
 ``AUTO_ATTACH``      whether a management command run from the command line
                      attaches to the project's running cluster (default True;
                      see :mod:`.registry`)
@@ -55,6 +63,8 @@ DEFAULTS: dict[str, Any] = {
     "CLIENT_SPIN": DEFAULT_SPIN,
     "SNAPSHOT": None,
     "AUTO_ATTACH": True,
+    "ENGINE": "local",
+    "ENGINE_OPTIONS": {},
 }
 
 #: A near cache's bounds when NEAR_CACHE gives none.
@@ -105,3 +115,24 @@ def snapshot_options(conf: dict[str, Any] | None = None) -> SnapshotConfig | Non
     """The SNAPSHOT setting, checked (None: off); ``SnapshotRefused`` in one sentence if it cannot work."""
     conf = conf or settings()
     return config_from_settings(conf.get("SNAPSHOT"))
+
+
+def remote_engine(conf: dict[str, Any] | None = None) -> str | None:
+    """The ENGINE URL if the settings name a remote engine (Redis, Valkey), else None."""
+    conf = conf or settings()
+    engine = conf.get("ENGINE")
+    if engine in (None, "", "local"):
+        return None
+    return engine
+
+
+def secret_key() -> str | None:
+    """Django's SECRET_KEY, if Django is configured (the Redis engine signs values with a key derived from it)."""
+    try:
+        from django.conf import settings as dj_settings
+
+        if dj_settings.configured:
+            return getattr(dj_settings, "SECRET_KEY", None) or None
+    except ImportError:  # pragma: no cover
+        pass
+    return None

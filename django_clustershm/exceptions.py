@@ -22,6 +22,8 @@ catches ``ValueError`` or ``ConnectionError`` keeps working::
      ├── LockNotOwned                            release/extend of a lock we do not hold
      ├── LockTimeout (TimeoutError)              a lock not acquired within its timeout
      ├── WouldDeadlock (RuntimeError)            a thread asking again for a lock it holds
+     ├── BadSignature                            a value from a shared Redis whose HMAC does not match
+     ├── Unsupported (NotImplementedError)       a feature the configured engine does not offer
      └── RemoteError                             an error from the Manager with no local class
 
 Arguments are checked in the caller before anything is sent, so both modes
@@ -41,6 +43,7 @@ import pickle
 __all__ = [
     "ArgumentTypeError",
     "AuthenticationFailed",
+    "BadSignature",
     "ClusterShmError",
     "IntegerOverflow",
     "InvalidArgument",
@@ -56,6 +59,7 @@ __all__ = [
     "RemoteError",
     "SerializationError",
     "StoreFull",
+    "Unsupported",
     "ValueTooLarge",
     "WouldDeadlock",
 ]
@@ -172,6 +176,20 @@ class ArgumentTypeError(InvalidArgument, TypeError):
     code = 17
 
 
+class BadSignature(ClusterShmError):
+    """A value read from a shared engine (Redis) whose signature does not match:
+    written by someone without the signing key, or for another key. Never
+    unpickled."""
+
+    code = 18
+
+
+class Unsupported(ClusterShmError, NotImplementedError):
+    """A feature the configured engine does not offer (yet): the message names it."""
+
+    code = 19
+
+
 class RemoteError(ClusterShmError):
     """An error reported by the Manager that has no more specific class here."""
 
@@ -198,6 +216,8 @@ _BY_CODE = {
         WouldDeadlock,
         InvalidArgument,
         ArgumentTypeError,
+        BadSignature,
+        Unsupported,
         RemoteError,
     )
 }

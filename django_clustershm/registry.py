@@ -103,6 +103,28 @@ def connect(
     )
 
 
+def remote(url: str | None = None, options: dict | None = None, *, timeout: float | None = None) -> Client:
+    """A client of the remote engine (Redis, Valkey) the settings name, or ``url``::
+
+    client = django_clustershm.registry.remote("redis://127.0.0.1:6379/0")
+    """
+    from .redisengine import make_transport
+
+    settings = conf.settings()
+    url = url or conf.remote_engine(settings)
+    if url is None:
+        raise ClusterShmError("no remote ENGINE is configured (CLUSTERSHM['ENGINE'] is 'local')")
+    return Client(
+        make_transport(
+            url,
+            settings["ENGINE_OPTIONS"] if options is None else options,
+            timeout=float(settings["TIMEOUT"]) if timeout is None else timeout,
+            limits=conf.limits_from_settings(settings),
+            secret=conf.secret_key(),
+        )
+    )
+
+
 def embedded(engine: Engine | None = None) -> Client:
     """A client of an in-process engine built from the settings (or ``engine``)."""
     settings = conf.settings()
@@ -149,9 +171,10 @@ def get_client() -> Client:
 
 
 def mode() -> str | None:
-    """How this process's client was chosen, once it was: ``"cluster"`` (forked
-    by the master), ``"address"`` (configured), ``"attached"`` (the runtime
-    file, in a management command) or ``"embedded"``."""
+    """How this process's client was chosen, once it was: ``"remote"`` (the
+    ENGINE setting names Redis or Valkey), ``"cluster"`` (forked by the
+    master), ``"address"`` (configured), ``"attached"`` (the runtime file, in
+    a management command) or ``"embedded"``."""
     return _mode
 
 
@@ -187,7 +210,16 @@ def _make_client() -> Client:
         if _client is not None:
             return _client
         settings = conf.settings()
-        if _cluster is not None:
+        engine_url = conf.remote_engine(settings)
+        if engine_url is not None:
+            client = remote(engine_url)
+            _mode = "remote"
+            logger.info(
+                "django-clustershm: %s engine at %s",
+                client.capabilities()["engine"],
+                getattr(client.transport, "where", "?"),
+            )
+        elif _cluster is not None:
             address, secret = _cluster
             client = connect(address, secret)
             _mode = "cluster"

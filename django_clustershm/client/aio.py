@@ -887,7 +887,9 @@ class AsyncClient(AsyncKeyspace):
             )
         elif isinstance(transport, EmbeddedTransport):
             self.transport = AsyncEmbeddedTransport(transport)
-        else:  # pragma: no cover - a third transport brings its own twin
+        elif hasattr(transport, "async_twin"):  # a transport that brings its own (the Redis engine's)
+            self.transport = transport.async_twin()
+        else:  # pragma: no cover
             raise TypeError(f"no asyncio twin for {type(transport).__name__}")
         super().__init__(sync, self)
         self.sync = sync

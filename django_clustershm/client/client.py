@@ -37,14 +37,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
-from ..exceptions import ArgumentTypeError, ValueTooLarge
+from ..exceptions import ArgumentTypeError, Unsupported, ValueTooLarge
 from ..wire import args as A
 from ..wire import frames as F
 from ..wire.limits import DEFAULT_CACHE_BYTES, DEFAULT_CULL_FREQUENCY, DEFAULT_MAX_ENTRIES, Limits
 from .dispatcher import Dispatcher, Handle
 from .near import NearCache, Tracker
 from .serializer import Serializer
-from .transport import USE_DEFAULT, Transport
+from .transport import LOCAL_CAPABILITIES, USE_DEFAULT, Transport
 
 if TYPE_CHECKING:
     from .aio import AsyncClient
@@ -333,6 +333,9 @@ class Keyspace:
         of every key starting with ``prefix``) of this namespace; see
         :func:`django_clustershm.listen`. A coroutine function runs on ``loop``
         (default: the running loop), one event after another."""
+        refused = getattr(self._client.transport, "refuses", {}).get("listen")
+        if refused:
+            raise Unsupported(refused)
         if (key is None) == (prefix is None):
             raise ArgumentTypeError("listen() takes a key or a prefix=, not both")
         if callback is not None and not callable(callback):
@@ -481,6 +484,9 @@ class Client(Keyspace):
         engine is in this process already)."""
         if not self.transport.remote:
             return None
+        refused = getattr(self.transport, "refuses", {}).get("near_cache")
+        if refused:
+            raise Unsupported(refused)
         near = self._near.get(ns)
         if near is None:
             if self._tracker is None:
@@ -556,8 +562,17 @@ class Client(Keyspace):
     # -- the rest --------------------------------------------------------------------------------
 
     def stats(self) -> dict:
-        """The Manager's figures: keys, bytes, hits, ops/s, connected clients..."""
-        return self.transport.call(F.STATS, [])
+        """The Manager's figures: keys, bytes, hits, ops/s, connected clients...
+        and ``"capabilities"``: what this engine guarantees (:meth:`capabilities`)."""
+        stats = self.transport.call(F.STATS, [])
+        stats.setdefault("capabilities", self.capabilities())
+        return stats
+
+    def capabilities(self) -> dict:
+        """What the engine behind this client guarantees, said out loud: how soon
+        a dead holder's lock is free, whether listeners hear a write before it
+        returns, how strict the near cache is... (the README has the table)."""
+        return dict(getattr(self.transport, "capabilities", None) or LOCAL_CAPABILITIES)
 
     def ping(self) -> bool:
         return self.transport.call(F.PING, []) == "pong"

@@ -65,6 +65,22 @@ class _UseDefault:
 
 USE_DEFAULT: Any = _UseDefault()
 
+#: What the local engine (a Manager, or the embedded one) guarantees; the Redis
+#: engine declares its own (see ..redisengine.ops.Capabilities and the README).
+LOCAL_CAPABILITIES: dict = {
+    "engine": "local",
+    "shared_across_hosts": False,
+    "lock_freed_when_holder_dies": "at once (its connection closes)",
+    "lock_fifo": True,
+    "lock_fencing": "strictly increasing per key, for the Manager's lifetime",
+    "lock_wait_deadline": "decided by the Manager's clock",
+    "listeners": "heard before the writer's call returns",
+    "near_cache": "strict: never older than a completed write",
+    "multi_key_atomic": "set_many, delete_many, clear: one step",
+    "cache_cull": "LRU, by entries and by bytes",
+    "durability": "lives as long as the master (SNAPSHOT: across restarts)",
+}
+
 #: (pid, callback, interval): see set_heartbeat.
 _heartbeat: tuple[int, Callable[[], None], float] | None = None
 

@@ -47,6 +47,7 @@ import signal
 
 from .. import conf, registry, runtime
 from ..client import EmbeddedTransport
+from ..client.transport import LOCAL_CAPABILITIES
 from ..server import Engine, Limits, Manager, snapshot
 from . import lifeline
 
@@ -102,22 +103,50 @@ def _read_manager_settings() -> dict:
         settings.DEBUG  # noqa: B018 - loads the settings module (conf.settings() reads only loaded ones)
     options = conf.engine_options()
     options["limits"] = options["limits"].as_dict()
-    return {"engine": options, "snapshot": conf.settings().get("SNAPSHOT"), "project": runtime.project_key()}
+    remote = None
+    url = conf.remote_engine()
+    if url is not None:
+        # Checked here, in the child: a bad URL or option stops runcluster with one sentence.
+        from ..redisengine import EngineConfig
+        from ..redisengine.ops import Capabilities
+
+        remote = Capabilities.redis(EngineConfig.parse(url, conf.settings()["ENGINE_OPTIONS"]))
+        remote["address"] = EngineConfig.parse(url).description
+    return {
+        "engine": options,
+        "snapshot": conf.settings().get("SNAPSHOT"),
+        "project": runtime.project_key(),
+        "remote": remote,
+    }
 
 
 #: The project's key among runtime files (runtime.project_key), read with the settings.
 _project: str | None = None
+#: The remote engine's capabilities (and "address"), when ENGINE names one: no Manager then.
+_remote: dict | None = None
 
 
 def manager_settings_in_child() -> tuple[dict, dict | None]:
     """The Manager's engine options and its SNAPSHOT setting, read in a child (the
     master imports no settings module: workers must load it afresh after a SIGHUP)."""
-    global _project
+    global _project, _remote
     found = _in_child(_read_manager_settings)
     options = found["engine"]
     options["limits"] = Limits(**options["limits"])
     _project = found["project"]
+    _remote = found["remote"]
     return options, found["snapshot"]
+
+
+def remote_engine() -> dict | None:
+    """What the remote engine guarantees (and where it is), if ENGINE names one
+    (known once :func:`start_manager` read the settings)."""
+    return _remote
+
+
+def describe_capabilities(capabilities: dict) -> str:
+    """One log line of an engine's guarantees."""
+    return "; ".join(f"{name.replace('_', ' ')}: {value}" for name, value in capabilities.items() if name != "address")
 
 
 def _start_up() -> None:
@@ -147,13 +176,24 @@ def run_start_up() -> None:
         raise RuntimeError(f"django-clustershm: the project's start-up code failed: {exc}") from None
 
 
-def start_manager() -> Manager:
-    """Start the Manager in this (master) process, once; return it."""
+def start_manager() -> Manager | None:
+    """Start the Manager in this (master) process, once; return it. With a
+    remote ENGINE (Redis, Valkey) there is none to start: every worker, on
+    every host, reaches the engine itself. Either way the engine's guarantees
+    are logged."""
     global _manager
     if _manager is not None:
         return _manager
     runtime.remove_stale_socket_dirs()
     options, snapshot_setting = manager_settings_in_child()
+    if _remote is not None:
+        logger.info(
+            "django-clustershm: %s engine at %s, no Manager in the master; guarantees: %s",
+            _remote["engine"],
+            _remote["address"],
+            describe_capabilities(_remote),
+        )
+        return None
     current = registry.current()
     handles = []
     if current is not None and isinstance(current.transport, EmbeddedTransport):
@@ -174,6 +214,7 @@ def start_manager() -> Manager:
     registry.configure(_manager.address, _manager.secret, adopt=handles)
     runtime.record(_manager.address, _manager.secret_file, _project)
     logger.info("django-clustershm: Manager started in the master (pid %d) on %s", os.getpid(), _manager.address)
+    logger.info("django-clustershm: local engine; guarantees: %s", describe_capabilities(LOCAL_CAPABILITIES))
     return _manager
 
 

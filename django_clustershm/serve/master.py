@@ -59,7 +59,12 @@ def main() -> int:
         sys.stderr.write(f"{exc}\n")
         return 1
     sys.stdout.write(
-        "\n".join(plan["banner"]).format(master=os.getpid(), manager=manager.address)
+        "\n".join(plan["banner"]).format(
+            master=os.getpid(),
+            manager=manager.address
+            if manager is not None
+            else "none: the {engine} engine at {address} holds the state".format(**(cluster.remote_engine() or {})),
+        )
         + "\nThe master holds no project code: SIGHUP (or --reload) serves new code, the state stays.\n"
     )
     sys.stdout.flush()

@@ -1,0 +1,430 @@
+"""The Lua scripts of the Redis engine: one round trip, one atomic step each.
+
+Every script reads the time from the server (``TIME``), never from a client:
+deadlines written by different hosts are compared with one clock (the root of
+Redisson's fair-lock drift, redisson#2099, was client clocks). Every key a
+script touches shares one hash tag (a namespace's, or a lock's), so each runs
+unchanged on a Redis Cluster; keys derived inside a script (a namespace's
+value keys, a waiter's mailbox) are of that slot too.
+
+A namespace (the store, or one cache ``LOCATION``) is::
+
+    {P|ns}:<key>    the value: decimal ASCII for an int (so INCRBY works),
+                    otherwise a tag byte and the client's bytes (see .values)
+    {P|ns}#i        ZSET of the live keys (score 0: ordered by key), for
+                    keys(prefix), clear(), scans and culling
+    {P|ns}#x        ZSET key -> deadline (server ms) of the keys that expire
+
+The value keys carry their own expiry (``PXAT``), so a read never sees an
+expired value; the two ZSETs are swept of keys past their deadline by every
+write (a few at a time) and fully before anything that lists keys.
+
+A lock ``K`` is (see :mod:`.locks` for the protocol)::
+
+    {P:lock:K}:h    HASH tok, fence: the holder (PEXPIRE = its lease)
+    {P:lock:K}:q    LIST of waiting tokens, FIFO
+    {P:lock:K}:d    ZSET token -> the deadline of its place: min(its last
+                    heartbeat + heartbeat, its wait deadline)
+    {P:lock:K}:w    HASH token -> its wait deadline (server ms; -1: none)
+    {P:lock:K}:f    the last fencing token (expires a day after its last grant)
+    {P:lock:K}:g:T  waiter T's mailbox: a release pushes to the head waiter's
+"""
+
+from __future__ import annotations
+
+# Errors a script raises on purpose: "CSHM <code> <message>" (codes of
+# django_clustershm.exceptions), turned back into the exception by the transport.
+_NOW = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# Sweep up to n keys past their deadline out of the index (KEYS[2]) and the
+# deadlines (KEYS[3]); ARGV[1] is the namespace's key prefix.
+_REAP = """
+local function reap(n)
+  local due = redis.call('ZRANGEBYSCORE', KEYS[3], '-inf', now, 'LIMIT', 0, n)
+  for _, m in ipairs(due) do
+    redis.call('ZREM', KEYS[2], m)
+    redis.call('ZREM', KEYS[3], m)
+    redis.call('UNLINK', ARGV[1] .. m)
+  end
+  return #due
+end
+local function reap_all()
+  while reap(1000) == 1000 do end
+end
+local function forget(m)
+  redis.call('ZREM', KEYS[2], m)
+  redis.call('ZREM', KEYS[3], m)
+end
+"""
+
+# Write one key (member m, value val, ttl_ms '' for none) into the namespace.
+_PUT = """
+local function put(m, val, ttl)
+  local k = ARGV[1] .. m
+  if ttl == '' then
+    redis.call('SET', k, val)
+    redis.call('ZREM', KEYS[3], m)
+  else
+    local dl = now + tonumber(ttl)
+    redis.call('SET', k, val, 'PXAT', dl)
+    redis.call('ZADD', KEYS[3], dl, m)
+  end
+  redis.call('ZADD', KEYS[2], 0, m)
+end
+-- Django's culling (MAX_ENTRIES, CULL_FREQUENCY) within one cache: when it
+-- holds max_entries keys, drop 1/cull of them (all of them for 0), first
+-- the expired, then in key order, as Django's DatabaseCache does.
+local function cull(max_entries, freq)
+  if max_entries == '' then return 0 end
+  max_entries = tonumber(max_entries)
+  if redis.call('ZCARD', KEYS[2]) < max_entries then return 0 end
+  reap_all()
+  local n = redis.call('ZCARD', KEYS[2])
+  if n < max_entries then return 0 end
+  freq = tonumber(freq)
+  local count = n
+  if freq > 0 then count = math.floor(n / freq) end
+  local victims = redis.call('ZRANGE', KEYS[2], 0, count - 1)
+  for _, m in ipairs(victims) do
+    forget(m)
+    redis.call('UNLINK', ARGV[1] .. m)
+  end
+  return #victims
+end
+"""
+
+_HEAD = _NOW + _REAP + _PUT
+
+# KEYS: v i x   ARGV: prefix member value ttl_ms max_entries cull
+SET = (
+    _HEAD
+    + """
+reap(16)
+if redis.call('EXISTS', KEYS[1]) == 0 then cull(ARGV[5], ARGV[6]) end
+put(ARGV[2], ARGV[3], ARGV[4])
+return 1
+"""
+)
+
+# KEYS: v i x   ARGV: prefix member value ttl_ms max_entries cull  -> 1 stored, 0 present
+ADD = (
+    _HEAD
+    + """
+reap(16)
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if ARGV[4] ~= '' and tonumber(ARGV[4]) <= 0 then return 1 end
+cull(ARGV[5], ARGV[6])
+put(ARGV[2], ARGV[3], ARGV[4])
+return 1
+"""
+)
+
+# KEYS: v i x   ARGV: prefix member value ttl_ms  -> 1 replaced, 0 absent
+REPLACE = (
+    _HEAD
+    + """
+reap(16)
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+if ARGV[4] ~= '' and tonumber(ARGV[4]) <= 0 then
+  redis.call('UNLINK', KEYS[1]); forget(ARGV[2]); return 1
+end
+put(ARGV[2], ARGV[3], ARGV[4])
+return 1
+"""
+)
+
+# KEYS: v i x   ARGV: prefix member  -> 1 existed
+REMOVE = (
+    _HEAD
+    + """
+reap(16)
+local n = redis.call('UNLINK', KEYS[1])
+forget(ARGV[2])
+return n
+"""
+)
+
+# KEYS: i x   ARGV: prefix member...  -> how many existed
+DELETE_MANY = (
+    _NOW
+    + """
+KEYS[3] = KEYS[2]; KEYS[2] = KEYS[1]
+"""
+    + _REAP
+    + """
+local n = 0
+for j = 2, #ARGV do
+  n = n + redis.call('UNLINK', ARGV[1] .. ARGV[j])
+  forget(ARGV[j])
+end
+return n
+"""
+)
+
+# KEYS: i x   ARGV: prefix ttl_ms max_entries cull member value member value...
+SET_MANY = (
+    _NOW
+    + """
+KEYS[3] = KEYS[2]; KEYS[2] = KEYS[1]
+"""
+    + _REAP
+    + _PUT
+    + """
+reap(16)
+local ttl = ARGV[2]
+if ttl ~= '' and tonumber(ttl) <= 0 then
+  for j = 5, #ARGV, 2 do redis.call('UNLINK', ARGV[1] .. ARGV[j]); forget(ARGV[j]) end
+  return 1
+end
+for j = 5, #ARGV, 2 do
+  if redis.call('EXISTS', ARGV[1] .. ARGV[j]) == 0 then cull(ARGV[3], ARGV[4]) end
+  put(ARGV[j], ARGV[j + 1], ttl)
+end
+return 1
+"""
+)
+
+# KEYS: v i x   ARGV: prefix member delta init(''=KeyNotFound) max_entries cull  -> the new value
+INCR = (
+    _HEAD
+    + """
+reap(16)
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  if ARGV[4] == '' then return redis.error_reply('CSHM 8 Key ' .. ARGV[2] .. ' not found') end
+  cull(ARGV[5], ARGV[6])
+  put(ARGV[2], ARGV[4], '')
+end
+local r = redis.pcall('INCRBY', KEYS[1], ARGV[3])
+if type(r) == 'table' and r.err then
+  if string.find(r.err, 'overflow') then
+    return redis.error_reply('CSHM 10 incrementing ' .. ARGV[2] .. ' by ' .. ARGV[3] .. ' leaves the signed 64-bit range')
+  end
+  return redis.error_reply('CSHM 9 the value of ' .. ARGV[2] .. ' is not an integer')
+end
+return r
+"""
+)
+
+# KEYS: v i x   ARGV: prefix member ttl_ms('' = no expiry)  -> 1 found
+TOUCH = (
+    _HEAD
+    + """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+local ttl = ARGV[3]
+if ttl == '' then
+  redis.call('PERSIST', KEYS[1]); redis.call('ZREM', KEYS[3], ARGV[2])
+elseif tonumber(ttl) <= 0 then
+  redis.call('UNLINK', KEYS[1]); forget(ARGV[2])
+else
+  local dl = now + tonumber(ttl)
+  redis.call('PEXPIREAT', KEYS[1], dl); redis.call('ZADD', KEYS[3], dl, ARGV[2])
+end
+return 1
+"""
+)
+
+# KEYS: v i x   ARGV: prefix member  -> 1 if an expiry was removed
+PERSIST = (
+    _HEAD
+    + """
+if redis.call('PERSIST', KEYS[1]) == 0 then return 0 end
+redis.call('ZREM', KEYS[3], ARGV[2])
+return 1
+"""
+)
+
+# KEYS: i x   ARGV: prefix key_prefix  -> [key...] (live, in key order)
+KEYS = (
+    _NOW
+    + """
+KEYS[3] = KEYS[2]; KEYS[2] = KEYS[1]
+"""
+    + _REAP
+    + """
+reap_all()
+if ARGV[2] == '' then return redis.call('ZRANGE', KEYS[2], 0, -1) end
+return redis.call('ZRANGEBYLEX', KEYS[2], '[' .. ARGV[2], '[' .. ARGV[2] .. '\\255')
+"""
+)
+
+# KEYS: i x   ARGV: prefix  -> how many keys were removed; -1: more to remove
+# (1,000 keys a call: a huge namespace is cleared in steps, so that no call
+# runs into busy-reply-threshold and blocks the server).
+CLEAR = (
+    _NOW
+    + """
+KEYS[3] = KEYS[2]; KEYS[2] = KEYS[1]
+"""
+    + _REAP
+    + """
+reap(1000)
+local batch = redis.call('ZRANGE', KEYS[2], 0, 999)
+for _, m in ipairs(batch) do
+  redis.call('UNLINK', ARGV[1] .. m)
+  forget(m)
+end
+if redis.call('ZCARD', KEYS[2]) > 0 then return {#batch, 1} end
+redis.call('UNLINK', KEYS[3])
+return {#batch, 0}
+"""
+)
+
+# KEYS: i x   ARGV: prefix cursor pattern count delete(0/1)  -> [cursor, keys or count]
+SCAN = (
+    _NOW
+    + """
+KEYS[3] = KEYS[2]; KEYS[2] = KEYS[1]
+"""
+    + _REAP
+    + """
+reap(64)
+local r = redis.call('ZSCAN', KEYS[2], ARGV[2], 'MATCH', ARGV[3], 'COUNT', ARGV[4])
+local found = {}
+local items = r[2]
+for j = 1, #items, 2 do
+  local m = items[j]
+  if redis.call('EXISTS', ARGV[1] .. m) == 1 then
+    if ARGV[5] == '1' then redis.call('UNLINK', ARGV[1] .. m); forget(m) end
+    found[#found + 1] = m
+  else
+    forget(m)
+  end
+end
+if ARGV[5] == '1' then return {r[1], #found} end
+return {r[1], found}
+"""
+)
+
+# KEYS: i x   ARGV: prefix  -> live keys in the namespace (after a sweep)
+COUNT = (
+    _NOW
+    + """
+KEYS[3] = KEYS[2]; KEYS[2] = KEYS[1]
+"""
+    + _REAP
+    + """
+reap(1000)
+return redis.call('ZCARD', KEYS[2])
+"""
+)
+
+# -- locks ---------------------------------------------------------------------------------
+
+# Drop waiters whose place ran out (dead: no heartbeat; or past their wait)
+# from the head of the queue. KEYS: h q d w
+_DROP_DEAD = """
+local function drop_dead()
+  while true do
+    local head = redis.call('LINDEX', KEYS[2], 0)
+    if not head then return nil end
+    local dl = redis.call('ZSCORE', KEYS[3], head)
+    if dl and tonumber(dl) > now then return head end
+    redis.call('LPOP', KEYS[2]); redis.call('ZREM', KEYS[3], head); redis.call('HDEL', KEYS[4], head)
+  end
+end
+local function leave(tok)
+  redis.call('LREM', KEYS[2], 0, tok); redis.call('ZREM', KEYS[3], tok); redis.call('HDEL', KEYS[4], tok)
+end
+local function hand_over(base, hb)
+  local head = drop_dead()
+  if head then
+    local mb = base .. ':g:' .. head
+    redis.call('RPUSH', mb, 1); redis.call('PEXPIRE', mb, hb * 2)
+    return 1
+  end
+  return 0
+end
+"""
+
+# KEYS: h q d w f   ARGV: tok lease_ms wait heartbeat_ms base
+#   wait: 'try' (no wait), 'forever', 'in:<ms>' (the first call of a timed
+#   wait), 'at:<ms>' (later calls: the deadline the first call answered)
+# -> {1, fence}: granted; {0, -1}: not granted (try) or timed out;
+#    {0, wait_deadline or -1, ms until it, holder's pttl}: queued
+LOCK_ACQUIRE = (
+    _NOW
+    + _DROP_DEAD
+    + """
+local tok, lease, wait, hb = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
+local holder = redis.call('HGET', KEYS[1], 'tok')
+if holder == tok then return {1, tonumber(redis.call('HGET', KEYS[1], 'fence'))} end
+local wdl = -1
+local known = redis.call('HGET', KEYS[4], tok)
+if known then wdl = tonumber(known)
+elseif string.sub(wait, 1, 3) == 'in:' then wdl = now + tonumber(string.sub(wait, 4))
+elseif string.sub(wait, 1, 3) == 'at:' then wdl = tonumber(string.sub(wait, 4))
+end
+local head = drop_dead()
+if (not holder) and ((not head) or head == tok) then
+  if wait ~= 'try' and wdl >= 0 and wdl <= now then leave(tok); return {0, -1} end
+  if head == tok then redis.call('LPOP', KEYS[2]); redis.call('ZREM', KEYS[3], tok); redis.call('HDEL', KEYS[4], tok) end
+  local fence = redis.call('INCR', KEYS[5])
+  if fence == 1 then
+    -- A new (or expired) counter starts at the server's time in microseconds,
+    -- above every fence it gave before: fences grow without a permanent key.
+    -- (Built as a string: Lua would print a double of 16 digits in e-notation.)
+    local start = t[1] .. string.format('%06d', tonumber(t[2]))
+    redis.call('SET', KEYS[5], start)
+    fence = tonumber(start)
+  end
+  redis.call('PEXPIRE', KEYS[5], 86400000)
+  redis.call('HSET', KEYS[1], 'tok', tok, 'fence', fence)
+  redis.call('PEXPIRE', KEYS[1], lease)
+  redis.call('UNLINK', ARGV[5] .. ':g:' .. tok)
+  return {1, fence}
+end
+if wait == 'try' then return {0, -1} end
+if wdl >= 0 and wdl <= now then leave(tok); return {0, -1} end
+local place = now + hb
+if wdl >= 0 and wdl < place then place = wdl end
+if redis.call('ZADD', KEYS[3], place, tok) == 1 then
+  redis.call('RPUSH', KEYS[2], tok); redis.call('HSET', KEYS[4], tok, wdl)
+end
+-- The queue's keys outlive their last live waiter by a little only (no stale
+-- queue after a crash: redisson#4661).
+redis.call('PEXPIRE', KEYS[2], hb * 3); redis.call('PEXPIRE', KEYS[3], hb * 3); redis.call('PEXPIRE', KEYS[4], hb * 3)
+local left = -1
+if wdl >= 0 then left = wdl - now end
+return {0, wdl, left, redis.call('PTTL', KEYS[1])}
+"""
+)
+
+# KEYS: h q d w   ARGV: tok base heartbeat_ms  -> -1 not owned, 1 handed to a waiter, 0 free
+LOCK_RELEASE = (
+    _NOW
+    + _DROP_DEAD
+    + """
+if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then return -1 end
+redis.call('UNLINK', KEYS[1])
+return hand_over(ARGV[2], tonumber(ARGV[3]))
+"""
+)
+
+# KEYS: h q d w   ARGV: tok base heartbeat_ms  -> 1 if it was still queued or held
+# (a waiter that gives up: taken out of the queue; a grant that raced it, released)
+LOCK_CANCEL = (
+    _NOW
+    + _DROP_DEAD
+    + """
+local queued = redis.call('ZSCORE', KEYS[3], ARGV[1])
+leave(ARGV[1])
+redis.call('UNLINK', ARGV[2] .. ':g:' .. ARGV[1])
+if redis.call('HGET', KEYS[1], 'tok') == ARGV[1] then
+  redis.call('UNLINK', KEYS[1])
+  hand_over(ARGV[2], tonumber(ARGV[3]))
+  return 1
+end
+if queued then return 1 end
+return 0
+"""
+)
+
+# KEYS: h   ARGV: tok lease_ms  -> 1 extended, 0 not owned
+LOCK_EXTEND = """
+if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then return 0 end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""

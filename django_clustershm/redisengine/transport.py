@@ -1,0 +1,349 @@
+"""The Redis engine's transports: the same seam as a Manager's (:mod:`..client.transport`).
+
+``CLUSTERSHM = {"ENGINE": "redis://..."}`` gives every process a
+:class:`RedisTransport` instead of a socket to a Manager; the whole API above
+the seam (the client's checks, serializers, locks, the cache backend) is
+unchanged. Each request is one plan of :mod:`.ops`, run here with redis-py's
+blocking client (thread-safe, one pooled connection per concurrent call,
+fork-aware) or, in :class:`AsyncRedisTransport`, awaited on
+``redis.asyncio`` (one client per event loop).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import threading
+import weakref
+from typing import Any
+
+from ..client.transport import Transport
+from ..exceptions import (
+    AuthenticationFailed,
+    ClusterShmError,
+    ManagerUnavailable,
+    RemoteError,
+    StoreFull,
+    Unsupported,
+    error_from_code,
+)
+from ..wire import frames as F
+from ..wire.limits import Limits
+from .config import EngineConfig
+from .ops import BLOCK, CMD, DROP, HOLD, LISTEN_REFUSED, NEAR_CACHE_REFUSED, SCRIPT, RedisOps
+from .values import Codec, derive_key
+from .watchdog import Watchdog
+
+logger = logging.getLogger("django_clustershm")
+
+_NOT_REACHABLE = "the Redis engine at {where} cannot be reached: {error}"
+
+
+def translate(exc: Exception, where: str) -> ClusterShmError:
+    """One place that turns redis-py's errors into the library's tree."""
+    import redis.exceptions as E
+
+    if isinstance(exc, ClusterShmError):
+        return exc
+    message = str(exc)
+    if isinstance(exc, E.ResponseError):
+        if message.startswith("CSHM "):
+            code, _, text = message[5:].partition(" ")
+            text = text.split(" script: ", 1)[0]
+            return error_from_code(int(code), text)
+        if message.startswith("OOM"):
+            return StoreFull(f"the Redis engine at {where} is full (maxmemory): {message}")
+        if isinstance(exc, (E.ReadOnlyError, E.BusyLoadingError, E.TryAgainError, E.ClusterDownError)):
+            return ManagerUnavailable(_NOT_REACHABLE.format(where=where, error=message))
+        if isinstance(exc, E.NoPermissionError) or message.startswith(("NOPERM", "WRONGPASS", "NOAUTH")):
+            return AuthenticationFailed(f"the Redis engine at {where} refused: {message}")
+        return RemoteError(f"the Redis engine at {where} answered an error: {message}")
+    if isinstance(exc, (E.AuthenticationError, E.AuthorizationError)):
+        return AuthenticationFailed(f"the Redis engine at {where} refused the credentials: {message}")
+    if isinstance(exc, (E.ConnectionError, E.TimeoutError, E.ClusterError, OSError)):
+        return ManagerUnavailable(_NOT_REACHABLE.format(where=where, error=message or type(exc).__name__))
+    return RemoteError(f"the Redis engine at {where}: {type(exc).__name__}: {message}")
+
+
+def signing_key(config: EngineConfig, secret: str | bytes | None) -> bytes | None:
+    if not config.sign_values:
+        return None
+    key = config.signing_key if config.signing_key is not None else secret
+    if not key:
+        raise ClusterShmError(
+            "the Redis engine signs values (ENGINE_OPTIONS SIGN_VALUES) and needs a secret: set Django's "
+            "SECRET_KEY or ENGINE_OPTIONS SIGNING_KEY"
+        )
+    return derive_key(key)
+
+
+class RedisTransport(Transport):
+    """Requests carried out on Redis or Valkey (standalone, Sentinel or Cluster)."""
+
+    name = "redis"
+    remote = True
+    #: listen() and NEAR_CACHE are refused with this engine, in one sentence each (issue #16).
+    refuses = {"listen": LISTEN_REFUSED, "near_cache": NEAR_CACHE_REFUSED}
+
+    def __init__(
+        self, config: EngineConfig, *, timeout: float, limits: Limits, secret: str | bytes | None = None
+    ) -> None:
+        self.config = config
+        self.timeout = timeout
+        self._limits = limits
+        self.codec = Codec(signing_key(config, secret))
+        self.ops = RedisOps(config, self.codec, timeout)
+        self.capabilities = self.ops.capabilities
+        self.where = config.description
+        self._pid = os.getpid()
+        self._client: Any = None
+        self._mutex = threading.Lock()
+        self.watchdog = Watchdog(self)
+        self._aio: AsyncRedisTransport | None = None
+
+    def __repr__(self) -> str:
+        return f"<RedisTransport {self.where}>"
+
+    @property
+    def limits(self) -> Limits:
+        return self._limits
+
+    @property
+    def redis(self):
+        """redis-py's client of this process (made on first use, and again in a forked child)."""
+        client = self._client
+        if client is None or self._pid != os.getpid():
+            with self._mutex:
+                if self._client is None or self._pid != os.getpid():
+                    self._pid = os.getpid()
+                    self._client = self.config.sync_client(self.timeout)
+                client = self._client
+        return client
+
+    def execute(self, step: tuple):
+        kind = step[0]
+        r = self.redis
+        if kind == CMD:
+            return r.execute_command(*step[1])
+        if kind == SCRIPT:
+            return self.eval(r, step[1], step[2], step[3])
+        if kind == BLOCK:
+            from .watchdog import beat_if_registered
+
+            beat_if_registered()
+            return r.execute_command("BLPOP", step[1], step[2])
+        if kind == HOLD:
+            self.watchdog.hold(step[1], step[2], step[3], threading.current_thread().is_alive)
+            return None
+        if kind == DROP:
+            self.watchdog.drop(step[1])
+            return None
+        raise AssertionError(step)
+
+    @staticmethod
+    def eval(r, script, keys, argv):
+        import redis.exceptions as E
+
+        try:
+            return r.execute_command("EVALSHA", script.sha, len(keys), *keys, *argv)
+        except E.NoScriptError:
+            return r.execute_command("EVAL", script.source, len(keys), *keys, *argv)
+
+    def run(self, plan):
+        """Run one plan to its result; errors in the library's tree."""
+        execute = self.execute
+        try:
+            step = plan.send(None)
+            while True:
+                try:
+                    reply = execute(step)
+                except BaseException as exc:
+                    error = translate(exc, self.where) if isinstance(exc, Exception) else exc
+                    step = plan.throw(error)
+                    continue
+                step = plan.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        except ClusterShmError:
+            raise
+        except Exception as exc:
+            raise translate(exc, self.where) from exc
+
+    def call(self, op: int, args: list, timeout: Any = None) -> Any:
+        return self.run(self.ops.plan(op, args))
+
+    def open_channel(self):
+        raise Unsupported(NEAR_CACHE_REFUSED)
+
+    def after_fork(self) -> None:
+        # redis-py's pools notice the new pid themselves; the parent's locks
+        # are the parent's: the child's watchdog renews none of them.
+        self._mutex = threading.Lock()
+        self.watchdog.after_fork()
+        if self._aio is not None:
+            self._aio.after_fork()
+
+    def close(self) -> None:
+        """Nothing per thread: redis-py pools connections per process."""
+
+    def shutdown(self) -> None:
+        """Release the locks this process holds and close its connections."""
+        self.watchdog.release_all()
+        client, self._client = self._client, None
+        if client is not None and self._pid == os.getpid():
+            client.close()
+
+    def async_twin(self) -> AsyncRedisTransport:
+        if self._aio is None:
+            self._aio = AsyncRedisTransport(self)
+        return self._aio
+
+
+class _LoopClient:
+    """One event loop's redis.asyncio client, closed inside that loop when it shuts down."""
+
+    __slots__ = ("client", "closer")
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.closer: Any = None
+
+
+async def _close_at_shutdown(client):
+    """An async generator that asyncio.run() (and every runner that calls
+    ``loop.shutdown_asyncgens()``) closes before the loop closes: the moment
+    to close the loop's connections without a ResourceWarning."""
+    try:
+        yield
+    finally:
+        await client.aclose()
+
+
+class AsyncRedisTransport:
+    """The sync transport's plans, awaited on redis.asyncio: no thread per call."""
+
+    name = "redis"
+    remote = True
+
+    def __init__(self, sync: RedisTransport) -> None:
+        self.sync = sync
+        self.timeout = sync.timeout
+        self._clients: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopClient] = weakref.WeakKeyDictionary()
+
+    def __repr__(self) -> str:
+        return f"<AsyncRedisTransport {self.sync.where}>"
+
+    @property
+    def limits(self) -> Limits:
+        return self.sync.limits
+
+    async def _client(self):
+        loop = asyncio.get_running_loop()
+        state = self._clients.get(loop)
+        if state is None:
+            state = self._clients[loop] = _LoopClient(self.sync.config.async_client(self.timeout))
+            closer = _close_at_shutdown(state.client)
+            await closer.__anext__()  # registered with the loop's async generators
+            state.closer = closer
+            weakref.finalize(loop, _drop_sockets, state.client)
+        return state.client
+
+    async def execute(self, step: tuple):
+        kind = step[0]
+        if kind == CMD:
+            r = await self._client()
+            return await r.execute_command(*step[1])
+        if kind == SCRIPT:
+            r = await self._client()
+            import redis.exceptions as E
+
+            script, keys, argv = step[1], step[2], step[3]
+            try:
+                return await r.execute_command("EVALSHA", script.sha, len(keys), *keys, *argv)
+            except E.NoScriptError:
+                return await r.execute_command("EVAL", script.source, len(keys), *keys, *argv)
+        if kind == BLOCK:
+            from .watchdog import beat_if_registered
+
+            beat_if_registered()
+            r = await self._client()
+            return await r.execute_command("BLPOP", step[1], step[2])
+        if kind == HOLD:
+            loop = asyncio.get_running_loop()
+            self.sync.watchdog.hold(step[1], step[2], step[3], lambda: not loop.is_closed())
+            return None
+        if kind == DROP:
+            self.sync.watchdog.drop(step[1])
+            return None
+        raise AssertionError(step)
+
+    async def run(self, plan):
+        where = self.sync.where
+        try:
+            step = plan.send(None)
+            while True:
+                try:
+                    reply = await self.execute(step)
+                except BaseException as exc:
+                    error = translate(exc, where) if isinstance(exc, Exception) else exc
+                    step = plan.throw(error)
+                    continue
+                step = plan.send(reply)
+        except StopIteration as stop:
+            return stop.value
+        except ClusterShmError:
+            raise
+        except Exception as exc:
+            raise translate(exc, where) from exc
+
+    async def call(self, op: int, args: list, timeout: Any = None) -> Any:
+        return await self.run(self.sync.ops.plan(op, args))
+
+    async def acquire(self, key: str, args: list, timeout: Any) -> Any:
+        return await self.run(self.sync.ops.plan(F.LOCK_ACQUIRE, args))
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        state = self._clients.pop(loop, None)
+        if state is not None:
+            await state.client.aclose()
+            if state.closer is not None:
+                await state.closer.aclose()
+
+    def after_fork(self) -> None:
+        for state in list(self._clients.values()):
+            _drop_sockets(state.client)
+        self._clients = weakref.WeakKeyDictionary()
+
+
+def _drop_sockets(client) -> None:
+    """Close a redis.asyncio client's sockets without its loop (closed, or the
+    parent's after a fork): what its connections would warn about otherwise."""
+    pools = []
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        pools.append(pool)
+    for node in getattr(client, "get_nodes", lambda: [])():
+        redis_connection = getattr(node, "redis_connection", None)
+        if redis_connection is not None:
+            pools.append(redis_connection.connection_pool)
+        for conn in list(getattr(node, "_connections", [])) + list(getattr(node, "_free", [])):
+            _drop_connection(conn)
+    for pool in pools:
+        for conn in list(getattr(pool, "_available_connections", [])) + list(getattr(pool, "_in_use_connections", [])):
+            _drop_connection(conn)
+
+
+def _drop_connection(conn) -> None:
+    writer = getattr(conn, "_writer", None)
+    if writer is None:
+        return
+    transport = writer.transport
+    sock = getattr(transport, "_sock", None)
+    try:
+        if sock is not None:
+            sock.close()
+    except OSError:
+        pass
+    conn._writer = conn._reader = None

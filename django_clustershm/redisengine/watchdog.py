@@ -1,0 +1,126 @@
+"""The lock watchdog: a lock taken without a lease lives while its holder does.
+
+On Redis nothing ties a key to a connection, so a lock taken with
+``lease=None`` is stored with a lease of ``LOCK_LEASE`` seconds, and this
+process's watchdog thread renews every such lock every third of its lease
+while the holder lives. When the holder's process dies (even by SIGKILL) the
+renewals stop and the lock is free within one lease; a holder that releases
+or exits cleanly frees it at once. As on the local engine, a lock belongs to
+the thread that took it (or, for an async task, to its event loop): when
+that thread ends (or the loop closes) without releasing it, the watchdog
+releases it.
+
+Redisson's watchdog bugs we avoid by construction: the renewal never
+outlives a release (the release drops the hold before it runs: redisson#7272);
+a renewal that fails because of a connection error is retried at the next
+tick rather than stopping for good (#2515, #3194); and a renewal that finds
+the lock gone (the lease ran out while the process was starved: #2665)
+is logged, and the holder's release or extend then raises ``LockNotOwned``.
+
+One thread per process, started by the first hold and ended when none is
+left; a forked child renews none of its parent's locks.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from ..client.transport import beat, heartbeat
+from ..exceptions import ClusterShmError, LockNotOwned
+
+if TYPE_CHECKING:
+    from .transport import RedisTransport
+
+logger = logging.getLogger("django_clustershm")
+
+
+def beat_if_registered() -> None:
+    """A lock wait is about to block: tell the supervisor (gunicorn) this process is alive."""
+    registered = heartbeat()
+    if registered is not None:
+        beat(registered[0])
+
+
+class Watchdog:
+    def __init__(self, transport: RedisTransport) -> None:
+        self.transport = transport
+        self._cond = threading.Condition(threading.Lock())
+        #: token -> (key, lease_ms, alive)
+        self._holds: dict[bytes, tuple[str, int, Callable[[], bool]]] = {}
+        self._thread: threading.Thread | None = None
+        self.renewals = 0
+        self.lost = 0
+
+    def __len__(self) -> int:
+        return len(self._holds)
+
+    def hold(self, key: str, token: bytes, lease_ms: int, alive: Callable[[], bool]) -> None:
+        with self._cond:
+            self._holds[token] = (key, lease_ms, alive)
+            if self._thread is None or not self._thread.is_alive():
+                self._thread = threading.Thread(target=self._run, name="clustershm-lock-watchdog", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def drop(self, token: bytes) -> None:
+        with self._cond:
+            if self._holds.pop(token, None) is not None and not self._holds:
+                self._cond.notify_all()
+
+    def _run(self) -> None:
+        cond = self._cond
+        while True:
+            with cond:
+                if not self._holds:
+                    self._thread = None
+                    return
+                interval = min(lease for _key, lease, _alive in self._holds.values()) / 3000
+                cond.wait(interval)
+                if not self._holds:
+                    self._thread = None
+                    return
+                holds = list(self._holds.items())
+            self._renew(holds)
+
+    def _renew(self, holds) -> None:
+        transport = self.transport
+        ops = transport.ops
+        for token, (key, lease_ms, alive) in holds:
+            if token not in self._holds:
+                continue  # released meanwhile
+            try:
+                if not alive():
+                    logger.warning("django-clustershm: the holder of lock %r ended without releasing it: released", key)
+                    transport.run(ops.lock_cancel(key, token))
+                    continue
+                transport.run(ops.lock_extend(key, token, lease_ms / 1000))
+                self.renewals += 1
+            except LockNotOwned:
+                self.lost += 1
+                self.drop(token)
+                logger.warning(
+                    "django-clustershm: lock %r was lost before its watchdog renewed it (its lease of %d ms ran out: "
+                    "the process was stalled?); its holder's release will raise LockNotOwned",
+                    key,
+                    lease_ms,
+                )
+            except ClusterShmError as exc:
+                logger.warning("django-clustershm: renewing lock %r failed (%s); trying again", key, exc)
+
+    def release_all(self) -> None:
+        """Release every lock this process holds through the watchdog (a clean exit)."""
+        with self._cond:
+            holds = list(self._holds.items())
+        for token, (key, _lease, _alive) in holds:
+            try:
+                self.transport.run(self.transport.ops.lock_cancel(key, token))
+            except ClusterShmError:
+                pass
+
+    def after_fork(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._holds = {}
+        self._thread = None
