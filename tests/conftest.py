@@ -1,3 +1,5 @@
+import uuid
+
 import pytest
 
 import django_clustershm as clustershm
@@ -6,8 +8,63 @@ from django_clustershm import registry
 from . import helpers
 from .helpers import ManagerProcess
 
+#: Remote engines (#15): real servers started by tests/redis_servers.py, on 127.0.0.1.
+REMOTE_ENGINES = ["redis", "valkey", "redis-cluster", "redis-sentinel"]
 #: The transports every contract test runs on: "the same semantics" is tested, not claimed.
-TRANSPORTS = ["embedded", "socket", "socket+near"]
+TRANSPORTS = ["embedded", "socket", "socket+near", *REMOTE_ENGINES]
+#: Where the module-level API runs in the tests that say "anywhere".
+ANYWHERE = ["embedded", "socket", *REMOTE_ENGINES]
+
+_SERVER_FIXTURES = {
+    "redis": "redis_server",
+    "valkey": "valkey_server",
+    "redis-cluster": "redis_cluster",
+    "redis-sentinel": "redis_sentinel",
+}
+
+
+def remote_options(**extra) -> dict:
+    """ENGINE_OPTIONS for a test: a key prefix of its own (the servers are shared
+    by the session), and short leases so that lease tests take seconds."""
+    return {"KEY_PREFIX": f"t{uuid.uuid4().hex[:12]}", "LOCK_LEASE": 2.0, "LOCK_HEARTBEAT": 1.0, **extra}
+
+
+class RemoteEngine:
+    """A remote engine a test runs on: its name, URL and options."""
+
+    def __init__(self, name: str, url: str, options: dict) -> None:
+        self.name = name
+        self.url = url
+        self.options = options
+
+    def __repr__(self) -> str:
+        return f"<RemoteEngine {self.name} {self.url}>"
+
+    @property
+    def setting(self) -> dict:
+        return {"ENGINE": self.url, "ENGINE_OPTIONS": self.options}
+
+
+def remote_engine(request, name: str, **options) -> RemoteEngine:
+    server = request.getfixturevalue(_SERVER_FIXTURES[name])
+    return RemoteEngine(name, server.url, remote_options(**options))
+
+
+@pytest.fixture(params=REMOTE_ENGINES)
+def remote(request, settings):
+    """The module-level API on each remote engine (settings.CLUSTERSHM names it)."""
+    engine = remote_engine(request, request.param)
+    settings.CLUSTERSHM = engine.setting
+    registry.reset()
+    yield engine
+    _shut_remote()
+
+
+def _shut_remote() -> None:
+    current = registry.current()
+    if current is not None and hasattr(current.transport, "shutdown"):
+        current.transport.shutdown()
+    registry.reset()
 
 
 @pytest.fixture
@@ -36,11 +93,39 @@ def cluster():
     proc.cleanup()
 
 
-@pytest.fixture(params=["embedded", "socket"])
+@pytest.fixture(params=["local", *REMOTE_ENGINES])
+def shared(request):
+    """State shared by real processes: a Manager in its own process (this
+    process and its children use it), or each remote engine (#15)."""
+    if request.param == "local":
+        proc = ManagerProcess().start()
+        clustershm.configure(proc.address, proc.secret)
+        yield proc
+        clustershm.configure(None)
+        proc.cleanup()
+        return
+    settings = request.getfixturevalue("settings")
+    engine = remote_engine(request, request.param)
+    settings.CLUSTERSHM = engine.setting
+    registry.reset()
+    yield engine
+    _shut_remote()
+
+
+@pytest.fixture(params=ANYWHERE)
 def anywhere(request):
-    """Semantics that must hold in both modes (threads stand in for processes in embedded mode)."""
+    """Semantics that must hold in every mode and on every engine (threads stand
+    in for processes in embedded mode)."""
     if request.param == "embedded":
         yield None
+        return
+    if request.param in REMOTE_ENGINES:
+        settings = request.getfixturevalue("settings")
+        engine = remote_engine(request, request.param)
+        settings.CLUSTERSHM = engine.setting
+        registry.reset()
+        yield engine
+        _shut_remote()
         return
     proc = ManagerProcess().start()
     clustershm.configure(proc.address, proc.secret)
@@ -55,12 +140,18 @@ def transport(request):
 
 
 @pytest.fixture
-def client(transport):
+def client(transport, request):
     """The same API over every transport: every semantic test runs on each."""
     if transport == "embedded":
         client = helpers.embedded_client()
         yield client
         client.shutdown()
+        return
+    if transport in REMOTE_ENGINES:
+        engine = remote_engine(request, transport)
+        client = registry.remote(engine.url, engine.options, timeout=5)
+        yield client
+        client.transport.shutdown()
         return
     proc = ManagerProcess().start()
     client = helpers.socket_client(proc.address, proc.secret, timeout=5)

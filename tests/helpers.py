@@ -171,3 +171,18 @@ def embedded_client(**engine_options):
     from django_clustershm.client import Client, EmbeddedTransport
 
     return Client(EmbeddedTransport(**engine_options))
+
+
+def lock_waiters(key: str) -> int:
+    """How many requests wait for lock ``key``, on whichever engine the module API uses."""
+    import django_clustershm as clustershm
+
+    client = clustershm.get_client()
+    transport = client.transport
+    if getattr(transport, "name", "") == "redis":
+        _base, keys = transport.ops._lock_keys(key)
+        return int(transport.redis.execute_command("LLEN", keys[1]))
+    for held in client.stats()["locks"]["held"]:
+        if held["key"] == key:
+            return len(held["waiters"])
+    return 0
