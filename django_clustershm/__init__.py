@@ -68,6 +68,7 @@ from .client.aio import AsyncClient, AsyncKeyspace
 from .exceptions import (
     ArgumentTypeError,
     AuthenticationFailed,
+    BadSignature,
     ClusterShmError,
     IntegerOverflow,
     InvalidArgument,
@@ -83,6 +84,7 @@ from .exceptions import (
     RemoteError,
     SerializationError,
     StoreFull,
+    Unsupported,
     ValueTooLarge,
     WouldDeadlock,
 )
@@ -190,6 +192,8 @@ __all__ = [  # noqa: RUF022 - grouped by what users reach for, not alphabeticall
     "RemoteError",
     "SerializationError",
     "StoreFull",
+    "Unsupported",
+    "BadSignature",
     "ValueTooLarge",
     "WouldDeadlock",
 ]

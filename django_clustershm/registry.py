@@ -149,6 +149,10 @@ def configure(address: str | None, secret: bytes | None = None, *, listeners: bo
         old.close()
     if listeners and handles:
         new = get_client()
+        refused = getattr(new.transport, "refuses", {}).get("listen")
+        if refused:
+            logger.warning("django-clustershm: %d listener(s) dropped: %s", len(handles), refused)
+            return
         new.dispatcher.adopt(handles, new.transport.timeout)
 
 

@@ -4,7 +4,7 @@ from the REDIS_URL environment variable (the benchmark starts its own server).""
 
 import os
 
-from testproject.settings import *  # noqa: F401,F403
+from testproject.settings import *  # noqa: F403
 
 CACHES = {
     "default": {

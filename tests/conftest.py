@@ -112,6 +112,21 @@ def shared(request):
     _shut_remote()
 
 
+@pytest.fixture(params=["embedded", "socket"])
+def local_anywhere(request):
+    """The local engine only, embedded or over a socket: for what only it offers
+    (thousands of async waiters on one connection: on Redis each waiting task
+    holds a connection of its own, see redisengine/ops.py)."""
+    if request.param == "embedded":
+        yield None
+        return
+    proc = ManagerProcess().start()
+    clustershm.configure(proc.address, proc.secret)
+    yield proc
+    clustershm.configure(None)
+    proc.cleanup()
+
+
 @pytest.fixture(params=ANYWHERE)
 def anywhere(request):
     """Semantics that must hold in every mode and on every engine (threads stand
@@ -242,3 +257,9 @@ def fresh_redis_cluster():
 def fresh_redis_sentinel():
     """A Sentinel group of the test's own, to fail over (``kill_primary``, ``wait_failover``)."""
     yield from _served(_sentinel())
+
+
+@pytest.fixture(scope="session")
+def redis_server_with_password():
+    """A standalone redis-server with an ACL user (``url`` carries user and password)."""
+    yield from _served(redis_servers.RedisServer(_binary("redis-server"), username="app", password="s3cretpw"))

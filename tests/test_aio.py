@@ -176,7 +176,7 @@ def test_a_forked_child_gets_its_own_connection(cluster):
 # -- AsyncLock and amutex ---------------------------------------------------------------
 
 
-def test_5000_waiters_on_one_key_in_one_loop_are_exact_and_take_no_threads(anywhere):
+def test_5000_waiters_on_one_key_in_one_loop_are_exact_and_take_no_threads(local_anywhere):
     """The old amutex waited in to_thread: 8 waiters on 6 pool threads never
     finished. 5,000 tasks now queue in the Manager as 5,000 pipelined requests."""
     count = 5000

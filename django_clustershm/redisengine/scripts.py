@@ -230,6 +230,11 @@ return 1
 PERSIST = (
     _HEAD
     + """
+local left = redis.call('PTTL', KEYS[1])
+if left == 0 then
+  -- Under a millisecond left: expired, as a read a moment later would find it.
+  redis.call('UNLINK', KEYS[1]); forget(ARGV[2]); return 0
+end
 if redis.call('PERSIST', KEYS[1]) == 0 then return 0 end
 redis.call('ZREM', KEYS[3], ARGV[2])
 return 1

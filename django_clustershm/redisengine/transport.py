@@ -31,7 +31,7 @@ from ..exceptions import (
 from ..wire import frames as F
 from ..wire.limits import Limits
 from .config import EngineConfig
-from .ops import BLOCK, CMD, DROP, HOLD, LISTEN_REFUSED, NEAR_CACHE_REFUSED, SCRIPT, RedisOps
+from .ops import BLOCK, CMD, DROP, HOLD, KEYSCAN, LISTEN_REFUSED, NEAR_CACHE_REFUSED, SCRIPT, RedisOps
 from .values import Codec, derive_key
 from .watchdog import Watchdog
 
@@ -101,6 +101,10 @@ class RedisTransport(Transport):
         self._mutex = threading.Lock()
         self.watchdog = Watchdog(self)
         self._aio: AsyncRedisTransport | None = None
+        #: Requests this process made (stats()["ops"] on this engine: the
+        #: server's own figures are in stats()["server"]).
+        self.requests = 0
+        self.ops.ops_count = lambda: self.requests
 
     def __repr__(self) -> str:
         return f"<RedisTransport {self.where}>"
@@ -139,6 +143,8 @@ class RedisTransport(Transport):
         if kind == DROP:
             self.watchdog.drop(step[1])
             return None
+        if kind == KEYSCAN:
+            return list(r.scan_iter(match=step[1], count=1000))
         raise AssertionError(step)
 
     @staticmethod
@@ -171,6 +177,7 @@ class RedisTransport(Transport):
             raise translate(exc, self.where) from exc
 
     def call(self, op: int, args: list, timeout: Any = None) -> Any:
+        self.requests += 1
         return self.run(self.ops.plan(op, args))
 
     def open_channel(self):
@@ -276,6 +283,9 @@ class AsyncRedisTransport:
         if kind == DROP:
             self.sync.watchdog.drop(step[1])
             return None
+        if kind == KEYSCAN:
+            r = await self._client()
+            return [key async for key in r.scan_iter(match=step[1], count=1000)]
         raise AssertionError(step)
 
     async def run(self, plan):
@@ -298,9 +308,11 @@ class AsyncRedisTransport:
             raise translate(exc, where) from exc
 
     async def call(self, op: int, args: list, timeout: Any = None) -> Any:
+        self.sync.requests += 1
         return await self.run(self.sync.ops.plan(op, args))
 
     async def acquire(self, key: str, args: list, timeout: Any) -> Any:
+        self.sync.requests += 1
         return await self.run(self.sync.ops.plan(F.LOCK_ACQUIRE, args))
 
     async def close(self) -> None:

@@ -56,7 +56,7 @@ def flags_view(request):
 
     if "set" in request.GET:
         flags.set_flag(request.GET["set"], request.GET.get("value", "on"))
-    return JsonResponse({"pid": os.getpid(), "flags": dict(flags.FLAGS)})
+    return JsonResponse({"pid": os.getpid(), "flags": flags.current()})
 
 
 def whoami(request):
