@@ -92,3 +92,11 @@ import os  # noqa: E402
 
 if os.environ.get("DEMO_SNAPSHOT"):
     CLUSTERSHM["SNAPSHOT"] = {"PATH": os.environ["DEMO_SNAPSHOT"], "INTERVAL": 60}
+
+# Beyond one host (README, "The Redis engine"): DEMO_ENGINE=redis://127.0.0.1:6379/0
+# puts the state on Redis or Valkey; every runcluster on every host then shares it.
+if os.environ.get("DEMO_ENGINE"):
+    CLUSTERSHM["ENGINE"] = os.environ["DEMO_ENGINE"]
+    CLUSTERSHM["ENGINE_OPTIONS"] = {"KEY_PREFIX": os.environ.get("DEMO_ENGINE_PREFIX", "demo")}
+    for _alias in CACHES.values():  # no near cache on Redis until #16
+        _alias.get("OPTIONS", {}).pop("NEAR_CACHE", None)

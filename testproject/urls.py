@@ -5,6 +5,8 @@ from testproject.demo import views
 urlpatterns = [
     path("", views.index, name="index"),
     path("hit/", views.hit, name="hit"),
+    path("counter/", views.counter, name="counter"),
+    path("cincr/", views.cache_incr, name="cache_incr"),
     path("cached/", views.cached, name="cached"),
     path("fragment/", views.fragment, name="fragment"),
     path("login/", views.login, name="login"),

@@ -40,6 +40,17 @@ def exec_master(plan: dict) -> None:
     os.execve(sys.executable, argv, env)
 
 
+def _banner(lines: list[str], manager) -> list[str]:
+    """The banner; with a remote engine, its line says where the state is instead of the Manager's."""
+    from . import cluster
+
+    remote = cluster.remote_engine()
+    if manager is not None or remote is None:
+        return lines
+    where = f"No Manager (master pid {{master}}): the state is on the {remote['engine']} engine at {remote['address']}"
+    return [where if line.startswith("Manager (cluster mode)") else line for line in lines]
+
+
 def main() -> int:
     plan = json.loads(os.environ.pop(PLAN_ENV))
     for path in reversed(plan["sys_path"]):
@@ -59,12 +70,7 @@ def main() -> int:
         sys.stderr.write(f"{exc}\n")
         return 1
     sys.stdout.write(
-        "\n".join(plan["banner"]).format(
-            master=os.getpid(),
-            manager=manager.address
-            if manager is not None
-            else "none: the {engine} engine at {address} holds the state".format(**(cluster.remote_engine() or {})),
-        )
+        "\n".join(_banner(plan["banner"], manager)).format(master=os.getpid(), manager=manager and manager.address)
         + "\nThe master holds no project code: SIGHUP (or --reload) serves new code, the state stays.\n"
     )
     sys.stdout.flush()

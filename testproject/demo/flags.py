@@ -16,7 +16,7 @@ _LIVE = True
 
 
 def _on_change(key, value, event):
-    name = None if key is None else key[len(PREFIX):]
+    name = None if key is None else key[len(PREFIX) :]
     if event == "set":
         FLAGS[name] = value
     elif event == "clear":
@@ -26,7 +26,7 @@ def _on_change(key, value, event):
 
 
 def _load() -> None:
-    current = {k[len(PREFIX):]: v for k, v in clustershm.get_many(clustershm.keys(PREFIX)).items()}
+    current = {k[len(PREFIX) :]: v for k, v in clustershm.get_many(clustershm.keys(PREFIX)).items()}
     for name in [n for n in FLAGS if n not in current]:
         FLAGS.pop(name, None)
     FLAGS.update(current)  # readers never see an empty dict in between
@@ -54,7 +54,7 @@ def is_enabled(name: str) -> bool:
 def current() -> dict:
     """Every flag: the local copy, or (without listeners) what the engine holds now."""
     if not _LIVE:
-        return {k[len(PREFIX):]: v for k, v in clustershm.get_many(clustershm.keys(PREFIX)).items()}
+        return {k[len(PREFIX) :]: v for k, v in clustershm.get_many(clustershm.keys(PREFIX)).items()}
     return dict(FLAGS)
 
 

@@ -65,10 +65,11 @@ def whoami(request):
     return JsonResponse(
         {
             "pid": os.getpid(),
-            "manager_pid": stats["manager_pid"],
+            "engine": stats["capabilities"]["engine"],
+            "manager_pid": stats.get("manager_pid"),  # none on the Redis engine
             "keys": stats["store"]["keys"],
-            "clients": [c["pid"] for c in stats["clients"]],
-            "caches": {name: c["keys"] for name, c in stats["caches"].items()},
+            "clients": [c["pid"] for c in stats.get("clients", [])],
+            "caches": {name: c["keys"] for name, c in stats.get("caches", {}).items()},
             "near_caches": clustershm.near_stats(),  # this worker's
         }
     )
@@ -151,6 +152,20 @@ async def abench(request):
         await cache.aadd("bench:counter", 0, None)
         count = await cache.aincr("bench:counter")
     return JsonResponse({"value": value, "count": count})
+
+
+def counter(request):
+    """A read-modify-write that is only exact because it runs under a cluster-wide lock (sync)."""
+    with clustershm.mutex("demo:counter", timeout=30):
+        count = (clustershm.get("demo:counter") or 0) + 1
+        clustershm.set("demo:counter", count)
+    return JsonResponse({"count": count, "pid": os.getpid()})
+
+
+def cache_incr(request):
+    """An atomic counter in the default cache (Django's incr: no lock needed)."""
+    cache.add("demo:cache-incr", 0, None)
+    return JsonResponse({"count": cache.incr("demo:cache-incr"), "pid": os.getpid()})
 
 
 async def acounter(request):

@@ -261,6 +261,6 @@ class Command(BaseCommand):
         return [
             f"Django {__import__('django').get_version()}, settings {os.environ.get('DJANGO_SETTINGS_MODULE')}",
             f"runcluster: {cfg.workers} workers ({kind}) at {addresses}",
-            "Master pid {master}; Manager: {manager}",
+            "Manager (cluster mode) in the master, pid {master}, at {manager}",
             "Quit with CONTROL-C (SIGTERM/SIGINT stop gracefully, SIGHUP reloads the workers' code).",
         ]
