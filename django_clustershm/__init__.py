@@ -37,6 +37,7 @@ from .api import (
     astats,
     atouch,
     attl,
+    capabilities,
     clear,
     decr,
     delete_many,
@@ -113,6 +114,7 @@ __all__ = [  # noqa: RUF022 - grouped by what users reach for, not alphabeticall
     "set",
     "set_many",
     "stats",
+    "capabilities",
     "touch",
     # expiry and key-space scans (django-redis's extra API)
     "delete_pattern",

@@ -118,6 +118,11 @@ def stats() -> dict:
     return get_client().stats()
 
 
+def capabilities() -> dict:
+    """What the engine in use guarantees (locks, listeners, near cache...): see the README's table."""
+    return get_client().capabilities()
+
+
 def ping() -> bool:
     return get_client().ping()
 

@@ -15,10 +15,10 @@ def test_public_names_are_pinned():
     assert sorted(clustershm.__all__) == sorted(
         [
             "add", "clear", "decr", "delete_many", "get", "get_many", "has", "incr", "keys", "near_stats", "ping",
-            "remove", "set", "set_many", "stats", "touch", "get_lru", "set_lru", "remove_lru",
+            "remove", "set", "set_many", "stats", "capabilities", "touch", "get_lru", "set_lru", "remove_lru",
             "Client", "EmbeddedTransport", "Engine", "Keyspace", "Limits", "Manager", "SocketTransport",
             "configure", "connect", "get_client", "changed",
-            "ArgumentTypeError", "AuthenticationFailed", "ClusterShmError", "IntegerOverflow", "InvalidArgument",
+            "ArgumentTypeError", "AuthenticationFailed", "BadSignature", "Unsupported", "ClusterShmError", "IntegerOverflow", "InvalidArgument",
             "InvalidKey", "KeyNotFound",
             "KeyTooLarge", "LimitExceeded", "LockNotOwned", "LockTimeout", "ManagerUnavailable",
             "NotAnInteger", "ProtocolError", "RemoteError", "SerializationError", "StoreFull",

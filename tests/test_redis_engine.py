@@ -8,6 +8,7 @@ import asyncio
 import os
 import pickle
 import signal
+import subprocess
 import time
 
 import pytest
@@ -24,7 +25,8 @@ from django_clustershm.exceptions import (
 )
 from django_clustershm.redisengine import EngineConfig
 
-from .conftest import remote_options
+from . import redis_servers
+from .conftest import _binary, remote_options
 from .helpers import block_until_killed, fork_call, lock_waiters, reap, wait_until
 
 # -- the setting ------------------------------------------------------------------------------
@@ -282,3 +284,49 @@ def test_a_cluster_failover_is_survived_without_a_new_client(fresh_redis_cluster
         print(f"{failures} calls failed with ManagerUnavailable during the failover")
     finally:
         client.transport.shutdown()
+
+
+def test_a_unix_socket_url_and_the_seeds_lru_api(redis_server, settings):
+    settings.CLUSTERSHM = {"ENGINE": redis_server.unix_url, "ENGINE_OPTIONS": remote_options()}
+    registry.reset()
+    try:
+        clustershm.set_lru("item", {"user": "Tom"})
+        assert clustershm.get_lru("item") == {"user": "Tom"}
+        assert clustershm.remove_lru("item") is True
+        assert clustershm.get_lru("item") is None
+        assert registry.mode() == "remote"
+    finally:
+        registry.current().transport.shutdown()
+        registry.reset()
+
+
+def test_a_tls_url_works(tmp_path):
+    """rediss:// with the server's CA: the same API over TLS (the server's own test certificate)."""
+    key, cert = tmp_path / "key.pem", tmp_path / "cert.pem"
+
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )  # fmt: skip
+    tls_port = redis_servers.free_port()
+    server = redis_servers.RedisServer(
+        _binary("redis-server"),
+        extra_args=["--tls-port", str(tls_port), "--tls-cert-file", str(cert), "--tls-key-file", str(key),
+                    "--tls-ca-cert-file", str(cert), "--tls-auth-clients", "no"],
+    )  # fmt: skip
+    try:
+        url = f"rediss://127.0.0.1:{tls_port}/0"
+        client = registry.remote(url, remote_options(CONNECTION_KWARGS={"ssl_ca_certs": str(cert)}))
+        client.set("over-tls", {"ok": True})
+        assert client.get("over-tls") == {"ok": True}
+        token, _fence = client.lock_acquire("tls-lock", None, 0)
+        assert client.lock_release("tls-lock", token) is False
+        client.transport.shutdown()
+        untrusted = registry.remote(url, remote_options(), timeout=2)  # no CA: the certificate is refused
+        with pytest.raises(ManagerUnavailable):
+            untrusted.get("over-tls")
+        untrusted.transport.shutdown()
+    finally:
+        server.stop()
+        redis_servers.assert_stopped(server)
