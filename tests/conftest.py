@@ -11,7 +11,8 @@ from .helpers import ManagerProcess
 #: Remote engines (#15): real servers started by tests/redis_servers.py, on 127.0.0.1.
 REMOTE_ENGINES = ["redis", "valkey", "redis-cluster", "redis-sentinel"]
 #: The transports every contract test runs on: "the same semantics" is tested, not claimed.
-TRANSPORTS = ["embedded", "socket", "socket+near", *REMOTE_ENGINES]
+LOCAL_TRANSPORTS = ["embedded", "socket", "socket+near"]
+TRANSPORTS = [*LOCAL_TRANSPORTS, *REMOTE_ENGINES]
 #: Where the module-level API runs in the tests that say "anywhere".
 ANYWHERE = ["embedded", "socket", *REMOTE_ENGINES]
 

@@ -15,8 +15,16 @@ import django_clustershm.registry
 from django_clustershm.signals import changed
 from django_clustershm.wire import frames as P
 
+from .conftest import LOCAL_TRANSPORTS
 from .helpers import ManagerProcess, block_until_killed, fork_call, reap, wait_until
 from .test_manager import _handshaked_socket
+
+
+@pytest.fixture(params=LOCAL_TRANSPORTS)
+def transport(request):
+    """The local transports only: listeners on Redis come with #16 (refused there until then,
+    which tests/test_redis_engine.py checks)."""
+    return request.param
 
 
 @pytest.fixture(autouse=True)

@@ -152,7 +152,10 @@ def test_a_server_that_is_gone_is_manager_unavailable():
 # -- the lock watchdog and the fair lock, with real processes -------------------------------------------
 
 
-def test_the_watchdog_keeps_a_lock_for_many_leases_while_its_holder_lives(remote):
+def test_the_watchdog_keeps_a_lock_for_many_leases_while_its_holder_lives(remote, monkeypatch):
+    from django_clustershm.redisengine import watchdog as watchdog_module
+
+    monkeypatch.setattr(watchdog_module, "LINGER", 0.3)  # how long the idle thread stays (5 s by default)
     lease = remote.options["LOCK_LEASE"]
     lock = clustershm.Lock("long-job")
     assert lock.acquire()
@@ -165,7 +168,7 @@ def test_the_watchdog_keeps_a_lock_for_many_leases_while_its_holder_lives(remote
 
     assert reap(fork_call(other), 30) == 0
     lock.release()
-    wait_until(lambda: watchdog._thread is None, message="the watchdog thread ended with the last hold")
+    wait_until(lambda: watchdog._thread is None, message="the watchdog thread ended after the last hold")
 
 
 def test_a_dead_queued_waiter_is_skipped(remote):

@@ -15,6 +15,7 @@ import asyncio
 import logging
 import os
 import threading
+import time
 import weakref
 from typing import Any
 
@@ -31,7 +32,7 @@ from ..exceptions import (
 from ..wire import frames as F
 from ..wire.limits import Limits
 from .config import EngineConfig
-from .ops import BLOCK, CMD, DROP, HOLD, KEYSCAN, LISTEN_REFUSED, NEAR_CACHE_REFUSED, SCRIPT, RedisOps
+from .ops import BLOCK, CMD, DROP, HOLD, KEYSCAN, LISTEN_REFUSED, NEAR_CACHE_REFUSED, SCRIPT, SLEEP, RedisOps
 from .values import Codec, derive_key
 from .watchdog import Watchdog
 
@@ -145,6 +146,9 @@ class RedisTransport(Transport):
             return None
         if kind == KEYSCAN:
             return list(r.scan_iter(match=step[1], count=1000))
+        if kind == SLEEP:
+            time.sleep(step[1])
+            return None
         raise AssertionError(step)
 
     @staticmethod
@@ -199,7 +203,7 @@ class RedisTransport(Transport):
         self.watchdog.release_all()
         client, self._client = self._client, None
         if client is not None and self._pid == os.getpid():
-            client.close()
+            _close_sync(client)
 
     def async_twin(self) -> AsyncRedisTransport:
         if self._aio is None:
@@ -224,7 +228,7 @@ async def _close_at_shutdown(client):
     try:
         yield
     finally:
-        await client.aclose()
+        await _close_async(client)
 
 
 class AsyncRedisTransport:
@@ -283,6 +287,9 @@ class AsyncRedisTransport:
         if kind == DROP:
             self.sync.watchdog.drop(step[1])
             return None
+        if kind == SLEEP:
+            await asyncio.sleep(step[1])
+            return None
         if kind == KEYSCAN:
             r = await self._client()
             return [key async for key in r.scan_iter(match=step[1], count=1000)]
@@ -319,7 +326,7 @@ class AsyncRedisTransport:
         loop = asyncio.get_running_loop()
         state = self._clients.pop(loop, None)
         if state is not None:
-            await state.client.aclose()
+            await _close_async(state.client)
             if state.closer is not None:
                 await state.closer.aclose()
 
@@ -327,6 +334,30 @@ class AsyncRedisTransport:
         for state in list(self._clients.values()):
             _drop_sockets(state.client)
         self._clients = weakref.WeakKeyDictionary()
+
+
+def _close_sync(client) -> None:
+    """Close every connection of a redis-py client: its pool's, and a Sentinel
+    client's connections to the Sentinels (``close()`` alone leaves both open
+    for a client made by ``master_for``)."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        manager = getattr(pool, "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", []):
+            sentinel.connection_pool.disconnect()
+        pool.disconnect()
+    client.close()
+
+
+async def _close_async(client) -> None:
+    """The asyncio twin of :func:`_close_sync`."""
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        manager = getattr(pool, "sentinel_manager", None)
+        for sentinel in getattr(manager, "sentinels", []):
+            await sentinel.connection_pool.disconnect()
+        await pool.disconnect()
+    await client.aclose()
 
 
 def _drop_sockets(client) -> None:
