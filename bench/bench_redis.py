@@ -15,28 +15,38 @@ round and as the median and spread ((max - min) / median) over the rounds:
    django-redis's new objects open their own pools, while ours looks up the process-wide client, which is fork-safe
    (the registry's after-fork hook, and the transport's redis-py client is made again in a process with a new pid).
 3. Locked read-modify-write: 4 processes x ``--rmw`` increments of one counter (a plain Redis key, read and written
-   with redis-py, the same for every lock) under ``django_clustershm.Lock`` (no lease: the watchdog renews it; FIFO)
-   against redis-py's ``redis.lock.Lock`` (``timeout=10``; default ``sleep=0.1`` and ``sleep=0.001``). RMW/s =
-   all increments / the slowest process's time from the common start; the counter must end exact.
+   with redis-py, the same for every lock) under ``django_clustershm.Lock`` (no lease: the watchdog renews it; FIFO;
+   also with ``lease=10``, no watchdog, to show what the watchdog costs) against redis-py's ``redis.lock.Lock``
+   (``timeout=10``; default ``sleep=0.1`` and ``sleep=0.001``). RMW/s = all increments / the slowest process's time
+   from the common start; the counter must end exact. How the lock moves: the share of grants that went to the
+   process that held it just before, and the median µs from one grant to the next (CLOCK_MONOTONIC, one clock for
+   the host), to the same process or to another.
 
-   FIFO inversions: right before each acquire, a process takes a ticket from ``INCR`` on a key of its own (the
-   arrival order; with the server's ``TIME`` in the same MULTI); inside the lock it appends the ticket to a list
-   (with the SET of the counter, in one pipeline), so the list g is the grant order. An *inversion* is a pair
-   i < j with g[i] > g[j]: a later arrival granted before an earlier one (every ticket taken is granted, so the
-   earlier one was waiting then). Reported: their count; normalized per grant (the mean number of earlier arrivals
-   a grant overtook: 0 for FIFO, at most 3 with 4 processes; the textbook normalization by all n(n-1)/2 pairs
-   would call even a lock that always lets one process barge "nearly sorted"); the share of grants that overtook
-   anyone; the largest overtake; the widest inverted pair (ms between the two tickets). Caveat: a ticket is taken
-   one round trip before that process's acquire request reaches the server, so two arrivals within that window
-   (or one whose process is descheduled between the two) may swap under a perfectly FIFO lock. The column
-   "beyond RACE_MS" counts only the inversions between tickets taken more than ``RACE_MS`` apart.
+   FIFO inversions by tickets (3b): right before each acquire, a process takes a ticket from ``INCR`` on a key of
+   its own (the arrival order; with the server's ``TIME`` in the same MULTI); inside the lock it appends the ticket
+   to a list (with the SET of the counter, in one pipeline), so the list g is the grant order. An *inversion* is a
+   pair i < j with g[i] > g[j]: a later arrival granted before an earlier one (every ticket taken is granted, so
+   the earlier one was waiting then). Reported: their count; normalized per grant (the mean number of earlier
+   arrivals a grant overtook: 0 for FIFO, at most 3 with 4 processes; the textbook normalization by all n(n-1)/2
+   pairs would call even a lock that always lets one process barge "nearly sorted"); the share of grants that
+   overtook anyone; the largest overtake; the widest inverted pair (ms between the two tickets). Caveat: a ticket
+   is taken one round trip before that process's acquire request reaches the server, so two arrivals within that
+   window (or one whose process is descheduled between the two) may swap under a perfectly FIFO lock; the last
+   column counts only the inversions between tickets taken more than ``RACE_MS`` apart.
+
+   FIFO inversions by the server's arrival order (3c), the exact check: a shorter run (``--monitor-rmw``) under
+   MONITOR, which lists every command in the order the server runs it. A lock request's arrival is the first
+   acquire command carrying its token (ours: the LOCK_ACQUIRE script, 5 keys; redis-py: ``SET key token NX``), the
+   grant order is the order of the releases (one holder at a time); inversions as above, between the two orders.
 4. Hand-off after the holder's SIGKILL: a holder process takes the lock (ours: ``lease=None``, the watchdog lease =
    LOCK_LEASE = 1 s, renewed every third; redis-py: ``timeout=1.0``, not renewed), a waiter process waits for it,
    the holder is SIGKILLed at a random moment 0.2-0.5 s after its acquire; the time from the kill until the waiter
    holds the lock; ``--handoffs`` repetitions per round per lock, median and max over all of them.
 
 Targets: ours get and set medians <= 1.0x Django's RedisCache; 4-process ops/s >= 1.0x RedisCache; locked RMW/s
->= 1.0x redis-py's Lock (both sleeps), counter exact, 0 inversions; hand-off <= one lease (1 s), median and max.
+(lease=None) >= 1.0x redis-py's Lock (both sleeps), counter exact, 0 inversions (by tickets; by the server's arrival
+order); hand-off <= one lease (1 s), median and max. Ratios are taken within a round (the same machine state), then
+their median over the rounds.
 """
 
 from __future__ import annotations
@@ -68,8 +78,9 @@ STUCK = 10.0  # phase 4: seconds after the kill before a waiter is given up on
 
 CACHES = {"ours": "ClusterShmCache (redis engine)", "redis": "Django RedisCache", "djredis": "django-redis RedisCache"}
 FLOOR = "redis-py GET/SET (floor)"
-LOCKS = {"ours": "django_clustershm.Lock (FIFO)", "redis": "redis-py Lock (sleep=0.1)",
-         "redis-fast": "redis-py Lock (sleep=0.001)"}  # fmt: skip
+LOCKS = {"ours": "django_clustershm.Lock (FIFO)", "ours-lease": "django_clustershm.Lock(lease=10) (FIFO, no watchdog)",
+         "redis": "redis-py Lock (sleep=0.1)", "redis-fast": "redis-py Lock (sleep=0.001)"}  # fmt: skip
+HANDOFF_LOCKS = ("ours", "redis", "redis-fast")  # ours-lease: its 10 s lease would say nothing new
 SLEEPS = {"redis": 0.1, "redis-fast": 0.001}
 
 
@@ -206,8 +217,9 @@ def phase_throughput(alias: str, args, seed: int) -> dict:
 
 def _rmw_worker(index: int, ready, kind: str, url: str, n: int, keys: dict) -> dict:
     r = raw(url)
-    if kind == "ours":
-        lock = clustershm.Lock(keys["lock"])  # lease=None: the watchdog's lease, renewed; FIFO
+    if kind in ("ours", "ours-lease"):
+        # lease=None: the watchdog's lease, renewed while this process lives; FIFO
+        lock = clustershm.Lock(keys["lock"], lease=10.0 if kind == "ours-lease" else None)
         acquire, release = lock.acquire, lock.release
         clustershm.get_client().ping()  # this process's connection, before the start
     else:
@@ -359,7 +371,7 @@ def arrival_order(path: str, kind: str, lock_key: str) -> tuple[list[bytes], lis
             if len(args) < 4:
                 continue
             name = args[0].upper()
-            if kind == "ours":
+            if kind.startswith("ours"):
                 if name == b"EVALSHA" and args[3] == ours_h:
                     token = args[3 + int(args[2])]
                     (arrivals if args[2] == b"5" else releases).setdefault(token, None)
@@ -526,7 +538,7 @@ def main(argv=None) -> int:
     tput: dict[str, list] = {a: [] for a in CACHES}
     rmw: dict[str, list] = {k: [] for k in LOCKS}
     mon: dict[str, list] = {k: [] for k in LOCKS}
-    hand: dict[str, list] = {k: [] for k in LOCKS}
+    hand: dict[str, list] = {k: [] for k in HANDOFF_LOCKS}
     with lab.Lab("redis") as bench:
         url = start_server(bench)
         lab.log(f"redis-server at {url}")
@@ -545,7 +557,7 @@ def main(argv=None) -> int:
             for kind in LOCKS:
                 lab.log(f"round {rd}/{args.rounds}: FIFO check under MONITOR {kind}, {PROCS} x {args.monitor_rmw}")
                 mon[kind].append(phase_monitor(kind, url, args, r, bench, rd))
-            for kind in LOCKS:
+            for kind in HANDOFF_LOCKS:
                 lab.log(f"round {rd}/{args.rounds}: hand-off after SIGKILL {kind}, {args.handoffs} trial(s)")
                 hand[kind].append(phase_handoff(kind, url, args, r, rng, rd, problems))
         new_cache("default")
@@ -645,8 +657,8 @@ def main(argv=None) -> int:
 
     # 4. hand-off
     rows = []
-    for k, label in LOCKS.items():
-        d = all_delays[k]
+    for k in HANDOFF_LOCKS:
+        label, d = LOCKS[k], all_delays[k]
         granted = sum(x["granted"] for x in hand[k])
         trials = sum(x["trials"] for x in hand[k])
         rows.append([label, f"{granted} / {trials}", lab.fmt(statistics.median(d) if d else None),
