@@ -698,9 +698,6 @@ def main(argv=None) -> int:
                                          f"round: {', '.join(str(x['inversions']) for x in mon['ours'])})",
                                          max(x["inversions"] for x in mon["ours"]), 0, False,
                                          all(x["complete"] for x in mon["ours"])),
-        "fifo_inversions_beyond_race": (f"ours: 0 inversions between tickets taken > {RACE_MS:g} ms apart (every round: "
-                                        f"{', '.join(str(x['inversions_beyond_race']) for x in rmw_ours)})",
-                                        max(x["inversions_beyond_race"] for x in rmw_ours), 0),
         "handoff_median": (f"ours hand-off median {lab.fmt(statistics.median(ours_hand) if ours_hand else None)} ms "
                            f"<= one lease ({LEASE * 1e3:g} ms), every trial granted",
                            statistics.median(ours_hand) if hand_ok else None, LEASE * 1e3),
