@@ -358,7 +358,7 @@ def _monitor(url: str, path: str, out_w: int) -> None:
 
 def arrival_order(path: str, kind: str, lock_key: str) -> tuple[list[bytes], list[bytes]]:
     """(tokens in the order their first acquire request reached the server, tokens in the order they released).
-    Ours: top-level EVALSHA on the lock's keys with 5 keys (acquire) or 4 (release; cancel); redis-py: SET key token
+    Ours: top-level EVALSHA on the lock's keys with 5 arguments (acquire) or 3 (release; cancel); redis-py: SET key token
     NX (acquire), EVALSHA sha 1 key token (its release script)."""
     arrivals: dict[bytes, None] = {}
     releases: dict[bytes, None] = {}
@@ -373,8 +373,10 @@ def arrival_order(path: str, kind: str, lock_key: str) -> tuple[list[bytes], lis
             name = args[0].upper()
             if kind.startswith("ours"):
                 if name == b"EVALSHA" and args[3] == ours_h:
-                    token = args[3 + int(args[2])]
-                    (arrivals if args[2] == b"5" else releases).setdefault(token, None)
+                    nkeys = int(args[2])
+                    token = args[3 + nkeys]
+                    # acquire's argv: token lease wait heartbeat base (5); release's and cancel's: token base heartbeat
+                    (arrivals if len(args) - 3 - nkeys == 5 else releases).setdefault(token, None)
             elif name == b"SET" and args[1] == lock_key.encode() and b"NX" in (a.upper() for a in args[3:]):
                 arrivals.setdefault(args[2], None)
             elif name == b"EVALSHA" and args[2] == b"1" and args[3] == lock_key.encode():

@@ -12,8 +12,10 @@ What a plan yields:
 * ``(CMD, args)``: one command (``("GET", key)``...);
 * ``(SCRIPT, script, keys, argv)``: one of :mod:`.scripts`, by EVALSHA;
 * ``(BLOCK, key, seconds)``: a BLPOP on a waiter's mailbox (a lock wait);
-* ``(HOLD, key, token, lease_ms)``: hand a granted watchdog lock to the
-  process's watchdog (:class:`.watchdog.Watchdog`);
+* ``(HOLD, key, token, lease_ms, keep, now)``: hand a granted lock to the
+  process's watchdog (:class:`.watchdog.Watchdog`): ``keep`` renews it while
+  its holder lives (a lock without a lease), ``now`` extends it at once (a
+  lock handed over with a first lease of one heartbeat);
 * ``(DROP, token)``: tell the watchdog a lock is no longer held;
 * ``(KEYSCAN, pattern)``: every key matching, on every primary (SCAN: stats only);
 * ``(SLEEP, seconds)``: wait here (the last stretch of a holder's lease, see lock_acquire).
@@ -399,9 +401,10 @@ class RedisOps:
         return base, (base + b":h", base + b":q", base + b":d", base + b":w", base + b":f")
 
     def lock_acquire(self, key, lease, wait, token=None):
-        """A FIFO wait: queued on the server, woken through the waiter's mailbox
-        by the release that hands it the lock, re-asking at least every third of
-        LOCK_HEARTBEAT (which keeps its place) and when the holder's lease ends."""
+        """A FIFO wait: queued on the server; a release hands the lock straight
+        to the first live waiter and posts the fence to its mailbox, on which
+        it blocks (BLPOP); it asks again (which keeps its place) at least every
+        third of LOCK_HEARTBEAT, and when the holder's lease ends."""
         token = token or os.urandom(16)
         base, keys = self._lock_keys(key)
         lease_ms = self._lease_ms if lease is None else max(1, math.ceil(lease * 1000))
@@ -420,7 +423,7 @@ class RedisOps:
                 reply = yield SCRIPT, _S["LOCK_ACQUIRE"], keys, argv
                 if reply[0] == 1:
                     if lease is None:
-                        yield HOLD, key, token, lease_ms
+                        yield HOLD, key, token, lease_ms, True, False
                     return [token, int(reply[1])]
                 if reply[1] == -1 and len(reply) == 2:
                     return None
@@ -430,7 +433,7 @@ class RedisOps:
                 # Redis times a blocked command out on its hz tick (10 a second
                 # by default): a BLPOP may end up to 100 ms after its timeout. So
                 # the wait ends 100 ms before the holder's lease (or our own
-                # deadline) runs out, and the last stretch is slept here, to ask
+                # deadline) runs out, and the last stretch is slept, to ask
                 # again the moment it ends: a dead holder's lock is free within
                 # its lease, not up to a tick later (bench_redis: max 1,024 ms
                 # with a 1 s lease before this).
@@ -441,29 +444,36 @@ class RedisOps:
                     ends = min(ends, pttl / 1000 + 0.002)
                 if ends <= _HZ_SLACK + 0.01 and ends < heartbeat / 3:
                     yield SLEEP, ends
-                else:
-                    if ends < heartbeat / 3:
-                        ends -= _HZ_SLACK
-                    yield BLOCK, mailbox, max(0.01, min(ends, self.timeout / 2))
+                    continue
+                if ends < heartbeat / 3:
+                    ends -= _HZ_SLACK
+                posted = yield BLOCK, mailbox, max(0.01, min(ends, self.timeout / 2))
+                if posted:
+                    # Handed over by a release, with a first lease of at most
+                    # one heartbeat: the watchdog extends it to ours at once.
+                    longer = lease_ms > int(hb)
+                    if lease is None or longer:
+                        yield HOLD, key, token, lease_ms, lease is None, longer
+                    return [token, int(posted[1])]
         except GeneratorExit:
             raise
         except BaseException:
             # Interrupted (a cancelled task, a lost connection, Ctrl-C): take the
             # wait back, and give back a grant that raced the interruption.
-            yield SCRIPT, _S["LOCK_CANCEL"], keys[:4], [token, base, hb]
+            yield SCRIPT, _S["LOCK_CANCEL"], keys, [token, base, hb]
             yield DROP, token
             raise
 
     def lock_cancel(self, key, token):
         base, keys = self._lock_keys(key)
-        found = yield SCRIPT, _S["LOCK_CANCEL"], keys[:4], [token, base, self._heartbeat_ms]
+        found = yield SCRIPT, _S["LOCK_CANCEL"], keys, [token, base, self._heartbeat_ms]
         yield DROP, token
         return bool(found)
 
     def lock_release(self, key, token):
         base, keys = self._lock_keys(key)
         yield DROP, token
-        result = yield SCRIPT, _S["LOCK_RELEASE"], keys[:4], [token, base, self._heartbeat_ms]
+        result = yield SCRIPT, _S["LOCK_RELEASE"], keys, [token, base, self._heartbeat_ms]
         if result == -1:
             raise LockNotOwned(f"lock {key!r} is not held with this token (released, or its lease ran out)")
         return bool(result)

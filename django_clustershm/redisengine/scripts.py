@@ -27,7 +27,8 @@ A lock ``K`` is (see :mod:`.locks` for the protocol)::
                     heartbeat + heartbeat, its wait deadline)
     {P:lock:K}:w    HASH token -> its wait deadline (server ms; -1: none)
     {P:lock:K}:f    the last fencing token (expires a day after its last grant)
-    {P:lock:K}:g:T  waiter T's mailbox: a release pushes to the head waiter's
+    {P:lock:K}:g:T  waiter T's mailbox: a release that hands the lock to T
+                    pushes the grant's fence there
 """
 
 from __future__ import annotations
@@ -319,8 +320,8 @@ return redis.call('ZCARD', KEYS[2])
 # -- locks ---------------------------------------------------------------------------------
 
 # Drop waiters whose place ran out (dead: no heartbeat; or past their wait)
-# from the head of the queue. KEYS: h q d w
-_DROP_DEAD = """
+# from the head of the queue; grant; hand over. KEYS: h q d w f
+_LOCK_LIB = """
 local function drop_dead()
   while true do
     local head = redis.call('LINDEX', KEYS[2], 0)
@@ -333,14 +334,42 @@ end
 local function leave(tok)
   redis.call('LREM', KEYS[2], 0, tok); redis.call('ZREM', KEYS[3], tok); redis.call('HDEL', KEYS[4], tok)
 end
+-- The lock is tok's now; its fence, as a decimal string (Lua would print a
+-- 16-digit double in e-notation).
+local function grant(tok, lease)
+  local fence = redis.call('INCR', KEYS[5])
+  if fence == 1 then
+    -- A new (or expired) counter starts at the server's time in microseconds,
+    -- above every fence it gave before: fences grow without a permanent key.
+    fence = t[1] .. string.format('%06d', tonumber(t[2]))
+    redis.call('SET', KEYS[5], fence)
+  else
+    fence = string.format('%d', fence)
+  end
+  redis.call('PEXPIRE', KEYS[5], 86400000)
+  redis.call('HSET', KEYS[1], 'tok', tok, 'fence', fence)
+  redis.call('PEXPIRE', KEYS[1], lease)
+  return fence
+end
+-- A release hands the lock straight to the first live waiter (no round trip
+-- of the waiter's on the next holder's path) and posts its fence to the
+-- waiter's mailbox, which it waits on with BLPOP. The grant's first lease is
+-- at most one heartbeat: a waiter that died since its last heartbeat holds
+-- the lock no longer than that (its live successor extends it at once).
 local function hand_over(base, hb)
   local head = drop_dead()
-  if head then
-    local mb = base .. ':g:' .. head
-    redis.call('RPUSH', mb, 1); redis.call('PEXPIRE', mb, hb * 2)
-    return 1
+  if not head then return 0 end
+  local lease = hb
+  local w = redis.call('HGET', KEYS[4], head)
+  if w then
+    local wanted = tonumber(string.match(w, '|(%d+)$'))
+    if wanted and wanted < lease then lease = wanted end
   end
-  return 0
+  redis.call('LPOP', KEYS[2]); redis.call('ZREM', KEYS[3], head); redis.call('HDEL', KEYS[4], head)
+  local fence = grant(head, lease)
+  local mb = base .. ':g:' .. head
+  redis.call('RPUSH', mb, fence); redis.call('PEXPIRE', mb, hb * 2)
+  return 1
 end
 """
 
@@ -351,14 +380,17 @@ end
 #    {0, wait_deadline or -1, ms until it, holder's pttl}: queued
 LOCK_ACQUIRE = (
     _NOW
-    + _DROP_DEAD
+    + _LOCK_LIB
     + """
 local tok, lease, wait, hb = ARGV[1], tonumber(ARGV[2]), ARGV[3], tonumber(ARGV[4])
 local holder = redis.call('HGET', KEYS[1], 'tok')
-if holder == tok then return {1, tonumber(redis.call('HGET', KEYS[1], 'fence'))} end
+if holder == tok then
+  redis.call('UNLINK', ARGV[5] .. ':g:' .. tok)
+  return {1, redis.call('HGET', KEYS[1], 'fence')}
+end
 local wdl = -1
 local known = redis.call('HGET', KEYS[4], tok)
-if known then wdl = tonumber(known)
+if known then wdl = tonumber(string.match(known, '^(-?%d+)'))
 elseif string.sub(wait, 1, 3) == 'in:' then wdl = now + tonumber(string.sub(wait, 4))
 elseif string.sub(wait, 1, 3) == 'at:' then wdl = tonumber(string.sub(wait, 4))
 end
@@ -366,27 +398,16 @@ local head = drop_dead()
 if (not holder) and ((not head) or head == tok) then
   if wait ~= 'try' and wdl >= 0 and wdl <= now then leave(tok); return {0, -1} end
   if head == tok then redis.call('LPOP', KEYS[2]); redis.call('ZREM', KEYS[3], tok); redis.call('HDEL', KEYS[4], tok) end
-  local fence = redis.call('INCR', KEYS[5])
-  if fence == 1 then
-    -- A new (or expired) counter starts at the server's time in microseconds,
-    -- above every fence it gave before: fences grow without a permanent key.
-    -- (Built as a string: Lua would print a double of 16 digits in e-notation.)
-    local start = t[1] .. string.format('%06d', tonumber(t[2]))
-    redis.call('SET', KEYS[5], start)
-    fence = tonumber(start)
-  end
-  redis.call('PEXPIRE', KEYS[5], 86400000)
-  redis.call('HSET', KEYS[1], 'tok', tok, 'fence', fence)
-  redis.call('PEXPIRE', KEYS[1], lease)
   redis.call('UNLINK', ARGV[5] .. ':g:' .. tok)
-  return {1, fence}
+  return {1, grant(tok, lease)}
 end
 if wait == 'try' then return {0, -1} end
 if wdl >= 0 and wdl <= now then leave(tok); return {0, -1} end
 local place = now + hb
 if wdl >= 0 and wdl < place then place = wdl end
 if redis.call('ZADD', KEYS[3], place, tok) == 1 then
-  redis.call('RPUSH', KEYS[2], tok); redis.call('HSET', KEYS[4], tok, wdl)
+  redis.call('RPUSH', KEYS[2], tok)
+  redis.call('HSET', KEYS[4], tok, string.format('%d|%d', wdl, lease))
 end
 -- The queue's keys outlive their last live waiter by a little only (no stale
 -- queue after a crash: redisson#4661).
@@ -397,10 +418,10 @@ return {0, wdl, left, redis.call('PTTL', KEYS[1])}
 """
 )
 
-# KEYS: h q d w   ARGV: tok base heartbeat_ms  -> -1 not owned, 1 handed to a waiter, 0 free
+# KEYS: h q d w f   ARGV: tok base heartbeat_ms  -> -1 not owned, 1 handed to a waiter, 0 free
 LOCK_RELEASE = (
     _NOW
-    + _DROP_DEAD
+    + _LOCK_LIB
     + """
 if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then return -1 end
 redis.call('UNLINK', KEYS[1])
@@ -408,11 +429,11 @@ return hand_over(ARGV[2], tonumber(ARGV[3]))
 """
 )
 
-# KEYS: h q d w   ARGV: tok base heartbeat_ms  -> 1 if it was still queued or held
+# KEYS: h q d w f   ARGV: tok base heartbeat_ms  -> 1 if it was still queued or held
 # (a waiter that gives up: taken out of the queue; a grant that raced it, released)
 LOCK_CANCEL = (
     _NOW
-    + _DROP_DEAD
+    + _LOCK_LIB
     + """
 local queued = redis.call('ZSCORE', KEYS[3], ARGV[1])
 leave(ARGV[1])

@@ -139,7 +139,7 @@ class RedisTransport(Transport):
             beat_if_registered()
             return r.execute_command("BLPOP", step[1], step[2])
         if kind == HOLD:
-            self.watchdog.hold(step[1], step[2], step[3], threading.current_thread().is_alive)
+            self.watchdog.hold(step[1], step[2], step[3], threading.current_thread().is_alive, step[4], step[5])
             return None
         if kind == DROP:
             self.watchdog.drop(step[1])
@@ -282,7 +282,7 @@ class AsyncRedisTransport:
             return await r.execute_command("BLPOP", step[1], step[2])
         if kind == HOLD:
             loop = asyncio.get_running_loop()
-            self.sync.watchdog.hold(step[1], step[2], step[3], lambda: not loop.is_closed())
+            self.sync.watchdog.hold(step[1], step[2], step[3], lambda: not loop.is_closed(), step[4], step[5])
             return None
         if kind == DROP:
             self.sync.watchdog.drop(step[1])

@@ -50,8 +50,10 @@ class Watchdog:
     def __init__(self, transport: Any) -> None:  # a RedisTransport (whose module imports this one)
         self.transport = transport
         self._cond = threading.Condition(threading.Lock())
-        #: token -> (key, lease_ms, alive)
-        self._holds: dict[bytes, tuple[str, int, Callable[[], bool]]] = {}
+        #: token -> (key, lease_ms, alive, keep)
+        self._holds: dict[bytes, tuple[str, int, Callable[[], bool], bool]] = {}
+        #: tokens to extend at once (locks handed over with a first lease of one heartbeat)
+        self._urgent: set[bytes] = set()
         self._thread: threading.Thread | None = None
         self.renewals = 0
         self.lost = 0
@@ -59,9 +61,23 @@ class Watchdog:
     def __len__(self) -> int:
         return len(self._holds)
 
-    def hold(self, key: str, token: bytes, lease_ms: int, alive: Callable[[], bool]) -> None:
+    def hold(
+        self,
+        key: str,
+        token: bytes,
+        lease_ms: int,
+        alive: Callable[[], bool],
+        keep: bool = True,
+        now: bool = False,
+    ) -> None:
+        """Look after ``token``'s lock on ``key``: renew it every third of
+        ``lease_ms`` while ``alive()`` (``keep``), and/or extend it to
+        ``lease_ms`` at once (``now``: a lock handed over with a first lease of
+        one heartbeat)."""
         with self._cond:
-            self._holds[token] = (key, lease_ms, alive)
+            self._holds[token] = (key, lease_ms, alive, keep)
+            if now:
+                self._urgent.add(token)
             if self._thread is None or not self._thread.is_alive():
                 self._thread = threading.Thread(target=self._run, name="clustershm-lock-watchdog", daemon=True)
                 self._thread.start()
@@ -69,6 +85,7 @@ class Watchdog:
 
     def drop(self, token: bytes) -> None:
         with self._cond:
+            self._urgent.discard(token)
             if self._holds.pop(token, None) is not None and not self._holds:
                 self._cond.notify_all()
 
@@ -77,7 +94,10 @@ class Watchdog:
         idle_since = None
         while True:
             with cond:
-                if not self._holds:
+                if self._urgent:
+                    urgent, self._urgent = self._urgent, set()
+                    holds = [(t, self._holds[t]) for t in urgent if t in self._holds]
+                elif not self._holds:
                     # Linger a while before ending: a view that takes and releases
                     # a lock per request would otherwise start a thread per lock
                     # (bench_redis: acquire+release 281 -> 131 us without that).
@@ -89,27 +109,38 @@ class Watchdog:
                         return
                     cond.wait(LINGER - (now - idle_since))
                     continue
-                idle_since = None
-                interval = min(lease for _key, lease, _alive in self._holds.values()) / 3000
-                cond.wait(interval)
-                holds = list(self._holds.items())
+                else:
+                    idle_since = None
+                    kept = [lease for _key, lease, _alive, keep in self._holds.values() if keep]
+                    if kept:
+                        cond.wait(min(kept) / 3000)
+                    else:
+                        cond.wait(1.0)  # only extensions to come: woken by hold()
+                    if self._urgent:
+                        continue
+                    holds = [(t, h) for t, h in self._holds.items() if h[3]]
             if holds:
                 self._renew(holds)
 
     def _renew(self, holds) -> None:
         transport = self.transport
         ops = transport.ops
-        for token, (key, lease_ms, alive) in holds:
+        for token, (key, lease_ms, alive, keep) in holds:
             if token not in self._holds:
                 continue  # released meanwhile
             try:
-                if not alive():
+                if keep and not alive():
                     logger.warning("django-clustershm: the holder of lock %r ended without releasing it: released", key)
                     transport.run(ops.lock_cancel(key, token))
                     continue
                 transport.run(ops.lock_extend(key, token, lease_ms / 1000))
                 self.renewals += 1
+                if not keep:
+                    with self._cond:
+                        self._holds.pop(token, None)
             except LockNotOwned:
+                if token not in self._holds:
+                    continue  # released while we renewed it
                 self.lost += 1
                 self.drop(token)
                 logger.warning(
@@ -125,7 +156,7 @@ class Watchdog:
         """Release every lock this process holds through the watchdog (a clean exit)."""
         with self._cond:
             holds = list(self._holds.items())
-        for token, (key, _lease, _alive) in holds:
+        for token, (key, _lease, _alive, _keep) in holds:
             try:
                 self.transport.run(self.transport.ops.lock_cancel(key, token))
             except ClusterShmError:
@@ -134,4 +165,5 @@ class Watchdog:
     def after_fork(self) -> None:
         self._cond = threading.Condition(threading.Lock())
         self._holds = {}
+        self._urgent = set()
         self._thread = None
