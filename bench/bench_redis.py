@@ -375,7 +375,7 @@ def arrival_order(path: str, kind: str, lock_key: str) -> tuple[list[bytes], lis
                 if name == b"EVALSHA" and args[3] == ours_h:
                     nkeys = int(args[2])
                     token = args[3 + nkeys]
-                    # acquire's argv: token lease wait heartbeat base (5); release's and cancel's: token base heartbeat
+                    # acquire's argv: token lease wait heartbeat base (5); release's and cancel's: token base heartbeat (3)
                     (arrivals if len(args) - 3 - nkeys == 5 else releases).setdefault(token, None)
             elif name == b"SET" and args[1] == lock_key.encode() and b"NX" in (a.upper() for a in args[3:]):
                 arrivals.setdefault(args[2], None)

@@ -116,7 +116,9 @@ def test_caches_live_apart_from_the_shared_store(cluster):
 # -- the Manager's bounds -------------------------------------------------------------
 
 
-@override_settings(CACHES=cache_settings(small={"LOCATION": "small", "OPTIONS": {"MAX_BYTES": 100_000, "MAX_ENTRIES": 10**6}}))
+@override_settings(
+    CACHES=cache_settings(small={"LOCATION": "small", "OPTIONS": {"MAX_BYTES": 100_000, "MAX_ENTRIES": 10**6}})
+)
 def test_max_bytes_bounds_the_cache_by_evicting_lru(cluster):
     cache = caches["small"]
     for i in range(100):

@@ -211,7 +211,7 @@ def test_fencing_tokens_grow_across_the_counters_expiry(remote):
         lock.release()
     transport = clustershm.get_client().transport
     _base, keys = transport.ops._lock_keys("fenced")
-    transport.redis.delete(keys[4])  # as if the counter had expired (a day unused)
+    transport.redis.delete(keys[3])  # as if the counter had expired (a day after it started)
     assert lock.acquire()
     fences.append(lock.fence)
     lock.release()

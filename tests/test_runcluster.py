@@ -212,7 +212,9 @@ def test_state_survives_sighup_and_workers_are_replaced(server):
     before = server.workers()
     assert len(before) == 4
     server.signal(signal.SIGHUP)
-    wait_until(lambda: len(server.workers()) == 4 and not (server.workers() & before), timeout=30, message="new workers")
+    wait_until(
+        lambda: len(server.workers()) == 4 and not (server.workers() & before), timeout=30, message="new workers"
+    )
     assert server.get("/hit/")[1]["hits"] == 11
     assert server.get("/whoami/")[1]["manager_pid"] == server.master
 
@@ -370,8 +372,16 @@ def test_plain_gunicorn_with_the_config_module(tmp_path):
     srv = Server(
         tmp_path,
         argv=[
-            sys.executable, "-m", "gunicorn", "-c", "python:django_clustershm.gunicorn_conf",
-            "-w", "3", "-b", f"127.0.0.1:{port}", "testproject.wsgi",
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "python:django_clustershm.gunicorn_conf",
+            "-w",
+            "3",
+            "-b",
+            f"127.0.0.1:{port}",
+            "testproject.wsgi",
         ],  # fmt: skip
         env={"DJANGO_SETTINGS_MODULE": "testproject.settings"},
         workers=3,
@@ -586,8 +596,18 @@ def test_plain_gunicorn_with_the_config_module_and_uvicorns_worker(tmp_path):
     srv = Server(
         tmp_path,
         argv=[
-            sys.executable, "-m", "gunicorn", "-c", "python:django_clustershm.gunicorn_conf",
-            "-k", UVICORN_WORKER, "-w", "2", "-b", f"127.0.0.1:{port}", "testproject.asgi:application",
+            sys.executable,
+            "-m",
+            "gunicorn",
+            "-c",
+            "python:django_clustershm.gunicorn_conf",
+            "-k",
+            UVICORN_WORKER,
+            "-w",
+            "2",
+            "-b",
+            f"127.0.0.1:{port}",
+            "testproject.asgi:application",
         ],  # fmt: skip
         env={"DJANGO_SETTINGS_MODULE": "testproject.settings"},
         workers=2,

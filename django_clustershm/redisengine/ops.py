@@ -398,7 +398,7 @@ class RedisOps:
 
     def _lock_keys(self, key: str) -> tuple[bytes, tuple]:
         base = ("{" + self._prefix + ":lock:" + key + "}").encode("utf-8")
-        return base, (base + b":h", base + b":q", base + b":d", base + b":w", base + b":f")
+        return base, (base + b":h", base + b":q", base + b":w", base + b":f")
 
     def lock_acquire(self, key, lease, wait, token=None):
         """A FIFO wait: queued on the server; a release hands the lock straight

@@ -23,9 +23,9 @@ A lock ``K`` is (see :mod:`.locks` for the protocol)::
 
     {P:lock:K}:h    HASH tok, fence: the holder (PEXPIRE = its lease)
     {P:lock:K}:q    LIST of waiting tokens, FIFO
-    {P:lock:K}:d    ZSET token -> the deadline of its place: min(its last
-                    heartbeat + heartbeat, its wait deadline)
-    {P:lock:K}:w    HASH token -> its wait deadline (server ms; -1: none)
+    {P:lock:K}:w    HASH token -> "place|wait deadline|lease" (server ms):
+                    its place lasts until min(its last ask + one heartbeat,
+                    its wait deadline); -1: no wait deadline
     {P:lock:K}:f    the last fencing token (expires a day after its last grant)
     {P:lock:K}:g:T  waiter T's mailbox: a release that hands the lock to T
                     pushes the grant's fence there
@@ -319,34 +319,43 @@ return redis.call('ZCARD', KEYS[2])
 
 # -- locks ---------------------------------------------------------------------------------
 
-# Drop waiters whose place ran out (dead: no heartbeat; or past their wait)
-# from the head of the queue; grant; hand over. KEYS: h q d w f
+# The lock's library. A waiter's entry in KEYS[3] is "place|wait_deadline|lease":
+# place is the server time (ms) its place in the queue lasts until, min(its
+# last ask + one heartbeat, its wait deadline); wait_deadline -1 is none.
+# KEYS: h q w f
 _LOCK_LIB = """
-local function drop_dead()
+local function entry(tok)
+  local w = redis.call('HGET', KEYS[3], tok)
+  if not w then return nil end
+  local place, wdl, lease = string.match(w, '^(-?%d+)|(-?%d+)|(%d+)$')
+  return tonumber(place), tonumber(wdl), tonumber(lease)
+end
+-- The first waiter whose place has not run out (dead ones, and ones past
+-- their wait, are dropped from the head on the way), with its wanted lease.
+local function live_head()
   while true do
     local head = redis.call('LINDEX', KEYS[2], 0)
     if not head then return nil end
-    local dl = redis.call('ZSCORE', KEYS[3], head)
-    if dl and tonumber(dl) > now then return head end
-    redis.call('LPOP', KEYS[2]); redis.call('ZREM', KEYS[3], head); redis.call('HDEL', KEYS[4], head)
+    local place, _wdl, lease = entry(head)
+    if place and place > now then return head, lease end
+    redis.call('LPOP', KEYS[2]); redis.call('HDEL', KEYS[3], head)
   end
 end
 local function leave(tok)
-  redis.call('LREM', KEYS[2], 0, tok); redis.call('ZREM', KEYS[3], tok); redis.call('HDEL', KEYS[4], tok)
+  redis.call('LREM', KEYS[2], 0, tok); redis.call('HDEL', KEYS[3], tok)
 end
 -- The lock is tok's now; its fence, as a decimal string (Lua would print a
--- 16-digit double in e-notation).
+-- 16-digit double in e-notation). A new counter starts at the server's time
+-- in microseconds, above every fence given before, so it may expire (a day
+-- after it started) without fences ever going back.
 local function grant(tok, lease)
-  local fence = redis.call('INCR', KEYS[5])
+  local fence = redis.call('INCR', KEYS[4])
   if fence == 1 then
-    -- A new (or expired) counter starts at the server's time in microseconds,
-    -- above every fence it gave before: fences grow without a permanent key.
     fence = t[1] .. string.format('%06d', tonumber(t[2]))
-    redis.call('SET', KEYS[5], fence)
+    redis.call('SET', KEYS[4], fence, 'PX', 86400000)
   else
     fence = string.format('%d', fence)
   end
-  redis.call('PEXPIRE', KEYS[5], 86400000)
   redis.call('HSET', KEYS[1], 'tok', tok, 'fence', fence)
   redis.call('PEXPIRE', KEYS[1], lease)
   return fence
@@ -356,16 +365,16 @@ end
 -- waiter's mailbox, which it waits on with BLPOP. The grant's first lease is
 -- at most one heartbeat: a waiter that died since its last heartbeat holds
 -- the lock no longer than that (its live successor extends it at once).
+-- Without a live waiter, the lock is free (0).
 local function hand_over(base, hb)
-  local head = drop_dead()
-  if not head then return 0 end
-  local lease = hb
-  local w = redis.call('HGET', KEYS[4], head)
-  if w then
-    local wanted = tonumber(string.match(w, '|(%d+)$'))
-    if wanted and wanted < lease then lease = wanted end
+  local head, wanted = live_head()
+  if not head then
+    redis.call('UNLINK', KEYS[1])
+    return 0
   end
-  redis.call('LPOP', KEYS[2]); redis.call('ZREM', KEYS[3], head); redis.call('HDEL', KEYS[4], head)
+  local lease = hb
+  if wanted and wanted < lease then lease = wanted end
+  redis.call('LPOP', KEYS[2]); redis.call('HDEL', KEYS[3], head)
   local fence = grant(head, lease)
   local mb = base .. ':g:' .. head
   redis.call('RPUSH', mb, fence); redis.call('PEXPIRE', mb, hb * 2)
@@ -373,7 +382,7 @@ local function hand_over(base, hb)
 end
 """
 
-# KEYS: h q d w f   ARGV: tok lease_ms wait heartbeat_ms base
+# KEYS: h q w f   ARGV: tok lease_ms wait heartbeat_ms base
 #   wait: 'try' (no wait), 'forever', 'in:<ms>' (the first call of a timed
 #   wait), 'at:<ms>' (later calls: the deadline the first call answered)
 # -> {1, fence}: granted; {0, -1}: not granted (try) or timed out;
@@ -388,63 +397,63 @@ if holder == tok then
   redis.call('UNLINK', ARGV[5] .. ':g:' .. tok)
   return {1, redis.call('HGET', KEYS[1], 'fence')}
 end
-local wdl = -1
-local known = redis.call('HGET', KEYS[4], tok)
-if known then wdl = tonumber(string.match(known, '^(-?%d+)'))
-elseif string.sub(wait, 1, 3) == 'in:' then wdl = now + tonumber(string.sub(wait, 4))
-elseif string.sub(wait, 1, 3) == 'at:' then wdl = tonumber(string.sub(wait, 4))
+local queued, wdl = entry(tok)
+if not queued then
+  wdl = -1
+  if string.sub(wait, 1, 3) == 'in:' then wdl = now + tonumber(string.sub(wait, 4))
+  elseif string.sub(wait, 1, 3) == 'at:' then wdl = tonumber(string.sub(wait, 4))
+  end
 end
-local head = drop_dead()
-if (not holder) and ((not head) or head == tok) then
-  if wait ~= 'try' and wdl >= 0 and wdl <= now then leave(tok); return {0, -1} end
-  if head == tok then redis.call('LPOP', KEYS[2]); redis.call('ZREM', KEYS[3], tok); redis.call('HDEL', KEYS[4], tok) end
-  redis.call('UNLINK', ARGV[5] .. ':g:' .. tok)
-  return {1, grant(tok, lease)}
+if not holder then
+  local head = live_head()
+  if (not head) or head == tok then
+    if wait ~= 'try' and wdl >= 0 and wdl <= now then leave(tok); return {0, -1} end
+    if head == tok then
+      redis.call('LPOP', KEYS[2]); redis.call('HDEL', KEYS[3], tok)
+      redis.call('UNLINK', ARGV[5] .. ':g:' .. tok)
+    end
+    return {1, grant(tok, lease)}
+  end
 end
 if wait == 'try' then return {0, -1} end
 if wdl >= 0 and wdl <= now then leave(tok); return {0, -1} end
 local place = now + hb
 if wdl >= 0 and wdl < place then place = wdl end
-if redis.call('ZADD', KEYS[3], place, tok) == 1 then
-  redis.call('RPUSH', KEYS[2], tok)
-  redis.call('HSET', KEYS[4], tok, string.format('%d|%d', wdl, lease))
-end
+if not queued then redis.call('RPUSH', KEYS[2], tok) end
+redis.call('HSET', KEYS[3], tok, string.format('%d|%d|%d', place, wdl, lease))
 -- The queue's keys outlive their last live waiter by a little only (no stale
 -- queue after a crash: redisson#4661).
-redis.call('PEXPIRE', KEYS[2], hb * 3); redis.call('PEXPIRE', KEYS[3], hb * 3); redis.call('PEXPIRE', KEYS[4], hb * 3)
+redis.call('PEXPIRE', KEYS[2], hb * 3); redis.call('PEXPIRE', KEYS[3], hb * 3)
 local left = -1
 if wdl >= 0 then left = wdl - now end
 return {0, wdl, left, redis.call('PTTL', KEYS[1])}
 """
 )
 
-# KEYS: h q d w f   ARGV: tok base heartbeat_ms  -> -1 not owned, 1 handed to a waiter, 0 free
+# KEYS: h q w f   ARGV: tok base heartbeat_ms  -> -1 not owned, 1 handed to a waiter, 0 free
 LOCK_RELEASE = (
     _NOW
     + _LOCK_LIB
     + """
 if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then return -1 end
-redis.call('UNLINK', KEYS[1])
 return hand_over(ARGV[2], tonumber(ARGV[3]))
 """
 )
 
-# KEYS: h q d w f   ARGV: tok base heartbeat_ms  -> 1 if it was still queued or held
+# KEYS: h q w f   ARGV: tok base heartbeat_ms  -> 1 if it was still queued or held
 # (a waiter that gives up: taken out of the queue; a grant that raced it, released)
 LOCK_CANCEL = (
     _NOW
     + _LOCK_LIB
     + """
-local queued = redis.call('ZSCORE', KEYS[3], ARGV[1])
+local queued = redis.call('HEXISTS', KEYS[3], ARGV[1])
 leave(ARGV[1])
 redis.call('UNLINK', ARGV[2] .. ':g:' .. ARGV[1])
 if redis.call('HGET', KEYS[1], 'tok') == ARGV[1] then
-  redis.call('UNLINK', KEYS[1])
   hand_over(ARGV[2], tonumber(ARGV[3]))
   return 1
 end
-if queued then return 1 end
-return 0
+return queued
 """
 )
 
