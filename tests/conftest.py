@@ -52,13 +52,9 @@ def remote_engine(request, name: str, **options) -> RemoteEngine:
 
 
 @pytest.fixture(params=REMOTE_ENGINES)
-def remote(request, settings):
+def remote(request):
     """The module-level API on each remote engine (settings.CLUSTERSHM names it)."""
-    engine = remote_engine(request, request.param)
-    settings.CLUSTERSHM = engine.setting
-    registry.reset()
-    yield engine
-    _shut_remote()
+    yield from _module_api_on(request, request.param)
 
 
 def _shut_remote() -> None:
@@ -94,23 +90,32 @@ def cluster():
     proc.cleanup()
 
 
-@pytest.fixture(params=["local", *REMOTE_ENGINES])
-def shared(request):
-    """State shared by real processes: a Manager in its own process (this
-    process and its children use it), or each remote engine (#15)."""
-    if request.param == "local":
+def _module_api_on(request, where: str):
+    """Point the module-level API at ``where`` for one test: "embedded" (the
+    default: nothing to do), "socket"/"local" (a Manager in its own process,
+    which this process and its children use) or a remote engine (settings)."""
+    if where == "embedded":
+        yield None
+    elif where in REMOTE_ENGINES:
+        settings = request.getfixturevalue("settings")
+        engine = remote_engine(request, where)
+        settings.CLUSTERSHM = engine.setting
+        registry.reset()
+        yield engine
+        _shut_remote()
+    else:
         proc = ManagerProcess().start()
         clustershm.configure(proc.address, proc.secret)
         yield proc
         clustershm.configure(None)
         proc.cleanup()
-        return
-    settings = request.getfixturevalue("settings")
-    engine = remote_engine(request, request.param)
-    settings.CLUSTERSHM = engine.setting
-    registry.reset()
-    yield engine
-    _shut_remote()
+
+
+@pytest.fixture(params=["local", *REMOTE_ENGINES])
+def shared(request):
+    """State shared by real processes: a Manager in its own process (this
+    process and its children use it), or each remote engine (#15)."""
+    yield from _module_api_on(request, request.param)
 
 
 @pytest.fixture(params=["embedded", "socket"])
@@ -118,36 +123,14 @@ def local_anywhere(request):
     """The local engine only, embedded or over a socket: for what only it offers
     (thousands of async waiters on one connection: on Redis each waiting task
     holds a connection of its own, see redisengine/ops.py)."""
-    if request.param == "embedded":
-        yield None
-        return
-    proc = ManagerProcess().start()
-    clustershm.configure(proc.address, proc.secret)
-    yield proc
-    clustershm.configure(None)
-    proc.cleanup()
+    yield from _module_api_on(request, request.param)
 
 
 @pytest.fixture(params=ANYWHERE)
 def anywhere(request):
     """Semantics that must hold in every mode and on every engine (threads stand
     in for processes in embedded mode)."""
-    if request.param == "embedded":
-        yield None
-        return
-    if request.param in REMOTE_ENGINES:
-        settings = request.getfixturevalue("settings")
-        engine = remote_engine(request, request.param)
-        settings.CLUSTERSHM = engine.setting
-        registry.reset()
-        yield engine
-        _shut_remote()
-        return
-    proc = ManagerProcess().start()
-    clustershm.configure(proc.address, proc.secret)
-    yield proc
-    clustershm.configure(None)
-    proc.cleanup()
+    yield from _module_api_on(request, request.param)
 
 
 @pytest.fixture(params=TRANSPORTS)

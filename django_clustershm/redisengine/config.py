@@ -153,16 +153,31 @@ class EngineConfig:
         return kwargs
 
     def sync_client(self, timeout: float):
+        """redis-py's blocking client for this engine."""
         import redis
-        from redis.backoff import NoBackoff
+        from redis.cluster import ClusterNode, RedisCluster
         from redis.retry import Retry
+        from redis.sentinel import Sentinel
+
+        return self._client(timeout, redis.Redis, RedisCluster, ClusterNode, Sentinel, Retry)
+
+    def async_client(self, timeout: float):
+        """redis-py's asyncio client for this engine (one per event loop)."""
+        import redis.asyncio as aredis
+        from redis.asyncio.cluster import ClusterNode, RedisCluster
+        from redis.asyncio.retry import Retry
+        from redis.asyncio.sentinel import Sentinel
+
+        return self._client(timeout, aredis.Redis, RedisCluster, ClusterNode, Sentinel, Retry)
+
+    def _client(self, timeout: float, redis_class, cluster_class, node_class, sentinel_class, retry_class):
+        """One recipe for both flavours of redis-py (their classes take the same arguments)."""
+        from redis.backoff import NoBackoff
 
         kwargs = self._common(timeout)
         if self.kind == "cluster":
-            from redis.cluster import ClusterNode, RedisCluster
-
-            return RedisCluster(
-                startup_nodes=[ClusterNode(h, p) for h, p in self.nodes],
+            return cluster_class(
+                startup_nodes=[node_class(h, p) for h, p in self.nodes],
                 username=self.username,
                 password=self.password,
                 ssl=self.tls,
@@ -171,11 +186,9 @@ class EngineConfig:
         # No retry of a command whose connection broke: it may have run (an
         # INCR applied twice). The call fails with ManagerUnavailable; the next
         # one connects again (to the new primary, after a failover).
-        kwargs.setdefault("retry", Retry(NoBackoff(), 0))
+        kwargs.setdefault("retry", retry_class(NoBackoff(), 0))
         if self.kind == "sentinel":
-            from redis.sentinel import Sentinel
-
-            sentinel = Sentinel(
+            sentinel = sentinel_class(
                 self.nodes,
                 sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout, **self.sentinel_kwargs},
                 ssl=self.tls,
@@ -186,40 +199,7 @@ class EngineConfig:
         for alias, real in (("valkeys://", "rediss://"), ("valkey://", "redis://")):
             if url.lower().startswith(alias):
                 url = real + url[len(alias) :]
-        return redis.Redis.from_url(url, **kwargs)
-
-    def async_client(self, timeout: float):
-        import redis.asyncio as aredis
-        from redis.asyncio.retry import Retry
-        from redis.backoff import NoBackoff
-
-        kwargs = self._common(timeout)
-        if self.kind == "cluster":
-            from redis.asyncio.cluster import ClusterNode, RedisCluster
-
-            return RedisCluster(
-                startup_nodes=[ClusterNode(h, p) for h, p in self.nodes],
-                username=self.username,
-                password=self.password,
-                ssl=self.tls,
-                **kwargs,
-            )
-        kwargs.setdefault("retry", Retry(NoBackoff(), 0))
-        if self.kind == "sentinel":
-            from redis.asyncio.sentinel import Sentinel
-
-            sentinel = Sentinel(
-                self.nodes,
-                sentinel_kwargs={"socket_timeout": timeout, "socket_connect_timeout": timeout, **self.sentinel_kwargs},
-                ssl=self.tls,
-                **kwargs,
-            )
-            return sentinel.master_for(self.service, db=self.db, username=self.username, password=self.password)
-        url = self.url
-        for alias, real in (("valkeys://", "rediss://"), ("valkey://", "redis://")):
-            if url.lower().startswith(alias):
-                url = real + url[len(alias) :]
-        return aredis.Redis.from_url(url, **kwargs)
+        return redis_class.from_url(url, **kwargs)
 
 
 def _seconds(value, name: str) -> float:
