@@ -30,6 +30,7 @@ suite or a server; :mod:`.registry` applies the rule.
 from __future__ import annotations
 
 import errno
+import gc
 import hashlib
 import json
 import logging
@@ -346,6 +347,21 @@ def find_running() -> dict[str, Any] | None:
 # -- who attaches by itself ---------------------------------------------------------
 
 
+def _current_frames() -> dict:
+    """``sys._current_frames()`` with the garbage collector off: on CPython before
+    3.12 it holds the interpreter's thread-list lock while it builds its dict, and
+    a collection run then (by a finalizer that needs the same lock) deadlocks the
+    process (CPython gh-106883; seen here: a thread's first get_client() hung a
+    test run)."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return sys._current_frames()
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def management_command() -> str | None:
     """The name of the management command this process runs from its command
     line (``manage.py NAME``, ``django-admin NAME``), or None: an import, a
@@ -362,7 +378,7 @@ def management_command() -> str | None:
     code = utility_class.execute.__code__
     stacks = [sys._getframe()]
     if threading.current_thread() is not threading.main_thread():
-        main = sys._current_frames().get(threading.main_thread().ident or 0)
+        main = _current_frames().get(threading.main_thread().ident or 0)
         if main is not None:
             stacks.append(main)
     for frame in stacks:

@@ -275,12 +275,14 @@ class _Group:
     def _spawn(self, argv: Sequence[str], log_path: str) -> subprocess.Popen:
         """Start a process with stdin from /dev/null and stdout/stderr to ``log_path``: a
         server that inherits a pipe keeps whoever reads it waiting forever. Its own session,
-        so that a Ctrl-C at the terminal reaches pytest only, which then stops it."""
+        so that a Ctrl-C at the terminal reaches pytest only, which then stops it. And
+        tied to the thread that starts it (PR_SET_PDEATHSIG): a test run killed before
+        its teardown (SIGTERM, SIGKILL) leaves no server behind."""
         with open(log_path, "ab") as log:
             proc = subprocess.Popen(
                 list(argv),
                 stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-                cwd=self.dir, close_fds=True, start_new_session=True,
+                cwd=self.dir, close_fds=True, start_new_session=True, preexec_fn=_die_with_parent,
             )  # fmt: skip
         self._procs.append(proc)
         return proc
@@ -318,6 +320,13 @@ class _Group:
 
     def _started(self, t0: float) -> None:
         self.startup_seconds = round(time.monotonic() - t0, 3)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: SIGTERM when the thread that started it ends (Linux)."""
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
 def gone(pid: int) -> bool:

@@ -201,6 +201,7 @@ class RedisTransport(Transport):
     def shutdown(self) -> None:
         """Release the locks this process holds and close its connections."""
         self.watchdog.release_all()
+        self.watchdog.stop()
         client, self._client = self._client, None
         if client is not None and self._pid == os.getpid():
             _close_sync(client)

@@ -54,6 +54,7 @@ class Watchdog:
         self._holds: dict[bytes, list] = {}
         #: Seconds between the thread's rounds: a third of the shortest lease it has seen.
         self._tick: float | None = None
+        self._stopping = False
         #: tokens to extend at once (locks handed over with a first lease of one heartbeat)
         self._urgent: set[bytes] = set()
         self._thread: threading.Thread | None = None
@@ -112,6 +113,10 @@ class Watchdog:
                 else:
                     if self._holds:
                         idle_since = None
+                    elif self._stopping:
+                        self._thread = None
+                        self._tick = None
+                        return
                     else:
                         # Linger a while before ending (ticking, so that a new hold
                         # needs no wake-up): a view that takes and releases a lock
@@ -164,6 +169,17 @@ class Watchdog:
                 )
             except ClusterShmError as exc:
                 logger.warning("django-clustershm: renewing lock %r failed (%s); trying again", key, exc)
+
+    def stop(self) -> None:
+        """End the thread now if it holds nothing (the transport is shut down)."""
+        with self._cond:
+            self._stopping = True
+            thread = self._thread
+            self._cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(1.0)
+        with self._cond:
+            self._stopping = False
 
     def release_all(self) -> None:
         """Release every lock this process holds through the watchdog (a clean exit)."""
