@@ -26,13 +26,12 @@ from ..exceptions import (
     ManagerUnavailable,
     RemoteError,
     StoreFull,
-    Unsupported,
     error_from_code,
 )
 from ..wire import frames as F
 from ..wire.limits import Limits
 from .config import EngineConfig
-from .ops import BLOCK, CMD, DROP, HOLD, KEYSCAN, LISTEN_REFUSED, NEAR_CACHE_REFUSED, SCRIPT, SLEEP, RedisOps
+from .ops import BLOCK, CMD, DROP, HOLD, KEYSCAN, NEAR_CACHE_REFUSED, SCRIPT, SLEEP, RedisOps
 from .values import Codec, derive_key
 from .watchdog import Watchdog
 
@@ -84,8 +83,10 @@ class RedisTransport(Transport):
 
     name = "redis"
     remote = True
-    #: listen() and NEAR_CACHE are refused with this engine, in one sentence each (issue #16).
-    refuses = {"listen": LISTEN_REFUSED, "near_cache": NEAR_CACHE_REFUSED}
+    #: NEAR_CACHE is refused with this engine, in one sentence (issue #16, part 2).
+    refuses = {"near_cache": NEAR_CACHE_REFUSED}
+    #: Set once the server refused to turn keyspace notifications on (logged once).
+    notify_refused = False
 
     def __init__(
         self, config: EngineConfig, *, timeout: float, limits: Limits, secret: str | bytes | None = None
@@ -102,6 +103,7 @@ class RedisTransport(Transport):
         self._mutex = threading.Lock()
         self.watchdog = Watchdog(self)
         self._aio: AsyncRedisTransport | None = None
+        self._channels: weakref.WeakSet = weakref.WeakSet()
         #: Requests this process made (stats()["ops"] on this engine: the
         #: server's own figures are in stats()["server"]).
         self.requests = 0
@@ -185,12 +187,23 @@ class RedisTransport(Transport):
         return self.run(self.ops.plan(op, args))
 
     def open_channel(self):
-        raise Unsupported(NEAR_CACHE_REFUSED)
+        """A listener channel (:mod:`.events`). Only the listener dispatcher
+        opens one: the near cache, whose Tracker would open the other kind,
+        is refused before (Client.enable_near_cache checks ``refuses``), and
+        a channel answers its requests with Unsupported anyway."""
+        from .events import RedisEventChannel
+
+        channel = RedisEventChannel(self)
+        self._channels.add(channel)
+        return channel
 
     def after_fork(self) -> None:
         # redis-py's pools notice the new pid themselves; the parent's locks
         # are the parent's: the child's watchdog renews none of them.
         self._mutex = threading.Lock()
+        for channel in list(self._channels):
+            channel.forget()  # the parent's pub/sub connections: closed here, untouched there
+        self._channels = weakref.WeakSet()
         self.watchdog.after_fork()
         if self._aio is not None:
             self._aio.after_fork()
