@@ -119,7 +119,7 @@ def test_expire_evict_and_clear_events(remote):
                 "LOCATION": "evict",
                 "OPTIONS": {"MAX_ENTRIES": 3, "CULL_FREQUENCY": 3},
             }
-        }  # fmt: skip
+        }
     ):
         cache = caches["default"]
         seen = []
