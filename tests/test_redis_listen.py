@@ -227,3 +227,29 @@ def test_listeners_survive_fork(remote):
     assert counts == {"go": 1, "end": 1}
     os.close(r)
     os.close(w)
+
+
+def test_a_sentinel_failover_resyncs_the_listeners_and_delivery_resumes(fresh_redis_sentinel):
+    from .conftest import remote_options
+
+    client = registry.remote(fresh_redis_sentinel.url, remote_options(), timeout=1)
+    got, resyncs = [], []
+    try:
+        client.listen("fo", lambda k, v, e: got.append(v), on_resync=lambda: resyncs.append(1))
+        client.set("fo", 1)
+        assert got == [1]
+        fresh_redis_sentinel.kill_primary()
+        wait_until(lambda: resyncs, timeout=60, message="on_resync after the failover")
+
+        def write():
+            try:
+                client.set("fo", 2)
+                return True
+            except clustershm.ManagerUnavailable:
+                return False
+
+        wait_until(write, timeout=60, interval=0.2, message="a write on the new primary")
+        wait_until(lambda: got[-1:] == [2], message="delivery from the new primary")
+    finally:
+        client.shutdown()
+        client.transport.shutdown()

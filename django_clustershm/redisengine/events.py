@@ -27,7 +27,9 @@ What a listener sees (tested in ``tests/test_redis_listen.py``):
 * Events of a key arrive in the order of its writes (one server, one
   connection per shard, published inside the write's script).
 * At most once: a lost pub/sub connection loses the events of the gap; the
-  dispatcher subscribes again and calls ``on_resync``.
+  dispatcher subscribes again and calls ``on_resync``. After a Sentinel
+  failover, within one renewal (5 s): a demoted primary may keep its pub/sub
+  clients, so each renewal checks that the connection is to the primary.
 * The writing process's own listeners have run when its write returns: the
   dispatcher's barrier is a PING on each pub/sub connection, and Redis puts
   a published message in every subscriber's output buffer during the
@@ -314,6 +316,17 @@ class RedisEventChannel(Channel):
         try:
             for space in self._spaces.values():
                 r.set(space.listening_key, b"1", px=PRESENCE_TTL_MS)
+            if self.transport.config.kind == "sentinel":
+                # A demoted primary need not close its pub/sub clients: check, at
+                # each renewal, that this connection is still to the primary.
+                conn = self._nodes["server"].conn
+                primary = r.connection_pool.get_master_address()
+                if primary is not None and tuple(primary) != (conn.host, conn.port):
+                    raise ManagerUnavailable(
+                        f"the primary moved to {primary[0]}:{primary[1]} (failover): listening there now"
+                    )
+        except ManagerUnavailable:
+            raise
         except Exception as exc:
             raise self._lost(exc) from exc
         self._renewed = now
