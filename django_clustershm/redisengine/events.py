@@ -52,16 +52,14 @@ import select
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 
 from ..client.transport import Channel, Message
 from ..exceptions import BadSignature, ManagerUnavailable, Unsupported
 from ..wire import frames as F
-
-if TYPE_CHECKING:
-    from .transport import RedisTransport
+from .errors import translate
 
 logger = logging.getLogger("django_clustershm.listen")
 
@@ -124,7 +122,7 @@ class _Space:
 class RedisEventChannel(Channel):
     """The listener channel of one process on the Redis engine (see the module's docstring)."""
 
-    def __init__(self, transport: RedisTransport) -> None:
+    def __init__(self, transport: Any) -> None:  # a RedisTransport (whose module imports this one)
         super().__init__()
         self.transport = transport
         self.codec = transport.codec
@@ -149,7 +147,6 @@ class RedisEventChannel(Channel):
     # -- connections ------------------------------------------------------------------------
 
     def _connect(self) -> None:
-        from .transport import translate
 
         try:
             r = self.transport.redis
@@ -486,7 +483,6 @@ class RedisEventChannel(Channel):
         self._nodes = {}
 
     def _lost(self, exc: Exception) -> ManagerUnavailable:
-        from .transport import translate
 
         error = translate(exc, self.transport.where)
         if isinstance(error, ManagerUnavailable):
