@@ -150,6 +150,7 @@ def client(transport, request):
         engine = remote_engine(request, transport)
         client = registry.remote(engine.url, engine.options, timeout=5)
         yield client
+        client.shutdown()  # its listener dispatcher, if it has one
         client.transport.shutdown()
         return
     proc = ManagerProcess().start()

@@ -15,15 +15,16 @@ import django_clustershm.registry
 from django_clustershm.signals import changed
 from django_clustershm.wire import frames as P
 
-from .conftest import LOCAL_TRANSPORTS
+from .conftest import TRANSPORTS
 from .helpers import ManagerProcess, block_until_killed, fork_call, reap, wait_until
 from .test_manager import _handshaked_socket
 
 
-@pytest.fixture(params=LOCAL_TRANSPORTS)
+@pytest.fixture(params=TRANSPORTS)
 def transport(request):
-    """The local transports only: listeners on Redis come with #16 (refused there until then,
-    which tests/test_redis_engine.py checks)."""
+    """Every transport, the remote engines too (#16): the tests that take ``client`` need
+    nothing Manager-specific (the rest, which do, take ``cluster``; the Redis engine's own
+    listener tests are in tests/test_redis_listen.py)."""
     return request.param
 
 

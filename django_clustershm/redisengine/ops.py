@@ -39,10 +39,7 @@ from .values import Codec
 
 CMD, SCRIPT, BLOCK, HOLD, DROP, KEYSCAN, SLEEP = range(7)
 
-LISTEN_REFUSED = (
-    "listen() is not available on the Redis engine yet: listeners on Redis or Valkey come with the issue "
-    '"Listeners and the near cache on Redis or Valkey" (#16); use ENGINE "local", or poll'
-)
+LISTEN_ON_CHANNEL = "LISTEN and UNLISTEN travel on a listener channel (RedisTransport.open_channel), not as calls"
 NEAR_CACHE_REFUSED = (
     "NEAR_CACHE is not available on the Redis engine yet: a near cache on Redis or Valkey comes with the issue "
     '"Listeners and the near cache on Redis or Valkey" (#16); remove NEAR_CACHE, or use ENGINE "local"'
@@ -123,7 +120,11 @@ class Capabilities:
             ),
             "lock_fencing": "strictly increasing per key (a failover that loses a write can break this)",
             "lock_wait_deadline": "decided by the Redis server's clock",
-            "listeners": "not yet (issue #16)",
+            "listeners": (
+                "eventual: at most once, per-key order kept; the writing process's own listeners have run when "
+                "its call returns; other processes hear within the push delay (not before the writer returns); "
+                "on_resync after every reconnection"
+            ),
             "near_cache": "not yet (issue #16)",
             "multi_key_atomic": (
                 "set_many, delete_many: one step (one hash slot per namespace); clear: in steps of 1,000 keys"
@@ -146,7 +147,7 @@ class RedisOps:
         self.timeout = timeout
         prefix = config.prefix
         self._prefix = prefix
-        self._tags: dict[str, tuple[bytes, bytes, bytes]] = {}
+        self._tags: dict[str, tuple[bytes, bytes, bytes, bytes]] = {}
         self._heartbeat_ms = str(math.ceil(config.lock_heartbeat * 1000))
         self._lease_ms = math.ceil(config.lock_lease * 1000)
         self.capabilities = Capabilities.redis(config)
@@ -190,12 +191,13 @@ class RedisOps:
 
     # -- keys -----------------------------------------------------------------------------
 
-    def space(self, ns: str) -> tuple[bytes, bytes, bytes]:
-        """(value-key prefix, index key, deadlines key) of namespace ``ns``: one hash tag, one slot."""
+    def space(self, ns: str) -> tuple[bytes, bytes, bytes, bytes]:
+        """(value-key prefix, index key, deadlines key, listeners' presence key)
+        of namespace ``ns``: one hash tag, one slot (see .scripts)."""
         found = self._tags.get(ns)
         if found is None:
             tag = ("{" + self._prefix + "|" + ns + "}").encode("utf-8")
-            found = self._tags[ns] = (tag + b":", tag + b"#i", tag + b"#x")
+            found = self._tags[ns] = (tag + b":", tag + b"#i", tag + b"#x", tag + b"#l")
         return found
 
     def _bounds(self, ns: str, bounds) -> tuple[str, str]:
@@ -221,14 +223,14 @@ class RedisOps:
         return bool(found)
 
     def _write(self, script: Script, ns, key, value, ttl, bounds, extra=False):
-        pfx, index, deadlines = self.space(ns)
+        pfx, index, deadlines, listening = self.space(ns)
         member = key.encode("utf-8")
         rkey = pfx + member
         max_entries, cull = self._bounds(ns, bounds)
         argv = [pfx, member, self.codec.encode(rkey, value), _ms(ttl)]
         if extra:
             argv += [max_entries, cull]
-        result = yield SCRIPT, script, (rkey, index, deadlines), argv
+        result = yield SCRIPT, script, (rkey, index, deadlines, listening), argv
         return result
 
     def set(self, ns, key, value, ttl, bounds=None):
@@ -247,29 +249,29 @@ class RedisOps:
         return bool(stored)
 
     def remove(self, ns, key):
-        pfx, index, deadlines = self.space(ns)
+        pfx, index, deadlines, listening = self.space(ns)
         member = key.encode("utf-8")
-        found = yield SCRIPT, _S["REMOVE"], (pfx + member, index, deadlines), [pfx, member]
+        found = yield SCRIPT, _S["REMOVE"], (pfx + member, index, deadlines, listening), [pfx, member]
         return bool(found)
 
     def incr(self, ns, key, delta, initial, bounds=None):
-        pfx, index, deadlines = self.space(ns)
+        pfx, index, deadlines, listening = self.space(ns)
         member = key.encode("utf-8")
         max_entries, cull = self._bounds(ns, bounds)
         argv = [pfx, member, str(delta), "" if initial is None else str(initial), max_entries, cull]
-        result = yield SCRIPT, _S["INCR"], (pfx + member, index, deadlines), argv
+        result = yield SCRIPT, _S["INCR"], (pfx + member, index, deadlines, listening), argv
         return int(result)
 
     def touch(self, ns, key, ttl):
-        pfx, index, deadlines = self.space(ns)
+        pfx, index, deadlines, listening = self.space(ns)
         member = key.encode("utf-8")
-        found = yield SCRIPT, _S["TOUCH"], (pfx + member, index, deadlines), [pfx, member, _ms(ttl)]
+        found = yield SCRIPT, _S["TOUCH"], (pfx + member, index, deadlines, listening), [pfx, member, _ms(ttl)]
         return bool(found)
 
     def persist(self, ns, key):
-        pfx, index, deadlines = self.space(ns)
+        pfx, index, deadlines, listening = self.space(ns)
         member = key.encode("utf-8")
-        found = yield SCRIPT, _S["PERSIST"], (pfx + member, index, deadlines), [pfx, member]
+        found = yield SCRIPT, _S["PERSIST"], (pfx + member, index, deadlines, listening), [pfx, member]
         return bool(found)
 
     def ttl(self, ns, key):
@@ -296,7 +298,7 @@ class RedisOps:
     def set_many(self, ns, items, ttl, bounds=None):
         if not items:
             return None
-        pfx, index, deadlines = self.space(ns)
+        pfx, index, deadlines, listening = self.space(ns)
         max_entries, cull = self._bounds(ns, bounds)
         argv: list = [pfx, _ms(ttl), max_entries, cull]
         encode = self.codec.encode
@@ -304,39 +306,44 @@ class RedisOps:
             member = items[i].encode("utf-8")
             argv.append(member)
             argv.append(encode(pfx + member, items[i + 1]))
-        yield SCRIPT, _S["SET_MANY"], (index, deadlines), argv
+        yield SCRIPT, _S["SET_MANY"], (index, deadlines, listening), argv
         return None
 
     def delete_many(self, ns, keys):
         if not keys:
             return 0
-        pfx, index, deadlines = self.space(ns)
-        count = yield SCRIPT, _S["DELETE_MANY"], (index, deadlines), [pfx, *[k.encode("utf-8") for k in keys]]
+        pfx, index, deadlines, listening = self.space(ns)
+        count = yield (
+            SCRIPT,
+            _S["DELETE_MANY"],
+            (index, deadlines, listening),
+            [pfx, *[k.encode("utf-8") for k in keys]],
+        )
         return int(count)
 
     def keys(self, ns, prefix):
-        pfx, index, deadlines = self.space(ns)
+        pfx, index, deadlines, _listening = self.space(ns)
         found = yield SCRIPT, _S["KEYS"], (index, deadlines), [pfx, prefix.encode("utf-8")]
         return _members(found)
 
     def clear(self, ns):
-        pfx, index, deadlines = self.space(ns)
+        pfx, index, deadlines, listening = self.space(ns)
         total = 0
         while True:
-            removed, more = yield SCRIPT, _S["CLEAR"], (index, deadlines), [pfx]
+            removed, more = yield SCRIPT, _S["CLEAR"], (index, deadlines, listening), [pfx]
             total += int(removed)
             if not more:
                 return total
 
     def count(self, ns):
-        pfx, index, deadlines = self.space(ns)
+        pfx, index, deadlines, _listening = self.space(ns)
         found = yield SCRIPT, _S["COUNT"], (index, deadlines), [pfx]
         return int(found)
 
     def _scan_step(self, ns, cursor, pattern, count, delete: bool):
-        pfx, index, deadlines = self.space(ns)
+        pfx, index, deadlines, listening = self.space(ns)
         argv = [pfx, str(cursor), pattern.encode("utf-8"), str(count), "1" if delete else "0"]
-        cursor, found = yield SCRIPT, _S["SCAN"], (index, deadlines), argv
+        cursor, found = yield SCRIPT, _S["SCAN"], (index, deadlines, listening), argv
         return int(cursor), found
 
     def scan(self, ns, cursor, pattern, count):
@@ -493,7 +500,7 @@ class RedisOps:
     # -- what this engine refuses ------------------------------------------------------------------
 
     def _no_listen(self, *args):
-        raise Unsupported(LISTEN_REFUSED)
+        raise Unsupported(LISTEN_ON_CHANNEL)
         yield  # pragma: no cover - a plan is a generator
 
     def _no_near(self, *args):

@@ -14,6 +14,11 @@ A namespace (the store, or one cache ``LOCATION``) is::
     {P|ns}#i        ZSET of the live keys (score 0: ordered by key), for
                     keys(prefix), clear(), scans and culling
     {P|ns}#x        ZSET key -> deadline (server ms) of the keys that expire
+    {P|ns}#l        present (PX 15 s, renewed) while a process listens to
+                    the namespace: then every write publishes its events
+    {P|ns}#e        the namespace's sharded pub/sub channel of listener
+                    events (SPUBLISH: on a Cluster it stays on the
+                    namespace's shard); see :mod:`.events`
 
 The value keys carry their own expiry (``PXAT``), so a read never sees an
 expired value; the two ZSETs are swept of keys past their deadline by every
@@ -38,6 +43,25 @@ from __future__ import annotations
 _NOW = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+"""
+
+# Listener events (see .events). The presence key (the last of KEYS, so that
+# it is declared and, with the namespace's hash tag, in the script's slot) is
+# set by every listening process: without it a write publishes nothing (one
+# EXISTS is its whole cost). An event is cmsgpack [code, member, value]:
+# code 1 set, 2 remove, 4 evict, 5 clear (no member). A value over 64 KiB is
+# left out (the listener reads the key instead). Expirations are not
+# published here: the server's keyspace notifications (expired, evicted)
+# tell them, including the ones this library's reaper's UNLINK triggers.
+_EVENTS = """
+local LKEY = KEYS[#KEYS]
+local LISTENING = redis.call('EXISTS', LKEY) == 1
+local ECHAN = string.sub(LKEY, 1, -3) .. '#e'
+local function emit(code, m, val)
+  if not LISTENING then return end
+  if val and #val > 65536 then val = nil end
+  redis.call('SPUBLISH', ECHAN, cmsgpack.pack({code, m, val}))
+end
 """
 
 # Sweep up to n keys past their deadline out of the index (KEYS[2]) and the
@@ -91,26 +115,27 @@ local function cull(max_entries, freq)
   local victims = redis.call('ZRANGE', KEYS[2], 0, count - 1)
   for _, m in ipairs(victims) do
     forget(m)
-    redis.call('UNLINK', ARGV[1] .. m)
+    if redis.call('UNLINK', ARGV[1] .. m) == 1 then emit(4, m) end
   end
   return #victims
 end
 """
 
-_HEAD = _NOW + _REAP + _PUT
+_HEAD = _NOW + _EVENTS + _REAP + _PUT
 
-# KEYS: v i x   ARGV: prefix member value ttl_ms max_entries cull
+# KEYS: v i x l   ARGV: prefix member value ttl_ms max_entries cull
 SET = (
     _HEAD
     + """
 reap(16)
 if redis.call('EXISTS', KEYS[1]) == 0 then cull(ARGV[5], ARGV[6]) end
 put(ARGV[2], ARGV[3], ARGV[4])
+emit(1, ARGV[2], ARGV[3])
 return 1
 """
 )
 
-# KEYS: v i x   ARGV: prefix member value ttl_ms max_entries cull  -> 1 stored, 0 present
+# KEYS: v i x l   ARGV: prefix member value ttl_ms max_entries cull  -> 1 stored, 0 present
 ADD = (
     _HEAD
     + """
@@ -119,38 +144,42 @@ if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if ARGV[4] ~= '' and tonumber(ARGV[4]) <= 0 then return 1 end
 cull(ARGV[5], ARGV[6])
 put(ARGV[2], ARGV[3], ARGV[4])
+emit(1, ARGV[2], ARGV[3])
 return 1
 """
 )
 
-# KEYS: v i x   ARGV: prefix member value ttl_ms  -> 1 replaced, 0 absent
+# KEYS: v i x l   ARGV: prefix member value ttl_ms  -> 1 replaced, 0 absent
 REPLACE = (
     _HEAD
     + """
 reap(16)
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 if ARGV[4] ~= '' and tonumber(ARGV[4]) <= 0 then
-  redis.call('UNLINK', KEYS[1]); forget(ARGV[2]); return 1
+  redis.call('UNLINK', KEYS[1]); forget(ARGV[2]); emit(2, ARGV[2]); return 1
 end
 put(ARGV[2], ARGV[3], ARGV[4])
+emit(1, ARGV[2], ARGV[3])
 return 1
 """
 )
 
-# KEYS: v i x   ARGV: prefix member  -> 1 existed
+# KEYS: v i x l   ARGV: prefix member  -> 1 existed
 REMOVE = (
     _HEAD
     + """
 reap(16)
 local n = redis.call('UNLINK', KEYS[1])
 forget(ARGV[2])
+if n == 1 then emit(2, ARGV[2]) end
 return n
 """
 )
 
-# KEYS: i x   ARGV: prefix member...  -> how many existed
+# KEYS: i x l   ARGV: prefix member...  -> how many existed
 DELETE_MANY = (
     _NOW
+    + _EVENTS
     + """
 KEYS[3] = KEYS[2]; KEYS[2] = KEYS[1]
 """
@@ -158,16 +187,19 @@ KEYS[3] = KEYS[2]; KEYS[2] = KEYS[1]
     + """
 local n = 0
 for j = 2, #ARGV do
-  n = n + redis.call('UNLINK', ARGV[1] .. ARGV[j])
+  local gone = redis.call('UNLINK', ARGV[1] .. ARGV[j])
+  n = n + gone
   forget(ARGV[j])
+  if gone == 1 then emit(2, ARGV[j]) end
 end
 return n
 """
 )
 
-# KEYS: i x   ARGV: prefix ttl_ms max_entries cull member value member value...
+# KEYS: i x l   ARGV: prefix ttl_ms max_entries cull member value member value...
 SET_MANY = (
     _NOW
+    + _EVENTS
     + """
 KEYS[3] = KEYS[2]; KEYS[2] = KEYS[1]
 """
@@ -177,18 +209,22 @@ KEYS[3] = KEYS[2]; KEYS[2] = KEYS[1]
 reap(16)
 local ttl = ARGV[2]
 if ttl ~= '' and tonumber(ttl) <= 0 then
-  for j = 5, #ARGV, 2 do redis.call('UNLINK', ARGV[1] .. ARGV[j]); forget(ARGV[j]) end
+  for j = 5, #ARGV, 2 do
+    if redis.call('UNLINK', ARGV[1] .. ARGV[j]) == 1 then emit(2, ARGV[j]) end
+    forget(ARGV[j])
+  end
   return 1
 end
 for j = 5, #ARGV, 2 do
   if redis.call('EXISTS', ARGV[1] .. ARGV[j]) == 0 then cull(ARGV[3], ARGV[4]) end
   put(ARGV[j], ARGV[j + 1], ttl)
+  emit(1, ARGV[j], ARGV[j + 1])
 end
 return 1
 """
 )
 
-# KEYS: v i x   ARGV: prefix member delta init(''=KeyNotFound) max_entries cull  -> the new value
+# KEYS: v i x l   ARGV: prefix member delta init(''=KeyNotFound) max_entries cull  -> the new value
 INCR = (
     _HEAD
     + """
@@ -205,11 +241,13 @@ if type(r) == 'table' and r.err then
   end
   return redis.error_reply('CSHM 9 the value of ' .. ARGV[2] .. ' is not an integer')
 end
+-- The stored digits, not tostring(r): Lua's numbers are doubles.
+if LISTENING then emit(1, ARGV[2], redis.call('GET', KEYS[1])) end
 return r
 """
 )
 
-# KEYS: v i x   ARGV: prefix member ttl_ms('' = no expiry)  -> 1 found
+# KEYS: v i x l   ARGV: prefix member ttl_ms('' = no expiry)  -> 1 found
 TOUCH = (
     _HEAD
     + """
@@ -218,7 +256,7 @@ local ttl = ARGV[3]
 if ttl == '' then
   redis.call('PERSIST', KEYS[1]); redis.call('ZREM', KEYS[3], ARGV[2])
 elseif tonumber(ttl) <= 0 then
-  redis.call('UNLINK', KEYS[1]); forget(ARGV[2])
+  redis.call('UNLINK', KEYS[1]); forget(ARGV[2]); emit(2, ARGV[2])
 else
   local dl = now + tonumber(ttl)
   redis.call('PEXPIREAT', KEYS[1], dl); redis.call('ZADD', KEYS[3], dl, ARGV[2])
@@ -227,14 +265,14 @@ return 1
 """
 )
 
-# KEYS: v i x   ARGV: prefix member  -> 1 if an expiry was removed
+# KEYS: v i x l   ARGV: prefix member  -> 1 if an expiry was removed
 PERSIST = (
     _HEAD
     + """
 local left = redis.call('PTTL', KEYS[1])
 if left == 0 then
   -- Under a millisecond left: expired, as a read a moment later would find it.
-  redis.call('UNLINK', KEYS[1]); forget(ARGV[2]); return 0
+  redis.call('UNLINK', KEYS[1]); forget(ARGV[2]); emit(3, ARGV[2]); return 0
 end
 if redis.call('PERSIST', KEYS[1]) == 0 then return 0 end
 redis.call('ZREM', KEYS[3], ARGV[2])
@@ -256,11 +294,12 @@ return redis.call('ZRANGEBYLEX', KEYS[2], '[' .. ARGV[2], '[' .. ARGV[2] .. '\\2
 """
 )
 
-# KEYS: i x   ARGV: prefix  -> how many keys were removed; -1: more to remove
+# KEYS: i x l   ARGV: prefix  -> how many keys were removed; -1: more to remove
 # (1,000 keys a call: a huge namespace is cleared in steps, so that no call
 # runs into busy-reply-threshold and blocks the server).
 CLEAR = (
     _NOW
+    + _EVENTS
     + """
 KEYS[3] = KEYS[2]; KEYS[2] = KEYS[1]
 """
@@ -274,13 +313,15 @@ for _, m in ipairs(batch) do
 end
 if redis.call('ZCARD', KEYS[2]) > 0 then return {#batch, 1} end
 redis.call('UNLINK', KEYS[3])
+emit(5)  -- once, when the namespace is empty
 return {#batch, 0}
 """
 )
 
-# KEYS: i x   ARGV: prefix cursor pattern count delete(0/1)  -> [cursor, keys or count]
+# KEYS: i x l   ARGV: prefix cursor pattern count delete(0/1)  -> [cursor, keys or count]
 SCAN = (
     _NOW
+    + _EVENTS
     + """
 KEYS[3] = KEYS[2]; KEYS[2] = KEYS[1]
 """
@@ -293,7 +334,7 @@ local items = r[2]
 for j = 1, #items, 2 do
   local m = items[j]
   if redis.call('EXISTS', ARGV[1] .. m) == 1 then
-    if ARGV[5] == '1' then redis.call('UNLINK', ARGV[1] .. m); forget(m) end
+    if ARGV[5] == '1' then redis.call('UNLINK', ARGV[1] .. m); forget(m); emit(2, m) end
     found[#found + 1] = m
   else
     forget(m)

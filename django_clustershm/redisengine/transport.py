@@ -21,50 +21,17 @@ from typing import Any
 
 from ..client.transport import Transport
 from ..exceptions import (
-    AuthenticationFailed,
     ClusterShmError,
-    ManagerUnavailable,
-    RemoteError,
-    StoreFull,
-    Unsupported,
-    error_from_code,
 )
 from ..wire import frames as F
 from ..wire.limits import Limits
 from .config import EngineConfig
-from .ops import BLOCK, CMD, DROP, HOLD, KEYSCAN, LISTEN_REFUSED, NEAR_CACHE_REFUSED, SCRIPT, SLEEP, RedisOps
+from .errors import translate
+from .ops import BLOCK, CMD, DROP, HOLD, KEYSCAN, NEAR_CACHE_REFUSED, SCRIPT, SLEEP, RedisOps
 from .values import Codec, derive_key
 from .watchdog import Watchdog
 
 logger = logging.getLogger("django_clustershm")
-
-_NOT_REACHABLE = "the Redis engine at {where} cannot be reached: {error}"
-
-
-def translate(exc: Exception, where: str) -> ClusterShmError:
-    """One place that turns redis-py's errors into the library's tree."""
-    import redis.exceptions as E
-
-    if isinstance(exc, ClusterShmError):
-        return exc
-    message = str(exc)
-    if isinstance(exc, E.ResponseError):
-        if message.startswith("CSHM "):
-            code, _, text = message[5:].partition(" ")
-            text = text.split(" script: ", 1)[0]
-            return error_from_code(int(code), text)
-        if message.startswith("OOM"):
-            return StoreFull(f"the Redis engine at {where} is full (maxmemory): {message}")
-        if isinstance(exc, (E.ReadOnlyError, E.BusyLoadingError, E.TryAgainError, E.ClusterDownError)):
-            return ManagerUnavailable(_NOT_REACHABLE.format(where=where, error=message))
-        if isinstance(exc, E.NoPermissionError) or message.startswith(("NOPERM", "WRONGPASS", "NOAUTH")):
-            return AuthenticationFailed(f"the Redis engine at {where} refused: {message}")
-        return RemoteError(f"the Redis engine at {where} answered an error: {message}")
-    if isinstance(exc, (E.AuthenticationError, E.AuthorizationError)):
-        return AuthenticationFailed(f"the Redis engine at {where} refused the credentials: {message}")
-    if isinstance(exc, (E.ConnectionError, E.TimeoutError, E.ClusterError, OSError)):
-        return ManagerUnavailable(_NOT_REACHABLE.format(where=where, error=message or type(exc).__name__))
-    return RemoteError(f"the Redis engine at {where}: {type(exc).__name__}: {message}")
 
 
 def signing_key(config: EngineConfig, secret: str | bytes | None) -> bytes | None:
@@ -84,8 +51,10 @@ class RedisTransport(Transport):
 
     name = "redis"
     remote = True
-    #: listen() and NEAR_CACHE are refused with this engine, in one sentence each (issue #16).
-    refuses = {"listen": LISTEN_REFUSED, "near_cache": NEAR_CACHE_REFUSED}
+    #: NEAR_CACHE is refused with this engine, in one sentence (issue #16, part 2).
+    refuses = {"near_cache": NEAR_CACHE_REFUSED}
+    #: Set once the server refused to turn keyspace notifications on (logged once).
+    notify_refused = False
 
     def __init__(
         self, config: EngineConfig, *, timeout: float, limits: Limits, secret: str | bytes | None = None
@@ -102,6 +71,7 @@ class RedisTransport(Transport):
         self._mutex = threading.Lock()
         self.watchdog = Watchdog(self)
         self._aio: AsyncRedisTransport | None = None
+        self._channels: weakref.WeakSet = weakref.WeakSet()
         #: Requests this process made (stats()["ops"] on this engine: the
         #: server's own figures are in stats()["server"]).
         self.requests = 0
@@ -185,12 +155,23 @@ class RedisTransport(Transport):
         return self.run(self.ops.plan(op, args))
 
     def open_channel(self):
-        raise Unsupported(NEAR_CACHE_REFUSED)
+        """A listener channel (:mod:`.events`). Only the listener dispatcher
+        opens one: the near cache, whose Tracker would open the other kind,
+        is refused before (Client.enable_near_cache checks ``refuses``), and
+        a channel answers its requests with Unsupported anyway."""
+        from .events import RedisEventChannel
+
+        channel = RedisEventChannel(self)
+        self._channels.add(channel)
+        return channel
 
     def after_fork(self) -> None:
         # redis-py's pools notice the new pid themselves; the parent's locks
         # are the parent's: the child's watchdog renews none of them.
         self._mutex = threading.Lock()
+        for channel in list(self._channels):
+            channel.forget()  # the parent's pub/sub connections: closed here, untouched there
+        self._channels = weakref.WeakSet()
         self.watchdog.after_fork()
         if self._aio is not None:
             self._aio.after_fork()

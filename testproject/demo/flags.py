@@ -10,9 +10,6 @@ import django_clustershm as clustershm
 
 PREFIX = "flags:"
 FLAGS: dict = {}
-#: Whether a listener keeps FLAGS current. Not on an engine without listeners
-#: (the Redis engine, until #16): each read then asks the engine.
-_LIVE = True
 
 
 def _on_change(key, value, event):
@@ -35,26 +32,18 @@ def _load() -> None:
 def start() -> None:
     """Called from AppConfig.ready(): subscribe first, then load, so no change is missed;
     load again whenever the subscription is made anew (in each forked worker, after a
-    reconnection), since changes in between may have been missed."""
-    global _LIVE
-    try:
-        clustershm.listen(prefix=PREFIX, callback=_on_change, on_resync=_load)
-    except clustershm.Unsupported:
-        _LIVE = False  # read through to the engine instead
-        return
+    reconnection), since changes in between may have been missed. Every engine has
+    listeners (the Redis engine since #16): no read-through fallback is needed."""
+    clustershm.listen(prefix=PREFIX, callback=_on_change, on_resync=_load)
     _load()
 
 
 def is_enabled(name: str) -> bool:
-    if not _LIVE:
-        return bool(clustershm.get(PREFIX + name))
     return bool(FLAGS.get(name))
 
 
 def current() -> dict:
-    """Every flag: the local copy, or (without listeners) what the engine holds now."""
-    if not _LIVE:
-        return {k[len(PREFIX) :]: v for k, v in clustershm.get_many(clustershm.keys(PREFIX)).items()}
+    """Every flag: the local copy."""
     return dict(FLAGS)
 
 
