@@ -371,7 +371,7 @@ def test_a_sigkilled_process_holding_an_async_lock_frees_it_for_another(cluster)
 # -- listeners with coroutine callbacks ------------------------------------------------------
 
 
-def test_a_coroutine_listener_runs_on_its_loop_in_order_for_writes_of_another_process(cluster):
+def test_a_coroutine_listener_runs_on_its_loop_in_order_for_writes_of_another_process(shared):
     async def main():
         loop = asyncio.get_running_loop()
         seen = []
