@@ -371,3 +371,18 @@ def test_locks_work_again_after_a_primary_failover(kind, request, settings):
         if current is not None:
             current.transport.shutdown()
         registry.reset()
+
+
+def test_clustershm_stats_reports_the_remote_engine(remote):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    clustershm.set("a", 1)
+    with clustershm.mutex("held-now"):
+        out = StringIO()
+        call_command("clustershm_stats", stdout=out, stderr=StringIO())
+    text = out.getvalue()
+    assert "engine at" in text and "store: 1 keys" in text, text
+    assert "locks: 1 held" in text and "held-now" in text, text
+    assert "lock freed when holder dies: within one lease" in text, text

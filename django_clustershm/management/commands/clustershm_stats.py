@@ -40,6 +40,9 @@ class Command(BaseCommand):
             self.stdout.write(json.dumps(stats, indent=2, sort_keys=True))
             return
         out = self.stdout.write
+        if "manager_pid" not in stats:  # a remote engine (Redis, Valkey): its own figures
+            self._remote(stats)
+            return
         store = stats["store"]
         out(
             f"Manager pid {stats['manager_pid']}, up {stats['uptime']:.0f}s, "
@@ -79,3 +82,21 @@ class Command(BaseCommand):
         out(f"clients: {len(stats['clients'])}")
         for c in stats["clients"]:
             out(f"  pid {c['pid']}: {c['ops']} ops")
+
+    def _remote(self, stats: dict) -> None:
+        out = self.stdout.write
+        server = stats.get("server", {})
+        locks = stats.get("locks", {})
+        out(f"{stats['engine']} engine at {stats['address']} (key prefix {stats['key_prefix']!r})")
+        out(
+            f"server: version {server.get('version')}, {server.get('used_memory')} bytes used "
+            f"(maxmemory {server.get('maxmemory')}, {server.get('maxmemory_policy')}), "
+            f"{server.get('ops_per_second')} ops/s, {server.get('connected_clients')} clients"
+        )
+        out(f"store: {stats['store']['keys']} keys")
+        out(f"locks: {locks.get('held_count', 0)} held, {locks.get('waiting', 0)} waiting")
+        for held in locks.get("held", []):
+            out(f"  {held['key']}")
+        out("guarantees:")
+        for name, value in stats.get("capabilities", {}).items():
+            out(f"  {name.replace('_', ' ')}: {value}")
