@@ -147,12 +147,10 @@ def configure(address: str | None, secret: bytes | None = None, *, listeners: bo
     handles = list(adopt) + (old.shutdown() if old is not None else [])
     if old is not None:
         old.close()
-        shutdown = getattr(old.transport, "shutdown", None)
-        if shutdown is not None:  # a remote engine's client: its pools and its watchdog go with it
-            shutdown()
+        old.transport.shutdown()  # a remote engine's pools and watchdog go with it
     if listeners and handles:
         new = get_client()
-        refused = getattr(new.transport, "refuses", {}).get("listen")
+        refused = new.transport.refuses.get("listen")
         if refused:
             logger.warning("django-clustershm: %d listener(s) dropped: %s", len(handles), refused)
             return

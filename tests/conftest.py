@@ -59,7 +59,7 @@ def remote(request):
 
 def _shut_remote() -> None:
     current = registry.current()
-    if current is not None and hasattr(current.transport, "shutdown"):
+    if current is not None:
         current.transport.shutdown()
     registry.reset()
 

@@ -329,6 +329,20 @@ def _die_with_parent() -> None:
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG
 
 
+def _roles(nodes) -> list[NodeInfo]:
+    """Each node with its role as it is now (asked with ROLE; "down" if it does not answer)."""
+    out = []
+    for node in nodes:
+        role = "down"
+        if node.alive():
+            try:
+                role = {"master": "primary", "slave": "replica"}.get(command(node.port, "ROLE")[0], "down")
+            except (OSError, ReplyError):
+                pass
+        out.append(NodeInfo(node.port, node.pid, role))
+    return out
+
+
 def gone(pid: int) -> bool:
     """True if no process ``pid`` exists (a zombie counts as existing: it was not reaped)."""
     try:
@@ -573,16 +587,7 @@ class RedisCluster(_Group):
     @property
     def nodes(self) -> list[NodeInfo]:
         """Every node, with its role as it is now (asked with ROLE)."""
-        out = []
-        for node in self._nodes:
-            role = "down"
-            if node.alive():
-                try:
-                    role = {"master": "primary", "slave": "replica"}.get(command(node.port, "ROLE")[0], "down")
-                except (OSError, ReplyError):
-                    pass
-            out.append(NodeInfo(node.port, node.pid, role))
-        return out
+        return _roles(self._nodes)
 
     @property
     def ports(self) -> list[int]:
@@ -757,16 +762,7 @@ class RedisSentinel(_Group):
     @property
     def nodes(self) -> list[NodeInfo]:
         """The two data nodes, with their roles as they are now."""
-        out = []
-        for node in self._servers:
-            role = "down"
-            if node.alive():
-                try:
-                    role = {"master": "primary", "slave": "replica"}.get(command(node.port, "ROLE")[0], "down")
-                except (OSError, ReplyError):
-                    pass
-            out.append(NodeInfo(node.port, node.pid, role))
-        return out
+        return _roles(self._servers)
 
     def primary_address(self) -> tuple[str, int]:
         """The primary's address as a Sentinel reports it (the first that answers)."""

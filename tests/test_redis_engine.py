@@ -239,7 +239,9 @@ def test_async_waiters_are_fifo_on_redis(remote):
         tasks = []
         for i in range(20):
             tasks.append(asyncio.ensure_future(waiter(i)))
-            while lock_waiters("afifo") < i + 1:
+            deadline = time.monotonic() + 10
+            while lock_waiters("afifo") < i + 1:  # queued, in this order (a condition with a deadline)
+                assert time.monotonic() < deadline, f"waiter {i} never queued"
                 await asyncio.sleep(0.005)
         await holder.release()
         await asyncio.gather(*tasks)

@@ -44,7 +44,7 @@ from ..wire.limits import DEFAULT_CACHE_BYTES, DEFAULT_CULL_FREQUENCY, DEFAULT_M
 from .dispatcher import Dispatcher, Handle
 from .near import NearCache, Tracker
 from .serializer import Serializer
-from .transport import LOCAL_CAPABILITIES, USE_DEFAULT, Transport
+from .transport import USE_DEFAULT, Transport
 
 if TYPE_CHECKING:
     from .aio import AsyncClient
@@ -333,7 +333,7 @@ class Keyspace:
         of every key starting with ``prefix``) of this namespace; see
         :func:`django_clustershm.listen`. A coroutine function runs on ``loop``
         (default: the running loop), one event after another."""
-        refused = getattr(self._client.transport, "refuses", {}).get("listen")
+        refused = self._client.transport.refuses.get("listen")
         if refused:
             raise Unsupported(refused)
         if (key is None) == (prefix is None):
@@ -484,7 +484,7 @@ class Client(Keyspace):
         engine is in this process already)."""
         if not self.transport.remote:
             return None
-        refused = getattr(self.transport, "refuses", {}).get("near_cache")
+        refused = self.transport.refuses.get("near_cache")
         if refused:
             raise Unsupported(refused)
         near = self._near.get(ns)
@@ -527,7 +527,7 @@ class Client(Keyspace):
         if type(token) is not bytes or len(token) != A.TOKEN_SIZE:
             A.token(token)  # raises, naming the argument
         handed_over = self.transport.call(F.LOCK_RELEASE, [self._key(key), token])
-        if handed_over and self.transport.name == "socket":
+        if handed_over and self.transport.yields_on_handoff:
             # The next holder was just woken, most likely onto this CPU's run
             # queue (it slept in recv() here): let it run now rather than when
             # this thread next blocks. Go's sync.Mutex does the same on a
@@ -573,7 +573,7 @@ class Client(Keyspace):
         """What the engine behind this client guarantees, said out loud: how soon
         a dead holder's lock is free, whether listeners hear a write before it
         returns, how strict the near cache is... (the README has the table)."""
-        return dict(getattr(self.transport, "capabilities", None) or LOCAL_CAPABILITIES)
+        return dict(self.transport.capabilities)
 
     def ping(self) -> bool:
         return self.transport.call(F.PING, []) == "pong"

@@ -287,6 +287,7 @@ class SocketTransport(Transport):
 
     name = "socket"
     remote = True
+    yields_on_handoff = True
 
     def __init__(
         self, address: str, secret: bytes, *, timeout: float = DEFAULT_TIMEOUT, spin: float = DEFAULT_SPIN

@@ -130,6 +130,13 @@ class Transport(ABC):
     remote: bool = False
     #: Seconds a call waits for its reply by default.
     timeout: float = DEFAULT_TIMEOUT
+    #: What this engine guarantees (the Redis engine declares its own).
+    capabilities: dict = LOCAL_CAPABILITIES
+    #: Features this engine refuses: {"listen" or "near_cache": the one-sentence reason}.
+    refuses: dict = {}
+    #: Whether a release that hands a lock over should yield the CPU to the woken
+    #: waiter (the socket transport: the waiter sleeps in recv() on this host).
+    yields_on_handoff = False
 
     @property
     @abstractmethod
@@ -152,6 +159,10 @@ class Transport(ABC):
     def close(self) -> None:  # noqa: B027 - optional: not every transport holds anything per thread
         """Release what the calling thread holds (its connection or session);
         the transport stays usable."""
+
+    def shutdown(self) -> None:  # noqa: B027 - optional: only a transport with process-wide resources
+        """Release what the whole process holds through this transport (pools,
+        threads): the client is being dropped."""
 
 
 class Channel(ABC):

@@ -61,6 +61,9 @@ from ..exceptions import BadSignature, ManagerUnavailable, Unsupported
 from ..wire import frames as F
 from .errors import translate
 
+#: The most pub/sub messages one receive() reads from a connection.
+DRAIN_BATCH = 1024
+
 logger = logging.getLogger("django_clustershm.listen")
 
 #: How long a namespace's presence key lives without renewal (ms), and how often it is renewed (s).
@@ -290,7 +293,11 @@ class RedisEventChannel(Channel):
         try:
             for node in list(self._nodes.values()):
                 conn = node.conn
-                while True:
+                # At most a batch a call: a flood of events is dispatched as it
+                # comes, not first gathered here (what waits stays in the socket,
+                # and past Redis's pub/sub output limit the server cuts us off,
+                # which resubscribes and calls on_resync).
+                for _ in range(DRAIN_BATCH):
                     if conn._sock is None:  # can_read() would reconnect: subscriptions lost
                         raise ManagerUnavailable(f"the listener connection to {node.name} was closed")
                     if not conn.can_read(0):

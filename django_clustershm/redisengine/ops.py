@@ -407,12 +407,12 @@ class RedisOps:
         base = ("{" + self._prefix + ":lock:" + key + "}").encode("utf-8")
         return base, (base + b":h", base + b":q", base + b":w", base + b":f")
 
-    def lock_acquire(self, key, lease, wait, token=None):
+    def lock_acquire(self, key, lease, wait):
         """A FIFO wait: queued on the server; a release hands the lock straight
         to the first live waiter and posts the fence to its mailbox, on which
         it blocks (BLPOP); it asks again (which keeps its place) at least every
         third of LOCK_HEARTBEAT, and when the holder's lease ends."""
-        token = token or os.urandom(16)
+        token = os.urandom(16)
         base, keys = self._lock_keys(key)
         lease_ms = self._lease_ms if lease is None else max(1, math.ceil(lease * 1000))
         if wait is None:

@@ -19,17 +19,18 @@ import time
 import weakref
 from typing import Any
 
+# Imported only once the redis extra is known to be there (redisengine.make_transport).
+import redis.exceptions as E
+
 from ..client.transport import Transport
-from ..exceptions import (
-    ClusterShmError,
-)
+from ..exceptions import ClusterShmError
 from ..wire import frames as F
 from ..wire.limits import Limits
 from .config import EngineConfig
 from .errors import translate
 from .ops import BLOCK, CMD, DROP, HOLD, KEYSCAN, NEAR_CACHE_REFUSED, SCRIPT, SLEEP, RedisOps
 from .values import Codec, derive_key
-from .watchdog import Watchdog
+from .watchdog import Watchdog, beat_if_registered
 
 logger = logging.getLogger("django_clustershm")
 
@@ -104,8 +105,6 @@ class RedisTransport(Transport):
         if kind == SCRIPT:
             return self.eval(r, step[1], step[2], step[3])
         if kind == BLOCK:
-            from .watchdog import beat_if_registered
-
             beat_if_registered()
             return r.execute_command("BLPOP", step[1], step[2])
         if kind == HOLD:
@@ -123,8 +122,6 @@ class RedisTransport(Transport):
 
     @staticmethod
     def eval(r, script, keys, argv):
-        import redis.exceptions as E
-
         try:
             return r.execute_command("EVALSHA", script.sha, len(keys), *keys, *argv)
         except E.NoScriptError:
@@ -249,16 +246,12 @@ class AsyncRedisTransport:
             return await r.execute_command(*step[1])
         if kind == SCRIPT:
             r = await self._client()
-            import redis.exceptions as E
-
             script, keys, argv = step[1], step[2], step[3]
             try:
                 return await r.execute_command("EVALSHA", script.sha, len(keys), *keys, *argv)
             except E.NoScriptError:
                 return await r.execute_command("EVAL", script.source, len(keys), *keys, *argv)
         if kind == BLOCK:
-            from .watchdog import beat_if_registered
-
             beat_if_registered()
             r = await self._client()
             return await r.execute_command("BLPOP", step[1], step[2])
