@@ -45,6 +45,7 @@ from typing import Any
 
 from .client.socket import DEFAULT_SPIN
 from .client.transport import DEFAULT_TIMEOUT
+from .exceptions import InvalidArgument
 from .server.snapshot import SnapshotConfig, config_from_settings
 from .wire.limits import DEFAULT_MAX_CACHE_BYTES, DEFAULT_MAX_KEY, DEFAULT_MAX_VALUE, Limits
 
@@ -101,13 +102,29 @@ def engine_options(conf: dict[str, Any] | None = None) -> dict[str, Any]:
     }
 
 
-def near_options(options) -> tuple[int, int] | None:
-    """(max_entries, max_bytes) from a NEAR_CACHE setting, or None if off."""
+#: NEAR_CACHE["CONSISTENCY"]: how far a copy may lag another process's write
+#: (the local engine is always strict; the Redis engine is eventual by default).
+NEAR_CONSISTENCIES = ("eventual", "strict")
+
+
+def near_options(options) -> tuple[int, int, str | None] | None:
+    """(max_entries, max_bytes, consistency) from a NEAR_CACHE setting, or None if off."""
     if not options:
         return None
+    if not isinstance(options, dict):
+        raise InvalidArgument(f"NEAR_CACHE is a dict (MAX_ENTRIES, MAX_BYTES, CONSISTENCY), not {options!r}")
+    unknown = set(options) - {"MAX_ENTRIES", "MAX_BYTES", "CONSISTENCY"}
+    if unknown:
+        raise InvalidArgument(
+            f"unknown NEAR_CACHE option(s) {sorted(unknown)}: MAX_ENTRIES, MAX_BYTES and CONSISTENCY are known"
+        )
+    consistency = options.get("CONSISTENCY")
+    if consistency is not None and consistency not in NEAR_CONSISTENCIES:
+        raise InvalidArgument(f"NEAR_CACHE CONSISTENCY is 'eventual' or 'strict', not {consistency!r}")
     return (
         int(options.get("MAX_ENTRIES", NEAR_CACHE_DEFAULTS["MAX_ENTRIES"])),
         int(options.get("MAX_BYTES", NEAR_CACHE_DEFAULTS["MAX_BYTES"])),
+        consistency,
     )
 
 

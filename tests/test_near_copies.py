@@ -24,7 +24,7 @@ class Clock:
 
 class StandInTracker:
     """What NearCache uses of its Tracker: ``lock``, ``drain()``, ``session_id()``,
-    ``sid``, ``seq`` and ``transport.call``.
+    ``sid``, ``seq`` and ``fetch``/``fetch_many`` (the Manager's TRACK_GET calls).
 
     ``replies`` are what the Manager answers, in order; ``on_call`` runs during
     a call (the round trip: move the clock, or have a push arrive, which the
@@ -39,12 +39,17 @@ class StandInTracker:
         self.calls: list = []
         self.pushes: list = []  # (cache, key, data or None for an invalidation)
         self.on_call = None
-        self.transport = self
 
     def session_id(self):
         return self.sid
 
-    def drain(self) -> bool:
+    def fetch(self, ns, key, sid):
+        return self.call(P.TRACK_GET, [ns, key, sid])
+
+    def fetch_many(self, ns, keys, sid):
+        return self.call(P.TRACK_GET_MANY, [ns, keys, sid])
+
+    def drain(self, ns=None) -> bool:
         assert self.lock.locked()  # always called under the tracker's lock
         for cache, key, data in self.pushes:
             self.seq += 1

@@ -458,7 +458,7 @@ class Client(Keyspace):
         max_entries: int = DEFAULT_MAX_ENTRIES,
         cull_frequency: int = DEFAULT_CULL_FREQUENCY,
         max_bytes: int = DEFAULT_CACHE_BYTES,
-        near_cache: tuple[int, int] | None = None,
+        near_cache: tuple[int, int] | tuple[int, int, str | None] | None = None,
         serializer: Serializer | None = None,
     ) -> Keyspace:
         """The named LRU cache ``name`` (what a Django cache LOCATION names), with
@@ -477,24 +477,37 @@ class Client(Keyspace):
     # -- near caches (see .near) ----------------------------------------------------------------
 
     def enable_near_cache(
-        self, ns: str = "", max_entries: int = 10_000, max_bytes: int = 16 * 2**20
+        self, ns: str = "", max_entries: int = 10_000, max_bytes: int = 16 * 2**20, consistency: str | None = None
     ) -> NearCache | None:
         """Answer reads of namespace ``ns`` from a consistent process-local copy.
         Only over a transport to another process (None otherwise: an embedded
-        engine is in this process already)."""
+        engine is in this process already). ``consistency``: "strict" or
+        "eventual" (None: the engine's default; the local engine is always
+        strict, see ``capabilities()["near_cache"]``)."""
         if not self.transport.remote:
             return None
         refused = self.transport.refuses.get("near_cache")
         if refused:
             raise Unsupported(refused)
+        refused = self.transport.refuses.get(f"near_cache_{consistency}")
+        if refused:
+            raise Unsupported(refused)
         near = self._near.get(ns)
         if near is None:
             if self._tracker is None:
-                self._tracker = Tracker(self.transport)
+                self._tracker = self.transport.make_tracker() or Tracker(self.transport)
             near = self._tracker.near_cache(ns, max_entries, max_bytes)
             self._near = {**self._near, ns: near}
             if ns == "":
                 self._near_cache = near  # the store's reads (this client's own methods)
+            logger.info(
+                "django-clustershm: near cache for %s (%d entries, %d bytes) in process %d: %s",
+                repr(ns) if ns else "the store",
+                max_entries,
+                max_bytes,
+                os.getpid(),
+                self.transport.capabilities["near_cache"],
+            )
         return near
 
     def near_stats(self) -> dict:

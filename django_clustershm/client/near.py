@@ -204,7 +204,7 @@ class NearCache:
         if data is not None:
             return data
         sid, sent_at = self.tracker.session_id(), self.clock()
-        return self._remember(key, sid, sent_at, *self.tracker.transport.call(P.TRACK_GET, [self.ns, key, sid]))
+        return self._remember(key, sid, sent_at, *self.tracker.fetch(self.ns, key, sid))
 
     async def aget(self, key: str, acall) -> Any:
         """:meth:`get` for the asyncio client: a miss is read with ``await acall(...)``.
@@ -216,12 +216,12 @@ class NearCache:
         if data is not None:
             return data
         sid, sent_at = self.tracker.session_id(), self.clock()
-        return self._remember(key, sid, sent_at, *await acall(P.TRACK_GET, [self.ns, key, sid]))
+        return self._remember(key, sid, sent_at, *await self.tracker.afetch(acall, self.ns, key, sid))
 
     def _local(self, key: str):
         tracker = self.tracker
         with tracker.lock:
-            live = tracker.drain()
+            live = tracker.drain(self.ns)
             if live:
                 data = self._lookup(key)
                 if data is not None:
@@ -245,7 +245,7 @@ class NearCache:
         if not missing:
             return found
         sid, sent_at = self.tracker.session_id(), self.clock()
-        reply = self.tracker.transport.call(P.TRACK_GET_MANY, [self.ns, missing, sid])
+        reply = self.tracker.fetch_many(self.ns, missing, sid)
         return self._remember_many(found, sid, sent_at, *reply)
 
     async def aget_many(self, keys: list, acall) -> dict:
@@ -254,7 +254,7 @@ class NearCache:
         if not missing:
             return found
         sid, sent_at = self.tracker.session_id(), self.clock()
-        reply = await acall(P.TRACK_GET_MANY, [self.ns, missing, sid])
+        reply = await self.tracker.afetch_many(acall, self.ns, missing, sid)
         return self._remember_many(found, sid, sent_at, *reply)
 
     def _local_many(self, keys: list) -> tuple[dict, list]:
@@ -262,7 +262,7 @@ class NearCache:
         found = {}
         missing = []
         with tracker.lock:
-            live = tracker.drain()
+            live = tracker.drain(self.ns)
             for key in keys:
                 data = self._lookup(key) if live else None
                 if data is None:
@@ -318,11 +318,30 @@ class Tracker:
             raise
         self.channel, self.sid, self.seq = channel, body[0], 0
 
-    def drain(self) -> bool:
+    # -- how misses travel (the Redis engine's tracker reads them on its tracking connection) --
+
+    def fetch(self, ns: str, key: str, sid) -> tuple:
+        """A tracked read: ``(data, ttl, seq, tracked)``; the fill is kept
+        only if ``seq`` is still the tracker's once the pushes before it are applied."""
+        return self.transport.call(P.TRACK_GET, [ns, key, sid])
+
+    def fetch_many(self, ns: str, keys: list, sid) -> tuple:
+        """Tracked reads of several keys: ``({key: (data, ttl)}, seq, tracked)``."""
+        return self.transport.call(P.TRACK_GET_MANY, [ns, keys, sid])
+
+    async def afetch(self, acall, ns: str, key: str, sid) -> tuple:
+        """:meth:`fetch` from the asyncio client (``acall``: its transport's call)."""
+        return await acall(P.TRACK_GET, [ns, key, sid])
+
+    async def afetch_many(self, acall, ns: str, keys: list, sid) -> tuple:
+        return await acall(P.TRACK_GET_MANY, [ns, keys, sid])
+
+    def drain(self, ns: str | None = None) -> bool:
         """Apply every push (update, invalidation) already received, without blocking.
 
         False when there is no live channel (never connected, or just lost):
-        the near caches are then empty and must not answer.
+        the near caches are then empty and must not answer. (``ns``: the
+        namespace about to be read; one channel serves them all here.)
         """
         channel = self.channel
         if channel is None:

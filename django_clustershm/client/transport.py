@@ -156,6 +156,12 @@ class Transport(ABC):
         """In a forked child: drop (never use) what belongs to the parent, renew
         every lock another thread may have held at the fork. Never blocks."""
 
+    def make_tracker(self) -> Any:
+        """The near caches' tracker of this process, if this engine keeps them
+        its own way (the Redis engine: RESP3 tracking); None: the Manager's
+        protocol (:class:`.near.Tracker` over :meth:`open_channel`)."""
+        return None
+
     def close(self) -> None:  # noqa: B027 - optional: not every transport holds anything per thread
         """Release what the calling thread holds (its connection or session);
         the transport stays usable."""

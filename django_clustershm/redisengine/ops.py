@@ -37,12 +37,17 @@ from . import scripts as S
 from .config import EngineConfig
 from .values import Codec
 
+#: What the near cache guarantees on this engine (the .near module says how).
+NEAR_CONSISTENCY = (
+    "eventual: read-your-writes in the process; another process's write reaches this process's copies within "
+    "the push delay (not before the writer's call returns); a lost tracking connection empties the near cache"
+)
+
 CMD, SCRIPT, BLOCK, HOLD, DROP, KEYSCAN, SLEEP = range(7)
 
 LISTEN_ON_CHANNEL = "LISTEN and UNLISTEN travel on a listener channel (RedisTransport.open_channel), not as calls"
-NEAR_CACHE_REFUSED = (
-    "NEAR_CACHE is not available on the Redis engine yet: a near cache on Redis or Valkey comes with the issue "
-    '"Listeners and the near cache on Redis or Valkey" (#16); remove NEAR_CACHE, or use ENGINE "local"'
+TRACK_ON_CONNECTION = (
+    "TRACKER and TRACK_GET travel on the near cache's tracking connection (redisengine.near), not as calls"
 )
 
 
@@ -125,7 +130,7 @@ class Capabilities:
                 "its call returns; other processes hear within the push delay (not before the writer returns); "
                 "on_resync after every reconnection"
             ),
-            "near_cache": "not yet (issue #16)",
+            "near_cache": NEAR_CONSISTENCY,
             "multi_key_atomic": (
                 "set_many, delete_many: one step (one hash slot per namespace); clear: in steps of 1,000 keys"
             ),
@@ -504,7 +509,7 @@ class RedisOps:
         yield  # pragma: no cover - a plan is a generator
 
     def _no_near(self, *args):
-        raise Unsupported(NEAR_CACHE_REFUSED)
+        raise Unsupported(TRACK_ON_CONNECTION)
         yield  # pragma: no cover
 
 

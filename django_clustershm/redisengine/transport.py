@@ -28,7 +28,8 @@ from ..wire import frames as F
 from ..wire.limits import Limits
 from .config import EngineConfig
 from .errors import translate
-from .ops import BLOCK, CMD, DROP, HOLD, KEYSCAN, NEAR_CACHE_REFUSED, SCRIPT, SLEEP, RedisOps
+from .near import RedisTracker, written
+from .ops import BLOCK, CMD, DROP, HOLD, KEYSCAN, SCRIPT, SLEEP, RedisOps
 from .values import Codec, derive_key
 from .watchdog import Watchdog, beat_if_registered
 
@@ -52,8 +53,14 @@ class RedisTransport(Transport):
 
     name = "redis"
     remote = True
-    #: NEAR_CACHE is refused with this engine, in one sentence (issue #16, part 2).
-    refuses = {"near_cache": NEAR_CACHE_REFUSED}
+    #: The near caches' tracker (.near): made by the first NEAR_CACHE.
+    tracker: RedisTracker | None = None
+    refuses = {
+        "near_cache_strict": (
+            "NEAR_CACHE CONSISTENCY 'strict' is not available on the Redis engine yet (acknowledged invalidations, "
+            "issue #16): use 'eventual' (the default here), or ENGINE 'local'"
+        )
+    }
     #: Set once the server refused to turn keyspace notifications on (logged once).
     notify_refused = False
 
@@ -149,13 +156,28 @@ class RedisTransport(Transport):
 
     def call(self, op: int, args: list, timeout: Any = None) -> Any:
         self.requests += 1
+        tracker = self.tracker
+        if tracker is not None:
+            target = written(op, args)
+            if target is not None:
+                tracker.own_write(*target)
+                try:
+                    return self.run(self.ops.plan(op, args))
+                finally:
+                    tracker.own_write(*target)
         return self.run(self.ops.plan(op, args))
+
+    def make_tracker(self) -> RedisTracker:
+        """The near caches' tracker of this process (one per transport)."""
+        if self.tracker is None:
+            self.tracker = RedisTracker(self)
+        return self.tracker
 
     def open_channel(self):
         """A listener channel (:mod:`.events`). Only the listener dispatcher
-        opens one: the near cache, whose Tracker would open the other kind,
-        is refused before (Client.enable_near_cache checks ``refuses``), and
-        a channel answers its requests with Unsupported anyway."""
+        opens one: the near cache reads and hears on tracking connections of
+        its own (:mod:`.near`), and a channel answers its requests with
+        Unsupported anyway."""
         from .events import RedisEventChannel
 
         channel = RedisEventChannel(self)
@@ -290,8 +312,18 @@ class AsyncRedisTransport:
             raise translate(exc, where) from exc
 
     async def call(self, op: int, args: list, timeout: Any = None) -> Any:
-        self.sync.requests += 1
-        return await self.run(self.sync.ops.plan(op, args))
+        sync = self.sync
+        sync.requests += 1
+        tracker = sync.tracker
+        if tracker is not None:
+            target = written(op, args)
+            if target is not None:
+                tracker.own_write(*target)
+                try:
+                    return await self.run(sync.ops.plan(op, args))
+                finally:
+                    tracker.own_write(*target)
+        return await self.run(sync.ops.plan(op, args))
 
     async def acquire(self, key: str, args: list, timeout: Any) -> Any:
         self.sync.requests += 1

@@ -1,0 +1,307 @@
+"""The near cache on the Redis engine (#16, part 2): redisengine/near.py, RESP3 CLIENT TRACKING.
+
+Every test runs on each remote engine (redis, valkey, a Redis Cluster, Sentinel).
+Writes that must reach this process's copies are made by ANOTHER (forked)
+process; hits are checked by the near cache's own counters, since every value
+read would be the same with no near cache at all. No fixed sleeps: every wait is
+wait_until on a condition.
+"""
+
+import asyncio
+import logging
+import threading
+import time
+
+import pytest
+from django.core.cache import caches
+from django.test import override_settings
+
+import django_clustershm as clustershm
+from django_clustershm import conf, registry
+from django_clustershm.exceptions import InvalidArgument
+from django_clustershm.redisengine import near as redis_near
+
+from .helpers import fork_call, reap, run_forked, wait_until
+
+NEAR = {"MAX_ENTRIES": 1000, "MAX_BYTES": 1 << 20}
+CACHES = {
+    "default": {"BACKEND": "django_clustershm.cache.ClusterShmCache", "LOCATION": "near", "OPTIONS": {"NEAR_CACHE": NEAR}},
+    "other": {"BACKEND": "django_clustershm.cache.ClusterShmCache", "LOCATION": "other-place", "OPTIONS": {"NEAR_CACHE": NEAR}},
+}  # fmt: skip
+
+
+@pytest.fixture
+def near_remote(remote, settings):
+    """The module-level API on each remote engine, with a near cache on the store."""
+    settings.CLUSTERSHM = {**settings.CLUSTERSHM, "NEAR_CACHE": NEAR}
+    registry.reset()
+    yield remote
+    current = registry.current()
+    if current is not None:
+        current.shutdown()
+        current.transport.shutdown()
+    registry.reset()
+
+
+def store_near():
+    return clustershm.get_client()._near[""]
+
+
+def tracker():
+    return clustershm.get_client()._tracker
+
+
+def _in_child(fn, *args):
+    assert reap(fork_call(fn, *args), 60) == 0
+
+
+def test_hits_are_local_and_another_process_write_reaches_them(near_remote):
+    clustershm.set("k", {"v": 1})
+    assert clustershm.get("k") == {"v": 1}  # a miss: read on the tracking connection
+    requests = clustershm.get_client().transport.requests
+    for _ in range(50):
+        got = clustershm.get("k")
+        assert got == {"v": 1}
+        got["v"] = 99  # the caller may mutate what it gets: every hit is a fresh object
+    assert store_near().hits >= 50
+    assert clustershm.get_client().transport.requests == requests  # no request for a hit
+
+    _in_child(lambda: clustershm.set("k", {"v": 2}))
+    wait_until(lambda: clustershm.get("k") == {"v": 2}, message="the other process's write reached the copy")
+    _in_child(lambda: clustershm.remove("k"))
+    wait_until(lambda: clustershm.get("k") is None, message="the other process's delete reached the copy")
+
+
+def test_a_process_reads_its_own_writes_at_once(near_remote):
+    """In the writing process a read never returns a value older than its own
+    completed write, whatever the push timing: every thread, every step."""
+    clustershm.set("own", 0)
+    stale = []
+    stop = threading.Event()
+    done = [0]
+
+    def reader():
+        while not stop.is_set():
+            floor = done[0]
+            value = clustershm.get("own")
+            if value < floor:
+                stale.append((value, floor))
+
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    try:
+        for n in range(1, 400):
+            if n % 5 == 0:
+                clustershm.set_many({"own": n, "own2": n})
+            elif n % 7 == 0:
+                clustershm.set("own", n - 1)
+                clustershm.incr("own")
+            else:
+                clustershm.set("own", n)
+            done[0] = n
+            assert clustershm.get("own") == n  # the writing thread itself
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    assert not stale, stale[:5]
+    assert store_near().hits > 0
+
+
+def test_a_fill_overtaken_by_its_invalidation_is_not_kept(near_remote):
+    """The fill race: another process writes the key between our read and the
+    moment the copy would be stored, and its invalidation is already in the
+    socket: the copy is dropped, so the next read asks again."""
+    clustershm.set("race", "old")
+    tracker_ = tracker()
+    real_read = tracker_._read
+
+    def read_then_written_elsewhere(ns, rkeys):
+        found = real_read(ns, rkeys)
+        _in_child(lambda: clustershm.set("race", "new"))
+        tracking = tracker_._by_ns[ns]
+        with tracking.io:
+            wait_until(lambda: tracking.conn.can_read(0), message="the invalidation reached the socket")
+        return found
+
+    tracker_._read = read_then_written_elsewhere
+    try:
+        assert clustershm.get("race") == "old"  # what the read brought back is returned...
+    finally:
+        del tracker_._read
+    assert "race" not in store_near()._entries  # ...but not kept
+    assert clustershm.get("race") == "new"
+
+
+def test_a_killed_tracking_connection_empties_the_near_cache(near_remote, caplog):
+    clustershm.set("a", 1)
+    clustershm.set("b", 2)
+    assert clustershm.get("a") == 1 and clustershm.get("b") == 2
+    assert len(store_near()) == 2
+    tracking = tracker()._by_ns[""]
+    node = tracking.node
+
+    def kill_and_write():
+        client = clustershm.get_client()
+        r = client.transport.redis
+        if client.transport.config.kind == "cluster":
+            r = r.get_redis_connection(r.get_node(node_name=node))
+        assert r.execute_command("CLIENT", "KILL", "ID", tracking.client_id) == 1
+        clustershm.set("a", 10)  # no invalidation can reach the killed connection
+
+    _in_child(kill_and_write)
+    with caplog.at_level(logging.WARNING, logger="django_clustershm.near"):
+        wait_until(lambda: clustershm.get("a") == 10, message="the lost connection was noticed")
+    assert "near caches of process" in caplog.text and "was lost" in caplog.text
+    assert clustershm.get("b") == 2
+    assert tracker()._by_ns[""].client_id != tracking.client_id  # a new tracking connection
+
+
+def test_a_copy_expires_with_its_key(near_remote):
+    clustershm.set("brief", "x", timeout=0.3)
+    clustershm.set("kept", "y")
+    assert clustershm.get("brief") == "x" and clustershm.get("brief") == "x"
+    assert store_near().hits >= 1
+    wait_until(lambda: clustershm.get("brief") is None, message="the copy expired")
+    assert clustershm.get("kept") == "y"
+
+
+def test_a_flush_drops_every_copy(near_remote):
+    clustershm.set("f1", 1)
+    assert clustershm.get("f1") == 1 and len(store_near()) == 1
+
+    def flush():
+        client = clustershm.get_client()
+        r = client.transport.redis
+        if client.transport.config.kind == "cluster":
+            r.flushdb(target_nodes=r.PRIMARIES)
+        else:
+            r.flushdb()
+
+    _in_child(flush)
+    wait_until(lambda: clustershm.get("f1") is None, message="FLUSHDB's invalidation (of every key) arrived")
+
+
+def test_after_fork_the_child_starts_empty_and_tracks_its_own(near_remote):
+    clustershm.set("forked", "parent")
+    assert clustershm.get("forked") == "parent"
+    parent_id = tracker()._by_ns[""].client_id
+
+    def child():
+        assert len(store_near()) == 0 and tracker()._by_ns == {}
+        assert clustershm.get("forked") == "parent"  # a miss, on the child's own connection
+        assert tracker()._by_ns[""].client_id != parent_id
+        assert clustershm.get("forked") == "parent" and store_near().hits == 1
+
+    _in_child(child)
+    assert clustershm.get("forked") == "parent"
+    assert tracker()._by_ns[""].client_id == parent_id  # the parent's connection is untouched
+
+
+def test_an_unheard_tracking_connection_answers_no_hits_until_proved(near_remote, monkeypatch):
+    """Copies answer only while their connection was heard from recently: a
+    quiet connection is pinged, and until it answers a read is a miss."""
+    clustershm.set("quiet", 1)
+    assert clustershm.get("quiet") == 1
+    monkeypatch.setattr(redis_near, "HEARD_WITHIN", 0.05)
+    monkeypatch.setattr(redis_near, "PING_AFTER", 0.01)
+    tracking = tracker()._by_ns[""]
+    wait_until(lambda: time.monotonic() - tracking.heard > 0.05, message="a quiet spell")
+    misses = store_near().misses
+    assert clustershm.get("quiet") == 1
+    assert store_near().misses == misses + 1  # not answered from the copy
+    assert clustershm.get("quiet") == 1  # heard again: the copy answers
+    assert store_near().hits >= 1
+    wait_until(lambda: tracking.pings > 0 or clustershm.get("quiet") != 1, message="a ping sent")
+
+
+def test_the_cache_backend_near_cache_across_processes(near_remote):
+    with override_settings(CACHES=CACHES):
+        cache, other = caches["default"], caches["other"]
+        cache.set("page", "v1")
+        other.set("page", "elsewhere")
+        assert cache.get("page") == "v1" and cache.get("page") == "v1"
+        assert other.get("page") == "elsewhere" and other.get("page") == "elsewhere"
+        stats = clustershm.near_stats()
+        assert stats["near"]["hits"] >= 1 and stats["other-place"]["hits"] >= 1
+
+        def writer():
+            caches["default"].set("page", "v2")
+            caches["default"].set_many({"a": 1, "b": 2})
+
+        _in_child(writer)
+        wait_until(lambda: cache.get("page") == "v2", message="the cache alias's copy was invalidated")
+        assert other.get("page") == "elsewhere"  # another namespace: untouched
+        assert cache.get_many(["a", "b"]) == {"a": 1, "b": 2}
+        assert cache.get_many(["a", "b"]) == {"a": 1, "b": 2}
+        _in_child(lambda: caches["default"].clear())
+        wait_until(lambda: cache.get("a") is None, message="clear() reached the copies")
+        transport = clustershm.get_client().transport
+        if transport.config.kind == "cluster":  # one tracking connection per node, the one serving each namespace
+            for ns, tracking in tracker()._by_ns.items():
+                assert tracking.node == transport.redis.get_node_from_key(transport.ops.space(ns)[0]).name
+            assert len(tracker()._by_node) == len({t.node for t in tracker()._by_ns.values()})
+
+
+def test_async_hits_stay_on_the_loop_and_misses_go_to_a_thread(near_remote):
+    clustershm.set("ak", "v")
+    fetched_in = []
+    tracker_ = tracker()
+    real_fetch = tracker_.fetch
+
+    def fetch(*args):
+        fetched_in.append(threading.current_thread())
+        return real_fetch(*args)
+
+    tracker_.fetch = fetch
+
+    async def main():
+        aio = clustershm.get_client().aio
+        assert await aio.aget("ak") == "v"  # a miss
+        assert await aio.aget("ak") == "v"  # a hit
+        return threading.current_thread()
+
+    try:
+        loop_thread = asyncio.run(main())
+    finally:
+        del tracker_.fetch
+    assert len(fetched_in) == 1 and fetched_in[0] is not loop_thread
+    assert store_near().hits >= 1
+
+
+def test_many_processes_read_and_write_one_key(near_remote):
+    """Four processes write one key in turn and read it through their near
+    caches: none ever reads back an older value of its own after a newer one
+    returned (other processes' values may come and go), and in the end every
+    process reads the last write."""
+    clustershm.set("hot", -1)
+
+    def worker(i):
+        for n in range(60):
+            mine = i * 1000 + n
+            clustershm.set("hot", mine)
+            for _ in range(4):
+                value = clustershm.get("hot")
+                assert not (value // 1000 == i and value < mine), (value, mine)
+        clustershm.incr("hot-done")
+        wait_until(lambda: clustershm.get("hot-done") == 4, message="every worker finished")
+        if i == 0:
+            clustershm.set("hot", "end")
+        wait_until(lambda: clustershm.get("hot") == "end", message="the last write reached every process")
+
+    clustershm.set("hot-done", 0)
+    assert run_forked(4, worker) == [0, 0, 0, 0]
+    assert clustershm.get("hot") == "end"
+
+
+def test_near_cache_options_are_checked():
+    assert conf.near_options({"MAX_ENTRIES": 5, "CONSISTENCY": "eventual"}) == (
+        5,
+        conf.NEAR_CACHE_DEFAULTS["MAX_BYTES"],
+        "eventual",
+    )
+    with pytest.raises(InvalidArgument, match="unknown NEAR_CACHE option"):
+        conf.near_options({"MAX_ENTRYS": 5})
+    with pytest.raises(InvalidArgument, match="'eventual' or 'strict'"):
+        conf.near_options({"CONSISTENCY": "sometimes"})
