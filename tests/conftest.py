@@ -12,8 +12,9 @@ from .helpers import ManagerProcess
 REMOTE_ENGINES = ["redis", "valkey", "redis-cluster", "redis-sentinel"]
 #: The transports every contract test runs on: "the same semantics" is tested, not claimed.
 LOCAL_TRANSPORTS = ["embedded", "socket", "socket+near"]
-#: The remote engines again with a near cache on the store (#16: RESP3 tracking).
-REMOTE_NEAR = ["redis+near", "valkey+near", "redis-cluster+near"]
+#: The remote engines again with a near cache on the store (#16): eventual (RESP3
+#: tracking) and strict (acknowledged invalidations).
+REMOTE_NEAR = ["redis+near", "valkey+near", "redis-cluster+near", "redis+strict", "redis-cluster+strict"]
 TRANSPORTS = [*LOCAL_TRANSPORTS, *REMOTE_ENGINES, *REMOTE_NEAR]
 #: Where the module-level API runs in the tests that say "anywhere".
 ANYWHERE = ["embedded", "socket", *REMOTE_ENGINES]
@@ -148,12 +149,12 @@ def client(transport, request):
         yield client
         client.shutdown()
         return
-    engine_name = transport.removesuffix("+near")
+    engine_name, _, near = transport.partition("+")
     if engine_name in REMOTE_ENGINES:
         engine = remote_engine(request, engine_name)
         client = registry.remote(engine.url, engine.options, timeout=5)
-        if transport.endswith("+near"):
-            client.enable_near_cache("")
+        if near:
+            client.enable_near_cache("", consistency="strict" if near == "strict" else None)
         yield client
         client.shutdown()  # its listener dispatcher, if it has one
         client.transport.shutdown()

@@ -21,7 +21,6 @@ from django_clustershm.exceptions import (
     InvalidArgument,
     LockNotOwned,
     ManagerUnavailable,
-    Unsupported,
 )
 from django_clustershm.redisengine import EngineConfig
 
@@ -110,12 +109,14 @@ def test_signing_can_be_turned_off_for_a_private_redis(redis_server):
         client.transport.shutdown()
 
 
-def test_listen_works_and_a_strict_near_cache_is_refused_in_one_sentence(remote):
+def test_listen_and_near_caches_work_on_every_remote_engine(remote):
     handle = clustershm.listen("k", lambda *a: None)  # #16 part 1: tests/test_redis_listen.py
     handle.cancel()
-    with pytest.raises(Unsupported, match=r"CONSISTENCY 'strict' is not available on the Redis engine yet"):
-        clustershm.get_client().enable_near_cache("", consistency="strict")
-    assert clustershm.get_client().enable_near_cache("") is not None  # eventual: tests/test_redis_near.py
+    client = clustershm.get_client()  # #16 part 2: tests/test_redis_near.py
+    assert client.enable_near_cache("") is not None
+    assert client.enable_near_cache("strict-ns", consistency="strict") is not None
+    caps = client.capabilities()
+    assert caps["near_cache"].startswith("eventual") and caps["near_cache_strict"].startswith("strict")
 
 
 def test_capabilities_are_said_out_loud(remote):

@@ -305,3 +305,169 @@ def test_near_cache_options_are_checked():
         conf.near_options({"MAX_ENTRYS": 5})
     with pytest.raises(InvalidArgument, match="'eventual' or 'strict'"):
         conf.near_options({"CONSISTENCY": "sometimes"})
+
+
+# -- strict: a write returns once every live holder dropped its copy -------------------------------
+
+
+@pytest.fixture
+def strict_remote(remote, settings):
+    """The module-level API on each remote engine, with a strict near cache on the store."""
+    settings.CLUSTERSHM = {
+        **settings.CLUSTERSHM,
+        "NEAR_CACHE": {**NEAR, "CONSISTENCY": "strict"},
+        "ENGINE_OPTIONS": {**settings.CLUSTERSHM["ENGINE_OPTIONS"], "NEAR_LEASE": 1.0},
+    }
+    registry.reset()
+    yield remote
+    current = registry.current()
+    if current is not None:
+        current.shutdown()
+        current.transport.shutdown()
+    registry.reset()
+
+
+def test_strict_another_process_write_is_seen_as_soon_as_it_returns(strict_remote):
+    """No wait_until here: once the writer's call returned, the copy is gone."""
+    import os
+
+    clustershm.set("s", 0)
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def writer():
+        for n in range(1, 31):
+            os.read(go_r, 1)
+            clustershm.set("s", n)
+            os.write(w, b"w")
+
+    pid = fork_call(writer)
+    try:
+        for n in range(1, 31):
+            assert clustershm.get("s") == n - 1 and clustershm.get("s") == n - 1  # a hit, at least the second
+            os.write(go_w, b"g")
+            assert os.read(r, 1) == b"w"
+            assert clustershm.get("s") == n
+    finally:
+        assert reap(pid, 30) == 0
+        for fd in (r, w, go_r, go_w):
+            os.close(fd)
+    assert store_near().hits >= 30
+
+
+def test_strict_no_stale_reads_under_concurrent_writers_and_readers(strict_remote):
+    """Writers record, after each write returned, how far they got; readers in
+    other processes read that record, then the key through their near caches:
+    never a value older than the record."""
+    seconds = 2.0
+    clustershm.set("key0", 0)
+    clustershm.set("key1", 0)
+
+    def writer(w):
+        n = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            n += 1
+            if n % 7 == 0:
+                clustershm.set_many({f"key{w}": n, f"other{w}": n})
+            elif n % 11 == 0:
+                clustershm.set(f"key{w}", n - 1)
+                clustershm.incr(f"key{w}")
+            else:
+                clustershm.set(f"key{w}", n)
+            clustershm.get_client().transport.redis.set(f"done{w}-{clustershm.get_client().transport.ops._prefix}", n)
+
+    def reader(_r):
+        client = clustershm.get_client()
+        raw = client.transport.redis
+        prefix = client.transport.ops._prefix
+        reads = stale = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for w in range(2):
+                done = int(raw.get(f"done{w}-{prefix}") or 0)
+                value = clustershm.get(f"key{w}") if reads % 3 else clustershm.get_many([f"key{w}"]).get(f"key{w}")
+                reads += 1
+                if value < done:
+                    stale += 1
+        assert store_near().hits > 20, store_near().hits  # the near cache really answered
+        assert stale == 0, f"{stale} stale reads out of {reads}"
+
+    pids = [fork_call(writer, w) for w in range(2)] + [fork_call(reader, r) for r in range(2)]
+    assert [reap(pid, 60) for pid in pids] == [0, 0, 0, 0]
+
+
+def test_strict_a_hung_holder_holds_a_writer_up_at_most_its_lease(strict_remote, caplog):
+    """A holder stopped (SIGSTOP) cannot acknowledge: the write goes on when its
+    lease ends, and once resumed the holder serves no copy until it has caught up."""
+    import os
+    import signal
+
+    clustershm.set("h", "old")
+    r, w = os.pipe()
+
+    def holder():
+        assert clustershm.get("h") == "old" and clustershm.get("h") == "old"
+        os.write(w, b"h")
+        os.kill(os.getpid(), signal.SIGSTOP)
+        # Resumed after the write returned: never the old copy.
+        assert clustershm.get("h") == "new"
+
+    pid = fork_call(holder)
+    assert os.read(r, 1) == b"h"
+    wait_until(lambda: _stopped(pid), message="the holder stopped")
+    with caplog.at_level(logging.WARNING, logger="django_clustershm"):
+        clustershm.set("h", "new")  # returns once the holder's lease (1 s) ended
+    assert "acknowledgements its strict near-cache holders owed" in caplog.text
+    os.kill(pid, signal.SIGCONT)
+    assert reap(pid, 30) == 0
+    os.close(r)
+    os.close(w)
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_strict_a_holder_that_exits_cleanly_leaves_at_once(strict_remote, caplog):
+    def holder():
+        clustershm.set("gone", 1)
+        assert clustershm.get("gone") == 1 and clustershm.get("gone") == 1
+        current = registry.current()
+        current.shutdown()
+        current.transport.shutdown()  # what the registry does at a clean exit
+
+    _in_child(holder)
+    with caplog.at_level(logging.WARNING, logger="django_clustershm"):
+        clustershm.set("gone", 2)
+    assert "acknowledgements" not in caplog.text  # nobody left to wait for
+
+
+def test_strict_a_killed_subscription_empties_the_copies_and_starts_a_new_session(strict_remote, caplog):
+    clustershm.set("c", 1)
+    assert clustershm.get("c") == 1 and clustershm.get("c") == 1
+    hub = tracker().hub
+    old_sid = hub.sid
+
+    def kill_and_write():
+        client = clustershm.get_client()
+        r = client.transport.redis
+        nodes = (
+            [r.get_redis_connection(n) for n in r.get_primaries()] if client.transport.config.kind == "cluster" else [r]
+        )
+        killed = 0
+        for node in nodes:
+            for info in node.client_list():
+                if "ssubscribe" in info.get("cmd", "") or info.get("ssub", "0") != "0":
+                    killed += node.execute_command("CLIENT", "KILL", "ID", info["id"])
+        assert killed >= 1
+
+    with caplog.at_level(logging.WARNING, logger="django_clustershm.near"):
+        _in_child(kill_and_write)
+        wait_until(lambda: hub.sid != old_sid, message="a new session")
+    assert "strict near caches of process" in caplog.text
+    _in_child(lambda: clustershm.set("c", 2))
+    assert clustershm.get("c") == 2
+    wait_until(lambda: hub.serving("", time.monotonic()), message="serving again")
+    assert clustershm.get("c") == 2 and clustershm.get("c") == 2

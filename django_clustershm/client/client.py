@@ -496,7 +496,7 @@ class Client(Keyspace):
         if near is None:
             if self._tracker is None:
                 self._tracker = self.transport.make_tracker() or Tracker(self.transport)
-            near = self._tracker.near_cache(ns, max_entries, max_bytes)
+            near = self._tracker.near_cache(ns, max_entries, max_bytes, consistency)
             self._near = {**self._near, ns: near}
             if ns == "":
                 self._near_cache = near  # the store's reads (this client's own methods)
@@ -506,7 +506,7 @@ class Client(Keyspace):
                 max_entries,
                 max_bytes,
                 os.getpid(),
-                self.transport.capabilities["near_cache"],
+                self.transport.capabilities.get(f"near_cache_{consistency}") or self.transport.capabilities["near_cache"],
             )
         return near
 
@@ -600,8 +600,7 @@ class Client(Keyspace):
         """Stop the listener dispatcher and drop the near caches; return the handles."""
         handles = self._dispatcher.stop() if self._dispatcher is not None else []
         if self._tracker is not None:
-            with self._tracker.lock:
-                self._tracker.drop()
+            self._tracker.stop()
         return handles
 
     # -- fork (called in order by registry's one after-fork reset) --------------------------------

@@ -296,7 +296,8 @@ class Tracker:
         self.seq = 0
         self.caches: dict[str, NearCache] = {}
 
-    def near_cache(self, ns: str, max_entries: int, max_bytes: int) -> NearCache:
+    def near_cache(self, ns: str, max_entries: int, max_bytes: int, consistency: str | None = None) -> NearCache:
+        """``ns``'s near cache (``consistency``: a Manager's copies are always strict)."""
         cache = self.caches.get(ns)
         if cache is None:
             cache = self.caches[ns] = NearCache(self, ns, max_entries, max_bytes)
@@ -372,6 +373,11 @@ class Tracker:
     def _lost(self, reason: str) -> None:
         logger.warning("near caches of process %d emptied: %s", os.getpid(), reason)
         self.drop()
+
+    def stop(self) -> None:
+        """The client is being dropped: close the channel, empty the copies."""
+        with self.lock:
+            self.drop()
 
     def drop(self) -> None:
         if self.channel is not None:

@@ -49,15 +49,18 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
+import select
 import threading
 import time
 from typing import Any
 
+import msgpack
 import redis.exceptions as E
 
 from ..client.near import Tracker
-from ..exceptions import Unsupported
+from ..exceptions import ManagerUnavailable, Unsupported
 from ..wire import frames as F
 from .errors import translate
 
@@ -68,6 +71,19 @@ logger = logging.getLogger("django_clustershm.near")
 HEARD_WITHIN = 2.0
 #: Seconds of silence after which a read pings the tracking connection.
 PING_AFTER = 0.5
+#: Seconds a strict copy lives at most: its holder record on the server lives
+#: that long after the read that made it (so a write always finds it).
+HOLD_FOR = 60.0
+
+STRICT_UNACKED = (
+    "a write went on without %d of the %d acknowledgements its strict near-cache holders owed: those processes' "
+    "leases ended (hung or gone), and a process serves no copy after its lease"
+)
+
+
+def ack_key(listening_key: bytes, ack_id) -> bytes:
+    """Where the holders told by a write acknowledge it: ``{P|ns}#a:<id>``."""
+    return listening_key[:-2] + b"#a:" + str(int(ack_id)).encode()
 
 
 class _Tracking:
@@ -109,9 +125,14 @@ class RedisTracker(Tracker):
         self._prefixes: tuple[tuple[bytes, str], ...] = ()
         self._ops = transport.ops
         self.engine: Any = transport  # the RedisTransport (typed Any: it imports this module)
+        #: The namespaces whose copies are strict, and the thread that keeps them so.
+        self._strict: frozenset[str] = frozenset()
+        self.hub: _StrictHub | None = None
 
-    def near_cache(self, ns: str, max_entries: int, max_bytes: int):
+    def near_cache(self, ns: str, max_entries: int, max_bytes: int, consistency: str | None = None):
         cache = super().near_cache(ns, max_entries, max_bytes)
+        if consistency == "strict":
+            self._strict = self._strict | {ns}
         pfx = self._ops.space(ns)[0]
         if (pfx, ns) not in self._prefixes:
             # Longest first: a namespace's prefix may begin another's.
@@ -151,6 +172,29 @@ class RedisTracker(Tracker):
                         self.caches[ns].invalidate(rkey[len(pfx) :].decode("utf-8", "replace"))
                         break
 
+    def invalidated(self, ns: str, members) -> None:
+        """A strict invalidation (the hub's thread): drop the copies, before the write is acknowledged."""
+        with self._push_lock:
+            self.seq += 1
+        cache = self.caches.get(ns)
+        if cache is None:
+            return
+        with self.lock:
+            if not members:
+                cache.drop_all()
+            else:
+                for member in members:
+                    cache._drop(member.decode("utf-8", "replace"))
+
+    def invalidated_all(self, namespaces: list) -> None:
+        with self._push_lock:
+            self.seq += 1
+        with self.lock:
+            for ns in namespaces:
+                cache = self.caches.get(ns)
+                if cache is not None:
+                    cache.drop_all()
+
     def own_write(self, ns: str, keys: list | None) -> None:
         """A write of this process, before it is sent and once it returned:
         its keys' copies (all of ``ns`` for ``None``) are dropped and every
@@ -185,6 +229,9 @@ class RedisTracker(Tracker):
             finally:
                 tracking.io.release()
         self._apply_pending()
+        if ns in self._strict:
+            hub = self.hub
+            return hub is not None and hub.serving(ns, now)
         serving = self._by_ns.get(ns) if ns is not None else None
         return serving is not None and now - serving.heard < HEARD_WITHIN
 
@@ -221,6 +268,14 @@ class RedisTracker(Tracker):
         for cache in self.caches.values():
             cache.drop_all()
 
+    def stop(self) -> None:
+        """The client is being dropped: end the strict thread (its sessions leave at once)."""
+        hub, self.hub = self.hub, None
+        if hub is not None:
+            hub.stop()
+        with self.lock:
+            self.drop()
+
     def after_fork(self) -> None:
         trackings, generation = list(self._by_node.values()), self.sid
         super().after_fork()
@@ -231,6 +286,9 @@ class RedisTracker(Tracker):
         self.sid = (generation or 0) + 1
         for tracking in trackings:
             tracking.close()
+        hub, self.hub = self.hub, None
+        if hub is not None:
+            hub.forget()
 
     # -- misses, read on the tracking connection --------------------------------------------------
 
@@ -309,6 +367,10 @@ class RedisTracker(Tracker):
         return ([raws] if len(rkeys) == 1 else raws), pttls, seq
 
     def fetch(self, ns: str, key: str, sid) -> tuple:
+        if ns in self._strict:
+            fetched, seq = self._strict_read(ns, [key])
+            data, ttl = fetched.get(key, (None, None))
+            return data, ttl, seq, data is not None
         rkey = self._ops.space(ns)[0] + key.encode("utf-8")
         try:
             raws, pttls, seq = self._read(ns, [rkey])
@@ -318,6 +380,9 @@ class RedisTracker(Tracker):
         return data, _seconds(pttls[0]), seq, data is not None
 
     def fetch_many(self, ns: str, keys: list, sid) -> tuple:
+        if ns in self._strict:
+            fetched, seq = self._strict_read(ns, keys)
+            return fetched, seq, True
         pfx = self._ops.space(ns)[0]
         rkeys = [pfx + key.encode("utf-8") for key in keys]
         try:
@@ -342,11 +407,280 @@ class RedisTracker(Tracker):
             self._by_ns = {n: t for n, t in self._by_ns.items() if n != ns}
         return self.transport.call(op, args)
 
+    def _strict_read(self, ns: str, keys: list) -> tuple[dict, int]:
+        """A strict miss: read and recorded as a holder of each key found, by
+        one script, once this process's session listens for invalidations."""
+        hub = self.hub
+        if hub is None:
+            with self._connect_lock:
+                hub = self.hub
+                if hub is None:
+                    hub = self.hub = _StrictHub(self)
+        space = hub.ensure(ns)
+        pfx = self._ops.space(ns)[0]
+        with self._push_lock:
+            seq = self.seq
+        sent = time.monotonic()
+        members = [key.encode("utf-8") for key in keys]
+        engine = self.engine
+        argv = [pfx, hub.sid, hub.lease_ms, _HOLD_MS, *members]
+        try:
+            reply = engine.eval(engine.redis, self._ops.script("NEAR_READ"), [space.skey], argv)
+        except Exception as exc:
+            raise translate(exc, engine.where) from exc
+        space.renewed(sent)
+        decode = self._ops.codec.decode
+        fetched = {}
+        for i, (key, member) in enumerate(zip(keys, members, strict=True)):
+            raw, pttl = reply[2 * i], reply[2 * i + 1]
+            if raw is not None:
+                ttl = HOLD_FOR if pttl is None or pttl < 0 else min(pttl / 1000, HOLD_FOR)
+                fetched[key] = (decode(pfx + member, raw), ttl)
+        return fetched, seq
+
     async def afetch(self, acall, ns: str, key: str, sid) -> tuple:
         return await asyncio.to_thread(self.fetch, ns, key, sid)
 
     async def afetch_many(self, acall, ns: str, keys: list, sid) -> tuple:
         return await asyncio.to_thread(self.fetch_many, ns, keys, sid)
+
+
+_HOLD_MS = str(math.ceil(HOLD_FOR * 1000))
+
+
+class _StrictSpace:
+    """A strict namespace of this process: where its invalidations come, and its lease."""
+
+    __slots__ = ("channel", "confirmed", "lease_sent", "node", "ns", "skey")
+
+    def __init__(self, ns: str, listening_key: bytes, sid: bytes) -> None:
+        self.ns = ns
+        self.skey = listening_key[:-2] + b"#s"
+        self.reset(sid)
+
+    def reset(self, sid: bytes) -> None:
+        """A new session: not subscribed, no lease."""
+        self.channel = self.skey[:-2] + b"#n:" + sid
+        self.node: str | None = None
+        self.confirmed = False
+        self.lease_sent = -math.inf  # when the last renewal that succeeded was sent (monotonic)
+
+    def renewed(self, sent: float) -> None:
+        if sent > self.lease_sent:
+            self.lease_sent = sent
+
+
+class _StrictHub:
+    """The thread that keeps a process's strict near caches strict.
+
+    The process has a *session* (a random id) per namespace in the server's
+    ZSET ``{P|ns}#s``, with a lease (``NEAR_LEASE``) renewed every third of
+    it here; each strict miss renews it too and records the session as a
+    holder of the keys it read (:data:`..scripts.NEAR_READ`). This thread
+    subscribes, on each namespace's shard, to ``{P|ns}#n:<session>``, where
+    writes send the keys they changed; it drops those copies, then
+    acknowledges (``RPUSH {P|ns}#a:<id>``), and only then does the write
+    return (:meth:`RedisTransport._acknowledged`). The copies answer only
+    while the lease runs, counted from when its last renewal was *sent*:
+    so a writer that stops waiting for a hung process (at its lease's end,
+    by the server's clock) knows the process answers from no copy by then.
+    A lost connection empties the strict copies and starts a new session.
+    """
+
+    def __init__(self, tracker: RedisTracker) -> None:
+        self.tracker = tracker
+        self.engine = tracker.engine
+        self.lease = float(self.engine.config.near_lease)
+        self.lease_ms = str(math.ceil(self.lease * 1000))
+        self.sid = os.urandom(8).hex().encode()
+        self.spaces: dict[str, _StrictSpace] = {}
+        self._by_channel: dict[bytes, _StrictSpace] = {}
+        self._conns: dict[str, Any] = {}
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self._thread: threading.Thread | None = None
+        self._renewed_at = 0.0
+        self.error: str | None = None  # the last failure, until a subscription succeeds again
+
+    # -- from the process's threads -------------------------------------------------------------
+
+    def ensure(self, ns: str) -> _StrictSpace:
+        """``ns``'s space, once its invalidations are subscribed to (blocks; never on an event loop)."""
+        with self._cond:
+            space = self.spaces.get(ns)
+            if space is None:
+                space = _StrictSpace(ns, self.engine.ops.space(ns)[3], self.sid)
+                self.spaces = {**self.spaces, ns: space}
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="clustershm-strict-near", daemon=True)
+                self._thread.start()
+            self._wake()
+            deadline = time.monotonic() + self.engine.timeout
+            while not space.confirmed:
+                left = deadline - time.monotonic()
+                if left <= 0 or self._stopping:
+                    raise ManagerUnavailable(
+                        f"the strict near cache could not subscribe to its invalidations on {self.engine.where}"
+                        + (f": {self.error}" if self.error else "")
+                    )
+                self._cond.wait(left)
+            return space
+
+    def serving(self, ns: str, now: float) -> bool:
+        space = self.spaces.get(ns)
+        return space is not None and space.confirmed and now - space.lease_sent < self.lease
+
+    def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._wake()
+        thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(self.engine.timeout)
+        try:  # the sessions leave at once: writers need not wait for their leases
+            for space in self.spaces.values():
+                self.engine.redis.execute_command("ZREM", space.skey, self.sid)
+        except Exception:
+            logger.debug("a strict near-cache session could not leave", exc_info=True)
+        self._close()
+
+    def forget(self) -> None:
+        """In a forked child: the parent's connections are closed here, untouched there."""
+        self._stopping = True
+        self._close()
+
+    def _wake(self) -> None:
+        try:
+            os.write(self._wake_w, b"\0")
+        except OSError:
+            pass
+
+    def _close(self) -> None:
+        for conn in self._conns.values():
+            try:
+                conn.disconnect()
+            except Exception:
+                pass
+        self._conns = {}
+        for fd in (self._wake_r, self._wake_w):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self._wake_r = self._wake_w = -1
+
+    # -- the thread -------------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while not self._stopping:
+            try:
+                self._subscribe()
+                self._renew()
+                self._wait()
+                for conn in list(self._conns.values()):
+                    while conn.can_read(0):
+                        self._handle(conn.read_response(push_request=True))
+            except Exception as exc:
+                if self._stopping:
+                    return
+                self._lost(exc)
+                with self._cond:
+                    self._cond.wait(0.05)  # then connect again
+
+    def _wait(self) -> None:
+        fds = [conn._sock.fileno() for conn in self._conns.values() if conn._sock is not None]
+        timeout = max(0.0, self._renewed_at + self.lease / 3 - time.monotonic())
+        readable, _, _ = select.select([*fds, self._wake_r], [], [], timeout)
+        if self._wake_r in readable:
+            try:
+                while os.read(self._wake_r, 4096):
+                    pass
+            except BlockingIOError:
+                pass
+
+    def _subscribe(self) -> None:
+        for space in list(self.spaces.values()):
+            if space.node is not None:
+                continue
+            pool, node = self.tracker._pool_of(space.skey)
+            conn = self._conns.get(node)
+            if conn is None:
+                kwargs = dict(pool.connection_kwargs)
+                kwargs.update(protocol=3, health_check_interval=0)
+                conn = pool.connection_class(**kwargs)
+                conn.connect()
+                conn._parser.set_pubsub_push_handler(_as_is)
+                self._conns[node] = conn
+            space.node = node
+            self._by_channel[space.channel] = space
+            conn.send_command("SSUBSCRIBE", space.channel, check_health=False)
+
+    def _renew(self) -> None:
+        now = time.monotonic()
+        if now < self._renewed_at + self.lease / 3:
+            return
+        self._renewed_at = now
+        script = self.engine.ops.script("NEAR_RENEW")
+        for space in list(self.spaces.values()):
+            if space.confirmed:
+                self.engine.eval(self.engine.redis, script, [space.skey], [self.sid, self.lease_ms])
+                space.renewed(now)
+
+    def _handle(self, message) -> None:
+        if not isinstance(message, list) or len(message) < 3:
+            return
+        kind, channel = message[0], message[1]
+        space = self._by_channel.get(channel)
+        if space is None:
+            return
+        if kind == b"ssubscribe":
+            # Renewed before it may answer: a session is live on the server
+            # (writes tell it) before any copy of it is served.
+            sent = time.monotonic()
+            self.engine.eval(
+                self.engine.redis, self.engine.ops.script("NEAR_RENEW"), [space.skey], [self.sid, self.lease_ms]
+            )
+            space.renewed(sent)
+            self.error = None
+            with self._cond:
+                space.confirmed = True
+                self._cond.notify_all()
+        elif kind == b"smessage":
+            ack_id, members = msgpack.unpackb(message[2], raw=True)
+            self.tracker.invalidated(space.ns, members)
+            self.engine.eval(self.engine.redis, self.engine.ops.script("NEAR_ACK"), [ack_key(space.skey, ack_id)], [])
+        elif kind == b"sunsubscribe":
+            raise ManagerUnavailable(f"the server dropped the subscription {channel!r} (its slot moved?)")
+
+    def _lost(self, exc: Exception) -> None:
+        """Connections lost: empty the strict copies, and start again as a new session."""
+        if self.error is None:  # once per outage, not once per retry
+            logger.warning("strict near caches of process %d emptied: %s", os.getpid(), exc)
+        self.error = str(exc)
+        for conn in self._conns.values():
+            try:
+                conn.disconnect()
+            except Exception:
+                pass
+        self._conns = {}
+        old, self.sid = self.sid, os.urandom(8).hex().encode()
+        with self._cond:
+            for space in self.spaces.values():
+                space.reset(self.sid)
+        self._by_channel = {}
+        self.tracker.invalidated_all(list(self.spaces))
+        try:  # the old session leaves at once, if the server answers: writers need not wait for its lease
+            for space in self.spaces.values():
+                self.engine.redis.execute_command("ZREM", space.skey, old)
+        except Exception:
+            pass
+
+
+def _as_is(message):
+    return message
 
 
 def _seconds(pttl) -> float | None:

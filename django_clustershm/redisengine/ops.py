@@ -42,6 +42,10 @@ NEAR_CONSISTENCY = (
     "eventual: read-your-writes in the process; another process's write reaches this process's copies within "
     "the push delay (not before the writer's call returns); a lost tracking connection empties the near cache"
 )
+NEAR_STRICT = (
+    "strict: never older than a completed write, in any process: a write returns once every live process holding "
+    "the key dropped its copy (a hung one holds a writer up at most NEAR_LEASE={lease:g}s, and serves no copy after)"
+)
 
 CMD, SCRIPT, BLOCK, HOLD, DROP, KEYSCAN, SLEEP = range(7)
 
@@ -82,6 +86,9 @@ _SCRIPTS = {
         "LOCK_RELEASE",
         "LOCK_CANCEL",
         "LOCK_EXTEND",
+        "NEAR_READ",
+        "NEAR_RENEW",
+        "NEAR_ACK",
     )
 }
 _S = _SCRIPTS
@@ -131,6 +138,7 @@ class Capabilities:
                 "on_resync after every reconnection"
             ),
             "near_cache": NEAR_CONSISTENCY,
+            "near_cache_strict": NEAR_STRICT.format(lease=config.near_lease),
             "multi_key_atomic": (
                 "set_many, delete_many: one step (one hash slot per namespace); clear: in steps of 1,000 keys"
             ),
@@ -187,6 +195,10 @@ class RedisOps:
             F.TRACK_GET: self._no_near,
             F.TRACK_GET_MANY: self._no_near,
         }
+
+    @staticmethod
+    def script(name: str) -> Script:
+        return _SCRIPTS[name]
 
     def plan(self, op: int, args: list):
         handler = self.plans.get(op)

@@ -53,14 +53,63 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # left out (the listener reads the key instead). Expirations are not
 # published here: the server's keyspace notifications (expired, evicted)
 # tell them, including the ones this library's reaper's UNLINK triggers.
+#
+# Strict near caches (see .near): while a process keeps one of the namespace,
+# its session is in the ZSET {P|ns}#s (score: its lease's end, server ms), and
+# every key it copied has it in the SET {P|ns}#h:<key>. A write's emit() then
+# collects the holders of each key it changes (every live session for a
+# clear) and empties their sets; near_done() sends each live holder, on its
+# sharded channel {P|ns}#n:<session>, [ack id, keys or false (all)], and
+# returns [NEAR_MARK, holders told, ms until the last one's lease ends, ack
+# id, the script's own result]: the transport waits for that many acks on
+# {P|ns}#a:<id> (or until those leases end) before the write returns.
 _EVENTS = """
 local LKEY = KEYS[#KEYS]
+local TAG = string.sub(LKEY, 1, -3)
 local LISTENING = redis.call('EXISTS', LKEY) == 1
-local ECHAN = string.sub(LKEY, 1, -3) .. '#e'
+local ECHAN = TAG .. '#e'
+local SKEY = TAG .. '#s'
+local STRICT = redis.call('EXISTS', SKEY) == 1
+local NOTE = nil
+local function hold(m)
+  if not STRICT then return end
+  if NOTE == nil then NOTE = {} end
+  if m == nil then
+    for _, s in ipairs(redis.call('ZRANGEBYSCORE', SKEY, '(' .. now, '+inf')) do NOTE[s] = true end
+    return
+  end
+  local h = TAG .. '#h:' .. m
+  for _, s in ipairs(redis.call('SMEMBERS', h)) do
+    local ms = NOTE[s]
+    if ms ~= true then
+      if ms == nil then ms = {}; NOTE[s] = ms end
+      ms[#ms + 1] = m
+    end
+  end
+  redis.call('UNLINK', h)
+end
 local function emit(code, m, val)
+  hold(m)
   if not LISTENING then return end
   if val and #val > 65536 then val = nil end
   redis.call('SPUBLISH', ECHAN, cmsgpack.pack({code, m, val}))
+end
+local function near_done(r)
+  if NOTE == nil or next(NOTE) == nil then return r end
+  if type(r) == 'table' and r.err then return r end
+  local id = redis.call('INCR', TAG .. '#c')
+  local n, last = 0, now
+  for s, ms in pairs(NOTE) do
+    local dl = tonumber(redis.call('ZSCORE', SKEY, s) or '0')
+    if dl > now then
+      if ms == true then ms = false end
+      redis.call('SPUBLISH', TAG .. '#n:' .. s, cmsgpack.pack({id, ms}))
+      n = n + 1
+      if dl > last then last = dl end
+    end
+  end
+  if n == 0 then return r end
+  return {NEAR_MARK, n, last - now, id, r}
 end
 """
 
@@ -242,6 +291,7 @@ if type(r) == 'table' and r.err then
   return redis.error_reply('CSHM 9 the value of ' .. ARGV[2] .. ' is not an integer')
 end
 -- The stored digits, not tostring(r): Lua's numbers are doubles.
+hold(ARGV[2])
 if LISTENING then emit(1, ARGV[2], redis.call('GET', KEYS[1])) end
 return r
 """
@@ -259,7 +309,7 @@ elseif tonumber(ttl) <= 0 then
   redis.call('UNLINK', KEYS[1]); forget(ARGV[2]); emit(2, ARGV[2])
 else
   local dl = now + tonumber(ttl)
-  redis.call('PEXPIREAT', KEYS[1], dl); redis.call('ZADD', KEYS[3], dl, ARGV[2])
+  redis.call('PEXPIREAT', KEYS[1], dl); redis.call('ZADD', KEYS[3], dl, ARGV[2]); hold(ARGV[2])
 end
 return 1
 """
@@ -502,5 +552,76 @@ return queued
 LOCK_EXTEND = """
 if redis.call('HGET', KEYS[1], 'tok') ~= ARGV[1] then return 0 end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return 1
+"""
+
+
+# -- strict near caches (see .near) --------------------------------------------------------
+
+#: What a write script returns first when it told strict near caches (a NUL
+#: byte: no script result starts so).
+NEAR_MARK = b"\x00near"
+
+
+def _with_near(source: str) -> str:
+    """A write script whose result near_done() wraps: its body becomes a function."""
+    head = _NOW + _EVENTS
+    assert source.startswith(head), "a write script starts with _NOW + _EVENTS"
+    body = source[len(head) :]
+    return (
+        head.replace("NEAR_MARK", "'\\0near'") + "local function body()\n" + body + "\nend\nreturn near_done(body())\n"
+    )
+
+
+SET, ADD, REPLACE, REMOVE = _with_near(SET), _with_near(ADD), _with_near(REPLACE), _with_near(REMOVE)
+DELETE_MANY, SET_MANY, INCR = _with_near(DELETE_MANY), _with_near(SET_MANY), _with_near(INCR)
+TOUCH, PERSIST, CLEAR, SCAN = _with_near(TOUCH), _with_near(PERSIST), _with_near(CLEAR), _with_near(SCAN)
+
+# A strict near cache's miss. KEYS: {P|ns}#s   ARGV: value-key prefix, session,
+# lease_ms, hold_ms, member...  -> [value or false, pttl, ...]. Renews the
+# session's lease and records it as a holder of every key it found (the
+# holder set lives hold_ms: the copy lives no longer, see .near).
+NEAR_READ = (
+    _NOW
+    + """
+local lease = tonumber(ARGV[3])
+redis.call('ZADD', KEYS[1], now + lease, ARGV[2])
+redis.call('PEXPIRE', KEYS[1], lease * 3)
+local tag = string.sub(KEYS[1], 1, -3)
+local out = {}
+for j = 5, #ARGV do
+  local k = ARGV[1] .. ARGV[j]
+  local v = redis.call('GET', k)
+  if v then
+    local h = tag .. '#h:' .. ARGV[j]
+    redis.call('SADD', h, ARGV[2])
+    redis.call('PEXPIRE', h, ARGV[4])
+    out[#out + 1] = v
+    out[#out + 1] = redis.call('PTTL', k)
+  else
+    out[#out + 1] = false
+    out[#out + 1] = -2
+  end
+end
+return out
+"""
+)
+
+# A strict session's renewal. KEYS: {P|ns}#s   ARGV: session, lease_ms
+NEAR_RENEW = (
+    _NOW
+    + """
+local lease = tonumber(ARGV[2])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + lease, ARGV[1])
+redis.call('PEXPIRE', KEYS[1], lease * 3)
+return 1
+"""
+)
+
+# A holder's acknowledgement. KEYS: {P|ns}#a:<id>
+NEAR_ACK = """
+redis.call('RPUSH', KEYS[1], 1)
+redis.call('PEXPIRE', KEYS[1], 30000)
 return 1
 """

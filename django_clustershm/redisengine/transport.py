@@ -28,8 +28,9 @@ from ..wire import frames as F
 from ..wire.limits import Limits
 from .config import EngineConfig
 from .errors import translate
-from .near import RedisTracker, written
+from .near import STRICT_UNACKED, RedisTracker, ack_key, written
 from .ops import BLOCK, CMD, DROP, HOLD, KEYSCAN, SCRIPT, SLEEP, RedisOps
+from .scripts import NEAR_MARK
 from .values import Codec, derive_key
 from .watchdog import Watchdog, beat_if_registered
 
@@ -55,12 +56,6 @@ class RedisTransport(Transport):
     remote = True
     #: The near caches' tracker (.near): made by the first NEAR_CACHE.
     tracker: RedisTracker | None = None
-    refuses = {
-        "near_cache_strict": (
-            "NEAR_CACHE CONSISTENCY 'strict' is not available on the Redis engine yet (acknowledged invalidations, "
-            "issue #16): use 'eventual' (the default here), or ENGINE 'local'"
-        )
-    }
     #: Set once the server refused to turn keyspace notifications on (logged once).
     notify_refused = False
 
@@ -110,7 +105,10 @@ class RedisTransport(Transport):
         if kind == CMD:
             return r.execute_command(*step[1])
         if kind == SCRIPT:
-            return self.eval(r, step[1], step[2], step[3])
+            reply = self.eval(r, step[1], step[2], step[3])
+            if type(reply) is list and reply and reply[0] == NEAR_MARK:
+                return self._acknowledged(r, step[2][-1], reply)
+            return reply
         if kind == BLOCK:
             beat_if_registered()
             return r.execute_command("BLPOP", step[1], step[2])
@@ -126,6 +124,23 @@ class RedisTransport(Transport):
             time.sleep(step[1])
             return None
         raise AssertionError(step)
+
+    def _acknowledged(self, r, listening_key: bytes, reply: list):
+        """A write that told strict near caches (.near): wait for their acks,
+        or until the last one's lease ended (it serves no copy after that)."""
+        _mark, told, wait_ms, ack_id, result = reply
+        key = ack_key(listening_key, ack_id)
+        deadline = time.monotonic() + wait_ms / 1000
+        acked = 0
+        while acked < told:
+            left = deadline - time.monotonic()
+            if left <= 0 or not r.execute_command("BLPOP", key, max(0.001, left)):
+                logger.warning(STRICT_UNACKED, told - acked, told)
+                break
+            acked += 1
+            if acked < told:
+                acked += len(r.execute_command("LPOP", key, told - acked) or ())
+        return result
 
     @staticmethod
     def eval(r, script, keys, argv):
@@ -202,6 +217,9 @@ class RedisTransport(Transport):
         """Release the locks this process holds and close its connections."""
         self.watchdog.release_all()
         self.watchdog.stop()
+        tracker, self.tracker = self.tracker, None
+        if tracker is not None:
+            tracker.stop()
         client, self._client = self._client, None
         if client is not None and self._pid == os.getpid():
             _close_sync(client)
@@ -270,9 +288,12 @@ class AsyncRedisTransport:
             r = await self._client()
             script, keys, argv = step[1], step[2], step[3]
             try:
-                return await r.execute_command("EVALSHA", script.sha, len(keys), *keys, *argv)
+                reply = await r.execute_command("EVALSHA", script.sha, len(keys), *keys, *argv)
             except E.NoScriptError:
-                return await r.execute_command("EVAL", script.source, len(keys), *keys, *argv)
+                reply = await r.execute_command("EVAL", script.source, len(keys), *keys, *argv)
+            if type(reply) is list and reply and reply[0] == NEAR_MARK:
+                return await self._acknowledged(r, keys[-1], reply)
+            return reply
         if kind == BLOCK:
             beat_if_registered()
             r = await self._client()
@@ -291,6 +312,22 @@ class AsyncRedisTransport:
             r = await self._client()
             return [key async for key in r.scan_iter(match=step[1], count=1000)]
         raise AssertionError(step)
+
+    async def _acknowledged(self, r, listening_key: bytes, reply: list):
+        """:meth:`RedisTransport._acknowledged`, awaited."""
+        _mark, told, wait_ms, ack_id, result = reply
+        key = ack_key(listening_key, ack_id)
+        deadline = time.monotonic() + wait_ms / 1000
+        acked = 0
+        while acked < told:
+            left = deadline - time.monotonic()
+            if left <= 0 or not await r.execute_command("BLPOP", key, max(0.001, left)):
+                logger.warning(STRICT_UNACKED, told - acked, told)
+                break
+            acked += 1
+            if acked < told:
+                acked += len(await r.execute_command("LPOP", key, told - acked) or ())
+        return result
 
     async def run(self, plan):
         where = self.sync.where
