@@ -206,6 +206,17 @@ def test_master_state_set_before_fork_is_seen_by_workers(server):
     assert {b["pid"] for b in bodies} <= server.workers()
 
 
+def test_the_startup_output_tells_nothing_misleading(server):
+    """#18: runcluster's own start used to print "...Serve with 'manage.py runcluster'..." (from the
+    throwaway check child, which inherits the embedded Manager that ready() used before the master
+    starts) and "embedded mode (... state is not shared between processes)" (from that process
+    itself): advice to do what the user just did, about a Manager that serves no one."""
+    log = server.log()
+    assert "runcluster: 4 workers" in log, log
+    for misleading in ("Serve with", "inherited through fork()", "embedded mode", "not shared between processes"):
+        assert misleading not in log, log
+
+
 def test_state_survives_sighup_and_workers_are_replaced(server):
     for _ in range(10):
         server.get("/hit/")
