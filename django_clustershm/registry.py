@@ -236,6 +236,7 @@ def _make_client() -> Client:
             logger.info("django-clustershm: attached to the Manager at %s", address)
         else:
             attached = None
+            command = runtime.management_command()
             if auto_attaches():
                 attached = _attach_running()
                 if attached is None:
@@ -247,9 +248,16 @@ def _make_client() -> Client:
             else:
                 client = embedded()
                 _mode = "embedded"
-                logger.info(
-                    "django-clustershm: embedded mode (in-process Manager; state is not shared between processes)"
-                )
+                if command == "runcluster":
+                    # runcluster's own process before it becomes the master: ready()
+                    # code ran on an embedded Manager that serves no one (#18). Saying
+                    # "state is not shared" at the start of the command that shares it
+                    # would tell the user to do what they just did.
+                    logger.debug("django-clustershm: runcluster's setup process uses an embedded Manager")
+                else:
+                    logger.info(
+                        "django-clustershm: embedded mode (in-process Manager; state is not shared between processes)"
+                    )
         near = conf.near_options(settings["NEAR_CACHE"])
         if near is not None:
             client.enable_near_cache("", *near)

@@ -387,6 +387,6 @@ def test_clustershm_stats_reports_the_remote_engine(remote):
         out = StringIO()
         call_command("clustershm_stats", stdout=out, stderr=StringIO())
     text = out.getvalue()
-    assert "engine at" in text and "store: 1 keys" in text, text
+    assert "engine at" in text and "store: 1 key\n" in text, text
     assert "locks: 1 held" in text and "held-now" in text, text
     assert "lock freed when holder dies: within one lease" in text, text

@@ -206,6 +206,37 @@ def test_master_state_set_before_fork_is_seen_by_workers(server):
     assert {b["pid"] for b in bodies} <= server.workers()
 
 
+def test_the_startup_output_tells_nothing_misleading(server):
+    """#18: runcluster's own start used to print "...Serve with 'manage.py runcluster'..." (from the
+    throwaway check child, which inherits the embedded Manager that ready() used before the master
+    starts) and "embedded mode (... state is not shared between processes)" (from that process
+    itself): advice to do what the user just did, about a Manager that serves no one."""
+    log = server.log()
+    assert "runcluster: 4 workers" in log, log
+    for misleading in ("Serve with", "inherited through fork()", "embedded mode", "not shared between processes"):
+        assert misleading not in log, log
+
+
+def test_the_demo_counts_worker_processes_not_connections(server):
+    """#18: the index listed connections as "connected workers" (pids repeated, the master among them)."""
+    workers = server.workers()
+    wait_until(lambda: set(server.get("/whoami/")[1]["workers"]) == workers, timeout=30, message="4 workers connected")
+    body = server.get("/whoami/")[1]
+    assert len(body["clients"]) > len(body["workers"])  # more connections than processes: the old figure was wrong
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=10)
+    try:
+        conn.request("GET", "/", headers={"Accept": "text/html"})
+        response = conn.getresponse()
+        html = response.read().decode()
+    finally:
+        conn.close()
+    assert response.status == 200
+    match = re.search(r"<b>(\d+)</b><span>worker processes connected: ([\d, ]+)</span>", html)
+    assert match, html
+    assert int(match.group(1)) == 4 and {int(p) for p in match.group(2).split(", ")} == workers
+    assert str(server.master) not in match.group(2)
+
+
 def test_state_survives_sighup_and_workers_are_replaced(server):
     for _ in range(10):
         server.get("/hit/")

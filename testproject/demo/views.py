@@ -12,11 +12,33 @@ from django.views.decorators.cache import cache_page
 import django_clustershm as clustershm
 
 
+def worker_pids(stats: dict) -> list[int] | None:
+    """The worker processes connected to the Manager: distinct pids, not connections.
+
+    A worker holds one connection per thread plus its listener and near-cache
+    channels, and the master (the Manager's own process) and tools such as
+    ``manage.py shell`` connect too. None where the engine does not say (Redis)."""
+    if "clients" not in stats:
+        return None
+    manager = stats.get("manager_pid")
+    return sorted({c["pid"] for c in stats["clients"] if c["pid"] != manager})
+
+
 def index(request):
+    stats = clustershm.stats()
+    workers = worker_pids(stats)
     return render(
         request,
         "demo/index.html",
-        {"pid": os.getpid(), "stats": clustershm.stats(), "hits": clustershm.get("demo:hits", 0)},
+        {
+            "pid": os.getpid(),
+            "stats": stats,
+            "engine": stats["capabilities"]["engine"],
+            "manager_pid": stats.get("manager_pid"),
+            "workers": workers,
+            "worker_count": "-" if workers is None else len(workers),
+            "hits": clustershm.get("demo:hits", 0),
+        },
     )
 
 
@@ -59,20 +81,31 @@ def flags_view(request):
     return JsonResponse({"pid": os.getpid(), "flags": flags.current()})
 
 
+def wants_html(request) -> bool:
+    """A browser (its Accept names text/html) gets a page; ``?format=json``, curl
+    (``*/*``) and scripts (no Accept) get JSON, as before (the tests read it)."""
+    chosen = request.GET.get("format")
+    if chosen in ("json", "html"):
+        return chosen == "html"
+    return "text/html" in request.headers.get("Accept", "")
+
+
 def whoami(request):
     """Which worker served this request, next to the Manager's figures."""
     stats = clustershm.stats()
-    return JsonResponse(
-        {
-            "pid": os.getpid(),
-            "engine": stats["capabilities"]["engine"],
-            "manager_pid": stats.get("manager_pid"),  # none on the Redis engine
-            "keys": stats["store"]["keys"],
-            "clients": [c["pid"] for c in stats.get("clients", [])],
-            "caches": {name: c["keys"] for name, c in stats.get("caches", {}).items()},
-            "near_caches": clustershm.near_stats(),  # this worker's
-        }
-    )
+    info = {
+        "pid": os.getpid(),
+        "engine": stats["capabilities"]["engine"],
+        "manager_pid": stats.get("manager_pid"),  # none on the Redis engine
+        "keys": stats["store"]["keys"],
+        "workers": worker_pids(stats),  # processes; None on the Redis engine
+        "clients": [c["pid"] for c in stats.get("clients", [])],  # one per connection
+        "caches": {name: c["keys"] for name, c in stats.get("caches", {}).items()},
+        "near_caches": clustershm.near_stats(),  # this worker's
+    }
+    if wants_html(request):
+        return render(request, "demo/whoami.html", {"info": info})
+    return JsonResponse(info)
 
 
 def slow(request):
