@@ -71,6 +71,12 @@ CACHES = {
         "TIMEOUT": 1209600,
         "OPTIONS": {"MAX_ENTRIES": 100000, "NEAR_CACHE": {"MAX_ENTRIES": 10000, "MAX_BYTES": 16 * 2**20}},
     },
+    # Read-mostly values behind a near cache (the /near/ view): flags, settings, prices.
+    "near": {
+        "BACKEND": "django_clustershm.cache.ClusterShmCache",
+        "LOCATION": "near",
+        "OPTIONS": {"NEAR_CACHE": {"MAX_ENTRIES": 10000}},
+    },
 }
 
 # Login state in the cache session engine: any worker sees any session.
@@ -98,5 +104,9 @@ if os.environ.get("DEMO_SNAPSHOT"):
 if os.environ.get("DEMO_ENGINE"):
     CLUSTERSHM["ENGINE"] = os.environ["DEMO_ENGINE"]
     CLUSTERSHM["ENGINE_OPTIONS"] = {"KEY_PREFIX": os.environ.get("DEMO_ENGINE_PREFIX", "demo")}
-    for _alias in CACHES.values():  # no near cache on Redis until #16
-        _alias.get("OPTIONS", {}).pop("NEAR_CACHE", None)
+    # Near caches on Redis: "strict" (a write returns once every worker of every host
+    # holding the key dropped its copy) unless DEMO_NEAR_CONSISTENCY says "eventual".
+    for _alias in CACHES.values():
+        _near = _alias.get("OPTIONS", {}).get("NEAR_CACHE")
+        if _near is not None:
+            _near["CONSISTENCY"] = os.environ.get("DEMO_NEAR_CONSISTENCY", "strict")

@@ -9,6 +9,7 @@ urlpatterns = [
     path("cincr/", views.cache_incr, name="cache_incr"),
     path("cached/", views.cached, name="cached"),
     path("fragment/", views.fragment, name="fragment"),
+    path("near/", views.near, name="near"),
     path("login/", views.login, name="login"),
     path("me/", views.me, name="me"),
     path("logout/", views.logout, name="logout"),

@@ -53,6 +53,25 @@ def cached(request):
     return JsonResponse({"rendered_by": os.getpid(), "at": time.time()})
 
 
+def near(request):
+    """A read-mostly value behind a near cache: ``?key=k`` reads it, ``&set=v`` writes it.
+
+    Reads are answered from this worker's copy; a write anywhere (this server's
+    other workers, or another server on the same Redis) is never missed by a
+    read that starts after it returned (the local engine; Redis with a strict
+    near cache, the demo's default there)."""
+    from django.core.cache import caches
+
+    near_cache = caches["near"]
+    key = request.GET.get("key", "price")
+    if "set" in request.GET:
+        near_cache.set(key, request.GET["set"], None)
+    stats = clustershm.near_stats().get("near", {})
+    return JsonResponse(
+        {"key": key, "value": near_cache.get(key), "pid": os.getpid(), "near_hits": stats.get("hits", 0)}
+    )
+
+
 def fragment(request):
     return render(request, "demo/fragment.html", {"pid": os.getpid()})
 
