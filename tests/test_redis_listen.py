@@ -253,3 +253,104 @@ def test_a_sentinel_failover_resyncs_the_listeners_and_delivery_resumes(fresh_re
     finally:
         client.shutdown()
         client.transport.shutdown()
+
+
+# -- strict listeners (STRICT_LISTENERS): a write returns once every listening process ran its callbacks --
+
+
+@pytest.fixture
+def strict_listening(remote, settings):
+    settings.CLUSTERSHM = {
+        **settings.CLUSTERSHM,
+        "ENGINE_OPTIONS": {**settings.CLUSTERSHM["ENGINE_OPTIONS"], "STRICT_LISTENERS": True, "STRICT_LEASE": 1.0},
+    }
+    registry.reset()
+    yield remote
+    current = registry.current()
+    if current is not None:
+        current.shutdown()
+        current.transport.shutdown()
+    registry.reset()
+
+
+def test_strict_listeners_have_run_when_another_process_write_returns(strict_listening):
+    """No wait_until: the writer signals once its call returned, and by then the
+    (slow) callback of this process has run for every write."""
+    import time
+
+    assert clustershm.get_client().capabilities()["listeners"].startswith("strict")
+    seen = []
+
+    def slow(key, value, event):
+        time.sleep(0.02)
+        seen.append((key, value, event))
+
+    clustershm.listen(prefix="sl:", callback=slow)
+    r, w = os.pipe()
+    go_r, go_w = os.pipe()
+
+    def writer():
+        for n in range(10):
+            os.read(go_r, 1)
+            if n == 5:
+                clustershm.set_many({"sl:a": n, "sl:b": n})
+            else:
+                clustershm.set("sl:a", n)
+            os.write(w, b"w")
+
+    pid = fork_call(writer)
+    try:
+        for n in range(10):
+            os.write(go_w, b"g")
+            assert os.read(r, 1) == b"w"
+            assert ("sl:a", n, "set") in seen, (n, seen)
+            if n == 5:
+                assert ("sl:b", n, "set") in seen
+    finally:
+        assert reap(pid, 30) == 0
+        for fd in (r, w, go_r, go_w):
+            os.close(fd)
+
+
+def test_a_hung_strict_listener_holds_a_writer_up_at_most_its_lease(strict_listening, caplog):
+    import signal
+
+    r, w = os.pipe()
+
+    def listener():
+        seen = []
+        clustershm.listen("hung", lambda *event: seen.append(event))
+        os.write(w, b"l")
+        os.kill(os.getpid(), signal.SIGSTOP)
+        wait_until(lambda: seen, message="the event, once resumed")
+
+    pid = fork_call(listener)
+    assert os.read(r, 1) == b"l"
+    wait_until(lambda: _stopped(pid), message="the listener stopped")
+    with caplog.at_level(logging.WARNING, logger="django_clustershm"):
+        clustershm.set("hung", 1)  # returns once the listener's lease (1 s) ended
+    assert "acknowledgements its strict sessions" in caplog.text
+    os.kill(pid, signal.SIGCONT)
+    assert reap(pid, 30) == 0
+    os.close(r)
+    os.close(w)
+
+
+def _stopped(pid: int) -> bool:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def test_a_strict_listener_that_stops_listening_leaves_at_once(strict_listening, caplog):
+    def listener():
+        handle = clustershm.listen("left", lambda *event: None)
+        clustershm.set("left", 0)
+        handle.cancel()
+        current = registry.current()
+        current.shutdown()
+        current.transport.shutdown()
+
+    _in_child(listener)
+    with caplog.at_level(logging.WARNING, logger="django_clustershm"):
+        clustershm.set("left", 1)
+    assert "acknowledgements" not in caplog.text

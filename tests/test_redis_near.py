@@ -316,7 +316,7 @@ def strict_remote(remote, settings):
     settings.CLUSTERSHM = {
         **settings.CLUSTERSHM,
         "NEAR_CACHE": {**NEAR, "CONSISTENCY": "strict"},
-        "ENGINE_OPTIONS": {**settings.CLUSTERSHM["ENGINE_OPTIONS"], "NEAR_LEASE": 1.0},
+        "ENGINE_OPTIONS": {**settings.CLUSTERSHM["ENGINE_OPTIONS"], "STRICT_LEASE": 1.0},
     }
     registry.reset()
     yield remote
@@ -423,7 +423,7 @@ def test_strict_a_hung_holder_holds_a_writer_up_at_most_its_lease(strict_remote,
     wait_until(lambda: _stopped(pid), message="the holder stopped")
     with caplog.at_level(logging.WARNING, logger="django_clustershm"):
         clustershm.set("h", "new")  # returns once the holder's lease (1 s) ended
-    assert "acknowledgements its strict near-cache holders owed" in caplog.text
+    assert "acknowledgements its strict sessions" in caplog.text
     os.kill(pid, signal.SIGCONT)
     assert reap(pid, 30) == 0
     os.close(r)

@@ -506,7 +506,8 @@ class Client(Keyspace):
                 max_entries,
                 max_bytes,
                 os.getpid(),
-                self.transport.capabilities.get(f"near_cache_{consistency}") or self.transport.capabilities["near_cache"],
+                self.transport.capabilities.get(f"near_cache_{consistency}")
+                or self.transport.capabilities["near_cache"],
             )
         return near
 

@@ -24,9 +24,12 @@ to redis-py as they are.
                          renews it every third of that while the holder lives)
 ``LOCK_HEARTBEAT``       seconds a dead queued waiter can delay the others
                          (default 2: a waiter renews its place every third)
-``NEAR_LEASE``           seconds a hung process with a strict near cache can hold
-                         up a writer (default 2: it renews every third, and
-                         serves its copies only while its lease runs)
+``STRICT_LEASE``         seconds a hung process can hold up a writer that waits
+                         for its acknowledgement (a strict near cache's holder,
+                         a strict listener; default 2: it renews every third,
+                         and a holder serves its copies only while it runs)
+``STRICT_LISTENERS``     a write returns once every live listening process ran
+                         its callbacks for it (default False: eventual)
 ``SIGN_VALUES``          sign values with HMAC-SHA256 (default True; see .values)
 ``SIGNING_KEY``          the secret values are signed with (default: SECRET_KEY)
 ``CONNECTION_KWARGS``    more keyword arguments for redis-py's clients
@@ -45,7 +48,7 @@ from ..exceptions import InvalidArgument
 
 DEFAULT_LOCK_LEASE = 10.0
 DEFAULT_LOCK_HEARTBEAT = 2.0
-DEFAULT_NEAR_LEASE = 2.0
+DEFAULT_STRICT_LEASE = 2.0
 DEFAULT_PREFIX = "cshm"
 
 _OPTION_NAMES = frozenset(
@@ -53,7 +56,8 @@ _OPTION_NAMES = frozenset(
         "KEY_PREFIX",
         "LOCK_LEASE",
         "LOCK_HEARTBEAT",
-        "NEAR_LEASE",
+        "STRICT_LEASE",
+        "STRICT_LISTENERS",
         "SIGN_VALUES",
         "SIGNING_KEY",
         "CONNECTION_KWARGS",
@@ -75,7 +79,8 @@ class EngineConfig:
     prefix: str = DEFAULT_PREFIX
     lock_lease: float = DEFAULT_LOCK_LEASE
     lock_heartbeat: float = DEFAULT_LOCK_HEARTBEAT
-    near_lease: float = DEFAULT_NEAR_LEASE
+    strict_lease: float = DEFAULT_STRICT_LEASE
+    strict_listeners: bool = False
     sign_values: bool = True
     signing_key: str | bytes | None = None
     connection_kwargs: dict = field(default_factory=dict)
@@ -124,7 +129,11 @@ class EngineConfig:
             raise InvalidArgument("ENGINE_OPTIONS KEY_PREFIX must be a non-empty str without braces")
         config.lock_lease = _seconds(options.get("LOCK_LEASE", DEFAULT_LOCK_LEASE), "LOCK_LEASE")
         config.lock_heartbeat = _seconds(options.get("LOCK_HEARTBEAT", DEFAULT_LOCK_HEARTBEAT), "LOCK_HEARTBEAT")
-        config.near_lease = _seconds(options.get("NEAR_LEASE", DEFAULT_NEAR_LEASE), "NEAR_LEASE")
+        config.strict_lease = _seconds(options.get("STRICT_LEASE", DEFAULT_STRICT_LEASE), "STRICT_LEASE")
+        strict_listeners = options.get("STRICT_LISTENERS", False)
+        if not isinstance(strict_listeners, bool):
+            raise InvalidArgument(f"ENGINE_OPTIONS STRICT_LISTENERS is True or False, not {strict_listeners!r}")
+        config.strict_listeners = strict_listeners
         config.sign_values = bool(options.get("SIGN_VALUES", True))
         config.signing_key = options.get("SIGNING_KEY")
         config.connection_kwargs = dict(options.get("CONNECTION_KWARGS") or {})

@@ -141,6 +141,15 @@ class RedisEventChannel(Channel):
         self._unsubscribing: dict[bytes, int] = {}  # SUNSUBSCRIBEs sent and not yet confirmed
         self._subs: dict[int, str] = {}  # sub_id -> ns
         self._renewed = time.monotonic()
+        #: STRICT_LISTENERS: this process's listener session (writers wait for its
+        #: acknowledgement, sent once the callbacks of their events ran), its lease
+        #: renewed every third of STRICT_LEASE; the acks owed for what receive() returned.
+        config = transport.config
+        self.lsid: bytes | None = os.urandom(8).hex().encode() if config.strict_listeners else None
+        self._lease_ms = str(int(config.strict_lease * 1000))
+        self._lease_every = config.strict_lease / 3
+        self._lrenewed = time.monotonic()
+        self._owed_acks: list[bytes] = []
         try:
             self._connect()
         except BaseException:
@@ -263,9 +272,25 @@ class RedisEventChannel(Channel):
                 self._by_channel.pop(space.channel, None)
                 self._unsubscribing[space.channel] = self._unsubscribing.get(space.channel, 0) + 1
                 space.node.conn.send_command("SUNSUBSCRIBE", space.channel)
+                if self.lsid is not None:  # writers need not wait for this process's lease
+                    self.transport.redis.execute_command("ZREM", space.listening_key[:-2] + b"#L", self.lsid)
         self._out.append((F.OK, rid, ns is not None))
 
     # -- what arrives --------------------------------------------------------------------------
+
+    def receive(self, timeout: float | None) -> list[Message]:
+        """What arrived; first, the acknowledgements of the strict writes whose
+        events the previous receive() returned: the dispatcher asks again only
+        once it ran their callbacks."""
+        if self._owed_acks:
+            owed, self._owed_acks = self._owed_acks, []
+            script = self.transport.ops.script("NEAR_ACK")
+            try:
+                for key in owed:
+                    self.transport.eval(self.transport.redis, script, [key], [self.lsid])
+            except Exception as exc:
+                raise self._lost(exc) from exc
+        return super().receive(timeout)
 
     def _receive(self, timeout: float | None) -> list[Message]:
         out = self._drain()
@@ -274,6 +299,8 @@ class RedisEventChannel(Channel):
         wait = RENEW_EVERY if timeout is None else timeout
         if self._spaces:
             wait = min(wait, max(0.0, self._renewed + RENEW_EVERY - time.monotonic()))
+            if self.lsid is not None:
+                wait = min(wait, max(0.0, self._lrenewed + self._lease_every - time.monotonic()))
         fds = [node.fileno() for node in self._nodes.values()]
         try:
             readable, _, _ = select.select([*fds, self._wake_r], [], [], wait)
@@ -310,8 +337,21 @@ class RedisEventChannel(Channel):
         out, self._out = self._out, []
         return out
 
+    def _renew_sessions(self, spaces) -> None:
+        """STRICT_LISTENERS: (re)new this process's session in each namespace's {P|ns}#L."""
+        script = self.transport.ops.script("NEAR_RENEW")
+        r = self.transport.redis
+        for space in spaces:
+            self.transport.eval(r, script, [space.listening_key[:-2] + b"#L"], [self.lsid, self._lease_ms])
+
     def _renew(self) -> None:
         now = time.monotonic()
+        if self.lsid is not None and self._spaces and now >= self._lrenewed + self._lease_every:
+            try:
+                self._renew_sessions([space for space in self._spaces.values() if space.confirmed])
+            except Exception as exc:
+                raise self._lost(exc) from exc
+            self._lrenewed = now
         if not self._spaces or now < self._renewed + RENEW_EVERY:
             return
         gap = now - self._renewed
@@ -359,6 +399,8 @@ class RedisEventChannel(Channel):
             ns = self._by_channel.get(reply[1])
             space = self._spaces.get(ns) if ns is not None else None
             if space is not None and not space.confirmed:
+                if self.lsid is not None:  # in the session set before listen() returns
+                    self._renew_sessions([space])
                 space.confirmed = True
                 for rid in space.waiting:
                     self._out.append((F.OK, rid, True))
@@ -393,6 +435,10 @@ class RedisEventChannel(Channel):
             logger.warning("a listener event of namespace %r is not one of ours (%r...): skipped", ns, payload[:40])
             return
         space = self._spaces[ns]
+        if code == 0:  # the end of a strict write's events: acknowledged once they are dispatched
+            if self.lsid is not None and len(event) > 3:
+                self._owed_acks.append(space.listening_key[:-2] + b"#a:" + str(int(event[3])).encode())
+            return
         if code == F.EVENT_CLEAR:
             for sub_id in space.subs:
                 self._out.append((F.PUSH_EVENT, 0, [sub_id, ns, None, code, None]))
@@ -464,6 +510,12 @@ class RedisEventChannel(Channel):
             self._closed = True
             os.close(self._wake_r)
             os.close(self._wake_w)
+        if self.lsid is not None:
+            try:  # the session leaves at once: writers need not wait for its lease
+                for space in self._spaces.values():
+                    self.transport.redis.execute_command("ZREM", space.listening_key[:-2] + b"#L", self.lsid)
+            except Exception:
+                logger.debug("a strict listener session could not leave", exc_info=True)
         for node in self._nodes.values():
             try:
                 node.conn.disconnect()

@@ -76,8 +76,8 @@ PING_AFTER = 0.5
 HOLD_FOR = 60.0
 
 STRICT_UNACKED = (
-    "a write went on without %d of the %d acknowledgements its strict near-cache holders owed: those processes' "
-    "leases ended (hung or gone), and a process serves no copy after its lease"
+    "a write went on without %d of the %d acknowledgements its strict sessions (near-cache holders, listeners) "
+    "owed: those processes' leases ended (hung or gone); a holder serves no copy after its lease"
 )
 
 
@@ -474,7 +474,7 @@ class _StrictHub:
     """The thread that keeps a process's strict near caches strict.
 
     The process has a *session* (a random id) per namespace in the server's
-    ZSET ``{P|ns}#s``, with a lease (``NEAR_LEASE``) renewed every third of
+    ZSET ``{P|ns}#s``, with a lease (``STRICT_LEASE``) renewed every third of
     it here; each strict miss renews it too and records the session as a
     holder of the keys it read (:data:`..scripts.NEAR_READ`). This thread
     subscribes, on each namespace's shard, to ``{P|ns}#n:<session>``, where
@@ -490,7 +490,7 @@ class _StrictHub:
     def __init__(self, tracker: RedisTracker) -> None:
         self.tracker = tracker
         self.engine = tracker.engine
-        self.lease = float(self.engine.config.near_lease)
+        self.lease = float(self.engine.config.strict_lease)
         self.lease_ms = str(math.ceil(self.lease * 1000))
         self.sid = os.urandom(8).hex().encode()
         self.spaces: dict[str, _StrictSpace] = {}
@@ -651,7 +651,9 @@ class _StrictHub:
         elif kind == b"smessage":
             ack_id, members = msgpack.unpackb(message[2], raw=True)
             self.tracker.invalidated(space.ns, members)
-            self.engine.eval(self.engine.redis, self.engine.ops.script("NEAR_ACK"), [ack_key(space.skey, ack_id)], [])
+            self.engine.eval(
+                self.engine.redis, self.engine.ops.script("NEAR_ACK"), [ack_key(space.skey, ack_id)], [self.sid]
+            )
         elif kind == b"sunsubscribe":
             raise ManagerUnavailable(f"the server dropped the subscription {channel!r} (its slot moved?)")
 

@@ -44,7 +44,7 @@ NEAR_CONSISTENCY = (
 )
 NEAR_STRICT = (
     "strict: never older than a completed write, in any process: a write returns once every live process holding "
-    "the key dropped its copy (a hung one holds a writer up at most NEAR_LEASE={lease:g}s, and serves no copy after)"
+    "the key dropped its copy (a hung one holds a writer up at most STRICT_LEASE={lease:g}s, and serves no copy after)"
 )
 
 CMD, SCRIPT, BLOCK, HOLD, DROP, KEYSCAN, SLEEP = range(7)
@@ -133,12 +133,16 @@ class Capabilities:
             "lock_fencing": "strictly increasing per key (a failover that loses a write can break this)",
             "lock_wait_deadline": "decided by the Redis server's clock",
             "listeners": (
-                "eventual: at most once, per-key order kept; the writing process's own listeners have run when "
+                "strict: a write returns once every live listening process ran its callbacks for it (a hung one "
+                f"holds a writer up at most STRICT_LEASE={config.strict_lease:g}s); per-key order kept; on_resync "
+                "after every reconnection"
+                if config.strict_listeners
+                else "eventual: at most once, per-key order kept; the writing process's own listeners have run when "
                 "its call returns; other processes hear within the push delay (not before the writer returns); "
                 "on_resync after every reconnection"
             ),
             "near_cache": NEAR_CONSISTENCY,
-            "near_cache_strict": NEAR_STRICT.format(lease=config.near_lease),
+            "near_cache_strict": NEAR_STRICT.format(lease=config.strict_lease),
             "multi_key_atomic": (
                 "set_many, delete_many: one step (one hash slot per namespace); clear: in steps of 1,000 keys"
             ),

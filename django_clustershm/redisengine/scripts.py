@@ -59,17 +59,23 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 # every key it copied has it in the SET {P|ns}#h:<key>. A write's emit() then
 # collects the holders of each key it changes (every live session for a
 # clear) and empties their sets; near_done() sends each live holder, on its
-# sharded channel {P|ns}#n:<session>, [ack id, keys or false (all)], and
-# returns [NEAR_MARK, holders told, ms until the last one's lease ends, ack
-# id, the script's own result]: the transport waits for that many acks on
-# {P|ns}#a:<id> (or until those leases end) before the write returns.
+# sharded channel {P|ns}#n:<session>, [ack id, keys or false (all)].
+# Strict listeners (STRICT_LISTENERS, see .events): their sessions are in
+# {P|ns}#L; after a write's events, near_done() publishes [0, -, -, ack id]
+# (its end) on the events channel. The script then returns [NEAR_MARK, ms
+# until the last told session's lease ends, ack id, its own result, the
+# sessions told...]: the transport waits until each acknowledged (pushed its
+# session to {P|ns}#a:<id>), or until those leases end, before it returns.
 _EVENTS = """
 local LKEY = KEYS[#KEYS]
 local TAG = string.sub(LKEY, 1, -3)
 local LISTENING = redis.call('EXISTS', LKEY) == 1
 local ECHAN = TAG .. '#e'
 local SKEY = TAG .. '#s'
+local LSKEY = TAG .. '#L'
 local STRICT = redis.call('EXISTS', SKEY) == 1
+local STRICT_L = LISTENING and redis.call('EXISTS', LSKEY) == 1
+local TOLD_L = false
 local NOTE = nil
 local function hold(m)
   if not STRICT then return end
@@ -93,23 +99,36 @@ local function emit(code, m, val)
   if not LISTENING then return end
   if val and #val > 65536 then val = nil end
   redis.call('SPUBLISH', ECHAN, cmsgpack.pack({code, m, val}))
+  TOLD_L = STRICT_L
 end
 local function near_done(r)
-  if NOTE == nil or next(NOTE) == nil then return r end
+  if (NOTE == nil or next(NOTE) == nil) and not TOLD_L then return r end
   if type(r) == 'table' and r.err then return r end
+  if r == nil then r = false end
   local id = redis.call('INCR', TAG .. '#c')
-  local n, last = 0, now
-  for s, ms in pairs(NOTE) do
+  local out = {NEAR_MARK, 0, id, r}
+  local last = now
+  for s, ms in pairs(NOTE or {}) do
     local dl = tonumber(redis.call('ZSCORE', SKEY, s) or '0')
     if dl > now then
       if ms == true then ms = false end
       redis.call('SPUBLISH', TAG .. '#n:' .. s, cmsgpack.pack({id, ms}))
-      n = n + 1
+      out[#out + 1] = s
       if dl > last then last = dl end
     end
   end
-  if n == 0 then return r end
-  return {NEAR_MARK, n, last - now, id, r}
+  if TOLD_L then
+    redis.call('SPUBLISH', ECHAN, cmsgpack.pack({0, false, false, id}))
+    local ls = redis.call('ZRANGEBYSCORE', LSKEY, '(' .. now, '+inf', 'WITHSCORES')
+    for j = 1, #ls, 2 do
+      out[#out + 1] = ls[j]
+      local dl = tonumber(ls[j + 1])
+      if dl > last then last = dl end
+    end
+  end
+  if #out == 4 then return r end
+  out[2] = last - now
+  return out
 end
 """
 
@@ -607,7 +626,8 @@ return out
 """
 )
 
-# A strict session's renewal. KEYS: {P|ns}#s   ARGV: session, lease_ms
+# A strict session's renewal. KEYS: {P|ns}#s (near caches) or {P|ns}#L
+# (listeners)   ARGV: session, lease_ms
 NEAR_RENEW = (
     _NOW
     + """
@@ -619,9 +639,9 @@ return 1
 """
 )
 
-# A holder's acknowledgement. KEYS: {P|ns}#a:<id>
+# An acknowledgement (a strict holder's or listener's). KEYS: {P|ns}#a:<id>  ARGV: session
 NEAR_ACK = """
-redis.call('RPUSH', KEYS[1], 1)
+redis.call('RPUSH', KEYS[1], ARGV[1])
 redis.call('PEXPIRE', KEYS[1], 30000)
 return 1
 """

@@ -17,6 +17,7 @@ import os
 import threading
 import time
 import weakref
+from collections import Counter
 from typing import Any
 
 # Imported only once the redis extra is known to be there (redisengine.make_transport).
@@ -125,21 +126,34 @@ class RedisTransport(Transport):
             return None
         raise AssertionError(step)
 
+    def _owed(self, listening_key: bytes, reply: list) -> tuple[Counter, bytes, float, Any]:
+        """What a write that told strict sessions waits for: the acks it is owed
+        (the sessions told, less this process's listeners, whose callbacks the
+        listener barrier waits for), where they come, until when, and the
+        script's own result."""
+        _mark, wait_ms, ack_id, result, *told = reply
+        owed = Counter(told)
+        for channel in list(self._channels):
+            if channel.lsid is not None:
+                owed.pop(channel.lsid, None)
+        return owed, ack_key(listening_key, ack_id), time.monotonic() + wait_ms / 1000, result
+
     def _acknowledged(self, r, listening_key: bytes, reply: list):
-        """A write that told strict near caches (.near): wait for their acks,
-        or until the last one's lease ended (it serves no copy after that)."""
-        _mark, told, wait_ms, ack_id, result = reply
-        key = ack_key(listening_key, ack_id)
-        deadline = time.monotonic() + wait_ms / 1000
-        acked = 0
-        while acked < told:
+        """A write that told strict sessions (near caches' holders, listeners):
+        wait for their acks, or until the last one's lease ended (a holder
+        serves no copy after that)."""
+        owed, key, deadline, result = self._owed(listening_key, reply)
+        while owed.total() > 0:
             left = deadline - time.monotonic()
-            if left <= 0 or not r.execute_command("BLPOP", key, max(0.001, left)):
-                logger.warning(STRICT_UNACKED, told - acked, told)
+            got = r.execute_command("BLPOP", key, max(0.001, left)) if left > 0 else None
+            if not got:
+                logger.warning(STRICT_UNACKED, owed.total(), len(reply) - 4)
                 break
-            acked += 1
-            if acked < told:
-                acked += len(r.execute_command("LPOP", key, told - acked) or ())
+            acks = [got[1]]
+            if owed.total() > 1:
+                acks += r.execute_command("LPOP", key, owed.total() - 1) or ()
+            owed.subtract(acks)
+            owed = +owed
         return result
 
     @staticmethod
@@ -315,18 +329,18 @@ class AsyncRedisTransport:
 
     async def _acknowledged(self, r, listening_key: bytes, reply: list):
         """:meth:`RedisTransport._acknowledged`, awaited."""
-        _mark, told, wait_ms, ack_id, result = reply
-        key = ack_key(listening_key, ack_id)
-        deadline = time.monotonic() + wait_ms / 1000
-        acked = 0
-        while acked < told:
+        owed, key, deadline, result = self.sync._owed(listening_key, reply)
+        while owed.total() > 0:
             left = deadline - time.monotonic()
-            if left <= 0 or not await r.execute_command("BLPOP", key, max(0.001, left)):
-                logger.warning(STRICT_UNACKED, told - acked, told)
+            got = await r.execute_command("BLPOP", key, max(0.001, left)) if left > 0 else None
+            if not got:
+                logger.warning(STRICT_UNACKED, owed.total(), len(reply) - 4)
                 break
-            acked += 1
-            if acked < told:
-                acked += len(await r.execute_command("LPOP", key, told - acked) or ())
+            acks = [got[1]]
+            if owed.total() > 1:
+                acks += await r.execute_command("LPOP", key, owed.total() - 1) or ()
+            owed.subtract(acks)
+            owed = +owed
         return result
 
     async def run(self, plan):
