@@ -285,7 +285,6 @@ def test_strict_listeners_have_run_when_another_process_write_returns(strict_lis
         time.sleep(0.02)
         seen.append((key, value, event))
 
-    clustershm.listen(prefix="sl:", callback=slow)
     r, w = os.pipe()
     go_r, go_w = os.pipe()
 
@@ -298,7 +297,8 @@ def test_strict_listeners_have_run_when_another_process_write_returns(strict_lis
                 clustershm.set("sl:a", n)
             os.write(w, b"w")
 
-    pid = fork_call(writer)
+    pid = fork_call(writer)  # before listen(): the writer is not a listener itself
+    clustershm.listen(prefix="sl:", callback=slow)
     try:
         for n in range(10):
             os.write(go_w, b"g")
