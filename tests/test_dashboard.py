@@ -315,3 +315,29 @@ def test_on_the_redis_engine_the_page_and_metrics_show_what_there_is(on_redis, s
     assert _value(families, "clustershm_locks_held") == 1
     assert _value(families, "clustershm_keys", namespace="") == found["namespaces"][0]["keys"]
     assert _value(families, "clustershm_server_connected_clients") >= 1
+
+
+# -- the chart and the filters -------------------------------------------------------------------
+
+
+def test_the_chart_is_right_aligned_on_a_readable_scale():
+    from django_clustershm.dashboard.chart import HEIGHT, WIDTH, ops_chart
+
+    assert ops_chart(None) is None  # the Redis engine: no history
+    full = ops_chart({"ops": list(range(300))}, seconds=300)
+    points = [tuple(map(float, p.split(","))) for p in full["points"].split()]
+    assert len(points) == 300 and points[0] == (0.0, HEIGHT) and points[-1][0] == WIDTH
+    assert full["top"] == 500 and full["peak"] == 299  # 1, 2, 5 x 10**n
+    young = ops_chart({"ops": [0, 3]}, seconds=300)
+    assert [float(p.split(",")[0]) for p in young["points"].split()] == [round(298 * WIDTH / 299, 1), WIDTH]
+    assert young["top"] == 5
+
+
+def test_filters_read_at_a_glance():
+    from django_clustershm.templatetags.clustershm_dashboard import duration, guarantee, num, percent
+
+    assert [duration(s) for s in (None, 0.25, 4.5, 45, 192, 7500, 3 * 86400 + 4 * 3600)] == [
+        "\u2013", "0.25s", "4.5s", "45s", "3m 12s", "2h 05m", "3d 4h",
+    ]  # fmt: skip
+    assert (percent(None), percent(0.875), percent(0.004), percent(0)) == ("\u2013", "88%", "0.4%", "0%")
+    assert num(1234567) == "1\u2009234\u2009567" and (guarantee(True), guarantee("at once")) == ("yes", "at once")
