@@ -341,3 +341,16 @@ def test_filters_read_at_a_glance():
     ]  # fmt: skip
     assert (percent(None), percent(0.875), percent(0.004), percent(0)) == ("\u2013", "88%", "0.4%", "0%")
     assert num(1234567) == "1\u2009234\u2009567" and (guarantee(True), guarantee("at once")) == ("yes", "at once")
+
+
+@pytest.mark.django_db
+@pytest.mark.parametrize(
+    ("query", "expected"),
+    [("", "2.0"), ("?refresh=5", "5.0"), ("?refresh=0", None), ("?refresh=inf", None), ("?refresh=x", "2.0")],
+)
+def test_the_refresh_period_is_a_sane_number_or_none(staff, query, expected):
+    html = staff.get("/clustershm/" + query).content.decode()
+    if expected is None:
+        assert "<script" not in html and "not refreshing" in html
+    else:
+        assert f'data-refresh="{expected}"' in html and "<script" in html

@@ -69,7 +69,9 @@ def _refresh(request: HttpRequest) -> float:
         seconds = float(request.GET.get("refresh", REFRESH_SECONDS))
     except ValueError:
         return REFRESH_SECONDS
-    return seconds if seconds >= 0.5 else 0.0  # 0 (or nonsense): no refresh
+    if not 0.5 <= seconds <= 3600:  # 0, nan, or a number setTimeout would take as 0: no refresh
+        return 0.0
+    return seconds
 
 
 def _context(request: HttpRequest, found: dict | None, error: str | None) -> dict[str, Any]:
