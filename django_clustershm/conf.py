@@ -34,6 +34,10 @@
 ``AUTO_ATTACH``      whether a management command run from the command line
                      attaches to the project's running cluster (default True;
                      see :mod:`.registry`)
+``METRICS``          who may read the Prometheus metrics besides staff:
+                     ``{"TOKEN": "...", "ALLOWED_IPS": ["10.0.0.0/8"]}`` (a
+                     bearer token; REMOTE_ADDR in a network); see
+                     :mod:`.dashboard.views` and docs/dashboard.md
 ==================  =========================================================
 
 Which Manager those settings lead to is :mod:`.registry`'s business.
@@ -66,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "AUTO_ATTACH": True,
     "ENGINE": "local",
     "ENGINE_OPTIONS": {},
+    "METRICS": None,
 }
 
 #: A near cache's bounds when NEAR_CACHE gives none.

@@ -1,5 +1,6 @@
 """Settings of the demo and test project of django-clustershm."""
 
+import os
 from pathlib import Path
 
 BASE_DIR = Path(__file__).resolve().parent.parent
@@ -38,10 +39,12 @@ TEMPLATES = [
     }
 ]
 
+# Only the dashboard's staff login uses the database (sessions live in the cache).
+# DEMO_DB: another file, e.g. the browser test's temporary one.
 DATABASES = {
     "default": {
         "ENGINE": "django.db.backends.sqlite3",
-        "NAME": BASE_DIR / "db.sqlite3",
+        "NAME": os.environ.get("DEMO_DB") or BASE_DIR / "db.sqlite3",
     }
 }
 
@@ -94,8 +97,6 @@ CLUSTERSHM = {
 
 # Snapshots (README, "Snapshots"): the demo keeps its state across restarts when
 # DEMO_SNAPSHOT names a file, e.g. DEMO_SNAPSHOT=/tmp/demo-state/clustershm.snap.
-import os  # noqa: E402
-
 if os.environ.get("DEMO_SNAPSHOT"):
     CLUSTERSHM["SNAPSHOT"] = {"PATH": os.environ["DEMO_SNAPSHOT"], "INTERVAL": 60}
 

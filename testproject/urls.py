@@ -1,4 +1,5 @@
-from django.urls import path
+from django.contrib.auth import views as auth_views
+from django.urls import include, path
 
 from testproject.demo import views
 
@@ -25,4 +26,9 @@ urlpatterns = [
     path("acounter/", views.acounter, name="acounter"),
     path("abench/", views.abench, name="abench"),
     path("alock/", views.alock, name="alock"),
+    # The live dashboard and the Prometheus metrics (docs/dashboard.md): staff only,
+    # so the demo has a login page (LOGIN_URL's default) for a staff user made with
+    # `manage.py migrate && manage.py createsuperuser`.
+    path("clustershm/", include("django_clustershm.urls")),
+    path("accounts/login/", auth_views.LoginView.as_view(), name="login-page"),
 ]

@@ -305,9 +305,12 @@ def test_describe_uses_the_tables_clock(t):
     described = t.locks.describe()
     held = sorted(described["held"], key=lambda h: h["key"])
     assert held == [
-        {"key": "j", "pid": b.pid, "fence": 2, "held_for": 4.0, "lease_left": None, "waiters": []},
-        {"key": "k", "pid": a.pid, "fence": 1, "held_for": 4.0, "lease_left": 6.0, "waiters": [b.pid]},
+        {"key": "j", "pid": b.pid, "fence": 2, "held_for": 4.0, "lease_left": None, "waiters": [], "waited": []},
+        {"key": "k", "pid": a.pid, "fence": 1, "held_for": 4.0, "lease_left": 6.0, "waiters": [b.pid], "waited": [4.0]},
     ]
+    # c's wait ended at its deadline (1 s), not when the tick saw it; the dashboard lists it
+    [longest] = described["longest_waits"]
+    assert (longest["key"], longest["pid"], longest["waited"], longest["granted"]) == ("k", c.pid, 1.0, False)
     assert (described["waiting"], described["granted"], described["expired_leases"], described["timed_out"]) == (
         1,
         2,

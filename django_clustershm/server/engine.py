@@ -23,6 +23,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 
 from ..exceptions import (
@@ -61,6 +62,10 @@ MAX_CACHE_NAME = 256
 #: Units of deferred clean-up (a closed session's lock key, or tracked pair)
 #: one tick does at most: about 2 ms on a slow 2-vCPU VM (bench/bench_close.py).
 SWEEP_BUDGET = 2048
+
+#: Seconds of ops/s history stats() carries (the dashboard's chart): one int
+#: a second in a ring, so 300 s cost 2.4 kB however long the Manager runs.
+HISTORY_SECONDS = 300
 
 #: What dispatch returns for a request that will be answered later.
 DEFERRED = object()
@@ -157,10 +162,12 @@ class Engine:
         self._next_sid = 1
         self.started = time.time()
         self.ops = 0
-        # ops/s over the last whole second, kept by tick() (not per request)
+        # ops/s over the last whole second, and over each of the last
+        # HISTORY_SECONDS: kept by tick() once a second (not per request).
         self._rate_second = int(clock())
         self._rate_ops = 0
         self.ops_per_second = 0
+        self.ops_history: deque[int] = deque(maxlen=HISTORY_SECONDS)
         #: Closed sessions whose locks or tracked keys tick() has still to sweep.
         self.sweep_pending = 0
         self.swept = 0  # units swept in all
@@ -267,9 +274,7 @@ class Engine:
         and at least every few milliseconds while busy."""
         second = int(self.clock())
         if second != self._rate_second:
-            self.ops_per_second = self.ops - self._rate_ops if second == self._rate_second + 1 else 0
-            self._rate_second = second
-            self._rate_ops = self.ops
+            self._roll_rate(second)
         self.store.reap()
         if self.caches:
             # Reads expire lazily; reclaiming the rest (and telling listeners)
@@ -287,6 +292,22 @@ class Engine:
         if store_next is None:
             return locks_next
         return store_next if locks_next is None else min(store_next, locks_next)
+
+    def _roll_rate(self, second: int, current: int = 0) -> None:
+        """A new second began: the ops counted since the last roll go to the
+        second that ended (but the ``current`` ones, counted in this second),
+        and any whole seconds after it (no tick ran then: an idle embedded
+        engine ticks only when called) count none."""
+        gone = second - self._rate_second
+        done = self.ops - current - self._rate_ops
+        self._rate_second = second
+        self._rate_ops = self.ops - current
+        if gone <= 0:  # a clock that went back (an injected one): start again from here
+            return
+        self.ops_per_second = done if gone == 1 else 0
+        history = self.ops_history
+        history.append(done)
+        history.extend([0] * min(gone - 1, HISTORY_SECONDS))
 
     def _sweep(self) -> int:
         """Sweep after closed sessions, SWEEP_BUDGET units at most; return how
@@ -641,11 +662,18 @@ class Engine:
 
     def _stats(self, session):
         store = self.store
+        now = self.clock()
+        second = int(now)
+        if second != self._rate_second:
+            self._roll_rate(second, current=1)  # this STATS request is the new second's
         return {
             "manager_pid": os.getpid(),
             "uptime": time.time() - self.started,
             "ops": self.ops,
             "ops_per_second": self.ops_per_second,
+            # Ops in each of the last seconds, oldest first; the last one ended
+            # at the wall-clock time "end" (the current second, still counting, is not in it).
+            "ops_history": {"end": time.time() - (now - second), "ops": list(self.ops_history)},
             "store": {
                 "keys": len(store),
                 "bytes": store.bytes,
@@ -669,6 +697,12 @@ class Engine:
             "clients": [{"id": s.id, "pid": s.pid, "since": s.since, "ops": s.ops} for s in self.sessions.values()],
             "locks": self.locks.describe(),
             "listeners": self.subscriptions.describe(),
+            # Each process's near cache as the Manager sees it: keys it may hold, pushes it was sent.
+            "trackers": [
+                {"pid": s.pid, "tracked": len(s.tracked or ()), "pushed": s.inval_seq}
+                for s in self.sessions.values()
+                if s.tracker
+            ],
             "near_cache_tracking": len(self.tracking),
             "near_cache_tracked_pairs": self.tracking.pairs,
             "max_total_cache_bytes": self.max_total_cache_bytes,

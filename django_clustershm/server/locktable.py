@@ -39,6 +39,8 @@ MAX_WAITERS = 1_000_000
 #: Timers a compaction of the timer heap moves per new timer, and per tick.
 COMPACT_PER_TIMER = 4
 COMPACT_PER_TICK = 1024
+#: The longest lock waits since the start that describe() lists (the dashboard's "longest waits").
+LONGEST_WAITS = 5
 
 
 class Holder:
@@ -53,13 +55,14 @@ class Holder:
 
 
 class Waiter:
-    __slots__ = ("deadline", "done", "lease", "rid", "session")
+    __slots__ = ("deadline", "done", "lease", "rid", "session", "since")
 
-    def __init__(self, session, rid: int, lease: float | None, deadline: float | None) -> None:
+    def __init__(self, session, rid: int, lease: float | None, deadline: float | None, since: float = 0.0) -> None:
         self.session = session
         self.rid = rid
         self.lease = lease
         self.deadline = deadline
+        self.since = since
         self.done = False
 
 
@@ -111,6 +114,9 @@ class LockTable:
         self.granted = 0
         self.expired_leases = 0
         self.timed_out = 0
+        # The LONGEST_WAITS longest waits that ended (granted or timed out),
+        # longest first: [waited, key, pid, granted, wall-clock time it ended].
+        self.longest_waits: list[list] = []
 
     # -- requests ------------------------------------------------------------------
 
@@ -131,7 +137,7 @@ class LockTable:
             raise LimitExceeded(f"this connection already waits for {session.waiting} locks")
         if self.waiting_count >= MAX_WAITERS:
             raise LimitExceeded(f"the Manager already queues {self.waiting_count} lock requests")
-        waiter = Waiter(session, rid, lease, None if wait is None else now + wait)
+        waiter = Waiter(session, rid, lease, None if wait is None else now + wait, now)
         if state.queue is _NO_QUEUE:
             state.queue = deque()
         state.queue.append(waiter)
@@ -382,8 +388,10 @@ class LockTable:
             self._unref(waiter.session, key)
             if waiter.deadline is not None and waiter.deadline <= now:
                 self.timed_out += 1
+                self._waited(key, waiter, now, False)
                 self.answer(waiter, None)  # its time ran out: never granted afterwards
                 continue
+            self._waited(key, waiter, now, True)
             self.answer(waiter, self._grant(key, state, waiter.session, waiter.lease, now))
             if state.queue:
                 self._contend(waiter.session.id, key)
@@ -404,9 +412,21 @@ class LockTable:
         self.waiting_count -= 1
         self._unref(waiter.session, key)
         self.timed_out += 1
+        self._waited(key, waiter, self.clock(), False)
         self.answer(waiter, None)
         if state.holder is None and not state.queue:
             del self._keys[key]
+
+    def _waited(self, key: str, waiter: Waiter, now: float, granted: bool) -> None:
+        """A wait ended: keep it if it is one of the longest (a comparison, mostly).
+        One that ran out ended at its deadline, whenever the tick that saw it ran."""
+        end = now if granted or waiter.deadline is None else min(now, waiter.deadline)
+        waited = end - waiter.since
+        longest = self.longest_waits
+        if len(longest) < LONGEST_WAITS or waited > longest[-1][0]:
+            longest.append([waited, key, waiter.session.pid, granted, time.time()])
+            longest.sort(key=lambda entry: entry[0], reverse=True)
+            del longest[LONGEST_WAITS:]
 
     def _settle(self, key: str, state: _Key, now: float) -> None:
         """Before anyone looks at ``key``: a holder whose session closed, or
@@ -439,6 +459,11 @@ class LockTable:
             holder = state.holder
             if holder is None or (dropped and holder.session.id in dropped):
                 continue
+            queue = [
+                w
+                for w in islice(state.queue, self.DESCRIBE_LIMIT)
+                if not w.done and not (dropped and w.session.id in dropped)
+            ]
             held.append(
                 {
                     "key": key,
@@ -446,11 +471,8 @@ class LockTable:
                     "fence": holder.fence,
                     "held_for": now - holder.since,
                     "lease_left": None if holder.lease_until is None else holder.lease_until - now,
-                    "waiters": [
-                        w.session.pid
-                        for w in islice(state.queue, self.DESCRIBE_LIMIT)
-                        if not w.done and not (dropped and w.session.id in dropped)
-                    ],
+                    "waiters": [w.session.pid for w in queue],  # in the order they will be granted
+                    "waited": [now - w.since for w in queue],  # how long each has waited so far
                 }
             )
             if len(held) >= self.DESCRIBE_LIMIT:
@@ -462,4 +484,8 @@ class LockTable:
             "granted": self.granted,
             "expired_leases": self.expired_leases,
             "timed_out": self.timed_out,
+            "longest_waits": [
+                {"key": key, "pid": pid, "waited": waited, "granted": granted, "at": at}
+                for waited, key, pid, granted, at in self.longest_waits
+            ],
         }
