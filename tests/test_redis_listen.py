@@ -354,3 +354,39 @@ def test_a_strict_listener_that_stops_listening_leaves_at_once(strict_listening,
     with caplog.at_level(logging.WARNING, logger="django_clustershm"):
         clustershm.set("left", 1)
     assert "acknowledgements" not in caplog.text
+
+
+def test_a_server_that_refuses_config_still_tells_writes_and_says_so_once(
+    redis_server_without_config, settings, caplog
+):
+    """A managed Redis refuses CONFIG SET: keyspace notifications cannot be turned
+    on, so listeners hear the events of writes but not of keys the server expires
+    itself; one warning says so. Near caches (both consistencies) need no CONFIG."""
+    from .conftest import remote_options
+
+    settings.CLUSTERSHM = {
+        "ENGINE": redis_server_without_config.url,
+        "ENGINE_OPTIONS": remote_options(STRICT_LISTENERS=True),
+        "NEAR_CACHE": {"MAX_ENTRIES": 100, "CONSISTENCY": "strict"},
+    }
+    registry.reset()
+    try:
+        with caplog.at_level(logging.WARNING, logger="django_clustershm.listen"):
+            seen = []
+            clustershm.listen("cfg", lambda *event: seen.append(event[1:]))
+            clustershm.listen("cfg2", lambda *event: seen.append(event[1:]))
+            _in_child(lambda: clustershm.set("cfg", 1))
+            assert (1, "set") in seen  # strict listeners: run before the writer's call returned
+        assert caplog.text.count("refused to turn on keyspace notifications") == 1, caplog.text
+        assert "notify-keyspace-events" in caplog.text
+        clustershm.set("near", "v")
+        assert clustershm.get("near") == "v" and clustershm.get("near") == "v"
+        assert clustershm.near_stats()[""]["hits"] >= 1
+        _in_child(lambda: clustershm.set("near", "w"))
+        assert clustershm.get("near") == "w"
+    finally:
+        current = registry.current()
+        if current is not None:
+            current.shutdown()
+            current.transport.shutdown()
+        registry.reset()
