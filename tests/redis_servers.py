@@ -635,6 +635,32 @@ class RedisCluster(_Group):
         self._kill(next(n for n in self._nodes if n.port == victim.port).proc)
         return victim
 
+    def move_slot_of(self, key: str, timeout: float = 30.0) -> tuple[int, int]:
+        """Reshard ``key``'s slot to another primary, keys and all (IMPORTING/MIGRATING,
+        MIGRATE, SETSLOT NODE on every primary), as ``redis-cli --cluster reshard`` does;
+        return (the old primary's port, the new one's) once every node agrees."""
+        seen_from = self._live_nodes()[0].port
+        slot = command(seen_from, "CLUSTER", "KEYSLOT", key)
+        source = self.primary_of(key).port
+        primaries = [n.port for n in self.nodes if n.role == "primary"]
+        target = next(port for port in primaries if port != source)
+        source_id, target_id = command(source, "CLUSTER", "MYID"), command(target, "CLUSTER", "MYID")
+        command(target, "CLUSTER", "SETSLOT", slot, "IMPORTING", source_id)
+        command(source, "CLUSTER", "SETSLOT", slot, "MIGRATING", target_id)
+        while True:
+            keys = command(source, "CLUSTER", "GETKEYSINSLOT", slot, 100)
+            if not keys:
+                break
+            command(source, "MIGRATE", HOST, target, "", 0, 5000, "KEYS", *keys, timeout=10.0)
+        for port in primaries:
+            command(port, "CLUSTER", "SETSLOT", slot, "NODE", target_id)
+        poll(
+            lambda: all(self._slot_owners(n.port).get(slot, (0, ""))[0] == target for n in self._live_nodes()),
+            timeout,
+            f"every node to see slot {slot} on {target}",
+        )
+        return source, target
+
     def kill_node(self, port: int) -> None:
         """SIGKILL one node by port."""
         self._kill(next(n for n in self._nodes if n.port == port).proc)

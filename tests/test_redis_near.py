@@ -476,3 +476,48 @@ def test_strict_a_killed_subscription_empties_the_copies_and_starts_a_new_sessio
     assert clustershm.get("c") == 2
     wait_until(lambda: hub.serving("", time.monotonic()), message="serving again")
     assert clustershm.get("c") == 2 and clustershm.get("c") == 2
+
+
+def test_a_resharded_namespace_keeps_its_guarantees(fresh_redis_cluster, settings, caplog):
+    """A Cluster moves the slots of the store and of a cache to other primaries,
+    keys and all: eventual copies are dropped (the source deletes the keys) and
+    misses find the new node; strict copies are dropped (the server ends the
+    subscription) and a write after the move is still seen as soon as it returns;
+    listeners subscribe again on the new node."""
+    from .conftest import remote_options
+
+    cluster = fresh_redis_cluster
+    settings.CLUSTERSHM = {
+        "ENGINE": cluster.url,
+        "ENGINE_OPTIONS": remote_options(STRICT_LEASE=1.0),
+        "NEAR_CACHE": NEAR,
+    }
+    strict_cache = {**CACHES["default"], "OPTIONS": {"NEAR_CACHE": {**NEAR, "CONSISTENCY": "strict"}}}
+    registry.reset()
+    try:
+        with override_settings(CACHES={"default": strict_cache}):
+            cache = caches["default"]
+            ops = clustershm.get_client().transport.ops
+            heard = []
+            clustershm.listen("k", lambda *event: heard.append(event[1]))
+            clustershm.set("k", 1)
+            cache.set("k", 1)
+            assert clustershm.get("k") == 1 and clustershm.get("k") == 1
+            assert cache.get("k") == 1 and cache.get("k") == 1
+            wait_until(lambda: 1 in heard, message="the listener heard the first write")
+            for ns in ("", "near"):
+                cluster.move_slot_of((ops.space(ns)[0] + b"k").decode())
+            _in_child(lambda: (clustershm.set("k", 2), caches["default"].set("k", 2)))
+            assert cache.get("k") == 2  # strict: at once
+            wait_until(lambda: clustershm.get("k") == 2, message="the eventual copy followed the move")
+            wait_until(lambda: 2 in heard, message="the listener subscribed again on the new node")
+            _in_child(lambda: (clustershm.set("k", 3), caches["default"].set("k", 3)))
+            assert cache.get("k") == 3
+            wait_until(lambda: clustershm.get("k") == 3, message="eventual copies work on the new node")
+            assert cache.get("k") == 3 and clustershm.near_stats()["near"]["hits"] >= 2
+    finally:
+        current = registry.current()
+        if current is not None:
+            current.shutdown()
+            current.transport.shutdown()
+        registry.reset()

@@ -163,6 +163,9 @@ class RedisEventChannel(Channel):
         try:
             r = self.transport.redis
             if self.transport.config.kind == "cluster":
+                # The slot map as it is now: a channel is (re)opened after a lost
+                # one, and a resharding (a slot moved) is one way to lose it.
+                r.nodes_manager.initialize()
                 for node in r.get_primaries():
                     self._open_node(node.name, r.get_redis_connection(node))
             else:

@@ -223,7 +223,7 @@ class RedisTracker(Tracker):
                 continue
             try:
                 self._read_ready(tracking, now)
-            except (E.ConnectionError, E.TimeoutError, OSError) as exc:
+            except (E.ConnectionError, E.TimeoutError, E.ResponseError, OSError) as exc:
                 self._lost(f"its tracking connection to {tracking.node} was lost: {exc}")
                 return False
             finally:
@@ -356,8 +356,16 @@ class RedisTracker(Tracker):
                 while tracking.pings:  # answers to PINGs sent before come first
                     if conn.read_response(push_request=True) is not None:  # a push gives None
                         tracking.pings -= 1
-                raws = conn.read_response()
-                pttls = [conn.read_response() for _ in rkeys]
+                replies = []
+                for _ in range(1 + len(rkeys)):  # every reply, errors too: the stream stays in step
+                    try:
+                        replies.append(conn.read_response())
+                    except E.ResponseError as exc:  # MOVED/ASK: the slot moved (see _untracked)
+                        replies.append(exc)
+                failed = next((r for r in replies if isinstance(r, E.ResponseError)), None)
+                if failed is not None:
+                    raise failed
+                raws, pttls = replies[0], replies[1:]
             except (E.ConnectionError, E.TimeoutError, OSError) as exc:
                 with self.lock:
                     if self._by_node.get(tracking.node) is tracking:
@@ -401,7 +409,7 @@ class RedisTracker(Tracker):
         """A read the tracking connection could not serve (a Cluster slot that
         moved: MOVED/ASK): read it as any other request (which refreshes the
         slot map), not kept; the next miss finds the node again."""
-        if not str(exc).startswith(("MOVED", "ASK")):
+        if not isinstance(exc, (E.MovedError, E.AskError)):
             raise translate(exc, self.engine.where) from exc
         with self._connect_lock, self.lock:
             self._by_ns = {n: t for n, t in self._by_ns.items() if n != ns}
@@ -420,7 +428,6 @@ class RedisTracker(Tracker):
         pfx = self._ops.space(ns)[0]
         with self._push_lock:
             seq = self.seq
-        sent = time.monotonic()
         members = [key.encode("utf-8") for key in keys]
         engine = self.engine
         argv = [pfx, hub.sid, hub.lease_ms, _HOLD_MS, *members]
@@ -428,7 +435,8 @@ class RedisTracker(Tracker):
             reply = engine.eval(engine.redis, self._ops.script("NEAR_READ"), [space.skey], argv)
         except Exception as exc:
             raise translate(exc, engine.where) from exc
-        space.renewed(sent)
+        # The read renewed the lease on the server too, but only a renewal on the
+        # subscription's own connection lets copies answer (see _StrictHub).
         decode = self._ops.codec.decode
         fetched = {}
         for i, (key, member) in enumerate(zip(keys, members, strict=True)):
@@ -623,11 +631,40 @@ class _StrictHub:
         if now < self._renewed_at + self.lease / 3:
             return
         self._renewed_at = now
-        script = self.engine.ops.script("NEAR_RENEW")
         for space in list(self.spaces.values()):
             if space.confirmed:
-                self.engine.eval(self.engine.redis, script, [space.skey], [self.sid, self.lease_ms])
-                space.renewed(now)
+                self._renew_on_subscription(space)
+
+    def _renew_on_subscription(self, space: _StrictSpace) -> None:
+        """Renew the session's lease *on the connection that carries its
+        subscription* (RESP3 allows commands there), and only then count the
+        lease as running: a renewal that succeeds proves that this node serves
+        the namespace's slot, so a write until the lease ends either reaches this
+        subscription or (the slot moved since) waits for the lease; if the slot
+        moved, the renewal fails with MOVED and the session starts over."""
+        conn = self._conns[space.node]  # type: ignore[index]
+        script = self.engine.ops.script("NEAR_RENEW")
+        sent = time.monotonic()
+        try:
+            self._call_on(conn, "EVALSHA", script.sha, 1, space.skey, self.sid, self.lease_ms)
+        except E.NoScriptError:
+            self._call_on(conn, "EVAL", script.source, 1, space.skey, self.sid, self.lease_ms)
+        space.renewed(sent)
+
+    def _call_on(self, conn, *args):
+        """A command on a subscribed connection: its reply, the pushes read
+        before it handled after (a subscription confirmed meanwhile renews in turn)."""
+        conn.send_command(*args, check_health=False)
+        pushes = []
+        while True:
+            reply = conn.read_response(push_request=True)
+            if isinstance(reply, list) and reply and reply[0] in _PUSH_KINDS:
+                pushes.append(reply)
+                continue
+            break
+        for push in pushes:
+            self._handle(push)
+        return reply
 
     def _handle(self, message) -> None:
         if not isinstance(message, list) or len(message) < 3:
@@ -637,13 +674,9 @@ class _StrictHub:
         if space is None:
             return
         if kind == b"ssubscribe":
-            # Renewed before it may answer: a session is live on the server
-            # (writes tell it) before any copy of it is served.
-            sent = time.monotonic()
-            self.engine.eval(
-                self.engine.redis, self.engine.ops.script("NEAR_RENEW"), [space.skey], [self.sid, self.lease_ms]
-            )
-            space.renewed(sent)
+            # In the session set, on this very node, before it may answer: a
+            # write from now on tells it.
+            self._renew_on_subscription(space)
             self.error = None
             with self._cond:
                 space.confirmed = True
@@ -674,11 +707,19 @@ class _StrictHub:
                 space.reset(self.sid)
         self._by_channel = {}
         self.tracker.invalidated_all(list(self.spaces))
+        if self.engine.config.kind == "cluster":
+            try:  # a slot may have moved: ask the cluster where the namespaces are now
+                self.engine.redis.nodes_manager.initialize()
+            except Exception:
+                logger.debug("the cluster's slot map could not be refreshed", exc_info=True)
         try:  # the old session leaves at once, if the server answers: writers need not wait for its lease
             for space in self.spaces.values():
                 self.engine.redis.execute_command("ZREM", space.skey, old)
         except Exception:
             pass
+
+
+_PUSH_KINDS = frozenset({b"smessage", b"ssubscribe", b"sunsubscribe", b"message", b"subscribe", b"unsubscribe"})
 
 
 def _as_is(message):
