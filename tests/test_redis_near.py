@@ -521,3 +521,44 @@ def test_a_resharded_namespace_keeps_its_guarantees(fresh_redis_cluster, setting
             current.shutdown()
             current.transport.shutdown()
         registry.reset()
+
+
+def test_strict_from_asyncio_reads_hold_and_writes_wait_for_acknowledgements(strict_remote, monkeypatch):
+    """The asyncio client on a strict near cache: a miss is read (and recorded as
+    held) in a worker thread; a write waits, without blocking the loop, for the
+    acknowledgement of every holder, this process's own included."""
+    clustershm.set("as", 1)
+    from django_clustershm.redisengine.transport import AsyncRedisTransport
+
+    waits = []
+    real = AsyncRedisTransport._acknowledged
+
+    async def acknowledged(self, r, key, reply):
+        waits.append(reply[4:])  # the sessions told
+        return await real(self, r, key, reply)
+
+    monkeypatch.setattr(AsyncRedisTransport, "_acknowledged", acknowledged)
+
+    async def main():
+        aio = clustershm.get_client().aio
+        assert await aio.aget("as") == 1  # a miss: this process now holds "as"
+        assert await aio.aget("as") == 1  # a hit
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        task = asyncio.ensure_future(ticker())
+        await aio.aset("as", 2)  # told this process's session: waits for its own hub's ack
+        task.cancel()
+        assert await aio.aget("as") == 2
+        return ticks
+
+    assert asyncio.run(main()) > 0  # the loop ran while the write waited
+    assert waits == [[tracker().hub.sid]]  # the write waited for this process's own acknowledgement
+    assert store_near().hits >= 1
+    _in_child(lambda: clustershm.set("as", 3))
+    assert clustershm.get("as") == 3
