@@ -60,6 +60,19 @@ def remote(request):
     yield from _module_api_on(request, request.param)
 
 
+def remote_with(settings, remote, options: dict | None = None, **conf):
+    """The module-level API on ``remote`` with more CLUSTERSHM settings (``conf``)
+    and ENGINE_OPTIONS (``options``), for one test (a fixture's body)."""
+    settings.CLUSTERSHM = {
+        **settings.CLUSTERSHM,
+        **conf,
+        "ENGINE_OPTIONS": {**settings.CLUSTERSHM["ENGINE_OPTIONS"], **(options or {})},
+    }
+    registry.reset()
+    yield remote
+    helpers.drop_module_client()
+
+
 def _shut_remote() -> None:
     current = registry.current()
     if current is not None:

@@ -197,3 +197,20 @@ def lock_waiters(key: str) -> int:
         if held["key"] == key:
             return len(held["waiters"])
     return 0
+
+
+def stopped(pid: int) -> bool:
+    """Whether process ``pid`` is stopped (SIGSTOP): state T in /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0] == "T"
+
+
+def drop_module_client() -> None:
+    """End the module-level client (its threads, connections and sessions) and forget it."""
+    from django_clustershm import registry
+
+    current = registry.current()
+    if current is not None:
+        current.shutdown()
+        current.transport.shutdown()
+    registry.reset()

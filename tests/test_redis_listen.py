@@ -18,7 +18,8 @@ import django_clustershm as clustershm
 from django_clustershm import registry
 from django_clustershm.signals import changed
 
-from .helpers import fork_call, reap, run_forked, wait_until
+from .conftest import remote_with
+from .helpers import drop_module_client, fork_call, reap, run_forked, stopped, wait_until
 
 
 @pytest.fixture(autouse=True)
@@ -260,17 +261,7 @@ def test_a_sentinel_failover_resyncs_the_listeners_and_delivery_resumes(fresh_re
 
 @pytest.fixture
 def strict_listening(remote, settings):
-    settings.CLUSTERSHM = {
-        **settings.CLUSTERSHM,
-        "ENGINE_OPTIONS": {**settings.CLUSTERSHM["ENGINE_OPTIONS"], "STRICT_LISTENERS": True, "STRICT_LEASE": 1.0},
-    }
-    registry.reset()
-    yield remote
-    current = registry.current()
-    if current is not None:
-        current.shutdown()
-        current.transport.shutdown()
-    registry.reset()
+    yield from remote_with(settings, remote, {"STRICT_LISTENERS": True, "STRICT_LEASE": 1.0})
 
 
 def test_strict_listeners_have_run_when_another_process_write_returns(strict_listening):
@@ -326,7 +317,7 @@ def test_a_hung_strict_listener_holds_a_writer_up_at_most_its_lease(strict_liste
 
     pid = fork_call(listener)
     assert os.read(r, 1) == b"l"
-    wait_until(lambda: _stopped(pid), message="the listener stopped")
+    wait_until(lambda: stopped(pid), message="the listener stopped")
     with caplog.at_level(logging.WARNING, logger="django_clustershm"):
         clustershm.set("hung", 1)  # returns once the listener's lease (1 s) ended
     assert "acknowledgements its strict sessions" in caplog.text
@@ -334,11 +325,6 @@ def test_a_hung_strict_listener_holds_a_writer_up_at_most_its_lease(strict_liste
     assert reap(pid, 30) == 0
     os.close(r)
     os.close(w)
-
-
-def _stopped(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
 def test_a_strict_listener_that_stops_listening_leaves_at_once(strict_listening, caplog):
@@ -385,8 +371,4 @@ def test_a_server_that_refuses_config_still_tells_writes_and_says_so_once(
         _in_child(lambda: clustershm.set("near", "w"))
         assert clustershm.get("near") == "w"
     finally:
-        current = registry.current()
-        if current is not None:
-            current.shutdown()
-            current.transport.shutdown()
-        registry.reset()
+        drop_module_client()

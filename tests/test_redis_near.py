@@ -21,7 +21,8 @@ from django_clustershm import conf, registry
 from django_clustershm.exceptions import InvalidArgument
 from django_clustershm.redisengine import near as redis_near
 
-from .helpers import fork_call, reap, run_forked, wait_until
+from .conftest import remote_with
+from .helpers import drop_module_client, fork_call, reap, run_forked, stopped, wait_until
 
 NEAR = {"MAX_ENTRIES": 1000, "MAX_BYTES": 1 << 20}
 CACHES = {
@@ -33,14 +34,7 @@ CACHES = {
 @pytest.fixture
 def near_remote(remote, settings):
     """The module-level API on each remote engine, with a near cache on the store."""
-    settings.CLUSTERSHM = {**settings.CLUSTERSHM, "NEAR_CACHE": NEAR}
-    registry.reset()
-    yield remote
-    current = registry.current()
-    if current is not None:
-        current.shutdown()
-        current.transport.shutdown()
-    registry.reset()
+    yield from remote_with(settings, remote, NEAR_CACHE=NEAR)
 
 
 def store_near():
@@ -313,18 +307,7 @@ def test_near_cache_options_are_checked():
 @pytest.fixture
 def strict_remote(remote, settings):
     """The module-level API on each remote engine, with a strict near cache on the store."""
-    settings.CLUSTERSHM = {
-        **settings.CLUSTERSHM,
-        "NEAR_CACHE": {**NEAR, "CONSISTENCY": "strict"},
-        "ENGINE_OPTIONS": {**settings.CLUSTERSHM["ENGINE_OPTIONS"], "STRICT_LEASE": 1.0},
-    }
-    registry.reset()
-    yield remote
-    current = registry.current()
-    if current is not None:
-        current.shutdown()
-        current.transport.shutdown()
-    registry.reset()
+    yield from remote_with(settings, remote, {"STRICT_LEASE": 1.0}, NEAR_CACHE={**NEAR, "CONSISTENCY": "strict"})
 
 
 def test_strict_another_process_write_is_seen_as_soon_as_it_returns(strict_remote):
@@ -420,7 +403,7 @@ def test_strict_a_hung_holder_holds_a_writer_up_at_most_its_lease(strict_remote,
 
     pid = fork_call(holder)
     assert os.read(r, 1) == b"h"
-    wait_until(lambda: _stopped(pid), message="the holder stopped")
+    wait_until(lambda: stopped(pid), message="the holder stopped")
     with caplog.at_level(logging.WARNING, logger="django_clustershm"):
         clustershm.set("h", "new")  # returns once the holder's lease (1 s) ended
     assert "acknowledgements its strict sessions" in caplog.text
@@ -428,11 +411,6 @@ def test_strict_a_hung_holder_holds_a_writer_up_at_most_its_lease(strict_remote,
     assert reap(pid, 30) == 0
     os.close(r)
     os.close(w)
-
-
-def _stopped(pid: int) -> bool:
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().rsplit(")", 1)[1].split()[0] == "T"
 
 
 def test_strict_a_holder_that_exits_cleanly_leaves_at_once(strict_remote, caplog):
@@ -516,11 +494,7 @@ def test_a_resharded_namespace_keeps_its_guarantees(fresh_redis_cluster, setting
             wait_until(lambda: clustershm.get("k") == 3, message="eventual copies work on the new node")
             assert cache.get("k") == 3 and clustershm.near_stats()["near"]["hits"] >= 2
     finally:
-        current = registry.current()
-        if current is not None:
-            current.shutdown()
-            current.transport.shutdown()
-        registry.reset()
+        drop_module_client()
 
 
 def test_strict_from_asyncio_reads_hold_and_writes_wait_for_acknowledgements(strict_remote, monkeypatch):

@@ -566,13 +566,16 @@ class _StrictHub:
         except OSError:
             pass
 
-    def _close(self) -> None:
+    def _disconnect(self) -> None:
         for conn in self._conns.values():
             try:
                 conn.disconnect()
-            except Exception:
+            except Exception:  # closing what may already be broken
                 pass
         self._conns = {}
+
+    def _close(self) -> None:
+        self._disconnect()
         for fd in (self._wake_r, self._wake_w):
             try:
                 os.close(fd)
@@ -695,12 +698,7 @@ class _StrictHub:
         if self.error is None:  # once per outage, not once per retry
             logger.warning("strict near caches of process %d emptied: %s", os.getpid(), exc)
         self.error = str(exc)
-        for conn in self._conns.values():
-            try:
-                conn.disconnect()
-            except Exception:
-                pass
-        self._conns = {}
+        self._disconnect()
         old, self.sid = self.sid, os.urandom(8).hex().encode()
         with self._cond:
             for space in self.spaces.values():
