@@ -60,7 +60,7 @@ from collections.abc import AsyncIterator, Iterator
 from datetime import timedelta
 from functools import wraps
 
-from django.core.cache.backends.base import DEFAULT_TIMEOUT, BaseCache, get_key_func
+from django.core.cache.backends.base import DEFAULT_TIMEOUT, MEMCACHE_MAX_KEY_LENGTH, BaseCache, get_key_func
 from django.utils.module_loading import import_string
 
 from . import conf
@@ -292,6 +292,14 @@ class ClusterShmCache(BaseCache):
             )
             self._space = space = (client, keyspace)
         return space[1]
+
+    def validate_key(self, key):
+        """Django's memcached-portability warnings, at the cost of two C-level
+        checks for the usual key (short, printable, no space): Django's own
+        check is a generator and a regex search per call, 1-2 us of every get."""
+        if len(key) <= MEMCACHE_MAX_KEY_LENGTH and key.isprintable() and " " not in key:
+            return
+        super().validate_key(key)
 
     def get_backend_timeout(self, timeout=DEFAULT_TIMEOUT):
         """Seconds from now, or None for never (Django's base class gives an
