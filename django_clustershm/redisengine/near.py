@@ -89,7 +89,7 @@ def ack_key(listening_key: bytes, ack_id) -> bytes:
 class _Tracking:
     """One tracking connection (one server node) and what is known of it."""
 
-    __slots__ = ("client_id", "conn", "heard", "io", "node", "pinged_at", "pings")
+    __slots__ = ("client_id", "conn", "heard", "io", "node", "pinged_at", "pings", "poller")
 
     def __init__(self, conn, node: str, client_id: int) -> None:
         self.conn = conn
@@ -100,6 +100,20 @@ class _Tracking:
         self.heard = time.monotonic()
         self.pings = 0  # PINGs sent and not yet answered
         self.pinged_at = 0.0
+        self.poller = select.poll()
+        self.poller.register(conn._sock.fileno(), select.POLLIN)
+
+    def has_input(self) -> bool:
+        """Whether anything arrived (never blocks): what the parser holds already,
+        or a zero-timeout poll(2) of the socket (0.3 us against redis-py's
+        can_read(), 1.2 us; a closed socket polls readable too)."""
+        reader = getattr(self.conn._parser, "_reader", None)  # hiredis's, which may hold parsed input
+        if reader is not None and hasattr(reader, "has_data"):
+            if reader.has_data():
+                return True
+        elif self.conn.can_read(0):  # the pure-Python parser: let it tell
+            return True
+        return bool(self.poller.poll(0))
 
     def close(self) -> None:
         try:
@@ -120,6 +134,7 @@ class RedisTracker(Tracker):
         self._pending: list = []
         self._connect_lock = threading.Lock()
         self._by_node: dict[str, _Tracking] = {}
+        self._trackings: tuple[_Tracking, ...] = ()  # _by_node's values, for the hit path
         self._by_ns: dict[str, _Tracking] = {}
         #: (value-key prefix, namespace) of every near cache, for the invalidated keys' names.
         self._prefixes: tuple[tuple[bytes, str], ...] = ()
@@ -216,9 +231,13 @@ class RedisTracker(Tracker):
         """Apply every invalidation already received (the tracker's lock is
         held; never blocks: a connection another thread is reading is left to
         it). True if ``ns``'s copies may answer."""
-        self._apply_pending()
+        if self._pending:
+            self._apply_pending()
         now = time.monotonic()
-        for tracking in list(self._by_node.values()):
+        for tracking in self._trackings:
+            # The common case in one cheap test: nothing arrived, nothing due.
+            if not tracking.has_input() and now - tracking.heard <= PING_AFTER:
+                continue
             if not tracking.io.acquire(blocking=False):
                 continue
             try:
@@ -228,7 +247,8 @@ class RedisTracker(Tracker):
                 return False
             finally:
                 tracking.io.release()
-        self._apply_pending()
+            if self._pending:
+                self._apply_pending()
         if ns in self._strict:
             hub = self.hub
             return hub is not None and hub.serving(ns, now)
@@ -258,7 +278,7 @@ class RedisTracker(Tracker):
     def drop(self) -> None:
         """Close the tracking connections and empty the near caches (the tracker's lock is held)."""
         trackings = list(self._by_node.values())
-        self._by_node, self._by_ns = {}, {}
+        self._by_node, self._by_ns, self._trackings = {}, {}, ()
         self.sid = (self.sid or 0) + 1
         with self._push_lock:
             self.seq += 1
@@ -282,7 +302,7 @@ class RedisTracker(Tracker):
         self._push_lock = threading.Lock()
         self._connect_lock = threading.Lock()
         self._pending = []
-        self._by_node, self._by_ns = {}, {}
+        self._by_node, self._by_ns, self._trackings = {}, {}, ()
         self.sid = (generation or 0) + 1
         for tracking in trackings:
             tracking.close()
@@ -304,6 +324,7 @@ class RedisTracker(Tracker):
                 tracking = _Tracking(conn, node, client_id)
                 with self.lock:
                     self._by_node = {**self._by_node, node: tracking}
+                    self._trackings = tuple(self._by_node.values())
             with self.lock:
                 self._by_ns = {**self._by_ns, ns: tracking}
             return tracking
