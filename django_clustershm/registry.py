@@ -46,6 +46,7 @@ which touches nothing else, see :mod:`.server.snapshot`):
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import sys
@@ -284,3 +285,21 @@ def _after_fork_in_child() -> None:
 
 
 os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+def _release_at_exit() -> None:
+    """At a clean exit (a gunicorn worker's too: it leaves by SystemExit), a
+    remote engine's client gives back what others would otherwise wait a lease
+    for: the locks it holds, its strict near-cache and listener sessions. (A
+    Manager sees its clients' connections close; Redis only sees leases end.)"""
+    current = _client
+    if current is None or _mode != "remote":
+        return
+    try:
+        current.shutdown()
+        current.transport.shutdown()
+    except Exception:  # exiting: say it, and go on exiting
+        logger.warning("django-clustershm: could not release this process's locks and sessions", exc_info=True)
+
+
+atexit.register(_release_at_exit)

@@ -536,3 +536,56 @@ def test_strict_from_asyncio_reads_hold_and_writes_wait_for_acknowledgements(str
     assert store_near().hits >= 1
     _in_child(lambda: clustershm.set("as", 3))
     assert clustershm.get("as") == 3
+
+
+def test_a_process_that_exits_cleanly_gives_back_its_locks_and_strict_sessions(redis_server, tmp_path, caplog):
+    """A real interpreter (a gunicorn worker leaves the same way: SystemExit) holds
+    a lock and a strict copy, and exits: the lock is free at once, not after its
+    lease, and a write waits for no acknowledgement."""
+    import os
+    import subprocess
+    import sys
+    import uuid
+
+    prefix = f"t{uuid.uuid4().hex[:10]}"
+    script = """
+import django, os
+django.setup()
+from django.core.cache import caches
+import django_clustershm as clustershm
+assert clustershm.get_client().transport.name == "redis"
+caches["near"].set("exit-key", 1)  # the demo's near alias: strict on Redis
+assert caches["near"].get("exit-key") == 1 and caches["near"].get("exit-key") == 1
+assert clustershm.Lock("exit-lock").acquire()  # no lease: the watchdog's (LOCK_LEASE, 10 s)
+print("held", flush=True)
+"""
+    env = {
+        **os.environ,
+        "DJANGO_SETTINGS_MODULE": "testproject.settings",
+        "DEMO_ENGINE": redis_server.url,
+        "DEMO_ENGINE_PREFIX": prefix,
+    }
+    proc = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=str(_root()), env=env
+    )
+    assert proc.returncode == 0 and "held" in proc.stdout, proc.stderr
+    from django.test import override_settings
+
+    from .conftest import remote_options
+
+    engine = {"ENGINE": redis_server.url, "ENGINE_OPTIONS": {**remote_options(), "KEY_PREFIX": prefix}}
+    with override_settings(CLUSTERSHM=engine):
+        registry.reset()
+        try:
+            assert clustershm.Lock("exit-lock").acquire(timeout=0)  # free at once, not in 10 s
+            with caplog.at_level(logging.WARNING, logger="django_clustershm"):
+                clustershm.get_client().cache("near").set("exit-key", 2)
+            assert "acknowledgements" not in caplog.text  # the exited holder had left
+        finally:
+            drop_module_client()
+
+
+def _root():
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent
