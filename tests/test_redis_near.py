@@ -589,3 +589,34 @@ def _root():
     from pathlib import Path
 
     return Path(__file__).resolve().parent.parent
+
+
+def test_with_the_server_gone_a_strict_read_fails_with_the_outage_not_a_timeout(settings, caplog):
+    """A read through a strict near cache while Redis is down raises
+    ManagerUnavailable that names the outage (the hub's last error), after a
+    few retries' worth of waiting (OUTAGE_WAIT), not the transport's timeout;
+    and the outage is logged once, not once per retry."""
+    from django_clustershm.exceptions import ManagerUnavailable
+
+    from . import redis_servers
+    from .conftest import _binary, remote_options
+
+    server = redis_servers.RedisServer(_binary("redis-server"))
+    try:
+        settings.CLUSTERSHM = {
+            "ENGINE": server.url,
+            "ENGINE_OPTIONS": remote_options(),
+            "NEAR_CACHE": {**NEAR, "CONSISTENCY": "strict"},
+        }
+        registry.reset()
+        clustershm.set("down", 1)
+        assert clustershm.get("down") == 1
+        server.stop()
+        with caplog.at_level(logging.WARNING, logger="django_clustershm.near"):
+            wait_until(lambda: tracker().hub.error is not None, message="the hub saw the server go")
+            with pytest.raises(ManagerUnavailable, match=r"could not subscribe to its invalidations.*: .+"):
+                clustershm.get("other")
+        assert caplog.text.count("strict near caches of process") == 1
+    finally:
+        drop_module_client()
+        server.stop()

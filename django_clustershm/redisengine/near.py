@@ -71,6 +71,8 @@ logger = logging.getLogger("django_clustershm.near")
 HEARD_WITHIN = 2.0
 #: Seconds of silence after which a read pings the tracking connection.
 PING_AFTER = 0.5
+#: Seconds a strict miss waits for its subscription while the server is failing.
+OUTAGE_WAIT = 0.25
 #: Seconds a strict copy lives at most: its holder record on the server lives
 #: that long after the read that made it (so a write always finds it).
 HOLD_FOR = 60.0
@@ -547,9 +549,13 @@ class _StrictHub:
                 self._thread = threading.Thread(target=self._run, name="clustershm-strict-near", daemon=True)
                 self._thread.start()
             self._wake()
-            deadline = time.monotonic() + self.engine.timeout
+            start = time.monotonic()
             while not space.confirmed:
-                left = deadline - time.monotonic()
+                # The transport's timeout; but while the server is failing (a
+                # refused connection), a few retries' worth only: a read then
+                # fails about as fast as it would without a near cache.
+                wait = OUTAGE_WAIT if self.error is not None else self.engine.timeout
+                left = start + wait - time.monotonic()
                 if left <= 0 or self._stopping:
                     raise ManagerUnavailable(
                         f"the strict near cache could not subscribe to its invalidations on {self.engine.where}"
@@ -720,6 +726,8 @@ class _StrictHub:
             logger.warning("strict near caches of process %d emptied: %s", os.getpid(), exc)
         self.error = str(exc)
         self._disconnect()
+        with self._cond:
+            self._cond.notify_all()  # a read waiting to subscribe learns of the outage
         old, self.sid = self.sid, os.urandom(8).hex().encode()
         with self._cond:
             for space in self.spaces.values():
