@@ -710,8 +710,13 @@ class Manager:
         if conn.closing is not None:  # not read from any more: this is a hang-up or an error
             self._close(conn, conn.closing)
             return
+        room = conn.reader.room()
         try:
-            data = conn.sock.recv(_RECV_SIZE)
+            if room is not None:  # the rest of a big request: straight into its buffer, never joined
+                count = conn.sock.recv_into(room)
+                data = b"" if not count else None
+            else:
+                data = conn.sock.recv(_RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except ConnectionResetError:
@@ -722,17 +727,20 @@ class Manager:
         except OSError as exc:
             self._close(conn, f"receive failed: {exc}")
             return
-        if not data:
+        if data is None:
+            frames = conn.reader.filled(count)
+        elif not data:
             if conn.reader.pending():
                 self._close(conn, f"connection ended inside a frame ({conn.reader.pending()} bytes pending)")
             else:
                 self._close(conn, None)
             return
-        try:
-            frames = conn.reader.feed(data)
-        except ProtocolError as exc:
-            self._close(conn, str(exc))
-            return
+        else:
+            try:
+                frames = conn.reader.feed(data)
+            except ProtocolError as exc:
+                self._close(conn, str(exc))
+                return
         if not frames:
             return
         if conn.session is None:
@@ -760,6 +768,7 @@ class Manager:
             return
         engine = self.engine
         encode = P.encode
+        encode_parts = P.encode_parts
         max_frame = self.engine.limits.max_frame
         max_output = self.max_pending_output
         budget = self.max_total_output
@@ -797,11 +806,17 @@ class Manager:
                 if op == P.TRACKER:
                     # Room for bursts of pushes: one that does not fit cuts the tracker off.
                     conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.tracker_sndbuf)
-                reply = encode(P.OK, rid, result)
-                if len(reply) - P.HEADER_SIZE > max_frame:
+                # A big value goes out as a buffer of its own: the store's bytes, never copied.
+                parts = encode_parts(P.OK, rid, result)
+                size = len(parts[0]) if len(parts) == 1 else P.parts_size(parts)
+                if size - P.HEADER_SIZE > max_frame:
                     raise ValueTooLarge(
-                        f"the reply would be {len(reply)} bytes, over the maximum frame of {max_frame}; ask for fewer keys"
+                        f"the reply would be {size} bytes, over the maximum frame of {max_frame}; ask for fewer keys"
                     )
+                out.extend(parts)
+                conn.out_size += size
+                self._output += size
+                continue
             except ClusterShmError as exc:
                 # A refused request (a bad argument, an unknown opcode): an
                 # error reply, and the connection (with its locks) stays.
@@ -887,10 +902,11 @@ class Manager:
         between them, not N times their own bound."""
         if conn.overflow:
             return
-        frame = P.encode(P.PUSH_EVENT, 0, event)
-        conn.out.append(frame)
-        conn.out_size += len(frame)
-        self._output += len(frame)
+        parts = P.encode_parts(P.PUSH_EVENT, 0, event)  # a big value, not copied
+        size = P.parts_size(parts)
+        conn.out.extend(parts)
+        conn.out_size += size
+        self._output += size
         if not conn.listener:
             conn.listener = True
             self._listeners += 1
