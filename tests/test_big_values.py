@@ -14,6 +14,7 @@ import time
 import msgpack
 import pytest
 
+from django_clustershm import Manager
 from django_clustershm.client.serializer import Serializer
 from django_clustershm.compressors import ZlibCompressor
 from django_clustershm.exceptions import ProtocolError
@@ -225,3 +226,40 @@ def test_a_listener_hears_a_big_value(big_manager):
     finally:
         listener.close()
         client.close()
+
+
+def test_big_requests_buffers_are_bounded_for_all_connections_together():
+    """A big request is received into a buffer of its size once its header is in; what such buffers
+    hold before their bytes come is bounded for all connections together (BigBudget): past it a big
+    frame is received in chunks, as before, so peers that send headers and stop commit nothing they
+    did not send. A connection closed mid-frame gives its share back."""
+    manager = Manager(max_total_output=4 * MIB).start()
+    client = socket_client(manager.address, manager.secret, timeout=10)
+    socks = []
+    try:
+        value = pickle.dumps(os.urandom(3 * MIB))
+        frame = P.encode(P.SET, 1, ["", "k", value, None, None])
+        first = _handshaked_socket(manager.address, manager.secret)
+        socks.append(first)
+        first.sendall(frame[:1000])  # a header and a little: a 3 MiB buffer, counted
+        wait_until(lambda: manager._inbound.used == len(frame) - P.HEADER_SIZE, message="the first buffer")
+        second = _handshaked_socket(manager.address, manager.secret)
+        socks.append(second)
+        second.sendall(frame[:1000])  # over the budget: chunks, nothing more counted
+        assert client.incr("n") == 1  # the Manager serves the others meanwhile
+        assert manager._inbound.used == len(frame) - P.HEADER_SIZE
+        first.close()  # mid-frame: its share comes back
+        wait_until(lambda: manager._inbound.used == 0, message="the closed connection's share")
+        second.sendall(frame[1000:])
+        ((op, rid, _),) = P.FrameReader().feed(second.recv(512))
+        assert (op, rid) == (P.OK, 1) and client.get("k") == pickle.loads(value)
+        third = _handshaked_socket(manager.address, manager.secret)
+        socks.append(third)
+        third.sendall(frame)  # room again: received into one buffer, given back once complete
+        ((op, rid, _),) = P.FrameReader().feed(third.recv(512))
+        assert (op, rid) == (P.OK, 1) and manager._inbound.used == 0
+    finally:
+        for sock in socks:
+            sock.close()
+        client.close()
+        manager.close()

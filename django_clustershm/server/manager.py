@@ -173,10 +173,10 @@ class _Conn:
         "sock",
     )
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, deadline: float, budget: P.BigBudget | None = None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.reader = P.FrameReader(P.HANDSHAKE_MAX_FRAME)
+        self.reader = P.FrameReader(P.HANDSHAKE_MAX_FRAME, budget)
         self.out: list[bytes | memoryview] = []
         self.out_size = 0
         self.session: Session | None = None
@@ -292,6 +292,10 @@ class Manager:
         # kept where out_size changes), and how many listener channels there are.
         self._output = 0
         self._listeners = 0
+        # Big requests being received into buffers of their size: what those
+        # hold before their bytes come, for all connections together, is
+        # bounded (past it, chunks as for small frames; see wire.frames.BigBudget).
+        self._inbound = P.BigBudget(self.max_total_output)
         # Connections that have not completed the handshake, oldest first.
         self._unauthenticated: dict[int, _Conn] = {}
         self._calls: deque = deque()
@@ -639,7 +643,7 @@ class Manager:
                 sock.close()
                 continue
             sock.setblocking(False)
-            conn = _Conn(sock, time.monotonic() + self.handshake_timeout)
+            conn = _Conn(sock, time.monotonic() + self.handshake_timeout, self._inbound)
             try:
                 pid, uid, _gid = _PEERCRED.unpack(
                     sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -693,6 +697,7 @@ class Manager:
         if self._unauthenticated.get(conn.fd) is conn:
             del self._unauthenticated[conn.fd]
         self._drop_output(conn)
+        conn.reader.discard()
         if conn.listener:
             self._listeners -= 1
         if reason:

@@ -327,6 +327,19 @@ def decode_reply(payload):
     return decode_payload(payload)
 
 
+class BigBudget:
+    """Bytes that big frames' buffers (:meth:`FrameReader.room`) may hold before their bytes arrive,
+    shared by the readers given it: the Manager's connections. A big frame past it is received in
+    chunks, as before #19, so peers that send a big frame's header and stop cannot make the Manager
+    commit memory they did not send (a ``bytearray`` is zeroed, every page of it, when made)."""
+
+    __slots__ = ("limit", "used")
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+
 class FrameReader:
     """Incremental frame parser: feed it bytes, take out whole frames.
 
@@ -345,9 +358,11 @@ class FrameReader:
     each, 0.5 ms a MiB on the reference VM, and malloc reuses its heap.)
     """
 
-    __slots__ = ("_big", "_big_filled", "_big_frame", "_chunks", "_have", "_need", "error", "max_frame")
+    __slots__ = ("_big", "_big_filled", "_big_frame", "_chunks", "_have", "_need", "budget", "error", "max_frame")
 
-    def __init__(self, max_frame: int = HANDSHAKE_MAX_FRAME) -> None:
+    def __init__(self, max_frame: int = HANDSHAKE_MAX_FRAME, budget: BigBudget | None = None) -> None:
+        #: Shared by the readers of one server: what their big frames' buffers may hold unfilled.
+        self.budget = budget
         self._chunks: list[bytes] = []
         self._have = 0
         self._need = HEADER_SIZE
@@ -381,19 +396,36 @@ class FrameReader:
         if self._big_filled < len(big):
             return []
         op, rid = self._big_frame
+        if self.budget is not None:
+            self.budget.used -= len(big)
         self._big = None
         self._big_filled = self._have = 0
         self._need = HEADER_SIZE
         frames: list[tuple[int, int, bytes | memoryview]] = [(op, rid, big)]
         return frames
 
-    def _start_big(self, op: int, rid: int, length: int, head) -> None:
-        """Receive the rest of a big frame into a buffer of its size, ``head`` its first bytes."""
+    def discard(self) -> None:
+        """The stream is over (its connection closed): give back what a big frame under way held."""
+        if self._big is not None and self.budget is not None:
+            self.budget.used -= len(self._big)
+        self._big = None
+        self._chunks = []
+        self._have = 0
+
+    def _start_big(self, op: int, rid: int, length: int, head) -> bool:
+        """Receive the rest of a big frame into a buffer of its size, ``head`` its first bytes; False
+        (receive it in chunks) if the budget shared with other readers cannot hold it now."""
+        budget = self.budget
+        if budget is not None:
+            if budget.used + length > budget.limit:
+                return False
+            budget.used += length
         buf = memoryview(bytearray(length))
         buf[: len(head)] = head
         self._big = buf
         self._big_filled = self._have = len(head)
         self._big_frame = (op, rid)
+        return True
 
     def feed(self, data) -> list[tuple[int, int, bytes | memoryview]]:
         """Add ``data``; return the complete frames as ``(opcode, rid, payload)``.
@@ -454,8 +486,7 @@ class FrameReader:
                 return frames
             stop = pos + HEADER_SIZE + length
             if stop > end:
-                if length >= BIG:
-                    self._start_big(op, rid, length, memoryview(buf)[pos + HEADER_SIZE :])
+                if length >= BIG and self._start_big(op, rid, length, memoryview(buf)[pos + HEADER_SIZE :]):
                     return frames
                 need = HEADER_SIZE + length
                 break
