@@ -75,7 +75,7 @@ _decode = F.decode_payload
 
 
 def _reply(op: int, payload) -> Any:
-    result = F.decode_reply(payload)
+    result = _decode(payload) if type(payload) is bytes else F.decode_reply(payload)
     if op == F.OK:
         return result
     if op == F.ERR:
@@ -197,10 +197,9 @@ class AsyncConnection:
 
     def _on_readable(self) -> None:
         reader = self.reader
-        room = reader.room()
         try:
-            if room is not None:  # the rest of a big reply: straight into its buffer
-                count = self.sock.recv_into(room)
+            if reader.big is not None:  # the rest of a big reply: straight into its buffer
+                count = self.sock.recv_into(reader.room())
                 data = b"" if not count else None
             else:
                 data = self.sock.recv(_RECV_SIZE)
@@ -279,14 +278,16 @@ class AsyncConnection:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def _write(self, parts: list) -> None:
-        """Send a frame's buffers (:func:`.socket.request_frame`), or queue what the socket does not take."""
+    def _write(self, frame: bytes | list) -> None:
+        """Send a frame (:func:`.socket.request_frame`: bytes, or a big one's buffers), or queue what
+        the socket does not take."""
+        parts: list = [frame] if isinstance(frame, bytes) else frame
         out = self._out
         if out:
             out.extend(map(memoryview, parts))
             return
         try:
-            sent = self.sock.send(parts[0]) if len(parts) == 1 else self.sock.sendmsg(parts)
+            sent = self.sock.send(frame) if isinstance(frame, bytes) else self.sock.sendmsg(parts)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
@@ -301,7 +302,7 @@ class AsyncConnection:
         if out:
             self.loop.add_writer(self.sock.fileno(), self._on_writable)
 
-    def _frame(self, op: int, rid: int, args: list) -> list:
+    def _frame(self, op: int, rid: int, args: list) -> bytes | list:
         return request_frame(op, rid, args, self.limits.max_frame)
 
     def send(self, op: int, args: list) -> tuple[int, asyncio.Future]:

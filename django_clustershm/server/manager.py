@@ -715,10 +715,9 @@ class Manager:
         if conn.closing is not None:  # not read from any more: this is a hang-up or an error
             self._close(conn, conn.closing)
             return
-        room = conn.reader.room()
         try:
-            if room is not None:  # the rest of a big request: straight into its buffer, never joined
-                count = conn.sock.recv_into(room)
+            if conn.reader.big is not None:  # the rest of a big request: straight into its buffer, never joined
+                count = conn.sock.recv_into(conn.reader.room())
                 data = b"" if not count else None
             else:
                 data = conn.sock.recv(_RECV_SIZE)
@@ -774,6 +773,8 @@ class Manager:
         engine = self.engine
         encode = P.encode
         encode_parts = P.encode_parts
+        parts_size = P.parts_size
+        big = P.BIG
         max_frame = self.engine.limits.max_frame
         max_output = self.max_pending_output
         budget = self.max_total_output
@@ -811,14 +812,23 @@ class Manager:
                 if op == P.TRACKER:
                     # Room for bursts of pushes: one that does not fit cuts the tracker off.
                     conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.tracker_sndbuf)
-                # A big value goes out as a buffer of its own: the store's bytes, never copied.
-                parts = encode_parts(P.OK, rid, result)
-                size = len(parts[0]) if len(parts) == 1 else P.parts_size(parts)
+                kind = type(result)
+                if kind is list or (kind is bytes and len(result) >= big):
+                    # A big value goes out as a buffer of its own: the store's bytes, never copied.
+                    parts = encode_parts(P.OK, rid, result)
+                    size = parts_size(parts)
+                else:
+                    parts = None
+                    reply = encode(P.OK, rid, result)
+                    size = len(reply)
                 if size - P.HEADER_SIZE > max_frame:
                     raise ValueTooLarge(
                         f"the reply would be {size} bytes, over the maximum frame of {max_frame}; ask for fewer keys"
                     )
-                out.extend(parts)
+                if parts is None:
+                    out.append(reply)
+                else:
+                    out.extend(parts)
                 conn.out_size += size
                 self._output += size
                 continue

@@ -358,7 +358,7 @@ class FrameReader:
     each, 0.5 ms a MiB on the reference VM, and malloc reuses its heap.)
     """
 
-    __slots__ = ("_big", "_big_filled", "_big_frame", "_chunks", "_have", "_need", "budget", "error", "max_frame")
+    __slots__ = ("_big_filled", "_big_frame", "_chunks", "_have", "_need", "big", "budget", "error", "max_frame")
 
     def __init__(self, max_frame: int = HANDSHAKE_MAX_FRAME, budget: BigBudget | None = None) -> None:
         #: Shared by the readers of one server: what their big frames' buffers may hold unfilled.
@@ -366,8 +366,10 @@ class FrameReader:
         self._chunks: list[bytes] = []
         self._have = 0
         self._need = HEADER_SIZE
-        # A big frame being received: its payload's buffer, the bytes in it, its (opcode, rid).
-        self._big: memoryview | None = None
+        #: The payload buffer of the big frame being received, or None (the
+        #: callers' cheap test before a receive: then :meth:`room`).
+        self.big: memoryview | None = None
+        # The bytes in it, and its (opcode, rid).
         self._big_filled = 0
         self._big_frame = (0, 0)
         self.max_frame = max_frame
@@ -379,16 +381,18 @@ class FrameReader:
         """Bytes received but not yet part of a returned frame."""
         return self._have
 
-    def room(self) -> memoryview | None:
-        """The rest of the big frame being received, to ``recv_into()`` (then
-        call :meth:`filled`); None when no big frame is under way (then read
-        and :meth:`feed`). Receiving into it never reads past the frame."""
-        big = self._big
-        return None if big is None else big[self._big_filled :]
+    def room(self) -> memoryview:
+        """The rest of the big frame being received (only while :attr:`big` is
+        not None; otherwise read and :meth:`feed`), to ``recv_into()``, then
+        call :meth:`filled`. Receiving into it never reads past the frame."""
+        big = self.big
+        if big is None:
+            raise ValueError("no big frame is being received")
+        return big[self._big_filled :]
 
     def filled(self, count: int) -> list[tuple[int, int, bytes | memoryview]]:
         """``count`` bytes were received into :meth:`room`; the big frame if it is complete now."""
-        big = self._big
+        big = self.big
         if big is None:
             raise ValueError("no big frame is being received")
         self._big_filled += count
@@ -398,7 +402,7 @@ class FrameReader:
         op, rid = self._big_frame
         if self.budget is not None:
             self.budget.used -= len(big)
-        self._big = None
+        self.big = None
         self._big_filled = self._have = 0
         self._need = HEADER_SIZE
         frames: list[tuple[int, int, bytes | memoryview]] = [(op, rid, big)]
@@ -406,9 +410,9 @@ class FrameReader:
 
     def discard(self) -> None:
         """The stream is over (its connection closed): give back what a big frame under way held."""
-        if self._big is not None and self.budget is not None:
-            self.budget.used -= len(self._big)
-        self._big = None
+        if self.big is not None and self.budget is not None:
+            self.budget.used -= len(self.big)
+        self.big = None
         self._chunks = []
         self._have = 0
 
@@ -422,7 +426,7 @@ class FrameReader:
             budget.used += length
         buf = memoryview(bytearray(length))
         buf[: len(head)] = head
-        self._big = buf
+        self.big = buf
         self._big_filled = self._have = len(head)
         self._big_frame = (op, rid)
         return True
@@ -437,7 +441,7 @@ class FrameReader:
         """
         if self.error is not None:
             raise self.error
-        big = self._big
+        big = self.big
         if big is not None:
             # A big frame under way, fed rather than received into room(): copy it in.
             take = min(len(data), len(big) - self._big_filled)
