@@ -5,7 +5,8 @@ with ``--asgi``, to ``/abench/`` (``await cache.aget``, ``await cache.aincr``) t
 (``runcluster --asgi`` against gunicorn with ``uvicorn_worker.UvicornWorker``). Both servers are up at once and wrk
 runs against each in turn, ``--rounds`` times: requests/s and latency percentiles, medians over the rounds, and the
 shared counter, checked against the requests served (README.md has the setup and the checks). Only the ratio within
-one run counts.
+one run counts. ``--work N``: the view spends N µs in a busy loop before each of its two cache calls, as a view
+with work of its own does (the calls then meet a Manager and a client that stopped polling).
 """
 
 from __future__ import annotations
@@ -209,12 +210,15 @@ def main(argv=None) -> int:
                        seconds=(lab.count, 10, "duration of each wrk run"),
                        warmup=(lab.count0, 1000, "warm-up requests per server"),
                        rounds=(lab.count, 3, "wrk runs per server, the servers taking turns"),
-                       asgi=(bool, False, "runcluster --asgi against gunicorn with uvicorn's worker, on /abench/"))  # fmt: skip
+                       asgi=(bool, False, "runcluster --asgi against gunicorn with uvicorn's worker, on /abench/"),
+                       work=(lab.count0, 0, "µs of busy work the view does before its get and again before its incr "
+                                            "(?work=N)"))  # fmt: skip
     lab.need(binaries=["wrk", "redis-server"], modules=["gunicorn", "redis"] + ["uvicorn_worker"] * args.asgi)
     busy = cpu_busy()
     results: dict[str, dict] = {}
     with lab.Lab("http") as bench:
         path, servers = setups(args.asgi, f"unix://{bench.start_redis()}")
+        path += f"?work={args.work}" if args.work else ""
         runs: dict[str, list[dict]] = {name: [] for name in servers}
         up = {}
         for name, (_, command, env, _) in servers.items():
@@ -258,6 +262,8 @@ def main(argv=None) -> int:
     what = (f"GET /abench/ (one await cache.aget + one await cache.aincr), {WORKERS} {UVICORN_WORKER} workers per "
             f"server ({uvicorn_flavour()})" if args.asgi else
             f"GET /bench/ (one cache.get + one cache.incr), {WORKERS} sync gunicorn workers per server")  # fmt: skip
+    if args.work:
+        what += f", the view spending {args.work} µs of busy work before each cache call ({path})"
     text = [
         lab.header(f"django-clustershm HTTP benchmark: {what}, {bench.elapsed:.0f}s", bench.versions),
         lab.table(["server", f"requests/s (median of {args.rounds})", "range over the rounds (spread)",
@@ -274,13 +280,14 @@ def main(argv=None) -> int:
         "Correctness (the counter after the run vs. probe + warm-up + wrk's requests + the final GET):\n"
         + "\n".join(checks),
     ]  # fmt: skip
-    report = {"asgi": args.asgi, "path": path, "workers": WORKERS, "rounds": args.rounds, "cpu_busy_before": busy,
+    report = {"asgi": args.asgi, "work_us": args.work, "path": path, "workers": WORKERS, "rounds": args.rounds, "cpu_busy_before": busy,
               "wrk": {"threads": WRK_THREADS, "connections": WRK_CONNECTIONS, "command": wrk},
               "ratio_by_round": paired, "results": {n: {"label": servers[n][0], **r, "ratio_to_redis":
                                                         r["requests_per_s"]["median"] / base}
                                                     for n, r in results.items()}}  # fmt: skip
     rps, prefix = first["requests_per_s"]["median"], "runcluster --asgi" if args.asgi else "runcluster"
     peer = "gunicorn+uvicorn+Redis" if args.asgi else "gunicorn+Redis"
+    prefix += f" (work {args.work} µs)" if args.work else ""
     headlines = {f"{prefix} requests/s": (rps, "higher"), f"{prefix} / {peer} requests/s": (rps / base, "higher")}
     return lab.finish(args, bench, text, report, headlines, failed=any(r["problems"] for r in results.values()))
 

@@ -1,11 +1,10 @@
 """Compare two source trees of django-clustershm on the benchmarks' headline figures, in one run.
 
-Each round runs every named script (core, cache, locks, listeners, http, async, redis, redis_near: this checkout's,
-on the package's public API) once against each tree, before then after, with PYTHONPATH set to the tree, whose
-package the run's JSON must name. The table: each headline figure's median and spread over the rounds per tree,
-after / before, and "better" or "worse" only where the two trees' ranges do not overlap. cache runs only clustershm
-and near, locks and async only clustershm, unless ``--peers``; redis and redis_near run one of their own rounds per
-round.
+Each round runs every named script (core, cache, locks, listeners, http, async, redis, redis_near, big, gaps: this
+checkout's, on the package's public API) once against each tree, before then after, with PYTHONPATH set to the tree, whose package the
+run's JSON must name. The table: each headline figure's median and spread over the rounds per tree, after / before,
+and "better" or "worse" only where the two trees' ranges do not overlap. cache runs only clustershm and near, locks
+and async only clustershm, unless ``--peers``; redis, redis_near, big and gaps run one of their own rounds per round.
 """
 
 from __future__ import annotations
@@ -22,9 +21,11 @@ import lab
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-SCRIPTS = ("core", "cache", "locks", "listeners", "http", "async", "redis", "redis_near")
+SCRIPTS = ("core", "cache", "locks", "listeners", "http", "async", "redis", "redis_near", "big", "gaps")
 FOCUS = {"cache": ["--only", "clustershm,near"], "locks": ["--only", "clustershm"], "async": ["--only", "clustershm"],
-         "redis": ["--rounds", "1"], "redis_near": ["--rounds", "1"]}  # fmt: skip  # one of their rounds per round
+         "redis": ["--rounds", "1"], "redis_near": ["--rounds", "1"], "big": ["--rounds", "1"],
+         "gaps": ["--rounds", "1"]}  # fmt: skip
+# redis, redis_near, big and gaps: one of their rounds per compare.py round (with their peers: the ratios)
 
 
 def run_script(script: str, tree: str, options: list[str], out: str, timeout: float) -> tuple[dict | None, str]:

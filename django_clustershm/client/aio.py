@@ -75,7 +75,7 @@ _decode = F.decode_payload
 
 
 def _reply(op: int, payload) -> Any:
-    result = _decode(payload)
+    result = _decode(payload) if type(payload) is bytes else F.decode_reply(payload)
     if op == F.OK:
         return result
     if op == F.ERR:
@@ -196,21 +196,29 @@ class AsyncConnection:
     # -- the loop's callbacks -------------------------------------------------------------
 
     def _on_readable(self) -> None:
+        reader = self.reader
         try:
-            data = self.sock.recv(_RECV_SIZE)
+            if reader.big is not None:  # the rest of a big reply: straight into its buffer
+                count = self.sock.recv_into(reader.room())
+                data = b"" if not count else None
+            else:
+                data = self.sock.recv(_RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
             self._lose(ManagerUnavailable(f"lost the connection to the Manager: {exc}"))
             return
-        if not data:
+        if data is None:
+            frames = reader.filled(count)
+        elif not data:
             self._lose(ManagerUnavailable("the Manager closed the connection"))
             return
-        try:
-            frames = self.reader.feed(data)
-        except ClusterShmError as exc:
-            self._lose(exc)
-            return
+        else:
+            try:
+                frames = reader.feed(data)
+            except ClusterShmError as exc:
+                self._lose(exc)
+                return
         pending = self.pending
         for op, rid, payload in frames:
             if op >= F.PUSH_MIN:
@@ -270,22 +278,31 @@ class AsyncConnection:
 
     # -- requests ---------------------------------------------------------------------------
 
-    def _write(self, frame: bytes) -> None:
-        if self._out:
-            self._out.append(memoryview(frame))
+    def _write(self, frame: bytes | list) -> None:
+        """Send a frame (:func:`.socket.request_frame`: bytes, or a big one's buffers), or queue what
+        the socket does not take."""
+        parts: list = [frame] if isinstance(frame, bytes) else frame
+        out = self._out
+        if out:
+            out.extend(map(memoryview, parts))
             return
         try:
-            sent = self.sock.send(frame)
+            sent = self.sock.send(frame) if isinstance(frame, bytes) else self.sock.sendmsg(parts)
         except (BlockingIOError, InterruptedError):
             sent = 0
         except OSError as exc:
             self._lose(ManagerUnavailable(f"cannot send to the Manager: {exc}"))
             raise self.lost from exc  # type: ignore[misc]
-        if sent < len(frame):
-            self._out.append(memoryview(frame)[sent:])
+        for part in parts:
+            if sent >= len(part):
+                sent -= len(part)
+            else:
+                out.append(memoryview(part)[sent:])
+                sent = 0
+        if out:
             self.loop.add_writer(self.sock.fileno(), self._on_writable)
 
-    def _frame(self, op: int, rid: int, args: list) -> bytes:
+    def _frame(self, op: int, rid: int, args: list) -> bytes | list:
         return request_frame(op, rid, args, self.limits.max_frame)
 
     def send(self, op: int, args: list) -> tuple[int, asyncio.Future]:

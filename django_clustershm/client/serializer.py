@@ -73,9 +73,16 @@ class Serializer:
             raise ValueTooLarge(f"value serializes to {len(data)} bytes; the maximum is {max_value} (MAX_VALUE_SIZE)")
         return data
 
-    def loads(self, data: bytes | int) -> Any:
+    def loads(self, data: bytes | memoryview | int) -> Any:
         if isinstance(data, int):
             return data
+        if type(data) is memoryview:
+            # A big value, read from the buffer its reply was received into
+            # (..wire.frames.decode_reply): pickle reads it there; anything
+            # else gets the bytes it expects.
+            if self.serializer is None and data[:1] != b"\xc1":
+                return _loads(data)
+            data = bytes(data)
         if data[:1] == b"\xc1":  # compressed (by any compressor: see ..compressors)
             from ..compressors import expand
 

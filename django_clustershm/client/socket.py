@@ -54,7 +54,9 @@ _RECV_SIZE = 64 * 1024  # under glibc's mmap threshold: a larger recv() buffer c
 #: not reading it: new hints are dropped, costing at worst more pushes).
 _MAX_POST_BACKLOG = 1 << 20
 _encode = F.encode
+_encode_parts = F.encode_parts
 _decode = F.decode_payload
+_decode_reply = F.decode_reply
 _OK = F.OK
 _ERR = F.ERR
 
@@ -70,17 +72,46 @@ class HandshakeLost(ManagerUnavailable):
 HANDSHAKE_ATTEMPTS = 3
 
 
-def request_frame(op: int, rid: int, args: list, max_frame: int) -> bytes:
-    """One request, encoded and checked against the frame limit (both socket transports)."""
+#: Requests whose arguments carry a value (at the top of the list, where encode_parts looks).
+_VALUE_OPS = frozenset({F.SET, F.ADD, F.REPLACE})
+
+
+def request_frame(op: int, rid: int, args: list, max_frame: int) -> bytes | list:
+    """One request, encoded and checked against the frame limit (both socket transports): its
+    bytes, or for a request carrying a big value the buffers to send in turn
+    (:func:`..wire.frames.encode_parts`: the value is not copied)."""
     try:
-        frame = _encode(op, rid, args)
+        frame = _encode_parts(op, rid, args) if op in _VALUE_OPS else _encode(op, rid, args)
     except UnicodeEncodeError as exc:
         raise InvalidKey(f"a key cannot be encoded as UTF-8: {exc}") from exc
-    if len(frame) - F.HEADER_SIZE > max_frame:
+    if type(frame) is list:
+        if len(frame) == 1:
+            frame = frame[0]
+        size = len(frame) if type(frame) is bytes else F.parts_size(frame)
+    else:
+        size = len(frame)
+    if size - F.HEADER_SIZE > max_frame:
         raise ValueTooLarge(
-            f"request of {len(frame)} bytes exceeds the maximum frame of {max_frame}; send fewer items at once"
+            f"request of {size} bytes exceeds the maximum frame of {max_frame}; send fewer items at once"
         )
     return frame
+
+
+def send_parts(sock: socket.socket, parts: bytes | list) -> None:
+    """Send what :func:`request_frame` made on a blocking socket: ``sendall()`` for bytes, else
+    ``sendmsg()`` until all went (a big value goes from its own buffer to the kernel, as a view
+    when a send stops inside it)."""
+    if isinstance(parts, bytes):
+        sock.sendall(parts)
+        return
+    left = [memoryview(part) for part in parts]
+    while left:
+        sent = sock.sendmsg(left)
+        while left and sent >= len(left[0]):
+            sent -= len(left[0])
+            del left[0]
+        if sent:
+            left[0] = left[0][sent:]
 
 
 def _timeval(seconds: float) -> bytes:
@@ -163,8 +194,15 @@ class Connection:
         fed to the frame reader. The frames completed (maybe none); None if
         nothing could be read (EAGAIN: a non-blocking read found nothing, or
         SO_RCVTIMEO ran out). A closed or broken stream is ManagerUnavailable."""
+        reader = self.reader
         try:
-            data = self.sock.recv(_RECV_SIZE, flags)
+            if reader.big is not None:  # the rest of a big reply: straight into its buffer
+                count = self.sock.recv_into(reader.room(), 0, flags)
+                if count:
+                    return self.reader.filled(count)
+                data = b""
+            else:
+                data = self.sock.recv(_RECV_SIZE, flags)
         except (TimeoutError, BlockingIOError):
             return None
         except OSError as exc:
@@ -342,7 +380,10 @@ class SocketTransport(Transport):
         conn.rid = rid = (conn.rid + 1) & 0xFFFFFFFF or 1
         frame = request_frame(op, rid, args, conn.limits.max_frame)
         try:
-            conn.sock.sendall(frame)
+            if type(frame) is bytes:  # the common case, without a call
+                conn.sock.sendall(frame)
+            else:
+                send_parts(conn.sock, frame)
         except OSError as exc:
             self._drop(conn)
             if exc.errno not in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN, errno.EBADF):
@@ -352,7 +393,7 @@ class SocketTransport(Transport):
             conn = self._connection()
             conn.rid = rid
             try:
-                conn.sock.sendall(frame)
+                send_parts(conn.sock, frame)
             except OSError as exc2:
                 self._drop(conn)
                 raise ManagerUnavailable(f"cannot send to the Manager: {exc2}") from exc2
@@ -368,7 +409,7 @@ class SocketTransport(Transport):
             # then drops whatever this connection held or waited for.
             self._drop(conn)
             raise
-        result = _decode(payload)
+        result = _decode(payload) if type(payload) is bytes else _decode_reply(payload)
         if rop == _OK:
             return result
         if rop == _ERR:

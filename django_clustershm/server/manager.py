@@ -173,10 +173,10 @@ class _Conn:
         "sock",
     )
 
-    def __init__(self, sock: socket.socket, deadline: float) -> None:
+    def __init__(self, sock: socket.socket, deadline: float, budget: P.BigBudget | None = None) -> None:
         self.sock = sock
         self.fd = sock.fileno()
-        self.reader = P.FrameReader(P.HANDSHAKE_MAX_FRAME)
+        self.reader = P.FrameReader(P.HANDSHAKE_MAX_FRAME, budget)
         self.out: list[bytes | memoryview] = []
         self.out_size = 0
         self.session: Session | None = None
@@ -292,6 +292,10 @@ class Manager:
         # kept where out_size changes), and how many listener channels there are.
         self._output = 0
         self._listeners = 0
+        # Big requests being received into buffers of their size: what those
+        # hold before their bytes come, for all connections together, is
+        # bounded (past it, chunks as for small frames; see wire.frames.BigBudget).
+        self._inbound = P.BigBudget(self.max_total_output)
         # Connections that have not completed the handshake, oldest first.
         self._unauthenticated: dict[int, _Conn] = {}
         self._calls: deque = deque()
@@ -639,7 +643,7 @@ class Manager:
                 sock.close()
                 continue
             sock.setblocking(False)
-            conn = _Conn(sock, time.monotonic() + self.handshake_timeout)
+            conn = _Conn(sock, time.monotonic() + self.handshake_timeout, self._inbound)
             try:
                 pid, uid, _gid = _PEERCRED.unpack(
                     sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _PEERCRED.size)
@@ -693,6 +697,7 @@ class Manager:
         if self._unauthenticated.get(conn.fd) is conn:
             del self._unauthenticated[conn.fd]
         self._drop_output(conn)
+        conn.reader.discard()
         if conn.listener:
             self._listeners -= 1
         if reason:
@@ -711,7 +716,11 @@ class Manager:
             self._close(conn, conn.closing)
             return
         try:
-            data = conn.sock.recv(_RECV_SIZE)
+            if conn.reader.big is not None:  # the rest of a big request: straight into its buffer, never joined
+                count = conn.sock.recv_into(conn.reader.room())
+                data = b"" if not count else None
+            else:
+                data = conn.sock.recv(_RECV_SIZE)
         except (BlockingIOError, InterruptedError):
             return
         except ConnectionResetError:
@@ -722,17 +731,20 @@ class Manager:
         except OSError as exc:
             self._close(conn, f"receive failed: {exc}")
             return
-        if not data:
+        if data is None:
+            frames = conn.reader.filled(count)
+        elif not data:
             if conn.reader.pending():
                 self._close(conn, f"connection ended inside a frame ({conn.reader.pending()} bytes pending)")
             else:
                 self._close(conn, None)
             return
-        try:
-            frames = conn.reader.feed(data)
-        except ProtocolError as exc:
-            self._close(conn, str(exc))
-            return
+        else:
+            try:
+                frames = conn.reader.feed(data)
+            except ProtocolError as exc:
+                self._close(conn, str(exc))
+                return
         if not frames:
             return
         if conn.session is None:
@@ -760,6 +772,9 @@ class Manager:
             return
         engine = self.engine
         encode = P.encode
+        encode_parts = P.encode_parts
+        parts_size = P.parts_size
+        big = P.BIG
         max_frame = self.engine.limits.max_frame
         max_output = self.max_pending_output
         budget = self.max_total_output
@@ -797,11 +812,26 @@ class Manager:
                 if op == P.TRACKER:
                     # Room for bursts of pushes: one that does not fit cuts the tracker off.
                     conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.tracker_sndbuf)
-                reply = encode(P.OK, rid, result)
-                if len(reply) - P.HEADER_SIZE > max_frame:
+                kind = type(result)
+                if kind is list or (kind is bytes and len(result) >= big):
+                    # A big value goes out as a buffer of its own: the store's bytes, never copied.
+                    parts = encode_parts(P.OK, rid, result)
+                    size = parts_size(parts)
+                else:
+                    parts = None
+                    reply = encode(P.OK, rid, result)
+                    size = len(reply)
+                if size - P.HEADER_SIZE > max_frame:
                     raise ValueTooLarge(
-                        f"the reply would be {len(reply)} bytes, over the maximum frame of {max_frame}; ask for fewer keys"
+                        f"the reply would be {size} bytes, over the maximum frame of {max_frame}; ask for fewer keys"
                     )
+                if parts is None:
+                    out.append(reply)
+                else:
+                    out.extend(parts)
+                conn.out_size += size
+                self._output += size
+                continue
             except ClusterShmError as exc:
                 # A refused request (a bad argument, an unknown opcode): an
                 # error reply, and the connection (with its locks) stays.
@@ -887,10 +917,11 @@ class Manager:
         between them, not N times their own bound."""
         if conn.overflow:
             return
-        frame = P.encode(P.PUSH_EVENT, 0, event)
-        conn.out.append(frame)
-        conn.out_size += len(frame)
-        self._output += len(frame)
+        parts = P.encode_parts(P.PUSH_EVENT, 0, event)  # a big value, not copied
+        size = P.parts_size(parts)
+        conn.out.extend(parts)
+        conn.out_size += size
+        self._output += size
         if not conn.listener:
             conn.listener = True
             self._listeners += 1

@@ -166,11 +166,27 @@ def code(request):
     return JsonResponse({"text": None if probe is None else probe.TEXT, "pid": os.getpid()})
 
 
+def work(request) -> None:
+    """``?work=N``: spend N µs (at most 100 ms) in a busy loop, no I/O: the work a view does around its cache
+    calls (bench/bench_http.py --work). Nothing without it."""
+    try:
+        seconds = min(max(int(request.GET.get("work", 0)), 0), 100_000) * 1e-6
+    except ValueError:
+        return
+    if seconds:
+        until = time.perf_counter() + seconds
+        while time.perf_counter() < until:
+            pass
+
+
 def bench(request):
-    """One cache get and one incr: what bench/bench_http.py serves under load."""
+    """One cache get and one incr: what bench/bench_http.py serves under load (``?work=N``: N µs of work
+    before each)."""
     from django.core.cache import cache
 
+    work(request)
     value = cache.get("bench:key")
+    work(request)
     try:
         count = cache.incr("bench:counter")
     except ValueError:  # the first request: create the counter (add: only one process wins)
@@ -193,11 +209,14 @@ async def ahit(request):
 
 
 async def abench(request):
-    """/bench/'s async twin, what bench/bench_http.py --asgi serves: one awaited cache get and one incr.
+    """/bench/'s async twin, what bench/bench_http.py --asgi serves: one awaited cache get and one incr
+    (``?work=N``: N µs of work before each, blocking the loop as CPU-bound work does).
 
     Django's RedisCache has no async methods of its own: its ``aincr`` is BaseCache's, an ``aget`` then an
     ``aset``, so under concurrent requests it loses updates where ClusterShmCache's, one Manager call, does not."""
+    work(request)
     value = await cache.aget("bench:key")
+    work(request)
     try:
         count = await cache.aincr("bench:counter")
     except ValueError:  # the first request: create the counter (add: only one process wins)

@@ -1,0 +1,269 @@
+"""Big values (#19 part 4): a value of BIG bytes or more goes from the store to the socket, and from the
+socket to the deserializer, as a buffer of its own (encode_parts, FrameReader.room, decode_reply); the
+bytes on the wire are the same as ever. Speed is measured in bench/bench_big.py, never asserted here."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import pickle
+import socket
+import threading
+import time
+
+import msgpack
+import pytest
+
+from django_clustershm import Manager
+from django_clustershm.client.serializer import Serializer
+from django_clustershm.compressors import ZlibCompressor
+from django_clustershm.exceptions import ProtocolError
+from django_clustershm.serializers import JSONSerializer
+from django_clustershm.wire import frames as P
+
+from .helpers import ManagerProcess, socket_client, wait_until
+from .test_manager import _handshaked_socket, _listening_socket
+
+BIG = P.BIG
+MIB = 1 << 20
+
+
+@pytest.mark.parametrize(
+    "obj",
+    [
+        b"x" * BIG,
+        b"x" * (BIG - 1),
+        os.urandom(3 * BIG),
+        ["ns", "key", os.urandom(BIG + 7), None, [300, 3, 1 << 30]],
+        ("ns", os.urandom(BIG), os.urandom(BIG + 1), 5),
+        [os.urandom(BIG)],
+        [b"small", 1, "two", None],
+        {"k": os.urandom(BIG)},  # a map is encoded whole
+        None,
+        12345,
+    ],
+    ids=lambda obj: type(obj).__name__,
+)
+def test_encode_parts_puts_the_same_bytes_on_the_wire_as_encode(obj):
+    parts = P.encode_parts(P.OK, 77, obj)
+    assert b"".join(bytes(p) for p in parts) == P.encode(P.OK, 77, obj)
+    assert P.parts_size(parts) == len(P.encode(P.OK, 77, obj))
+    for item in [obj] if isinstance(obj, bytes) else obj if isinstance(obj, (list, tuple)) else []:
+        if isinstance(item, bytes) and len(item) >= BIG:
+            assert any(p is item for p in parts), "a big value was copied into the frame"
+
+
+def _stream(*frames: bytes) -> bytes:
+    return b"".join(frames)
+
+
+def test_a_big_frame_is_received_into_one_buffer_then_small_frames_as_before():
+    value = os.urandom(5 * BIG + 3)
+    big = P.encode(P.OK, 1, value)
+    small = P.encode(P.OK, 2, ["after"])
+    a, b = socket.socketpair()
+    with a, b:
+        sender = threading.Thread(target=a.sendall, args=(_stream(big, small),))
+        sender.start()
+        reader = P.FrameReader(max_frame=64 * MIB)
+        got = reader.feed(b.recv(1000))  # the header and the start of the payload
+        assert got == [] and reader.big is not None
+        receives = 0
+        while reader.big is not None:
+            got += reader.filled(b.recv_into(reader.room()))
+            receives += 1
+        sender.join()
+        ((op, rid, payload),) = got
+        assert (op, rid) == (P.OK, 1) and type(payload) is memoryview
+        assert reader.pending() == 0
+        view = P.decode_reply(payload)
+        assert type(view) is memoryview and view == value  # the value in place, not copied
+        assert P.decode_payload(payload) == value
+        rest = b""
+        while len(rest) < len(small):
+            rest += b.recv(65536)
+        assert reader.feed(rest) == [(P.OK, 2, small[P.HEADER_SIZE :])]
+
+
+def test_a_big_frame_fed_in_odd_pieces_and_a_bad_header_after_it():
+    value = os.urandom(2 * BIG)
+    stream = _stream(
+        P.encode(P.SET, 1, ["", "a", value, None, None]),
+        P.encode(P.PING, 2, []),
+        P.encode(P.GET, 3, ["", "a"]),
+        b"XX" + bytes(10),  # a bad magic: the stream ends there
+    )
+    reader = P.FrameReader(max_frame=64 * MIB)
+    got = []
+    for start in range(0, len(stream), 7777):
+        got += reader.feed(stream[start : start + 7777])
+    assert isinstance(reader.error, ProtocolError)  # the frames before it are returned first
+    with pytest.raises(ProtocolError, match="bad magic"):
+        reader.feed(b"more")
+    assert [(op, rid) for op, rid, _ in got] == [(P.SET, 1), (P.PING, 2), (P.GET, 3)]
+    assert P.decode_payload(got[0][2]) == ["", "a", value, None, None]
+    assert P.decode_reply(got[2][2]) == ["", "a"]  # small: decoded as ever
+
+
+def test_decode_reply_copies_nothing_only_for_a_bare_big_bin():
+    value = os.urandom(BIG)
+    listed = memoryview(bytearray(msgpack.packb([value, 1])))
+    assert P.decode_reply(listed) == [value, 1]
+    bare = memoryview(bytearray(msgpack.packb(value)))
+    assert type(P.decode_reply(bare)) is memoryview and P.decode_reply(bare) == value
+    assert P.decode_reply(msgpack.packb(value)) == value  # bytes: a small frame's payload
+
+
+def test_every_serializer_reads_a_value_from_a_buffer():
+    value = {"blob": "x" * BIG, "n": [1, 2, 3]}
+    for serializer in (Serializer(), Serializer(JSONSerializer()), Serializer(None, ZlibCompressor())):
+        data = serializer.dumps(value, 64 * MIB)
+        assert serializer.loads(memoryview(bytearray(data))) == value
+    assert Serializer().loads(memoryview(pickle.dumps(b"raw" * BIG))) == b"raw" * BIG
+
+
+@pytest.fixture
+def big_manager():
+    proc = ManagerProcess().start()
+    yield proc
+    proc.cleanup()
+
+
+@pytest.mark.parametrize("size", [BIG, 16 * MIB])
+def test_big_values_round_trip_through_the_socket_and_asyncio_clients(big_manager, size):
+    client = socket_client(big_manager.address, big_manager.secret, timeout=30)
+    try:
+        value = os.urandom(size)
+        client.set("big", value)
+        assert client.get("big") == value
+        client.set_many({"m1": value, "m2": b"small"})
+        assert client.get_many(["m1", "m2"]) == {"m1": value, "m2": b"small"}
+        cache = client.cache("c", serializer=Serializer(JSONSerializer()))
+        cache.set("text", "é" * (size // 4))
+        assert cache.get("text") == "é" * (size // 4)
+        assert client.incr("n") == 1  # the stream is in step after the big frames
+
+        async def main():
+            aio = client.aio
+            other = os.urandom(size)
+            await aio.aset("abig", other)
+            got = await asyncio.gather(aio.aget("abig"), aio.aget("big"), aio.aincr("n"))
+            assert got == [other, value, 2]
+            await aio.aclose()
+
+        asyncio.run(main())
+    finally:
+        client.close()
+
+
+def test_a_client_that_reads_a_big_reply_slowly_holds_up_nobody(big_manager):
+    client = socket_client(big_manager.address, big_manager.secret, timeout=10)
+    slow = _handshaked_socket(big_manager.address, big_manager.secret)
+    try:
+        value = os.urandom(16 * MIB)
+        client.set("big", value)
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        slow.sendall(P.encode(P.GET, 1, ["", "big"]))
+        for i in range(200):  # served throughout, while the slow reader has read nothing
+            assert client.incr("n") == i + 1
+        reader = P.FrameReader(max_frame=64 * MIB)
+        got: list = []
+        reads = 0
+        while not got:  # 64 KiB at a time, the other client served in between
+            if reader.big is not None:
+                got = reader.filled(slow.recv_into(reader.room()[: 64 * 1024]))
+            else:
+                got = reader.feed(slow.recv(4096))
+            reads += 1
+            if reads % 16 == 0:
+                assert client.incr("n") == 200 + reads // 16
+        ((op, rid, payload),) = got
+        assert (op, rid) == (P.OK, 1) and pickle.loads(P.decode_reply(payload)) == value
+        assert client.get("big") == value
+    finally:
+        slow.close()
+        client.close()
+
+
+def test_a_big_request_sent_slowly_or_cut_short_holds_up_nobody(big_manager):
+    client = socket_client(big_manager.address, big_manager.secret, timeout=10)
+    writer = _handshaked_socket(big_manager.address, big_manager.secret)
+    quitter = _handshaked_socket(big_manager.address, big_manager.secret)
+    try:
+        value = os.urandom(4 * MIB)
+        stored = pickle.dumps(value)  # what the client would send
+        frame = P.encode(P.SET, 1, ["", "big", stored, None, None])
+        quitter.sendall(P.encode(P.SET, 1, ["", "gone", stored, None, None])[: 2 * MIB])
+        quitter.close()  # inside its frame: closed, logged, nothing stored
+        wait_until(lambda: "ended inside a frame" in big_manager.log(), message="the cut-short frame is seen")
+        for start in range(0, len(frame), MIB):
+            writer.sendall(frame[start : start + MIB])
+            time.sleep(0.01)
+            assert client.incr("n") == start // MIB + 1  # served between the pieces
+        reader = P.FrameReader()
+        ((op, rid, _),) = reader.feed(writer.recv(512))
+        assert (op, rid) == (P.OK, 1)
+        assert client.get("big") == value and client.get("gone") is None
+    finally:
+        writer.close()
+        client.close()
+
+
+def test_a_listener_hears_a_big_value(big_manager):
+    client = socket_client(big_manager.address, big_manager.secret, timeout=10)
+    listener = _listening_socket(big_manager.address, big_manager.secret, "big:")
+    try:
+        value = os.urandom(2 * MIB)
+        client.set("big:1", value)
+        reader = P.FrameReader(max_frame=64 * MIB)
+        got = []
+        while not got:
+            if reader.big is not None:
+                got = reader.filled(listener.recv_into(reader.room()))
+            else:
+                got = reader.feed(listener.recv(65536))
+        ((op, _rid, payload),) = got
+        assert op == P.PUSH_EVENT
+        sub_id, ns, key, event, sent = P.decode_payload(payload)
+        assert (sub_id, ns, key, event) == (1, "", "big:1", P.EVENT_SET)
+        assert pickle.loads(sent) == value
+    finally:
+        listener.close()
+        client.close()
+
+
+def test_big_requests_buffers_are_bounded_for_all_connections_together():
+    """A big request is received into a buffer of its size once its header is in; what such buffers
+    hold before their bytes come is bounded for all connections together (BigBudget): past it a big
+    frame is received in chunks, as before, so peers that send headers and stop commit nothing they
+    did not send. A connection closed mid-frame gives its share back."""
+    manager = Manager(max_total_output=4 * MIB).start()
+    client = socket_client(manager.address, manager.secret, timeout=10)
+    socks = []
+    try:
+        value = pickle.dumps(os.urandom(3 * MIB))
+        frame = P.encode(P.SET, 1, ["", "k", value, None, None])
+        first = _handshaked_socket(manager.address, manager.secret)
+        socks.append(first)
+        first.sendall(frame[:1000])  # a header and a little: a 3 MiB buffer, counted
+        wait_until(lambda: manager._inbound.used == len(frame) - P.HEADER_SIZE, message="the first buffer")
+        second = _handshaked_socket(manager.address, manager.secret)
+        socks.append(second)
+        second.sendall(frame[:1000])  # over the budget: chunks, nothing more counted
+        assert client.incr("n") == 1  # the Manager serves the others meanwhile
+        assert manager._inbound.used == len(frame) - P.HEADER_SIZE
+        first.close()  # mid-frame: its share comes back
+        wait_until(lambda: manager._inbound.used == 0, message="the closed connection's share")
+        second.sendall(frame[1000:])
+        ((op, rid, _),) = P.FrameReader().feed(second.recv(512))
+        assert (op, rid) == (P.OK, 1) and client.get("k") == pickle.loads(value)
+        third = _handshaked_socket(manager.address, manager.secret)
+        socks.append(third)
+        third.sendall(frame)  # room again: received into one buffer, given back once complete
+        ((op, rid, _),) = P.FrameReader().feed(third.recv(512))
+        assert (op, rid) == (P.OK, 1) and manager._inbound.used == 0
+    finally:
+        for sock in socks:
+            sock.close()
+        client.close()
+        manager.close()
