@@ -785,3 +785,29 @@ def test_reload_serves_new_code_after_a_file_changes(tmp_path):
         assert srv.get("/hit/")[1]["hits"] == 6
     finally:
         srv.stop()
+
+
+def test_a_quit_signal_while_a_worker_loads_the_project_waits_until_it_is_loaded():
+    """A Ctrl-C while workers boot: gunicorn's worker raises SystemExit from its
+    SIGINT handler wherever it stands; inside an import that can become a
+    RuntimeError ("Worker failed to boot", exit status 3). Held back during the
+    load, the signal is delivered once the load is done."""
+    from django_clustershm.serve.app import quit_signals_deferred
+
+    order = []
+
+    def gunicorns_quit(signum, frame):
+        order.append("quit")
+        raise SystemExit(0)
+
+    previous = signal.signal(signal.SIGINT, gunicorns_quit)
+    try:
+        with pytest.raises(SystemExit), quit_signals_deferred():
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(1000):  # the rest of the load: not interrupted
+                pass
+            order.append("loaded")
+        assert order == ["loaded", "quit"]
+        assert signal.getsignal(signal.SIGINT) is gunicorns_quit  # restored
+    finally:
+        signal.signal(signal.SIGINT, previous)

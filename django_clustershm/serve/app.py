@@ -2,9 +2,43 @@
 
 from __future__ import annotations
 
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 from gunicorn.app.base import Application
 
 from . import asgi, cluster
+
+#: What gunicorn's worker answers by raising SystemExit wherever it stands (handle_quit).
+QUIT_SIGNALS = (signal.SIGINT, signal.SIGQUIT)
+
+
+@contextmanager
+def quit_signals_deferred() -> Iterator[None]:
+    """Hold SIGINT and SIGQUIT back while the block runs, then deliver them.
+
+    gunicorn's worker answers them with ``sys.exit(0)`` wherever it stands; in
+    the middle of importing the project (a Ctrl-C while workers boot), that
+    SystemExit can land inside a class body's ``__set_name__``, which turns it
+    into a RuntimeError: the worker then "failed to boot" and the master halts
+    with exit status 3 and a traceback, instead of stopping cleanly. Held back,
+    the signal is raised again once the app is loaded, where its SystemExit
+    ends the worker with status 0. Only the Python-level handlers change (a
+    thread mask would not do: the other threads would still take the signal)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    held: list[int] = []
+    saved = {sig: signal.signal(sig, lambda signum, frame: held.append(signum)) for sig in QUIT_SIGNALS}
+    try:
+        yield
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
+        for signum in dict.fromkeys(held):
+            signal.raise_signal(signum)
 
 
 class ClusterApplication(Application):
@@ -42,8 +76,9 @@ class ClusterApplication(Application):
     def load(self):
         # In each worker, after the fork (and again after a SIGHUP, which may
         # have changed the worker class through a --config file).
-        if self.serves_asgi():
-            return asgi.get_asgi_application()
-        from django.core.wsgi import get_wsgi_application
+        with quit_signals_deferred():
+            if self.serves_asgi():
+                return asgi.get_asgi_application()
+            from django.core.wsgi import get_wsgi_application
 
-        return get_wsgi_application()
+            return get_wsgi_application()
