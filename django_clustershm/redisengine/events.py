@@ -60,6 +60,7 @@ from ..client.transport import Channel, Message
 from ..exceptions import BadSignature, ManagerUnavailable, Unsupported
 from ..wire import frames as F
 from .errors import translate
+from .scripts import ack_key
 
 #: The most pub/sub messages one receive() reads from a connection.
 DRAIN_BATCH = 1024
@@ -109,13 +110,14 @@ class _Barrier:
 class _Space:
     """A namespace this channel listens to: its channel, key prefix, node, subscribers."""
 
-    __slots__ = ("channel", "confirmed", "listening_key", "node", "pfx", "subs", "waiting")
+    __slots__ = ("channel", "confirmed", "listening_key", "node", "pfx", "sessions_key", "subs", "waiting")
 
     def __init__(self, ns_keys: tuple, node: _Node) -> None:
         pfx, _index, _deadlines, listening_key = ns_keys
         self.pfx = pfx
         self.listening_key = listening_key
         self.channel = listening_key[:-2] + b"#e"
+        self.sessions_key = listening_key[:-2] + b"#L"  # STRICT_LISTENERS: the listening sessions
         self.node = node
         self.confirmed = False
         self.waiting: list[int] = []  # LISTEN request ids answered when the subscription is confirmed
@@ -276,7 +278,7 @@ class RedisEventChannel(Channel):
                 self._unsubscribing[space.channel] = self._unsubscribing.get(space.channel, 0) + 1
                 space.node.conn.send_command("SUNSUBSCRIBE", space.channel)
                 if self.lsid is not None:  # writers need not wait for this process's lease
-                    self.transport.redis.execute_command("ZREM", space.listening_key[:-2] + b"#L", self.lsid)
+                    self.transport.redis.execute_command("ZREM", space.sessions_key, self.lsid)
         self._out.append((F.OK, rid, ns is not None))
 
     # -- what arrives --------------------------------------------------------------------------
@@ -345,7 +347,7 @@ class RedisEventChannel(Channel):
         script = self.transport.ops.script("NEAR_RENEW")
         r = self.transport.redis
         for space in spaces:
-            self.transport.eval(r, script, [space.listening_key[:-2] + b"#L"], [self.lsid, self._lease_ms])
+            self.transport.eval(r, script, [space.sessions_key], [self.lsid, self._lease_ms])
 
     def _renew(self) -> None:
         now = time.monotonic()
@@ -440,7 +442,7 @@ class RedisEventChannel(Channel):
         space = self._spaces[ns]
         if code == 0:  # the end of a strict write's events: acknowledged once they are dispatched
             if self.lsid is not None and len(event) > 3:
-                self._owed_acks.append(space.listening_key[:-2] + b"#a:" + str(int(event[3])).encode())
+                self._owed_acks.append(ack_key(space.listening_key, event[3]))
             return
         if code == F.EVENT_CLEAR:
             for sub_id in space.subs:
@@ -516,7 +518,7 @@ class RedisEventChannel(Channel):
         if self.lsid is not None:
             try:  # the session leaves at once: writers need not wait for its lease
                 for space in self._spaces.values():
-                    self.transport.redis.execute_command("ZREM", space.listening_key[:-2] + b"#L", self.lsid)
+                    self.transport.redis.execute_command("ZREM", space.sessions_key, self.lsid)
             except Exception:
                 logger.debug("a strict listener session could not leave", exc_info=True)
         for node in self._nodes.values():

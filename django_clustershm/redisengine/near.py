@@ -63,6 +63,7 @@ from ..client.near import Tracker
 from ..exceptions import ManagerUnavailable, Unsupported
 from ..wire import frames as F
 from .errors import translate
+from .scripts import ack_key
 
 logger = logging.getLogger("django_clustershm.near")
 
@@ -81,11 +82,6 @@ STRICT_UNACKED = (
     "a write went on without %d of the %d acknowledgements its strict sessions (near-cache holders, listeners) "
     "owed: those processes' leases ended (hung or gone); a holder serves no copy after its lease"
 )
-
-
-def ack_key(listening_key: bytes, ack_id) -> bytes:
-    """Where the holders told by a write acknowledge it: ``{P|ns}#a:<id>``."""
-    return listening_key[:-2] + b"#a:" + str(int(ack_id)).encode()
 
 
 class _Tracking:

@@ -577,6 +577,13 @@ return 1
 
 # -- strict near caches (see .near) --------------------------------------------------------
 
+
+def ack_key(namespace_key: bytes, ack_id) -> bytes:
+    """Where the sessions a write told acknowledge it, ``{P|ns}#a:<id>``, from
+    any of the namespace's two-character-suffixed keys (``#l``, ``#s``, ``#L``)."""
+    return namespace_key[:-2] + b"#a:" + str(int(ack_id)).encode()
+
+
 #: What a write script returns first when it told strict near caches (a NUL
 #: byte: no script result starts so).
 NEAR_MARK = b"\x00near"

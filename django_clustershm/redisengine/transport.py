@@ -29,9 +29,9 @@ from ..wire import frames as F
 from ..wire.limits import Limits
 from .config import EngineConfig
 from .errors import translate
-from .near import STRICT_UNACKED, RedisTracker, ack_key, written
+from .near import STRICT_UNACKED, RedisTracker, written
 from .ops import BLOCK, CMD, DROP, HOLD, KEYSCAN, SCRIPT, SLEEP, RedisOps
-from .scripts import NEAR_MARK
+from .scripts import NEAR_MARK, ack_key
 from .values import Codec, derive_key
 from .watchdog import Watchdog, beat_if_registered
 
