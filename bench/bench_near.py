@@ -25,12 +25,14 @@ the near cache (``near_stats()`` counters) and the correctness counters. Figures
 the spread ((max - min) / median); ratios are taken within a round (same machine state), then their median.
 
 Correctness: a value carries its writer and that writer's sequence number for the key (1, 2, 3, ...). After a set
-returns, its writer records the number in an anonymous shared mmap (one slot per key and writer). Every read is
-checked against the highest number this worker has seen of each writer of that key (its own writes and its reads):
-lower is a *non-monotonic* read. Every 4th get also copies the key's slots before the call: a value older than a
-write that completed before the read began is a *stale* read (the fill value counts as older than any write). Any
-violation makes the script exit 1; a read that returns None is counted and shown, not failed (an eviction may be
-legitimate).
+returns, its writer records in an anonymous shared mmap (per key and writer) when the write began and ended
+(CLOCK_MONOTONIC, one clock for the host), then its number. Every read is checked against the highest number this
+worker has seen of each writer of that key (its own writes and its reads): lower is a *non-monotonic* read. Every
+4th get also copies the key's records before the call, and is *stale* if it returns a value older than a write that
+had completed before the read began: a lower number than its writer's last completed one, or its writer's last one
+while another completed write began after it had ended, or the fill value after any completed write. Any violation
+makes the script exit 1. A read that returns None is counted and shown, not failed (an eviction may be legitimate).
+Run against an unshared cache (LocMemCache), the check flags about half the checked reads.
 
 B. **Fan-out cost.** K forked *trackers* (``--trackers``, default 0, 1, 2, 4, 8) each read a key and ten more
 through a near-cache alias (``--fanout-variant``; default ``default`` if its near cache is active, else the first
@@ -226,7 +228,11 @@ def near_counts(location: str | None) -> tuple[int, int] | None:
 
 
 def _probe(index: int, ready, alias: str, location: str) -> dict:
-    cache = new_cache(alias)
+    try:
+        cache = new_cache(alias)
+    except Exception as exc:  # a NEAR_CACHE this tree refuses: the reason goes into the report
+        ready()
+        return {"error": f"{type(exc).__name__}: {exc}"}
     cache.set(PROBE_KEY, {"w": -1, "n": 0, "pad": PAD}, None)
     for _ in range(3):
         if (got := cache.get(PROBE_KEY)) != {"w": -1, "n": 0, "pad": PAD}:
@@ -272,7 +278,7 @@ def _mix_worker(index: int, ready, alias: str, location: str | None, nworkers: i
     set_s: list[float] = []
     gets = sets = misses = errors = checked = stale = backwards = 0
     first_error = first_violation = None
-    get, set_, clock, gap = cache.get, cache.set, time.perf_counter, args.gap_us / 1e6
+    get, set_, clock, mono, gap = cache.get, cache.set, time.perf_counter, time.monotonic_ns, args.gap_us / 1e6
     ready()
     with lab.gc_paused():
         t_start = clock()
@@ -287,6 +293,7 @@ def _mix_worker(index: int, ready, alias: str, location: str | None, nworkers: i
             if is_set:
                 n = seqs[k] + 1
                 value = {"w": index, "n": n, "pad": PAD}
+                began = mono()
                 t0 = clock()
                 try:
                     set_(key, value, None)
@@ -297,15 +304,21 @@ def _mix_worker(index: int, ready, alias: str, location: str | None, nworkers: i
                         break
                     continue
                 t1 = clock()
+                ended = mono()
                 set_s.append(t1 - t0)
                 seqs[k] = n
-                slots[k * W + index] = n  # completed: no read that begins from here may return an older value
+                # Completed: no read that begins from here may return an older value. The number last, so that a
+                # reader that sees it sees this write's times (or a later write's).
+                at = (k * W + index) * 3
+                slots[at + 1] = began
+                slots[at + 2] = ended
+                slots[at] = n
                 seen[k * W + index] = n
                 seen_any[k] = True
                 sets += 1
             else:
                 check = not (gets + 1) % CHECK_EVERY
-                before = slots[k * W : (k + 1) * W].tolist() if check else None
+                before = slots[k * W * 3 : (k + 1) * W * 3].tolist() if check else None
                 t0 = clock()
                 try:
                     v = get(key)
@@ -325,7 +338,7 @@ def _mix_worker(index: int, ready, alias: str, location: str | None, nworkers: i
                     if seen_any[k]:
                         backwards += 1
                         first_violation = first_violation or f"{key}: the fill value after a written one"
-                    if check and max(before) > 0:
+                    if check and max(before[::3]) > 0:
                         stale += 1
                         first_violation = first_violation or f"{key}: the fill value after a completed write"
                 else:
@@ -336,9 +349,16 @@ def _mix_worker(index: int, ready, alias: str, location: str | None, nworkers: i
                     else:
                         seen[j] = m
                     seen_any[k] = True
-                    if check and m < before[w]:
-                        stale += 1
-                        first_violation = first_violation or f"{key}: writer {w}'s {m} after its {before[w]} completed"
+                    if check and (last := before[w * 3]) and m <= last:
+                        if m < last:
+                            stale += 1
+                            first_violation = first_violation or f"{key}: writer {w}'s {m} after its {last} completed"
+                        elif (newer := max(before[1::3])) > before[w * 3 + 2]:  # ended before another write began
+                            stale += 1
+                            first_violation = first_violation or (
+                                f"{key}: writer {w}'s {m}, though a write begun {(newer - before[w * 3 + 2]) / 1e3:.0f} "
+                                "µs after it completed had completed too"
+                            )
             if t1 >= deadline:
                 break
         elapsed = clock() - t_start
@@ -353,7 +373,7 @@ def _mix_worker(index: int, ready, alias: str, location: str | None, nworkers: i
 
 def run_mix(alias: str, location: str | None, nworkers: int, mix: str, args, seed: str) -> dict:
     set_share = int(mix.split("/")[1]) / 100
-    buf = mmap.mmap(-1, args.keys * nworkers * 8)  # shared with the forked workers; zeroed
+    buf = mmap.mmap(-1, args.keys * nworkers * 3 * 8)  # shared with the forked workers; zeroed
     try:
         workers = lab.run_workers(nworkers, _mix_worker, (alias, location, nworkers, set_share, args, seed, buf),
                                   timeout=args.duration + 120)  # fmt: skip
@@ -556,6 +576,8 @@ def main(argv=None) -> int:
         for v in list(variants):
             try:
                 probes[v] = lab.run_workers(1, _probe, (variant_alias(v), variant_location(v)), 60)[0]
+                if "error" in probes[v]:
+                    raise lab.BenchError(probes[v]["error"])
             except Exception as exc:  # a variant this tree refuses: reported, the others run
                 errors.append(f"variant {v}: {exc}")
                 lab.log(f"variant {v} failed its probe:\n{traceback.format_exc()}")
@@ -762,8 +784,10 @@ def build_report(args, bench, variants, peers, labels, probes, runs, fanout, fo_
                                     f"{fo_variant}; {args.writes} timed writes per op, K and round, a "
                                     f"{args.gap_us:g} µs busy gap after the trackers' re-read"))  # fmt: skip
 
-    checks = {}
     n, mix, limit = TARGET_TP
+    checks = {"default_4proc_90_10_vs_diskcache": (f"{n} processes {mix} with the defaults >= {limit:g}x "
+                                                   f"diskcache's ops/s (needs variant {DEFAULT}, the diskcache peer, "
+                                                   f"mix {mix} and {n} workers)", None, limit, True)}  # fmt: skip
     if DEFAULT in variants and "diskcache" in contenders and mix in args.mixes and n in args.workers:
         r = summary.get(f"{DEFAULT}/diskcache {mix} {n}")
         disk = med(summary.get(f"diskcache {mix} {n}", {}).get("ops_per_s"))
@@ -775,6 +799,8 @@ def build_report(args, bench, variants, peers, labels, probes, runs, fanout, fo_
             f"{n} processes {mix} with the defaults (variant {DEFAULT}): {xcell(r)} diskcache's ops/s "
             f"(target >= {limit:g}x){out_of_reach}", med(r), limit, True)  # fmt: skip
     k, limit = TARGET_FO
+    checks["fanout_8_vs_0"] = (f"a set with {k} trackers <= {limit:g}x a set with none (needs a variant with a "
+                               f"near cache and trackers 0 and {k})", None, limit)  # fmt: skip
     if fo_variant is not None and {0, k} <= set(args.trackers):
         r = fo_summary[f"{k} set"]["x_k0"]
         checks["fanout_8_vs_0"] = (f"a set with {k} trackers (variant {fo_variant}) = {xcell(r)} a set with none "
