@@ -12,8 +12,11 @@
                      larger one (whatever a client sends) is clamped to it
 ``MAX_TOTAL_CACHE_BYTES``  what all caches' MAX_BYTES may add up to (default:
                      a quarter of the memory); a cache past it is refused
-``NEAR_CACHE``       ``{"MAX_ENTRIES": n, "MAX_BYTES": n}``: a near cache for
-                     the store's reads (cluster mode; see :mod:`.client.near`)
+``NEAR_CACHE``       the near cache of the store's reads: on by default in
+                     cluster mode on the local engine (2,000 entries, 4 MiB a
+                     process, adaptive); ``{"MAX_ENTRIES": n, "MAX_BYTES": n,
+                     "POLICY": ...}`` to size it, ``False`` for none (see
+                     :mod:`.client.near`)
 ``ON_START``         dotted path of a function run once per cluster start,
                      against the Manager, before any worker (runcluster and
                      the gunicorn config module; see :mod:`.serve.cluster`)
@@ -45,7 +48,7 @@ Which Manager those settings lead to is :mod:`.registry`'s business.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 from .client.socket import DEFAULT_SPIN
 from .client.transport import DEFAULT_TIMEOUT
@@ -73,8 +76,10 @@ DEFAULTS: dict[str, Any] = {
     "METRICS": None,
 }
 
-#: A near cache's bounds when NEAR_CACHE gives none.
-NEAR_CACHE_DEFAULTS = {"MAX_ENTRIES": 10_000, "MAX_BYTES": 16 * 2**20}
+#: A near cache's bounds and policy when NEAR_CACHE gives none. Modest, since
+#: it is on by default and each worker has its own: 16 workers hold 64 MiB at
+#: most between them. (#19: bench/bench_near.py measured the defaults.)
+NEAR_CACHE_DEFAULTS = {"MAX_ENTRIES": 2_000, "MAX_BYTES": 4 * 2**20, "POLICY": "adaptive"}
 
 
 def settings() -> dict[str, Any]:
@@ -112,24 +117,53 @@ def engine_options(conf: dict[str, Any] | None = None) -> dict[str, Any]:
 NEAR_CONSISTENCIES = ("eventual", "strict")
 
 
-def near_options(options) -> tuple[int, int, str | None] | None:
-    """(max_entries, max_bytes, consistency) from a NEAR_CACHE setting, or None if off."""
-    if not options:
+#: NEAR_CACHE["POLICY"]: which keys a process keeps copies of (see
+#: :class:`.client.near.NearCache`): "adaptive", those it read twice while
+#: they were not written over and over meanwhile; "always", every key it reads.
+NEAR_POLICIES = ("adaptive", "always")
+
+
+class NearOptions(NamedTuple):
+    """A NEAR_CACHE setting, checked; the arguments of ``Client.enable_near_cache``."""
+
+    max_entries: int
+    max_bytes: int
+    consistency: str | None = None
+    policy: str = "adaptive"
+    #: Not asked for (NEAR_CACHE left out): on only where the engine makes near
+    #: caches its default (the local engine over a socket: strict, and cheap).
+    implicit: bool = False
+
+
+def near_options(options) -> NearOptions | None:
+    """A NEAR_CACHE setting checked: None if off (``False``). Left out (None),
+    the defaults, marked implicit; ``True`` or a dict, asked for."""
+    implicit = options is None
+    if options is False:
         return None
+    if options is None or options is True:
+        options = {}
     if not isinstance(options, dict):
-        raise InvalidArgument(f"NEAR_CACHE is a dict (MAX_ENTRIES, MAX_BYTES, CONSISTENCY), not {options!r}")
-    unknown = set(options) - {"MAX_ENTRIES", "MAX_BYTES", "CONSISTENCY"}
+        raise InvalidArgument(
+            f"NEAR_CACHE is a dict (MAX_ENTRIES, MAX_BYTES, CONSISTENCY, POLICY) or False, not {options!r}"
+        )
+    unknown = set(options) - {"MAX_ENTRIES", "MAX_BYTES", "CONSISTENCY", "POLICY"}
     if unknown:
         raise InvalidArgument(
-            f"unknown NEAR_CACHE option(s) {sorted(unknown)}: MAX_ENTRIES, MAX_BYTES and CONSISTENCY are known"
+            f"unknown NEAR_CACHE option(s) {sorted(unknown)}: MAX_ENTRIES, MAX_BYTES, CONSISTENCY and POLICY are known"
         )
     consistency = options.get("CONSISTENCY")
     if consistency is not None and consistency not in NEAR_CONSISTENCIES:
         raise InvalidArgument(f"NEAR_CACHE CONSISTENCY is 'eventual' or 'strict', not {consistency!r}")
-    return (
+    policy = options.get("POLICY", NEAR_CACHE_DEFAULTS["POLICY"])
+    if policy not in NEAR_POLICIES:
+        raise InvalidArgument(f"NEAR_CACHE POLICY is 'adaptive' or 'always', not {policy!r}")
+    return NearOptions(
         int(options.get("MAX_ENTRIES", NEAR_CACHE_DEFAULTS["MAX_ENTRIES"])),
         int(options.get("MAX_BYTES", NEAR_CACHE_DEFAULTS["MAX_BYTES"])),
         consistency,
+        policy,
+        implicit,
     )
 
 

@@ -1209,12 +1209,27 @@ class _OnACluster:
     )
 )
 class ClusterShmCacheSocketTests(_OnACluster, BaseCacheTests, TestCase):
-    """Over the socket transport."""
+    """Over the socket transport, with the defaults: a near cache per alias, adaptive (#19)."""
+
+    near_hits = near_untracked = 0
+
+    def tearDown(self):
+        super().tearDown()
+        for stats in registry.get_client().near_stats().values():
+            type(self).near_hits += stats["hits"]
+            type(self).near_untracked += stats["untracked"]
+
+    @classmethod
+    def tearDownClass(cls):
+        super().tearDownClass()
+        # The default near caches were in the path: some reads were answered
+        # from copies, and first reads were plain ones.
+        assert cls.near_hits >= 5 and cls.near_untracked >= 100, (cls.near_hits, cls.near_untracked)
 
 
-def _with_near_cache(setting):
+def _with_near_cache(setting, near):
     for params in setting.values():
-        params["OPTIONS"] = {**params.get("OPTIONS", {}), "NEAR_CACHE": {"MAX_ENTRIES": 1000, "MAX_BYTES": 1 << 20}}
+        params["OPTIONS"] = {**params.get("OPTIONS", {}), "NEAR_CACHE": near}
     return setting
 
 
@@ -1223,11 +1238,30 @@ def _with_near_cache(setting):
         caches_setting_for_tests(
             BACKEND="django_clustershm.cache.ClusterShmCache",
             LOCATION="cache-contract-clustershm",
-        )
+        ),
+        False,
+    )
+)
+class ClusterShmCacheNoNearTests(_OnACluster, BaseCacheTests, TestCase):
+    """Over the socket transport, the near cache turned off (``NEAR_CACHE: False``)."""
+
+    def tearDown(self):
+        super().tearDown()
+        # No near cache for any alias (the store's, "", is its own setting's).
+        assert set(registry.get_client().near_stats()) <= {""}
+
+
+@override_settings(
+    CACHES=_with_near_cache(
+        caches_setting_for_tests(
+            BACKEND="django_clustershm.cache.ClusterShmCache",
+            LOCATION="cache-contract-clustershm",
+        ),
+        {"MAX_ENTRIES": 1000, "MAX_BYTES": 1 << 20, "POLICY": "always"},
     )
 )
 class ClusterShmCacheNearTests(_OnACluster, BaseCacheTests, TestCase):
-    """Over the socket transport, every alias reading through a near cache."""
+    """Over the socket transport, every alias reading through a near cache that keeps every key read."""
 
     near_hits = near_misses = 0
 

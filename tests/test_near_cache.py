@@ -18,8 +18,8 @@ from .helpers import fork_call, reap, run_forked, wait_until
 from .test_manager import _handshaked_socket
 
 NEAR = {"BACKEND": "django_clustershm.cache.ClusterShmCache", "LOCATION": "near",
-        "OPTIONS": {"NEAR_CACHE": {"MAX_ENTRIES": 1000, "MAX_BYTES": 1 << 20}}}  # fmt: skip
-CACHES = {"default": NEAR, "v2": {**NEAR, "VERSION": 2}, "plain": {**NEAR, "OPTIONS": {}}}
+        "OPTIONS": {"NEAR_CACHE": {"MAX_ENTRIES": 1000, "MAX_BYTES": 1 << 20, "POLICY": "always"}}}  # fmt: skip
+CACHES = {"default": NEAR, "v2": {**NEAR, "VERSION": 2}, "plain": {**NEAR, "OPTIONS": {"NEAR_CACHE": False}}}
 
 
 BIG = "x" * (PUSH_LIMIT + 1)
@@ -108,7 +108,7 @@ def test_a_value_over_the_push_limit_is_invalidated_not_pushed(cluster):
     assert near().misses == misses + 1  # invalidated, then read again from the Manager
 
 
-@override_settings(CACHES={"default": {**NEAR, "OPTIONS": {"NEAR_CACHE": {"MAX_BYTES": 4096}}}})
+@override_settings(CACHES={"default": {**NEAR, "OPTIONS": {"NEAR_CACHE": {"MAX_BYTES": 4096, "POLICY": "always"}}}})
 def test_a_pushed_value_too_large_for_the_near_cache_drops_the_old_copy(cluster):
     cache = caches["default"]
     cache.set("k", "small")
@@ -123,7 +123,7 @@ def test_a_pushed_value_too_large_for_the_near_cache_drops_the_old_copy(cluster)
     assert cache.make_key("k") not in near()._entries
 
 
-@override_settings(CACHES={"default": {**NEAR, "OPTIONS": {"NEAR_CACHE": {"MAX_ENTRIES": 2}}}})
+@override_settings(CACHES={"default": {**NEAR, "OPTIONS": {"NEAR_CACHE": {"MAX_ENTRIES": 2, "POLICY": "always"}}}})
 def test_a_key_evicted_locally_stops_being_pushed(cluster):
     cache = caches["default"]
     cache.set_many({"a": 1, "b": 1, "c": 1})
@@ -356,7 +356,7 @@ def test_after_the_manager_restarts(cluster):
 
 
 def test_the_shared_store_near_cache(cluster, settings):
-    settings.CLUSTERSHM = {"NEAR_CACHE": {"MAX_ENTRIES": 100}}
+    settings.CLUSTERSHM = {"NEAR_CACHE": {"MAX_ENTRIES": 100, "POLICY": "always"}}
     conf.configure(cluster.address, cluster.secret)
     clustershm.set("flag", True)
     assert clustershm.get("flag") is True and clustershm.get("flag") is True
@@ -489,3 +489,81 @@ def test_embedded_mode_has_no_near_cache():
         assert caches["default"].get("k") == 1
         assert clustershm.get_client()._near == {}
         assert clustershm.near_stats() == {}
+
+
+# -- the defaults (#19): a near cache per alias and for the store, adaptive --------------------
+
+DEFAULTS = {
+    "default": {"BACKEND": "django_clustershm.cache.ClusterShmCache", "LOCATION": "plain-default"},
+    "off": {"BACKEND": "django_clustershm.cache.ClusterShmCache", "LOCATION": "plain-default",
+            "OPTIONS": {"NEAR_CACHE": False}},
+}  # fmt: skip
+
+
+@override_settings(CACHES=DEFAULTS)
+def test_by_default_a_cluster_alias_and_the_store_read_through_adaptive_near_caches(cluster):
+    cache = caches["default"]
+    cache.set("k", "v")
+    pairs = lambda: clustershm.stats()["near_cache_tracked_pairs"]  # noqa: E731
+    assert cache.get("k") == "v"  # a first read: plain, nothing kept or tracked
+    stats = clustershm.near_stats()["plain-default"]
+    assert (stats["entries"], stats["untracked"], stats["policy"]) == (0, 1, "adaptive") and pairs() == 0
+    assert cache.get("k") == "v"  # the second: kept, and tracked by the Manager
+    assert clustershm.near_stats()["plain-default"]["entries"] == 1 and pairs() == 1
+    ops = clustershm.stats()["ops"]
+    assert [cache.get("k") for _ in range(20)] == ["v"] * 20
+    assert clustershm.stats()["ops"] == ops + 1  # hits: no request but this stats call
+    # The store has its own, by the same default.
+    clustershm.set("s", 1)
+    assert [clustershm.get("s") for _ in range(5)] == [1] * 5
+    assert clustershm.near_stats()[""]["hits"] == 3
+    # A key read once does not cost the Manager a tracking record, nor the
+    # writers a push: a scan of 200 keys leaves only the two copies tracked.
+    cache.set_many({f"scan{i}": i for i in range(200)})
+    assert [cache.get(f"scan{i}") for i in range(200)] == list(range(200))
+    assert pairs() == 2
+
+
+@override_settings(CACHES=DEFAULTS)
+def test_near_cache_false_turns_the_default_off(cluster):
+    caches["off"].set("k", 1)
+    assert [caches["off"].get("k") for _ in range(3)] == [1] * 3
+    assert "plain-default" not in clustershm.near_stats()
+
+
+def test_embedded_mode_has_no_default_near_cache():
+    with override_settings(CACHES=DEFAULTS):
+        caches["default"].set("k", 1)
+        assert [caches["default"].get("k") for _ in range(3)] == [1] * 3
+        assert clustershm.near_stats() == {}
+
+
+@override_settings(
+    CACHES={
+        "default": {"BACKEND": "django_clustershm.cache.ClusterShmCache", "LOCATION": "lru",
+                    "OPTIONS": {"MAX_BYTES": 100_000}},
+        "plain": {"BACKEND": "django_clustershm.cache.ClusterShmCache", "LOCATION": "lru",
+                  "OPTIONS": {"MAX_BYTES": 100_000, "NEAR_CACHE": False}},
+    }
+)  # fmt: skip
+def test_hits_on_near_copies_keep_a_key_recently_used_in_the_manager(cluster):
+    """A key read only from near copies would look unused to the Manager's LRU
+    and be evicted first; RECENT reports make it as recently used as the reads."""
+    value = b"x" * 5000  # about 19 fit in 100,000 bytes
+    caches["plain"].set("k0", value)
+    for i in range(1, 11):
+        caches["plain"].set(f"k{i}", value)  # k0 is now the least recently used
+
+    def reader():
+        cache = caches["default"]
+        for _ in range(200):  # 2 reads to keep a copy, then hits, reported at the 64th
+            assert cache.get("k0") == value
+
+    hits = clustershm.stats()["caches"]["lru"]["hits"]
+    assert reap(fork_call(reader), 30) == 0
+    wait_until(lambda: clustershm.stats()["caches"]["lru"]["hits"] >= hits + 64, message="the reader's RECENT report")
+    for i in range(11, 26):  # 15 more: the least recently used go
+        caches["plain"].set(f"k{i}", value)
+    assert clustershm.stats()["caches"]["lru"]["evictions"] >= 5
+    assert caches["plain"].get("k0") == value  # refreshed by the report: kept
+    assert caches["plain"].get("k1") is None  # older than k0's hits: evicted

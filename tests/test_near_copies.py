@@ -30,6 +30,8 @@ class StandInTracker:
     a call (the round trip: move the clock, or have a push arrive, which the
     next ``drain()`` applies)."""
 
+    reports_recent = False  # what RECENT does is tested against a Manager (test_near_cache.py)
+
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.sid = 7
@@ -48,6 +50,12 @@ class StandInTracker:
 
     def fetch_many(self, ns, keys, sid):
         return self.call(P.TRACK_GET_MANY, [ns, keys, sid])
+
+    def fetch_untracked(self, ns, key):
+        return self.call(P.GET, [ns, key])
+
+    def fetch_many_untracked(self, ns, keys):
+        return self.call(P.GET_MANY, [ns, keys])
 
     def drain(self, ns=None) -> bool:
         assert self.lock.locked()  # always called under the tracker's lock
@@ -73,8 +81,8 @@ def clock():
     return Clock()
 
 
-def make(clock, max_entries=100, max_bytes=10_000, tracker=None):
-    return NearCache(tracker or StandInTracker(), "ns", max_entries, max_bytes, clock=clock)
+def make(clock, max_entries=100, max_bytes=10_000, tracker=None, policy="always"):
+    return NearCache(tracker or StandInTracker(), "ns", max_entries, max_bytes, policy=policy, clock=clock)
 
 
 @contextmanager
@@ -308,3 +316,68 @@ def test_get_many_hits_and_fills(clock):
     assert cache._entries["b"][1] == sent + 5.0 and cache._entries["c"][1] is None
     assert cache.get_many(["a", "b", "c"]) == {"a": b"A", "b": b"B", "c": 3}
     assert len(tracker.calls) == 1 and (cache.hits, cache.misses) == (4, 3)
+
+
+# -- the adaptive policy (the default, #19) ---------------------------------------------------
+
+
+def test_adaptive_keeps_a_copy_from_the_second_read(clock):
+    cache = make(clock, policy="adaptive")
+    tracker = cache.tracker
+    tracker.replies = [b"V", (b"V", None, 0, True)]
+    assert cache.get("k") == b"V"  # first read: plain, nothing kept, nothing tracked
+    assert tracker.calls[-1] == (P.GET, ["ns", "k"]) and len(cache) == 0 and cache.untracked == 1
+    assert cache.get("k") == b"V"  # second read: tracked, kept
+    assert tracker.calls[-1] == (P.TRACK_GET, ["ns", "k", 7]) and len(cache) == 1
+    assert cache.get("k") == b"V" and len(tracker.calls) == 2  # then a hit
+    assert (cache.hits, cache.misses, cache.untracked) == (1, 2, 1)
+
+
+def test_adaptive_remembers_at_most_max_entries_first_reads(clock):
+    cache = make(clock, max_entries=3, policy="adaptive")
+    tracker = cache.tracker
+    tracker.replies = [b"V"] * 5 + [(b"V", None, 0, True)]
+    for key in ["a", "b", "c", "d"]:  # a scan: each key read once
+        cache.get(key)
+    assert list(cache._seen) == ["b", "c", "d"]  # "a" forgotten: bounded like the copies
+    cache.get("a")  # so a first read again, untracked
+    assert tracker.calls[-1][0] == P.GET and len(cache) == 0
+    cache.get("c")  # "c" was remembered: tracked now
+    assert tracker.calls[-1][0] == P.TRACK_GET
+
+
+def test_adaptive_a_key_written_over_and_over_must_be_read_twice_again(clock):
+    cache = make(clock, policy="adaptive")
+    tracker = cache.tracker
+    tracker.replies = [b"V", (b"V", None, 0, True)]
+    cache.get("k")
+    cache.get("k")
+    for _ in range(MAX_UNREAD_UPDATES + 1):  # updates it never reads: dropped
+        tracker.pushes.append((cache, "k", b"W"))
+    with held(cache):
+        tracker.drain()
+    assert len(cache) == 0
+    tracker.replies = [b"W"]
+    assert cache.get("k") == b"W" and tracker.calls[-1][0] == P.GET  # not kept again at once
+
+
+def test_adaptive_an_invalidated_copy_is_kept_again_at_its_next_read(clock):
+    cache = make(clock, policy="adaptive")
+    tracker = cache.tracker
+    tracker.replies = [b"V", (b"V", None, 0, True)]
+    cache.get("k")
+    cache.get("k")
+    tracker.pushes.append((cache, "k", None))  # deleted, touched, expired in the Manager
+    tracker.replies = [(b"X", None, 1, True)]
+    assert cache.get("k") == b"X" and tracker.calls[-1][0] == P.TRACK_GET and len(cache) == 1
+
+
+def test_adaptive_get_many_is_one_request_tracked_if_any_key_is_admitted(clock):
+    cache = make(clock, policy="adaptive")
+    tracker = cache.tracker
+    tracker.replies = [{"a": b"A", "b": b"B"}]
+    assert cache.get_many(["a", "b"]) == {"a": b"A", "b": b"B"}
+    assert tracker.calls[-1] == (P.GET_MANY, ["ns", ["a", "b"]]) and len(cache) == 0
+    tracker.replies = [({"a": (b"A", None), "c": (b"C", None)}, 0, True)]
+    assert cache.get_many(["a", "c"]) == {"a": b"A", "c": b"C"}  # "a" read before: tracked, both kept
+    assert tracker.calls[-1][0] == P.TRACK_GET_MANY and set(cache._entries) == {"a", "c"}

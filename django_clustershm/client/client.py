@@ -458,16 +458,17 @@ class Client(Keyspace):
         max_entries: int = DEFAULT_MAX_ENTRIES,
         cull_frequency: int = DEFAULT_CULL_FREQUENCY,
         max_bytes: int = DEFAULT_CACHE_BYTES,
-        near_cache: tuple[int, int] | tuple[int, int, str | None] | None = None,
+        near_cache: tuple | None = None,
         serializer: Serializer | None = None,
     ) -> Keyspace:
         """The named LRU cache ``name`` (what a Django cache LOCATION names), with
         these bounds for this keyspace's writes (Django's MAX_ENTRIES and
         CULL_FREQUENCY; MAX_BYTES is fixed by the cache's first write).
 
-        ``near_cache=(max_entries, max_bytes)``: this keyspace reads through a
-        near cache of the namespace (shared with the other keyspaces of it that
-        ask for one; a keyspace that does not ask reads from the Manager).
+        ``near_cache=(max_entries, max_bytes)`` (or ``conf.NearOptions``, what
+        ``enable_near_cache`` takes): this keyspace reads through a near cache
+        of the namespace (shared with the other keyspaces of it that ask for
+        one; a keyspace that does not ask reads from the Manager).
         ``serializer``: how this keyspace stores values (default: the client's)."""
         if type(name) is not str or not name:
             raise ArgumentTypeError("a cache name is a non-empty str")
@@ -477,14 +478,23 @@ class Client(Keyspace):
     # -- near caches (see .near) ----------------------------------------------------------------
 
     def enable_near_cache(
-        self, ns: str = "", max_entries: int = 10_000, max_bytes: int = 16 * 2**20, consistency: str | None = None
+        self,
+        ns: str = "",
+        max_entries: int = 2_000,
+        max_bytes: int = 4 * 2**20,
+        consistency: str | None = None,
+        policy: str = "adaptive",
+        implicit: bool = False,
     ) -> NearCache | None:
         """Answer reads of namespace ``ns`` from a consistent process-local copy.
         Only over a transport to another process (None otherwise: an embedded
         engine is in this process already). ``consistency``: "strict" or
         "eventual" (None: the engine's default; the local engine is always
-        strict, see ``capabilities()["near_cache"]``)."""
-        if not self.transport.remote:
+        strict, see ``capabilities()["near_cache"]``). ``policy``: which keys
+        get copies ("adaptive" or "always", see :class:`.near.NearCache`).
+        ``implicit``: not asked for by the settings, so only where the engine
+        makes near caches its default (None elsewhere, without a word)."""
+        if not self.transport.remote or (implicit and not self.transport.near_by_default):
             return None
         refused = self.transport.refuses.get("near_cache")
         if refused:
@@ -496,15 +506,17 @@ class Client(Keyspace):
         if near is None:
             if self._tracker is None:
                 self._tracker = self.transport.make_tracker() or Tracker(self.transport)
-            near = self._tracker.near_cache(ns, max_entries, max_bytes, consistency)
+            near = self._tracker.near_cache(ns, max_entries, max_bytes, consistency, policy)
             self._near = {**self._near, ns: near}
             if ns == "":
                 self._near_cache = near  # the store's reads (this client's own methods)
             logger.info(
-                "django-clustershm: near cache for %s (%d entries, %d bytes) in process %d: %s",
+                "django-clustershm: near cache for %s (%d entries, %d bytes, %s%s) in process %d: %s",
                 repr(ns) if ns else "the store",
                 max_entries,
                 max_bytes,
+                near.policy,
+                ", the default" if implicit else "",
                 os.getpid(),
                 self.transport.capabilities.get(f"near_cache_{consistency}")
                 or self.transport.capabilities["near_cache"],
@@ -512,9 +524,18 @@ class Client(Keyspace):
         return near
 
     def near_stats(self) -> dict:
-        """This process's near caches: ``{namespace: {"entries", "bytes", "hits", "misses"}}``."""
+        """This process's near caches: ``{namespace: {"entries", "bytes", "hits",
+        "misses", "untracked", "policy"}}`` (``untracked``: misses read without
+        keeping a copy, see :class:`.near.NearCache`)."""
         return {
-            ns: {"entries": len(cache), "bytes": cache.bytes, "hits": cache.hits, "misses": cache.misses}
+            ns: {
+                "entries": len(cache),
+                "bytes": cache.bytes,
+                "hits": cache.hits,
+                "misses": cache.misses,
+                "untracked": cache.untracked,
+                "policy": cache.policy,
+            }
             for ns, cache in self._near.items()
         }
 

@@ -83,6 +83,10 @@ _MAX_UNTRACK_BACKLOG = 1 << 20
 #: (~12 us here), an update about 2 us to apply: after a few unread updates,
 #: invalidating is cheaper.
 MAX_UNREAD_UPDATES = 4
+#: Seconds between two reports of a near cache's hits to the Manager (RECENT).
+RECENT_EVERY = 0.25
+#: What :meth:`NearCache._local` answers for a miss the policy reads untracked.
+_UNTRACKED = object()
 #: Values up to this size are pushed to the near caches that hold their key
 #: when they are written (larger ones are invalidated): the Manager's limit.
 PUSH_LIMIT = 64 * 1024
@@ -101,6 +105,21 @@ def _expanded(data: bytes) -> bytes:
 class NearCache:
     """The local copies of one namespace (a cache LOCATION, or "" for the store).
 
+    ``policy`` says which keys get copies. "always": every key read (each
+    miss is a tracked read). "adaptive", the default: a key read for the
+    first time is read *untracked* (a plain GET: no copy, nothing the Manager
+    must remember or push later) and remembered among the last
+    ``max_entries`` such keys; a second miss of it while it is remembered is
+    a tracked read that keeps a copy. Together with the drop of a copy after
+    :data:`MAX_UNREAD_UPDATES` updates it was not read between (after which it
+    must be read twice again), a process keeps copies of the keys it reads
+    more often than others write them, and only those: a key read once (a
+    page of a long tail, a scan) costs neither the local budget (no hot copy
+    is evicted for it) nor the writers (no push for a copy nobody reads
+    again). It is TinyLFU's doorkeeper, applied to what a copy costs here:
+    its pushes. A key whose copy was invalidated (deleted, touched, expired
+    in the Manager) is remembered, so its next miss keeps a copy again.
+
     ``clock`` gives the copies' deadlines their time: CLOCK_MONOTONIC, the
     Manager's own (a test may pass another)."""
 
@@ -108,9 +127,10 @@ class NearCache:
         self,
         tracker: Tracker,
         ns: str,
-        max_entries: int = 10_000,
-        max_bytes: int = 16 * 2**20,
+        max_entries: int = 2_000,
+        max_bytes: int = 4 * 2**20,
         *,
+        policy: str = "adaptive",
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.tracker = tracker
@@ -118,11 +138,20 @@ class NearCache:
         self.ns = ns
         self.max_entries = int(max_entries)
         self.max_bytes = int(max_bytes)
+        self.policy = policy
         # key -> [data, deadline, size, updates pushed since the last read]
         self._entries: OrderedDict[str, list] = OrderedDict()
+        # "adaptive": keys read once (and not kept), oldest first, at most
+        # max_entries of them: a second miss while a key is here keeps a copy.
+        self._seen: dict[str, None] | None = {} if policy == "adaptive" else None
         self.bytes = 0
         self.hits = 0
         self.misses = 0
+        self.untracked = 0  # misses read without keeping a copy (the policy's first reads)
+        # Keys hit since the last RECENT report, and how many hits (see _hit).
+        self._recent: dict[str, None] = {}
+        self._recent_hits = 0
+        self._report_due = 0.0
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -144,6 +173,24 @@ class NearCache:
         entry = self._entries.pop(key, None)
         if entry is not None:
             self.bytes -= entry[2]
+
+    def _admit(self, key: str) -> bool:
+        """A miss of ``key``: whether to read it tracked and keep a copy (see the policy above)."""
+        seen = self._seen
+        if seen is None:
+            return True
+        if key in seen:
+            del seen[key]
+            return True
+        self._remember_seen(key)
+        return False
+
+    def _remember_seen(self, key: str) -> None:
+        seen = self._seen
+        if seen is not None:
+            seen[key] = None
+            if len(seen) > self.max_entries:
+                del seen[next(iter(seen))]
 
     def _put(self, key: str, data, deadline) -> None:
         if type(data) is bytes and data[:1] == b"\xc1":
@@ -189,20 +236,23 @@ class NearCache:
     def invalidate(self, key) -> None:
         if key is None:
             self.drop_all()
-        else:
+        elif key in self._entries:
             self._drop(key)
+            self._remember_seen(key)  # read here before: its next miss keeps a copy again
 
     def drop_all(self) -> None:
         self._entries.clear()
         self.bytes = 0
+        if self._seen is not None:
+            self._seen.clear()
 
     # -- reads ------------------------------------------------------------------------
 
     def get(self, key: str):
-        """The stored data (bytes or int) of ``key``, or None on a miss."""
+        """The stored data (bytes or int) of ``key``, or None if it is missing."""
         data = self._local(key)
         if data is not None:
-            return data
+            return data if data is not _UNTRACKED else self.tracker.fetch_untracked(self.ns, key)
         sid, sent_at = self.tracker.session_id(), self.clock()
         return self._remember(key, sid, sent_at, *self.tracker.fetch(self.ns, key, sid))
 
@@ -214,11 +264,13 @@ class NearCache:
         socket. (The channel itself is opened once per process, at the first miss.)"""
         data = self._local(key)
         if data is not None:
-            return data
+            return data if data is not _UNTRACKED else await self.tracker.afetch_untracked(acall, self.ns, key)
         sid, sent_at = self.tracker.session_id(), self.clock()
         return self._remember(key, sid, sent_at, *await self.tracker.afetch(acall, self.ns, key, sid))
 
     def _local(self, key: str):
+        """The local copy's data; on a miss None (read it tracked) or
+        ``_UNTRACKED`` (the policy keeps no copy of it yet: read it plainly)."""
         tracker = self.tracker
         with tracker.lock:
             live = tracker.drain(self.ns)
@@ -226,9 +278,40 @@ class NearCache:
                 data = self._lookup(key)
                 if data is not None:
                     self.hits += 1
+                    if tracker.reports_recent:
+                        self._hit(key)
                     return data
             self.misses += 1  # counted under the lock: threads share the figures
+            if self._recent and self.clock() >= self._report_due:
+                self._report()
+            if self._seen is not None and not self._admit(key):
+                self.untracked += 1
+                return _UNTRACKED
         return None
+
+    def _hit(self, key: str) -> None:
+        """A hit the Manager should hear of (under the tracker's lock): its
+        cache's LRU order and hit rate would otherwise be blind to the reads
+        served here, and a key hot in the workers could look cold there and be
+        evicted first. Reported with RECENT (no reply) when :data:`RECENT_EVERY`
+        seconds have passed (looked at every 64 hits, and at each miss), or
+        when :data:`~..wire.frames.MAX_RECENT` distinct keys were hit."""
+        recent = self._recent
+        recent[key] = None
+        self._recent_hits += 1
+        if len(recent) >= P.MAX_RECENT or (not self._recent_hits & 63 and self.clock() >= self._report_due):
+            self._report()
+
+    def _report(self) -> None:
+        channel = self.tracker.channel
+        if channel is not None:
+            try:
+                channel.post(P.RECENT, [self.ns, self._recent_hits, list(self._recent)])
+            except ClusterShmError:
+                pass  # the channel is lost: the next drain says so
+        self._recent = {}
+        self._recent_hits = 0
+        self._report_due = self.clock() + RECENT_EVERY
 
     def _remember(self, key: str, sid, sent_at: float, data, ttl, seq, tracked):
         """Keep what a tracked read brought, unless an invalidation may have passed it."""
@@ -241,8 +324,11 @@ class NearCache:
         return data
 
     def get_many(self, keys: list) -> dict:
-        found, missing = self._local_many(keys)
+        found, missing, track = self._local_many(keys)
         if not missing:
+            return found
+        if not track:
+            found.update(self.tracker.fetch_many_untracked(self.ns, missing))
             return found
         sid, sent_at = self.tracker.session_id(), self.clock()
         reply = self.tracker.fetch_many(self.ns, missing, sid)
@@ -250,14 +336,17 @@ class NearCache:
 
     async def aget_many(self, keys: list, acall) -> dict:
         """:meth:`get_many` for the asyncio client."""
-        found, missing = self._local_many(keys)
+        found, missing, track = self._local_many(keys)
         if not missing:
+            return found
+        if not track:
+            found.update(await self.tracker.afetch_many_untracked(acall, self.ns, missing))
             return found
         sid, sent_at = self.tracker.session_id(), self.clock()
         reply = await self.tracker.afetch_many(acall, self.ns, missing, sid)
         return self._remember_many(found, sid, sent_at, *reply)
 
-    def _local_many(self, keys: list) -> tuple[dict, list]:
+    def _local_many(self, keys: list) -> tuple[dict, list, bool]:
         tracker = self.tracker
         found = {}
         missing = []
@@ -271,7 +360,18 @@ class NearCache:
                     found[key] = data
             self.hits += len(found)
             self.misses += len(missing)
-        return found, missing
+            if found and tracker.reports_recent:
+                for key in found:
+                    self._hit(key)
+            if missing and self._seen is not None:
+                # One request either way: tracked if any missing key is
+                # admitted (keys asked for together are usually read together
+                # again), else plain.
+                admitted = [self._admit(key) for key in missing]
+                if not any(admitted):
+                    self.untracked += len(missing)
+                    return found, missing, False
+        return found, missing, True
 
     def _remember_many(self, found: dict, sid, sent_at: float, fetched: dict, seq, tracked) -> dict:
         tracker = self.tracker
@@ -288,6 +388,9 @@ class NearCache:
 class Tracker:
     """The process's invalidation channel to one Manager, shared by its near caches."""
 
+    #: Whether the near caches tell the Manager what they hit (RECENT).
+    reports_recent = True
+
     def __init__(self, transport: Transport) -> None:
         self.transport = transport
         self.lock = threading.Lock()
@@ -296,11 +399,13 @@ class Tracker:
         self.seq = 0
         self.caches: dict[str, NearCache] = {}
 
-    def near_cache(self, ns: str, max_entries: int, max_bytes: int, consistency: str | None = None) -> NearCache:
+    def near_cache(
+        self, ns: str, max_entries: int, max_bytes: int, consistency: str | None = None, policy: str = "adaptive"
+    ) -> NearCache:
         """``ns``'s near cache (``consistency``: a Manager's copies are always strict)."""
         cache = self.caches.get(ns)
         if cache is None:
-            cache = self.caches[ns] = NearCache(self, ns, max_entries, max_bytes)
+            cache = self.caches[ns] = NearCache(self, ns, max_entries, max_bytes, policy=policy)
         return cache
 
     def session_id(self) -> int | None:
@@ -336,6 +441,20 @@ class Tracker:
 
     async def afetch_many(self, acall, ns: str, keys: list, sid) -> tuple:
         return await acall(P.TRACK_GET_MANY, [ns, keys, sid])
+
+    # Plain reads, for the keys a policy keeps no copy of (yet): nothing tracked.
+
+    def fetch_untracked(self, ns: str, key: str):
+        return self.transport.call(P.GET, [ns, key])
+
+    def fetch_many_untracked(self, ns: str, keys: list) -> dict:
+        return self.transport.call(P.GET_MANY, [ns, keys])
+
+    async def afetch_untracked(self, acall, ns: str, key: str):
+        return await acall(P.GET, [ns, key])
+
+    async def afetch_many_untracked(self, acall, ns: str, keys: list) -> dict:
+        return await acall(P.GET_MANY, [ns, keys])
 
     def drain(self, ns: str | None = None) -> bool:
         """Apply every push (update, invalidation) already received, without blocking.
@@ -396,4 +515,7 @@ class Tracker:
         self.sid = None
         for cache in self.caches.values():
             cache._entries = OrderedDict()
-            cache.bytes = cache.hits = cache.misses = 0  # this process's figures start here
+            if cache._seen is not None:
+                cache._seen = {}
+            cache._recent = {}
+            cache.bytes = cache.hits = cache.misses = cache.untracked = cache._recent_hits = 0  # the child's own

@@ -325,6 +325,7 @@ class SocketTransport(Transport):
 
     name = "socket"
     remote = True
+    near_by_default = True
     yields_on_handoff = True
 
     def __init__(

@@ -128,6 +128,9 @@ class Transport(ABC):
     name: str = ""
     #: Whether the state lives in another process (then near caches pay off).
     remote: bool = False
+    #: Whether a cache or the store gets a near cache when NEAR_CACHE is left
+    #: out (the local engine over a socket: strict, and cheap to keep).
+    near_by_default: bool = False
     #: Seconds a call waits for its reply by default.
     timeout: float = DEFAULT_TIMEOUT
     #: What this engine guarantees (the Redis engine declares its own).

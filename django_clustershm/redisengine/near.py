@@ -123,6 +123,10 @@ class _Tracking:
 class RedisTracker(Tracker):
     """The near caches of one process on the Redis engine (see the module's docstring)."""
 
+    #: No RECENT: Redis's own LRU does not see near hits (its eviction samples
+    #: keys; a hint would cost a command per key).
+    reports_recent = False
+
     def __init__(self, transport) -> None:
         super().__init__(transport)
         #: The generation of the tracking connections: moves whenever they are
@@ -142,8 +146,13 @@ class RedisTracker(Tracker):
         self._strict: frozenset[str] = frozenset()
         self.hub: _StrictHub | None = None
 
-    def near_cache(self, ns: str, max_entries: int, max_bytes: int, consistency: str | None = None):
-        cache = super().near_cache(ns, max_entries, max_bytes)
+    def near_cache(
+        self, ns: str, max_entries: int, max_bytes: int, consistency: str | None = None, policy: str = "always"
+    ):
+        # "always" whatever is asked: CLIENT TRACKING tracks every read on the
+        # tracking connection, and a read elsewhere (to keep no copy) would
+        # cost a connection more per process for what the policy saves.
+        cache = super().near_cache(ns, max_entries, max_bytes, consistency, "always")
         if consistency == "strict":
             self._strict = self._strict | {ns}
         pfx = self._ops.space(ns)[0]

@@ -198,6 +198,7 @@ class Engine:
             F.TRACK_GET: self._track_get,
             F.TRACK_GET_MANY: self._track_get_many,
             F.UNTRACK: self._untrack,
+            F.RECENT: self._recent,
             F.TTL: self._ttl,
             F.PERSIST: self._persist,
             F.REPLACE: self._replace,
@@ -627,6 +628,23 @@ class Engine:
         if not session.tracker or type(ns) is not str or type(key) is not str or type(seq) is not int:
             raise ArgumentTypeError("UNTRACK takes [ns, key, seq] on a tracker connection")
         self.tracking.untrack(session, ns, key, seq)
+        return NO_REPLY
+
+    def _recent(self, session, ns, hits, keys):
+        """A tracker's report of its process's near-cache hits (see wire/frames.py)."""
+        if (
+            not session.tracker
+            or type(hits) is not int
+            or hits < 0
+            or type(keys) is not list
+            or len(keys) > F.MAX_RECENT
+        ):
+            raise ArgumentTypeError(
+                f"RECENT takes [ns, hits >= 0, at most {F.MAX_RECENT} keys] on a tracker connection"
+            )
+        space = self._space(ns)
+        if space is not self._empty:
+            space.refresh(self._keys_list(keys), hits)
         return NO_REPLY
 
     def _tracker_session(self, tracker_id) -> Session | None:

@@ -364,6 +364,11 @@ class Namespace:
 
     # -- operations (the wire's requests) ------------------------------------------------
 
+    def refresh(self, keys: list[str], hits: int) -> None:
+        """Keys read from near copies in a worker (RECENT): counted as hits;
+        in a cache they also become the most recently used (the store has no order)."""
+        self.hits += hits
+
     def get(self, key: str):
         stored = self._live(key)
         if stored is None:
@@ -831,6 +836,15 @@ class Cache(Namespace):
         if stored is not None:
             data[key] = stored  # now the most recently used
         return stored
+
+    def refresh(self, keys: list[str], hits: int) -> None:
+        # Read in near caches: now the most recently used, as a read here makes them.
+        data = self.data
+        for key in keys:
+            stored = data.pop(key, None)
+            if stored is not None:
+                data[key] = stored
+        self.hits += hits
 
     def _insert(self, key: str, stored, old) -> None:
         if old is not None:

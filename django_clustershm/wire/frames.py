@@ -113,6 +113,7 @@ matches replies by request id).
     TRACK_GET      [ns, key, tracker]      -> [v, ttl, seq, tracked]
     TRACK_GET_MANY [ns, [key...], tracker] -> [{key: [v, ttl]}, seq, tracked]
     UNTRACK        [ns, key, seq]        (on the tracker connection; no reply)
+    RECENT         [ns, hits, [key...]]  (on the tracker connection; no reply)
 
     PUSH_INVALIDATE [seq, ns, key]       (pushed on a tracker; key nil: all of ns)
     PUSH_UPDATE     [seq, ns, key, v, deadline]  (pushed on a tracker)
@@ -130,6 +131,10 @@ TRACK_GET reply is the tracker's count at that moment: every push numbered
 up to it is already in the tracker's socket. A tracker sent an update of a
 key it no longer holds answers UNTRACK with that push's ``seq``; the Manager
 forgets the record unless the tracker read the key again after that push.
+A tracker reports its process's hits now and then with RECENT: the keys hit
+(at most :data:`MAX_RECENT` of them) become the most recently used in their
+cache, as if read there, and ``hits`` counts into the cache's hits, so that
+neither a cache's LRU order nor its hit rate is blind to near copies.
 
 Events of a key reach its listeners in the order of the writes, and are
 written to the listeners' sockets before the writer's reply is.
@@ -209,6 +214,10 @@ TRACKER = 0x38
 TRACK_GET = 0x39
 TRACK_GET_MANY = 0x3A
 UNTRACK = 0x3B
+RECENT = 0x3C
+
+#: Keys one RECENT may name.
+MAX_RECENT = 1024
 # Expiry and key-space scans (#17: django-redis's ttl, persist, set(xx=True), keys, iter_keys, delete_pattern).
 TTL = 0x40
 PERSIST = 0x41
