@@ -158,7 +158,7 @@ def test_killing_a_process_that_holds_100k_locks_65k_tracked_keys_and_10k_listen
         for start in range(0, locks, 1000):
             call(main, [P.encode(P.LOCK_ACQUIRE, i, [f"lock:{i}", None, None]) for i in range(start, start + 1000)])
         tracker = _handshaked_socket(proc.address, proc.secret)
-        ((tracker_id,),) = call(tracker, [P.encode(P.TRACKER, 1, [1024])])
+        ((tracker_id, *_slot),) = call(tracker, [P.encode(P.TRACKER, 1, [1024])])
         for start in range(0, tracked, 4096):
             keys = [f"k{i}" for i in range(start, start + 4096)]
             call(main, [P.encode(P.SET_MANY, 1, ["", [x for key in keys for x in (key, 1)], None])])

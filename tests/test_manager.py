@@ -773,7 +773,7 @@ def test_near_caches_get_invalidations_while_all_output_is_over_the_budget():
         tracker.sendall(P.encode(P.TRACKER, 1, [1 << 20]))
         reader = P.FrameReader(P.DEFAULT_MAX_FRAME)
         ((_op, _, payload),) = reader.feed(tracker.recv(4096))
-        (sid,) = P.decode_payload(payload)
+        sid = P.decode_payload(payload)[0]
         worker = _handshaked_socket(proc.address, proc.secret)
         wreader = P.FrameReader(P.DEFAULT_MAX_FRAME)
 

@@ -57,7 +57,7 @@ class StandInTracker:
     def fetch_many_untracked(self, ns, keys):
         return self.call(P.GET_MANY, [ns, keys])
 
-    def drain(self, ns=None) -> bool:
+    def drain(self, ns=None, wait=0.0) -> bool:
         assert self.lock.locked()  # always called under the tracker's lock
         for cache, key, data in self.pushes:
             self.seq += 1

@@ -63,6 +63,7 @@ calls: the near cache uses nothing but the transport seam.
 from __future__ import annotations
 
 import logging
+import mmap
 import os
 import threading
 import time
@@ -83,6 +84,10 @@ _MAX_UNTRACK_BACKLOG = 1 << 20
 #: (~12 us here), an update about 2 us to apply: after a few unread updates,
 #: invalidating is cheaper.
 MAX_UNREAD_UPDATES = 4
+#: Seconds a sync read waits for pushes the Manager has counted but not yet
+#: sent (they follow the reply before them within its round) before it asks
+#: the Manager instead. An asyncio read does not wait: it asks.
+PUSH_WAIT = 0.002
 #: Seconds between two reports of a near cache's hits to the Manager (RECENT).
 RECENT_EVERY = 0.25
 #: What :meth:`NearCache._local` answers for a miss the policy reads untracked.
@@ -250,7 +255,7 @@ class NearCache:
 
     def get(self, key: str):
         """The stored data (bytes or int) of ``key``, or None if it is missing."""
-        data = self._local(key)
+        data = self._local(key, PUSH_WAIT)
         if data is not None:
             return data if data is not _UNTRACKED else self.tracker.fetch_untracked(self.ns, key)
         sid, sent_at = self.tracker.session_id(), self.clock()
@@ -268,12 +273,12 @@ class NearCache:
         sid, sent_at = self.tracker.session_id(), self.clock()
         return self._remember(key, sid, sent_at, *await self.tracker.afetch(acall, self.ns, key, sid))
 
-    def _local(self, key: str):
+    def _local(self, key: str, wait: float = 0.0):
         """The local copy's data; on a miss None (read it tracked) or
         ``_UNTRACKED`` (the policy keeps no copy of it yet: read it plainly)."""
         tracker = self.tracker
         with tracker.lock:
-            live = tracker.drain(self.ns)
+            live = tracker.drain(self.ns, wait)
             if live:
                 data = self._lookup(key)
                 if data is not None:
@@ -324,7 +329,7 @@ class NearCache:
         return data
 
     def get_many(self, keys: list) -> dict:
-        found, missing, track = self._local_many(keys)
+        found, missing, track = self._local_many(keys, PUSH_WAIT)
         if not missing:
             return found
         if not track:
@@ -346,12 +351,12 @@ class NearCache:
         reply = await self.tracker.afetch_many(acall, self.ns, missing, sid)
         return self._remember_many(found, sid, sent_at, *reply)
 
-    def _local_many(self, keys: list) -> tuple[dict, list, bool]:
+    def _local_many(self, keys: list, wait: float = 0.0) -> tuple[dict, list, bool]:
         tracker = self.tracker
         found = {}
         missing = []
         with tracker.lock:
-            live = tracker.drain(self.ns)
+            live = tracker.drain(self.ns, wait)
             for key in keys:
                 data = self._lookup(key) if live else None
                 if data is None:
@@ -398,6 +403,12 @@ class Tracker:
         self.sid: int | None = None
         self.seq = 0
         self.caches: dict[str, NearCache] = {}
+        # The epoch slot (see drain): the Manager's file mapped read-only, the
+        # slot, and what it says while every push sent has been applied, less seq.
+        self._epoch_map: mmap.mmap | None = None
+        self.epochs: memoryview | None = None
+        self.slot = 0
+        self.epoch_base = 0
 
     def near_cache(
         self, ns: str, max_entries: int, max_bytes: int, consistency: str | None = None, policy: str = "adaptive"
@@ -423,6 +434,42 @@ class Tracker:
             channel.close()
             raise
         self.channel, self.sid, self.seq = channel, body[0], 0
+        if len(body) >= 3:
+            self._map_epochs(body[1], body[2])
+
+    def _map_epochs(self, slot: int, gen: int) -> None:
+        """Map the Manager's epochs file read-only and check our slot there
+        (its generation, and no push yet); without it, each read polls the
+        socket instead (what drain did before there were epochs)."""
+        path = self.transport.epoch_file
+        if path is None:
+            return
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            try:
+                if os.fstat(fd).st_uid != os.getuid():
+                    return  # not the Manager's (which runs as this user: the handshake checked)
+                epoch_map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+            finally:
+                os.close(fd)
+        except (OSError, ValueError) as exc:
+            logger.debug("near caches poll their channel: cannot map %s: %s", path, exc)
+            return
+        epochs = memoryview(epoch_map).cast("Q")
+        base = gen << P.EPOCH_SEQ_BITS
+        if slot >= len(epochs) or epochs[slot] >> P.EPOCH_SEQ_BITS != gen:
+            epochs.release()
+            epoch_map.close()
+            return
+        self._epoch_map, self.epochs, self.slot, self.epoch_base = epoch_map, epochs, slot, base
+
+    def _unmap_epochs(self) -> None:
+        if self.epochs is not None:
+            self.epochs.release()
+            self.epochs = None
+        if self._epoch_map is not None:
+            self._epoch_map.close()
+            self._epoch_map = None
 
     # -- how misses travel (the Redis engine's tracker reads them on its tracking connection) --
 
@@ -456,8 +503,19 @@ class Tracker:
     async def afetch_many_untracked(self, acall, ns: str, keys: list) -> dict:
         return await acall(P.GET_MANY, [ns, keys])
 
-    def drain(self, ns: str | None = None) -> bool:
-        """Apply every push (update, invalidation) already received, without blocking.
+    def drain(self, ns: str | None = None, wait: float = 0.0) -> bool:
+        """Apply every push (update, invalidation) already received; whether
+        the copies may answer now. Blocks only if ``wait`` (seconds) is given
+        and pushes are on their way (see below); never on an event loop.
+
+        With an epoch slot, the slot says how many pushes the Manager has
+        sent this process (moved before the reply of the write that caused
+        each): equal to the pushes applied, nothing is pending, at the cost of
+        reading memory (a ``poll(2)`` otherwise). If pushes are still on
+        their way after what was received is applied, the copies do not
+        answer this read (it goes to the Manager) but are kept: the pushes
+        follow within the Manager's round. With ``wait``, they are waited for
+        that long first (the sync client's reads: see PUSH_WAIT).
 
         False when there is no live channel (never connected, or just lost):
         the near caches are then empty and must not answer. (``ns``: the
@@ -466,24 +524,46 @@ class Tracker:
         channel = self.channel
         if channel is None:
             return False
-        if not channel.ready():
+        epochs = self.epochs
+        if epochs is not None:
+            if epochs[self.slot] == self.epoch_base + self.seq:
+                return True  # every push sent has been applied
+        elif not channel.ready():
             return True  # nothing pushed, not closed
+        if not self._apply(channel, 0):
+            return False
+        if epochs is None or epochs[self.slot] == self.epoch_base + self.seq:
+            return True
+        if wait:
+            # On their way: the Manager sends them right after the reply that
+            # preceded them (this process's own write, typically), sooner
+            # than a request to it would be answered.
+            deadline = time.monotonic() + wait
+            while epochs[self.slot] != self.epoch_base + self.seq:
+                left = deadline - time.monotonic()
+                if left <= 0 or not self._apply(channel, left):
+                    return False
+            return True
+        return False
+
+    def _apply(self, channel: Channel, timeout: float) -> bool:
+        """Apply what the channel has, waiting up to ``timeout``; False if it is lost."""
         try:
-            messages = channel.receive(0)
+            messages = channel.receive(timeout)
         except ClusterShmError as exc:
             self._lost(f"the near-cache channel was lost (cut off, or the Manager is gone): {exc}")
             return False
         for op, _rid, body in messages:
             if op == P.PUSH_UPDATE:
-                seq, ns, key, value, deadline = body
-                self.seq = seq
+                ns, key, value, deadline = body
+                self.seq += 1
                 cache = self.caches.get(ns)
                 if cache is None or not cache.update(key, value, deadline):
                     # Tell the Manager this process does not hold the key (a hint).
-                    channel.post(P.UNTRACK, [ns, key, seq])
+                    channel.post(P.UNTRACK, [ns, key, self.seq])
             elif op == P.PUSH_INVALIDATE:
-                seq, ns, key = body
-                self.seq = seq
+                ns, key = body
+                self.seq += 1
                 cache = self.caches.get(ns)
                 if cache is not None:
                     cache.invalidate(key)
@@ -503,6 +583,7 @@ class Tracker:
             self.channel.close()
         self.channel = None
         self.sid = None
+        self._unmap_epochs()
         for cache in self.caches.values():
             cache.drop_all()
 
@@ -513,6 +594,7 @@ class Tracker:
         self.lock = threading.Lock()
         self.channel = None
         self.sid = None
+        self._unmap_epochs()  # the parent's slot, not the child's
         for cache in self.caches.values():
             cache._entries = OrderedDict()
             if cache._seen is not None:

@@ -341,6 +341,10 @@ class SocketTransport(Transport):
         # that a forked child closes its copies of all of them.
         self._made: weakref.WeakSet = weakref.WeakSet()
 
+    @property
+    def epoch_file(self) -> str:
+        return self.address + F.EPOCH_SUFFIX
+
     def __repr__(self) -> str:
         return f"<SocketTransport {self.address}>"
 

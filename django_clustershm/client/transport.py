@@ -131,6 +131,8 @@ class Transport(ABC):
     #: Whether a cache or the store gets a near cache when NEAR_CACHE is left
     #: out (the local engine over a socket: strict, and cheap to keep).
     near_by_default: bool = False
+    #: The Manager's near-cache epochs file (see wire/frames.py), if it has one.
+    epoch_file: str | None = None
     #: Seconds a call waits for its reply by default.
     timeout: float = DEFAULT_TIMEOUT
     #: What this engine guarantees (the Redis engine declares its own).

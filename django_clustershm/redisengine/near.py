@@ -234,7 +234,7 @@ class RedisTracker(Tracker):
                 for key in keys:
                     cache._drop(key)
 
-    def drain(self, ns: str | None = None) -> bool:
+    def drain(self, ns: str | None = None, wait: float = 0.0) -> bool:
         """Apply every invalidation already received (the tracker's lock is
         held; never blocks: a connection another thread is reading is left to
         it). True if ``ns``'s copies may answer."""

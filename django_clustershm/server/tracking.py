@@ -13,6 +13,9 @@ transport: into the socket at once, or the tracker is shut down):
   or an update the transport refused because the tracker lags): a
   PUSH_INVALIDATE, and the record is forgotten.
 
+Pushes carry no number: each one counts one in ``session.inval_seq``, and
+the tracker's process counts the pushes it applies.
+
 Why push values rather than only invalidate (what Redis sends): with N
 processes reading a hot key, an invalidation costs each of them a round trip
 to read the key again (measured with bench_cache.py at 4 processes and 10%
@@ -94,18 +97,20 @@ class Tracking:
                         session.tracked.discard(record)
                         cleared.add(session)
                         self.pairs -= 1
+            payload = [ns, None]
             for session in cleared:
-                _invalidate(session, ns, None)
+                _invalidate(session, payload)
         elif event == EVENT_SET:
             self._update(ns, key, value, deadline_of)
         else:
             trackers = self.records.pop((ns, key), None)
             if trackers:
+                payload = [ns, key]  # one list for every tracker: the Manager encodes it once
                 for session in trackers:
                     if session.tracked is not None:  # else closed: counted off then
                         self.pairs -= 1
                         session.tracked.discard((ns, key))
-                        _invalidate(session, ns, key)
+                        _invalidate(session, payload)
 
     def _update(self, ns: str, key: str, value, deadline_of) -> None:
         record = (ns, key)
@@ -113,18 +118,17 @@ class Tracking:
         if not trackers:
             return
         size = _INT_SIZE if type(value) is int else len(value)
-        deadline = deadline_of(key)
+        # One payload list each for every tracker of the change: the Manager
+        # encodes a list once, however many trackers it goes to.
+        update = [ns, key, value, deadline_of(key)]
+        invalidation = [ns, key]
         for session in list(trackers):
             if session.tracked is None:  # closed: counted off then
                 del trackers[session]
                 continue
             session.inval_seq += 1
             send = session.invalidate
-            if (
-                size <= session.push_limit
-                and send is not None
-                and send(F.PUSH_UPDATE, [session.inval_seq, ns, key, value, deadline])
-            ):
+            if size <= session.push_limit and send is not None and send(F.PUSH_UPDATE, update):
                 continue
             # Too large for it, or refused by the transport (a tracker that
             # lags behind): an invalidation, and the tracking ends.
@@ -132,7 +136,7 @@ class Tracking:
             self.pairs -= 1
             session.tracked.discard(record)
             if send is not None:
-                send(F.PUSH_INVALIDATE, [session.inval_seq, ns, key])
+                send(F.PUSH_INVALIDATE, invalidation)
         if not trackers:
             del self.records[record]
 
@@ -185,7 +189,7 @@ class Tracking:
         return done
 
 
-def _invalidate(session, ns: str, key) -> None:
+def _invalidate(session, payload: list) -> None:
     session.inval_seq += 1
     if session.invalidate is not None:
-        session.invalidate(F.PUSH_INVALIDATE, [session.inval_seq, ns, key])
+        session.invalidate(F.PUSH_INVALIDATE, payload)

@@ -108,29 +108,37 @@ matches replies by request id).
     PUSH_EVENT   [sub_id, ns, key, event, v]   (pushed; ``v`` nil unless event is set;
                                                 key nil for clear)
 
-    TRACKER        [push_limit]          -> [session_id]  (this connection
-                                             becomes the process's near-cache channel)
+    TRACKER        [push_limit]          -> [session_id, slot, generation]  (this
+                                             connection becomes the process's near-cache
+                                             channel; slot and generation: its epoch, if any)
     TRACK_GET      [ns, key, tracker]      -> [v, ttl, seq, tracked]
     TRACK_GET_MANY [ns, [key...], tracker] -> [{key: [v, ttl]}, seq, tracked]
     UNTRACK        [ns, key, seq]        (on the tracker connection; no reply)
     RECENT         [ns, hits, [key...]]  (on the tracker connection; no reply)
 
-    PUSH_INVALIDATE [seq, ns, key]       (pushed on a tracker; key nil: all of ns)
-    PUSH_UPDATE     [seq, ns, key, v, deadline]  (pushed on a tracker)
+    PUSH_INVALIDATE [ns, key]            (pushed on a tracker; key nil: all of ns)
+    PUSH_UPDATE     [ns, key, v, deadline]  (pushed on a tracker)
 
 A TRACK_GET reads like GET and records that the process behind the tracker
 connection may now hold the key. From then on every change of that key is
-pushed to the tracker, numbered (``seq`` counts the pushes to that tracker):
-a write of a value of at most ``push_limit`` bytes as a PUSH_UPDATE with the
-value and its expiry (``deadline``: CLOCK_MONOTONIC seconds, nil for none),
-the record kept; any other change as a PUSH_INVALIDATE, the record
-forgotten. A push is written to the tracker's socket before the reply to the
-write that caused it; a tracker whose socket cannot take it at once is shut
-down instead (its process then drops its whole near cache). ``seq`` in a
-TRACK_GET reply is the tracker's count at that moment: every push numbered
-up to it is already in the tracker's socket. A tracker sent an update of a
-key it no longer holds answers UNTRACK with that push's ``seq``; the Manager
-forgets the record unless the tracker read the key again after that push.
+pushed to the tracker, counted (``seq``: the pushes sent to that tracker,
+which both ends count; a push carries no number): a write of a value of at
+most ``push_limit`` bytes as a PUSH_UPDATE with the value and its expiry
+(``deadline``: CLOCK_MONOTONIC seconds, nil for none), the record kept; any
+other change as a PUSH_INVALIDATE, the record forgotten. Before the reply to
+the write that caused a push, the tracker's epoch slot (in the file
+``<socket path>`` + :data:`EPOCH_SUFFIX`, which the Manager writes and the
+tracker's process maps read-only) says the new count; the push itself is
+sent after that reply, with the other pushes of the Manager's round. A
+process answers from its copies only while its slot equals the pushes it has
+applied. A tracker whose socket cannot take its pushes is shut down, its
+slot marked :data:`EPOCH_CUT` (its process then drops its whole near cache).
+A tracker without a slot (no file) is pushed to before the writer's reply
+instead. ``seq`` in a TRACK_GET reply is the tracker's count at that moment;
+the process keeps the value read only if it has applied exactly that many. A
+tracker sent an update of a key it no longer holds answers UNTRACK with its
+count after that push; the Manager forgets the record unless the tracker
+read the key again after that push.
 A tracker reports its process's hits now and then with RECENT: the keys hit
 (at most :data:`MAX_RECENT` of them) become the most recently used in their
 cache, as if read there, and ``hits`` counts into the cache's hits, so that
@@ -164,7 +172,9 @@ import msgpack
 from ..exceptions import ProtocolError
 
 MAGIC = b"CS"
-VERSION = 3  # 2: SET/ADD/SET_MANY carry the cache bounds (no CACHE_* opcodes); 3: SET_MANY's flat list, LOCK_CANCEL
+# 2: SET/ADD/SET_MANY carry the cache bounds (no CACHE_* opcodes); 3: SET_MANY's flat list, LOCK_CANCEL;
+# 4: pushes unnumbered (counted by both ends), epoch slots, RECENT
+VERSION = 4
 
 #: The one struct format of the header: magic, version, opcode, request id, length.
 HEADER = struct.Struct("!2sBBII")
@@ -215,6 +225,14 @@ TRACK_GET = 0x39
 TRACK_GET_MANY = 0x3A
 UNTRACK = 0x3B
 RECENT = 0x3C
+
+#: The near-cache epochs file, beside the Manager's socket: one 8-byte slot
+#: per tracker, ``generation << EPOCH_SEQ_BITS | pushes sent``, moved before
+#: the reply to the write that caused the push (see Manager._invalidate).
+EPOCH_SUFFIX = ".near"
+EPOCH_SEQ_BITS = 40
+#: A slot's pushes part once its tracker is cut off or gone: no count of a live one.
+EPOCH_CUT = (1 << EPOCH_SEQ_BITS) - 1
 
 #: Keys one RECENT may name.
 MAX_RECENT = 1024
