@@ -131,8 +131,6 @@ class Transport(ABC):
     #: Whether a cache or the store gets a near cache when NEAR_CACHE is left
     #: out (the local engine over a socket: strict, and cheap to keep).
     near_by_default: bool = False
-    #: The Manager's near-cache epochs file (see wire/frames.py), if it has one.
-    epoch_file: str | None = None
     #: Seconds a call waits for its reply by default.
     timeout: float = DEFAULT_TIMEOUT
     #: What this engine guarantees (the Redis engine declares its own).
@@ -142,6 +140,11 @@ class Transport(ABC):
     #: Whether a release that hands a lock over should yield the CPU to the woken
     #: waiter (the socket transport: the waiter sleeps in recv() on this host).
     yields_on_handoff = False
+
+    @property
+    def epoch_file(self) -> str | None:
+        """The Manager's near-cache epochs file (see wire/frames.py), if it has one."""
+        return None
 
     @property
     @abstractmethod
