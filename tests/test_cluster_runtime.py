@@ -180,7 +180,7 @@ def test_stale_socket_dirs_are_told_by_rules_that_never_touch_a_live_or_foreign_
         return path
 
     try:
-        dead = make("clustershm-dead", pid=dead_pid, old=False)  # a dead master's, just now
+        dead = make("clustershm-dead", pid=dead_pid, old=False, extra="manager.sock.near")  # a dead master's, just now
         old_no_pid = make("clustershm-oldnopid")  # a standalone Manager's, killed an hour ago
         young_no_pid = make("clustershm-young", old=False)  # maybe a Manager being made
         live_pid = make("clustershm-livepid", pid=sleeper.pid)  # its master still runs
