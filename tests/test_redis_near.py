@@ -294,11 +294,36 @@ def test_near_cache_options_are_checked():
         5,
         conf.NEAR_CACHE_DEFAULTS["MAX_BYTES"],
         "eventual",
+        "adaptive",
+        False,
     )
+    # Left out: the defaults, marked implicit (on only where the engine makes them its default).
+    assert conf.near_options(None) == (2_000, 4 * 2**20, None, "adaptive", True)
+    assert conf.near_options(True) == conf.near_options({}) == (2_000, 4 * 2**20, None, "adaptive", False)
+    assert conf.near_options(False) is None
+    assert conf.near_options({"POLICY": "always"}).policy == "always"
     with pytest.raises(InvalidArgument, match="unknown NEAR_CACHE option"):
         conf.near_options({"MAX_ENTRYS": 5})
     with pytest.raises(InvalidArgument, match="'eventual' or 'strict'"):
         conf.near_options({"CONSISTENCY": "sometimes"})
+    with pytest.raises(InvalidArgument, match="'adaptive' or 'always'"):
+        conf.near_options({"POLICY": "lru"})
+    with pytest.raises(InvalidArgument, match="or False"):
+        conf.near_options("yes")
+
+
+def test_the_redis_engine_has_no_near_cache_unless_asked(remote):
+    """Left out, NEAR_CACHE means none on Redis (eventual there: a choice to make), one when asked."""
+    from django_clustershm import registry
+
+    client = registry.remote(remote.url, remote.options, timeout=5)
+    try:
+        assert client.cache("implicit", near_cache=conf.near_options(None))._near_cache is None
+        asked = client.cache("asked", near_cache=conf.near_options({"MAX_ENTRIES": 10}))._near_cache
+        assert asked is not None and asked.policy == "always"  # CLIENT TRACKING tracks every read
+    finally:
+        client.shutdown()
+        client.transport.shutdown()
 
 
 # -- strict: a write returns once every live holder dropped its copy -------------------------------
