@@ -290,6 +290,55 @@ def test_a_task_cancelled_while_waiting_leaves_no_wait_and_no_lock(anywhere):
     assert clustershm.Lock("cancel-me").acquire(blocking=False)
 
 
+def test_cancelled_waiters_leave_the_queue_and_the_others_keep_their_turn(cluster):
+    """Real processes: another process holds the lock, 40 tasks of this one
+    queue for it in order, every other one is cancelled. The Manager's queue
+    then holds the 20 others only (its own figures), and when the holder
+    dies they get the lock in their order; no cancelled task ever does."""
+    r, w = os.pipe()
+
+    def holder():
+        os.close(r)
+        assert clustershm.get_lock("queue") is not None
+        os.write(w, b"1")
+        while True:
+            time.sleep(60)
+
+    pid = fork_call(holder)
+    os.close(w)
+    assert os.read(r, 1) == b"1"
+    os.close(r)
+    granted: list[int] = []
+
+    async def main():
+        async def take(i):
+            lock = clustershm.AsyncLock("queue")
+            assert await lock.acquire(timeout=60)
+            granted.append(i)
+            await lock.release()
+
+        tasks = []
+        for i in range(40):
+            tasks.append(asyncio.create_task(take(i)))
+            await _until_waiting(i + 1)  # queued in this order
+        for task in tasks[1::2]:
+            task.cancel()
+        await _until_waiting(20)  # the cancels took 20 waits out of the queue
+        (held,) = [h for h in (await clustershm.astats())["locks"]["held"] if h["key"] == "queue"]
+        assert held["pid"] == pid and held["waiters"] == [os.getpid()] * 20
+        os.kill(pid, signal.SIGKILL)
+        await asyncio.gather(*tasks, return_exceptions=True)
+        assert all(task.cancelled() for task in tasks[1::2])
+
+    try:
+        asyncio.run(main())
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        reap(pid, 10)
+    assert granted == list(range(0, 40, 2))
+    assert clustershm.stats()["locks"]["waiting"] == 0 and not clustershm.Lock("queue").locked()
+
+
 def test_a_grant_that_races_the_cancellation_is_released(anywhere):
     """Cancelled just as the lock is granted: the grant is given back, never leaked."""
     for attempt in range(20):

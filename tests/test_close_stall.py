@@ -47,10 +47,10 @@ def _loaded_engine(locks: int, tracked: int):
 def _recount(engine) -> dict:
     """The figures stats() gives, counted from scratch over the tables."""
     live = set(engine.sessions)
-    keys = dict.values(engine.locks._keys)
+    locks = engine.locks
     return {
-        "held": sum(1 for s in keys if s.holder is not None and s.holder.session.id in live),
-        "waiting": sum(1 for s in keys for w in s.queue if not w.done and w.session.id in live),
+        "held": sum(1 for key in dict.keys(locks._held) if locks.holder_info(key)["sid"] in live),
+        "waiting": sum(1 for q in locks._queues.values() for w in q if w.session.id in live),
         "pairs": sum(1 for ts in engine.tracking.records.values() for t in ts if t.id in live),
         "subscriptions": sum(len(subs) for _, subs in engine.subscriptions._by_session.values()),
     }
@@ -91,8 +91,8 @@ def test_tick_sweeps_a_closed_session_a_bounded_amount_at_a_time(monkeypatch):
     assert engine.tick() is None  # done: the loop may sleep
     assert max(steps) <= 256 and len(steps) == math.ceil((3000 + 1000) / 256)
     assert sum(steps) == 3000 + 1000  # each of its keys and pairs, once
-    assert sorted(dict.keys(engine.locks._keys)) == ["lock:1500", "lock:2999"]
-    assert engine.tracking.records == {} and engine.locks._refs.keys() == {reader.id}
+    assert sorted(dict.keys(engine.locks._held)) == ["lock:1500", "lock:2999"] and engine.locks._queues == {}
+    assert engine.tracking.records == {} and engine.locks._holds.keys() == {reader.id}
     stats = engine.dispatch(reader, P.STATS, [])
     assert stats["sweep"] == {"pending": 0, "swept": 4000, "largest": 256}
     assert stats["locks"]["held_count"] == 2 and len(stats["locks"]["held"]) == 2

@@ -11,7 +11,8 @@ import random
 
 import pytest
 
-from django_clustershm.exceptions import LimitExceeded, LockNotOwned
+from django_clustershm.exceptions import InvalidArgument, LimitExceeded, LockNotOwned
+from django_clustershm.server import locktable
 from django_clustershm.server.locktable import (
     COMPACT_PER_TICK,
     COMPACT_PER_TIMER,
@@ -116,7 +117,7 @@ def test_fences_grow_across_keys_and_after_a_key_is_forgotten(t):
         fences.append(fence)
         assert t.locks.release(key, token) is False  # the key's state is forgotten here
     assert fences == sorted(set(fences)) and len(fences) == 4
-    assert t.locks._keys == {}
+    assert t.locks._held == {} and t.locks._queues == {}
 
 
 def test_release_extend_status_with_a_wrong_token(t):
@@ -259,7 +260,7 @@ def test_drop_session_frees_its_locks_hands_them_over_and_forgets_its_waits(t):
     t.clock.advance(100)
     t.locks.tick()  # a's old deadline and lease timers: nothing to answer
     assert t.answers == []
-    assert sorted(t.locks._keys) == ["k1"]
+    assert sorted(t.locks._held) == ["k1"] and t.locks._queues == {}
 
 
 def test_drop_session_of_the_holder_skips_its_own_waits(t):
@@ -380,17 +381,24 @@ class _NoScan(dict):
         raise AssertionError("scanned every lock")
 
 
-def _refs_from_scratch(table) -> dict:
-    """The by-session index, recounted: holds and waits of sessions not closed."""
-    refs: dict = {}
-    for key, state in dict.items(table._keys):
-        waiters = [w.session for w in state.queue if not w.done]
-        for session in ([state.holder.session] if state.holder else []) + waiters:
-            if session.id in table._dropped:
-                continue  # closed: gone, whatever is left of it until the sweep
-            per = refs.setdefault(session.id, {})
-            per[key] = per.get(key, 0) + 1
-    return refs
+def _index_from_scratch(table) -> tuple[dict, dict]:
+    """The by-session indexes, recounted: holds and waits of sessions not closed."""
+    holds: dict = {}
+    waits: dict = {}
+    for key in dict.keys(table._held):
+        sid = table.holder_info(key)["sid"]
+        if sid not in table._dropped:  # closed: gone, whatever is left of it until the sweep
+            holds.setdefault(sid, {})[key] = None
+    for queue in table._queues.values():
+        for waiter in queue:
+            assert not waiter.done
+            if waiter.session.id not in table._dropped:
+                waits.setdefault(waiter.session.id, {})[waiter.rid] = waiter
+    return holds, waits
+
+
+def _index(table) -> tuple[dict, dict]:
+    return table._holds, table._waits
 
 
 def test_a_closing_session_touches_only_its_own_locks():
@@ -405,21 +413,21 @@ def test_a_closing_session_touches_only_its_own_locks():
     table.acquire(leaving, 1, "mine", None, 0)
     table.acquire(leaving, 2, "k0", None, None)  # and waits behind another's lock
     table.acquire(others[1], 3, "mine", 5, None)  # someone waits for its lock
-    assert table._refs == _refs_from_scratch(table)
-    table._keys = _NoScan(table._keys)
+    assert _index(table) == _index_from_scratch(table)
+    table._held = _NoScan(table._held)
     table.drop_session(leaving)  # would raise if it scanned
-    table._keys = dict(table._keys)
+    table._held = dict(table._held)
     assert table.status("mine", None) == [True, False]  # handed over to the waiter
-    assert 9999 not in table._refs
+    assert 9999 not in table._holds and 9999 not in table._waits
     clock.advance(10)  # the new holder's 5 s lease runs out
     table.tick()
-    assert table._refs == _refs_from_scratch(table)
-    for i, session in enumerate(others):
+    assert _index(table) == _index_from_scratch(table)
+    for session in others:
         table.drop_session(session)
-    assert table._refs == {} and table.describe()["held_count"] == 0
+    assert _index(table) == ({}, {}) and table.describe()["held_count"] == 0
     while table.sweep(100):
         pass
-    assert dict.__len__(table._keys) == 0 and table._dropped == {}
+    assert dict.__len__(table._held) == 0 and table._queues == {} and table._dropped == {}
 
 
 def test_describe_lists_a_bounded_number_of_locks_and_counts_them_all():
@@ -451,11 +459,8 @@ class _CountingKeys(dict):
 
 def _live_figures(table) -> tuple[int, int]:
     """held_count and waiting, recounted: holders and waiters of sessions not closed."""
-    held = waiting = 0
-    for state in dict.values(table._keys):
-        if state.holder is not None and state.holder.session.id not in table._dropped:
-            held += 1
-        waiting += sum(1 for w in state.queue if not w.done and w.session.id not in table._dropped)
+    held = sum(1 for key in dict.keys(table._held) if table.holder_info(key)["sid"] not in table._dropped)
+    waiting = sum(1 for queue in table._queues.values() for w in queue if w.session.id not in table._dropped)
     return held, waiting
 
 
@@ -465,7 +470,7 @@ def test_a_closed_sessions_locks_are_free_at_once_and_forgotten_a_budget_at_a_ti
     at once, and sweep() forgets them at most ``budget`` keys a call."""
     a, b = t.sessions[:2]
     tokens = {f"k{i}": t.locks.acquire(a, i, f"k{i}", 30.0, None)[0] for i in range(1000)}
-    t.locks._keys = keys = _CountingKeys(t.locks._keys)
+    t.locks._held = keys = _CountingKeys(t.locks._held)
     t.locks.drop_session(a)
     assert keys.gets == 0  # nothing visited: no one waited
     assert t.locks.held_count == 0 and a.waiting == 0
@@ -482,7 +487,7 @@ def test_a_closed_sessions_locks_are_free_at_once_and_forgotten_a_budget_at_a_ti
         steps.append(t.locks.sweep(100))
     assert max(steps) <= 100 and len(steps) == 10  # bounded, and it converges
     assert sorted(dict.keys(keys)) == ["k7"] and t.locks.status("k7", b_token) == [True, True]
-    assert t.locks._refs == _refs_from_scratch(t.locks) and t.locks._dropped == {}
+    assert _index(t.locks) == _index_from_scratch(t.locks) and t.locks._dropped == {}
     assert _live_figures(t.locks) == (1, 0)
     t.clock.advance(60)
     t.locks.tick()  # the dead holds' lease timers: nothing happens
@@ -499,7 +504,7 @@ def test_a_waiter_for_a_closed_sessions_lock_gets_it_at_once_among_many(t):
     assert t.locks.acquire(b, 1, "k5000", None, 5.0) is ...
     assert t.locks.acquire(c, 2, "k9999", None, None) is ...
     assert t.locks.acquire(c, 3, "k5000", None, None) is ...  # behind b
-    t.locks._keys = keys = _CountingKeys(t.locks._keys)
+    t.locks._held = keys = _CountingKeys(t.locks._held)
     t.locks.drop_session(a)
     assert keys.gets == 2  # the two contended keys, not 10,000
     answers = t.take_answers()
@@ -511,7 +516,7 @@ def test_a_waiter_for_a_closed_sessions_lock_gets_it_at_once_among_many(t):
     assert [(s, rid) for s, rid, _ in t.take_answers()] == [(c, 3)]
     while t.locks.sweep(1000):
         pass
-    assert t.locks._refs == _refs_from_scratch(t.locks) and _live_figures(t.locks) == (2, 0)
+    assert _index(t.locks) == _index_from_scratch(t.locks) and _live_figures(t.locks) == (2, 0)
     assert sorted(dict.keys(keys)) == ["k5000", "k9999"]
 
 
@@ -534,7 +539,7 @@ def test_the_waits_of_a_closed_session_are_never_answered_nor_granted(t):
     assert t.locks.describe()["waiting"] == 0 and b.waiting == 0
     while t.locks.sweep(1):
         pass
-    assert t.answers == [] and t.locks._refs == _refs_from_scratch(t.locks)
+    assert t.answers == [] and _index(t.locks) == _index_from_scratch(t.locks)
 
 
 def test_counts_stay_right_through_closes_and_partial_sweeps():
@@ -550,20 +555,22 @@ def test_counts_stay_right_through_closes_and_partial_sweeps():
     sessions = [Session(i) for i in range(6)]
     next_id = len(sessions)
     old_tokens: list[bytes] = []
+    rid = 0
     for _ in range(6000):
         action = rng.randrange(10)
         session = rng.choice(sessions)
         key = f"k{rng.randrange(30)}"
-        state = table._keys.get(key)
+        holder = table.holder_info(key)
+        rid += 1
         if action < 4:
             lease, wait = rng.choice([None, 1.0, 5.0]), rng.choice([None, 0, 0.5, 3.0])
             try:
-                table.acquire(session, 1, key, lease, wait)
+                table.acquire(session, rid, key, lease, wait)
             except LimitExceeded:
                 pass
-        elif action < 6 and state is not None and state.holder is not None:
-            token = state.holder.token if rng.random() < 0.7 or not old_tokens else rng.choice(old_tokens)
-            old_tokens.append(state.holder.token)
+        elif action < 6 and holder is not None:
+            token = holder["token"] if rng.random() < 0.7 or not old_tokens else rng.choice(old_tokens)
+            old_tokens.append(holder["token"])
             try:
                 table.release(key, token)  # a closed or expired holder's token: refused
             except LockNotOwned:
@@ -583,20 +590,70 @@ def test_counts_stay_right_through_closes_and_partial_sweeps():
             table.status(key, None)
         assert not [s for s in answers if s.id in closed]
         answers.clear()
-        for state in dict.values(table._keys):  # a closed holder's lock is never kept from a waiter
-            if state.holder is not None and state.holder.session.id in closed:
-                assert not [w for w in state.queue if not w.done and w.session.id not in closed]
+        for key in dict.keys(table._held):  # a closed holder's lock is never kept from a waiter
+            if table.holder_info(key)["sid"] in closed:
+                assert not [w for w in table.waiters(key) if w.session.id not in closed]
         assert (table.held_count, table.waiting_count) == _live_figures(table)
-        assert table._refs == _refs_from_scratch(table)
+        assert _index(table) == _index_from_scratch(table)
         for s in sessions:
-            assert s.waiting == sum(
-                1 for st in dict.values(table._keys) for w in st.queue if w.session is s and not w.done
-            )
+            assert s.waiting == sum(1 for q in table._queues.values() for w in q if w.session is s)
     assert closed
     while table.sweep(5):
         pass
-    for state in dict.values(table._keys):
-        assert state.holder is None or state.holder.session.id not in closed
-        assert not [w for w in state.queue if w.session.id in closed]
-    assert (table.held_count, table.waiting_count) == _live_figures(table)
-    assert table._dropped == {}
+    for key in dict.keys(table._held):
+        assert table.holder_info(key)["sid"] not in closed
+        assert not [w for w in table.waiters(key) if w.session.id in closed]
+    assert not [w for q in table._queues.values() for w in q if w.session.id in closed]
+
+
+# -- LOCK_CANCEL: the waiter is found by its request id, not by walking the queue (#12) --
+
+
+class _NoWalkQueue(locktable._Queue):
+    """A key's queue that refuses to be walked."""
+
+    __slots__ = ()
+
+    def __iter__(self):
+        raise AssertionError("walked the queue")
+
+
+def test_a_cancel_finds_its_waiter_by_request_id_without_walking_the_queue(t):
+    """LOCK_CANCEL (an asyncio task cancelled while it waits) scanned its
+    key's queue, which one asyncio connection alone may fill with 65,536
+    waiters: O(n) per cancel. Now the connection's index by request id finds
+    the waiter and it is unlinked from its queue in O(1)."""
+    a, b, c = t.sessions[:3]
+    token, _ = t.locks.acquire(a, 1, "k", None, None)
+    for rid in range(1, 1001):
+        assert t.locks.acquire(b, rid, "k", None, 5.0) is ...
+    assert t.locks.acquire(c, 1, "k", None, None) is ...
+    t.locks._queues["k"].__class__ = _NoWalkQueue
+    assert t.locks.cancel(b, "k", 500) is True
+    assert t.locks.cancel(b, "k", 500) is False  # gone already
+    assert t.locks.cancel(b, "j", 501) is False  # not a wait for that key
+    assert t.locks.cancel(c, "k", 500) is False  # nor another connection's
+    assert t.locks.cancel(b, "k", 1) is True and t.locks.cancel(b, "k", 1000) is True  # the first, the last
+    assert (b.waiting, t.locks.waiting_count, len(t.locks._queues["k"])) == (997, 998, 998)
+    t.locks._queues["k"].__class__ = locktable._Queue
+    assert [(w.session, w.rid) for w in t.locks.waiters("k")] == [(b, r) for r in range(2, 1000) if r != 500] + [(c, 1)]
+    assert t.locks.release("k", token) is True  # handed over in order, never to a cancelled one
+    assert [(s, rid) for s, rid, _ in t.take_answers()] == [(b, 2)]
+    t.clock.advance(10.0)
+    t.locks.tick()  # b's other waits run out; the cancelled ones' timers answer nothing
+    assert sorted(rid for s, rid, result in t.take_answers() if result is None) == [
+        r for r in range(3, 1000) if r != 500
+    ]
+    assert b.waiting == 0 and [(w.session, w.rid) for w in t.locks.waiters("k")] == [(c, 1)]
+
+
+def test_a_request_id_that_already_waits_is_refused(t):
+    """A reply names its request: two waits with one id could not be told apart (nor cancelled)."""
+    a, b = t.sessions[:2]
+    t.locks.acquire(a, 1, "k", None, None)
+    t.locks.acquire(a, 2, "j", None, None)
+    assert t.locks.acquire(b, 7, "k", None, None) is ...
+    with pytest.raises(InvalidArgument, match="request id 7 of this connection already waits for lock 'k'"):
+        t.locks.acquire(b, 7, "j", None, None)
+    assert b.waiting == 1 and t.locks.waiters("j") == []
+    assert t.locks.acquire(b, 8, "j", None, None) is ...
