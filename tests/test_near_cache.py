@@ -181,10 +181,10 @@ def test_untrack_keeps_a_record_read_again_after_the_push():
     assert sent == [(P.PUSH_UPDATE, ["", "k", b"v2", None])] and tracker.inval_seq == 1
     engine.dispatch(writer, P.TRACK_GET, ["", "k", tracker.id])  # read again after push 1
     assert engine.dispatch(tracker, P.UNTRACK, ["", "k", 1]) is NO_REPLY
-    assert ("", "k") in engine.tracking.records  # kept: the process holds the newer copy
+    assert engine.tracking.has("", "k")  # kept: the process holds the newer copy
     engine.dispatch(writer, P.SET, ["", "k", b"v3", None])  # push 2
     engine.dispatch(tracker, P.UNTRACK, ["", "k", 2])
-    assert ("", "k") not in engine.tracking.records and not tracker.tracked
+    assert not engine.tracking.has("", "k") and not tracker.tracked and tracker.tracked_count == 0
     engine.dispatch(writer, P.SET, ["", "k", b"v4", None])
     assert len(sent) == 2  # no longer pushed
     with pytest.raises(ArgumentTypeError):

@@ -13,7 +13,8 @@ class Tracker:
     def __init__(self, sid: int, push_limit: int = 1 << 16) -> None:
         self.id = sid
         self.inval_seq = 0
-        self.tracked: set = set()
+        self.tracked: dict = {}
+        self.tracked_count = 0
         self.push_limit = push_limit
         self.sent: list = []
 
@@ -26,7 +27,7 @@ class Tracker:
 
 
 def _recount(table: Tracking) -> int:
-    return sum(len(trackers) for trackers in table.records.values())
+    return sum(len(table.trackers_of(ns, key)) for ns, keys in table.records.items() for key in keys)
 
 
 def test_the_pair_count_stays_exact_through_every_change():
@@ -64,7 +65,7 @@ def test_many_trackers_of_the_same_keys_count_as_pairs(monkeypatch):
     for tracker in trackers:
         for i in range(50):
             table.track(tracker, "", f"k{i}")
-    assert table.pairs == 100 and len(table.records) == 50  # two trackers' worth, not four
+    assert table.pairs == 100 and len(table) == 50  # two trackers' worth, not four
     assert not table.track(trackers[3], "", "k0")  # the table is full: answered untracked
 
 
@@ -82,7 +83,23 @@ def test_one_tracker_holds_a_bounded_number_of_pairs(monkeypatch):
 
 
 def _live_pairs(table: Tracking) -> int:
-    return sum(1 for trackers in table.records.values() for t in trackers if t.tracked is not None)
+    return sum(
+        1
+        for ns, keys in table.records.items()
+        for key in keys
+        for sid in table.trackers_of(ns, key)
+        if sid in table.trackers
+    )
+
+
+def _records_of(table: Tracking, tracker) -> dict:
+    """What the records say ``tracker`` may hold, as its own index keeps it: ns -> {key: None}."""
+    found: dict = {}
+    for ns, keys in table.records.items():
+        for key in keys:
+            if tracker.id in table.trackers_of(ns, key):
+                found.setdefault(ns, {})[key] = None
+    return found
 
 
 def test_a_closed_tracker_is_sent_nothing_and_counted_off_at_once_then_swept_in_steps(monkeypatch):
@@ -110,7 +127,7 @@ def test_a_closed_tracker_is_sent_nothing_and_counted_off_at_once_then_swept_in_
         steps.append(table.sweep(128))
     assert max(steps) <= 128 and sum(steps) <= 1000
     assert table.pairs == 500 == _recount(table)
-    assert all(gone not in trackers for trackers in table.records.values())
+    assert all(gone.id not in table.trackers_of(ns, key) for ns, keys in table.records.items() for key in keys)
     table.changed("", EVENT_SET, None, None, lambda k: None)  # clear
     assert gone.sent == [] and table.pairs == 0 and table.records == {}
 
@@ -146,10 +163,17 @@ def test_the_pair_count_stays_right_through_closes_and_partial_sweeps():
         elif rng.random() < 0.05:
             table.changed(ns, EVENT_SET, None, None, lambda k: None)  # clear
         assert table.pairs == _live_pairs(table)
-        for tracker in trackers:  # each live tracker's own set is its pairs
-            assert tracker.tracked == {r for r, ts in table.records.items() if tracker in ts}
+        for tracker in trackers:  # each live tracker's own index is its pairs
+            assert tracker.tracked == _records_of(table, tracker)
+            assert tracker.tracked_count == sum(map(len, tracker.tracked.values()))
     assert closed and all(len(t.sent) == t.sent_when_closed for t in closed)  # nothing after the close
     while table.sweep(3):
         pass
     assert table.pairs == _recount(table) == _live_pairs(table)
-    assert not [t for ts in table.records.values() for t in ts if t.tracked is None]
+    assert not [
+        sid
+        for ns, keys in table.records.items()
+        for key in keys
+        for sid in table.trackers_of(ns, key)
+        if sid not in table.trackers
+    ]

@@ -89,6 +89,7 @@ class Session:
         "push_limit",
         "since",
         "tracked",
+        "tracked_count",
         "tracker",
         "waiting",
     )
@@ -107,12 +108,13 @@ class Session:
         self.push: Callable | None = None
         # Near-cache channel (a TRACKER session): how many pushes it was sent,
         # how they are sent (invalidate(opcode, payload) -> bool, set by the
-        # transport), which (ns, key) it may hold, and the largest value it
-        # wants pushed. See .tracking.
+        # transport), which keys it may hold (ns -> {key: None}) and how
+        # many, and the largest value it wants pushed. See .tracking.
         self.tracker = False
         self.inval_seq = 0
         self.invalidate: Callable | None = None
-        self.tracked: set | None = None
+        self.tracked: dict[str, dict[str, None]] | None = None
+        self.tracked_count = 0
         self.push_limit = 0
 
 
@@ -621,7 +623,7 @@ class Engine:
         session.tracker = True
         session.push_limit = min(A.integer(push_limit, "push_limit"), MAX_PUSH_VALUE)
         if session.tracked is None:
-            session.tracked = set()
+            session.tracked = {}
         return [session.id]
 
     def _untrack(self, session, ns, key, seq):
@@ -717,7 +719,7 @@ class Engine:
             "listeners": self.subscriptions.describe(),
             # Each process's near cache as the Manager sees it: keys it may hold, pushes it was sent.
             "trackers": [
-                {"pid": s.pid, "tracked": len(s.tracked or ()), "pushed": s.inval_seq}
+                {"pid": s.pid, "tracked": s.tracked_count, "pushed": s.inval_seq}
                 for s in self.sessions.values()
                 if s.tracker
             ],

@@ -2,7 +2,7 @@
 
 Pure bookkeeping, like :mod:`.subscriptions`. A process's *tracker*
 connection (see :mod:`..client.near` for the guarantee this serves) reads a
-key with TRACK_GET, which records ``(ns, key) -> {tracker: its push count
+key with TRACK_GET, which records ``ns -> key -> {tracker id: its push count
 then}``. Every change of a recorded key is then pushed to each tracker, in
 order, through ``session.invalidate(opcode, payload) -> bool`` (set by the
 transport: into the socket at once, or the tracker is shut down):
@@ -21,11 +21,23 @@ processes reading a hot key, an invalidation costs each of them a round trip
 to read the key again (measured with bench_cache.py at 4 processes and 10%
 writes: 23% of gets went to the Manager); an update costs the Manager what
 the invalidation did, and no process a miss.
+
+Memory and the garbage collector (#12): a record is ``ns -> key -> bytes``,
+the trackers of the key and their push counts packed as (session id, count)
+pairs of two u64, and a tracker's own index is ``ns -> {key: None}``: no
+set, tuple key, nested dict per key, or reference to a session. CPython never
+tracks such dicts, so a full collection does not visit a million tracked
+pairs (a dict per record and a set of tuples per tracker made 65,536 pairs
+cost 10-20 ms of every full collection; see :mod:`.gcpolicy`). Trackers are
+found by id in :attr:`Tracking.trackers`; a key has few of them (one per
+process that read it), so a record is searched with ``bytes.find``.
 """
 
 from __future__ import annotations
 
+import struct
 from collections import deque
+from typing import Any
 
 from ..wire import frames as F
 from ..wire.frames import EVENT_SET
@@ -44,124 +56,193 @@ MAX_TRACKED_PER_TRACKER = 65_536
 #: tracker's socket buffer (see Manager.tracker_sndbuf).
 MAX_PUSH_VALUE = 64 * 1024
 
+#: A record's pairs: (tracker session id, its push count when it read the key).
+_PAIR = struct.Struct("<QQ")
+_ID = struct.Struct("<Q")
+
+
+def _find(record: bytes, sid: int) -> int:
+    """Where ``sid``'s pair starts in ``record``, or -1."""
+    pattern = _ID.pack(sid)
+    at = record.find(pattern)
+    while at >= 0 and at % _PAIR.size:  # matched across two fields: look further
+        at = record.find(pattern, at + 1)
+    return at
+
+
+def _without(record: bytes, at: int) -> bytes:
+    return record[:at] + record[at + _PAIR.size :]
+
 
 class Tracking:
     """The records, and the pairs they hold.
 
-    A tracker that closes is counted off at once (``session.tracked`` becomes
-    None: it is never pushed to or counted again), and its pairs are
-    forgotten by :meth:`sweep`, a bounded number at a time: dropping 65,536
-    at once kept the Manager's loop busy for 49 ms (102 ms when 40 trackers
-    share the keys). Until then a record may name a closed tracker; whatever
-    meets one there drops it without a word.
+    A tracker's session keeps what it may hold in ``session.tracked`` (ns ->
+    {key: None}) and how many pairs that is in ``session.tracked_count``. A
+    tracker that closes is counted off at once (``session.tracked`` becomes
+    None and it leaves :attr:`trackers`: it is never pushed to or counted
+    again), and its pairs are forgotten by :meth:`sweep`, a bounded number at
+    a time: dropping 65,536 at once kept the Manager's loop busy for 49 ms
+    (102 ms when 40 trackers share the keys). Until then a record may name a
+    closed tracker; whatever meets one there drops it without a word.
     """
 
     def __init__(self) -> None:
-        # (ns, key) -> {tracker session: its push count when it read the key}
-        self.records: dict[tuple[str, str], dict] = {}
-        # Live pairs: sum of len(trackers) over the records, less the closed
-        # trackers' pairs sweep() has still to remove.
+        # ns -> key -> packed (tracker session id, its push count when it read the key) pairs
+        self.records: dict[str, dict[str, bytes]] = {}
+        # The live trackers that hold pairs, by session id.
+        self.trackers: dict[int, Any] = {}
+        # Live pairs: the sum of every live tracker's tracked_count.
         self.pairs = 0
-        # Closed trackers, in the order they closed, with what is left of their records to visit.
-        self._dropped: deque[tuple[object, set[tuple[str, str]]]] = deque()
+        # Closed trackers, in the order they closed: (session id, what is left of its pairs to visit).
+        self._dropped: deque[tuple[int, dict[str, dict[str, None]]]] = deque()
 
     def __len__(self) -> int:
-        return len(self.records)
+        """Keys tracked (by one tracker or more)."""
+        return sum(len(keys) for keys in self.records.values())
+
+    def has(self, ns: str, key: str) -> bool:
+        keys = self.records.get(ns)
+        return keys is not None and key in keys
+
+    def trackers_of(self, ns: str, key: str) -> dict[int, int]:
+        """{tracker session id: its push count when it read the key} (closed trackers included until swept)."""
+        keys = self.records.get(ns)
+        record = keys.get(key) if keys is not None else None
+        return dict(_PAIR.iter_unpack(record)) if record else {}
 
     def track(self, tracker, ns: str, key: str) -> bool:
         """Record that ``tracker``'s process may now hold ``key``; False if the table is full."""
         if tracker is None:
             return False
-        record = (ns, key)
-        trackers = self.records.get(record)
-        if trackers is None or tracker not in trackers:
-            if self.pairs >= MAX_TRACKED or len(tracker.tracked) >= MAX_TRACKED_PER_TRACKER:
+        sid = tracker.id
+        keys = self.records.get(ns)
+        record = keys.get(key) if keys is not None else None
+        at = _find(record, sid) if record is not None else -1
+        if at < 0:
+            if self.pairs >= MAX_TRACKED or tracker.tracked_count >= MAX_TRACKED_PER_TRACKER:
                 return False
-            if trackers is None:
-                trackers = self.records[record] = {}
+            if keys is None:
+                keys = self.records[ns] = {}
+            mine = tracker.tracked.get(ns)
+            if mine is None:
+                mine = tracker.tracked[ns] = {}
+            mine[key] = None
+            tracker.tracked_count += 1
             self.pairs += 1
-        trackers[tracker] = tracker.inval_seq
-        tracker.tracked.add(record)
+            self.trackers[sid] = tracker
+            keys[key] = (record or b"") + _PAIR.pack(sid, tracker.inval_seq)
+        else:  # read again: the push count it holds the key at moves on
+            keys[key] = record[:at] + _PAIR.pack(sid, tracker.inval_seq) + record[at + _PAIR.size :]  # type: ignore[index]
         return True
 
     def changed(self, ns: str, event: int, key, value, deadline_of) -> None:
         """A key of ``ns`` changed (``key`` None: the namespace was cleared).
         ``deadline_of(key)`` gives a written key's deadline."""
-        if not self.records:
+        keys = self.records.get(ns)
+        if not keys:
             return
         if key is None:
-            cleared: set = set()
-            for record in [r for r in self.records if r[0] == ns]:
-                for session in self.records.pop(record):
-                    if session.tracked is not None:  # else closed: counted off then
-                        session.tracked.discard(record)
-                        cleared.add(session)
-                        self.pairs -= 1
+            del self.records[ns]
+            cleared: dict[int, None] = {}
+            for record_key, record in keys.items():
+                for sid, _seq in _PAIR.iter_unpack(record):
+                    if self._forget(sid, ns, record_key):
+                        cleared[sid] = None
             payload = [ns, None]
-            for session in cleared:
-                _invalidate(session, payload)
+            for sid in cleared:
+                _invalidate(self.trackers[sid], payload)
         elif event == EVENT_SET:
-            self._update(ns, key, value, deadline_of)
+            self._update(keys, ns, key, value, deadline_of)
         else:
-            trackers = self.records.pop((ns, key), None)
-            if trackers:
-                payload = [ns, key]  # one list for every tracker: the Manager encodes it once
-                for session in trackers:
-                    if session.tracked is not None:  # else closed: counted off then
-                        self.pairs -= 1
-                        session.tracked.discard((ns, key))
-                        _invalidate(session, payload)
+            record = keys.pop(key, b"")
+            if not record:
+                return
+            if not keys:
+                del self.records[ns]
+            payload = [ns, key]  # one list for every tracker: the Manager encodes it once
+            for sid, _seq in _PAIR.iter_unpack(record):
+                if self._forget(sid, ns, key):
+                    _invalidate(self.trackers[sid], payload)
 
-    def _update(self, ns: str, key: str, value, deadline_of) -> None:
-        record = (ns, key)
-        trackers = self.records.get(record)
-        if not trackers:
+    def _forget(self, sid: int, ns: str, key: str) -> bool:
+        """A pair left the records: out of its tracker's own index (False: the tracker closed)."""
+        session = self.trackers.get(sid)
+        if session is None:
+            return False  # closed: counted off then
+        mine = session.tracked[ns]
+        del mine[key]
+        if not mine:
+            del session.tracked[ns]
+        session.tracked_count -= 1
+        self.pairs -= 1
+        return True
+
+    def _update(self, keys: dict, ns: str, key: str, value, deadline_of) -> None:
+        record = keys.get(key)
+        if not record:
             return
         size = _INT_SIZE if type(value) is int else len(value)
         # One payload list each for every tracker of the change: the Manager
         # encodes a list once, however many trackers it goes to.
         update = [ns, key, value, deadline_of(key)]
         invalidation = [ns, key]
-        for session in list(trackers):
-            if session.tracked is None:  # closed: counted off then
-                del trackers[session]
+        kept = []
+        for sid, seq in _PAIR.iter_unpack(record):
+            session = self.trackers.get(sid)
+            if session is None:  # closed: counted off then
                 continue
             session.inval_seq += 1
             send = session.invalidate
             if size <= session.push_limit and send is not None and send(F.PUSH_UPDATE, update):
+                kept.append(_PAIR.pack(sid, seq))
                 continue
             # Too large for it, or refused by the transport (a tracker that
             # lags behind): an invalidation, and the tracking ends.
-            del trackers[session]
-            self.pairs -= 1
-            session.tracked.discard(record)
+            self._forget(sid, ns, key)
             if send is not None:
                 send(F.PUSH_INVALIDATE, invalidation)
-        if not trackers:
-            del self.records[record]
+        if len(kept) * _PAIR.size == len(record):
+            return
+        if kept:
+            keys[key] = b"".join(kept)
+        else:
+            del keys[key]
+            if not keys:
+                del self.records[ns]
 
     def untrack(self, session, ns: str, key: str, seq: int) -> None:
         """A tracker was pushed a key it no longer holds (evicted from its near
         cache, or dropped there after updates it never read): stop sending it
         that key, unless it read the key again after that push (then it holds
         the newer copy and must stay tracked)."""
-        record = (ns, key)
-        trackers = self.records.get(record)
-        if trackers is not None and trackers.get(session, seq) < seq:
-            del trackers[session]
-            self.pairs -= 1
-            session.tracked.discard(record)
-            if not trackers:
-                del self.records[record]
+        keys = self.records.get(ns)
+        if keys is None or key not in keys:
+            return
+        record = keys[key]
+        at = _find(record, session.id)
+        if at >= 0 and _ID.unpack_from(record, at + _ID.size)[0] < seq:
+            self._forget(session.id, ns, key)
+            self._put(keys, ns, key, _without(record, at))
+
+    def _put(self, keys: dict, ns: str, key: str, record: bytes) -> None:
+        if record:
+            keys[key] = record
+        else:
+            del keys[key]
+            if not keys:
+                del self.records[ns]
 
     def drop_session(self, session) -> None:
         """A tracker closed: it is sent nothing more and its pairs no longer
         count, at once; :meth:`sweep` removes them from the records later."""
         tracked = session.tracked
         session.tracked = None
+        self.trackers.pop(session.id, None)
         if tracked:
-            self.pairs -= len(tracked)
-            self._dropped.append((session, tracked))  # only sweep() changes it now
+            self.pairs -= session.tracked_count
+            self._dropped.append((session.id, tracked))  # only sweep() changes it now
+        session.tracked_count = 0
 
     @property
     def sweeping(self) -> int:
@@ -174,17 +255,24 @@ class Tracking:
         done = 0
         dropped, records = self._dropped, self.records
         while dropped and done < budget:
-            session, left = dropped[0]
+            sid, left = dropped[0]
             while left:
+                ns = next(iter(left))
+                mine = left[ns]
                 # Emptied as it goes (not iterated, then freed whole): freeing
                 # 65,536 records at once took 5 ms.
-                record = left.pop()
-                done += 1
-                trackers = records.get(record)
-                if trackers is not None and trackers.pop(session, None) is not None and not trackers:
-                    del records[record]
-                if done >= budget and left:
+                while mine and done < budget:
+                    key = mine.popitem()[0]
+                    done += 1
+                    keys = records.get(ns)
+                    if keys is not None and key in keys:
+                        record = keys[key]
+                        at = _find(record, sid)
+                        if at >= 0:
+                            self._put(keys, ns, key, _without(record, at))
+                if mine:
                     return done
+                del left[ns]
             dropped.popleft()
         return done
 
