@@ -129,6 +129,11 @@ def test_adding_a_sub_id_again_replaces_it(subs):
     subs.notify("ns", EVENT_SET, "old", 1)
     subs.notify("ns", EVENT_SET, "new:1", 2)
     assert s.take() == [(1, "ns", "new:1", EVENT_SET, 2)]
+    assert subs.describe()["by_pid"] == {str(s.pid): 1}  # still the session's (it was orphaned)
+    subs.drop_session(s)
+    assert subs.count == 0 and subs.describe()["by_pid"] == {}
+    subs.notify("ns", EVENT_SET, "new:1", 3)
+    assert s.take() == []
 
 
 def test_drop_session(subs):

@@ -9,11 +9,22 @@ PUSH_EVENT frame (or an in-process queue item, embedded).
 
 from __future__ import annotations
 
+from typing import Any
+
 from ..exceptions import LimitExceeded
 from ..wire.frames import EVENT_SET, EVENT_TOUCH
 
 #: Subscriptions one session may hold.
 MAX_SUBSCRIPTIONS_PER_SESSION = 1024
+
+_SUB_RANGE = 1 << 64
+_SUB_MASK = _SUB_RANGE - 1
+_SUB_SIGN = 1 << 63
+
+
+def _target(sid: int, sub_id: int) -> int:
+    """One int for (session id, sub_id): sub_id is a signed 64-bit int (the wire's)."""
+    return sid << 64 | (sub_id & _SUB_MASK)
 
 
 class Subscriptions:
@@ -23,27 +34,32 @@ class Subscriptions:
     prefix *length* in the prefix index (``key[:n]`` in a dict), never
     scanning the subscriptions: 49,000 prefix subscriptions used to make a
     write 182x slower. Adding and removing one is O(1).
+
+    The indexes hold ints only, ``{session id << 64 | sub_id: None}`` per
+    key or prefix, never a session, a tuple or a nested dict: CPython does not
+    track such dicts, so 10,000 prefix listeners are 10,000 entries of one
+    dict for a full garbage collection to look at, not 10,000 objects (see
+    :mod:`.gcpolicy`).
     """
 
     def __init__(self) -> None:
-        # ns -> key -> {(session id, sub_id): session}
-        self._exact: dict[str, dict[str, dict[tuple[int, int], object]]] = {}
-        # ns -> prefix -> {(session id, sub_id): session}
-        self._prefixed: dict[str, dict[str, dict[tuple[int, int], object]]] = {}
+        # ns -> key -> {_target(session id, sub_id): None}
+        self._exact: dict[str, dict[str, dict[int, None]]] = {}
+        # ns -> prefix -> {_target(session id, sub_id): None}
+        self._prefixed: dict[str, dict[str, dict[int, None]]] = {}
         # ns -> {prefix length: how many distinct prefixes have it}
         self._lengths: dict[str, dict[int, int]] = {}
         # session id -> (session, {sub_id: (ns, key, prefix)})
-        self._by_session: dict[int, tuple[object, dict[int, tuple[str, str, bool]]]] = {}
+        self._by_session: dict[int, tuple[Any, dict[int, tuple[str, str, bool]]]] = {}
         self.count = 0
         self.pushed = 0
 
     def add(self, session, sub_id: int, ns: str, key: str, prefix: bool) -> None:
+        self.remove(session, sub_id)  # the same sub_id again replaces it
         entry = self._by_session.get(session.id)
         if entry is None:
             entry = self._by_session[session.id] = (session, {})
         subs = entry[1]
-        if sub_id in subs:
-            self.remove(session, sub_id)
         if len(subs) >= MAX_SUBSCRIPTIONS_PER_SESSION:
             raise LimitExceeded(f"this connection already holds {len(subs)} subscriptions")
         subs[sub_id] = (ns, key, prefix)
@@ -54,7 +70,7 @@ class Subscriptions:
             if prefix:
                 lengths = self._lengths.setdefault(ns, {})
                 lengths[len(key)] = lengths.get(len(key), 0) + 1
-        targets[(session.id, sub_id)] = session
+        targets[_target(session.id, sub_id)] = None
         self.count += 1
 
     def remove(self, session, sub_id: int) -> bool:
@@ -66,7 +82,7 @@ class Subscriptions:
             del self._by_session[session.id]
         index = (self._prefixed if prefix else self._exact)[ns]
         targets = index[key]
-        del targets[(session.id, sub_id)]
+        del targets[_target(session.id, sub_id)]
         if not targets:
             del index[key]
             if not index:
@@ -92,20 +108,17 @@ class Subscriptions:
             return
         if event != EVENT_SET:
             value = None
-        push = self._push
         if key is None:  # clear: every subscription of the namespace hears it
             for index in (self._exact.get(ns), self._prefixed.get(ns)):
                 if index:
                     for targets in list(index.values()):
-                        for (_, sub_id), session in list(targets.items()):
-                            push(session, (sub_id, ns, None, event, None))
+                        self._push_all(targets, (ns, None, event, None))
             return
         exact = self._exact.get(ns)
         if exact:
             found = exact.get(key)
             if found:
-                for (_, sub_id), session in list(found.items()):
-                    push(session, (sub_id, ns, key, event, value))
+                self._push_all(found, (ns, key, event, value))
         lengths = self._lengths.get(ns)
         if lengths:
             prefixed = self._prefixed[ns]
@@ -114,14 +127,19 @@ class Subscriptions:
                 if length <= size:
                     found = prefixed.get(key[:length])
                     if found:
-                        for (_, sub_id), session in list(found.items()):
-                            push(session, (sub_id, ns, key, event, value))
+                        self._push_all(found, (ns, key, event, value))
 
-    def _push(self, session, event: tuple) -> None:
-        push = session.push
-        if push is not None:
-            self.pushed += 1
-            push(event)
+    def _push_all(self, targets: dict[int, None], event: tuple) -> None:
+        """Push ``event`` (without its sub_id) to every subscription of ``targets``."""
+        by_session = self._by_session
+        for target in list(targets):
+            sub_id = target & _SUB_MASK
+            if sub_id >= _SUB_SIGN:
+                sub_id -= _SUB_RANGE
+            push = by_session[target >> 64][0].push
+            if push is not None:
+                self.pushed += 1
+                push((sub_id, *event))
 
     def describe(self) -> dict:
         return {
