@@ -34,7 +34,9 @@ After a fork, the child runs :func:`_after_fork_in_child`, the only
 snapshot writer, which the Manager forks to write a copy of its state and
 which touches nothing else, see :mod:`.server.snapshot`):
 
-1. every Manager of this process closes the child's copies of its sockets;
+1. every Manager of this process closes the child's copies of its sockets
+   (and a Manager that owned the process's garbage collector gives the
+   child its settings back: see :mod:`.server.gcpolicy`);
 2. the registry's own lock is renewed;
 3. every client drops what is its parent's (connections, embedded sessions,
    lock holds, near-cache copies, the dispatcher thread) and renews every

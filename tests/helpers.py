@@ -46,8 +46,12 @@ class ManagerProcess:
     for closing a connection.
     """
 
-    def __init__(self, *, nofile: int | None = None, **manager_options) -> None:
+    def __init__(self, *, nofile: int | None = None, collect_on_sigusr2: bool = False, **manager_options) -> None:
         self.nofile = nofile  # a hard limit on the Manager process's open files
+        # SIGUSR2 makes the Manager's process run a full garbage collection on
+        # its loop's thread (between two bytecodes of a loop round), as one
+        # that comes by itself would.
+        self.collect_on_sigusr2 = collect_on_sigusr2
         self.dir = tempfile.mkdtemp(prefix="cshm-test-")
         self.address = os.path.join(self.dir, "m.sock")
         self.secret = os.urandom(32)
@@ -74,6 +78,10 @@ class ManagerProcess:
                     resource.setrlimit(resource.RLIMIT_NOFILE, (self.nofile, self.nofile))
                 manager = Manager(self.address, self.secret, **self.options)
                 signal.signal(signal.SIGTERM, lambda *_: manager.close())
+                if self.collect_on_sigusr2:
+                    import gc
+
+                    signal.signal(signal.SIGUSR2, lambda *_: gc.collect())
                 os.write(w, b"1")
                 os.close(w)
                 manager.serve_forever()

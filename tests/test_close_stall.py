@@ -139,6 +139,41 @@ def test_a_closed_session_is_sent_nothing_while_it_is_swept(monkeypatch):
     assert _figures(engine, reader) == _recount(engine) == {"held": 0, "waiting": 0, "pairs": 0, "subscriptions": 0}
 
 
+def hold_everything(address: str, secret: bytes, locks: int, tracked: int, listeners: int, w: int) -> None:
+    """Body of a child process: take ``locks`` locks, have its tracker track
+    ``tracked`` keys of the store, listen to ``listeners`` x 1,000 prefixes
+    (on as many connections: a connection holds 1,024 subscriptions at most),
+    write a byte to ``w``, and wait for the SIGKILL."""
+    main = _handshaked_socket(address, secret)
+    main.settimeout(60)
+    reader = P.FrameReader(P.DEFAULT_MAX_FRAME)
+
+    def call(sock, frames):
+        sock.sendall(b"".join(frames))
+        replies = []
+        while len(replies) < len(frames):
+            replies += reader.feed(sock.recv(1 << 20))
+        assert all(op == P.OK for op, _, _ in replies), replies[:3]
+        return [P.decode_payload(payload) for _, _, payload in replies]
+
+    for start in range(0, locks, 1000):
+        call(main, [P.encode(P.LOCK_ACQUIRE, i, [f"lock:{i}", None, None]) for i in range(start, start + 1000)])
+    tracker = _handshaked_socket(address, secret)
+    ((tracker_id, *_slot),) = call(tracker, [P.encode(P.TRACKER, 1, [1024])])
+    for start in range(0, tracked, 4096):
+        keys = [f"k{i}" for i in range(start, start + 4096)]
+        call(main, [P.encode(P.SET_MANY, 1, ["", [x for key in keys for x in (key, 1)], None])])
+        ((_, _, all_tracked),) = call(main, [P.encode(P.TRACK_GET_MANY, 2, ["", keys, tracker_id])])
+        assert all_tracked
+    keep = [main, tracker]
+    for j in range(listeners):  # 1,000 prefix subscriptions each (a connection may hold 1,024)
+        sock = _handshaked_socket(address, secret)
+        call(sock, [P.encode(P.LISTEN, i, [i, "", f"p{j}:{i}:", True]) for i in range(1000)])
+        keep.append(sock)
+    os.write(w, b"1")
+    block_until_killed()
+
+
 @pytest.mark.slow
 def test_killing_a_process_that_holds_100k_locks_65k_tracked_keys_and_10k_listeners():
     """The Manager's loop over that close: the close itself does little, the
@@ -153,34 +188,7 @@ def test_killing_a_process_that_holds_100k_locks_65k_tracked_keys_and_10k_listen
 
     def child():
         os.close(r)
-        main = _handshaked_socket(proc.address, proc.secret)
-        main.settimeout(60)
-        reader = P.FrameReader(P.DEFAULT_MAX_FRAME)
-
-        def call(sock, frames):
-            sock.sendall(b"".join(frames))
-            replies = []
-            while len(replies) < len(frames):
-                replies += reader.feed(sock.recv(1 << 20))
-            assert all(op == P.OK for op, _, _ in replies), replies[:3]
-            return [P.decode_payload(payload) for _, _, payload in replies]
-
-        for start in range(0, locks, 1000):
-            call(main, [P.encode(P.LOCK_ACQUIRE, i, [f"lock:{i}", None, None]) for i in range(start, start + 1000)])
-        tracker = _handshaked_socket(proc.address, proc.secret)
-        ((tracker_id, *_slot),) = call(tracker, [P.encode(P.TRACKER, 1, [1024])])
-        for start in range(0, tracked, 4096):
-            keys = [f"k{i}" for i in range(start, start + 4096)]
-            call(main, [P.encode(P.SET_MANY, 1, ["", [x for key in keys for x in (key, 1)], None])])
-            ((_, _, all_tracked),) = call(main, [P.encode(P.TRACK_GET_MANY, 2, ["", keys, tracker_id])])
-            assert all_tracked
-        keep = [main, tracker]
-        for j in range(listeners):  # 1,000 prefix subscriptions each (a connection may hold 1,024)
-            sock = _handshaked_socket(proc.address, proc.secret)
-            call(sock, [P.encode(P.LISTEN, i, [i, "", f"p{j}:{i}:", True]) for i in range(1000)])
-            keep.append(sock)
-        os.write(w, b"1")
-        block_until_killed()
+        hold_everything(proc.address, proc.secret, locks, tracked, listeners, w)
 
     client = socket_client(proc.address, proc.secret, timeout=30)
     try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import http.client
 import importlib.util
 import json
@@ -247,7 +248,10 @@ def test_state_survives_sighup_and_workers_are_replaced(server):
         lambda: len(server.workers()) == 4 and not (server.workers() & before), timeout=30, message="new workers"
     )
     assert server.get("/hit/")[1]["hits"] == 11
-    assert server.get("/whoami/")[1]["manager_pid"] == server.master
+    info = server.get("/whoami/")[1]
+    assert info["manager_pid"] == server.master
+    # The lean master owns its garbage collector (server/gcpolicy.py); a worker forked from it has its own back.
+    assert info["gc"] == {"manager_owned": True, "worker_thresholds": list(gc.get_threshold())}
 
 
 def test_sigkill_of_a_worker(server):

@@ -176,11 +176,14 @@ def run_start_up() -> None:
         raise RuntimeError(f"django-clustershm: the project's start-up code failed: {exc}") from None
 
 
-def start_manager() -> Manager | None:
+def start_manager(own_gc: bool = False) -> Manager | None:
     """Start the Manager in this (master) process, once; return it. With a
     remote ENGINE (Redis, Valkey) there is none to start: every worker, on
     every host, reaches the engine itself. Either way the engine's guarantees
-    are logged."""
+    are logged. ``own_gc``: the process exists to serve the Manager (the
+    lean master of ``runcluster``, not a gunicorn master of the user's own
+    config), so the Manager takes over its garbage collector (see
+    :mod:`..server.gcpolicy`)."""
     global _manager
     if _manager is not None:
         return _manager
@@ -207,7 +210,7 @@ def start_manager() -> Manager | None:
     else:
         engine = Engine(**options)
     snapshot_config = _restore_snapshot(engine, snapshot_setting)  # before any worker exists
-    _manager = Manager(engine=engine, snapshot=snapshot_config)  # writes the snapshot when it stops
+    _manager = Manager(engine=engine, snapshot=snapshot_config, own_gc=own_gc)  # writes the snapshot when it stops
     runtime.mark_socket_dir(_manager.address)
     _manager.on_failure = _manager_died
     _manager.start()

@@ -62,7 +62,8 @@ def main() -> int:
 
     cluster.master_logging()
     app = ClusterApplication(plan["options"], plan["config"])
-    manager = cluster.start_manager()
+    # This process only serves the Manager and gunicorn's arbiter: the Manager owns its garbage collector.
+    manager = cluster.start_manager(own_gc=True)
     try:
         cluster.run_start_up()
     except RuntimeError as exc:

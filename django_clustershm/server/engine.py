@@ -44,6 +44,7 @@ from ..wire.limits import (
     default_store_bytes,
     default_total_cache_bytes,
 )
+from . import gcpolicy
 from .locktable import LockTable
 from .namespace import Namespace
 from .scans import Scans, compile_glob
@@ -731,4 +732,5 @@ class Engine:
             "loop": self.loop_stats() if self.loop_stats is not None else {},
             "snapshot": self.snapshot_stats() if self.snapshot_stats is not None else None,
             "scans": self.scans.describe(),
+            "gc": gcpolicy.stats(),
         }

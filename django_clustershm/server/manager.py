@@ -64,6 +64,7 @@ from ..exceptions import (
 from ..wire import frames as P
 from ..wire import handshake as H
 from ..wire.limits import Limits
+from . import gcpolicy
 from .engine import DEFERRED, NO_REPLY, Engine, Session
 from .snapshot import Periodic, SnapshotConfig
 
@@ -75,7 +76,10 @@ _instances: weakref.WeakSet[Manager] = weakref.WeakSet()
 
 def forget_in_child() -> None:
     """In a forked child: close the child's copies of every Manager's
-    descriptors (never unlink, never shut down: the parent still serves)."""
+    descriptors (never unlink, never shut down: the parent still serves), and
+    give the child's garbage collector back its settings if a Manager owned
+    them here (see :mod:`.gcpolicy`)."""
+    gcpolicy.after_fork_in_child()
     for manager in list(_instances):
         manager._forget_in_child()
 
@@ -248,6 +252,13 @@ class Manager:
     made for it (and removed on :meth:`close`), with the secret beside the
     socket in a 0600 file named ``secret`` so that other processes of the same
     user on this host can attach (``django_clustershm.connect(address)``).
+
+    ``own_gc``: True in a process that exists to serve this Manager (the
+    master ``runcluster`` runs, or a script that only serves it): when it
+    starts serving, the Manager takes over the process's garbage collector
+    (frozen start-up objects, a higher young threshold, timed collections:
+    see :mod:`.gcpolicy`). Never in a process that runs other code, which
+    keeps its own settings (the default).
     """
 
     #: Seconds a new connection has to complete the handshake.
@@ -300,7 +311,9 @@ class Manager:
         max_total_output: int | None = None,
         max_unauthenticated: int | None = None,
         snapshot: SnapshotConfig | None = None,
+        own_gc: bool = False,
     ) -> None:
+        self.own_gc = own_gc
         if max_unauthenticated is not None:
             self.max_unauthenticated = max_unauthenticated
         if max_pending_output is not None:
@@ -406,6 +419,8 @@ class Manager:
         """Serve in a daemon thread of this process; return self."""
         if self._thread is not None:
             raise RuntimeError("the Manager is already running")
+        if self.own_gc:
+            gcpolicy.adopt()  # here, not in the thread: never while this thread may fork
         self._thread = threading.Thread(target=self.serve_forever, name="clustershm-manager", daemon=True)
         self._serving = self._thread
         self._thread.start()
@@ -419,6 +434,8 @@ class Manager:
         before it is raised: a server must not limp on without its Manager
         (the cluster's hook stops the master with a non-zero exit)."""
         self._serving = threading.current_thread()
+        if self.own_gc:
+            gcpolicy.adopt()  # the state is restored and the server set up: what exists now is frozen (once)
         try:
             self._loop()
         except BaseException as exc:

@@ -1,6 +1,7 @@
 """Demo views: state shared by every worker process of the server."""
 
 import asyncio
+import gc
 import os
 import time
 
@@ -121,6 +122,9 @@ def whoami(request):
         "clients": [c["pid"] for c in stats.get("clients", [])],  # one per connection
         "caches": {name: c["keys"] for name, c in stats.get("caches", {}).items()},
         "near_caches": clustershm.near_stats(),  # this worker's
+        # Whether the Manager's process runs its garbage-collector policy, and
+        # this worker's own collector (given back to it after the fork).
+        "gc": {"manager_owned": stats.get("gc", {}).get("owned"), "worker_thresholds": list(gc.get_threshold())},
     }
     if wants_html(request):
         return render(request, "demo/whoami.html", {"info": info})
