@@ -9,7 +9,9 @@ loop's max_stall_ms would show. Sizes are issue #12's (Deliver 3).
 (PYTHONPATH: the tree to measure; this script drives the engine, not the
 public API, so bench/compare.py does not run it.) Columns: the close itself,
 then the longest tick() of the sweep that follows, how many ticks, and their
-total.
+total. The SCAN rows: the first SCAN call of a scan over a million keys,
+then the ticks that copy the rest of its snapshot (none where the first
+call copies it all).
 """
 
 from __future__ import annotations
@@ -152,6 +154,28 @@ def stats_big() -> tuple:
     return (statistics.median(times),)
 
 
+def scan_start(keys: int, ns: str = "") -> tuple:
+    """The first SCAN call on a namespace of ``keys`` keys, then the ticks
+    that copy the rest of its snapshot (#12: it was one copy in the call)."""
+    engine = _engine()
+    s = engine.open_session()
+    batch = 10_000
+    bounds = None if ns == "" else [2 * keys, 3, 2**34]
+    for start in range(0, keys, batch):
+        items = [x for i in range(start, min(keys, start + batch)) for x in (f"user:{i:07d}", b"v" * 25)]
+        engine.dispatch(s, F.SET_MANY, [ns, items, None if ns == "" else 300, bounds])
+    t0 = time.perf_counter()
+    engine.dispatch(s, F.SCAN, [ns, 0, "*", 100])
+    first = time.perf_counter() - t0
+    longest, calls, total = 0.0, 0, 0.0
+    while getattr(engine.scans, "copying", None):  # a tree of before #12's copy in steps has none
+        t0 = time.perf_counter()
+        engine.tick()
+        took = time.perf_counter() - t0
+        longest, calls, total = max(longest, took), calls + 1, total + took
+    return first, longest, calls, total
+
+
 CASES = {
     f"close: {LOCKS} locks": lambda: locks_close(),
     f"close: {LOCKS} locks, 1000 of them with a waiter": lambda: locks_close(1000),
@@ -161,6 +185,8 @@ CASES = {
     f"close: {PREFIXES} prefix listeners (cap lifted)": lambda: subscriptions_close(PREFIXES),
     "close: all of the above on one connection": everything_close,
     "stats(): 200k locks, 1M tracked pairs, 50k subscriptions": stats_big,
+    "SCAN start: 1M keys in the store (first call; ticks)": lambda: scan_start(1_000_000),
+    "SCAN start: 1M keys in a cache (first call; ticks)": lambda: scan_start(1_000_000, "c"),
 }
 
 

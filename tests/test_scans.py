@@ -163,11 +163,15 @@ def scan_all(engine, session, ns, pattern="*", count=10, between=None, op=F.SCAN
             between()
 
 
+@pytest.mark.parametrize("chunk", [S.SNAPSHOT_CHUNK, 256], ids=["copied-at-once", "copied-in-steps"])
 @pytest.mark.parametrize("ns", ["", "pages"])
-def test_every_key_present_throughout_is_returned_exactly_once(engine, ns):
+def test_every_key_present_throughout_is_returned_exactly_once(engine, ns, chunk, monkeypatch):
     """Random writes between the calls: removals and additions of other keys,
     re-sets and reads of the stable ones (which reorder a cache's LRU order),
-    expiries. Every stable key comes back exactly once; nothing twice."""
+    expiries. Every stable key comes back exactly once; nothing twice. Also
+    while the snapshot is copied a chunk at a time, the writes landing in the
+    namespace's overlay (and ticks copying chunks between the calls)."""
+    monkeypatch.setattr(S, "SNAPSHOT_CHUNK", chunk)
     rng = random.Random(ns)
     session = engine.open_session()
     # MAX_ENTRIES and MAX_BYTES large enough that no stable key is culled
@@ -192,6 +196,8 @@ def test_every_key_present_throughout_is_returned_exactly_once(engine, ns):
             else:
                 engine.dispatch(session, F.GET, [ns, rng.choice(stable)])
         engine.clock.now += rng.choice([0, 0, 0.3])
+        if rng.random() < 0.3:
+            engine.tick()
 
     batches, calls = scan_all(engine, session, ns, "*", 7, write)
     seen = [key for batch in batches for key in batch]
@@ -285,12 +291,16 @@ def test_scan_state_is_bounded_and_freed(engine, monkeypatch):
     assert engine.scans.refs == 0 and len(engine.scans) == 0
 
 
-def test_the_walked_part_of_a_snapshot_is_let_go(engine):
+def test_the_walked_chunks_of_a_snapshot_are_let_go(engine, monkeypatch):
+    monkeypatch.setattr(S, "SNAPSHOT_CHUNK", 5000)
     session = engine.open_session()
     for i in range(20_000):
         engine.dispatch(session, F.SET, ["", f"k{i}", b"v", None])
-    cursor, _ = engine.dispatch(session, F.SCAN, ["", 0, "*", 5000])
-    assert engine.scans.refs == 20_000
+    cursor, found = engine.dispatch(session, F.SCAN, ["", 0, "*", 5000])
+    assert len(found) == 5000 and engine.scans.refs == 15_000  # one chunk copied and walked, 3 to come
+    while engine.scans.copying:
+        engine.tick()
+    assert engine.scans.refs == 15_000  # now counted as held, not estimated
     engine.dispatch(session, F.SCAN, ["", cursor, "*", 5000])
     assert engine.scans.refs == 10_000
 
@@ -312,3 +322,128 @@ def test_bad_scan_arguments_are_refused_and_the_session_stays(engine):
     with pytest.raises(InvalidKey):
         engine.dispatch(session, F.KEYS_MATCH, ["", None])
     assert engine.dispatch(session, F.PING, []) == "pong"
+
+
+# -- the snapshot is copied in bounded steps (#12) ---------------------------------------------
+
+
+def test_starting_a_scan_copies_one_chunk_and_each_tick_one_more(engine, monkeypatch):
+    """A scan of a million keys copied them all in its first call (15-25 ms of
+    the loop). Now the first call copies SNAPSHOT_CHUNK references, and so
+    does each tick until the snapshot is complete; meanwhile the namespace
+    takes writes and reads as usual."""
+    monkeypatch.setattr(S, "SNAPSHOT_CHUNK", 1000)
+    session = engine.open_session()
+    engine.dispatch(session, F.SET_MANY, ["", [x for i in range(10_500) for x in (f"k{i:05d}", b"v")], None])
+    copied = []
+    monkeypatch.setattr(S, "tuple", lambda it: copied.append(len(t := tuple(it))) or t, raising=False)
+    cursor, found = engine.dispatch(session, F.SCAN, ["", 0, "*", 10])
+    assert cursor and len(found) == 10 and copied == [1000]
+    assert engine.store.frozen
+    engine.dispatch(session, F.SET, ["", "new", b"n", None])  # taken by the overlay
+    engine.dispatch(session, F.REMOVE, ["", "k00500"])
+    assert (
+        engine.dispatch(session, F.GET, ["", "new"]) == b"n" and engine.dispatch(session, F.GET, ["", "k00500"]) is None
+    )
+    ticks = 0
+    while engine.scans.copying:
+        engine.tick()
+        ticks += 1
+    assert copied == [1000] * 10 + [500] and ticks == 10  # 10,500 keys: ten more chunks, the last one short
+    assert not engine.store.frozen
+    assert engine.dispatch(session, F.GET, ["", "new"]) == b"n" and len(engine.store) == 10_500
+    rest = []
+    while cursor:
+        cursor, found = engine.dispatch(session, F.SCAN, ["", cursor, "*", 1000])
+        rest += found
+    assert "new" not in rest and "k00500" not in rest  # added after the start; removed before its turn
+    assert len(rest) == 10_500 - 10 - 1
+
+
+def test_a_scan_that_starts_during_anothers_copy_waits_for_it_then_copies_its_own(engine, monkeypatch):
+    monkeypatch.setattr(S, "SNAPSHOT_CHUNK", 100)
+    one, two = engine.open_session(), engine.open_session()
+    engine.dispatch(one, F.SET_MANY, ["", [x for i in range(1000) for x in (f"k{i}", b"v")], None])
+    first, mine = engine.dispatch(one, F.SCAN, ["", 0, "*", 10])
+    engine.dispatch(one, F.SET, ["", "between", b"v", None])  # after the first scan started, before the second
+    second, theirs = engine.dispatch(two, F.SCAN, ["", 0, "*", 10])
+    assert second and theirs == []  # waits: its cursor, no keys yet
+    assert engine.dispatch(two, F.SCAN, ["", second, "*", 10]) == [second, []]
+    while first or second:
+        if first:
+            first, found = engine.dispatch(one, F.SCAN, ["", first, "*", 37])
+            mine += found
+        if second:
+            second, found = engine.dispatch(two, F.SCAN, ["", second, "*", 37])
+            theirs += found
+    assert sorted(mine) == sorted(f"k{i}" for i in range(1000))
+    assert sorted(theirs) == sorted([f"k{i}" for i in range(1000)] + ["between"])
+    assert not engine.scans.copying and not engine.scans.waiting and not engine.store.frozen
+
+
+def test_a_scan_dropped_during_its_copy_thaws_its_namespace(engine, monkeypatch):
+    monkeypatch.setattr(S, "SNAPSHOT_CHUNK", 100)
+    one, two = engine.open_session(), engine.open_session()
+    engine.dispatch(one, F.SET_MANY, ["", [x for i in range(1000) for x in (f"k{i}", b"v")], None])
+    engine.dispatch(one, F.SCAN, ["", 0, "*", 10])
+    waiting, _ = engine.dispatch(two, F.SCAN, ["", 0, "*", 10])
+    engine.dispatch(one, F.SET, ["", "during", b"v", None])
+    engine.close_session(one)  # its copy is given up, and the waiting scan starts its own
+    assert engine.store.frozen and [s.cursor for s in engine.scans.copying.values()] == [waiting]
+    engine.close_session(two)
+    assert not engine.store.frozen and engine.scans.refs == 0 and len(engine.scans) == 0
+    assert engine.dispatch(one, F.GET, ["", "during"]) == b"v" and len(engine.store) == 1001
+
+
+@pytest.mark.parametrize("kind", ["store", "cache"])
+def test_a_frozen_namespace_behaves_as_a_plain_one(kind):
+    """The same random operations on two namespaces, one of them frozen and
+    thawed at random moments: every answer, the size, the byte count and the
+    order (a cache's LRU order: what eviction takes first) stay the same."""
+    from django_clustershm.server.namespace import Namespace
+
+    rng = random.Random(kind)
+    clock = Clock()
+    make = Namespace.store if kind == "store" else Namespace.cache
+    plain, frozen = make(2**30, clock=clock), make(2**30, clock=clock)
+    bounds = None if kind == "store" else [400, 3, 2**30]
+    keys = [f"k{i}" for i in range(150)]
+    for step in range(6000):
+        if rng.random() < 0.02:
+            if frozen.frozen:
+                frozen.thaw()
+            else:
+                copy = frozen.freeze()
+                assert list(copy) == list(plain.data)  # the keys of this moment, in order
+        key, op = rng.choice(keys), rng.randrange(9)
+        ttl = rng.choice([None, None, 1.0, 10.0])
+        if op == 7 and rng.random() >= 0.05:
+            op = 8  # a clear now and then only
+        for space in (plain, frozen):
+            if op == 0:
+                result = space.set(key, b"v%d" % step, ttl, bounds)
+            elif op == 1:
+                result = space.add(key, b"a", ttl, bounds)
+            elif op == 2:
+                result = space.remove(key)
+            elif op == 3:
+                result = space.get(key)
+            elif op == 4:
+                result = space.touch(key, ttl)
+            elif op == 5:
+                result = space.incr(key, 1, 0, bounds) if space.get(key) is None or type(space.get(key)) is int else 0
+            elif op == 6:
+                result = space.reap()
+            elif op == 7:
+                result = space.clear()
+            else:
+                result = space.has(key)
+            if space is plain:
+                expected = result
+        assert result == expected, (step, op, key)
+        assert len(frozen) == len(plain) and frozen.bytes == plain.bytes and frozen.timed == plain.timed
+        assert list(frozen.data) == list(plain.data)
+        assert dict(frozen.data.items()) == dict(plain.data.items())
+        clock.now += rng.choice([0, 0, 0.4])
+    frozen.thaw()
+    assert type(frozen.data) is dict and list(frozen.data.items()) == list(plain.data.items())

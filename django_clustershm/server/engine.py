@@ -293,6 +293,10 @@ class Engine:
         locks_next = self.locks.tick()
         if self.sweep_pending and self._sweep():
             return self.clock()  # more to sweep: come back as soon as requests allow
+        if self.scans.copying:
+            self.scans.tick()  # a chunk of a scan's snapshot (see .scans)
+            if self.scans.copying:
+                return self.clock()
         if store_next is None:
             return locks_next
         return store_next if locks_next is None else min(store_next, locks_next)
