@@ -291,12 +291,12 @@ class Engine:
                     cache.reap()
         store_next = self.store.next_deadline()
         locks_next = self.locks.tick()
-        if self.sweep_pending and self._sweep():
-            return self.clock()  # more to sweep: come back as soon as requests allow
+        more = bool(self.sweep_pending) and bool(self._sweep())
         if self.scans.copying:
             self.scans.tick()  # a chunk of a scan's snapshot (see .scans)
-            if self.scans.copying:
-                return self.clock()
+            more = more or bool(self.scans.copying)
+        if more:
+            return self.clock()  # more to sweep or copy: come back as soon as requests allow
         if store_next is None:
             return locks_next
         return store_next if locks_next is None else min(store_next, locks_next)
