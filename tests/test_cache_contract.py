@@ -82,7 +82,6 @@ import pickle
 from unittest import mock
 
 import pytest
-
 from django.conf import settings
 from django.core.cache import DEFAULT_CACHE_ALIAS, CacheKeyWarning, cache, caches
 from django.core.cache.backends.base import BaseCache, InvalidCacheBackendError

@@ -11,8 +11,8 @@ import pytest
 from django_clustershm.exceptions import (
     ArgumentTypeError,
     ClusterShmError,
-    InvalidArgument,
     IntegerOverflow,
+    InvalidArgument,
     InvalidKey,
     KeyNotFound,
     KeyTooLarge,
@@ -262,7 +262,7 @@ def test_a_batch_over_the_frame_limit_fails_the_same_way_in_both_modes(transport
         assert client.get_many(list(batch)) == {}  # all or nothing
         for i in range(0, 100, 10):
             client.set_many({k: batch[k] for k in list(batch)[i : i + 10]})
-        with pytest.raises(ValueTooLarge, match="reply would be about .* over the maximum frame of 66536"):
+        with pytest.raises(ValueTooLarge, match=r"reply would be about .* over the maximum frame of 66536"):
             client.get_many(list(batch))
         assert len(client.get_many(list(batch)[:50])) == 50
     finally:
@@ -288,7 +288,7 @@ def test_a_hung_manager_times_out_instead_of_hanging(manager_process):
     os.kill(manager_process.pid, signal.SIGSTOP)
     try:
         start = time.monotonic()
-        with pytest.raises(ManagerUnavailable, match="within 0.3s"):
+        with pytest.raises(ManagerUnavailable, match=r"within 0\.3s"):
             client.get("a")
         assert time.monotonic() - start < 2
     finally:
@@ -325,7 +325,7 @@ def test_each_thread_has_its_own_connection(socket_client):
 
     def work(i):
         try:
-            for j in range(200):
+            for _ in range(200):
                 socket_client.incr("t")
             seen.append(socket_client.transport._local.conn)
         except Exception as exc:  # pragma: no cover - reported below

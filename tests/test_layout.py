@@ -93,7 +93,7 @@ def test_no_import_cycles():
         path.append(node)
         for dep in sorted(graph[node]):
             if state.get(dep) == 1:
-                raise AssertionError("import cycle: " + " -> ".join(path[path.index(dep) :] + [dep]))
+                raise AssertionError("import cycle: " + " -> ".join([*path[path.index(dep) :], dep]))
             if dep not in state:
                 visit(dep)
         path.pop()

@@ -136,7 +136,7 @@ def test_expire_and_evict_events_arrive(cluster):
                 "LOCATION": "evict",
                 "OPTIONS": {"MAX_ENTRIES": 3, "CULL_FREQUENCY": 3},
             }
-        }  # fmt: skip
+        }
     ):
         cache = caches["default"]
         seen = []

@@ -47,7 +47,7 @@ def test_waiters_are_granted_in_fifo_order(shared):
 
     for i in range(5):
         pids.append(fork_call(waiter, i))
-        wait_until(lambda: waiters("fifo") == i + 1, message=f"waiter {i} queued")
+        wait_until(lambda i=i: waiters("fifo") == i + 1, message=f"waiter {i} queued")
     holder.release()
     assert [reap(pid, 30) for pid in pids] == [0] * 5
     assert [clustershm.get(f"order:{n}") for n in range(1, 6)] == [0, 1, 2, 3, 4]
@@ -273,7 +273,7 @@ def test_another_thread_cannot_release_or_take_over(anywhere):
 
 def test_mutex_releases_on_exceptions_and_decorates(anywhere):
     with pytest.raises(ZeroDivisionError), clustershm.mutex("boom"):
-        1 / 0
+        _ = 1 / 0
     assert not clustershm.Lock("boom").locked()
 
     @clustershm.mutex("decorated", timeout=5)

@@ -13,7 +13,6 @@ import msgpack
 import pytest
 
 import django_clustershm as clustershm
-
 from django_clustershm import Manager
 from django_clustershm.exceptions import AuthenticationFailed, ManagerUnavailable
 from django_clustershm.wire import frames as P

@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-
 from .helpers import skip_or_fail, wait_until
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -294,7 +293,7 @@ def test_forking_workers_while_the_manager_is_busy(server):
                 status, _ = server.get("/hit/")
                 assert status == 200
                 done[0] += 1
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:  # reported below
                 errors.append(exc)
                 return
 
@@ -318,7 +317,7 @@ def test_forking_workers_while_the_manager_is_busy(server):
 
 
 def test_a_hung_worker_is_timed_out_and_replaced(server):
-    status, body = server.get("/whoami/")
+    server.get("/whoami/")
     hung_result = {}
 
     def hang():
@@ -417,7 +416,7 @@ def test_plain_gunicorn_with_the_config_module(tmp_path):
             "-b",
             f"127.0.0.1:{port}",
             "testproject.wsgi",
-        ],  # fmt: skip
+        ],
         env={"DJANGO_SETTINGS_MODULE": "testproject.settings"},
         workers=3,
     )
@@ -462,7 +461,7 @@ def test_user_hooks_in_a_config_file_keep_working(tmp_path):
 def test_a_listener_registered_in_ready_is_live_in_every_worker(server):
     """testproject.demo's ready() subscribes a feature-flag listener in the master; each
     worker must hear changes without having called the API first."""
-    status, body = server.get("/flags/?set=checkout&value=on")
+    status, _body = server.get("/flags/?set=checkout&value=on")
     assert status == 200
 
     def every_worker_sees(name, value):
@@ -643,7 +642,7 @@ def test_plain_gunicorn_with_the_config_module_and_uvicorns_worker(tmp_path):
             "-b",
             f"127.0.0.1:{port}",
             "testproject.asgi:application",
-        ],  # fmt: skip
+        ],
         env={"DJANGO_SETTINGS_MODULE": "testproject.settings"},
         workers=2,
     )
