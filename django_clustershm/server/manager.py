@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import logging
 import mmap
 import os
@@ -387,7 +388,7 @@ class Manager:
         # Near-cache epochs (see _invalidate): trackers queued for a send this
         # round, and the slots' file, free slots and generations.
         self._pushing: list[_Conn] = []
-        self._push_frames: dict[int, tuple[list, bytes]] = {}  # op -> the last payload pushed, encoded
+        self._push_frame: tuple[list | None, bytes] = (None, b"")  # the last payload pushed, encoded
         self._epoch_map: mmap.mmap | None = None
         self._epochs: memoryview | None = None
         self._free_slots: list[int] = []
@@ -1013,7 +1014,7 @@ class Manager:
         session = conn.session = self.engine.open_session(pid=conn.peer_pid or client_pid, peer_uid=conn.peer_uid)
         session.deliver = lambda rid, result, conn=conn: self._deliver(conn, rid, result)
         session.push = lambda event, conn=conn: self._push(conn, event)
-        session.invalidate = lambda op, payload, conn=conn: self._invalidate(conn, op, payload)
+        session.invalidate = functools.partial(self._invalidate, conn)  # a C-level call: once per tracker and write
         conn.reader.max_frame = self.engine.limits.max_frame
         reply = H.welcome(self.secret, client_nonce, self.engine.limits, session.id)
         conn.out.append(reply)
@@ -1123,12 +1124,12 @@ class Manager:
         """
         if conn.overflow:
             return False
-        cached = self._push_frames.get(op)
-        if cached is not None and cached[0] is payload:
+        cached = self._push_frame
+        if cached[0] is payload:
             frame = cached[1]
         else:
             frame = P.encode(op, 0, payload)
-            self._push_frames[op] = (payload, frame)  # the payload held: its id is not reused meanwhile
+            self._push_frame = (payload, frame)  # the payload held: its id is not reused meanwhile
         if op == P.PUSH_UPDATE:
             if self._output > self.max_total_output:
                 return False  # under memory pressure near caches get invalidations, not values
@@ -1142,13 +1143,13 @@ class Manager:
                 conn.lagging = unread > self.tracker_lag
             if conn.lagging:
                 return False
-        epochs = self._epochs
-        if conn.slot is not None and epochs is not None and conn.session is not None:
+        slot = conn.slot
+        if slot is not None:  # (slots are given only while the epochs are mapped)
             conn.pushes.append(frame)
             if not conn.push_queued:
                 conn.push_queued = True
                 self._pushing.append(conn)
-            epochs[conn.slot] = conn.epoch_base | (conn.session.inval_seq & EPOCH_CUT)
+            self._epochs[slot] = conn.epoch_base | (conn.session.inval_seq & EPOCH_CUT)  # type: ignore[index,union-attr]
             return True
         sent = -1
         if not conn.out:

@@ -187,23 +187,30 @@ class Tracking:
         # encodes a list once, however many trackers it goes to.
         update = [ns, key, value, deadline_of(key)]
         invalidation = [ns, key]
-        kept = []
-        for sid, seq in _PAIR.iter_unpack(record):
-            session = self.trackers.get(sid)
-            if session is None:  # closed: counted off then
-                continue
-            session.inval_seq += 1
-            send = session.invalidate
-            if size <= session.push_limit and send is not None and send(F.PUSH_UPDATE, update):
-                kept.append(_PAIR.pack(sid, seq))
-                continue
-            # Too large for it, or refused by the transport (a tracker that
-            # lags behind): an invalidation, and the tracking ends.
-            self._forget(sid, ns, key)
-            if send is not None:
-                send(F.PUSH_INVALIDATE, invalidation)
-        if len(kept) * _PAIR.size == len(record):
+        trackers = self.trackers
+        # The record is rebuilt only if a pair leaves it (the common write
+        # keeps every tracker: nothing packed, nothing joined).
+        left: list[int] | None = None
+        for i, (sid, _seq) in enumerate(_PAIR.iter_unpack(record)):
+            session = trackers.get(sid)
+            if session is not None:
+                session.inval_seq += 1
+                send = session.invalidate
+                if size <= session.push_limit and send is not None and send(F.PUSH_UPDATE, update):
+                    continue
+                # Too large for it, or refused by the transport (a tracker that
+                # lags behind): an invalidation, and the tracking ends.
+                self._forget(sid, ns, key)
+                if send is not None:
+                    send(F.PUSH_INVALIDATE, invalidation)
+            # else closed: counted off then
+            if left is None:
+                left = []
+            left.append(i)
+        if left is None:
             return
+        width = _PAIR.size
+        kept = [record[i * width : (i + 1) * width] for i in range(len(record) // width) if i not in left]
         if kept:
             keys[key] = b"".join(kept)
         else:
