@@ -5,12 +5,14 @@ framing, the Unix socket, the dispatch, the reply), each median over the *floor*
 a socketpair: what the Manager costs above it is its own. Target: a get hit at most 2x the floor (README.md).
 
 Then the Django path over the raw client (#19 part 5): ``ClusterShmCache.get``/``set``/``incr`` against the raw
-client's calls, back to back on one client, over the Unix socket to the Manager and on the embedded transport (an
-in-process engine, where the round trip is small and the backend's own cost shows): the raw client's store call
-(``client.get(key)``, ``client.set(key, value, 300)``, ``client.incr(key)``, on a key with the same timeout) and the
-same request on the cache's own keyspace (``client.cache(LOCATION, ...)`` with the made key: what the backend calls).
-``--rounds`` rounds, each its own interleaved timing; medians over the rounds, spreads ((max - min) / median), and
-the ratios of each round, then their median. Target: a cache call at most 1.2x the raw client's.
+client's calls, back to back on one client: over the Unix socket to the Manager without near caches (every call a
+round trip), the same with the near caches the cluster has by default (a get is a near hit), and on the embedded
+transport (an in-process engine, where the round trip is small and the backend's own cost shows). The raw calls: the
+store's (``client.get(key)``, ``client.set(key, value, 300)``, ``client.incr(key)``, on a key with the same timeout)
+and the same request on the cache's own keyspace (``client.cache(LOCATION, ...)`` with the made key, and the same
+near cache: what the backend calls). ``--rounds`` rounds, each its own interleaved timing; medians over the rounds,
+spreads ((max - min) / median), and the ratios of each round, then their median. Target: a cache call at most 1.2x
+the raw client's.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ FLOOR = "floor round trip"
 #: The Django path (#19 part 5): the cache alias, its keys, and what a cache call is compared with.
 THIN_LOCATION = "bench-thin"
 THIN_OPTIONS = {"MAX_ENTRIES": 100_000}
+THIN_ALIASES = {"socket": "default", "near": "near", "embedded": "default"}  # configure_django's
 THIN_TIMEOUT = 300  # the alias's TIMEOUT (Django's default); the raw calls store with the same
 THIN_OPS = ("get", "set", "incr")
 THIN_SIDES = {"cache": "ClusterShmCache", "store": "raw client, store", "keyspace": "raw client, the cache's keyspace"}
-THIN_TRANSPORTS = {"socket": "Unix socket to the Manager", "embedded": "embedded (in-process engine)"}
+THIN_TRANSPORTS = {"socket": "Unix socket, no near cache", "near": "Unix socket, near caches (the default)",
+                   "embedded": "embedded (in-process engine)"}  # fmt: skip
 THIN_TARGET = 1.2
 
 
@@ -97,25 +101,32 @@ def _operations(client, floor) -> dict:
 
 
 def configure_django() -> None:
-    """One ClusterShmCache alias, as bench_cache's (a bounded LOCATION of its own), Django's default timeout."""
+    """Two ClusterShmCache aliases, as bench_cache's (a bounded LOCATION of their own, Django's default timeout):
+    "default" without a near cache, "near" with the default one; and no near cache on the store, for now."""
     import django
     from django.conf import settings
 
+    shm = {"BACKEND": "django_clustershm.cache.ClusterShmCache", "TIMEOUT": THIN_TIMEOUT}
     settings.configure(DEBUG=False, SECRET_KEY="bench-core-not-a-secret", INSTALLED_APPS=[], USE_TZ=True,
-                       CACHES={"default": {"BACKEND": "django_clustershm.cache.ClusterShmCache",
-                                           "LOCATION": THIN_LOCATION, "OPTIONS": THIN_OPTIONS,
-                                           "TIMEOUT": THIN_TIMEOUT}})  # fmt: skip
+                       CLUSTERSHM={"NEAR_CACHE": False},
+                       CACHES={"default": {**shm, "LOCATION": THIN_LOCATION,
+                                           "OPTIONS": {**THIN_OPTIONS, "NEAR_CACHE": False}},
+                               "near": {**shm, "LOCATION": THIN_LOCATION + "-near", "OPTIONS": THIN_OPTIONS}})  # fmt: skip
     django.setup()
 
 
-def thin_operations(shared) -> dict:
+def thin_operations(shared, alias: str) -> dict:
     """Name ("op side") -> zero-argument callable: the cache alias's call, the raw client's on the store, the same
-    request on the cache's keyspace. ``shared`` is the process-wide client, which the alias uses too: one
-    connection for all three."""
+    request on the cache's keyspace (with the alias's near cache, if it has one). ``shared`` is the process-wide
+    client, which the alias uses too: one connection for all three."""
+    from django.conf import settings
     from django.core.cache import caches
 
-    cache = caches["default"]
-    space = shared.cache(THIN_LOCATION, max_entries=THIN_OPTIONS["MAX_ENTRIES"], cull_frequency=3)
+    from django_clustershm import conf
+
+    cache, entry = caches[alias], settings.CACHES[alias]
+    near = conf.near_options(entry["OPTIONS"].get("NEAR_CACHE"))  # what the alias asks for, read as it reads it
+    space = shared.cache(entry["LOCATION"], max_entries=THIN_OPTIONS["MAX_ENTRIES"], cull_frequency=3, near_cache=near)
     hit, dest, counter = "bench:thin:hit", "bench:thin:set", "bench:thin:counter"
     made = {key: cache.make_key(key) for key in (hit, dest, counter)}
     cache.set(hit, VALUE)
@@ -137,9 +148,9 @@ def thin_operations_names() -> list[str]:
     return [f"{op} {side}" for op in THIN_OPS for side in THIN_SIDES]
 
 
-def time_thin(shared, args, pause: dict) -> dict:
+def time_thin(shared, alias: str, args, pause: dict) -> dict:
     """``args.rounds`` rounds of the thin operations, interleaved; per op and side: µs rounds, ratio rounds."""
-    ops = thin_operations(shared)
+    ops = thin_operations(shared, alias)
     per_round = [lab.time_interleaved(ops, args.thin_n, args.warmup, BLOCK, pause) for _ in range(args.rounds)]
     out: dict = {}
     for op in THIN_OPS:
@@ -224,14 +235,21 @@ def main(argv=None) -> int:
         lab.log(f"the Django path, embedded: {args.rounds} round(s) of {args.thin_n} calls per operation")
         for pid in (bench.manager_pid, floor_pid):  # neither serves the embedded engine: stopped meanwhile
             os.kill(pid, signal.SIGSTOP)
-        try:
-            thin["embedded"] = time_thin(clustershm.get_client(), args, {})  # no cluster configured yet: embedded
+        try:  # no cluster configured yet: the process-wide client is embedded
+            thin["embedded"] = time_thin(clustershm.get_client(), THIN_ALIASES["embedded"], args, {})
         finally:
             for pid in (bench.manager_pid, floor_pid):
                 os.kill(pid, signal.SIGCONT)
+        pause = dict.fromkeys(thin_operations_names(), floor_pid)
         lab.log(f"the Django path, socket: {args.rounds} round(s) of {args.thin_n} calls per operation")
-        bench.configure()  # the process-wide client, which the cache alias uses, is now the Manager's
-        thin["socket"] = time_thin(clustershm.get_client(), args, dict.fromkeys(thin_operations_names(), floor_pid))
+        bench.configure()  # the process-wide client, which the cache aliases use, is now the Manager's...
+        thin["socket"] = time_thin(clustershm.get_client(), THIN_ALIASES["socket"], args, pause)
+        lab.log(f"the Django path, socket with near caches: {args.rounds} round(s) of {args.thin_n} calls per op")
+        from django.conf import settings
+
+        settings.CLUSTERSHM = {}  # ...and now one with the store's default near cache
+        clustershm.configure(bench.address, bench.secret)
+        thin["near"] = time_thin(clustershm.get_client(), THIN_ALIASES["near"], args, pause)
 
     floor = results[FLOOR]["median_us"]
     for row in results.values():
@@ -240,7 +258,7 @@ def main(argv=None) -> int:
     line, target = lab.target(f"get-hit median / floor median = {hit:.2f}x (target <= 2x)", hit, 2.0)
     rows = [[name, lab.fmt(r["median_us"]), lab.fmt(r["p99_us"]), f"{r['ratio_to_floor']:.2f}x"]
             for name, r in results.items()]  # fmt: skip
-    thin_text, thin_targets, thin_headlines = thin_report({"socket": thin["socket"], "embedded": thin["embedded"]})
+    thin_text, thin_targets, thin_headlines = thin_report({name: thin[name] for name in THIN_TRANSPORTS})
     placement = f"pinned to CPU {args.pin}" if args.pin is not None else "unpinned"
     text = [
         lab.header(f"django-clustershm core latency: N={args.n} timed calls per operation after {args.warmup} "
