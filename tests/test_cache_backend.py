@@ -5,16 +5,17 @@ template fragments), each across forked processes."""
 
 import os
 import re
+from unittest import mock
 
 import pytest
-from django.core.cache import caches
-from django.core.cache.backends.base import InvalidCacheBackendError
+from django.core.cache import CacheKeyWarning, caches
+from django.core.cache.backends.base import InvalidCacheBackendError, default_key_func
 from django.test import Client, override_settings
 
 import django_clustershm as clustershm
 from django_clustershm.cache import ClusterShmCache
 
-from .helpers import fork_call, reap, run_forked, wait_until
+from .helpers import ManagerProcess, fork_call, reap, run_forked, wait_until
 
 BACKEND = "django_clustershm.cache.ClusterShmCache"
 
@@ -162,13 +163,167 @@ def test_ignore_exceptions_reads_a_missing_manager_as_a_miss(tmp_path, caplog):
         assert lenient.set_many({"a": 1, "b": 2}) == ["a", "b"]
         assert lenient.get_many(["a"]) == {}
         assert lenient.has_key("a") is False
+        assert lenient.touch("a") is False and lenient.delete("a") is False
+        assert lenient.set("a", 1, nx=True) is False and lenient.set("a", 1, xx=True) is False
+        assert lenient.delete_many(["a"]) is None
         assert "IGNORE_EXCEPTIONS" in caplog.text
+        for method, args in (("get", ("k",)), ("set", ("k", 1)), ("touch", ("k",)), ("delete", ("k",))):
+            with pytest.raises(clustershm.ManagerUnavailable):
+                getattr(caches["default"], method)(*args)
         with pytest.raises(clustershm.ManagerUnavailable):
             caches["default"].get("k")
         with pytest.raises(clustershm.ManagerUnavailable):
             lenient.incr("k")  # a counter must not silently stop counting
     finally:
         clustershm.configure(None)
+
+
+# -- keys: Django's, made in one step for the usual key ------------------------------------
+#
+# ClusterShmCache makes the usual key (a str, the alias's version, printable,
+# no space, short) as one concatenation instead of Django's make_key and
+# validate_key (#19 part 5). These check that it is still Django's key, with
+# Django's warnings, whatever the settings, the key, or a later change.
+
+
+def _stored_under(cache) -> list:
+    """The keys the cache's namespace holds (as the Manager sees them)."""
+    return sorted(cache.keyspace.keys())
+
+
+@pytest.mark.parametrize(
+    "conf",
+    [{}, {"KEY_PREFIX": "site"}, {"VERSION": 3}, {"KEY_PREFIX": "a:b", "VERSION": "v2"}, {"KEY_PREFIX": "é%s"}],
+    ids=["default", "prefix", "version", "str-version", "odd-prefix"],
+)
+def test_the_made_key_is_djangos(conf):
+    with override_settings(CACHES=cache_settings(c=conf)):
+        cache = caches["c"]
+        cache.clear()
+
+        class Shown(str):  # a str whose made key comes from its str(): Django's "%s"
+            def __str__(self):
+                return "shown"
+
+        keys = ["k", "é", "a" * 200, 42, Shown("hidden")]
+        for i, key in enumerate(keys):
+            cache.set(key, i)
+            assert cache.add(f"added{i}", i) and not cache.add(f"added{i}", i)
+            assert cache.get(key) == i and cache.incr(key) == i + 1 and cache.has_key(key)
+            cache.set(key, i, version=9)  # another version: Django's own path
+        expected = {cache.make_key(k) for k in keys} | {cache.make_key(f"added{i}") for i in range(len(keys))}
+        expected |= {cache.make_key(k, version=9) for k in keys}
+        assert set(_stored_under(cache)) == expected
+        assert cache.make_key(Shown("hidden")).endswith(":shown")
+        for key in keys:
+            assert cache.delete(key) is True and cache.get(key, version=9) is not None
+
+
+@override_settings(CACHES=cache_settings())
+def test_keys_at_memcacheds_limit_warn_as_djangos():
+    cache = caches["default"]
+    room = 250 - len(cache.make_key(""))
+    cache.set("a" * room, 1)  # warnings are errors in this suite: none here
+    for key in ("a" * (room + 1), "with space", "tab\t", "del\x7f"):
+        for method, args in (("set", (key, 1)), ("get", (key,)), ("add", (key, 1))):
+            with pytest.warns(CacheKeyWarning):
+                getattr(cache, method)(*args)
+    with pytest.warns(CacheKeyWarning):
+        cache.incr("a" * (room + 1))
+
+
+@override_settings(CACHES=cache_settings())
+def test_a_live_change_of_prefix_version_or_key_function_is_followed():
+    cache = caches["default"]
+    cache.clear()
+    cache.key_prefix = "new"
+    cache.set("k", 1)
+    cache.version = 7
+    cache.set("k", 2)
+    assert _stored_under(cache) == ["new:1:k", "new:7:k"]
+    cache.key_func = lambda key, prefix, version: f"custom|{prefix}|{version}|{key}"
+    cache.set("k", 3)
+    assert cache.get("k") == 3 and "custom|new|7|k" in _stored_under(cache)
+    cache.key_func = default_key_func
+    with mock.patch.object(cache, "key_prefix", "patched"):
+        cache.set("k", 4)
+    cache.set("k", 5)
+    assert "patched:7:k" in _stored_under(cache) and cache.get("k") == 5 and cache.get("k", version=1) == 1
+    cache.key_prefix, cache.version = "", 1
+    cache.set("k", 6)
+    assert cache.get("k") == 6 and ":1:k" in _stored_under(cache)
+
+
+class LowerKeys(ClusterShmCache):
+    """A subclass with its own make_key, as Django's docs allow."""
+
+    def make_key(self, key, version=None):
+        return super().make_key(key.lower(), version)
+
+
+class CheckedKeys(ClusterShmCache):
+    """... and one with its own validate_key."""
+
+    checked: list = []
+
+    def validate_key(self, key):
+        CheckedKeys.checked.append(key)
+        super().validate_key(key)
+
+
+@override_settings(
+    CACHES={
+        "default": {"BACKEND": f"{__name__}.LowerKeys", "LOCATION": "t"},
+        "checked": {"BACKEND": f"{__name__}.CheckedKeys", "LOCATION": "t"},
+    }
+)
+def test_a_subclass_or_an_instance_making_its_own_keys_is_used():
+    cache = caches["default"]
+    cache.clear()
+    cache.set("KEY", 1)
+    assert cache.get("key") == 1 and cache.incr("Key") == 2 and cache.touch("kEY") and cache.has_key("KEY")
+    assert _stored_under(cache) == [":1:key"]
+    CheckedKeys.checked.clear()
+    checked = caches["checked"]
+    checked.set("k", 1)
+    assert checked.get("k") == 1 and checked.incr("k") == 2 and checked.delete("k")
+    assert CheckedKeys.checked == [":1:k"] * 4
+
+    plain = ClusterShmCache("t", {})
+    plain.make_key = lambda key, version=None: f"mine:{key}"  # an instance's own, as mock.patch.object does
+    plain.set("k", 5)
+    assert plain.get("k") == 5 and "mine:k" in _stored_under(plain)
+    del plain.make_key
+    plain.set("k", 6)
+    assert ":1:k" in _stored_under(plain) and plain.get("k") == 6
+    with mock.patch.object(plain, "validate_key", side_effect=ValueError("refused")):
+        for call in (lambda: plain.get("k"), lambda: plain.set("k", 1), lambda: plain.incr("k")):
+            with pytest.raises(ValueError, match="refused"):
+                call()
+    assert plain.get("k") == 6
+
+
+def test_the_cache_follows_the_process_to_another_manager():
+    """runcluster repoints the process from its embedded Manager to the
+    cluster's before forking: an alias used before must write to the new one."""
+    with override_settings(CACHES=cache_settings()):
+        cache = caches["default"]
+        cache.set("before", 1)  # the embedded Manager
+        proc = ManagerProcess().start()
+        try:
+            clustershm.configure(proc.address, proc.secret)
+            assert cache.get("before") is None
+            cache.set("k", 2)
+            assert cache.incr("k") == 3
+
+            def child():
+                assert caches["default"].get("k") == 3
+
+            assert reap(fork_call(child), 10) == 0
+        finally:
+            clustershm.configure(None)
+            proc.cleanup()
+        assert cache.get("k") is None and cache.get("before") is None  # a new embedded Manager
 
 
 # -- the seed's LRU functions -----------------------------------------------------------

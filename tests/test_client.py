@@ -21,6 +21,7 @@ from django_clustershm.exceptions import (
     SerializationError,
     ValueTooLarge,
 )
+from django_clustershm.wire import frames as F
 from django_clustershm.wire.frames import FRAME_OVERHEAD
 from django_clustershm.wire.limits import Limits
 
@@ -143,6 +144,46 @@ def test_stats(client):
     assert stats["ops"] >= 3
     assert os.getpid() in [c["pid"] for c in stats["clients"]]
     assert client.ping()
+
+
+def test_a_caches_writes_carry_its_bounds_but_an_incr_that_creates_nothing_sends_none():
+    """What a cache keyspace sends: its bounds with every write that may
+    store a new key (aliases of one cache keep their own MAX_ENTRIES and
+    CULL_FREQUENCY), none with Django's incr (``default=None``: a missing key
+    raises, nothing is created, so there is nothing to cull for), none on
+    the store (#19 part 5)."""
+    client = embedded_client()
+    cache = client.cache("t", max_entries=5, cull_frequency=2, max_bytes=10**6)
+    sent = []
+    call = client.transport.call
+
+    def recording(op, args, *rest):
+        sent.append((op, list(args)))
+        return call(op, args, *rest)
+
+    client.transport.call = recording
+    try:
+        cache.set("k", 1, 60)
+        assert cache.incr("k", default=None) == 2
+        with pytest.raises(KeyNotFound):
+            cache.incr("missing", default=None)
+        assert cache.incr("n") == 1
+        cache.add("a", 1)
+        client.set("s", 1)
+        assert client.incr("s", default=None) == 2
+    finally:
+        del client.transport.call
+    bounds = [5, 2, 10**6]
+    assert sent == [
+        (F.SET, ["t", "k", 1, 60, bounds]),
+        (F.INCR, ["t", "k", 1, None]),
+        (F.INCR, ["t", "missing", 1, None]),
+        (F.INCR, ["t", "n", 1, 0, bounds]),
+        (F.ADD, ["t", "a", 1, None, bounds]),
+        (F.SET, ["", "s", 1, None]),
+        (F.INCR, ["", "s", 1, None]),
+    ]
+    assert cache.get("k") == 2 and cache.ttl("k") > 0  # the incr kept the key's expiry
 
 
 # -- bad input: a clear error in the caller, nothing sent, nothing lost --------

@@ -379,3 +379,41 @@ def test_the_store_has_a_finite_default_budget():
     engine = Engine()
     assert engine.store.max_bytes == memory_limit() // 4 > 0
     assert Engine(max_store_bytes=10**6).store.max_bytes == 10**6
+
+
+@pytest.mark.parametrize(
+    "bounds, error, words",
+    [
+        ("big", "ArgumentTypeError", "bounds must be"),
+        ([1, 3], "ArgumentTypeError", "bounds must be"),
+        ([True, 3, 10_000], "ArgumentTypeError", "MAX_ENTRIES must be an int"),
+        ([300, 3.0, 10_000], "ArgumentTypeError", "CULL_FREQUENCY must be an int"),
+        ([300, -1, 10_000], "InvalidArgument", "CULL_FREQUENCY must be 0 or more"),
+        ([300, 3, 0], "InvalidArgument", "MAX_BYTES must be at least 1"),
+        ([2**63, 3, 10_000], "InvalidArgument", "MAX_ENTRIES must fit"),
+    ],
+)
+def test_every_write_to_an_existing_cache_checks_its_bounds(bounds, error, words):
+    """A cache write's bounds take a shorter path once the cache exists (#19
+    part 5): the same refusals as on the write that creates it, nothing written."""
+    from django_clustershm import exceptions
+    from django_clustershm.server.engine import Engine
+    from django_clustershm.wire import frames as P
+
+    engine = Engine()
+    session = engine.open_session()
+    engine.dispatch(session, P.SET, ["c", "k", b"v", None, [300, 3, 10_000]])
+    for op, args in (
+        (P.SET, ["c", "k", b"new", None, bounds]),
+        (P.ADD, ["c", "new", b"new", None, bounds]),
+        (P.INCR, ["c", "n", 1, 0, bounds]),
+        (P.SET_MANY, ["c", ["k", b"new"], None, bounds]),
+        (P.SET, ["fresh", "k", b"new", None, bounds]),  # the write that would create a cache
+    ):
+        with pytest.raises(getattr(exceptions, error), match=words):
+            engine.dispatch(session, op, args)
+    assert engine.dispatch(session, P.GET, ["c", "k"]) == b"v"
+    assert engine.dispatch(session, P.HAS, ["c", "new"]) is False and "fresh" not in engine.caches
+    # a tuple is a list's equal (the embedded transport passes Python objects as they are)
+    engine.dispatch(session, P.SET, ["c", "k", b"t", None, (300, 3, 10_000)])
+    assert engine.dispatch(session, P.GET, ["c", "k"]) == b"t"

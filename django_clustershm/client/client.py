@@ -132,7 +132,12 @@ class Keyspace:
         """Store ``value`` under ``key``; ``timeout`` seconds until it expires
         (None: never; 0 or less: store nothing and remove the key)."""
         key = self._key(key)
-        self._client.transport.call(_SET, self._write_args(key, self._value(value), A.timeout(timeout)))
+        bounds = self._bounds  # a cache's: sent with each write (aliases of one cache keep their own)
+        if bounds is None:
+            args = [self._ns, key, self._value(value), A.timeout(timeout)]
+        else:
+            args = [self._ns, key, self._value(value), A.timeout(timeout), bounds]
+        self._client.transport.call(_SET, args)
         self._written((key,))
 
     def remove(self, key: str) -> bool:
@@ -166,8 +171,12 @@ class Keyspace:
         """
         key = self._key(key)
         delta = A.integer(delta, "delta")
-        initial = None if default is None else A.integer(default, "default")
-        value = self._client.transport.call(_INCR, self._write_args(key, delta, initial))
+        if default is None:
+            # Nothing is created (a missing key raises), so no cache bounds to apply: none sent.
+            args = [self._ns, key, delta, None]
+        else:
+            args = self._write_args(key, delta, A.integer(default, "default"))
+        value = self._client.transport.call(_INCR, args)
         self._written((key,))
         return value
 

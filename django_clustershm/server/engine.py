@@ -349,7 +349,11 @@ class Engine:
 
     def _space_for_write(self, ns, bounds) -> tuple[Namespace, list | None]:
         if bounds is None and ns == "":
-            return self.store, None  # the common case, without the checks below
+            return self.store, None  # the common cases, without the checks below: a store write...
+        if bounds is not None:
+            cache = self.caches.get(ns)  # ...and a cache alias's write (with its bounds) to a cache that exists
+            if cache is not None:
+                return cache, A.bounds(bounds)
         bounds = A.bounds(bounds)
         if ns == "":
             if bounds is not None:

@@ -141,6 +141,19 @@ def bounds(value):
     """A named cache's ``[max_entries, cull_frequency, max_bytes]`` (or None: defaults)."""
     if value is None:
         return None
+    if type(value) is list and len(value) == 3:
+        # The common case, checked in one expression: a cache write carries
+        # its alias's bounds, and the Manager checks them on every write.
+        max_entries, cull_frequency, max_bytes = value
+        if (
+            type(max_entries) is int
+            and type(cull_frequency) is int
+            and type(max_bytes) is int
+            and INT64_MIN <= max_entries <= INT64_MAX
+            and 0 <= cull_frequency <= INT64_MAX
+            and 1 <= max_bytes <= INT64_MAX
+        ):
+            return value
     if type(value) not in (list, tuple) or len(value) != 3:
         raise ArgumentTypeError("bounds must be [max_entries, cull_frequency, max_bytes] or None")
     max_entries = integer(value[0], "MAX_ENTRIES")
