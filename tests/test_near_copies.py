@@ -381,3 +381,42 @@ def test_adaptive_get_many_is_one_request_tracked_if_any_key_is_admitted(clock):
     tracker.replies = [({"a": (b"A", None), "c": (b"C", None)}, 0, True)]
     assert cache.get_many(["a", "c"]) == {"a": b"A", "c": b"C"}  # "a" read before: tracked, both kept
     assert tracker.calls[-1][0] == P.TRACK_GET_MANY and set(cache._entries) == {"a", "c"}
+
+
+def test_adaptive_rests_while_pushes_outnumber_hits_then_keeps_copies_again(clock, monkeypatch):
+    import django_clustershm.client.near as near_module
+
+    monkeypatch.setattr(near_module, "JUDGE_EVERY", 16)
+    cache = make(clock, policy="adaptive")
+    cache._judge_at = 16
+    tracker = cache.tracker
+    tracked = lambda key: (key.encode(), None, tracker.seq, True)  # noqa: E731
+
+    def read_twice(key):  # a first (plain) read, then a kept one
+        tracker.replies = [key.encode()]
+        cache.get(key)  # (applies the pushes before it)
+        tracker.replies = [tracked(key)]
+        cache.get(key)
+
+    # Written here or elsewhere as often as read: every copy is pushed to before it is read again.
+    for i in range(8):
+        read_twice(f"w{i}")
+        tracker.pushes.append((cache, f"w{i}", b"new"))
+        tracker.pushes.append((cache, f"w{i}", None))
+    # Weighed at the 16th miss: 14 pushes applied, no hit: the copies rest.
+    assert cache.pushes >= 14 and cache.hits == 0
+    assert cache.rests == 1 and len(cache) == 0
+    tracker.replies = [b"k", b"k", b"k"]
+    for _ in range(3):
+        assert cache.get("k") == b"k"
+    assert [op for op, _ in tracker.calls[-3:]] == [P.GET] * 3 and len(cache) == 0  # plain reads, no copy
+    clock.now += near_module.REST_FOR
+    read_twice("k")  # rested: its second read keeps a copy again
+    assert tracker.calls[-1][0] == P.TRACK_GET and len(cache) == 1
+    # Read far more than written: no rest.
+    for _ in range(40):
+        assert cache.get("k") == b"k"
+    tracker.replies = [b"y"] * 16
+    for i in range(16):
+        cache.get(f"once{i}")
+    assert cache.rests == 1

@@ -534,8 +534,10 @@ class Client(Keyspace):
 
     def near_stats(self) -> dict:
         """This process's near caches: ``{namespace: {"entries", "bytes", "hits",
-        "misses", "untracked", "policy"}}`` (``untracked``: misses read without
-        keeping a copy, see :class:`.near.NearCache`)."""
+        "misses", "untracked", "pushes", "rests", "policy"}}`` (``untracked``:
+        misses read without keeping a copy; ``pushes``: updates and
+        invalidations applied; ``rests``: times the adaptive policy found the
+        copies cost more than they saved, see :class:`.near.NearCache`)."""
         return {
             ns: {
                 "entries": len(cache),
@@ -543,6 +545,8 @@ class Client(Keyspace):
                 "hits": cache.hits,
                 "misses": cache.misses,
                 "untracked": cache.untracked,
+                "pushes": cache.pushes,
+                "rests": cache.rests,
                 "policy": cache.policy,
             }
             for ns, cache in self._near.items()
