@@ -1151,15 +1151,19 @@ class Manager:
                 self._pushing.append(conn)
             self._epochs[slot] = conn.epoch_base | (conn.session.inval_seq & EPOCH_CUT)  # type: ignore[index,union-attr]
             return True
+        return self._send_or_cut(conn, frame)
+
+    def _send_or_cut(self, conn: _Conn, data: bytes) -> bool:
+        """Pushes into a tracker's socket now, whole, or the tracker is cut off (False)."""
         sent = -1
         if not conn.out:
             try:
-                sent = conn.sock.send(frame)
+                sent = conn.sock.send(data)
             except (BlockingIOError, InterruptedError):
                 sent = 0
             except OSError:
                 sent = -1
-        if sent != len(frame):
+        if sent != len(data):
             self._cut_tracker(conn, gone=sent == -1)
             return False
         return True
@@ -1174,17 +1178,7 @@ class Manager:
             frames, conn.pushes = conn.pushes, []
             if conn.closed or conn.overflow or not frames:
                 continue
-            data = frames[0] if len(frames) == 1 else b"".join(frames)
-            sent = -1
-            if not conn.out:
-                try:
-                    sent = conn.sock.send(data)
-                except (BlockingIOError, InterruptedError):
-                    sent = 0
-                except OSError:
-                    sent = -1
-            if sent != len(data):
-                self._cut_tracker(conn, gone=sent == -1)
+            self._send_or_cut(conn, frames[0] if len(frames) == 1 else b"".join(frames))
 
     def _cut_tracker(self, conn: _Conn, gone: bool) -> None:
         conn.overflow = True
