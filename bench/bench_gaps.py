@@ -8,8 +8,8 @@ sleep, and the call pays for waking it. The contenders, in one run:
 * ``ClusterShmCache`` in cluster mode (a Manager in a forked process, ``configure()``) three ways: with the
   defaults (a near cache, adaptive: the timed key is read many times, so its gets are near hits), with
   ``NEAR_CACHE: False`` (every call a round trip), and with a near cache that keeps every key read;
-* Django's ``RedisCache`` on a redis-server that the script starts (tests/redis_servers.py's ``RedisServer``, over
-  its Unix socket) and stops by pid;
+* Django's ``RedisCache`` on a redis-server that the script starts (lab.py's, on a Unix socket only) and stops by
+  pid;
 * diskcache's ``DjangoCache`` (``diskcache.DjangoCache``: what a Django user configures, not the raw ``Cache``);
 * ``LocMemCache`` (each process's private memory: the unshared ceiling);
 * the *blocking framed-pickle floor* of bench_core.py: a length-prefixed pickle echo in a forked process on a
@@ -32,7 +32,6 @@ import time
 import lab
 from bench_core import VALUE as FLOOR_VALUE
 from bench_core import _floor_caller, _floor_child
-from bench_redis import redis_servers
 
 VALUE = {"user": 42, "name": "x" * 50}
 GAPS_US = (0, 20, 100, 500)
@@ -42,24 +41,6 @@ SYSTEMS = {"clustershm": "ClusterShmCache (defaults)", "nonear": "ClusterShmCach
            "diskcache": "diskcache.DjangoCache", "locmem": "LocMemCache (not shared)",
            "floor": "blocking framed-pickle floor"}  # fmt: skip
 NEAR_LOCATION = "bench-near"
-
-
-def start_redis(bench: lab.Lab) -> str:
-    """tests/redis_servers.py's RedisServer, stopped by pid when the lab closes; its unix:// URL."""
-    servers = redis_servers()
-    binary = servers.find_binary("redis-server")
-    if binary is None:
-        raise lab.BenchError("'redis-server' is not on the PATH (apt-get install -y redis-server)")
-    server = servers.RedisServer(binary)
-
-    def stop() -> list[str]:
-        server.stop()
-        left = [pid for pid in server.pids if not servers.gone(pid)]
-        return [f"redis-server left running: {left}"] if left else []
-
-    bench.cleanups.append(stop)
-    bench.versions["redis-server"] = lab.version_of([binary, "--version"], r"v=(\S+)")
-    return server.unix_url
 
 
 def configure_django(selected: list[str], bench: lab.Lab, redis_url: str | None) -> None:
@@ -165,7 +146,7 @@ def main(argv=None) -> int:
     with lab.Lab("gaps") as bench:
         if {"clustershm", "nonear", "near"} & set(selected):
             bench.start_manager(configure=True)
-        redis_url = start_redis(bench) if "redis" in selected else None
+        redis_url = f"unix://{bench.start_redis()}" if "redis" in selected else None
         configure_django(selected, bench, redis_url)
         from django.core.cache import caches
 

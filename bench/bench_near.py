@@ -93,18 +93,8 @@ VALUE_BYTES = len(pickle.dumps({"w": 15, "n": 1000, "pad": PAD}, pickle.HIGHEST_
 # -- options -----------------------------------------------------------------------------------
 
 
-def counts_type(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
-    except ValueError:
-        raise argparse.ArgumentTypeError("a comma-separated list of integers") from None
-    if not values or values[0] < 0:
-        raise argparse.ArgumentTypeError("integers >= 0")
-    return values
-
-
 def workers_type(text: str) -> tuple[int, ...]:
-    values = counts_type(text)
+    values = lab.counts(text)
     if values[0] < 1:
         raise argparse.ArgumentTypeError("worker counts >= 1")
     return values
@@ -159,7 +149,7 @@ def options(argv) -> argparse.Namespace:
         help=f"a ClusterShmCache alias with OPTIONS['NEAR_CACHE'] = JSON ('default': no such option); repeatable "
              f"(default {' '.join(VARIANTS)})")  # fmt: skip
     add("--peers", type=peers_type, default="diskcache,redis", help="peers: diskcache,redis (default) or none")
-    add("--trackers", type=counts_type, default="0,1,2,4,8", help="part B tracker counts (default 0,1,2,4,8)")
+    add("--trackers", type=lab.counts, default="0,1,2,4,8", help="part B tracker counts (default 0,1,2,4,8)")
     add("--writes", type=lab.count, default=400, help="part B timed writes per operation, K and round (default 400)")
     add("--fanout-variant", metavar="NAME", help="part B's near-cache variant (default: see above)")
     add("--seed", type=int, default=1, help="seed of the workers' key sequences (default 1)")

@@ -97,16 +97,6 @@ def mode_type(text: str) -> str:
     return text
 
 
-def counts_type(text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
-    except ValueError:
-        raise argparse.ArgumentTypeError("a comma-separated list of integers") from None
-    if not values or values[0] < 0:
-        raise argparse.ArgumentTypeError("integers >= 0")
-    return values
-
-
 def servers_type(text: str) -> tuple[str, ...]:
     names = tuple(x.strip() for x in text.split(",") if x.strip())
     if not names or any(n not in ("redis", "valkey") for n in names):
@@ -547,7 +537,7 @@ def main(argv=None) -> int:
                        readers=(lab.count, 3, "reader processes of the stale-read hunter"),
                        seed=(lab.count0, 1, "seed of the writer's random sleeps (phase 2)"),
                        consistency=(mode_type, None, "the near cache's CONSISTENCY: eventual (default) or strict"),
-                       trackers=(counts_type, None, f"tracking-process counts of phase 2 (default "
+                       trackers=(lab.counts, None, f"tracking-process counts of phase 2 (default "
                                                     f"{','.join(map(str, TRACKERS))})"),
                        servers=(servers_type, None, "servers of the stale-read hunter (default redis,valkey)"))  # fmt: skip
     args.consistency = args.consistency or "eventual"

@@ -507,6 +507,17 @@ def _at_least(cast, low, strict: bool = False):
 count, count0, seconds = _at_least(int, 1), _at_least(int, 0), _at_least(float, 0, strict=True)
 
 
+def counts(text: str) -> tuple[int, ...]:
+    """argparse type: a comma-separated list of ints >= 0, sorted, without repeats."""
+    try:
+        values = tuple(sorted({int(x) for x in text.split(",") if x.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError("a comma-separated list of integers") from None
+    if not values or values[0] < 0:
+        raise argparse.ArgumentTypeError("integers >= 0")
+    return values
+
+
 def parser(doc: str, quick: str = "a smoke run of a few seconds (figures are not meaningful)"):
     """An argument parser described by the first paragraph of ``doc``, with ``--json PATH`` and ``--quick``."""
     p = argparse.ArgumentParser(description=doc.split("\n\n")[0])
