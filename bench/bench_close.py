@@ -21,12 +21,14 @@ import statistics
 import time
 
 from django_clustershm.server import subscriptions as S
-from django_clustershm.server import tracking as T
 from django_clustershm.server.engine import Engine
 from django_clustershm.wire import frames as F
 
 LOCKS = 100_000
-TRACKED = T.MAX_TRACKED_PER_TRACKER
+#: Keys a process reads into its near cache (TRACK_GET_MANY): the sizes of
+#: #12, when the Manager kept a record per (key, process) pair; with stamps
+#: (server/stamps.py) it keeps nothing, and these rows show that.
+TRACKED = 65_536
 PREFIXES = 10_000
 
 
@@ -70,18 +72,22 @@ def locks_close(waiters: int = 0) -> tuple:
     return _time_close(engine, s)
 
 
+def _read_near(engine: Engine, s, n: int) -> None:
+    for start in range(0, n, 4096):
+        engine.dispatch(s, F.TRACK_GET_MANY, ["", [f"k{i}" for i in range(start, min(start + 4096, n))]])
+
+
 def tracking_close(trackers: int = 1) -> tuple:
     engine = _engine()
     sessions = []
     for _ in range(trackers):
         s = engine.open_session()
-        engine.dispatch(s, F.TRACKER, [0])
+        engine.dispatch(s, F.TRACKER, [])
         sessions.append(s)
     for i in range(TRACKED):
         engine.store.set(f"k{i}", b"v", None, None)
     for s in sessions:
-        for i in range(TRACKED):
-            engine.tracking.track(s, "", f"k{i}")
+        _read_near(engine, s, TRACKED)
     results = []
     for s in sessions:
         results.append(_time_close(engine, s))
@@ -114,12 +120,12 @@ def everything_close() -> tuple:
         engine = _engine()
         s = engine.open_session()
         s.push = lambda event: None
-        engine.dispatch(s, F.TRACKER, [0])
+        engine.dispatch(s, F.TRACKER, [])
         for i in range(LOCKS):
             engine.dispatch(s, F.LOCK_ACQUIRE, [f"lock:{i}", None, None])
         for i in range(TRACKED):
             engine.store.set(f"k{i}", b"v", None, None)
-            engine.tracking.track(s, "", f"k{i}")
+        _read_near(engine, s, TRACKED)
         for i in range(PREFIXES):
             engine.dispatch(s, F.LISTEN, [i, "", f"p{i}:", True])
         return _time_close(engine, s)
@@ -128,24 +134,23 @@ def everything_close() -> tuple:
 
 
 def stats_big() -> tuple:
-    """stats() with 200k locks, 1M tracked pairs (16 trackers x 62.5k keys), 50k subscriptions."""
+    """stats() with 200k locks, 16 processes that read 62.5k keys each into near caches, 50k subscriptions."""
     engine = _engine()
     holder = engine.open_session()
     for i in range(200_000):
         engine.dispatch(holder, F.LOCK_ACQUIRE, [f"lock:{i}", None, None])
-    per = T.MAX_TRACKED // 16
+    per = 1_000_000 // 16
     for i in range(per):
         engine.store.set(f"k{i}", b"v", None, None)
     for _ in range(16):
         s = engine.open_session()
-        engine.dispatch(s, F.TRACKER, [0])
-        for i in range(per):
-            engine.tracking.track(s, "", f"k{i}")
+        engine.dispatch(s, F.TRACKER, [])
+        _read_near(engine, s, per)
     for j in range(50):  # 50 sessions x 1000 prefix subscriptions
         s = engine.open_session()
         for i in range(1000):
             engine.dispatch(s, F.LISTEN, [i, "", f"s{j}:{i}:", True])
-    assert engine.tracking.pairs == T.MAX_TRACKED and engine.subscriptions.count == 50_000
+    assert engine.near_fills == 1_000_000 and engine.subscriptions.count == 50_000
     times = []
     for _ in range(5):
         t0 = time.perf_counter()
@@ -179,24 +184,19 @@ def scan_start(keys: int, ns: str = "") -> tuple:
 CASES = {
     f"close: {LOCKS} locks": lambda: locks_close(),
     f"close: {LOCKS} locks, 1000 of them with a waiter": lambda: locks_close(1000),
-    f"close: {TRACKED} tracked keys": lambda: tracking_close(1),
+    f"close: {TRACKED} keys read into a near cache": lambda: tracking_close(1),
     f"close: 40 trackers x {TRACKED} keys (one close each)": lambda: _forty(),
     "close: 1024 prefix listeners (the per-connection cap)": lambda: subscriptions_close(1024),
     f"close: {PREFIXES} prefix listeners (cap lifted)": lambda: subscriptions_close(PREFIXES),
     "close: all of the above on one connection": everything_close,
-    "stats(): 200k locks, 1M tracked pairs, 50k subscriptions": stats_big,
+    "stats(): 200k locks, 1M near-cache reads, 50k subscriptions": stats_big,
     "SCAN start: 1M keys in the store (first call; ticks)": lambda: scan_start(1_000_000),
     "SCAN start: 1M keys in a cache (first call; ticks)": lambda: scan_start(1_000_000, "c"),
 }
 
 
 def _forty() -> tuple:
-    old = T.MAX_TRACKED
-    T.MAX_TRACKED = 40 * TRACKED
-    try:
-        return tracking_close(40)
-    finally:
-        T.MAX_TRACKED = old
+    return tracking_close(40)
 
 
 def main() -> None:

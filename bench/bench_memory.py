@@ -263,7 +263,7 @@ class StallRun:
             lines.close()
         stats = self.client.stats()
         self.setup_end = time.monotonic()
-        self.setup = {"held_locks": stats["locks"]["held_count"], "tracked_pairs": stats["near_cache_tracked_pairs"],
+        self.setup = {"held_locks": stats["locks"]["held_count"], "tracked_pairs": stats["near"]["fills"],
                       "listeners": stats["listeners"]["subscriptions"], "setup_s": self.setup_end - self.ready,
                       "setup_max_stall_ms": stats["loop"]["max_stall_ms"],
                       "setup_full_gc_ms": _full_gc_ms(stats), **self.child_report}  # fmt: skip
@@ -297,7 +297,7 @@ class StallRun:
             polls += 1
             stats = self.client.stats()
             gone = (not any(c["pid"] == self.child for c in stats["clients"]) and stats["locks"]["held_count"] == 0
-                    and stats["near_cache_tracked_pairs"] == 0 and stats["listeners"]["subscriptions"] == 0)  # fmt: skip
+                    and stats["listeners"]["subscriptions"] == 0)  # fmt: skip
             if gone:
                 break
             if time.monotonic() - killed > timeout:

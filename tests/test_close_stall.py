@@ -31,16 +31,16 @@ class Clock:
 
 
 def _loaded_engine(locks: int, tracked: int):
-    """An engine where one session holds ``locks`` locks and a tracker tracks ``tracked`` keys."""
+    """An engine where one session holds ``locks`` locks and a tracker's process
+    read ``tracked`` keys into its near cache (which leaves the Manager nothing to keep)."""
     clock = Clock()
     engine = Engine(clock=clock)
     holder, tracker, reader = engine.open_session(), engine.open_session(), engine.open_session()
     for i in range(locks):
         engine.dispatch(holder, P.LOCK_ACQUIRE, [f"lock:{i}", None, None])
-    engine.dispatch(tracker, P.TRACKER, [1024])
+    engine.dispatch(tracker, P.TRACKER, [])
     engine.dispatch(reader, P.SET_MANY, ["", [x for i in range(tracked) for x in (f"k{i}", i)], None])
-    engine.dispatch(reader, P.TRACK_GET_MANY, ["", [f"k{i}" for i in range(tracked)], tracker.id])
-    assert engine.tracking.pairs == tracked
+    assert len(engine.dispatch(tracker, P.TRACK_GET_MANY, ["", [f"k{i}" for i in range(tracked)]])) == tracked
     return engine, clock, holder, tracker, reader
 
 
@@ -51,13 +51,6 @@ def _recount(engine) -> dict:
     return {
         "held": sum(1 for key in dict.keys(locks._held) if locks.holder_info(key)["sid"] in live),
         "waiting": sum(1 for q in locks._queues.values() for w in q if w.session.id in live),
-        "pairs": sum(
-            1
-            for ns, keys in engine.tracking.records.items()
-            for key in keys
-            for sid in engine.tracking.trackers_of(ns, key)
-            if sid in live
-        ),
         "subscriptions": sum(len(subs) for _, subs in engine.subscriptions._by_session.values()),
     }
 
@@ -67,7 +60,6 @@ def _figures(engine, session) -> dict:
     return {
         "held": stats["locks"]["held_count"],
         "waiting": stats["locks"]["waiting"],
-        "pairs": stats["near_cache_tracked_pairs"],
         "subscriptions": stats["listeners"]["subscriptions"],
     }
 
@@ -83,8 +75,8 @@ def test_tick_sweeps_a_closed_session_a_bounded_amount_at_a_time(monkeypatch):
     engine.close_session(holder)
     engine.close_session(tracker)
     assert [rid for rid, _ in granted] == [7]  # the waiter has its lock at once, before any sweep
-    assert engine.sweep_pending == 2 and _figures(engine, reader) == _recount(engine)
-    assert _figures(engine, reader) == {"held": 1, "waiting": 0, "pairs": 0, "subscriptions": 0}
+    assert engine.sweep_pending == 1 and _figures(engine, reader) == _recount(engine)  # the holder's locks
+    assert _figures(engine, reader) == {"held": 1, "waiting": 0, "subscriptions": 0}
     token, _ = engine.dispatch(reader, P.LOCK_ACQUIRE, ["lock:2999", None, 0])  # free at once, not "held"
 
     steps = []
@@ -95,12 +87,12 @@ def test_tick_sweeps_a_closed_session_a_bounded_amount_at_a_time(monkeypatch):
         steps.append(engine.swept - swept)
         assert _figures(engine, reader) == _recount(engine)
     assert engine.tick() is None  # done: the loop may sleep
-    assert max(steps) <= 256 and len(steps) == math.ceil((3000 + 1000) / 256)
-    assert sum(steps) == 3000 + 1000  # each of its keys and pairs, once
+    assert max(steps) <= 256 and len(steps) == math.ceil(3000 / 256)
+    assert sum(steps) == 3000  # each of its lock keys, once (a tracker leaves nothing to sweep)
     assert sorted(dict.keys(engine.locks._held)) == ["lock:1500", "lock:2999"] and engine.locks._queues == {}
-    assert engine.tracking.records == {} and engine.locks._holds.keys() == {reader.id}
+    assert engine.locks._holds.keys() == {reader.id}
     stats = engine.dispatch(reader, P.STATS, [])
-    assert stats["sweep"] == {"pending": 0, "swept": 4000, "largest": 256}
+    assert stats["sweep"] == {"pending": 0, "swept": 3000, "largest": 256}
     assert stats["locks"]["held_count"] == 2 and len(stats["locks"]["held"]) == 2
     assert engine.dispatch(reader, P.LOCK_RELEASE, ["lock:2999", token]) is False
 
@@ -111,23 +103,18 @@ def test_a_closed_session_is_sent_nothing_while_it_is_swept(monkeypatch):
     heard = []
     for session in (holder, tracker):
         session.push = heard.append
-        session.invalidate = lambda op, payload: heard.append((op, payload)) or True
         session.deliver = lambda rid, result: heard.append((rid, result))
     engine.dispatch(holder, P.LISTEN, [1, "", "k", True])
     engine.dispatch(tracker, P.LISTEN, [1, "", "", True])
     assert engine.dispatch(holder, P.LOCK_ACQUIRE, ["lock:0", None, 5.0], 9) is DEFERRED  # waits for itself
     engine.dispatch(reader, P.SET, ["", "k1", b"v", None])
-    assert len(heard) == 3  # both listeners, and the tracker's update
+    assert len(heard) == 2  # both listeners
     heard.clear()
 
     engine.close_session(tracker)
     engine.close_session(holder)
     engine.tick()  # a little swept, not all
-    assert engine.sweep_pending and any(
-        tracker.id in engine.tracking.trackers_of(ns, key)
-        for ns, keys in engine.tracking.records.items()
-        for key in keys
-    )
+    assert engine.sweep_pending
     for i in range(100):
         engine.dispatch(reader, P.SET, ["", f"k{i}", b"new", None])
         engine.dispatch(reader, P.REMOVE, ["", f"k{i + 50}"])
@@ -136,12 +123,12 @@ def test_a_closed_session_is_sent_nothing_while_it_is_swept(monkeypatch):
     while engine.sweep_pending:
         engine.tick()
     assert heard == []
-    assert _figures(engine, reader) == _recount(engine) == {"held": 0, "waiting": 0, "pairs": 0, "subscriptions": 0}
+    assert _figures(engine, reader) == _recount(engine) == {"held": 0, "waiting": 0, "subscriptions": 0}
 
 
 def hold_everything(address: str, secret: bytes, locks: int, tracked: int, listeners: int, w: int) -> None:
-    """Body of a child process: take ``locks`` locks, have its tracker track
-    ``tracked`` keys of the store, listen to ``listeners`` x 1,000 prefixes
+    """Body of a child process: take ``locks`` locks, read ``tracked`` keys of
+    the store into its near cache (TRACK_GET_MANY), listen to ``listeners`` x 1,000 prefixes
     (on as many connections: a connection holds 1,024 subscriptions at most),
     write a byte to ``w``, and wait for the SIGKILL."""
     main = _handshaked_socket(address, secret)
@@ -159,12 +146,12 @@ def hold_everything(address: str, secret: bytes, locks: int, tracked: int, liste
     for start in range(0, locks, 1000):
         call(main, [P.encode(P.LOCK_ACQUIRE, i, [f"lock:{i}", None, None]) for i in range(start, start + 1000)])
     tracker = _handshaked_socket(address, secret)
-    ((tracker_id, *_slot),) = call(tracker, [P.encode(P.TRACKER, 1, [1024])])
+    call(tracker, [P.encode(P.TRACKER, 1, [])])
     for start in range(0, tracked, 4096):
         keys = [f"k{i}" for i in range(start, start + 4096)]
         call(main, [P.encode(P.SET_MANY, 1, ["", [x for key in keys for x in (key, 1)], None])])
-        ((_, _, all_tracked),) = call(main, [P.encode(P.TRACK_GET_MANY, 2, ["", keys, tracker_id])])
-        assert all_tracked
+        (found,) = call(main, [P.encode(P.TRACK_GET_MANY, 2, ["", keys])])
+        assert len(found) == len(keys)
     keep = [main, tracker]
     for j in range(listeners):  # 1,000 prefix subscriptions each (a connection may hold 1,024)
         sock = _handshaked_socket(address, secret)
@@ -180,7 +167,8 @@ def test_killing_a_process_that_holds_100k_locks_65k_tracked_keys_and_10k_listen
     rest is swept SWEEP_BUDGET units a tick, and a waiter gets its lock at once.
 
     What is asserted tightly is the work: each tick swept at most its budget,
-    and every key and pair of the dead process was swept, once. The timing
+    and every lock key of the dead process was swept, once (its near-cache
+    reads left the Manager nothing to keep). The timing
     figure is checked loosely (bench/ measures the stalls)."""
     locks, tracked, listeners = 100_000, 65_536, 10
     proc = ManagerProcess().start()
@@ -197,7 +185,7 @@ def test_killing_a_process_that_holds_100k_locks_65k_tracked_keys_and_10k_listen
         assert os.read(r, 1) == b"1"
         os.close(r)
         stats = client.stats()
-        assert stats["locks"]["held_count"] == locks and stats["near_cache_tracked_pairs"] == tracked
+        assert stats["locks"]["held_count"] == locks and stats["near"]["fills"] == tracked
         assert stats["listeners"]["subscriptions"] == listeners * 1000
         waiter = _handshaked_socket(proc.address, proc.secret)
         waiter.sendall(P.encode(P.LOCK_ACQUIRE, 5, ["lock:50000", None, 30.0]))
@@ -212,15 +200,15 @@ def test_killing_a_process_that_holds_100k_locks_65k_tracked_keys_and_10k_listen
             frames += reader.feed(waiter.recv(4096))
         assert [(op, rid) for op, rid, _ in frames] == [(P.PUSH_QUEUED, 5), (P.OK, 5)]  # handed over at the close
         stats = client.stats()
-        assert stats["locks"]["held_count"] == 1 and stats["near_cache_tracked_pairs"] == 0
+        assert stats["locks"]["held_count"] == 1 and stats["near"]["processes"] == []
         assert stats["listeners"]["subscriptions"] == 0
         granted = client.lock_acquire("lock:99999", None, 0)  # free at once, swept or not
         assert granted is not None and client.lock_release("lock:99999", granted[0]) is False
         wait_until(lambda: client.stats()["sweep"]["pending"] == 0, message="the sweep to end")
         stats = client.stats()
-        assert stats["sweep"]["swept"] - before["swept"] == locks + tracked
+        assert stats["sweep"]["swept"] - before["swept"] == locks  # near-cache reads left nothing to sweep
         assert stats["sweep"]["largest"] <= engine_module.SWEEP_BUDGET
-        assert stats["near_cache_tracking"] == 0 and stats["locks"]["held_count"] == 1
+        assert stats["locks"]["held_count"] == 1
         # Generous on purpose, and only against a new maximum: with this much
         # state a gen-2 garbage collection alone stalls the loop 150-400 ms
         # (during the set-up, usually), and a loaded 2-vCPU VM preempts any

@@ -81,15 +81,16 @@ def test_lock_figures_list_waits_in_order_and_the_longest_waits():
     assert [(w["key"], w["pid"], w["waited"], w["granted"]) for w in longest] == [("k", 20, 3.0, True)]
 
 
-def test_trackers_are_listed_per_process():
+def test_near_caches_are_listed_per_process():
     engine = Engine(clock=Clock())
     tracker, reader = engine.open_session(pid=42), engine.open_session(pid=42)
-    engine.dispatch(tracker, F.TRACKER, [1024])
-    tracker.invalidate = lambda op, payload: True  # what the Manager sets: the push went out
+    assert engine.dispatch(tracker, F.TRACKER, [])[0] == tracker.id
     engine.dispatch(reader, F.SET, ["", "k", b"v", None])
-    engine.dispatch(reader, F.TRACK_GET, ["", "k", tracker.id])
-    engine.dispatch(reader, F.SET, ["", "k", b"w", None])  # pushed to the tracker (no transport: not sent)
-    assert engine.dispatch(reader, F.STATS, [])["trackers"] == [{"pid": 42, "tracked": 1, "pushed": 1}]
+    engine.dispatch(reader, F.TRACK_GET, ["", "k"])
+    engine.dispatch(reader, F.TRACK_GET_MANY, ["", ["k", "absent"]])
+    engine.dispatch(reader, F.SET, ["", "k", b"w", None])
+    near = engine.dispatch(reader, F.STATS, [])["near"]
+    assert (near["processes"], near["fills"]) == ([42], 2)
 
 
 # -- the figures ---------------------------------------------------------------------------------
@@ -110,13 +111,14 @@ def test_processes_are_counted_by_pid_with_their_role():
             {"id": 4, "pid": 1, "since": 95.0, "ops": 2},
         ],
         "listeners": {"subscriptions": 2, "pushed": 0, "by_pid": {str(me): 2}},
-        "trackers": [{"pid": me, "tracked": 3, "pushed": 4}],
+        "near": {"processes": [me], "fills": 3, "stamps": 9},
     }
     found = build(stats, {}, here=me, now=200.0)
     rows = {p["pid"]: p for p in found["processes"]}
     assert (rows[me]["connections"], rows[me]["ops"], rows[me]["since"]) == (2, 12, 90.0)
     assert (rows[me]["role"], rows[parent]["role"], rows[1]["role"]) == ("worker", "manager", "process")
-    assert (rows[me]["listeners"], rows[me]["near_tracked"], rows[me]["near_pushed"]) == (2, 3, 4)
+    assert (rows[me]["listeners"], rows[me]["near"], rows[parent]["near"]) == (2, True, False)
+    assert found["near"]["fills"] == 3
     assert found["workers"] == 1 and rows[me]["this"] and rows[me]["up"] == 110.0
 
 

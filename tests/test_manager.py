@@ -762,52 +762,6 @@ def test_listeners_that_never_read_hold_the_output_budget_between_them_not_each(
         proc.cleanup()
 
 
-def test_near_caches_get_invalidations_while_all_output_is_over_the_budget():
-    """While the clients' unsent output is over the budget, a near-cache
-    tracker is sent invalidations instead of values; updates resume after."""
-    proc = ManagerProcess(max_total_output=BUDGET).start()
-    hog = None
-    try:
-        tracker = _handshaked_socket(proc.address, proc.secret)
-        tracker.sendall(P.encode(P.TRACKER, 1, [1 << 20]))
-        reader = P.FrameReader(P.DEFAULT_MAX_FRAME)
-        ((_op, _, payload),) = reader.feed(tracker.recv(4096))
-        sid = P.decode_payload(payload)[0]
-        worker = _handshaked_socket(proc.address, proc.secret)
-        wreader = P.FrameReader(P.DEFAULT_MAX_FRAME)
-
-        def call(op, args):
-            worker.sendall(P.encode(op, 1, args))
-            while True:
-                frames = wreader.feed(worker.recv(1 << 20))
-                if frames:
-                    return P.decode_payload(frames[0][2])
-
-        def push_after_write(key):
-            """What the tracker is sent when a key it holds is written."""
-            call(P.SET, ["", key, 1, None])
-            call(P.TRACK_GET, ["", key, sid])
-            call(P.SET, ["", key, 2, None])
-            ((op, _, payload),) = reader.feed(tracker.recv(1 << 20))
-            return op, P.decode_payload(payload)
-
-        assert push_after_write("before")[0] == P.PUSH_UPDATE
-        call(P.SET, ["", "big", os.urandom(2**20), None])
-        hog = _handshaked_socket(proc.address, proc.secret)
-        hog.sendall(b"".join(P.encode(P.GET, i + 1, ["", "big"]) for i in range(40)))
-        wait_until(lambda: call(P.STATS, [])["loop"]["output_bytes"] > BUDGET, message="output over the budget")
-        assert push_after_write("during")[0] == P.PUSH_INVALIDATE
-        hog.close()  # its backlog goes with it
-        wait_until(lambda: call(P.STATS, [])["loop"]["output_bytes"] == 0, message="the backlog gone")
-        assert push_after_write("after")[0] == P.PUSH_UPDATE
-        tracker.close()
-        worker.close()
-    finally:
-        if hog is not None:
-            hog.close()
-        proc.cleanup()
-
-
 def test_stats_report_the_loops_longest_stall():
     """The loop's own figure (what #12's stall targets are measured by): a
     round that takes 80 ms shows as at least that."""

@@ -9,9 +9,8 @@ from django.test import override_settings
 
 import django_clustershm as clustershm
 from django_clustershm import registry as conf
-from django_clustershm.client.near import MAX_UNREAD_UPDATES, PUSH_LIMIT
 from django_clustershm.exceptions import ArgumentTypeError
-from django_clustershm.server.engine import NO_REPLY, Engine
+from django_clustershm.server.engine import Engine
 from django_clustershm.wire import frames as P
 
 from .helpers import fork_call, reap, run_forked, wait_until
@@ -22,7 +21,7 @@ NEAR = {"BACKEND": "django_clustershm.cache.ClusterShmCache", "LOCATION": "near"
 CACHES = {"default": NEAR, "v2": {**NEAR, "VERSION": 2}, "plain": {**NEAR, "OPTIONS": {"NEAR_CACHE": False}}}
 
 
-BIG = "x" * (PUSH_LIMIT + 1)
+BIG = "x" * 100_000
 
 
 def near():
@@ -66,16 +65,18 @@ def test_a_write_in_another_process_is_seen_at_once(cluster):
         caches["default"].set("k", 2)
 
     assert reap(fork_call(writer), 10) == 0
-    assert cache.get("k") == 2  # the writer's call returned, so its push was already here
-    assert counts() == (2, 1)  # answered locally, from the pushed value: no round trip
+    assert cache.get("k") == 2  # the writer's call returned, so its stamp was already there
+    assert counts() == (1, 2)  # the copy was stale: a miss, which keeps the new value
+    assert cache.get("k") == 2
+    assert counts() == (2, 2)
 
 
 @override_settings(CACHES=CACHES)
-def test_writes_elsewhere_update_the_local_copy_without_a_miss(cluster):
+def test_writes_elsewhere_invalidate_the_local_copies(cluster):
     cache = caches["default"]
-    cache.set_many({"k": 1, "n": 1, "t": "old"})
-    assert cache.get_many(["k", "n", "t"]) == {"k": 1, "n": 1, "t": "old"}  # now all held locally
-    misses = near().misses
+    cache.set_many({"k": 1, "n": 1, "t": "old", "same": 1})
+    assert cache.get_many(["k", "n", "t", "same"]) == {"k": 1, "n": 1, "t": "old", "same": 1}  # all held
+    hits, misses = counts()
 
     def writer():
         c = caches["default"]
@@ -83,127 +84,53 @@ def test_writes_elsewhere_update_the_local_copy_without_a_miss(cluster):
         c.incr("n", 41)
         c.set("t", "short-lived", 0.5)
 
-    before = time.monotonic()
     assert reap(fork_call(writer), 10) == 0
+    before = time.monotonic()
     assert cache.get("k") == {"v": 2} and cache.get("n") == 42 and cache.get("t") == "short-lived"
-    assert near().misses == misses  # the new values were pushed: no round trip
-    # The pushed expiry is the Manager's own deadline, not one restarted here.
+    assert counts() == (hits, misses + 3)  # three stale copies: three misses
+    assert cache.get("same") == 1 and counts() == (hits + 1, misses + 3)  # a key nobody wrote: still a hit
+    assert cache.get_many(["k", "n", "t"]) == {"k": {"v": 2}, "n": 42, "t": "short-lived"}
+    assert counts() == (hits + 4, misses + 3)  # the new values are held
+    # The copy's expiry is counted from before its read was sent: never later than the Manager's.
     deadline = near()._entries[cache.make_key("t")][1]
     assert before < deadline <= time.monotonic() + 0.5
-    wait_until(lambda: cache.get("t") is None, timeout=5, message="expiry of the pushed copy")
-
-
-@override_settings(CACHES=CACHES)
-def test_a_value_over_the_push_limit_is_invalidated_not_pushed(cluster):
-    cache = caches["default"]
-    cache.set("big", "small")
-    assert cache.get("big") == "small"
-    misses = near().misses
-
-    def writer():
-        caches["default"].set("big", BIG)
-
-    assert reap(fork_call(writer), 10) == 0
-    assert cache.get("big") == BIG
-    assert near().misses == misses + 1  # invalidated, then read again from the Manager
+    wait_until(lambda: cache.get("t") is None, timeout=5, message="expiry of the copy")
 
 
 @override_settings(CACHES={"default": {**NEAR, "OPTIONS": {"NEAR_CACHE": {"MAX_BYTES": 4096, "POLICY": "always"}}}})
-def test_a_pushed_value_too_large_for_the_near_cache_drops_the_old_copy(cluster):
+def test_a_value_too_large_for_the_near_cache_is_read_not_kept_and_drops_the_old_copy(cluster):
     cache = caches["default"]
     cache.set("k", "small")
     assert cache.get("k") == "small" and cache.get("k") == "small"  # held locally
-    large = "y" * 10_000  # pushed (under PUSH_LIMIT) but over this near cache's MAX_BYTES
+    large = "y" * 10_000  # over this near cache's MAX_BYTES
 
     def writer():
         caches["default"].set("k", large)
 
     assert reap(fork_call(writer), 10) == 0
-    assert cache.get("k") == large
+    assert cache.get("k") == large and cache.get("k") == large
     assert cache.make_key("k") not in near()._entries
 
 
-@override_settings(CACHES={"default": {**NEAR, "OPTIONS": {"NEAR_CACHE": {"MAX_ENTRIES": 2, "POLICY": "always"}}}})
-def test_a_key_evicted_locally_stops_being_pushed(cluster):
-    cache = caches["default"]
-    cache.set_many({"a": 1, "b": 1, "c": 1})
-    for key in "abc":
-        assert cache.get(key) == 1  # "a" is evicted from the near cache by "c"
-    assert clustershm.stats()["near_cache_tracking"] == 3
-
-    def writer():
-        caches["default"].set("a", 2)  # pushed once; this process answers UNTRACK
-
-    assert reap(fork_call(writer), 10) == 0
-    assert cache.get("b") == 1  # a read applies the push (and sends UNTRACK)
-    wait_until(lambda: clustershm.stats()["near_cache_tracking"] == 2, message="the Manager forgetting 'a'")
-    assert cache.get("a") == 2  # a miss, tracked again
-    assert clustershm.stats()["near_cache_tracking"] == 3
-
-
-@override_settings(CACHES=CACHES)
-def test_a_key_updated_again_and_again_without_a_read_stops_being_pushed(cluster):
-    cache = caches["default"]
-    cache.set_many({"hot": 0, "other": 0})
-    assert cache.get("hot") == 0 and cache.get("other") == 0  # both held locally
-    assert clustershm.stats()["near_cache_tracking"] == 2
-
-    def writer():
-        for i in range(1, MAX_UNREAD_UPDATES + 2):
-            caches["default"].set("hot", i)  # never read here in between
-
-    assert reap(fork_call(writer), 10) == 0
-    assert cache.get("other") == 0  # a read applies the pushes: the last one drops "hot"
-    assert cache.make_key("hot") not in near()._entries
-    wait_until(lambda: clustershm.stats()["near_cache_tracking"] == 1, message="the Manager forgetting 'hot'")
-    misses = near().misses
-    assert cache.get("hot") == MAX_UNREAD_UPDATES + 1 and near().misses == misses + 1  # read again
-
-    def writer2():
-        caches["default"].set("hot", -1)
-
-    assert cache.get("hot") == MAX_UNREAD_UPDATES + 1  # a hit now: reads reset the count
-    assert reap(fork_call(writer2), 10) == 0
-    assert cache.get("hot") == -1 and near().misses == misses + 1  # pushed, kept, no miss
-
-
-def test_untrack_keeps_a_record_read_again_after_the_push():
-    """UNTRACK races a new read of the same key: the Manager forgets the record only
-    if the tracker had not read the key again after the push it answers."""
-    engine = Engine()
-    writer, tracker = engine.open_session(), engine.open_session()
-    sent = []
-    tracker.invalidate = lambda op, payload: sent.append((op, payload)) or True  # sent
-    engine.dispatch(tracker, P.TRACKER, [PUSH_LIMIT])
-    engine.dispatch(writer, P.SET, ["", "k", b"v1", None])
-    engine.dispatch(writer, P.TRACK_GET, ["", "k", tracker.id])
-    engine.dispatch(writer, P.SET, ["", "k", b"v2", None])  # push 1
-    assert sent == [(P.PUSH_UPDATE, ["", "k", b"v2", None])] and tracker.inval_seq == 1
-    engine.dispatch(writer, P.TRACK_GET, ["", "k", tracker.id])  # read again after push 1
-    assert engine.dispatch(tracker, P.UNTRACK, ["", "k", 1]) is NO_REPLY
-    assert engine.tracking.has("", "k")  # kept: the process holds the newer copy
-    engine.dispatch(writer, P.SET, ["", "k", b"v3", None])  # push 2
-    engine.dispatch(tracker, P.UNTRACK, ["", "k", 2])
-    assert not engine.tracking.has("", "k") and not tracker.tracked and tracker.tracked_count == 0
-    engine.dispatch(writer, P.SET, ["", "k", b"v4", None])
-    assert len(sent) == 2  # no longer pushed
-    with pytest.raises(ArgumentTypeError):
-        engine.dispatch(writer, P.UNTRACK, ["", "k", 3])  # not a tracker connection
-
-
-def test_a_rogue_untrack_is_refused_and_the_manager_serves_on(cluster):
+def test_a_rogue_recent_is_refused_and_the_manager_serves_on(cluster):
     rogue = _handshaked_socket(cluster.address, cluster.secret)
-    rogue.sendall(P.encode(P.UNTRACK, 0, ["", "k", 1]))  # not on a tracker connection
+    rogue.sendall(P.encode(P.RECENT, 0, ["", 1, ["k"]]))  # not on a tracker connection
     rogue.settimeout(5)
     ((op, _rid, payload),) = P.FrameReader(1 << 20).feed(rogue.recv(65536))
-    assert op == P.ERR and "UNTRACK takes" in P.decode_payload(payload)[1]  # refused, connection kept
-    rogue.sendall(P.encode(P.PING, 2, []))
+    assert op == P.ERR and "RECENT takes" in P.decode_payload(payload)[1]  # refused, connection kept
+    rogue.sendall(P.encode(0x3B, 2, ["", "k", 1]))  # UNTRACK, gone with per-process records
+    ((op, _rid, payload),) = P.FrameReader(1 << 20).feed(rogue.recv(65536))
+    assert op == P.ERR
+    rogue.sendall(P.encode(P.PING, 3, []))
     ((op, rid, payload),) = P.FrameReader(1 << 20).feed(rogue.recv(65536))
-    assert (op, rid, P.decode_payload(payload)) == (P.OK, 2, "pong")
+    assert (op, rid, P.decode_payload(payload)) == (P.OK, 3, "pong")
     rogue.close()
     conf.configure(cluster.address, cluster.secret)
     clustershm.set("still", "serving")
     assert clustershm.get("still") == "serving"
+    with pytest.raises(ArgumentTypeError):
+        engine = Engine()
+        engine.dispatch(engine.open_session(), P.RECENT, ["", 1, ["k"]])
 
 
 @override_settings(CACHES=CACHES)
@@ -224,10 +151,10 @@ def test_no_stale_reads_under_heavy_concurrent_writes(cluster):
             elif n % 11 == 0:
                 cache.set_many({f"key{w}": n, f"other{w}": n})
             elif n % 13 == 0:
-                cache.set(f"key{w}", [n, BIG])  # over the push limit: invalidated, not pushed
+                cache.set(f"key{w}", [n, BIG])  # a large value
             elif n % 17 == 0:
                 cache.set(f"key{w}", n - 1)  # not older than the last completed write (n - 1)
-                cache.incr(f"key{w}")  # pushed as an int
+                cache.incr(f"key{w}")  # an int
             else:
                 cache.set(f"key{w}", n)
             clustershm.set(f"done{w}", n)  # the shared store: no near cache
@@ -240,14 +167,17 @@ def test_no_stale_reads_under_heavy_concurrent_writes(cluster):
         while time.monotonic() < deadline:
             for w in range(2):
                 done = clustershm.get(f"done{w}", 0)
-                value = cache.get(f"key{w}") if reads % 3 else cache.get_many([f"key{w}"]).get(f"key{w}")
-                reads += 1
-                # None is possible between a writer's delete and its set; a
-                # value older than one whose write had completed is not.
-                if type(value) is list:
-                    value = value[0]
-                if value is not None and value < done:
-                    stale += 1
+                # Twice: the first miss after a write keeps a copy, which the
+                # second read may answer (a writer writes again within ~0.1 ms).
+                for _ in range(2):
+                    value = cache.get(f"key{w}") if reads % 3 else cache.get_many([f"key{w}"]).get(f"key{w}")
+                    reads += 1
+                    # None is possible between a writer's delete and its set; a
+                    # value older than one whose write had completed is not.
+                    if type(value) is list:
+                        value = value[0]
+                    if value is not None and value < done:
+                        stale += 1
         near_cache = clustershm.get_client()._near["near"]
         assert near_cache.hits > 100, near_cache.hits  # the near cache really answered
         assert stale == 0, f"{stale} stale reads out of {reads}"
@@ -281,7 +211,9 @@ def test_touch_incr_delete_clear_evict_invalidate(cluster):
     assert counts() == (1, 1)
     cache.incr("n")
     assert cache.get("n") == 2
-    assert counts() == (2, 1)  # the incremented value was pushed: a hit
+    assert counts() == (1, 2)  # the incr made the copy stale: a miss
+    assert cache.get("n") == 2
+    assert counts() == (2, 2)
     cache.touch("n", 0.1)
     wait_until(lambda: cache.get("n") is None, timeout=5, message="the touched expiry")
     hits, misses = counts()
@@ -321,8 +253,9 @@ def test_versions_and_prefixes(cluster):
     assert caches["default"].get("k") is None
     assert counts() == (1, 3)  # ":1:k" was invalidated by the delete
     assert caches["default"].get("k", version=2) == "v1"
+    assert counts() == (1, 4)  # ":2:k" was written by incr_version: its copy was stale
     assert caches["v2"].get("k") == "v1"
-    assert counts() == (3, 3)  # ":2:k" was updated by the push of the set: two hits
+    assert counts() == (2, 4)  # the same key, held: a hit
 
 
 @override_settings(CACHES=CACHES)
@@ -369,81 +302,6 @@ def test_the_shared_store_near_cache(cluster, settings):
     assert clustershm.get("flag") is False
 
 
-def _raw_tracker(cluster, tracker_args: list):
-    """A tracker connection that reads only when a test says so, and a worker
-    connection with ``call(op, args)`` for its requests."""
-    tracker = _handshaked_socket(cluster.address, cluster.secret)
-    tracker.sendall(P.encode(P.TRACKER, 1, tracker_args))
-    reader = P.FrameReader(max_frame=1 << 20)
-    ((_op, _, payload),) = reader.feed(tracker.recv(4096))
-    sid = P.decode_payload(payload)[0]  # then its epoch slot and generation
-    worker = _handshaked_socket(cluster.address, cluster.secret)
-    wreader = P.FrameReader(max_frame=1 << 20)
-
-    def call(op, args):
-        worker.sendall(P.encode(op, 1, args))
-        while True:
-            frames = wreader.feed(worker.recv(65536))
-            if frames:
-                return frames[0]
-
-    return tracker, reader, sid, worker, call
-
-
-def test_a_tracker_that_cannot_take_an_invalidation_is_cut_off(cluster):
-    """A tracker that never reads: once its socket is full, the next invalidation
-    shuts it down instead of being queued (and the writer is not held up)."""
-    tracker, _reader, sid, worker, call = _raw_tracker(cluster, [])
-
-    key = "k" * 4000  # big invalidations fill the tracker's socket fast
-    start = time.monotonic()
-    for i in range(3000):
-        call(P.SET, ["", f"{key}{i % 2}", i, None])
-        call(P.TRACK_GET, ["", f"{key}{i % 2}", sid])
-        if "tracker cut off" in cluster.log():
-            break
-    assert time.monotonic() - start < 30
-    wait_until(lambda: "tracker cut off" in cluster.log(), message="tracker cut off")
-    tracker.settimeout(5)
-    with pytest.raises((ConnectionResetError, socket.timeout, AssertionError)):
-        while tracker.recv(1 << 20):
-            pass
-        raise AssertionError("EOF")  # shut down: the reader sees EOF after what it had
-    tracker.close()
-    worker.close()
-
-
-def test_a_tracker_that_reads_nothing_gets_invalidations_not_a_cut_off(cluster):
-    """An idle worker reads nothing: once its unread updates pass the lag limit,
-    the Manager invalidates instead, so the flow stops (one push per key) and the
-    tracker is not cut off."""
-    tracker, reader, sid, worker, call = _raw_tracker(cluster, [PUSH_LIMIT])
-
-    keys = [f"idle{i}" for i in range(10)]
-    for key in keys:
-        call(P.SET, ["", key, b"v", None])
-        call(P.TRACK_GET, ["", key, sid])
-    value = b"x" * 4000
-    for i in range(2000):  # 8 MB of updates if they were all sent: twice the tracker's buffer
-        call(P.SET, ["", keys[i % 10], value, None])
-    stats = P.decode_payload(call(P.STATS, [])[2])
-    assert stats["near_cache_tracking"] == 0  # every key was invalidated in the end
-    assert "cut off" not in cluster.log()
-    # The tracker finds, in order: updates, then one invalidation per key, then nothing.
-    tracker.settimeout(5)
-    pushes = []
-    while sum(op == P.PUSH_INVALIDATE for op, _ in pushes) < len(keys):
-        for op, _, payload in reader.feed(tracker.recv(1 << 20)):
-            pushes.append((op, P.decode_payload(payload)))
-    assert len(pushes) < 2000
-    ops = [op for op, _ in pushes]
-    first_invalidation = ops.index(P.PUSH_INVALIDATE)
-    assert set(ops[:first_invalidation]) == {P.PUSH_UPDATE} and first_invalidation > 100
-    assert sorted(payload[1] for op, payload in pushes if op == P.PUSH_INVALIDATE) == keys
-    tracker.close()
-    worker.close()
-
-
 @override_settings(CACHES=CACHES)
 def test_plain_alias_without_near_cache_on_the_same_location(cluster):
     caches["plain"].set("k", 1)
@@ -451,7 +309,9 @@ def test_plain_alias_without_near_cache_on_the_same_location(cluster):
     assert counts() == (0, 1)
     caches["plain"].set("k", 2)  # a write through the alias with no near cache...
     assert caches["default"].get("k") == 2
-    assert counts() == (1, 1)  # ...is pushed to the near cache of the other: a hit, of the new value
+    assert counts() == (0, 2)  # ...made the copy of the other stale: a miss, of the new value
+    assert caches["default"].get("k") == 2
+    assert counts() == (1, 2)
 
 
 @override_settings(CACHES=CACHES)
@@ -472,11 +332,8 @@ def test_many_processes_hammer_one_key(cluster):
         hits, misses = hits - hits0, misses - misses0
         assert hits + misses == 500
         if i == 0:
-            # The writer's own increments are pushed to it before each incr
-            # returns: after its first read, every read is answered locally.
-            assert (hits, misses) == (499, 1)
-        else:
-            assert hits > 0  # readers miss after MAX_UNREAD_UPDATES unread pushes, or a fill raced by a write
+            # Each of the writer's own increments makes its copy stale: every read is a miss.
+            assert (hits, misses) == (0, 500)
 
     assert run_forked(4, worker) == [0] * 4
     assert caches["default"].get("hot") == 500
@@ -503,12 +360,12 @@ DEFAULTS = {
 def test_by_default_a_cluster_alias_and_the_store_read_through_adaptive_near_caches(cluster):
     cache = caches["default"]
     cache.set("k", "v")
-    pairs = lambda: clustershm.stats()["near_cache_tracked_pairs"]  # noqa: E731
-    assert cache.get("k") == "v"  # a first read: plain, nothing kept or tracked
+    fills = lambda: clustershm.stats()["near"]["fills"]  # noqa: E731
+    assert cache.get("k") == "v"  # a first read: plain, nothing kept
     stats = clustershm.near_stats()["plain-default"]
-    assert (stats["entries"], stats["untracked"], stats["policy"]) == (0, 1, "adaptive") and pairs() == 0
-    assert cache.get("k") == "v"  # the second: kept, and tracked by the Manager
-    assert clustershm.near_stats()["plain-default"]["entries"] == 1 and pairs() == 1
+    assert (stats["entries"], stats["untracked"], stats["policy"]) == (0, 1, "adaptive") and fills() == 0
+    assert cache.get("k") == "v"  # the second: kept
+    assert clustershm.near_stats()["plain-default"]["entries"] == 1 and fills() == 1
     ops = clustershm.stats()["ops"]
     assert [cache.get("k") for _ in range(20)] == ["v"] * 20
     assert clustershm.stats()["ops"] == ops + 1  # hits: no request but this stats call
@@ -516,11 +373,10 @@ def test_by_default_a_cluster_alias_and_the_store_read_through_adaptive_near_cac
     clustershm.set("s", 1)
     assert [clustershm.get("s") for _ in range(5)] == [1] * 5
     assert clustershm.near_stats()[""]["hits"] == 3
-    # A key read once does not cost the Manager a tracking record, nor the
-    # writers a push: a scan of 200 keys leaves only the two copies tracked.
+    # A key read once keeps no copy (no hot copy is evicted for a scan of 200 keys).
     cache.set_many({f"scan{i}": i for i in range(200)})
     assert [cache.get(f"scan{i}") for i in range(200)] == list(range(200))
-    assert pairs() == 2
+    assert fills() == 2 and clustershm.near_stats()["plain-default"]["entries"] == 1
 
 
 @override_settings(CACHES=DEFAULTS)
@@ -568,52 +424,104 @@ def test_hits_on_near_copies_keep_a_key_recently_used_in_the_manager(cluster):
     assert caches["plain"].get("k1") is None  # older than k0's hits: evicted
 
 
-# -- epochs (#19 part 3): pushes go out after the writer's reply, the slot moves before it -------
+# -- stamps (#19 part 3): one store a write, whoever holds the key ------------------------------
 
 
-def _slot(cluster, tracker_reply: list) -> tuple[memoryview, int, int]:
-    """The tracker's epoch slot, read from the Manager's file as its process maps it."""
+def _mapped_stamps(cluster) -> memoryview:
+    """The Manager's stamps file, mapped as a client process maps it."""
     import mmap
 
-    _sid, slot, gen = tracker_reply
     with open(cluster.address + P.EPOCH_SUFFIX, "rb") as fh:
         mapped = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
-    return memoryview(mapped).cast("Q"), slot, gen << P.EPOCH_SEQ_BITS
+    return memoryview(mapped).cast("Q")
 
 
-def test_a_trackers_epoch_moves_before_the_writers_reply_and_says_cut(cluster):
-    tracker = _handshaked_socket(cluster.address, cluster.secret)
-    tracker.sendall(P.encode(P.TRACKER, 1, [PUSH_LIMIT]))
+def _raw_client(cluster):
+    sock = _handshaked_socket(cluster.address, cluster.secret)
     reader = P.FrameReader(max_frame=1 << 20)
-    ((_op, _, payload),) = reader.feed(tracker.recv(4096))
-    reply = P.decode_payload(payload)
-    epochs, slot, base = _slot(cluster, reply)
-    worker = _handshaked_socket(cluster.address, cluster.secret)
-    wreader = P.FrameReader(max_frame=1 << 20)
 
     def call(op, args):
-        worker.sendall(P.encode(op, 1, args))
-        while not (frames := wreader.feed(worker.recv(65536))):
+        sock.sendall(P.encode(op, 1, args))
+        while not (frames := reader.feed(sock.recv(65536))):
             pass
         return P.decode_payload(frames[0][2])
 
+    return sock, call
+
+
+def test_a_keys_stamp_moves_before_the_writers_reply(cluster):
+    worker, call = _raw_client(cluster)
+    stamps = _mapped_stamps(cluster)
     try:
-        assert epochs[slot] == base  # no push yet
+        _sid, generation = call(P.TRACKER, [])
+        assert generation and stamps[P.STAMP_BUCKETS] == generation
         call(P.SET, ["", "k", b"v1", None])
-        assert call(P.TRACK_GET, ["", "k", reply[0]])[3] is True
+        value, ttl, bucket, stamp = call(P.TRACK_GET, ["", "k"])
+        assert (value, ttl) == (b"v1", None) and stamps[bucket] == stamp
+        assert call(P.TRACK_GET, ["", "k"])[2:] == [bucket, stamp]  # nothing changed: the same
+        assert call(P.TRACK_GET, ["", "absent"]) == [None, None, 0, 0]
         call(P.SET, ["", "k", b"v2", None])
-        # The reply is in: the slot already counts the push (whether or not it arrived).
-        assert epochs[slot] == base + 1
-        call(P.SET_MANY, ["", ["k", b"v3", "k", b"v4"], None])
-        assert epochs[slot] == base + 2  # one push per change of the key
-        pushes = []
-        tracker.settimeout(5)
-        while len(pushes) < 2:
-            pushes += [P.decode_payload(p) for _, _, p in reader.feed(tracker.recv(65536))]
-        assert pushes == [["", "k", b"v2", None], ["", "k", b"v4", None]]
-        tracker.close()  # gone: the slot says so at once, for whoever still maps it
-        wait_until(lambda: epochs[slot] & P.EPOCH_CUT == P.EPOCH_CUT, message="the slot marked cut")
+        # The reply is in: the bucket already holds a new stamp.
+        assert stamps[bucket] != stamp
+        call(P.SET, ["", "n", 1, None])
+        for op, args in [
+            (P.SET_MANY, ["", ["k", b"v3", "k", b"v4"], None]),
+            (P.TOUCH, ["", "k", 30]),
+            (P.INCR, ["", "n", 1, None, None]),
+            (P.REMOVE, ["", "k"]),
+        ]:
+            key = "n" if op == P.INCR else "k"
+            before = call(P.TRACK_GET, ["", key])[2:]
+            call(op, args)
+            assert stamps[before[0]] != before[1], op
+        # A clear moves every bucket.
+        call(P.SET, ["", "k", b"v5", None])
+        many = call(P.TRACK_GET_MANY, ["", ["k", "n", "absent"]])
+        assert set(many) == {"k", "n"}
+        call(P.CLEAR, [""])
+        assert all(stamps[b] != s for _v, _t, b, s in many.values())
     finally:
-        epochs.release()
+        stamps.release()
         worker.close()
+
+
+def test_a_write_sends_nothing_to_the_processes_holding_the_key(cluster):
+    """The Manager keeps nothing per holder and sends a holder nothing: its
+    tracker channel stays silent while others write what it holds."""
+    tracker, tcall = _raw_client(cluster)
+    worker, call = _raw_client(cluster)
+    try:
+        tcall(P.TRACKER, [])
+        call(P.SET, ["", "k", b"v1", None])
+        for _ in range(3):
+            tcall(P.TRACK_GET, ["", "k"])
+        for i in range(200):
+            call(P.SET, ["", "k", b"v%d" % i, None])
+        tracker.settimeout(0.2)
+        with pytest.raises(socket.timeout):
+            tracker.recv(1)  # nothing was pushed
+        assert call(P.STATS, [])["near"]["fills"] == 3
+    finally:
         tracker.close()
+        worker.close()
+
+
+def test_the_stamps_file_dies_with_its_manager(cluster):
+    """A Manager that stops marks its file dead; one that takes over the address
+    of a killed one marks the old file dead before it serves anyone."""
+    old = _mapped_stamps(cluster)
+    try:
+        assert old[P.STAMP_BUCKETS] not in (0, P.EPOCH_CUT)
+        cluster.kill()  # SIGKILL: it could mark nothing
+        assert old[P.STAMP_BUCKETS] != P.EPOCH_CUT
+        cluster.start()  # takes the address over
+        assert old[P.STAMP_BUCKETS] == P.EPOCH_CUT and set(old[:16].tolist()) == {P.EPOCH_CUT}
+        new = _mapped_stamps(cluster)
+        try:
+            assert new[P.STAMP_BUCKETS] not in (0, P.EPOCH_CUT)
+            assert cluster.stop() == 0  # an orderly stop
+            assert new[P.STAMP_BUCKETS] == P.EPOCH_CUT
+        finally:
+            new.release()
+    finally:
+        old.release()

@@ -1,8 +1,9 @@
 """A near cache's copies, on a fake clock and a stand-in tracker: no Manager, no sockets, no sleeping.
 
-The table-level operations (``_lookup``, ``_put``, ``update``, ``invalidate``)
-are called as the tracker calls them, under its lock; ``get``/``get_many`` are
-driven by a stand-in tracker whose replies and pushes the test scripts.
+The table-level operations (``_lookup``, ``_put``, ``invalidate``) are called
+as the tracker calls them, under its lock; ``get``/``get_many`` are driven by
+a stand-in tracker whose replies and invalidations the test scripts (as the
+Redis engine's tracker gets them), or whose stamps it moves (as a Manager's).
 """
 
 import threading
@@ -10,7 +11,7 @@ from contextlib import contextmanager
 
 import pytest
 
-from django_clustershm.client.near import MAX_UNREAD_UPDATES, NearCache
+from django_clustershm.client.near import NearCache
 from django_clustershm.wire import frames as P
 
 
@@ -24,11 +25,12 @@ class Clock:
 
 class StandInTracker:
     """What NearCache uses of its Tracker: ``lock``, ``drain()``, ``session_id()``,
-    ``sid``, ``seq`` and ``fetch``/``fetch_many`` (the Manager's TRACK_GET calls).
+    ``fill()``, ``stamps`` and ``fetch``/``fetch_many`` (the Manager's TRACK_GET calls).
 
     ``replies`` are what the Manager answers, in order; ``on_call`` runs during
     a call (the round trip: move the clock, or have a push arrive, which the
-    next ``drain()`` applies)."""
+    next ``drain()`` applies). ``fill`` keeps a miss as the Redis engine's
+    tracker does: only if no invalidation came since its read (``seq``)."""
 
     reports_recent = False  # what RECENT does is tested against a Manager (test_near_cache.py)
 
@@ -39,8 +41,9 @@ class StandInTracker:
         self.live = True
         self.replies: list = []
         self.calls: list = []
-        self.pushes: list = []  # (cache, key, data or None for an invalidation)
+        self.pushes: list = []  # (cache, key): invalidations on their way
         self.on_call = None
+        self.stamps: list | None = None  # a Manager's stamps, for copies filled with one
 
     def session_id(self):
         return self.sid
@@ -59,14 +62,17 @@ class StandInTracker:
 
     def drain(self, ns=None, wait=0.0) -> bool:
         assert self.lock.locked()  # always called under the tracker's lock
-        for cache, key, data in self.pushes:
+        for cache, key in self.pushes:
             self.seq += 1
-            if data is None:
-                cache.invalidate(key)
-            else:
-                cache.update(key, data, None)
+            cache.invalidate(key)
         self.pushes = []
         return self.live
+
+    def fill(self, sid, seq, tracked):
+        self.drain()
+        if self.sid != sid or (seq is not None and self.seq != seq):  # seq None: a stamped reply
+            return False
+        return tracked if type(tracked) is not bool else None
 
     def call(self, op, args):
         assert not self.lock.locked()  # never holds the lock over a round trip
@@ -170,69 +176,39 @@ def test_invalidate_one_and_all(clock):
         assert len(cache) == 0 and cache.bytes == 0
 
 
-# -- pushed updates -------------------------------------------------------------------------
+# -- stamps (a Manager's near cache) ---------------------------------------------------------
 
 
-def test_an_update_replaces_a_held_copy_only(clock):
+def test_a_copy_answers_while_its_bucket_holds_its_stamp(clock):
     cache = make(clock)
+    tracker = cache.tracker
+    tracker.stamps = [0] * 8
     with held(cache):
-        assert cache.update("k", b"new", None) is False  # not held: nothing stored, UNTRACK
-        assert len(cache) == 0 and cache.bytes == 0
-        cache._put("k", b"old", clock.now + 1)
-        assert cache.update("k", b"newer value", clock.now + 60) is True
-        assert cache.bytes == size("k", b"newer value")
-        clock.now += 30  # past the old deadline, not the pushed one
-        assert cache._lookup("k") == b"newer value"
-        assert cache.update("k", 7, None) is True  # an int, no deadline
-        assert cache._lookup("k") == 7 and cache.bytes == size("k", 7)
+        cache._put("k", b"v", None, (3, 0))
+        cache._put("other", b"w", None, (5, 0))
+        assert cache._lookup("k") == b"v"
+        tracker.stamps[3] = 1  # "k", or another key of its bucket, changed in the Manager
+        assert cache._lookup("k") is None and "k" not in cache._entries  # dropped, not only hidden
+        assert cache.invalidated == 1 and cache.bytes == size("other", b"w")
+        assert cache._lookup("other") == b"w"  # another bucket: still answers
+        tracker.stamps = None  # the tracker lost its file (it empties the copies too)
+        assert cache._lookup("other") is None
 
 
-def test_an_update_does_not_make_the_key_recently_used(clock):
-    cache = make(clock, max_entries=2)
-    with held(cache):
-        cache._put("a", b"v", None)
-        cache._put("b", b"v", None)
-        assert cache.update("a", b"w", None) is True
-        cache._put("c", b"v", None)  # "a" is still the least recently used
-        assert list(cache._entries) == ["b", "c"]
-
-
-def test_updates_without_a_read_drop_the_copy_after_max_unread_updates(clock):
+def test_a_miss_keeps_the_stamp_its_reply_carried(clock):
     cache = make(clock)
-    with held(cache):
-        cache._put("k", b"v0", None)
-        for i in range(1, MAX_UNREAD_UPDATES + 1):
-            assert cache.update("k", b"v%d" % i, None) is True
-        assert cache.update("k", b"one too many", None) is False  # dropped: the Manager is told to stop
-        assert "k" not in cache._entries and cache.bytes == 0
-        cache._put("k", b"v0", None)
-        for _round in range(3):  # a read in between resets the count
-            for i in range(MAX_UNREAD_UPDATES):
-                assert cache.update("k", b"v%d" % i, None) is True
-            assert cache._lookup("k") == b"v%d" % (MAX_UNREAD_UPDATES - 1)
-        assert cache.update("k", b"again", None) is True
-
-
-def test_an_update_too_large_for_the_near_cache_drops_the_old_copy(clock):
-    cache = make(clock, max_bytes=100)
-    with held(cache):
-        cache._put("other", b"kept", None)
-        cache._put("k", b"small", None)
-        assert cache.update("k", b"x" * 100, None) is False  # 101 bytes with its key
-        assert cache._lookup("k") is None
-        assert list(cache._entries) == ["other"] and cache.bytes == size("other", b"kept")  # not evicted for it
-
-
-def test_an_update_that_grows_the_copies_evicts_the_least_recently_used(clock):
-    cache = make(clock, max_bytes=100)
-    with held(cache):
-        cache._put("a", b"x" * 29, None)  # 30 bytes, least recently used
-        cache._put("b", b"x" * 29, None)
-        assert cache.update("b", b"x" * 79, None) is True  # 110 bytes: "a" goes
-        assert list(cache._entries) == ["b"] and cache.bytes == 80
-        cache._put("c", b"x" * 9, None)  # 90 bytes; "b" is now the least recently used
-        assert cache.update("b", b"x" * 95, None) is False  # 106 bytes: the LRU, "b" itself, goes
-        assert list(cache._entries) == ["c"] and cache.bytes == 10
+    tracker = cache.tracker
+    tracker.stamps = [0] * 8
+    tracker.replies = [(b"v", None, None, (2, 7))]
+    assert cache.get("k") == b"v" and cache._entries["k"][3] == (2, 7)
+    tracker.replies = [(b"v2", None, None, (2, 0))]
+    assert cache.get("k") == b"v2"  # bucket 2 holds 0, not 7 (moved on since): stale, asked again
+    assert (cache.hits, cache.misses, cache.invalidated) == (0, 2, 1)
+    assert cache.get("k") == b"v2" and cache.hits == 1  # kept with (2, 0): a hit
+    tracker.stamps[4] = 9
+    tracker.replies = [({"a": (b"A", None)}, None, {"a": (4, 9)})]
+    assert cache.get_many(["a"]) == {"a": b"A"} and cache._entries["a"][3] == (4, 9)
+    assert cache.get_many(["a"]) == {"a": b"A"} and cache.hits == 2  # its bucket held 9: a hit
 
 
 # -- reads through the tracker ---------------------------------------------------------------
@@ -263,7 +239,7 @@ def test_a_fill_raced_by_a_push_is_not_kept(clock):
     cache = make(clock)
     tracker = cache.tracker
     tracker.replies = [(b"old", None, 0, True)]  # the Manager had sent 0 pushes when it answered
-    tracker.on_call = lambda: tracker.pushes.append((cache, "k", None))  # then invalidated "k"
+    tracker.on_call = lambda: tracker.pushes.append((cache, "k"))  # then invalidated "k"
     assert cache.get("k") == b"old"  # this read's answer...
     assert len(cache) == 0  # ...is not kept: a later write may already have changed it
     tracker.on_call = None
@@ -290,15 +266,15 @@ def test_copies_are_not_answered_without_a_live_tracker(clock):
     assert cache.get("k") == b"fresh" and (cache.hits, cache.misses) == (0, 1)
 
 
-def test_pushes_are_applied_before_a_hit(clock):
+def test_invalidations_are_applied_before_a_hit(clock):
     cache = make(clock)
     tracker = cache.tracker
     with held(cache):
         cache._put("k", b"v1", None)
         cache._put("gone", b"v1", None)
-    tracker.pushes = [(cache, "k", b"v2"), (cache, "gone", None)]
-    tracker.replies = [(None, None, 2, True)]
-    assert cache.get("k") == b"v2" and cache.get("gone") is None
+    tracker.pushes = [(cache, "gone")]
+    tracker.replies = [(None, None, 1, True)]
+    assert cache.get("k") == b"v1" and cache.get("gone") is None
     assert (cache.hits, cache.misses) == (1, 1)
 
 
@@ -346,28 +322,13 @@ def test_adaptive_remembers_at_most_max_entries_first_reads(clock):
     assert tracker.calls[-1][0] == P.TRACK_GET
 
 
-def test_adaptive_a_key_written_over_and_over_must_be_read_twice_again(clock):
-    cache = make(clock, policy="adaptive")
-    tracker = cache.tracker
-    tracker.replies = [b"V", (b"V", None, 0, True)]
-    cache.get("k")
-    cache.get("k")
-    for _ in range(MAX_UNREAD_UPDATES + 1):  # updates it never reads: dropped
-        tracker.pushes.append((cache, "k", b"W"))
-    with held(cache):
-        tracker.drain()
-    assert len(cache) == 0
-    tracker.replies = [b"W"]
-    assert cache.get("k") == b"W" and tracker.calls[-1][0] == P.GET  # not kept again at once
-
-
 def test_adaptive_an_invalidated_copy_is_kept_again_at_its_next_read(clock):
     cache = make(clock, policy="adaptive")
     tracker = cache.tracker
     tracker.replies = [b"V", (b"V", None, 0, True)]
     cache.get("k")
     cache.get("k")
-    tracker.pushes.append((cache, "k", None))  # deleted, touched, expired in the Manager
+    tracker.pushes.append((cache, "k"))  # written, deleted, touched, expired in the Manager
     tracker.replies = [(b"X", None, 1, True)]
     assert cache.get("k") == b"X" and tracker.calls[-1][0] == P.TRACK_GET and len(cache) == 1
 
@@ -383,7 +344,7 @@ def test_adaptive_get_many_is_one_request_tracked_if_any_key_is_admitted(clock):
     assert tracker.calls[-1][0] == P.TRACK_GET_MANY and set(cache._entries) == {"a", "c"}
 
 
-def test_adaptive_rests_while_pushes_outnumber_hits_then_keeps_copies_again(clock, monkeypatch):
+def test_adaptive_rests_while_invalidations_outnumber_hits_then_keeps_copies_again(clock, monkeypatch):
     import django_clustershm.client.near as near_module
 
     monkeypatch.setattr(near_module, "JUDGE_EVERY", 16)
@@ -398,13 +359,12 @@ def test_adaptive_rests_while_pushes_outnumber_hits_then_keeps_copies_again(cloc
         tracker.replies = [tracked(key)]
         cache.get(key)
 
-    # Written here or elsewhere as often as read: every copy is pushed to before it is read again.
+    # Written here or elsewhere as often as read: every copy is invalidated before it is read again.
     for i in range(8):
         read_twice(f"w{i}")
-        tracker.pushes.append((cache, f"w{i}", b"new"))
-        tracker.pushes.append((cache, f"w{i}", None))
-    # Weighed at the 16th miss: 14 pushes applied, no hit: the copies rest.
-    assert cache.pushes >= 14 and cache.hits == 0
+        tracker.pushes.append((cache, f"w{i}"))
+    # Weighed at the 16th miss: 7 copies invalidated, no hit: the copies rest.
+    assert cache.invalidated >= 7 and cache.hits == 0
     assert cache.rests == 1 and len(cache) == 0
     tracker.replies = [b"k", b"k", b"k"]
     for _ in range(3):

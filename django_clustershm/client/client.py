@@ -534,9 +534,9 @@ class Client(Keyspace):
 
     def near_stats(self) -> dict:
         """This process's near caches: ``{namespace: {"entries", "bytes", "hits",
-        "misses", "untracked", "pushes", "rests", "policy"}}`` (``untracked``:
-        misses read without keeping a copy; ``pushes``: updates and
-        invalidations applied; ``rests``: times the adaptive policy found the
+        "misses", "untracked", "invalidated", "rests", "policy"}}`` (``untracked``:
+        misses read without keeping a copy; ``invalidated``: copies dropped
+        because their key changed in the Manager; ``rests``: times the adaptive policy found the
         copies cost more than they saved, see :class:`.near.NearCache`)."""
         return {
             ns: {
@@ -545,7 +545,7 @@ class Client(Keyspace):
                 "hits": cache.hits,
                 "misses": cache.misses,
                 "untracked": cache.untracked,
-                "pushes": cache.pushes,
+                "invalidated": cache.invalidated,
                 "rests": cache.rests,
                 "policy": cache.policy,
             }

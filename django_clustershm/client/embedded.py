@@ -195,7 +195,6 @@ class EmbeddedChannel(Channel):
         # Called by the engine under the transport's mutex (lock order:
         # transport mutex, then this channel's condition; never the reverse).
         session.push = lambda event: self._put((F.PUSH_EVENT, 0, list(event)))
-        session.invalidate = self._invalidate
         session.deliver = lambda rid, result: self._put((F.OK, rid, result))
 
     def _put(self, message: Message) -> None:
@@ -221,10 +220,6 @@ class EmbeddedChannel(Channel):
         self._cond = threading.Condition(threading.Lock())
         self._queue.clear()
         self._lost = ManagerUnavailable("the channel belongs to the parent process")
-
-    def _invalidate(self, op: int, payload: list) -> bool:
-        self._put((op, 0, payload))
-        return True
 
     def send(self, op: int, rid: int, args: list) -> None:
         transport = self.transport

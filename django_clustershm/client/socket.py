@@ -50,8 +50,8 @@ from .transport import DEFAULT_TIMEOUT, USE_DEFAULT, Channel, Message, Transport
 #: so 4 processes on 2 CPUs keep their throughput.
 DEFAULT_SPIN = 20e-6
 _RECV_SIZE = 64 * 1024  # under glibc's mmap threshold: a larger recv() buffer costs an mmap+munmap per call
-#: UNTRACK hints a tracker keeps unsent at most (past that, the Manager is
-#: not reading it: new hints are dropped, costing at worst more pushes).
+#: Hints (RECENT reports) a channel keeps unsent at most (past that, the
+#: Manager is not reading it: new hints are dropped).
 _MAX_POST_BACKLOG = 1 << 20
 _encode = F.encode
 _encode_parts = F.encode_parts

@@ -143,7 +143,7 @@ class Transport(ABC):
 
     @property
     def epoch_file(self) -> str | None:
-        """The Manager's near-cache epochs file (see wire/frames.py), if it has one."""
+        """The Manager's near-cache stamps file (see server/stamps.py), if it has one."""
         return None
 
     @property

@@ -67,8 +67,7 @@ def _processes(stats: dict, here: int, now: float) -> list[dict]:
                 "since": client["since"],
                 "ops": 0,
                 "listeners": 0,
-                "near_tracked": None,
-                "near_pushed": None,
+                "near": False,
             }
         row["connections"] += 1
         row["since"] = min(row["since"], client["since"])
@@ -77,11 +76,10 @@ def _processes(stats: dict, here: int, now: float) -> list[dict]:
         row = by_pid.get(int(pid))
         if row is not None:
             row["listeners"] = count
-    for tracker in stats.get("trackers", ()):
-        row = by_pid.get(tracker["pid"])
+    for pid in stats.get("near", {}).get("processes", ()):
+        row = by_pid.get(pid)
         if row is not None:
-            row["near_tracked"] = (row["near_tracked"] or 0) + tracker["tracked"]
-            row["near_pushed"] = (row["near_pushed"] or 0) + tracker["pushed"]
+            row["near"] = True  # reads through near caches (the Manager keeps nothing else per process)
     rows = sorted(by_pid.values(), key=lambda row: row["since"])
     for row in rows:
         pid = row["pid"]
@@ -225,8 +223,8 @@ def build(stats: dict, near: dict, *, here: int, now: float) -> dict[str, Any]:
             "processes": len(listeners.get("by_pid", {})),
         },
         "near": {
-            "tracked_pairs": stats.get("near_cache_tracked_pairs"),
-            "tracked_keys": stats.get("near_cache_tracking"),
+            # Keys read by near-cache misses, all processes (None: not a Manager).
+            "fills": stats.get("near", {}).get("fills"),
             # This process's own near caches (a process knows only its own hits).
             "here": [
                 {

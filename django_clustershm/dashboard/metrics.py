@@ -93,17 +93,14 @@ def _manager(figures: dict) -> Iterator[Metric]:
     connections = _gauge("process_connections", "Connections a process holds to the Manager", None, labels)
     ops = _counter("process_ops", "Requests of a process's open connections", None, labels)
     listeners = _gauge("process_listeners", "Listener subscriptions of a process", None, labels)
-    tracked = _gauge("process_near_tracked_keys", "Keys a process's near cache may hold (Manager's view)", None, labels)
-    pushed = _counter("process_near_pushes", "Updates and invalidations pushed to a process's near cache", None, labels)
+    near = _gauge("process_near_cache", "1 if a process reads through near caches", None, labels)
     for process in figures["processes"]:
         values = [str(process["pid"]), process["role"]]
         connections.add_metric(values, process["connections"])
         ops.add_metric(values, process["ops"])
         listeners.add_metric(values, process["listeners"])
-        if process["near_tracked"] is not None:
-            tracked.add_metric(values, process["near_tracked"])
-            pushed.add_metric(values, process["near_pushed"])
-    yield from (connections, ops, listeners, tracked, pushed)
+        near.add_metric(values, 1 if process["near"] else 0)
+    yield from (connections, ops, listeners, near)
 
 
 def _remote(remote: dict) -> Iterator[Metric]:
@@ -163,7 +160,8 @@ def _listeners_and_near(figures: dict) -> Iterator[Metric]:
     yield _gauge("listener_subscriptions", "Listener subscriptions, all processes", listeners["subscriptions"])
     yield _counter("listener_events_pushed", "Events pushed to listeners", listeners["pushed"])
     near = figures["near"]
-    yield _gauge("near_tracked_pairs", "(key, process) pairs the Manager tracks for near caches", near["tracked_pairs"])
+    if near["fills"] is not None:
+        yield _counter("near_fills", "Keys read by near-cache misses, all processes", near["fills"])
     labels = ["namespace", "pid"]
     families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
         "entries": _gauge("near_entries", "Entries in this process's near cache", None, labels),

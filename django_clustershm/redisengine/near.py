@@ -132,6 +132,9 @@ class RedisTracker(Tracker):
         #: The generation of the tracking connections: moves whenever they are
         #: dropped, so a miss read on a dropped connection is not kept.
         self.sid = 1
+        #: Invalidations received (and own writes begun), counted: a miss is
+        #: kept only if none came between its read and its fill (see fill).
+        self.seq = 0
         self._push_lock = threading.Lock()  # guards seq and _pending (taken inside a parser callback)
         self._pending: list = []
         self._connect_lock = threading.Lock()
@@ -234,7 +237,14 @@ class RedisTracker(Tracker):
                 for key in keys:
                     cache._drop(key)
 
-    def drain(self, ns: str | None = None, wait: float = 0.0) -> bool:
+    def fill(self, sid, seq, tracked):
+        """A miss is kept (with no stamp: invalidations keep it valid) only if
+        no invalidation or own write came between its read and now, on the
+        same tracking connections; they are applied first."""
+        self.drain()
+        return None if self.sid == sid and self.seq == seq else False
+
+    def drain(self, ns: str | None = None) -> bool:
         """Apply every invalidation already received (the tracker's lock is
         held; never blocks: a connection another thread is reading is left to
         it). True if ``ns``'s copies may answer."""

@@ -1,6 +1,6 @@
 """The Manager side: the state and its operations, with no I/O (:mod:`.engine`
 over :mod:`.namespace`, :mod:`.locktable`, :mod:`.subscriptions` and
-:mod:`.tracking`), and the Unix-socket server around it (:mod:`.manager`).
+:mod:`.stamps`), and the Unix-socket server around it (:mod:`.manager`).
 
 Nothing here imports the client side, Django or gunicorn: a Manager can run
 in any process (``Manager(...).serve_forever()``).

@@ -2,7 +2,7 @@
 
 :class:`Engine` owns the namespaces (:mod:`.namespace`), the lock table
 (:mod:`.locktable`), the listeners' subscriptions (:mod:`.subscriptions`) and
-the near caches' tracking (:mod:`.tracking`), and answers decoded requests.
+the near caches' stamps (:mod:`.stamps`), and answers decoded requests.
 Two transports drive it: the socket server (:class:`~.manager.Manager`, whose
 loop is the only thread that touches the engine) and the embedded transport
 of the client side (in-process calls under one mutex). Both share every
@@ -48,8 +48,9 @@ from . import gcpolicy
 from .locktable import LockTable
 from .namespace import Namespace
 from .scans import Scans, compile_glob
+from .stamps import MASK as STAMP_MASK
+from .stamps import Stamps
 from .subscriptions import Subscriptions
-from .tracking import MAX_PUSH_VALUE, Tracking
 
 logger = logging.getLogger("django_clustershm.server")
 
@@ -60,7 +61,7 @@ MAX_CACHES = 256
 #: A new cache gets at least this much of MAX_TOTAL_CACHE_BYTES, or is refused.
 MIN_CACHE_BYTES = 2**20
 MAX_CACHE_NAME = 256
-#: Units of deferred clean-up (a closed session's lock key, or tracked pair)
+#: Units of deferred clean-up (a closed session's lock key)
 #: one tick does at most: about 2 ms on a slow 2-vCPU VM (bench/bench_close.py).
 SWEEP_BUDGET = 2048
 
@@ -70,7 +71,7 @@ HISTORY_SECONDS = 300
 
 #: What dispatch returns for a request that will be answered later.
 DEFERRED = object()
-#: What dispatch returns for a request that has no reply (UNTRACK, a hint).
+#: What dispatch returns for a request that has no reply (RECENT, a hint).
 NO_REPLY = object()
 
 
@@ -81,16 +82,11 @@ class Session:
         "__weakref__",
         "deliver",
         "id",
-        "inval_seq",
-        "invalidate",
         "ops",
         "peer_uid",
         "pid",
         "push",
-        "push_limit",
         "since",
-        "tracked",
-        "tracked_count",
         "tracker",
         "waiting",
     )
@@ -107,16 +103,9 @@ class Session:
         self.deliver: Callable | None = None
         # push(event): how a listener event reaches this client; set by the transport.
         self.push: Callable | None = None
-        # Near-cache channel (a TRACKER session): how many pushes it was sent,
-        # how they are sent (invalidate(opcode, payload) -> bool, set by the
-        # transport), which keys it may hold (ns -> {key: None}) and how
-        # many, and the largest value it wants pushed. See .tracking.
+        # A process's near-cache channel (a TRACKER session: it reports hits
+        # with RECENT). Nothing else is kept per holder: see .stamps.
         self.tracker = False
-        self.inval_seq = 0
-        self.invalidate: Callable | None = None
-        self.tracked: dict[str, dict[str, None]] | None = None
-        self.tracked_count = 0
-        self.push_limit = 0
 
 
 class Engine:
@@ -146,7 +135,11 @@ class Engine:
         self._max_key = self.limits.max_key
         self.clock = clock
         self.subscriptions = Subscriptions()
-        self.tracking = Tracking()
+        #: The near caches' stamps file (see .stamps), when the transport maps
+        #: one (a Manager on a socket); None: no near cache keeps a copy.
+        self.stamps: Stamps | None = None
+        #: Keys read by near-cache misses (TRACK_GET, TRACK_GET_MANY), in all.
+        self.near_fills = 0
         self.store = self._namespace("", Namespace.store(max_store_bytes, clock=clock))
         self.caches: dict[str, Namespace] = {}
         # What a read sees of a cache no one has written yet: an empty one
@@ -200,7 +193,6 @@ class Engine:
             F.TRACKER: self._tracker,
             F.TRACK_GET: self._track_get,
             F.TRACK_GET_MANY: self._track_get_many,
-            F.UNTRACK: self._untrack,
             F.RECENT: self._recent,
             F.TTL: self._ttl,
             F.PERSIST: self._persist,
@@ -211,14 +203,20 @@ class Engine:
         }
 
     def _namespace(self, name: str, space: Namespace) -> Namespace:
-        tracking, subscriptions = self.tracking, self.subscriptions
+        subscriptions = self.subscriptions
+        salt = hash(name)
 
-        def on_event(event: int, key, value, name=name, space=space) -> None:
-            # Near caches first (their pushes go out before the writer's reply),
-            # then listeners; no call at all when nobody tracks or listens (a
-            # write's common case, on the loop every worker waits for).
-            if tracking.records:
-                tracking.changed(name, event, key, value, space.deadline)
+        def on_event(event: int, key, value, name=name, salt=salt, engine=self) -> None:
+            # Near caches first: a new stamp in the key's bucket, before the
+            # writer's reply (see .stamps; the same hash as stamps.bucket, inlined:
+            # this runs for every change). Then listeners, if any.
+            stamps = engine.stamps
+            if stamps is not None:
+                words = stamps.words
+                if key is None:
+                    stamps.bump_all()
+                elif words is not None:
+                    words[(hash(key) ^ salt) & STAMP_MASK] = stamps.next_stamp()
             if subscriptions.count:
                 subscriptions.notify(name, event, key, value)
 
@@ -235,20 +233,20 @@ class Engine:
 
     def close_session(self, session: Session) -> None:
         """Forget a client: its locks are released (and granted to the next
-        waiter) at once, its queued lock requests, subscriptions and tracking dropped.
+        waiter) at once, its queued lock requests and subscriptions dropped.
 
         At once for everything a client can see (it is sent nothing more, a
         waiter gets its lock now, every other lock it held is free, the figures
-        no longer count it); what the lock table and the tracking records keep
-        of it is swept by tick(), SWEEP_BUDGET units a call, because doing it
-        here kept the loop busy for 116 ms (100k locks and 65k tracked keys)."""
+        no longer count it); what the lock table keeps of it is swept by
+        tick(), SWEEP_BUDGET units a call, because doing it here kept the loop
+        busy for 116 ms (100k locks and 65k tracked keys, when the Manager
+        still kept near-cache records)."""
         if self.sessions.pop(session.id, None) is not None:
             self.locks.drop_session(session)
             self.subscriptions.drop_session(session)  # at most 1,024: 0.6 ms
-            self.tracking.drop_session(session)
             self.scans.drop_session(session.id)
-            session.deliver = session.push = session.invalidate = None
-            self.sweep_pending = self.locks.sweeping + self.tracking.sweeping
+            session.deliver = session.push = None
+            self.sweep_pending = self.locks.sweeping
 
     # -- dispatch ----------------------------------------------------------------------
 
@@ -321,12 +319,10 @@ class Engine:
         """Sweep after closed sessions, SWEEP_BUDGET units at most; return how
         many sessions are still to sweep."""
         done = self.locks.sweep(SWEEP_BUDGET)
-        if done < SWEEP_BUDGET:
-            done += self.tracking.sweep(SWEEP_BUDGET - done)
         self.swept += done
         if done > self.sweep_largest:
             self.sweep_largest = done
-        self.sweep_pending = pending = self.locks.sweeping + self.tracking.sweeping
+        self.sweep_pending = pending = self.locks.sweeping
         return pending
 
     def _answer_waiter(self, waiter, result) -> None:
@@ -626,20 +622,14 @@ class Engine:
     def _unlisten(self, session, sub_id):
         return self.subscriptions.remove(session, A.integer(sub_id, "sub_id"))
 
-    # -- near caches (see .tracking) -------------------------------------------------------
+    # -- near caches (see .stamps) -------------------------------------------------------
 
-    def _tracker(self, session, push_limit=0):
+    def _tracker(self, session, *_ignored):
+        """This connection becomes its process's near-cache channel: ``[session
+        id, the stamps file's generation (0: none, no copy may be kept)]``."""
         session.tracker = True
-        session.push_limit = min(A.integer(push_limit, "push_limit"), MAX_PUSH_VALUE)
-        if session.tracked is None:
-            session.tracked = {}
-        return [session.id]
-
-    def _untrack(self, session, ns, key, seq):
-        if not session.tracker or type(ns) is not str or type(key) is not str or type(seq) is not int:
-            raise ArgumentTypeError("UNTRACK takes [ns, key, seq] on a tracker connection")
-        self.tracking.untrack(session, ns, key, seq)
-        return NO_REPLY
+        stamps = self.stamps
+        return [session.id, stamps.generation if stamps is not None and stamps.words is not None else 0]
 
     def _recent(self, session, ns, hits, keys):
         """A tracker's report of its process's near-cache hits (see wire/frames.py)."""
@@ -658,34 +648,31 @@ class Engine:
             space.refresh(self._keys_list(keys), hits)
         return NO_REPLY
 
-    def _tracker_session(self, tracker_id) -> Session | None:
-        """The tracker, or None if it is gone (cut off, or its process lost it
-        meanwhile): the read is then answered untracked, not refused."""
-        tracker = self.sessions.get(A.integer(tracker_id, "tracker"))
-        return tracker if tracker is not None and tracker.tracker else None
-
-    def _track_get(self, session, ns, key, tracker_id):
-        tracker = self._tracker_session(tracker_id)
+    def _track_get(self, session, ns, key, *_ignored):
+        """GET, with the key's bucket and the stamp it holds (see .stamps)."""
         space = self._space(ns)
         key = self._key(key)
         value = space.get(key)
-        seq = 0 if tracker is None else tracker.inval_seq
         if value is None:
-            return [None, None, seq, False]
-        return [value, space.ttl(key), seq, self.tracking.track(tracker, ns, key)]
+            return [None, None, 0, 0]
+        self.near_fills += 1
+        words = self.stamps.words if self.stamps is not None else None
+        bucket = (hash(key) ^ hash(ns)) & STAMP_MASK
+        return [value, space.ttl(key), bucket, words[bucket] if words is not None else 0]
 
-    def _track_get_many(self, session, ns, keys, tracker_id):
-        tracker = self._tracker_session(tracker_id)
+    def _track_get_many(self, session, ns, keys, *_ignored):
         space = self._space(ns)
+        words = self.stamps.words if self.stamps is not None else None
+        salt = hash(ns)
         found = {}
-        tracked = True
         for key in self._keys_list(keys):
             value = space.get(key)
             if value is not None:
-                found[key] = [value, space.ttl(key)]
-                tracked = self.tracking.track(tracker, ns, key) and tracked
+                bucket = (hash(key) ^ salt) & STAMP_MASK
+                found[key] = [value, space.ttl(key), bucket, words[bucket] if words is not None else 0]
+        self.near_fills += len(found)
         self._check_reply({k: v[0] for k, v in found.items()})
-        return [found, 0 if tracker is None else tracker.inval_seq, tracked and tracker is not None]
+        return found
 
     # -- introspection -----------------------------------------------------------------------
 
@@ -726,14 +713,13 @@ class Engine:
             "clients": [{"id": s.id, "pid": s.pid, "since": s.since, "ops": s.ops} for s in self.sessions.values()],
             "locks": self.locks.describe(),
             "listeners": self.subscriptions.describe(),
-            # Each process's near cache as the Manager sees it: keys it may hold, pushes it was sent.
-            "trackers": [
-                {"pid": s.pid, "tracked": s.tracked_count, "pushed": s.inval_seq}
-                for s in self.sessions.values()
-                if s.tracker
-            ],
-            "near_cache_tracking": len(self.tracking),
-            "near_cache_tracked_pairs": self.tracking.pairs,
+            # Near caches as the Manager sees them: the processes that keep
+            # them, the keys their misses read, and the stamps written (see .stamps).
+            "near": {
+                "processes": sorted({s.pid for s in self.sessions.values() if s.tracker}),
+                "fills": self.near_fills,
+                "stamps": self.stamps.issued if self.stamps is not None else 0,
+            },
             "max_total_cache_bytes": self.max_total_cache_bytes,
             "sweep": {"pending": self.sweep_pending, "swept": self.swept, "largest": self.sweep_largest},
             "limits": self.limits.as_dict(),

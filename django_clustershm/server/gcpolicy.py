@@ -4,7 +4,8 @@ CPython frees almost everything by reference counting; its cycle collector
 exists for reference cycles, and a *full* (generation 2) collection visits
 every container object the process tracks, in one go: the Manager's loop, and
 every client waiting on it, stops meanwhile. With 100,000 held locks (two
-objects each), 65,536 tracked near-cache pairs (a dict each) and 10,000
+objects each), 65,536 tracked near-cache pairs (a dict each, when the
+Manager still tracked them) and 10,000
 prefix listeners (a dict each), one full collection took 58 ms in the
 Manager's process, and they come whenever enough new objects survived (the
 setup of those locks stalled the loop 38-68 ms, measured with
@@ -16,13 +17,13 @@ policy is to keep what a full collection visits small, whatever the state:
    whose keys and values are all such (nor, once a collection has seen it,
    a tuple of them); a list, a set, a class instance or a dict holding any
    of those is tracked and visited, with everything it refers to. So a held
-   lock is a ``bytes`` holder in a dict (:mod:`.locktable`), a near-cache
-   record a ``bytes`` of packed pairs (:mod:`.tracking`), a subscription an
+   lock is a ``bytes`` holder in a dict (:mod:`.locktable`), the near caches'
+   stamps one mapped array (:mod:`.stamps`), a subscription an
    int in a dict (:mod:`.subscriptions`), a store or cache entry bytes or an
    int (:mod:`.namespace`); objects are kept for what is few (connections,
    sessions, lock waiters). Those tables then add nothing to a collection:
    the full collection above takes under 1 ms of the Manager's own objects
-   (``tests/test_gc.py`` counts what the collector tracks per lock, pair and
+   (``tests/test_gc.py`` counts what the collector tracks per lock and
    subscription: none). This changes nothing outside the Manager's tables,
    so an embedded Manager (``runserver``, a test suite, a script) leaves the
    process's collector exactly as its user set it.

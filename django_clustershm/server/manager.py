@@ -36,10 +36,7 @@ and :attr:`Manager.handshake_timeout` seconds to do so.
 from __future__ import annotations
 
 import errno
-import fcntl
-import functools
 import logging
-import mmap
 import os
 import resource
 import select
@@ -47,7 +44,6 @@ import shutil
 import socket
 import struct
 import tempfile
-import termios
 import threading
 import time
 import weakref
@@ -68,6 +64,7 @@ from ..wire.limits import Limits
 from . import gcpolicy
 from .engine import DEFERRED, NO_REPLY, Engine, Session
 from .snapshot import Periodic, SnapshotConfig
+from .stamps import Stamps
 
 logger = logging.getLogger("django_clustershm.manager")
 
@@ -86,7 +83,7 @@ def forget_in_child() -> None:
 
 
 _IOV_BATCH = 64  # buffers one sendmsg() takes at most (Linux allows 1,024)
-EPOCH_SUFFIX, EPOCH_SEQ_BITS, EPOCH_CUT = P.EPOCH_SUFFIX, P.EPOCH_SEQ_BITS, P.EPOCH_CUT
+EPOCH_SUFFIX = P.EPOCH_SUFFIX
 _RECV_SIZE = 64 * 1024  # under glibc's mmap threshold: a larger recv() buffer costs an mmap+munmap per call
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 _READ = select.EPOLLIN
@@ -107,32 +104,6 @@ def _remove_files(address: str, own_dir: str | None, pid: int) -> None:
             pass
     if own_dir is not None:
         shutil.rmtree(own_dir, ignore_errors=True)
-
-
-def _poison_epochs(path: str) -> None:
-    """A Manager that died at this address (its socket was stale: the bind
-    took it over) may have left clients that still map its epochs file and
-    would answer from their copies while their slot did not move: mark every
-    slot cut, before this Manager serves anyone, so that they look at their
-    channel (closed) and empty their near caches. Only a file of ours."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        if os.fstat(fd).st_uid != os.getuid() or os.fstat(fd).st_size < 8:
-            return
-        with mmap.mmap(fd, 0) as old:
-            slots = memoryview(old).cast("Q")
-            try:
-                for i in range(len(slots)):
-                    slots[i] = (slots[i] >> EPOCH_SEQ_BITS << EPOCH_SEQ_BITS) | EPOCH_CUT
-            finally:
-                slots.release()
-    except (OSError, ValueError):
-        pass
-    finally:
-        os.close(fd)
 
 
 def _raise_fd_limit() -> None:
@@ -188,11 +159,8 @@ class _Conn:
         "closing",
         "cut_reason",
         "deadline",
-        "epoch_base",
         "fd",
         "gone",
-        "lag_check",
-        "lagging",
         "listener",
         "mask",
         "nonce",
@@ -202,12 +170,8 @@ class _Conn:
         "peer_pid",
         "peer_uid",
         "pending",
-        "push_queued",
-        "pushed",
-        "pushes",
         "reader",
         "session",
-        "slot",
         "sock",
     )
 
@@ -226,17 +190,6 @@ class _Conn:
         self.overflow = False
         self.gone = False  # the peer closed its end (seen when writing to it)
         self.closed = False
-        # A near-cache tracker: bytes of updates it was sent (or refused),
-        # when to look at its unread backlog next, and whether it lags.
-        self.pushed = 0
-        self.lag_check = 0
-        self.lagging = False
-        # Its epoch slot (None: it has none, and is pushed to before the
-        # writer's reply), the slot's generation, and the pushes queued this round.
-        self.slot: int | None = None
-        self.epoch_base = 0
-        self.pushes: list[bytes] = []
-        self.push_queued = False
         # Frames read but not yet answered (the output was over its bound).
         self.pending: list | None = None
         # Why it closes once its output is sent (its stream broke after that output).
@@ -290,12 +243,6 @@ class Manager:
     closing_timeout = 5.0
     #: Connections beyond this are refused (closed at once, with a log line).
     max_connections = 4096
-    #: Send buffer of a near-cache tracker: the pushes its process has not
-    #: read yet, beyond which it is cut off (and empties its near caches).
-    tracker_sndbuf = 4 * 1024 * 1024
-    #: Unread bytes (as the kernel counts them) in a tracker's socket beyond
-    #: which it is sent invalidations instead of updates, until it catches up.
-    tracker_lag = 1024 * 1024
 
     def __init__(
         self,
@@ -385,15 +332,7 @@ class Manager:
                 shutil.rmtree(self._own_dir, ignore_errors=True)
             raise
         self._listener = listener
-        # Near-cache epochs (see _invalidate): trackers queued for a send this
-        # round, and the slots' file, free slots and generations.
-        self._pushing: list[_Conn] = []
-        self._push_frame: tuple[list | None, bytes] = (None, b"")  # the last payload pushed, encoded
-        self._epoch_map: mmap.mmap | None = None
-        self._epochs: memoryview | None = None
-        self._free_slots: list[int] = []
-        self._slot_gen: list[int] = []
-        self._open_epochs()
+        self._open_stamps()
         if write_secret_file and self._own_dir is not None:
             self.secret_file = os.path.join(self._own_dir, "secret")
             fd = os.open(self.secret_file, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -535,49 +474,24 @@ class Manager:
         logger.debug("Manager on %s stopped", self.address)
 
     def _remove_files(self) -> None:
-        self._close_epochs()
+        if os.getpid() == self._pid:
+            self._close_stamps(dead=True)  # its processes' copies stop answering
         _remove_files(self.address, self._own_dir, self._pid)
 
-    def _open_epochs(self) -> None:
-        """The near-cache epochs: a file beside the socket (0600, in the
-        socket's directory) holding one 8-byte counter per tracker, which the
-        Manager moves before a writer's reply and each tracker's process reads
-        from its own read-only mapping (see :meth:`_invalidate`). Made under a
-        temporary name and renamed: a client of a Manager that died at this
-        address keeps its old file, never sees this one change under it.
-        Without it (no room, a file system that refuses), trackers are pushed
-        to before the writer's reply, as they were before it existed."""
+    def _open_stamps(self) -> None:
+        """The near caches' stamps file, beside the socket (see .stamps).
+        Without it (no room, a file system that refuses), near caches keep no
+        copies: every read goes to the Manager."""
         path = self.address + EPOCH_SUFFIX
-        _poison_epochs(path)
-        tmp = f"{path}.{os.getpid()}.tmp"
-        size = self.max_connections * 8
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-            try:
-                os.ftruncate(fd, size)
-                self._epoch_map = mmap.mmap(fd, size)
-                os.rename(tmp, path)
-            finally:
-                os.close(fd)
+            self.engine.stamps = Stamps(path)
         except OSError as exc:
-            logger.warning("near caches get their pushes before each writer's reply: cannot make %s (%s)", path, exc)
-            self._close_epochs()
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            return
-        self._epochs = memoryview(self._epoch_map).cast("Q")
-        self._free_slots = list(range(self.max_connections - 1, -1, -1))
-        self._slot_gen = [0] * self.max_connections
+            logger.warning("near caches keep no copies: cannot make %s (%s)", path, exc)
 
-    def _close_epochs(self) -> None:
-        if self._epochs is not None:
-            self._epochs.release()
-            self._epochs = None
-        if self._epoch_map is not None:
-            self._epoch_map.close()
-            self._epoch_map = None
+    def _close_stamps(self, dead: bool) -> None:
+        stamps, self.engine.stamps = self.engine.stamps, None
+        if stamps is not None:
+            stamps.close(dead=dead)
 
     def _forget_in_child(self) -> None:
         # A forked child (a worker) gets copies of our descriptors. Close them
@@ -593,8 +507,7 @@ class Manager:
             conn.sock.close()
         self._conns = {}
         self._unauthenticated = {}
-        self._pushing = []
-        self._close_epochs()  # the child writes no slot (its own clients map the file read-only)
+        self._close_stamps(dead=False)  # the child writes no stamp (its own clients map the file read-only)
         if self.snapshots is not None:
             self.snapshots.forget_in_child()
         for obj in (self._listener, self._wake_r, self._wake_w, self._ep):
@@ -646,8 +559,6 @@ class Manager:
                     deadline = engine.tick()
                     if self._dirty:
                         self._flush_dirty()
-                    if self._pushing:
-                        self._flush_pushes()
                     now = clock()
                     next_tick = now + _TICK
                     timeout = min(next_check, deadline) - now if deadline is not None else next_check - now
@@ -685,8 +596,6 @@ class Manager:
                 self._accept()
             if self._dirty:
                 self._flush_dirty()
-            if self._pushing:
-                self._flush_pushes()
             if self._output > 2 * self.max_total_output:
                 self._shed_output()
             now = clock()
@@ -697,8 +606,6 @@ class Manager:
                 next_tick = now + _TICK
                 if self._dirty:
                     self._flush_dirty()
-                if self._pushing:
-                    self._flush_pushes()
             if now >= next_check:
                 next_check = now + 1.0
                 self._drop_slow_handshakes(now)
@@ -816,9 +723,6 @@ class Manager:
             del self._unauthenticated[conn.fd]
         self._drop_output(conn)
         conn.reader.discard()
-        conn.pushes = []
-        if conn.slot is not None:
-            self._free_slot(conn)
         if conn.listener:
             self._listeners -= 1
         if reason:
@@ -930,10 +834,6 @@ class Manager:
                     continue
                 if result is NO_REPLY:
                     continue
-                if op == P.TRACKER:
-                    # Room for bursts of pushes: one that does not fit cuts the tracker off.
-                    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, self.tracker_sndbuf)
-                    result = self._give_slot(conn, result)
                 kind = type(result)
                 if kind is list or (kind is bytes and len(result) >= big):
                     # A big value goes out as a buffer of its own: the store's bytes, never copied.
@@ -975,10 +875,6 @@ class Manager:
             self._flush_dirty()
         if not conn.closed:
             self._flush(conn)
-        if self._pushing:
-            # Near-cache pushes go out after the reply: their epochs moved
-            # before it (see _invalidate), so the writer does not wait for them.
-            self._flush_pushes()
 
     def _close_after_replies(self, conn: _Conn, reason: str) -> None:
         """Close a connection whose stream broke, once the replies of the requests
@@ -1014,7 +910,6 @@ class Manager:
         session = conn.session = self.engine.open_session(pid=conn.peer_pid or client_pid, peer_uid=conn.peer_uid)
         session.deliver = lambda rid, result, conn=conn: self._deliver(conn, rid, result)
         session.push = lambda event, conn=conn: self._push(conn, event)
-        session.invalidate = functools.partial(self._invalidate, conn)  # a C-level call: once per tracker and write
         conn.reader.max_frame = self.engine.limits.max_frame
         reply = H.welcome(self.secret, client_nonce, self.engine.limits, session.id)
         conn.out.append(reply)
@@ -1029,10 +924,7 @@ class Manager:
                 if conn.gone:
                     self._close(conn, None)
                 elif conn.overflow:
-                    self._close(
-                        conn,
-                        conn.cut_reason or "near-cache invalidation could not be delivered at once; tracker cut off",
-                    )
+                    self._close(conn, conn.cut_reason or "cut off")
                 else:
                     self._flush(conn)
 
@@ -1097,117 +989,6 @@ class Manager:
             self._output -= conn.out_size
             conn.out_size = 0
             conn.out.clear()
-
-    def _invalidate(self, conn: _Conn, op: int, payload: list) -> bool:
-        """A near-cache push (invalidation or update) to a tracker, before the
-        reply to the write that caused it is sent, in one of two ways:
-
-        * the tracker has an epoch slot (the usual case): the push is queued,
-          and the slot, which counts the pushes the tracker was sent, moves
-          now, in memory its process maps. The writer gets its reply; the
-          queued pushes go out after it, one send per tracker for all the
-          pushes of the round (:meth:`_flush_pushes`). A process answers from
-          its copies only while the slot equals the pushes it has applied
-          (:class:`..client.near.Tracker`), so from the reply on no read
-          that began after it can see the old value, whether the push has
-          arrived or not. A write held by 8 processes cost the writer 7 us a
-          process when the sends came first (bench_near.py);
-        * without one: into the tracker's socket now, or the tracker is shut
-          down now (its process then drops its whole near cache).
-
-        ``payload`` is the same list for every tracker of one change, encoded
-        once. An update is refused (False: the engine sends an invalidation
-        instead, which ends the tracking) while the tracker's process lags:
-        a worker that serves no request reads nothing, and updates of every
-        key it once read would otherwise pile up in its socket until it is
-        cut off. Invalidations stop the flow after one per key.
-        """
-        if conn.overflow:
-            return False
-        cached = self._push_frame
-        if cached[0] is payload:
-            frame = cached[1]
-        else:
-            frame = P.encode(op, 0, payload)
-            self._push_frame = (payload, frame)  # the payload held: its id is not reused meanwhile
-        if op == P.PUSH_UPDATE:
-            if self._output > self.max_total_output:
-                return False  # under memory pressure near caches get invalidations, not values
-            conn.pushed += len(frame)
-            if conn.pushed >= conn.lag_check:
-                conn.lag_check = conn.pushed + self.tracker_lag // 4
-                try:
-                    unread = struct.unpack("i", fcntl.ioctl(conn.fd, termios.TIOCOUTQ, b"\0\0\0\0"))[0]
-                except OSError:
-                    unread = 0
-                conn.lagging = unread > self.tracker_lag
-            if conn.lagging:
-                return False
-        slot = conn.slot
-        if slot is not None:  # (slots are given only while the epochs are mapped)
-            conn.pushes.append(frame)
-            if not conn.push_queued:
-                conn.push_queued = True
-                self._pushing.append(conn)
-            self._epochs[slot] = conn.epoch_base | (conn.session.inval_seq & EPOCH_CUT)  # type: ignore[index,union-attr]
-            return True
-        return self._send_or_cut(conn, frame)
-
-    def _send_or_cut(self, conn: _Conn, data: bytes) -> bool:
-        """Pushes into a tracker's socket now, whole, or the tracker is cut off (False)."""
-        sent = -1
-        if not conn.out:
-            try:
-                sent = conn.sock.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = -1
-        if sent != len(data):
-            self._cut_tracker(conn, gone=sent == -1)
-            return False
-        return True
-
-    def _flush_pushes(self) -> None:
-        """Send each tracker the pushes queued for it, in one send; a tracker
-        whose socket cannot take them all at once is cut off (its slot says so
-        at once, and its process empties its near caches)."""
-        pushing, self._pushing = self._pushing, []
-        for conn in pushing:
-            conn.push_queued = False
-            frames, conn.pushes = conn.pushes, []
-            if conn.closed or conn.overflow or not frames:
-                continue
-            self._send_or_cut(conn, frames[0] if len(frames) == 1 else b"".join(frames))
-
-    def _cut_tracker(self, conn: _Conn, gone: bool) -> None:
-        conn.overflow = True
-        conn.gone = gone  # EPIPE/ECONNRESET: its process exited; nothing to report
-        if conn.slot is not None and self._epochs is not None:
-            self._epochs[conn.slot] = conn.epoch_base | EPOCH_CUT
-        try:
-            conn.sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-        self._dirty.add(conn)  # closed, with its reason, at the end of this round
-
-    def _give_slot(self, conn: _Conn, result: list) -> list:
-        """TRACKER's reply, with the tracker's epoch slot and its generation
-        if there is one free: ``[session_id, slot, generation]``."""
-        if self._epochs is None or not self._free_slots or conn.slot is not None:
-            return result
-        slot = self._free_slots.pop()
-        gen = self._slot_gen[slot] = (self._slot_gen[slot] + 1) & 0xFFFFFF
-        conn.slot, conn.epoch_base = slot, gen << EPOCH_SEQ_BITS
-        session = conn.session
-        self._epochs[slot] = conn.epoch_base | (0 if session is None else session.inval_seq & EPOCH_CUT)
-        return [*result, slot, gen]
-
-    def _free_slot(self, conn: _Conn) -> None:
-        slot, conn.slot = conn.slot, None
-        if self._epochs is not None and slot is not None:
-            self._epochs[slot] = conn.epoch_base | EPOCH_CUT  # a process that still maps it stops answering
-            self._free_slots.append(slot)
 
     def _deliver(self, conn: _Conn, rid: int, result) -> None:
         if conn.closed:

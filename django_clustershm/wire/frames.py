@@ -108,37 +108,30 @@ matches replies by request id).
     PUSH_EVENT   [sub_id, ns, key, event, v]   (pushed; ``v`` nil unless event is set;
                                                 key nil for clear)
 
-    TRACKER        [push_limit]          -> [session_id, slot, generation]  (this
-                                             connection becomes the process's near-cache
-                                             channel; slot and generation: its epoch, if any)
-    TRACK_GET      [ns, key, tracker]      -> [v, ttl, seq, tracked]
-    TRACK_GET_MANY [ns, [key...], tracker] -> [{key: [v, ttl]}, seq, tracked]
-    UNTRACK        [ns, key, seq]        (on the tracker connection; no reply)
+    TRACKER        []                    -> [session_id, generation]  (this connection
+                                             becomes the process's near-cache channel;
+                                             generation: the stamps file's, 0 if none)
+    TRACK_GET      [ns, key]             -> [v, ttl, bucket, stamp]
+    TRACK_GET_MANY [ns, [key...]]        -> {key: [v, ttl, bucket, stamp]}
     RECENT         [ns, hits, [key...]]  (on the tracker connection; no reply)
 
-    PUSH_INVALIDATE [ns, key]            (pushed on a tracker; key nil: all of ns)
-    PUSH_UPDATE     [ns, key, v, deadline]  (pushed on a tracker)
-
-A TRACK_GET reads like GET and records that the process behind the tracker
-connection may now hold the key. From then on every change of that key is
-pushed to the tracker, counted (``seq``: the pushes sent to that tracker,
-which both ends count; a push carries no number): a write of a value of at
-most ``push_limit`` bytes as a PUSH_UPDATE with the value and its expiry
-(``deadline``: CLOCK_MONOTONIC seconds, nil for none), the record kept; any
-other change as a PUSH_INVALIDATE, the record forgotten. Before the reply to
-the write that caused a push, the tracker's epoch slot (in the file
-``<socket path>`` + :data:`EPOCH_SUFFIX`, which the Manager writes and the
-tracker's process maps read-only) says the new count; the push itself is
-sent after that reply, with the other pushes of the Manager's round. A
-process answers from its copies only while its slot equals the pushes it has
-applied. A tracker whose socket cannot take its pushes is shut down, its
-slot marked :data:`EPOCH_CUT` (its process then drops its whole near cache).
-A tracker without a slot (no file) is pushed to before the writer's reply
-instead. ``seq`` in a TRACK_GET reply is the tracker's count at that moment;
-the process keeps the value read only if it has applied exactly that many. A
-tracker sent an update of a key it no longer holds answers UNTRACK with its
-count after that push; the Manager forgets the record unless the tracker
-read the key again after that push.
+Near caches are kept consistent by *stamps*, not by pushes. The Manager
+maps the file ``<socket path>`` + :data:`EPOCH_SUFFIX` read-write; every
+process maps it read-only. It holds :data:`STAMP_BUCKETS` 8-byte stamps,
+then one header word: the file's generation (a random number, given by
+TRACKER), or :data:`EPOCH_CUT` once the file is dead (its Manager closed,
+or a Manager that took over the address of a dead one marked it so; its
+stamps then all read :data:`EPOCH_CUT` too). Every key hashes (in the
+Manager, which alone computes it) to one bucket; every change of a key
+(a write, delete, touch, eviction, expiry; every bucket for a clear) stores
+a new, never used stamp in its bucket before the reply to the request that
+made it. A TRACK_GET reads like GET and also answers the key's bucket and
+the stamp there; a process answers from its copy only while that bucket
+still holds that stamp. Nothing is recorded per process or per key, and a
+write costs the same however many processes hold the key. A change of
+another key of the same bucket also invalidates a copy (65,536 buckets: a
+worker holding 2,000 copies loses one to 3% of the writes of keys it does
+not hold).
 A tracker reports its process's hits now and then with RECENT: the keys hit
 (at most :data:`MAX_RECENT` of them) become the most recently used in their
 cache, as if read there, and ``hits`` counts into the cache's hits, so that
@@ -173,8 +166,8 @@ from ..exceptions import ProtocolError
 
 MAGIC = b"CS"
 # 2: SET/ADD/SET_MANY carry the cache bounds (no CACHE_* opcodes); 3: SET_MANY's flat list, LOCK_CANCEL;
-# 4: pushes unnumbered (counted by both ends), epoch slots, RECENT
-VERSION = 4
+# 4: pushes unnumbered (counted by both ends), epoch slots, RECENT; 5: stamps instead of pushes
+VERSION = 5
 
 #: The one struct format of the header: magic, version, opcode, request id, length.
 HEADER = struct.Struct("!2sBBII")
@@ -223,16 +216,14 @@ UNLISTEN = 0x31
 TRACKER = 0x38
 TRACK_GET = 0x39
 TRACK_GET_MANY = 0x3A
-UNTRACK = 0x3B
 RECENT = 0x3C
 
-#: The near-cache epochs file, beside the Manager's socket: one 8-byte slot
-#: per tracker, ``generation << EPOCH_SEQ_BITS | pushes sent``, moved before
-#: the reply to the write that caused the push (see Manager._invalidate).
+#: The near-cache stamps file, beside the Manager's socket (see above).
 EPOCH_SUFFIX = ".near"
-EPOCH_SEQ_BITS = 40
-#: A slot's pushes part once its tracker is cut off or gone: no count of a live one.
-EPOCH_CUT = (1 << EPOCH_SEQ_BITS) - 1
+#: Buckets of stamps in it (a power of two); the header word follows them.
+STAMP_BUCKETS = 1 << 16
+#: What a dead file's header and stamps read: never a live generation or stamp.
+EPOCH_CUT = (1 << 64) - 1
 
 #: Keys one RECENT may name.
 MAX_RECENT = 1024
@@ -253,9 +244,7 @@ ERR = 0x81
 # carries the id of the LOCK_ACQUIRE it is about; a later grant is a reply).
 PUSH_MIN = 0xC0
 PUSH_EVENT = 0xC0
-PUSH_INVALIDATE = 0xC1
 PUSH_QUEUED = 0xC2
-PUSH_UPDATE = 0xC3
 
 # What happened to a key, in PUSH_EVENT.
 EVENT_SET = 1
