@@ -277,6 +277,7 @@ class NearCache:
                         self._hit(key)
                     return data
             self.misses += 1  # counted under the lock: threads share the figures
+            tracker.check_alive()
             if self._recent and self.clock() >= self._report_due:
                 self._report()
             if self._seen is not None and not self._admit(key):
@@ -355,6 +356,8 @@ class NearCache:
                     found[key] = data
             self.hits += len(found)
             self.misses += len(missing)
+            if missing:
+                tracker.check_alive()
             if found and tracker.reports_recent:
                 for key in found:
                     self._hit(key)
@@ -413,13 +416,14 @@ class Tracker:
         return cache
 
     def session_id(self) -> int | None:
-        """The connection a miss is read on, connecting first if needed (or
-        again, if the Manager's file died: a new Manager took over)."""
+        """The connection a miss is read on, connecting first if needed. (No
+        lock while connected: :meth:`fill` checks, under the lock, that it is
+        still the same one and that its file is alive.)"""
+        sid = self.sid
+        if sid is not None:
+            return sid
         with self.lock:
-            stamps = self.stamps
-            if self.channel is None or (stamps is not None and stamps[P.STAMP_BUCKETS] != self.generation):
-                if self.channel is not None:
-                    self._lost("the Manager's near-cache file is dead (the Manager went away)")
+            if self.channel is None:
                 self._connect()
             return self.sid
 
@@ -497,6 +501,14 @@ class Tracker:
             stamps[key] = (bucket, stamp)
         return fetched, None, stamps or True
 
+    def check_alive(self) -> None:
+        """At a miss (under the lock): if the file died (its Manager went away
+        and a new one marked it so), drop everything now, so that this miss
+        connects to the new Manager and maps its file."""
+        stamps = self.stamps
+        if stamps is not None and stamps[P.STAMP_BUCKETS] != self.generation:
+            self._lost("the Manager's near-cache file is dead (the Manager went away)")
+
     def fill(self, sid, seq, tracked):
         """What a copy read on connection ``sid`` is kept with (under the
         lock): its ``(bucket, stamp)`` (or, for several keys, each one's), or
@@ -504,7 +516,8 @@ class Tracker:
         Manager hashes keys to other buckets, or with no file mapped)."""
         if sid != self.sid or self.stamps is None:
             return False
-        return tracked
+        self.check_alive()  # (died since the miss: not kept, and the next miss connects again)
+        return tracked if self.stamps is not None else False
 
     # Plain reads, for the keys a policy keeps no copy of (yet).
 

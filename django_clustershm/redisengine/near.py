@@ -237,6 +237,9 @@ class RedisTracker(Tracker):
                 for key in keys:
                     cache._drop(key)
 
+    def check_alive(self) -> None:
+        """(No file here: a lost tracking connection is found by drain.)"""
+
     def fill(self, sid, seq, tracked):
         """A miss is kept (with no stamp: invalidations keep it valid) only if
         no invalidation or own write came between its read and now, on the
