@@ -65,7 +65,7 @@ import math
 import struct
 import sys
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from itertools import chain, islice
 from typing import Any
 
@@ -196,6 +196,57 @@ def _on_chain(point: int, du: float) -> bool:
     return point == int(du // 1) + 1 or point == int(du // 64) * 64 or point == int(du // 4096) * 4096
 
 
+#: References a bucket's open list holds before they become one tuple (see :class:`Bucket`).
+CHUNK = 64
+
+
+class Bucket:
+    """The keys to look at at one time: full chunks (tuples of CHUNK keys) and an open list.
+
+    The garbage collector visits every reference of a list at every full
+    collection: with a reference per expiring key, a million of them cost
+    about 20 ms of the Manager's loop each time. A tuple of strs stops being
+    tracked once a young collection has seen it (CPython untracks tuples of
+    atomic objects), so a bucket's references are invisible to it but for
+    its open list (CHUNK at most) and one per chunk.
+    """
+
+    __slots__ = ("chunks", "tail")
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[str, ...]] = []
+        self.tail: list[str] = []
+
+    def append(self, key: str) -> None:
+        tail = self.tail
+        tail.append(key)
+        if len(tail) >= CHUNK:
+            self.chunks.append(tuple(tail))
+            tail.clear()
+
+    def take(self, limit: int) -> list[str]:
+        """Remove and return up to ``limit`` references (at least one if any is left)."""
+        tail = self.tail
+        while not tail and self.chunks:
+            tail += self.chunks.pop()
+        if len(tail) <= limit:
+            self.tail = []
+            return tail
+        taken = tail[-limit:]
+        del tail[-limit:]
+        return taken
+
+    def __bool__(self) -> bool:
+        return bool(self.tail or self.chunks)
+
+    def __len__(self) -> int:
+        return len(self.tail) + sum(map(len, self.chunks))
+
+    def __iter__(self) -> Iterator[str]:
+        yield from chain.from_iterable(self.chunks)
+        yield from self.tail
+
+
 class ExpiryWheel:
     """Buckets of keys to look at, by time (in 1/64 s units), and a heap of the bucket times.
 
@@ -210,7 +261,7 @@ class ExpiryWheel:
     __slots__ = ("buckets", "heap", "refs")
 
     def __init__(self) -> None:
-        self.buckets: dict[int, list[str]] = {}
+        self.buckets: dict[int, Bucket] = {}
         self.heap: list[int] = []
         #: references held by all buckets, current and stale
         self.refs = 0
@@ -230,7 +281,7 @@ class ExpiryWheel:
     def put(self, key: str, point: int) -> None:
         bucket = self.buckets.get(point)
         if bucket is None:
-            bucket = self.buckets[point] = []
+            bucket = self.buckets[point] = Bucket()
             heapq.heappush(self.heap, point)
         bucket.append(key)
         self.refs += 1
@@ -957,10 +1008,10 @@ class Namespace:
         while heap and heap[0] <= nu and budget > 0:
             point = heap[0]
             bucket = buckets[point]
-            while bucket and budget > 0:
-                budget -= 1
-                key = bucket.pop()
-                wheel.refs -= 1
+            taken = bucket.take(budget)
+            budget -= len(taken)
+            wheel.refs -= len(taken)
+            for key in taken:
                 stored = parts[hash(key) & mask].get(key)
                 if stored is None:
                     continue
@@ -1004,30 +1055,47 @@ class Namespace:
         wheel = self.wheel
         for point in list(wheel.buckets):
             bucket = wheel.buckets.get(point)
-            kept = done = 0  # compacted in place: references [0, kept) are kept
-            while bucket is not None and done < len(bucket):
-                nu = self.clock() * UNITS
-                if point <= nu:
-                    bucket = None  # due now: the reap takes it
+            i = 0  # the chunk under way; len(chunks): the open list, swept at once (CHUNK at most)
+            while bucket is not None:
+                chunks = bucket.chunks
+                last = i >= len(chunks)
+                refs: Sequence[str] = bucket.tail if last else chunks[i]
+                kept: list[str] = []
+                done = 0
+                while done < len(refs):
+                    nu = self.clock() * UNITS
+                    if point <= nu:
+                        bucket = None  # due now: the reap takes it
+                        break
+                    parts, mask, deadline_of = self.parts, self.mask, self._deadline_of
+                    end = len(refs) if last else min(done + self._sweep_chunk, len(refs))
+                    for j in range(done, end):
+                        key = refs[j]
+                        stored = parts[hash(key) & mask].get(key)
+                        if stored is not None:
+                            deadline = deadline_of(stored)
+                            if deadline != INF and _check_point(deadline * UNITS, nu) == point:
+                                kept.append(key)
+                    done = end
+                    if done < len(refs):
+                        yield
+                        if wheel.buckets.get(point) is not bucket:
+                            bucket = None  # reaped or cleared meanwhile
+                            break
+                if bucket is None:
                     break
-                parts, mask, deadline_of = self.parts, self.mask, self._deadline_of
-                end = min(done + self._sweep_chunk, len(bucket))
-                for i in range(done, end):
-                    key = bucket[i]
-                    stored = parts[hash(key) & mask].get(key)
-                    if stored is not None:
-                        deadline = deadline_of(stored)
-                        if deadline != INF and _check_point(deadline * UNITS, nu) == point:
-                            bucket[kept] = key
-                            kept += 1
-                done = end
-                if done < len(bucket):
-                    yield
-                    if wheel.buckets.get(point) is not bucket:
-                        bucket = None  # reaped or cleared meanwhile
-            if bucket is not None:
-                wheel.refs -= len(bucket) - kept
-                del bucket[kept:]
+                wheel.refs -= len(refs) - len(kept)
+                if last:
+                    bucket.tail = kept
+                    break
+                if kept:
+                    chunks[i] = tuple(kept)
+                    i += 1
+                else:
+                    del chunks[i]
+                yield
+                if wheel.buckets.get(point) is not bucket:
+                    bucket = None
             yield
 
 
