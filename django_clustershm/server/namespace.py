@@ -78,9 +78,11 @@ INF = math.inf
 #: What an integer value counts for in the byte accounting (beyond the overhead).
 INT_SIZE = 8
 #: What one entry costs beyond the characters of its key and the bytes of its
-#: value: a str header (49), a bytes header (33), a dict slot (31-40 at 1M keys)
-#: and the allocator's rounding of two objects to 16 bytes. Measured on CPython
-#: 3.11 at 100k and 1M keys (bench/bench_memory.py).
+#: value: a str header (49), a bytes header (33), a dict slot (19-38 bytes by
+#: how full its table is; 31-40 before namespaces were split, #12) and the
+#: allocator's rounding of two objects to 16 bytes. Measured on CPython 3.11 at
+#: 100k and 1M keys (bench/bench_memory.py); kept at the unsplit figure, so that
+#: RSS stays under what the budgets count (0.80-0.94x of it at 100k-3M keys).
 ENTRY_OVERHEAD = 136
 #: What an expiring entry costs more: its wheel reference (8 bytes, and the
 #: stale ones a sweep has not dropped yet, which keep a removed key's str).
