@@ -3,7 +3,8 @@
 (a) For N small keys in the shared store (no expiry) and in a named cache (Django's key and pickle, a 300 s
 timeout): the Manager process's RSS growth per key next to redis-server's used_memory (and RSS) growth for the same
 keys and the same value bytes, and the Manager's own accounting (stats() "bytes") per key. Target: RSS at most
-1.5x Redis' used_memory. (b) A child holding 100k locks, 100k keys read through its near cache (tracked up to the
+1.5x Redis' used_memory. Also the Manager's longest loop round while it took the keys (stats()'s max_stall_ms, wall
+time: a dict's resize was one such round, #12) and its longest full garbage collection. (b) A child holding 100k locks, 100k keys read through its near cache (tracked up to the
 Manager's per-process cap) and 10k prefix listeners is SIGKILLed: the Manager's longest loop round while it closes
 the child's connections, once the setup's own rounds have left the Manager's stall window. Target: at most 50 ms.
 """
@@ -160,7 +161,9 @@ def memory_case(kind: str, n: int, batch: int, versions: dict) -> dict:
             stats, info = client.stats(), r.info("memory")
             ns = stats["store"] if kind == "store" else stats["caches"].get(CACHE, {"keys": 0, "bytes": 0})
             return {"rss": rss(pid), "accounted": ns["bytes"], "keys": ns["keys"], "redis_used": info["used_memory"],
-                    "redis_rss": info["used_memory_rss"], "redis_rss_proc": rss(redis_pid), "redis_keys": r.dbsize()}  # fmt: skip
+                    "redis_rss": info["used_memory_rss"], "redis_rss_proc": rss(redis_pid), "redis_keys": r.dbsize(),
+                    "max_stall_ms": stats["loop"]["max_stall_ms"], "full_gc_ms": _full_gc_ms(stats),
+                    "full_gcs": _full_gcs(stats)}  # fmt: skip
 
         before = measure()
         value_bytes = 0
@@ -188,7 +191,8 @@ def memory_case(kind: str, n: int, batch: int, versions: dict) -> dict:
     if bench.warnings:
         raise lab.BenchError(f"{kind} {n}: " + "; ".join(bench.warnings))
     return {"kind": kind, "n": n, "value_bytes_mean": value_bytes / n, "load_s": t1 - t0, "redis_load_s": t2 - t1,
-            "before": before, "after": after, "per_key": per_key,
+            "before": before, "after": after, "per_key": per_key, "load_max_stall_ms": after["max_stall_ms"],
+            "load_full_gc_ms": after["full_gc_ms"],
             "ratio": per_key["rss"] / per_key["redis_used"] if per_key["redis_used"] > 0 else None}  # fmt: skip
 
 
@@ -331,6 +335,11 @@ def _median_range(values: list, digits: int = 1) -> tuple[str, str]:
     return lab.fmt(statistics.median(values), digits), f"{low} - {high}"
 
 
+def _median_or_none(values: list):
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
 def memory_report(cases: list[dict]) -> tuple[list[str], dict, dict]:
     groups: dict[tuple, list] = {}
     for case in cases:
@@ -345,13 +354,16 @@ def memory_report(cases: list[dict]) -> tuple[list[str], dict, dict]:
         rows.append([name, f"{statistics.median(r['value_bytes_mean'] for r in runs):.1f}", lab.fmt(med["rss"]),
                      _median_range([r["per_key"]["rss"] for r in runs])[1], lab.fmt(med["accounted"]),
                      lab.fmt_x(med["accounted"], med["rss"]), lab.fmt(med["redis_used"]), lab.fmt(med["redis_rss"]),
-                     lab.fmt_x(ratio, 1), _median_range(ratios, 2)[1]])  # fmt: skip
+                     lab.fmt_x(ratio, 1), _median_range(ratios, 2)[1],
+                     lab.fmt(statistics.median(r["load_max_stall_ms"] for r in runs)),
+                     lab.fmt(_median_or_none([r["load_full_gc_ms"] for r in runs]))])  # fmt: skip
         checks[name] = (f"{name} keys: Manager RSS {lab.fmt(med['rss'])} B/key = {lab.fmt_x(ratio, 1)} Redis "
                         f"used_memory's {lab.fmt(med['redis_used'])} B/key (target <= {TARGET_RATIO:g}x)",
                         ratio, TARGET_RATIO)  # fmt: skip
     table = lab.table(["keys", "value (B)", "Manager RSS / key (B)", "range", "accounted / key (B)",
                        "accounted / RSS", "Redis used_memory / key (B)", "Redis RSS / key (B)",
-                       "RSS / Redis used_memory", "range"], rows,
+                       "RSS / Redis used_memory", "range", "longest loop round while loading (ms)",
+                       "longest full GC (ms of CPU)"], rows,
                       title="(a) Memory per key: growth after loading, median over the rounds")  # fmt: skip
     return [table], summary, checks
 

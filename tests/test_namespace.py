@@ -158,7 +158,7 @@ def test_the_wheel_reaps_every_key_within_a_unit_of_its_deadline(store, clock):
             assert overdue == [], overdue
         assert store.wheel.refs <= 3 * max(store.timed, 1) + 200 + 64
     assert store.timed == sum(1 for d in deadlines.values() if d != math.inf)
-    assert sorted(store.data) == sorted(deadlines)
+    assert sorted(store.iter_keys()) == sorted(deadlines)
 
 
 def test_zero_or_negative_ttl_stores_nothing(store):

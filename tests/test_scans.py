@@ -163,15 +163,23 @@ def scan_all(engine, session, ns, pattern="*", count=10, between=None, op=F.SCAN
             between()
 
 
+@pytest.mark.parametrize("parts", [1, 16], ids=["one-dict", "split"])
 @pytest.mark.parametrize("chunk", [S.SNAPSHOT_CHUNK, 256], ids=["copied-at-once", "copied-in-steps"])
 @pytest.mark.parametrize("ns", ["", "pages"])
-def test_every_key_present_throughout_is_returned_exactly_once(engine, ns, chunk, monkeypatch):
+def test_every_key_present_throughout_is_returned_exactly_once(engine, ns, chunk, parts, monkeypatch):
     """Random writes between the calls: removals and additions of other keys,
     re-sets and reads of the stable ones (which reorder a cache's LRU order),
     expiries. Every stable key comes back exactly once; nothing twice. Also
     while the snapshot is copied a chunk at a time, the writes landing in the
-    namespace's overlay (and ticks copying chunks between the calls)."""
+    namespace's overlay (and ticks copying chunks between the calls), and on
+    a namespace split into parts (#12: past SPLIT_AT keys, lowered here)."""
     monkeypatch.setattr(S, "SNAPSHOT_CHUNK", chunk)
+    if parts > 1:
+        from django_clustershm.server.namespace import Namespace
+
+        monkeypatch.setattr(Namespace, "SPLIT_AT", 512)
+        monkeypatch.setattr(Namespace, "PARTS", parts)
+        engine.store._split_at = 512  # made before the patch
     rng = random.Random(ns)
     session = engine.open_session()
     # MAX_ENTRIES and MAX_BYTES large enough that no stable key is culled
@@ -206,6 +214,7 @@ def test_every_key_present_throughout_is_returned_exactly_once(engine, ns, chunk
     assert all(len(batch) <= 7 for batch in batches)
     assert calls >= 3000 // 7
     assert len(engine.scans) == 0 and engine.scans.refs == 0
+    assert len(engine._space(ns).parts) == parts
 
 
 def test_a_call_looks_at_a_bounded_number_of_keys(engine, monkeypatch):
@@ -395,26 +404,36 @@ def test_a_scan_dropped_during_its_copy_thaws_its_namespace(engine, monkeypatch)
     assert engine.dispatch(one, F.GET, ["", "during"]) == b"v" and len(engine.store) == 1001
 
 
+@pytest.mark.parametrize("parts", [1, 8], ids=["one-dict", "split"])
 @pytest.mark.parametrize("kind", ["store", "cache"])
-def test_a_frozen_namespace_behaves_as_a_plain_one(kind):
+def test_a_frozen_namespace_behaves_as_a_plain_one(kind, parts, monkeypatch):
     """The same random operations on two namespaces, one of them frozen and
     thawed at random moments: every answer, the size, the byte count and the
-    order (a cache's LRU order: what eviction takes first) stay the same."""
+    order (a cache's LRU order: what eviction takes first) stay the same.
+    Split into parts (#12), a frozen namespace splits only once thawed, so
+    the two may have their keys in other parts: the same entries, then."""
     from django_clustershm.server.namespace import Namespace
 
+    if parts > 1:
+        monkeypatch.setattr(Namespace, "SPLIT_AT", 16)
+        monkeypatch.setattr(Namespace, "PARTS", parts)
     rng = random.Random(kind)
     clock = Clock()
     make = Namespace.store if kind == "store" else Namespace.cache
     plain, frozen = make(2**30, clock=clock), make(2**30, clock=clock)
     bounds = None if kind == "store" else [400, 3, 2**30]
     keys = [f"k{i}" for i in range(150)]
+    split = 0
     for step in range(6000):
         if rng.random() < 0.02:
             if frozen.frozen:
                 frozen.thaw()
             else:
                 copy = frozen.freeze()
-                assert list(copy) == list(plain.data)  # the keys of this moment, in order
+                if len(frozen.parts) == len(plain.parts):
+                    assert list(copy) == list(plain.iter_keys())  # the keys of this moment, in order
+                else:
+                    assert sorted(copy) == sorted(plain.iter_keys())
         key, op = rng.choice(keys), rng.randrange(9)
         ttl = rng.choice([None, None, 1.0, 10.0])
         if op == 7 and rng.random() >= 0.05:
@@ -442,8 +461,14 @@ def test_a_frozen_namespace_behaves_as_a_plain_one(kind):
                 expected = result
         assert result == expected, (step, op, key)
         assert len(frozen) == len(plain) and frozen.bytes == plain.bytes and frozen.timed == plain.timed
-        assert list(frozen.data) == list(plain.data)
-        assert dict(frozen.data.items()) == dict(plain.data.items())
+        if len(frozen.parts) == len(plain.parts):
+            assert list(frozen.iter_keys()) == list(plain.iter_keys())
+            assert list(frozen.entries()) == list(plain.entries())
+        else:
+            assert dict(frozen.entries()) == dict(plain.entries())
+        split += len(plain.parts) > 1
         clock.now += rng.choice([0, 0, 0.4])
     frozen.thaw()
-    assert type(frozen.data) is dict and list(frozen.data.items()) == list(plain.data.items())
+    assert not frozen.frozen and all(type(part) is dict for part in frozen.parts)
+    assert dict(frozen.entries()) == dict(plain.entries())
+    assert split > 1000 if parts > 1 else split == 0

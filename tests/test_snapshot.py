@@ -48,7 +48,7 @@ def cache(eng: Engine, name: str, max_bytes: int = 2**24) -> Namespace:
 
 def contents(space: Namespace) -> list:
     """(key, value, deadline) in dict (LRU) order."""
-    return [(key, *_unpack(stored)) for key, stored in space.data.items()]
+    return [(key, *_unpack(stored)) for key, stored in space.entries()]
 
 
 def round_trip(eng: Engine, into: Engine, elapsed: float = 0.0) -> dict:
@@ -92,8 +92,8 @@ def test_a_round_trip_keeps_values_ttls_lru_order_bounds_and_accounting(clock):
         assert (restored.bytes, restored.timed, len(restored)) == (space.bytes, space.timed, len(space))
         assert restored.wheel.refs == restored.timed
         assert restored.max_bytes == space.max_bytes
-    assert list(new.caches["sessions"].data)[-1] == "s3"
-    assert list(new.caches["pages"].data)[-1] == "small"
+    assert list(new.caches["sessions"].iter_keys())[-1] == "s3"
+    assert list(new.caches["pages"].iter_keys())[-1] == "small"
 
 
 def test_ttls_keep_running_from_what_was_left_and_the_wheel_reaps_them(clock):
@@ -142,7 +142,7 @@ def test_keys_written_before_the_restore_win_and_stay_most_recent(clock):
     assert round_trip(eng, new)["newer"] == 2
     assert contents(new.caches["pages"]) == [("a", b"a", INF), ("c", b"c", INF), ("b", b"newer", INF)]
     assert new.store.get("booted_by") == 2
-    assert new.caches["pages"].bytes == sum(Namespace._cost(k, v) for k, v in new.caches["pages"].data.items())
+    assert new.caches["pages"].bytes == sum(Namespace._cost(k, v) for k, v in new.caches["pages"].entries())
 
 
 def test_the_store_budget_and_the_cache_bounds_apply_on_restore(clock):
@@ -157,7 +157,7 @@ def test_the_store_budget_and_the_cache_bounds_apply_on_restore(clock):
     assert 0 < len(small.store) < 100 and small.store.bytes <= small.store.max_bytes
     restored = small.caches["big"]
     assert restored.max_bytes == big.bytes // 2 and restored.bytes <= restored.max_bytes
-    assert list(restored.data)[-1] == "c099"  # the least recently used were evicted first
+    assert list(restored.iter_keys())[-1] == "c099"  # the least recently used were evicted first
     assert counts["left_out"] == 200 - len(small.store) - len(restored)
 
 

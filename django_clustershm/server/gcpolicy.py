@@ -20,7 +20,9 @@ policy is to keep what a full collection visits small, whatever the state:
    lock is a ``bytes`` holder in a dict (:mod:`.locktable`), the near caches'
    stamps one mapped array (:mod:`.stamps`), a subscription an
    int in a dict (:mod:`.subscriptions`), a store or cache entry bytes or an
-   int (:mod:`.namespace`); objects are kept for what is few (connections,
+   int (:mod:`.namespace`), and the expiry wheel's references to expiring
+   keys tuples of 64 (:class:`.namespace.Bucket`, visited once per 64
+   keys); objects are kept for what is few (connections,
    sessions, lock waiters). Those tables then add nothing to a collection:
    the full collection above takes under 1 ms of the Manager's own objects
    (``tests/test_gc.py`` counts what the collector tracks per lock and
@@ -62,8 +64,13 @@ policy is to keep what a full collection visits small, whatever the state:
 What a full collection still visits, and so what it costs: the Manager's
 per-connection objects (a few thousand at 4,096 connections), lock waiters
 (one object each: a million queued waits would cost ~100 ms), the lock timer
-heap (an entry per leased lock or timed wait) and the expiry wheel's buckets
-(a reference per key with a timeout: ~20 ms per million such keys).
+heap (an entry per leased lock or timed wait) and the expiry wheel's open
+lists (under 64 references per bucket: a bucket per 1/64 s of the next second,
+per second of the next minute and per minute beyond, so that timeouts spread
+over days make many buckets of few keys). The wheel's references used to be
+in plain lists: a full collection followed each, ~7-20 ms per million keys
+with a timeout (1M cache keys, 300 s timeouts: 9.6 ms of CPU per full
+collection before, 2.9 ms after, the rest being the interpreter's own).
 """
 
 from __future__ import annotations

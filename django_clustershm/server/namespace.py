@@ -36,7 +36,10 @@ tuple, size or order record:
   value is then never copied).
 * The cache's LRU order is the dict's own order: a hit moves the key to the
   end (pop and insert again), eviction takes keys from the front, in batches
-  so that the dict's holes are skipped once per batch, not once per key.
+  so that the dict's holes are skipped once per batch, not once per key. (Past
+  32k keys a namespace's dict is split in 1024 by hash, so that no resize
+  stalls the Manager: the order is then exact within each part and
+  approximate across them; see :class:`Namespace`.)
   ``cachetools.LRUCache`` (which this replaced) keeps three hash-table slots
   and an ``OrderedDict`` node per entry: 230 bytes more per key, measured.
 * Expiry is an :class:`ExpiryWheel`: one reference per expiring key in a
@@ -60,9 +63,10 @@ from __future__ import annotations
 import heapq
 import math
 import struct
+import sys
 import time
-from collections.abc import Callable, Generator, Iterable, Iterator
-from itertools import islice
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
+from itertools import chain, islice
 from typing import Any
 
 from ..exceptions import IntegerOverflow, KeyNotFound, NotAnInteger, StoreFull, ValueTooLarge
@@ -74,9 +78,11 @@ INF = math.inf
 #: What an integer value counts for in the byte accounting (beyond the overhead).
 INT_SIZE = 8
 #: What one entry costs beyond the characters of its key and the bytes of its
-#: value: a str header (49), a bytes header (33), a dict slot (31-40 at 1M keys)
-#: and the allocator's rounding of two objects to 16 bytes. Measured on CPython
-#: 3.11 at 100k and 1M keys (bench/bench_memory.py).
+#: value: a str header (49), a bytes header (33), a dict slot (19-38 bytes by
+#: how full its table is; 31-40 before namespaces were split, #12) and the
+#: allocator's rounding of two objects to 16 bytes. Measured on CPython 3.11 at
+#: 100k and 1M keys (bench/bench_memory.py); kept at the unsplit figure, so that
+#: RSS stays under what the budgets count (0.80-0.94x of it at 100k-3M keys).
 ENTRY_OVERHEAD = 136
 #: What an expiring entry costs more: its wheel reference (8 bytes, and the
 #: stale ones a sweep has not dropped yet, which keep a removed key's str).
@@ -192,6 +198,57 @@ def _on_chain(point: int, du: float) -> bool:
     return point == int(du // 1) + 1 or point == int(du // 64) * 64 or point == int(du // 4096) * 4096
 
 
+#: References a bucket's open list holds before they become one tuple (see :class:`Bucket`).
+CHUNK = 64
+
+
+class Bucket:
+    """The keys to look at at one time: full chunks (tuples of CHUNK keys) and an open list.
+
+    The garbage collector visits every reference of a list at every full
+    collection: with a reference per expiring key, a million of them cost
+    about 20 ms of the Manager's loop each time. A tuple of strs stops being
+    tracked once a young collection has seen it (CPython untracks tuples of
+    atomic objects), so a bucket's references are invisible to it but for
+    its open list (CHUNK at most) and one per chunk.
+    """
+
+    __slots__ = ("chunks", "tail")
+
+    def __init__(self) -> None:
+        self.chunks: list[tuple[str, ...]] = []
+        self.tail: list[str] = []
+
+    def append(self, key: str) -> None:
+        tail = self.tail
+        tail.append(key)
+        if len(tail) >= CHUNK:
+            self.chunks.append(tuple(tail))
+            tail.clear()
+
+    def take(self, limit: int) -> list[str]:
+        """Remove and return up to ``limit`` references (at least one if any is left)."""
+        tail = self.tail
+        while not tail and self.chunks:
+            tail += self.chunks.pop()
+        if len(tail) <= limit:
+            self.tail = []
+            return tail
+        taken = tail[-limit:]
+        del tail[-limit:]
+        return taken
+
+    def __bool__(self) -> bool:
+        return bool(self.tail or self.chunks)
+
+    def __len__(self) -> int:
+        return len(self.tail) + sum(map(len, self.chunks))
+
+    def __iter__(self) -> Iterator[str]:
+        yield from chain.from_iterable(self.chunks)
+        yield from self.tail
+
+
 class ExpiryWheel:
     """Buckets of keys to look at, by time (in 1/64 s units), and a heap of the bucket times.
 
@@ -206,7 +263,7 @@ class ExpiryWheel:
     __slots__ = ("buckets", "heap", "refs")
 
     def __init__(self) -> None:
-        self.buckets: dict[int, list[str]] = {}
+        self.buckets: dict[int, Bucket] = {}
         self.heap: list[int] = []
         #: references held by all buckets, current and stale
         self.refs = 0
@@ -226,7 +283,7 @@ class ExpiryWheel:
     def put(self, key: str, point: int) -> None:
         bucket = self.buckets.get(point)
         if bucket is None:
-            bucket = self.buckets[point] = []
+            bucket = self.buckets[point] = Bucket()
             heapq.heappush(self.heap, point)
         bucket.append(key)
         self.refs += 1
@@ -248,7 +305,7 @@ _GONE = object()
 
 
 class Overlay:
-    """A namespace's dict while a scan copies its keys in bounded steps.
+    """A namespace's dict (one of its parts) while a scan copies its keys in bounded steps.
 
     Python's dict iterator breaks as soon as its dict changes size, and a
     SCAN cursor must outlive writes, so its snapshot of the keys used to be
@@ -262,8 +319,9 @@ class Overlay:
     into ``base`` (work: the changes made meanwhile, a few milliseconds'
     worth of writes) and the plain dict returns.
 
-    To every method of :class:`Namespace` it is the dict it stands for, order
-    included: a value set again keeps its key's place, a key removed then set
+    A split namespace has an overlay per part (see :class:`Namespace`), and
+    the copy walks their bases one after the other. To every method of
+    :class:`Namespace` an overlay is the dict it stands for, order included: a value set again keeps its key's place, a key removed then set
     again (a cache's move to the most recently used end) comes last, as a new
     key does. Slower than a dict (Python, not C), for the few milliseconds a
     copy lasts.
@@ -375,13 +433,66 @@ class Overlay:
         return base
 
 
+# -- the namespace's parts -------------------------------------------------------------
+
+#: Rounds of an approximate LRU walk over many parts (see :func:`_interleave`).
+ROUNDS = 64
+
+
+def _interleave(parts: list, items: bool, start: int = 0) -> Iterator:
+    """The entries of ``parts`` (``items``: ``(key, stored)`` pairs; else keys), least recently used first.
+
+    Exactly so in one part (its dict's order). In many, approximately: in
+    :data:`ROUNDS` rounds, each taking the next 1/ROUNDS of every part from its
+    front (starting with part ``start``). A key's part is chosen by its hash,
+    so every part holds a fair sample of the keys, and the front 1/ROUNDS of
+    each is about the least recently used 1/ROUNDS of them all. The parts must
+    not change while it runs (callers collect, then act).
+    """
+    if len(parts) == 1:
+        yield from parts[0].items() if items else parts[0]
+        return
+    order = parts[start:] + parts[:start]
+    walks = [(iter(part.items() if items else part), len(part)) for part in order]
+    for r in range(ROUNDS):
+        for walk, size in walks:
+            take = size * (r + 1) // ROUNDS - size * r // ROUNDS
+            if take:
+                yield from islice(walk, take)
+
+
 # -- the namespace ----------------------------------------------------------------------
 
 
 class Namespace:
-    """The operations, over one dict; :class:`Store` and :class:`Cache` are the policies."""
+    """The operations, over one dict or many (its *parts*); :class:`Store` and :class:`Cache` are the policies.
+
+    Its entries (key -> stored value, see :func:`_pack`) are one dict until it
+    holds :attr:`SPLIT_AT` keys, then :attr:`PARTS` dicts, key ``k`` in
+    ``parts[hash(k) & mask]`` (#12). A dict grows by copying itself whole into
+    a table twice as large, in one C call: 25 ms of the Manager's loop at 700k
+    keys, 52 ms at 1.4M, 110 ms at 2.8M, measured; a part holds 1/PARTS of the
+    keys, so its resize copies that much (under 1 ms at 3M keys, about 3 ms at
+    100M). The split itself is one pass over SPLIT_AT keys (6 ms, once), and a
+    dict of up to SPLIT_AT keys resizes in under 1 ms. Smaller tables cost
+    less too: a part's index holds 2-byte slots up to about 22k keys (1-byte
+    ones up to 85) where one dict of 100k keys or more needs 4-byte ones: 3-8
+    bytes a key less, measured. A lookup pays for ``hash()`` (cached in the
+    str) and an index: 50-90 ns.
+
+    Order. A cache's LRU order is each part's dict order, exact within a
+    part; across parts, its least recently used are taken a fair share from
+    the front of every part (:func:`_interleave`): an approximation of LRU, as
+    Redis's and memcached's are, for namespaces over SPLIT_AT keys only; a
+    smaller one has one part and the exact order it always had. A namespace
+    goes back to one part when cleared.
+    """
 
     kind = ""
+    #: Keys past which the one dict is split into PARTS (tests lower it).
+    SPLIT_AT = 1 << 15
+    #: The number of parts of a split namespace (a power of two).
+    PARTS = 1024
     #: How many stale references are tolerated before a sweep starts.
     SWEEP_SLACK = 8192
     #: The most references a reap looks at in one call (bounded work per loop round).
@@ -392,7 +503,15 @@ class Namespace:
     def __init__(self, max_bytes: int | None, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.max_bytes = max_bytes
         self.clock = clock
-        self.data: dict[str, object] = {}
+        #: the entries: one dict, or PARTS of them, ``parts[hash(key) & mask]`` holding ``key``
+        self.parts: list[dict[str, object]] = [{}]
+        self.mask = 0
+        #: the number of entries (expired ones not yet reclaimed included)
+        self.count = 0
+        #: the count past which the one part splits (never, once split)
+        self._split_at = self.SPLIT_AT
+        #: the part an approximate LRU walk starts from (eviction goes round the parts in turn)
+        self._turn = 0
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -415,7 +534,29 @@ class Namespace:
         return Cache(max_bytes, clock=clock)
 
     def __len__(self) -> int:
-        return len(self.data)
+        return self.count
+
+    def iter_keys(self) -> Iterator[str]:
+        """Every key (expired ones not yet reclaimed included), part after part. Nothing may change meanwhile."""
+        return chain.from_iterable(self.parts)
+
+    def entries(self) -> Iterator[tuple[str, object]]:
+        """``(key, stored)`` of every entry, least recently used first (exactly in one part; see :func:`_interleave`)."""
+        return _interleave(self.parts, True)
+
+    def _items(self) -> Iterator[tuple[str, object]]:
+        return chain.from_iterable(part.items() for part in self.parts)
+
+    def _split(self) -> None:
+        """Spread the one part's keys over PARTS parts (see the class's docstring)."""
+        if self.mask or self.frozen:
+            return  # split already; or a scan's copy walks the part: a write after the thaw splits it
+        mask = self.PARTS - 1
+        parts: list[dict[str, object]] = [{} for _ in range(mask + 1)]
+        for key, stored in self.parts[0].items():  # in order: each part keeps its keys' LRU order
+            parts[hash(key) & mask][key] = stored
+        self.parts, self.mask = parts, mask
+        self._split_at = sys.maxsize
 
     def entry_cost(self, key: str, value, expires: bool = False) -> int:
         """What an entry of ``key`` and ``value`` counts for here (as it costs in memory)."""
@@ -430,7 +571,7 @@ class Namespace:
 
     def _lookup(self, key: str):
         """The stored entry of ``key`` or None, as a read sees it (a cache marks it used)."""
-        return self.data.get(key)
+        return self.parts[hash(key) & self.mask].get(key)
 
     def _check(self, key: str, size: int, delta: int) -> None:
         """Refuse a write of ``size`` bytes (``delta`` more than now) before anything changes."""
@@ -441,8 +582,8 @@ class Namespace:
     def _fit(self, delta: int, keep: str) -> None:
         """Make room for ``delta`` more bytes (caches evict)."""
 
-    def _insert(self, key: str, stored, old) -> None:
-        self.data[key] = stored
+    def _insert(self, data: dict, key: str, stored, old) -> None:
+        data[key] = stored
 
     # -- internals -------------------------------------------------------------------
 
@@ -451,14 +592,15 @@ class Namespace:
             self.on_event(event, key, value)
 
     def _drop(self, key: str, stored) -> None:
-        del self.data[key]
+        del self.parts[hash(key) & self.mask][key]
+        self.count -= 1
         self.bytes -= self._cost(key, stored)
         if self._deadline_of(stored) != INF:
             self.timed -= 1
 
     def _live(self, key: str, peek: bool = False):
         """The stored entry of ``key`` if it exists and has not expired (an expired one is dropped now)."""
-        stored = self.data.get(key) if peek else self._lookup(key)
+        stored = self.parts[hash(key) & self.mask].get(key) if peek else self._lookup(key)
         if stored is None:
             return None
         deadline = self._deadline_of(stored)
@@ -475,7 +617,7 @@ class Namespace:
     def _put(self, key: str, value, deadline: float, bounds, event: int = EVENT_SET) -> None:
         stored = self._pack(value, deadline)
         size = self._cost(key, stored)
-        data = self.data
+        data = self.parts[hash(key) & self.mask]
         old = data.get(key)
         self._check(key, size, size - (self._cost(key, old) if old is not None else 0))
         if bounds is not None:
@@ -483,7 +625,11 @@ class Namespace:
             old = data.get(key)  # a reap may have taken it
         old_size = self._cost(key, old) if old is not None else 0
         self._fit(size - old_size, key)
-        self._insert(key, stored, old)
+        self._insert(data, key, stored, old)
+        if old is None:
+            self.count += 1
+            if self.count > self._split_at:
+                self._split()
         self.bytes += size - old_size
         old_deadline = INF if old is None else self._deadline_of(old)
         if deadline != INF:
@@ -576,12 +722,12 @@ class Namespace:
 
     def set_many(self, mapping: dict, ttl: float | None = None, bounds=None) -> None:
         """All or nothing: every entry is checked against the budget before the first is written."""
-        data = self.data
+        parts, mask = self.parts, self.mask
         deadline = self._deadline(ttl)
         delta = 0
         for key, value in mapping.items():
             size = self._cost(key, self._pack(value, deadline))
-            old = data.get(key)
+            old = parts[hash(key) & mask].get(key)
             step = size - (self._cost(key, old) if old is not None else 0)
             self._check(key, size, step)
             delta += step
@@ -602,13 +748,18 @@ class Namespace:
         deadline_of = self._deadline_of
         return [
             key
-            for key, stored in self.data.items()
+            for key, stored in self._items()
             if key.startswith(prefix) and (type(stored) is int or deadline_of(stored) > now)
         ]
 
     def clear(self) -> int:
         count = len(self.keys())
-        self.data.clear()
+        if self.frozen:
+            for part in self.parts:
+                part.clear()
+        else:
+            self.parts, self.mask, self._split_at = [{}], 0, self.SPLIT_AT
+        self.count = 0
         self.bytes = 0
         self.timed = 0
         self.wheel.clear()
@@ -632,8 +783,8 @@ class Namespace:
         batch: list = []
         size = 0
         append = batch.append
-        data: dict[str, Any] = self.data
-        for key, stored in data.items():
+        entries: Iterator[tuple[str, Any]] = _interleave(self.parts, True)
+        for key, stored in entries:
             kind = type(stored)
             if kind is bytes:
                 if len(stored) > _RAW_MIN:
@@ -690,18 +841,20 @@ class Namespace:
         """
         self.thaw()
         now = self.clock()
-        existing = self.data
-        data: dict[str, object] = {}
-        self.data = data
+        existing, existing_mask = self.parts, self.mask
+        self.parts = [{} for _ in existing]
+        count = self.count
         wheel_add = self.wheel.add
         budget = self.max_bytes if self.kind == "store" else None
         largest = self.max_bytes if self.kind == "cache" else None
         total = self.bytes
         restored = expired = left_out = newer = timed = 0
         for batch in batches:
+            parts, mask = self.parts, self.mask
             for i in range(0, len(batch), 3):
                 key, value, ttl = batch[i], batch[i + 1], batch[i + 2]
-                if key in existing or key in data:
+                data = parts[hash(key) & mask]
+                if key in existing[hash(key) & existing_mask] or key in data:
                     newer += 1
                     continue
                 if ttl is None:
@@ -718,12 +871,18 @@ class Namespace:
                     left_out += 1
                     continue
                 data[key] = stored
+                count += 1
                 total += size
                 restored += 1
                 if deadline != INF:
                     timed += 1
                     wheel_add(key, deadline, now)
-        data.update(existing)  # the newer entries stay the most recently used
+            self.count = count
+            if count > self._split_at:
+                self._split()
+        parts, mask = self.parts, self.mask
+        for key, stored in _interleave(existing, True):  # the newer entries stay the most recently used
+            parts[hash(key) & mask][key] = stored
         self.bytes = total
         self.timed += timed
         evictions = self.evictions
@@ -766,34 +925,33 @@ class Namespace:
         """Start copying the keys for a scan: an iterator over every key of
         this moment (expired ones not yet reclaimed included), which stays
         valid across loop rounds until :meth:`thaw` (see :class:`Overlay`)."""
-        if type(self.data) is Overlay:
+        if self.frozen:
             raise RuntimeError("a copy of this namespace's keys is already under way")
-        base = self.data
-        self.data = Overlay(base)  # type: ignore[assignment]
-        return iter(base)
+        bases = self.parts
+        self.parts = [Overlay(base) for base in bases]  # type: ignore[misc]
+        return chain.from_iterable(bases)
 
     @property
     def frozen(self) -> bool:
-        return type(self.data) is Overlay
+        return type(self.parts[0]) is Overlay
 
     def thaw(self) -> None:
         """The copy is done (or given up): the changes made meanwhile go into the dict."""
-        data = self.data
-        if type(data) is Overlay:
-            self.data = data.merge()
+        if self.frozen:
+            self.parts = [part.merge() for part in self.parts]  # type: ignore[attr-defined]
 
     def scan_batch(self, keys: list, pos: int, examine: int, count: int, match) -> tuple[list[str], int]:
         """Walk ``keys[pos:]``: look at ``examine`` of them at most, and collect
         up to ``count`` that exist now, have not expired and ``match`` (a test,
         or None for all). Returns them and where the walk stopped. Not a use
         (no LRU move, nothing dropped)."""
-        data, deadline_of, now = self.data, self._deadline_of, self.clock()
+        parts, mask, deadline_of, now = self.parts, self.mask, self._deadline_of, self.clock()
         found: list[str] = []
         stop = min(len(keys), pos + examine)
         while pos < stop:
             key = keys[pos]
             pos += 1
-            stored = data.get(key)
+            stored = parts[hash(key) & mask].get(key)
             if (
                 stored is not None
                 and (match is None or match(key))
@@ -808,23 +966,21 @@ class Namespace:
         """The live keys that ``match`` (a test, or None for all), in one pass (KEYS_MATCH)."""
         now, deadline_of = self.clock(), self._deadline_of
         if match is None:
-            return [key for key, stored in self.data.items() if type(stored) is int or deadline_of(stored) > now]
+            return [key for key, stored in self._items() if type(stored) is int or deadline_of(stored) > now]
         return [
-            key
-            for key, stored in self.data.items()
-            if match(key) and (type(stored) is int or deadline_of(stored) > now)
+            key for key, stored in self._items() if match(key) and (type(stored) is int or deadline_of(stored) > now)
         ]
 
     # -- expiry ------------------------------------------------------------------------
 
     def ttl(self, key: str) -> float | None:
         """Seconds ``key`` has left (None: no expiry). The key must exist."""
-        deadline = self._deadline_of(self.data[key])
+        deadline = self._deadline_of(self.parts[hash(key) & self.mask][key])
         return None if deadline == INF else deadline - self.clock()
 
     def deadline(self, key: str) -> float | None:
         """When ``key`` expires, on the clock (None: never). The key must exist."""
-        deadline = self._deadline_of(self.data[key])
+        deadline = self._deadline_of(self.parts[hash(key) & self.mask][key])
         return None if deadline == INF else deadline
 
     def next_deadline(self) -> float | None:
@@ -847,18 +1003,18 @@ class Namespace:
         nu = now * UNITS
         if heap[0] > nu:
             return []
-        buckets, data = wheel.buckets, self.data
+        buckets, parts, mask = wheel.buckets, self.parts, self.mask
         deadline_of = self._deadline_of
         gone: list[str] = []
         budget = limit
         while heap and heap[0] <= nu and budget > 0:
             point = heap[0]
             bucket = buckets[point]
-            while bucket and budget > 0:
-                budget -= 1
-                key = bucket.pop()
-                wheel.refs -= 1
-                stored = data.get(key)
+            taken = bucket.take(budget)
+            budget -= len(taken)
+            wheel.refs -= len(taken)
+            for key in taken:
+                stored = parts[hash(key) & mask].get(key)
                 if stored is None:
                     continue
                 deadline = deadline_of(stored)
@@ -901,30 +1057,47 @@ class Namespace:
         wheel = self.wheel
         for point in list(wheel.buckets):
             bucket = wheel.buckets.get(point)
-            kept = done = 0  # compacted in place: references [0, kept) are kept
-            while bucket is not None and done < len(bucket):
-                nu = self.clock() * UNITS
-                if point <= nu:
-                    bucket = None  # due now: the reap takes it
+            i = 0  # the chunk under way; len(chunks): the open list, swept at once (CHUNK at most)
+            while bucket is not None:
+                chunks = bucket.chunks
+                last = i >= len(chunks)
+                refs: Sequence[str] = bucket.tail if last else chunks[i]
+                kept: list[str] = []
+                done = 0
+                while done < len(refs):
+                    nu = self.clock() * UNITS
+                    if point <= nu:
+                        bucket = None  # due now: the reap takes it
+                        break
+                    parts, mask, deadline_of = self.parts, self.mask, self._deadline_of
+                    end = len(refs) if last else min(done + self._sweep_chunk, len(refs))
+                    for j in range(done, end):
+                        key = refs[j]
+                        stored = parts[hash(key) & mask].get(key)
+                        if stored is not None:
+                            deadline = deadline_of(stored)
+                            if deadline != INF and _check_point(deadline * UNITS, nu) == point:
+                                kept.append(key)
+                    done = end
+                    if done < len(refs):
+                        yield
+                        if wheel.buckets.get(point) is not bucket:
+                            bucket = None  # reaped or cleared meanwhile
+                            break
+                if bucket is None:
                     break
-                data, deadline_of = self.data, self._deadline_of
-                end = min(done + self._sweep_chunk, len(bucket))
-                for i in range(done, end):
-                    key = bucket[i]
-                    stored = data.get(key)
-                    if stored is not None:
-                        deadline = deadline_of(stored)
-                        if deadline != INF and _check_point(deadline * UNITS, nu) == point:
-                            bucket[kept] = key
-                            kept += 1
-                done = end
-                if done < len(bucket):
-                    yield
-                    if wheel.buckets.get(point) is not bucket:
-                        bucket = None  # reaped or cleared meanwhile
-            if bucket is not None:
-                wheel.refs -= len(bucket) - kept
-                del bucket[kept:]
+                wheel.refs -= len(refs) - len(kept)
+                if last:
+                    bucket.tail = kept
+                    break
+                if kept:
+                    chunks[i] = tuple(kept)
+                    i += 1
+                else:
+                    del chunks[i]
+                yield
+                if wheel.buckets.get(point) is not bucket:
+                    bucket = None
             yield
 
 
@@ -934,11 +1107,14 @@ class Store(Namespace):
     kind = "store"
 
     def get(self, key: str):
-        # The hot path, inlined: a small value without a deadline.
-        stored = self.data.get(key)
+        # The hot path, inlined: a small value without a deadline, and a miss.
+        stored = self.parts[hash(key) & self.mask].get(key)
         if type(stored) is bytes and stored[0] == 0 and len(stored) <= _RAW_MIN:
             self.hits += 1
             return stored[1:]
+        if stored is None:
+            self.misses += 1
+            return None
         return super().get(key)
 
     def _check(self, key: str, size: int, delta: int) -> None:
@@ -967,7 +1143,7 @@ class Cache(Namespace):
     def get(self, key: str):
         # The hot path, inlined: a small value, and when it expires a deadline
         # read once; a hit becomes the most recently used.
-        data = self.data
+        data = self.parts[hash(key) & self.mask]
         stored = data.pop(key, None)
         if stored is None:
             self.misses += 1
@@ -983,7 +1159,7 @@ class Cache(Namespace):
         return super().get(key)
 
     def _lookup(self, key: str):
-        data = self.data
+        data = self.parts[hash(key) & self.mask]
         stored = data.pop(key, None)
         if stored is not None:
             data[key] = stored  # now the most recently used
@@ -991,39 +1167,47 @@ class Cache(Namespace):
 
     def refresh(self, keys: list[str], hits: int) -> None:
         # Read in near caches: now the most recently used, as a read here makes them.
-        data = self.data
+        parts, mask = self.parts, self.mask
         for key in keys:
+            data = parts[hash(key) & mask]
             stored = data.pop(key, None)
             if stored is not None:
                 data[key] = stored
         self.hits += hits
 
-    def _insert(self, key: str, stored, old) -> None:
+    def _insert(self, data: dict, key: str, stored, old) -> None:
         if old is not None:
-            del self.data[key]  # a write makes it the most recently used
-        self.data[key] = stored
+            del data[key]  # a write makes it the most recently used
+        data[key] = stored
 
     def _check(self, key: str, size: int, delta: int) -> None:
         if size > self.max_bytes:
             raise ValueTooLarge(f"an entry of {size} bytes does not fit in a cache of MAX_BYTES={self.max_bytes}")
 
     def _evict(self, keys: list[str]) -> None:
-        data = self.data
+        parts, mask = self.parts, self.mask
         for key in keys:
-            self._drop(key, data[key])
+            self._drop(key, parts[hash(key) & mask][key])
             self.evictions += 1
             self._emit(EVENT_EVICT, key)
+        if keys and mask:
+            self._turn = (
+                (hash(keys[-1]) & mask) + 1
+            ) & mask  # the next eviction starts after the last part it took from
+
+    def _oldest(self, items: bool) -> Iterator:
+        """The least recently used entries first (approximately across parts, see :func:`_interleave`)."""
+        return _interleave(self.parts, items, self._turn)
 
     def _make_room(self, bounds, keep: str) -> None:
         max_entries, cull_frequency = bounds[0], bounds[1]
-        data = self.data
-        if len(data) < max_entries:
+        if self.count < max_entries:
             return
         self.reap()
-        if len(data) < max_entries:
+        if self.count < max_entries:
             return
-        count = len(data) if cull_frequency == 0 else len(data) // cull_frequency
-        self._evict(list(islice(data, count)))
+        count = self.count if cull_frequency == 0 else self.count // cull_frequency
+        self._evict(list(islice(self._oldest(False), count)))
 
     def _fit(self, delta: int, keep: str) -> None:
         if self.bytes + delta <= self.max_bytes:
@@ -1031,17 +1215,17 @@ class Cache(Namespace):
         # In a large cache, evict a little more than needed (1/64 of the
         # budget): the dict's front is full of holes left by moved and evicted
         # keys, skipped once per batch instead of once per key.
-        data = self.data
         excess = self.bytes + delta - self.max_bytes
-        if len(data) > 4096:
+        if self.count > 4096:
             excess += self.max_bytes // 64
         victims: list[str] = []
         freed = 0
-        for key in data:
+        cost = self._cost
+        for key, stored in self._oldest(True):
             if key == keep:
                 continue
             victims.append(key)
-            freed += self._cost(key, data[key])
+            freed += cost(key, stored)
             if freed >= excess:
                 break
         self._evict(victims)

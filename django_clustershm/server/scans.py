@@ -269,7 +269,7 @@ class Scans:
         if cursor == 0:
             self.started += 1
             if len(space) <= SNAPSHOT_CHUNK and not space.frozen:
-                keys = tuple(space.data)  # small: one copy, now
+                keys = tuple(space.iter_keys())  # small: one copy, now
                 found, pos = space.scan_batch(keys, 0, examine, count, match)
                 if pos >= len(keys):
                     return 0, found  # done in one call: nothing to keep
