@@ -370,9 +370,11 @@ def test_adaptive_rests_while_invalidations_outnumber_hits_then_keeps_copies_aga
     assert cache.invalidated >= 7 and cache.hits == 0
     assert cache.rests == 1 and len(cache) == 0
     tracker.replies = [b"k", b"k", b"k"]
+    misses = cache.misses
     for _ in range(3):
         assert cache.get("k") == b"k"
     assert [op for op, _ in tracker.calls[-3:]] == [P.GET] * 3 and len(cache) == 0  # plain reads, no copy
+    assert (cache.rest_reads, cache.misses) == (3, misses)  # counted apart: they skipped the lock and the copies
     clock.now += near_module.REST_FOR
     read_twice("k")  # rested: its second read keeps a copy again
     assert tracker.calls[-1][0] == P.TRACK_GET and len(cache) == 1
@@ -383,3 +385,47 @@ def test_adaptive_rests_while_invalidations_outnumber_hits_then_keeps_copies_aga
     for i in range(16):
         cache.get(f"once{i}")
     assert cache.rests == 1
+
+
+def test_adaptive_rests_twice_as_long_when_it_must_rest_again_at_once(clock, monkeypatch):
+    import django_clustershm.client.near as near_module
+
+    monkeypatch.setattr(near_module, "JUDGE_EVERY", 16)
+    cache = make(clock, policy="adaptive")
+    cache._judge_at = 16
+    tracker = cache.tracker
+    tracked = lambda key: (key.encode(), None, tracker.seq, True)  # noqa: E731
+
+    def write_heavy_window(tag):  # 16 misses whose copies are all invalidated before a hit
+        for i in range(8):
+            tracker.replies = [b"v"]
+            cache.get(f"{tag}{i}")  # first read: plain (it applies the invalidations before it)
+            tracker.replies = [tracked(f"{tag}{i}")]
+            cache.get(f"{tag}{i}")  # second: kept
+            tracker.pushes.append((cache, f"{tag}{i}"))
+        tracker.replies = [b"v"]
+        cache.get(f"{tag}-judged")  # the miss at which the window is weighed
+
+    def resting_for() -> float:
+        return cache._resting - clock.now
+
+    write_heavy_window("a")
+    assert cache.rests == 1 and resting_for() == near_module.REST_FOR
+    clock.now = cache._resting  # the rest is over
+    write_heavy_window("b")
+    assert cache.rests == 2 and resting_for() == 2 * near_module.REST_FOR  # again at once: twice as long
+    for n in range(3, 8):
+        clock.now = cache._resting
+        write_heavy_window(f"c{n}")
+    assert cache.rests == 7 and resting_for() == near_module.MAX_REST_FOR  # doubled up to the cap
+    clock.now = cache._resting
+    tracker.replies = [b"k"]
+    cache.get("k")
+    tracker.replies = [tracked("k")]
+    cache.get("k")
+    for _ in range(40):  # read far more than written: no rest, and the next one is short again
+        assert cache.get("k") == b"k"
+    tracker.replies = [b"y"] * 20
+    for i in range(20):
+        cache.get(f"once{i}")
+    assert cache.rests == 7 and cache._rest_for == near_module.REST_FOR

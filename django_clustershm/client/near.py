@@ -55,6 +55,8 @@ Redis's invalidation pushes instead of stamps.
 
 from __future__ import annotations
 
+import copy
+import itertools
 import logging
 import mmap
 import os
@@ -73,8 +75,10 @@ logger = logging.getLogger("django_clustershm.near")
 _INT_SIZE = 8
 #: "adaptive": misses between two weighings of a near cache's copies (see NearCache._judge).
 JUDGE_EVERY = 256
-#: "adaptive": seconds a near cache keeps no copies once they cost more than they saved.
+#: "adaptive": seconds a near cache keeps no copies once they cost more than they saved
+#: (doubled at each rest that follows a rest at once, up to MAX_REST_FOR).
 REST_FOR = 2.0
+MAX_REST_FOR = 32.0
 #: Seconds between two reports of a near cache's hits to the Manager (RECENT).
 RECENT_EVERY = 0.25
 #: What :meth:`NearCache._local` answers for a miss the policy reads untracked.
@@ -138,7 +142,11 @@ class NearCache:
         self._judge_at = JUDGE_EVERY
         self._judged = (0, 0)
         self._resting = 0.0
+        self._rest_for = REST_FOR
         self.rests = 0
+        # Reads while resting, which skip the lock and the copies (see get):
+        # counted by a C-level counter, which threads cannot lose counts of.
+        self._rest_reads = itertools.count()
         # Keys hit since the last RECENT report, and how many hits (see _hit).
         self._recent: dict[str, None] = {}
         self._recent_hits = 0
@@ -146,6 +154,21 @@ class NearCache:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def rest_reads(self) -> int:
+        """Reads made while resting: misses read plainly, not counted in ``misses``."""
+        return next(copy.copy(self._rest_reads))
+
+    def _rests_now(self) -> bool:
+        """Whether this read is one of a rest's (no lock: a float read, and a
+        C-level count). While the copies rest, a read costs what a plain one
+        does, plus this."""
+        resting = self._resting
+        if resting and self.clock() < resting:
+            next(self._rest_reads)
+            return True
+        return False
 
     # -- under the tracker's lock ---------------------------------------------------
 
@@ -194,16 +217,24 @@ class NearCache:
         than hits: the namespace is written more often than its copies are
         read, and keeping them only costs this process the fills; the copies
         are dropped and keys are read plainly for :data:`REST_FOR` seconds,
-        then kept again from their second read."""
+        then kept again from their second read. A namespace that must rest
+        again at the first weighing after a rest rests twice as long (up to
+        :data:`MAX_REST_FOR`): each return costs JUDGE_EVERY misses' worth of
+        fills and bookkeeping, which a namespace that stays write-heavy
+        (16 workers on 2 CPUs, where a copy is stale before its worker reads
+        it again) then pays less often."""
         hits, invalidated = self.hits - self._judged[0], self.invalidated - self._judged[1]
         self._judged = (self.hits, self.invalidated)
         self._judge_at = self.misses + JUDGE_EVERY
         if invalidated >= JUDGE_EVERY // 8 and invalidated > hits:
-            self._resting = self.clock() + REST_FOR
+            self._resting = self.clock() + self._rest_for
+            self._rest_for = min(self._rest_for * 2, MAX_REST_FOR)
             self.rests += 1
             self._entries.clear()
             self.bytes = 0
             self._seen.clear()  # type: ignore[union-attr]
+        else:
+            self._rest_for = REST_FOR
 
     def _remember_seen(self, key: str) -> None:
         seen = self._seen
@@ -247,6 +278,8 @@ class NearCache:
 
     def get(self, key: str):
         """The stored data (bytes or int) of ``key``, or None if it is missing."""
+        if self._resting and self._rests_now():
+            return self.tracker.fetch_untracked(self.ns, key)
         data = self._local(key)
         if data is not None:
             return data if data is not _UNTRACKED else self.tracker.fetch_untracked(self.ns, key)
@@ -258,6 +291,8 @@ class NearCache:
 
         The local part never blocks: the tracker's lock is only held around
         dict operations. (The channel itself is opened once per process, at the first miss.)"""
+        if self._resting and self._rests_now():
+            return await self.tracker.afetch_untracked(acall, self.ns, key)
         data = self._local(key)
         if data is not None:
             return data if data is not _UNTRACKED else await self.tracker.afetch_untracked(acall, self.ns, key)
@@ -320,6 +355,8 @@ class NearCache:
         return data
 
     def get_many(self, keys: list) -> dict:
+        if self._resting and self._rests_now():
+            return self.tracker.fetch_many_untracked(self.ns, keys)
         found, missing, track = self._local_many(keys)
         if not missing:
             return found
@@ -332,6 +369,8 @@ class NearCache:
 
     async def aget_many(self, keys: list, acall) -> dict:
         """:meth:`get_many` for the asyncio client."""
+        if self._resting and self._rests_now():
+            return await self.tracker.afetch_many_untracked(acall, self.ns, keys)
         found, missing, track = self._local_many(keys)
         if not missing:
             return found
@@ -573,4 +612,5 @@ class Tracker:
             cache._recent = {}
             cache.bytes = cache.hits = cache.misses = cache.untracked = cache._recent_hits = 0  # the child's own
             cache.invalidated = cache.rests = 0
-            cache._judge_at, cache._judged, cache._resting = JUDGE_EVERY, (0, 0), 0.0
+            cache._rest_reads = itertools.count()
+            cache._judge_at, cache._judged, cache._resting, cache._rest_for = JUDGE_EVERY, (0, 0), 0.0, REST_FOR
