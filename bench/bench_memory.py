@@ -4,8 +4,8 @@
 timeout): the Manager process's RSS growth per key next to redis-server's used_memory (and RSS) growth for the same
 keys and the same value bytes, and the Manager's own accounting (stats() "bytes") per key. Target: RSS at most
 1.5x Redis' used_memory. Also the Manager's longest loop round while it took the keys (stats()'s max_stall_ms, wall
-time: a dict's resize was one such round, #12) and its longest full garbage collection. (b) A child holding 100k locks, 100k keys read through its near cache (tracked up to the
-Manager's per-process cap) and 10k prefix listeners is SIGKILLed: the Manager's longest loop round while it closes
+time: a dict's resize was one such round, #12) and its longest full garbage collection. (b) A child holding 100k locks, 100k keys read through its near cache (which the Manager
+keeps nothing for since stamps) and 10k prefix listeners is SIGKILLed: the Manager's longest loop round while it closes
 the child's connections, once the setup's own rounds have left the Manager's stall window. Target: at most 50 ms.
 """
 

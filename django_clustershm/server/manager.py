@@ -222,8 +222,7 @@ class Manager:
     #: Unsent bytes queued for all clients together (replies and listener
     #: events) beyond which the Manager sheds load: it reads no more requests
     #: from a client that has unsent output (one with none is still served),
-    #: cuts off a listener holding more than its share, and sends near caches
-    #: invalidations instead of updates. Per-connection bounds alone let N slow
+    #: and cuts off a listener holding more than its share. Per-connection bounds alone let N slow
     #: peers multiply them (30 listeners that never read: +631 MB at once).
     #: 256 MiB: twice max_pending_output, so one client can still use its own
     #: bound in full; four times the largest frame, so a maximal reply fits;
