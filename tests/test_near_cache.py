@@ -525,3 +525,55 @@ def test_the_stamps_file_dies_with_its_manager(cluster):
             new.release()
     finally:
         old.release()
+
+
+@override_settings(CACHES=CACHES)
+def test_no_stale_reads_through_the_asyncio_client(cluster):
+    """The stale-read hunt again, read through the asyncio client's near cache
+    (its hits check the same stamps, its misses are awaited): forked writers
+    record how far they got once each write returned; an asyncio reader in
+    another process never sees an older value."""
+    seconds = 2.0
+
+    def writer(w):
+        cache = caches["default"]
+        n = 0
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            n += 1
+            if n % 5 == 0:
+                cache.delete(f"akey{w}")
+            cache.set(f"akey{w}", n)
+            clustershm.set(f"adone{w}", n)
+
+    def reader():
+        import asyncio
+
+        aio = clustershm.get_client().aio
+        near = aio.cache("near", near_cache=(1000, 1 << 20, None, "always"))
+
+        async def main():
+            reads = stale = 0
+            deadline = time.monotonic() + seconds
+            while time.monotonic() < deadline:
+                for w in range(2):
+                    done = await aio.aget(f"adone{w}", 0)
+                    key = caches["default"].make_key(f"akey{w}")
+                    for _ in range(2):  # the second read may be answered by the copy the first one kept
+                        if reads % 3:
+                            value = await near.aget(key)
+                        else:
+                            value = (await near.aget_many([key])).get(key)
+                        reads += 1
+                        if value is not None and value < done:
+                            stale += 1
+            await aio.aclose()
+            return reads, stale
+
+        reads, stale = asyncio.run(main())
+        hits = clustershm.get_client()._near["near"].hits
+        assert hits > 50, hits  # the near cache really answered
+        assert stale == 0, f"{stale} stale reads out of {reads}"
+
+    pids = [fork_call(writer, w) for w in range(2)] + [fork_call(reader)]
+    assert [reap(pid, 60) for pid in pids] == [0, 0, 0]
