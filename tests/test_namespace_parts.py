@@ -16,13 +16,7 @@ import pytest
 
 from django_clustershm.server.namespace import INF, Namespace, _unpack
 
-
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
+from .test_namespace import FakeClock
 
 
 @pytest.fixture
