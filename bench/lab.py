@@ -215,6 +215,10 @@ def _manager_child(address: str, secret: bytes, ready_w: int) -> None:
     """Body of the Manager process: create the Manager here (it belongs to its creator), serve until SIGTERM."""
     stop_on_sigterm()
     manager = package().Manager(address, secret)
+    request_stop = getattr(manager, "request_stop", None)
+    if request_stop is not None:
+        # Asked to stop, the loop ends its round and closes (a Stop raised inside the loop was logged as its death).
+        signal.signal(signal.SIGTERM, lambda signum, frame: request_stop())
     try:
         send(ready_w, "ok")
         manager.serve_forever()  # shuts the Manager down in its own finally clause when Stop interrupts it
