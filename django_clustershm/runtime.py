@@ -44,7 +44,7 @@ import threading
 import time
 from typing import Any
 
-from .wire.frames import EPOCH_SUFFIX
+from .wire.frames import STAMPS_SUFFIX
 
 logger = logging.getLogger("django_clustershm")
 
@@ -54,7 +54,7 @@ SOCKET_NAME = "manager.sock"
 #: The master's pid, written beside the socket by the cluster's start.
 PID_FILE = "pid"
 #: What a Manager's directory holds; a directory holding anything else is not one.
-SOCKET_DIR_FILES = frozenset({SOCKET_NAME, "secret", PID_FILE, SOCKET_NAME + EPOCH_SUFFIX})
+SOCKET_DIR_FILES = frozenset({SOCKET_NAME, "secret", PID_FILE, SOCKET_NAME + STAMPS_SUFFIX})
 #: A directory that records no pid is stale only if its socket refuses
 #: connections *and* nothing changed in it for this long (a Manager between
 #: making the directory and listening must not lose it).

@@ -431,7 +431,7 @@ def _mapped_stamps(cluster) -> memoryview:
     """The Manager's stamps file, mapped as a client process maps it."""
     import mmap
 
-    with open(cluster.address + P.EPOCH_SUFFIX, "rb") as fh:
+    with open(cluster.address + P.STAMPS_SUFFIX, "rb") as fh:
         mapped = mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ)
     return memoryview(mapped).cast("Q")
 
@@ -511,16 +511,16 @@ def test_the_stamps_file_dies_with_its_manager(cluster):
     of a killed one marks the old file dead before it serves anyone."""
     old = _mapped_stamps(cluster)
     try:
-        assert old[P.STAMP_BUCKETS] not in (0, P.EPOCH_CUT)
+        assert old[P.STAMP_BUCKETS] not in (0, P.STAMP_DEAD)
         cluster.kill()  # SIGKILL: it could mark nothing
-        assert old[P.STAMP_BUCKETS] != P.EPOCH_CUT
+        assert old[P.STAMP_BUCKETS] != P.STAMP_DEAD
         cluster.start()  # takes the address over
-        assert old[P.STAMP_BUCKETS] == P.EPOCH_CUT and set(old[:16].tolist()) == {P.EPOCH_CUT}
+        assert old[P.STAMP_BUCKETS] == P.STAMP_DEAD and set(old[:16].tolist()) == {P.STAMP_DEAD}
         new = _mapped_stamps(cluster)
         try:
-            assert new[P.STAMP_BUCKETS] not in (0, P.EPOCH_CUT)
+            assert new[P.STAMP_BUCKETS] not in (0, P.STAMP_DEAD)
             assert cluster.stop() == 0  # an orderly stop
-            assert new[P.STAMP_BUCKETS] == P.EPOCH_CUT
+            assert new[P.STAMP_BUCKETS] == P.STAMP_DEAD
         finally:
             new.release()
     finally:

@@ -481,7 +481,7 @@ class Tracker:
         """Map the Manager's stamps file read-only and check it is the one
         TRACKER named (its generation); without it no copy is kept and every
         read asks the Manager."""
-        path = self.transport.epoch_file
+        path = self.transport.stamps_file
         if path is None or not generation:
             return
         try:

@@ -342,8 +342,8 @@ class SocketTransport(Transport):
         self._made: weakref.WeakSet = weakref.WeakSet()
 
     @property
-    def epoch_file(self) -> str:
-        return self.address + F.EPOCH_SUFFIX
+    def stamps_file(self) -> str:
+        return self.address + F.STAMPS_SUFFIX
 
     def __repr__(self) -> str:
         return f"<SocketTransport {self.address}>"

@@ -142,7 +142,7 @@ class Transport(ABC):
     yields_on_handoff = False
 
     @property
-    def epoch_file(self) -> str | None:
+    def stamps_file(self) -> str | None:
         """The Manager's near-cache stamps file (see server/stamps.py), if it has one."""
         return None
 

@@ -83,7 +83,7 @@ def forget_in_child() -> None:
 
 
 _IOV_BATCH = 64  # buffers one sendmsg() takes at most (Linux allows 1,024)
-EPOCH_SUFFIX = P.EPOCH_SUFFIX
+STAMPS_SUFFIX = P.STAMPS_SUFFIX
 _RECV_SIZE = 64 * 1024  # under glibc's mmap threshold: a larger recv() buffer costs an mmap+munmap per call
 _PEERCRED = struct.Struct("3i")  # pid, uid, gid
 _READ = select.EPOLLIN
@@ -97,7 +97,7 @@ _TICK = 0.001
 def _remove_files(address: str, own_dir: str | None, pid: int) -> None:
     if os.getpid() != pid:
         return
-    for path in (address, address + EPOCH_SUFFIX):
+    for path in (address, address + STAMPS_SUFFIX):
         try:
             os.unlink(path)
         except FileNotFoundError:
@@ -481,7 +481,7 @@ class Manager:
         """The near caches' stamps file, beside the socket (see .stamps).
         Without it (no room, a file system that refuses), near caches keep no
         copies: every read goes to the Manager."""
-        path = self.address + EPOCH_SUFFIX
+        path = self.address + STAMPS_SUFFIX
         try:
             self.engine.stamps = Stamps(path)
         except OSError as exc:

@@ -1,7 +1,7 @@
 """Near-cache stamps: what keeps every process's near cache consistent, at O(1) a write.
 
 The Manager maps a file beside its socket (``<socket>`` +
-:data:`~..wire.frames.EPOCH_SUFFIX`, 0600) read-write; each client process
+:data:`~..wire.frames.STAMPS_SUFFIX`, 0600) read-write; each client process
 maps it read-only (:class:`..client.near.Tracker`). It holds
 :data:`~..wire.frames.STAMP_BUCKETS` 8-byte *stamps* and one header word,
 the file's generation. Every key hashes to one bucket; every change of a key
@@ -36,7 +36,7 @@ the Manager's process is the only one that matters, and a new Manager (a new
 seed) has a new file.
 
 A dead file (its Manager closed it, or a Manager that took over the address
-of a dead one found it) has every word set to :data:`~..wire.frames.EPOCH_CUT`,
+of a dead one found it) has every word set to :data:`~..wire.frames.STAMP_DEAD`,
 which no stamp or generation ever is: its clients' copies stop answering.
 """
 
@@ -55,7 +55,7 @@ logger = logging.getLogger("django_clustershm.server")
 
 #: Bucket mask (STAMP_BUCKETS is a power of two).
 MASK = STAMP_BUCKETS - 1
-#: The header word: the file's generation (EPOCH_CUT once dead).
+#: The header word: the file's generation (STAMP_DEAD once dead).
 HEADER = STAMP_BUCKETS
 SIZE = (STAMP_BUCKETS + 1) * 8
 
@@ -66,7 +66,7 @@ def bucket(ns: str, key: str) -> int:
 
 
 def poison(path: str) -> None:
-    """Mark a file of ours dead (every word EPOCH_CUT), if there is one at ``path``."""
+    """Mark a file of ours dead (every word STAMP_DEAD), if there is one at ``path``."""
     try:
         fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError:

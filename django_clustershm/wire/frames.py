@@ -116,12 +116,12 @@ matches replies by request id).
     RECENT         [ns, hits, [key...]]  (on the tracker connection; no reply)
 
 Near caches are kept consistent by *stamps*, not by pushes. The Manager
-maps the file ``<socket path>`` + :data:`EPOCH_SUFFIX` read-write; every
+maps the file ``<socket path>`` + :data:`STAMPS_SUFFIX` read-write; every
 process maps it read-only. It holds :data:`STAMP_BUCKETS` 8-byte stamps,
 then one header word: the file's generation (a random number, given by
-TRACKER), or :data:`EPOCH_CUT` once the file is dead (its Manager closed,
+TRACKER), or :data:`STAMP_DEAD` once the file is dead (its Manager closed,
 or a Manager that took over the address of a dead one marked it so; its
-stamps then all read :data:`EPOCH_CUT` too). Every key hashes (in the
+stamps then all read :data:`STAMP_DEAD` too). Every key hashes (in the
 Manager, which alone computes it) to one bucket; every change of a key
 (a write, delete, touch, eviction, expiry; every bucket for a clear) stores
 a new, never used stamp in its bucket before the reply to the request that
@@ -219,11 +219,11 @@ TRACK_GET_MANY = 0x3A
 RECENT = 0x3C
 
 #: The near-cache stamps file, beside the Manager's socket (see above).
-EPOCH_SUFFIX = ".near"
+STAMPS_SUFFIX = ".near"
 #: Buckets of stamps in it (a power of two); the header word follows them.
 STAMP_BUCKETS = 1 << 16
 #: What a dead file's header and stamps read: never a live generation or stamp.
-EPOCH_CUT = (1 << 64) - 1
+STAMP_DEAD = (1 << 64) - 1
 
 #: Keys one RECENT may name.
 MAX_RECENT = 1024
