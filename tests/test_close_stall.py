@@ -161,6 +161,34 @@ def hold_everything(address: str, secret: bytes, locks: int, tracked: int, liste
     block_until_killed()
 
 
+def start_holding_everything(proc, locks: int, tracked: int, listeners: int):
+    """Fork a child that holds all of that on ``proc`` (see hold_everything) and
+    wait until it does: ``(its pid, a client of proc's)``, the setup checked."""
+    r, w = os.pipe()
+
+    def child():
+        os.close(r)
+        hold_everything(proc.address, proc.secret, locks, tracked, listeners, w)
+
+    client = socket_client(proc.address, proc.secret, timeout=30)
+    pid = None
+    try:
+        pid = fork_call(child)
+        os.close(w)
+        assert os.read(r, 1) == b"1"
+        os.close(r)
+        stats = client.stats()
+        assert stats["locks"]["held_count"] == locks and stats["near"]["fills"] == tracked
+        assert stats["listeners"]["subscriptions"] == listeners * 1000
+    except BaseException:
+        if pid is not None:
+            os.kill(pid, signal.SIGKILL)  # the child we started, by pid
+            reap(pid, 10)
+        client.close()
+        raise
+    return pid, client
+
+
 @pytest.mark.slow
 def test_killing_a_process_that_holds_100k_locks_65k_tracked_keys_and_10k_listeners():
     """The Manager's loop over that close: the close itself does little, the
@@ -172,21 +200,9 @@ def test_killing_a_process_that_holds_100k_locks_65k_tracked_keys_and_10k_listen
     figure is checked loosely (bench/ measures the stalls)."""
     locks, tracked, listeners = 100_000, 65_536, 10
     proc = ManagerProcess().start()
-    r, w = os.pipe()
-
-    def child():
-        os.close(r)
-        hold_everything(proc.address, proc.secret, locks, tracked, listeners, w)
-
-    client = socket_client(proc.address, proc.secret, timeout=30)
+    client = None
     try:
-        pid = fork_call(child)
-        os.close(w)
-        assert os.read(r, 1) == b"1"
-        os.close(r)
-        stats = client.stats()
-        assert stats["locks"]["held_count"] == locks and stats["near"]["fills"] == tracked
-        assert stats["listeners"]["subscriptions"] == listeners * 1000
+        pid, client = start_holding_everything(proc, locks, tracked, listeners)
         waiter = _handshaked_socket(proc.address, proc.secret)
         waiter.sendall(P.encode(P.LOCK_ACQUIRE, 5, ["lock:50000", None, 30.0]))
         wait_until(lambda: client.stats()["locks"]["waiting"] == 1)
@@ -217,5 +233,6 @@ def test_killing_a_process_that_holds_100k_locks_65k_tracked_keys_and_10k_listen
         assert stats["loop"]["max_stall_ms"] <= max(stall_before, 500), stats["loop"]
         waiter.close()
     finally:
-        client.close()
+        if client is not None:
+            client.close()
         proc.cleanup()

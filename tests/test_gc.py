@@ -26,7 +26,7 @@ from django_clustershm.server.manager import Manager
 from django_clustershm.wire import frames as P
 
 from .helpers import ManagerProcess, fork_call, reap, socket_client, wait_until
-from .test_close_stall import hold_everything
+from .test_close_stall import start_holding_everything
 
 
 def _tracked_in(*roots) -> int:
@@ -206,22 +206,9 @@ def test_a_full_collection_in_a_manager_holding_100k_locks_65k_pairs_and_10k_lis
     here), so a tenth of that budget is a wide bound."""
     locks, tracked, listeners = 100_000, 65_536, 10
     proc = ManagerProcess(own_gc=True, collect_on_sigusr2=True).start()
-    r, w = os.pipe()
-
-    def child():
-        os.close(r)
-        hold_everything(proc.address, proc.secret, locks, tracked, listeners, w)
-
-    client = socket_client(proc.address, proc.secret, timeout=30)
-    pid = None
+    client = pid = None
     try:
-        pid = fork_call(child)
-        os.close(w)
-        assert os.read(r, 1) == b"1"
-        os.close(r)
-        stats = client.stats()
-        assert stats["locks"]["held_count"] == locks and stats["near"]["fills"] == tracked
-        assert stats["listeners"]["subscriptions"] == listeners * 1000
+        pid, client = start_holding_everything(proc, locks, tracked, listeners)
         for _ in range(3):
             full = client.stats()["gc"]["timed"][2]
             os.kill(proc.pid, signal.SIGUSR2)
@@ -232,5 +219,6 @@ def test_a_full_collection_in_a_manager_holding_100k_locks_65k_pairs_and_10k_lis
         if pid is not None:
             os.kill(pid, signal.SIGKILL)
             reap(pid, 10)
-        client.close()
+        if client is not None:
+            client.close()
         proc.cleanup()

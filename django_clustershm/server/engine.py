@@ -49,7 +49,7 @@ from .locktable import LockTable
 from .namespace import Namespace
 from .scans import Scans, compile_glob
 from .stamps import MASK as STAMP_MASK
-from .stamps import Stamps
+from .stamps import Stamps, bucket
 from .subscriptions import Subscriptions
 
 logger = logging.getLogger("django_clustershm.server")
@@ -657,19 +657,18 @@ class Engine:
             return [None, None, 0, 0]
         self.near_fills += 1
         words = self.stamps.words if self.stamps is not None else None
-        bucket = (hash(key) ^ hash(ns)) & STAMP_MASK
-        return [value, space.ttl(key), bucket, words[bucket] if words is not None else 0]
+        b = bucket(ns, key)
+        return [value, space.ttl(key), b, words[b] if words is not None else 0]
 
     def _track_get_many(self, session, ns, keys, *_ignored):
         space = self._space(ns)
         words = self.stamps.words if self.stamps is not None else None
-        salt = hash(ns)
         found = {}
         for key in self._keys_list(keys):
             value = space.get(key)
             if value is not None:
-                bucket = (hash(key) ^ salt) & STAMP_MASK
-                found[key] = [value, space.ttl(key), bucket, words[bucket] if words is not None else 0]
+                b = bucket(ns, key)
+                found[key] = [value, space.ttl(key), b, words[b] if words is not None else 0]
         self.near_fills += len(found)
         self._check_reply({k: v[0] for k, v in found.items()})
         return found
