@@ -102,13 +102,14 @@ def test_processes_are_counted_by_pid_with_their_role():
     from django_clustershm.dashboard.figures import build
 
     me, parent = os.getpid(), os.getppid()
+    other = next(pid for pid in (1, 2, 3) if pid not in (me, parent))  # (a runner reparented to init has parent 1)
     stats = {
         "manager_pid": parent,
         "clients": [
             {"id": 1, "pid": me, "since": 100.0, "ops": 5},
             {"id": 2, "pid": me, "since": 90.0, "ops": 7},
             {"id": 3, "pid": parent, "since": 80.0, "ops": 1},
-            {"id": 4, "pid": 1, "since": 95.0, "ops": 2},
+            {"id": 4, "pid": other, "since": 95.0, "ops": 2},
         ],
         "listeners": {"subscriptions": 2, "pushed": 0, "by_pid": {str(me): 2}},
         "near": {"processes": [me], "fills": 3, "stamps": 9},
@@ -116,10 +117,39 @@ def test_processes_are_counted_by_pid_with_their_role():
     found = build(stats, {}, here=me, now=200.0)
     rows = {p["pid"]: p for p in found["processes"]}
     assert (rows[me]["connections"], rows[me]["ops"], rows[me]["since"]) == (2, 12, 90.0)
-    assert (rows[me]["role"], rows[parent]["role"], rows[1]["role"]) == ("worker", "manager", "process")
+    assert (rows[me]["role"], rows[parent]["role"], rows[other]["role"]) == ("worker", "manager", "process")
     assert (rows[me]["listeners"], rows[me]["near"], rows[parent]["near"]) == (2, True, False)
     assert found["near"]["fills"] == 3
     assert found["workers"] == 1 and rows[me]["this"] and rows[me]["up"] == 110.0
+
+
+def test_value_slots_reach_the_figures_and_the_metrics():
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from django_clustershm.dashboard.figures import build
+    from django_clustershm.dashboard.metrics import exposition
+
+    me = os.getpid()
+    stats = {
+        "manager_pid": os.getppid(),
+        "clients": [{"id": 1, "pid": me, "since": 100.0, "ops": 5}],
+        "listeners": {"subscriptions": 0, "pushed": 0, "by_pid": {}},
+        "near": {"processes": [me], "fills": 3, "stamps": 9, "slots": 2, "slot_writes": 7, "slots_freed": 1},
+    }
+    near = {
+        "default": {
+            **{"entries": 1, "bytes": 10, "hits": 5, "misses": 1, "untracked": 0, "invalidated": 0},
+            **{"refreshed": 4, "rests": 0, "policy": "adaptive"},
+        }
+    }
+    found = build(stats, near, here=me, now=200.0)
+    assert (found["near"]["slots"], found["near"]["slot_writes"]) == (2, 7)
+    assert found["near"]["here"][0]["refreshed"] == 4
+    body, _ = exposition(found)
+    families = {family.name: family for family in text_string_to_metric_families(body.decode())}
+    assert _value(families, "clustershm_near_slots") == 2
+    assert _value(families, "clustershm_near_slot_writes_total") == 7
+    assert _value(families, "clustershm_near_refreshed_total", namespace="default", pid=str(me)) == 4
 
 
 # -- the views -----------------------------------------------------------------------------------

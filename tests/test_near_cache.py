@@ -28,6 +28,11 @@ def near():
     return clustershm.get_client()._near["near"]
 
 
+def refreshed(ns: str = "near") -> int:
+    """Stale copies of this process refilled from their key's value slot (no round trip)."""
+    return clustershm.near_stats()[ns]["refreshed"]
+
+
 def counts(ns: str = "near") -> tuple[int, int]:
     """(hits, misses) of this process's near cache of ``ns``; fails if there is none.
 
@@ -65,10 +70,30 @@ def test_a_write_in_another_process_is_seen_at_once(cluster):
         caches["default"].set("k", 2)
 
     assert reap(fork_call(writer), 10) == 0
-    assert cache.get("k") == 2  # the writer's call returned, so its stamp was already there
-    assert counts() == (1, 2)  # the copy was stale: a miss, which keeps the new value
+    ops = clustershm.stats()["ops"]
+    # The writer's call returned, so its stamp, and its value in the key's slot, were already there.
     assert cache.get("k") == 2
-    assert counts() == (2, 2)
+    assert counts() == (2, 1) and refreshed() == 1  # the copy was stale: refilled from the slot, a hit
+    assert cache.get("k") == 2
+    assert counts() == (3, 1) and refreshed() == 1  # kept with the new stamp: a plain hit
+    assert clustershm.stats()["ops"] == ops + 1  # no round trip (the +1 is the stats call)
+
+
+@override_settings(CACHES=CACHES)
+def test_a_value_too_large_for_a_slot_is_read_again_from_the_manager(cluster):
+    cache = caches["default"]
+    big = "y" * (2 * P.SLOT_SIZE)
+    cache.set("k", big)
+    assert cache.get("k") == big and cache.get("k") == big
+    assert counts() == (1, 1)
+
+    def writer():
+        caches["default"].set("k", big + "!")
+
+    assert reap(fork_call(writer), 10) == 0
+    assert cache.get("k") == big + "!"
+    assert counts() == (1, 2) and refreshed() == 0  # no slot: the stale copy is a miss
+    assert cache.get("k") == big + "!" and counts() == (2, 2)
 
 
 @override_settings(CACHES=CACHES)
@@ -87,13 +112,14 @@ def test_writes_elsewhere_invalidate_the_local_copies(cluster):
     assert reap(fork_call(writer), 10) == 0
     before = time.monotonic()
     assert cache.get("k") == {"v": 2} and cache.get("n") == 42 and cache.get("t") == "short-lived"
-    assert counts() == (hits, misses + 3)  # three stale copies: three misses
-    assert cache.get("same") == 1 and counts() == (hits + 1, misses + 3)  # a key nobody wrote: still a hit
+    # Three stale copies, each refilled from its key's value slot: three hits, no miss.
+    assert counts() == (hits + 3, misses) and refreshed() == 3
+    assert cache.get("same") == 1 and counts() == (hits + 4, misses)  # a key nobody wrote: a plain hit
     assert cache.get_many(["k", "n", "t"]) == {"k": {"v": 2}, "n": 42, "t": "short-lived"}
-    assert counts() == (hits + 4, misses + 3)  # the new values are held
-    # The copy's expiry is counted from before its read was sent: never later than the Manager's.
+    assert counts() == (hits + 7, misses) and refreshed() == 3  # the new values are held
+    # The refilled copy's expiry is the Manager's own (the slot carries it).
     deadline = near()._entries[cache.make_key("t")][1]
-    assert before < deadline <= time.monotonic() + 0.5
+    assert before - 0.5 < deadline <= before + 0.5
     wait_until(lambda: cache.get("t") is None, timeout=5, message="expiry of the copy")
 
 
@@ -211,13 +237,15 @@ def test_touch_incr_delete_clear_evict_invalidate(cluster):
     assert counts() == (1, 1)
     cache.incr("n")
     assert cache.get("n") == 2
-    assert counts() == (1, 2)  # the incr made the copy stale: a miss
+    assert counts() == (2, 1) and refreshed() == 1  # the incr moved the stamp: refilled from the slot
     assert cache.get("n") == 2
-    assert counts() == (2, 2)
+    assert counts() == (3, 1)
     cache.touch("n", 0.1)
+    assert cache.get("n") == 2 and refreshed() == 2  # the touch moved the stamp; the slot has the deadline
+    assert near()._entries[cache.make_key("n")][1] <= time.monotonic() + 0.1
     wait_until(lambda: cache.get("n") is None, timeout=5, message="the touched expiry")
     hits, misses = counts()
-    assert misses >= 2 and cache.make_key("n") not in near()._entries  # the touch invalidated the copy
+    assert misses >= 2 and cache.make_key("n") not in near()._entries  # expired here, then asked again
     cache.set_many({"a": 1, "b": 2})
     assert cache.get_many(["a", "b"]) == {"a": 1, "b": 2}
     assert cache.get_many(["a", "b"]) == {"a": 1, "b": 2}
@@ -251,11 +279,11 @@ def test_versions_and_prefixes(cluster):
     caches["default"].incr_version("k")  # moves v1's value to version 2 (a hit, a set, a delete)
     assert counts() == (1, 2)
     assert caches["default"].get("k") is None
-    assert counts() == (1, 3)  # ":1:k" was invalidated by the delete
+    assert counts() == (1, 3)  # ":1:k" was deleted: its slot went with it, a miss
     assert caches["default"].get("k", version=2) == "v1"
-    assert counts() == (1, 4)  # ":2:k" was written by incr_version: its copy was stale
+    assert counts() == (2, 3) and refreshed() == 1  # ":2:k" was written by incr_version: refilled from its slot
     assert caches["v2"].get("k") == "v1"
-    assert counts() == (2, 4)  # the same key, held: a hit
+    assert counts() == (3, 3)  # the same key, held: a hit
 
 
 @override_settings(CACHES=CACHES)
@@ -309,9 +337,9 @@ def test_plain_alias_without_near_cache_on_the_same_location(cluster):
     assert counts() == (0, 1)
     caches["plain"].set("k", 2)  # a write through the alias with no near cache...
     assert caches["default"].get("k") == 2
-    assert counts() == (0, 2)  # ...made the copy of the other stale: a miss, of the new value
+    assert counts() == (1, 1) and refreshed() == 1  # ...made the copy of the other stale: refilled from its slot
     assert caches["default"].get("k") == 2
-    assert counts() == (1, 2)
+    assert counts() == (2, 1)
 
 
 @override_settings(CACHES=CACHES)
@@ -332,8 +360,9 @@ def test_many_processes_hammer_one_key(cluster):
         hits, misses = hits - hits0, misses - misses0
         assert hits + misses == 500
         if i == 0:
-            # Each of the writer's own increments makes its copy stale: every read is a miss.
-            assert (hits, misses) == (0, 500)
+            # Each of the writer's own increments moves its copy's stamp; the
+            # key's slot already holds the new value: one miss, then refills.
+            assert (hits, misses) == (499, 1)
 
     assert run_forked(4, worker) == [0] * 4
     assert caches["default"].get("hot") == 500
@@ -456,10 +485,10 @@ def test_a_keys_stamp_moves_before_the_writers_reply(cluster):
         _sid, generation = call(P.TRACKER, [])
         assert generation and stamps[P.STAMP_BUCKETS] == generation
         call(P.SET, ["", "k", b"v1", None])
-        value, ttl, bucket, stamp = call(P.TRACK_GET, ["", "k"])
+        value, ttl, bucket, stamp, slot, token = call(P.TRACK_GET, ["", "k"])
         assert (value, ttl) == (b"v1", None) and stamps[bucket] == stamp
-        assert call(P.TRACK_GET, ["", "k"])[2:] == [bucket, stamp]  # nothing changed: the same
-        assert call(P.TRACK_GET, ["", "absent"]) == [None, None, 0, 0]
+        assert call(P.TRACK_GET, ["", "k"])[2:] == [bucket, stamp, slot, token]  # nothing changed: the same
+        assert call(P.TRACK_GET, ["", "absent"]) == [None, None, 0, 0, -1, 0]
         call(P.SET, ["", "k", b"v2", None])
         # The reply is in: the bucket already holds a new stamp.
         assert stamps[bucket] != stamp
@@ -471,7 +500,7 @@ def test_a_keys_stamp_moves_before_the_writers_reply(cluster):
             (P.REMOVE, ["", "k"]),
         ]:
             key = "n" if op == P.INCR else "k"
-            before = call(P.TRACK_GET, ["", key])[2:]
+            before = call(P.TRACK_GET, ["", key])[2:4]
             call(op, args)
             assert stamps[before[0]] != before[1], op
         # A clear moves every bucket.
@@ -479,7 +508,7 @@ def test_a_keys_stamp_moves_before_the_writers_reply(cluster):
         many = call(P.TRACK_GET_MANY, ["", ["k", "n", "absent"]])
         assert set(many) == {"k", "n"}
         call(P.CLEAR, [""])
-        assert all(stamps[b] != s for _v, _t, b, s in many.values())
+        assert all(stamps[b] != s for _v, _t, b, s, _slot, _token in many.values())
     finally:
         stamps.release()
         worker.close()
@@ -508,14 +537,25 @@ def test_a_write_sends_nothing_to_the_processes_holding_the_key(cluster):
 
 def test_the_stamps_file_dies_with_its_manager(cluster):
     """A Manager that stops marks its file dead; one that takes over the address
-    of a killed one marks the old file dead before it serves anyone."""
+    of a killed one marks the old file dead before it serves anyone. A dead
+    file's value slots answer nothing either."""
+    from .test_value_slots import _reader
+
     old = _mapped_stamps(cluster)
+    worker, call = _raw_client(cluster)
+    _sid, generation = call(P.TRACKER, [])
+    reader = _reader(cluster.address, generation)
     try:
+        call(P.SET, ["", "k", b"v", None])
+        *_, slot, token = call(P.TRACK_GET, ["", "k"])
+        worker.close()
         assert old[P.STAMP_BUCKETS] not in (0, P.STAMP_DEAD)
         cluster.kill()  # SIGKILL: it could mark nothing
         assert old[P.STAMP_BUCKETS] != P.STAMP_DEAD
+        assert slot < 0 or reader.read_slot(slot, token) == (b"v", float("inf"))
         cluster.start()  # takes the address over
         assert old[P.STAMP_BUCKETS] == P.STAMP_DEAD and set(old[:16].tolist()) == {P.STAMP_DEAD}
+        assert slot < 0 or reader.read_slot(slot, token) is None
         new = _mapped_stamps(cluster)
         try:
             assert new[P.STAMP_BUCKETS] not in (0, P.STAMP_DEAD)
@@ -524,6 +564,8 @@ def test_the_stamps_file_dies_with_its_manager(cluster):
         finally:
             new.release()
     finally:
+        reader.drop()
+        worker.close()
         old.release()
 
 

@@ -44,6 +44,11 @@ class StandInTracker:
         self.pushes: list = []  # (cache, key): invalidations on their way
         self.on_call = None
         self.stamps: list | None = None  # a Manager's stamps, for copies filled with one
+        self.slots: dict = {}  # slot -> (token, data, deadline): what read_slot answers
+
+    def read_slot(self, slot, token):
+        held = self.slots.get(slot)
+        return None if held is None or held[0] != token else held[1:]
 
     def session_id(self):
         return self.sid
@@ -187,8 +192,8 @@ def test_a_copy_answers_while_its_bucket_holds_its_stamp(clock):
     tracker = cache.tracker
     tracker.stamps = [0] * 8
     with held(cache):
-        cache._put("k", b"v", None, (3, 0))
-        cache._put("other", b"w", None, (5, 0))
+        cache._put("k", b"v", None, (3, 0, -1, 0))
+        cache._put("other", b"w", None, (5, 0, -1, 0))
         assert cache._lookup("k") == b"v"
         tracker.stamps[3] = 1  # "k", or another key of its bucket, changed in the Manager
         assert cache._lookup("k") is None and "k" not in cache._entries  # dropped, not only hidden
@@ -202,16 +207,49 @@ def test_a_miss_keeps_the_stamp_its_reply_carried(clock):
     cache = make(clock)
     tracker = cache.tracker
     tracker.stamps = [0] * 8
-    tracker.replies = [(b"v", None, None, (2, 7))]
-    assert cache.get("k") == b"v" and cache._entries["k"][3] == (2, 7)
-    tracker.replies = [(b"v2", None, None, (2, 0))]
+    tracker.replies = [(b"v", None, None, (2, 7, -1, 0))]
+    assert cache.get("k") == b"v" and cache._entries["k"][3] == (2, 7, -1, 0)
+    tracker.replies = [(b"v2", None, None, (2, 0, -1, 0))]
     assert cache.get("k") == b"v2"  # bucket 2 holds 0, not 7 (moved on since): stale, asked again
     assert (cache.hits, cache.misses, cache.invalidated) == (0, 2, 1)
     assert cache.get("k") == b"v2" and cache.hits == 1  # kept with (2, 0): a hit
     tracker.stamps[4] = 9
-    tracker.replies = [({"a": (b"A", None)}, None, {"a": (4, 9)})]
-    assert cache.get_many(["a"]) == {"a": b"A"} and cache._entries["a"][3] == (4, 9)
+    tracker.replies = [({"a": (b"A", None)}, None, {"a": (4, 9, -1, 0)})]
+    assert cache.get_many(["a"]) == {"a": b"A"} and cache._entries["a"][3] == (4, 9, -1, 0)
     assert cache.get_many(["a"]) == {"a": b"A"} and cache.hits == 2  # its bucket held 9: a hit
+
+
+def test_a_stale_copy_with_a_value_slot_is_refilled_from_it(clock):
+    cache = make(clock)
+    tracker = cache.tracker
+    tracker.stamps = [0] * 8
+    tracker.slots = {5: (11, b"new", float("inf"))}
+    with held(cache):
+        cache._put("k", b"old", None, (3, 0, 5, 11))
+        tracker.stamps[3] = 4  # "k" changed in the Manager: the slot holds its value
+        assert cache._lookup("k") == b"new" and tracker.calls == []  # no round trip
+        assert cache._entries["k"] == [b"new", None, size("k", b"new"), (3, 4, 5, 11)]  # kept with the new stamp
+        assert (cache.refreshed, cache.invalidated, cache.bytes) == (1, 0, size("k", b"new"))
+        assert cache._lookup("k") == b"new" and cache.refreshed == 1  # the stamp holds: a plain hit
+        # A deadline comes from the slot (the Manager's own) and is honoured.
+        tracker.slots[5] = (11, 42, clock.now + 1)
+        tracker.stamps[3] = 5
+        assert cache._lookup("k") == 42 and cache._entries["k"][1] == clock.now + 1
+        clock.now += 1
+        assert cache._lookup("k") is None and "k" not in cache._entries
+        # A slot that went to another key (another token), or is missing: the copy goes.
+        cache._put("k", b"v", None, (3, 5, 5, 11))
+        tracker.slots[5] = (12, b"someone else's", float("inf"))
+        tracker.stamps[3] = 6
+        assert cache._lookup("k") is None and cache.invalidated == 1 and cache.refreshed == 2
+        cache._put("k", b"v", None, (3, 6, 6, 13))
+        tracker.stamps[3] = 7
+        assert cache._lookup("k") is None and cache.invalidated == 2
+        # A value larger than the budget is not kept.
+        cache._put("k", b"v", None, (3, 7, 5, 12))
+        tracker.slots[5] = (12, b"x" * (cache.max_bytes + 1), float("inf"))
+        tracker.stamps[3] = 8
+        assert cache._lookup("k") is None and cache.bytes == 0 and cache.invalidated == 3
 
 
 # -- reads through the tracker ---------------------------------------------------------------

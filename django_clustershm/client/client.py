@@ -534,9 +534,11 @@ class Client(Keyspace):
 
     def near_stats(self) -> dict:
         """This process's near caches: ``{namespace: {"entries", "bytes", "hits",
-        "misses", "untracked", "invalidated", "rests", "policy"}}`` (``untracked``:
-        misses read without keeping a copy; ``invalidated``: copies dropped
-        because their key changed in the Manager; ``rests``: times the adaptive policy found the
+        "misses", "untracked", "invalidated", "refreshed", "rests", "policy"}}``
+        (``untracked``: misses read without keeping a copy; ``invalidated``:
+        copies dropped because their key changed in the Manager; ``refreshed``:
+        copies whose key changed, refilled from its value slot in shared
+        memory with no round trip (counted in ``hits``); ``rests``: times the adaptive policy found the
         copies cost more than they saved, see :class:`.near.NearCache`)."""
         return {
             ns: {
@@ -546,6 +548,7 @@ class Client(Keyspace):
                 "misses": cache.misses + (rested := cache.rest_reads),
                 "untracked": cache.untracked + rested,
                 "invalidated": cache.invalidated,
+                "refreshed": cache.refreshed,
                 "rests": cache.rests,
                 "policy": cache.policy,
             }

@@ -83,6 +83,8 @@ MAX_REST_FOR = 32.0
 RECENT_EVERY = 0.25
 #: What :meth:`NearCache._local` answers for a miss the policy reads untracked.
 _UNTRACKED = object()
+_INF = float("inf")
+_SLOT_WORDS = P.SLOT_SIZE // 8
 
 
 def _expanded(data: bytes) -> bytes:
@@ -128,7 +130,8 @@ class NearCache:
         self.max_bytes = int(max_bytes)
         self.policy = policy
         # key -> [data, deadline, size, stamp]; stamp: (bucket, the stamp it held
-        # at the fill), or None for a copy its tracker keeps valid by invalidations.
+        # at the fill, the key's value slot or -1, the slot's token), or None
+        # for a copy its tracker keeps valid by invalidations.
         self._entries: OrderedDict[str, list] = OrderedDict()
         # "adaptive": keys read once (and not kept), oldest first, at most
         # max_entries of them: a second miss while a key is here keeps a copy.
@@ -138,6 +141,7 @@ class NearCache:
         self.misses = 0
         self.untracked = 0  # misses read without keeping a copy (the policy's first reads)
         self.invalidated = 0  # copies found stale or invalidated (changed in the Manager)
+        self.refreshed = 0  # stale copies refilled from their key's value slot (counted in hits too)
         # "adaptive": when the copies were last weighed (see _judge), and until when they rest.
         self._judge_at = JUDGE_EVERY
         self._judged = (0, 0)
@@ -177,16 +181,47 @@ class NearCache:
         if entry is None:
             return None
         stamp = entry[3]
+        refreshed = False
         if stamp is not None:
             stamps = self.tracker.stamps
-            if stamps is None or stamps[stamp[0]] != stamp[1]:
-                self.invalidate(key)  # changed in the Manager since the fill
-                return None
+            now = stamps[stamp[0]] if stamps is not None else None
+            if now != stamp[1]:
+                # Changed in the Manager since the fill (or a key of the same
+                # bucket did): the new value from the key's slot, if it has one.
+                refreshed = stamp[2] >= 0 and now is not None and self._refresh(key, entry, now)
+                if not refreshed:
+                    self.invalidate(key)
+                    return None
         if entry[1] is not None and entry[1] <= self.clock():
             self._drop(key)
             return None
         self._entries.move_to_end(key)
+        if refreshed and self.bytes > self.max_bytes:
+            self._shrink()  # (the refreshed copy is the newest: it goes last)
         return entry[0]
+
+    def _refresh(self, key: str, entry: list, now: int) -> bool:
+        """Refill ``entry`` from its key's value slot; ``now``: the stamp its
+        bucket holds, read *before* the slot (so the value read is at least
+        as new as it: see :mod:`..server.stamps`). False: the slot is no longer
+        the key's, or was being written; the copy goes and the read asks the Manager."""
+        _, _, slot, token = stamp = entry[3]
+        read = self.tracker.read_slot(slot, token)
+        if read is None:
+            return False
+        data, deadline = read
+        if type(data) is bytes and data[:1] == b"\xc1":
+            data = _expanded(data)
+        size = len(key) + (len(data) if type(data) is bytes else _INT_SIZE)
+        if size > self.max_bytes:
+            return False
+        self.bytes += size - entry[2]
+        entry[0] = data
+        entry[1] = None if deadline == _INF else deadline
+        entry[2] = size
+        entry[3] = (stamp[0], now, slot, token)
+        self.refreshed += 1
+        return True
 
     def _drop(self, key: str) -> None:
         entry = self._entries.pop(key, None)
@@ -243,7 +278,7 @@ class NearCache:
             if len(seen) > self.max_entries:
                 del seen[next(iter(seen))]
 
-    def _put(self, key: str, data, deadline, stamp: tuple[int, int] | None = None) -> None:
+    def _put(self, key: str, data, deadline, stamp: tuple[int, int, int, int] | None = None) -> None:
         if type(data) is bytes and data[:1] == b"\xc1":
             data = _expanded(data)
         self._drop(key)  # first: a value too large to keep must not leave the old one behind
@@ -443,6 +478,8 @@ class Tracker:
         self.caches: dict[str, NearCache] = {}
         self._stamps_map: mmap.mmap | None = None
         self.stamps: memoryview | None = None
+        #: The file's value slots (see :meth:`read_slot`): as bytes, 8-byte words, float64s and int64s.
+        self._slots: tuple[memoryview[Any], ...] | None = None
         self.generation = 0
 
     def near_cache(
@@ -501,8 +538,45 @@ class Tracker:
             stamps_map.close()
             return
         self._stamps_map, self.stamps, self.generation = stamps_map, stamps, generation
+        if len(stamps_map) >= P.SLOTS_OFFSET + P.SLOTS * P.SLOT_SIZE:
+            region = memoryview(stamps_map)[P.SLOTS_OFFSET :]
+            self._slots = (region, region.cast("Q"), region.cast("d"), region.cast("q"))
+
+    def read_slot(self, slot: int, token: int) -> tuple | None:
+        """``(data, deadline)`` of value slot ``slot`` if it still holds the
+        value of the key whose fill gave ``token`` (a seqlock's reader: the
+        Manager writes the slot between two moves of ``seq``; see
+        :mod:`..server.stamps`), else None (no lock: shared memory only)."""
+        views = self._slots
+        if views is None:
+            return None
+        region, words, floats, ints = views
+        base = slot * _SLOT_WORDS
+        seq = words[base]
+        if seq & 1 or words[base + 1] != token:
+            return None
+        deadline = floats[base + 2]
+        meta = words[base + 3]
+        kind = meta >> 32
+        if kind == 1:
+            n = meta & 0xFFFFFFFF
+            if n > P.SLOT_PAYLOAD:
+                return None
+            start = slot * P.SLOT_SIZE + 32
+            data: bytes | int = region[start : start + n].tobytes()
+        elif kind == 2:
+            data = ints[base + 4]
+        else:
+            return None
+        if words[base] != seq:
+            return None
+        return data, deadline
 
     def _unmap_stamps(self) -> None:
+        if self._slots is not None:
+            for view in reversed(self._slots):
+                view.release()
+            self._slots = None
         if self.stamps is not None:
             self.stamps.release()
             self.stamps = None
@@ -515,19 +589,19 @@ class Tracker:
     def fetch(self, ns: str, key: str, sid) -> tuple:
         """A miss: ``(data, ttl, seq, tracked)``, passed to :meth:`fill` to
         keep the copy. Here ``seq`` is unused and ``tracked`` the key's
-        ``(bucket, stamp)``."""
-        value, ttl, bucket, stamp = self.transport.call(P.TRACK_GET, [ns, key])
-        return value, ttl, None, (bucket, stamp)
+        ``(bucket, stamp, slot, token)``."""
+        value, ttl, bucket, stamp, slot, token = self.transport.call(P.TRACK_GET, [ns, key])
+        return value, ttl, None, (bucket, stamp, _slot(slot), token)
 
     def fetch_many(self, ns: str, keys: list, sid) -> tuple:
         """Misses of several keys: ``({key: (data, ttl)}, seq, tracked)``
-        (here ``tracked`` is each key's ``(bucket, stamp)``)."""
+        (here ``tracked`` is each key's ``(bucket, stamp, slot, token)``)."""
         return self._many(self.transport.call(P.TRACK_GET_MANY, [ns, keys]))
 
     async def afetch(self, acall, ns: str, key: str, sid) -> tuple:
         """:meth:`fetch` from the asyncio client (``acall``: its transport's call)."""
-        value, ttl, bucket, stamp = await acall(P.TRACK_GET, [ns, key])
-        return value, ttl, None, (bucket, stamp)
+        value, ttl, bucket, stamp, slot, token = await acall(P.TRACK_GET, [ns, key])
+        return value, ttl, None, (bucket, stamp, _slot(slot), token)
 
     async def afetch_many(self, acall, ns: str, keys: list, sid) -> tuple:
         return self._many(await acall(P.TRACK_GET_MANY, [ns, keys]))
@@ -535,9 +609,9 @@ class Tracker:
     @staticmethod
     def _many(reply: dict) -> tuple:
         fetched, stamps = {}, {}
-        for key, (value, ttl, bucket, stamp) in reply.items():
+        for key, (value, ttl, bucket, stamp, slot, token) in reply.items():
             fetched[key] = (value, ttl)
-            stamps[key] = (bucket, stamp)
+            stamps[key] = (bucket, stamp, _slot(slot), token)
         return fetched, None, stamps or True
 
     def check_alive(self) -> None:
@@ -611,6 +685,11 @@ class Tracker:
                 cache._seen = {}
             cache._recent = {}
             cache.bytes = cache.hits = cache.misses = cache.untracked = cache._recent_hits = 0  # the child's own
-            cache.invalidated = cache.rests = 0
+            cache.invalidated = cache.rests = cache.refreshed = 0
             cache._rest_reads = itertools.count()
             cache._judge_at, cache._judged, cache._resting, cache._rest_for = JUDGE_EVERY, (0, 0), 0.0, REST_FOR
+
+
+def _slot(slot) -> int:
+    """A slot index from the Manager's reply (-1: none, or not one of the file's)."""
+    return slot if type(slot) is int and 0 <= slot < P.SLOTS else -1

@@ -225,6 +225,9 @@ def build(stats: dict, near: dict, *, here: int, now: float) -> dict[str, Any]:
         "near": {
             # Keys read by near-cache misses, all processes (None: not a Manager).
             "fills": stats.get("near", {}).get("fills"),
+            # Value slots in use, and changes written into them (see server/stamps.py).
+            "slots": stats.get("near", {}).get("slots"),
+            "slot_writes": stats.get("near", {}).get("slot_writes"),
             # This process's own near caches (a process knows only its own hits).
             "here": [
                 {

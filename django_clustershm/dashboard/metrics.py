@@ -162,12 +162,18 @@ def _listeners_and_near(figures: dict) -> Iterator[Metric]:
     near = figures["near"]
     if near["fills"] is not None:
         yield _counter("near_fills", "Keys read by near-cache misses, all processes", near["fills"])
+    if near["slots"] is not None:
+        yield _gauge("near_slots", "Keys whose value the Manager keeps in a value slot", near["slots"])
+        yield _counter("near_slot_writes", "Changes the Manager wrote into value slots", near["slot_writes"])
     labels = ["namespace", "pid"]
     families: dict[str, GaugeMetricFamily | CounterMetricFamily] = {
         "entries": _gauge("near_entries", "Entries in this process's near cache", None, labels),
         "bytes": _gauge("near_bytes", "Bytes in this process's near cache", None, labels),
         "hits": _counter("near_hits", "Reads this process's near cache answered", None, labels),
         "misses": _counter("near_misses", "Reads this process's near cache passed on", None, labels),
+        "refreshed": _counter(
+            "near_refreshed", "Stale copies this process refilled from value slots (in hits)", None, labels
+        ),
     }
     pid = str(figures["served_by"])
     for cache in near["here"]:

@@ -140,6 +140,8 @@ class Engine:
         self.stamps: Stamps | None = None
         #: Keys read by near-cache misses (TRACK_GET, TRACK_GET_MANY), in all.
         self.near_fills = 0
+        #: Each namespace's keys that have a value slot (see .stamps), by namespace.
+        self._slotted: dict[str, dict[str, int]] = {}
         self.store = self._namespace("", Namespace.store(max_store_bytes, clock=clock))
         self.caches: dict[str, Namespace] = {}
         # What a read sees of a cache no one has written yet: an empty one
@@ -205,17 +207,33 @@ class Engine:
     def _namespace(self, name: str, space: Namespace) -> Namespace:
         subscriptions = self.subscriptions
         salt = hash(name)
+        # This namespace's keys that have a value slot (see .stamps): key -> slot.
+        slotted: dict[str, int] = {}
+        self._slotted[name] = slotted
 
-        def on_event(event: int, key, value, name=name, salt=salt, engine=self) -> None:
-            # Near caches first: a new stamp in the key's bucket, before the
-            # writer's reply (see .stamps; the same hash as stamps.bucket, inlined:
-            # this runs for every change). Then listeners, if any.
+        def on_event(
+            event: int, key, value, name=name, salt=salt, engine=self, keeps=(F.EVENT_SET, F.EVENT_TOUCH)
+        ) -> None:
+            # Near caches first: the key's value slot if it has one, then a new
+            # stamp in its bucket, both before the writer's reply (see .stamps;
+            # the same hash as stamps.bucket, inlined: this runs for every
+            # change). Then listeners, if any.
             stamps = engine.stamps
             if stamps is not None:
                 words = stamps.words
                 if key is None:
+                    if slotted:
+                        stamps.free_all(slotted)
                     stamps.bump_all()
                 elif words is not None:
+                    if slotted:
+                        i = slotted.get(key)
+                        if i is not None:
+                            entry = space.peek(key) if event in keeps else None
+                            if entry is None:
+                                stamps.free_slot(i)
+                            else:
+                                stamps.rewrite(i, entry[0], entry[1], engine.clock())
                     words[(hash(key) ^ salt) & STAMP_MASK] = stamps.next_stamp()
             if subscriptions.count:
                 subscriptions.notify(name, event, key, value)
@@ -645,33 +663,51 @@ class Engine:
             )
         space = self._space(ns)
         if space is not self._empty:
-            space.refresh(self._keys_list(keys), hits)
+            keys = self._keys_list(keys)
+            space.refresh(keys, hits)
+            slotted = self._slotted.get(ns)
+            if slotted and self.stamps is not None:
+                # Keys still read from their slots keep them (see .stamps: SLOT_IDLE).
+                now = self.clock()
+                for key in keys:
+                    i = slotted.get(key)
+                    if i is not None:
+                        self.stamps.used(i, now)
         return NO_REPLY
 
     def _track_get(self, session, ns, key, *_ignored):
-        """GET, with the key's bucket and the stamp it holds (see .stamps)."""
+        """GET, with the key's bucket, the stamp it holds and its value slot (see .stamps)."""
         space = self._space(ns)
         key = self._key(key)
         value = space.get(key)
         if value is None:
-            return [None, None, 0, 0]
+            return [None, None, 0, 0, -1, 0]
         self.near_fills += 1
-        words = self.stamps.words if self.stamps is not None else None
-        b = bucket(ns, key)
-        return [value, space.ttl(key), b, words[b] if words is not None else 0]
+        return self._tracked(ns, space, key, value)
 
     def _track_get_many(self, session, ns, keys, *_ignored):
         space = self._space(ns)
-        words = self.stamps.words if self.stamps is not None else None
         found = {}
         for key in self._keys_list(keys):
             value = space.get(key)
             if value is not None:
-                b = bucket(ns, key)
-                found[key] = [value, space.ttl(key), b, words[b] if words is not None else 0]
+                found[key] = self._tracked(ns, space, key, value)
         self.near_fills += len(found)
         self._check_reply({k: v[0] for k, v in found.items()})
         return found
+
+    def _tracked(self, ns: str, space: Namespace, key: str, value) -> list:
+        """``[value, ttl, bucket, stamp, slot, token]`` of a near-cache miss."""
+        stamps = self.stamps
+        words = stamps.words if stamps is not None else None
+        b = bucket(ns, key)
+        ttl = space.ttl(key)
+        if words is None:
+            return [value, ttl, b, 0, -1, 0]
+        # The slot gets the Manager's own deadline (peek's), never a later one.
+        deadline = space.peek(key)[1]  # type: ignore[index]
+        slot, token = stamps.slot_for(self._slotted[ns], key, value, deadline, self.clock())  # type: ignore[union-attr]
+        return [value, ttl, b, words[b], slot, token]
 
     # -- introspection -----------------------------------------------------------------------
 
@@ -718,6 +754,10 @@ class Engine:
                 "processes": sorted({s.pid for s in self.sessions.values() if s.tracker}),
                 "fills": self.near_fills,
                 "stamps": self.stamps.issued if self.stamps is not None else 0,
+                # Value slots (see .stamps): in use, changes written into them, freed.
+                "slots": self.stamps.slots_used if self.stamps is not None else 0,
+                "slot_writes": self.stamps.slot_writes if self.stamps is not None else 0,
+                "slots_freed": self.stamps.slots_freed if self.stamps is not None else 0,
             },
             "max_total_cache_bytes": self.max_total_cache_bytes,
             "sweep": {"pending": self.sweep_pending, "swept": self.swept, "largest": self.sweep_largest},

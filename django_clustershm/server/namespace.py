@@ -973,6 +973,12 @@ class Namespace:
 
     # -- expiry ------------------------------------------------------------------------
 
+    def peek(self, key: str) -> tuple | None:
+        """``(value, deadline)`` of ``key`` as stored (INF: no expiry), or None;
+        changes nothing (no LRU move, no expiry: the near caches' value slots read it)."""
+        stored = self.parts[hash(key) & self.mask].get(key)
+        return None if stored is None else self._unpack(stored)
+
     def ttl(self, key: str) -> float | None:
         """Seconds ``key`` has left (None: no expiry). The key must exist."""
         deadline = self._deadline_of(self.parts[hash(key) & self.mask][key])

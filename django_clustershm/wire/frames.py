@@ -111,8 +111,8 @@ matches replies by request id).
     TRACKER        []                    -> [session_id, generation]  (this connection
                                              becomes the process's near-cache channel;
                                              generation: the stamps file's, 0 if none)
-    TRACK_GET      [ns, key]             -> [v, ttl, bucket, stamp]
-    TRACK_GET_MANY [ns, [key...]]        -> {key: [v, ttl, bucket, stamp]}
+    TRACK_GET      [ns, key]             -> [v, ttl, bucket, stamp, slot, token]
+    TRACK_GET_MANY [ns, [key...]]        -> {key: [v, ttl, bucket, stamp, slot, token]}
     RECENT         [ns, hits, [key...]]  (on the tracker connection; no reply)
 
 Near caches are kept consistent by *stamps*, not by pushes. The Manager
@@ -132,6 +132,19 @@ write costs the same however many processes hold the key. A change of
 another key of the same bucket also invalidates a copy (65,536 buckets: a
 worker holding 2,000 copies loses one to 3% of the writes of keys it does
 not hold).
+
+After the stamps' words (at :data:`SLOTS_OFFSET`) the file holds
+:data:`SLOTS` *value slots* of :data:`SLOT_SIZE` bytes: the Manager keeps in
+one the current value of a key that near caches read (a TRACK_GET answers
+its ``slot`` and ``token``; ``slot`` -1: none), rewritten in place at every
+change of the key before the stamp moves, so that a process whose copy's
+stamp moved reads the new value there instead of asking the Manager. A slot
+is four 8-byte words, then its payload: ``seq`` (odd while the Manager
+writes the slot, a seqlock), ``token`` (whose slot it is: 0 when free),
+``deadline`` (a float64, CLOCK_MONOTONIC; inf: none) and ``kind << 32 |
+length`` (kind 1: ``length`` bytes of value; 2: a signed 64-bit int in the
+first payload word). Only on x86-64 (whose aligned 8-byte loads and stores
+are atomic and kept in order), see ``server/stamps.py``.
 A tracker reports its process's hits now and then with RECENT: the keys hit
 (at most :data:`MAX_RECENT` of them) become the most recently used in their
 cache, as if read there, and ``hits`` counts into the cache's hits, so that
@@ -166,8 +179,9 @@ from ..exceptions import ProtocolError
 
 MAGIC = b"CS"
 # 2: SET/ADD/SET_MANY carry the cache bounds (no CACHE_* opcodes); 3: SET_MANY's flat list, LOCK_CANCEL;
-# 4: pushes unnumbered (counted by both ends), epoch slots, RECENT; 5: stamps instead of pushes
-VERSION = 5
+# 4: pushes unnumbered (counted by both ends), epoch slots, RECENT; 5: stamps instead of pushes;
+# 6: value slots after the stamps (TRACK_GET answers slot and token)
+VERSION = 6
 
 #: The one struct format of the header: magic, version, opcode, request id, length.
 HEADER = struct.Struct("!2sBBII")
@@ -224,6 +238,12 @@ STAMPS_SUFFIX = ".near"
 STAMP_BUCKETS = 1 << 16
 #: What a dead file's header and stamps read: never a live generation or stamp.
 STAMP_DEAD = (1 << 64) - 1
+#: Where the value slots start in the stamps file (after the stamps and the header word, page-aligned).
+SLOTS_OFFSET = ((STAMP_BUCKETS + 1) * 8 + 4095) // 4096 * 4096
+#: Value slots in the file, and the bytes of each (four header words, then the payload).
+SLOTS = 4096
+SLOT_SIZE = 1024
+SLOT_PAYLOAD = SLOT_SIZE - 32
 
 #: Keys one RECENT may name.
 MAX_RECENT = 1024
