@@ -274,19 +274,21 @@ def test_values_of_every_size_and_kind_come_back_as_stored(store, clock):
 
 def test_events_are_the_same_on_both_policies(store, clock):
     events = []
-    store.on_event = lambda event, key, value: events.append((event, key, value))
+    store.on_event = lambda event, key, value, deadline: events.append((event, key, value, deadline))
+    t0 = clock.now
     store.set("a", b"1", ttl=5)
     store.touch("a", 10)
     store.incr("n", 2, 0)
     store.remove("n")
     clock.now += 11
     store.reap()
+    inf = float("inf")
     assert events == [
-        (EVENT_SET, "a", b"1"),
-        (EVENT_TOUCH, "a", None),
-        (EVENT_SET, "n", 2),
-        (EVENT_REMOVE, "n", None),
-        (EVENT_EXPIRE, "a", None),
+        (EVENT_SET, "a", b"1", t0 + 5),
+        (EVENT_TOUCH, "a", b"1", t0 + 10),  # (listeners are not told of touches)
+        (EVENT_SET, "n", 2, inf),
+        (EVENT_REMOVE, "n", None, inf),
+        (EVENT_EXPIRE, "a", None, inf),
     ]
 
 
@@ -294,7 +296,7 @@ def test_a_cache_evicts_the_least_recently_used_to_fit_its_bytes(clock):
     size = Namespace.cache(clock=clock).entry_cost("k0", b"x" * 100)
     cache = Namespace.cache(3 * size, clock=clock)
     events = []
-    cache.on_event = lambda event, key, value: events.append((event, key))
+    cache.on_event = lambda event, key, value, deadline: events.append((event, key))
     for i in range(3):
         cache.set(f"k{i}", b"x" * 100)
     cache.get("k0")  # now the most recently used

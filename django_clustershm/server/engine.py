@@ -141,7 +141,7 @@ class Engine:
         #: Keys read by near-cache misses (TRACK_GET, TRACK_GET_MANY), in all.
         self.near_fills = 0
         #: Each namespace's keys that have a value slot (see .stamps), by namespace.
-        self._slotted: dict[str, dict[str, int]] = {}
+        self._slotted: dict[str, dict[str, list]] = {}
         self.store = self._namespace("", Namespace.store(max_store_bytes, clock=clock))
         self.caches: dict[str, Namespace] = {}
         # What a read sees of a cache no one has written yet: an empty one
@@ -207,13 +207,11 @@ class Engine:
     def _namespace(self, name: str, space: Namespace) -> Namespace:
         subscriptions = self.subscriptions
         salt = hash(name)
-        # This namespace's keys that have a value slot (see .stamps): key -> slot.
-        slotted: dict[str, int] = {}
+        # This namespace's keys that have a value slot (see .stamps): key -> its record.
+        slotted: dict[str, list] = {}
         self._slotted[name] = slotted
 
-        def on_event(
-            event: int, key, value, name=name, salt=salt, engine=self, keeps=(F.EVENT_SET, F.EVENT_TOUCH)
-        ) -> None:
+        def on_event(event: int, key, value, deadline, name=name, salt=salt, engine=self) -> None:
             # Near caches first: the key's value slot if it has one, then a new
             # stamp in its bucket, both before the writer's reply (see .stamps;
             # the same hash as stamps.bucket, inlined: this runs for every
@@ -227,13 +225,12 @@ class Engine:
                     stamps.bump_all()
                 elif words is not None:
                     if slotted:
-                        i = slotted.get(key)
-                        if i is not None:
-                            entry = space.peek(key) if event in keeps else None
-                            if entry is None:
-                                stamps.free_slot(i)
+                        slot = slotted.get(key)
+                        if slot is not None:
+                            if value is None:  # the key is gone (a delete, expiry, eviction)
+                                stamps.free_slot(slot[0])
                             else:
-                                stamps.rewrite(i, entry[0], entry[1], engine.clock())
+                                stamps.rewrite(slot, value, deadline)
                     words[(hash(key) ^ salt) & STAMP_MASK] = stamps.next_stamp()
             if subscriptions.count:
                 subscriptions.notify(name, event, key, value)
@@ -670,9 +667,9 @@ class Engine:
                 # Keys still read from their slots keep them (see .stamps: SLOT_IDLE).
                 now = self.clock()
                 for key in keys:
-                    i = slotted.get(key)
-                    if i is not None:
-                        self.stamps.used(i, now)
+                    slot = slotted.get(key)
+                    if slot is not None:
+                        slot[2] = now
         return NO_REPLY
 
     def _track_get(self, session, ns, key, *_ignored):
@@ -706,7 +703,7 @@ class Engine:
             return [value, ttl, b, 0, -1, 0]
         # The slot gets the Manager's own deadline (peek's), never a later one.
         deadline = space.peek(key)[1]  # type: ignore[index]
-        slot, token = stamps.slot_for(self._slotted[ns], key, value, deadline, self.clock())  # type: ignore[union-attr]
+        slot, token = stamps.slot_for(self._slotted[ns], key, value, deadline)  # type: ignore[union-attr]
         return [value, ttl, b, words[b], slot, token]
 
     # -- introspection -----------------------------------------------------------------------

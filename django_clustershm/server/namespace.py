@@ -522,7 +522,9 @@ class Namespace:
         self.wheel = ExpiryWheel()
         self._sweep: Generator[None, None, None] | None = None
         self._sweep_chunk = 0
-        #: on_event(event, key, value): what listeners and near caches are told (set by the engine).
+        #: on_event(event, key, value, deadline): what listeners and near caches are told (set by
+        #: the engine); ``value`` and ``deadline`` (INF: none) are the entry's after a set or a
+        #: touch, else None and INF.
         self.on_event: Callable | None = None
 
     @classmethod
@@ -589,7 +591,7 @@ class Namespace:
 
     def _emit(self, event: int, key, value=None) -> None:
         if self.on_event is not None:
-            self.on_event(event, key, value)
+            self.on_event(event, key, value, INF)
 
     def _drop(self, key: str, stored) -> None:
         del self.parts[hash(key) & self.mask][key]
@@ -641,7 +643,7 @@ class Namespace:
             self.timed -= 1
         on_event = self.on_event
         if on_event is not None:
-            on_event(event, key, value if event == EVENT_SET else None)
+            on_event(event, key, value, deadline)
 
     # -- operations (the wire's requests) ------------------------------------------------
 

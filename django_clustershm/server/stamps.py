@@ -73,8 +73,11 @@ import logging
 import mmap
 import os
 import platform
+import struct
+import time
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from itertools import count
 
 from ..wire.frames import SLOT_PAYLOAD, SLOT_SIZE, SLOTS, SLOTS_OFFSET, STAMP_BUCKETS
@@ -92,8 +95,10 @@ SLOT_WORDS = SLOT_SIZE // 8
 SLOTS_OK = platform.machine().lower() in ("x86_64", "amd64")
 #: Seconds a slot lives without a fill or a reported hit of its key (checked at its key's changes).
 SLOT_IDLE = 2.0
-_INF = float("inf")
 _INT64 = (-(1 << 63), 1 << 63)
+# A slot's words after ``seq``: token, deadline, kind << 32 | length (and an int value).
+_SLOT_HEADER = struct.Struct("=QdQ").pack_into
+_SLOT_INT = struct.Struct("=QdQq").pack_into
 
 
 def bucket(ns: str, key: str) -> int:
@@ -126,7 +131,7 @@ class Stamps:
     bucket's stamp (what the engine's write path stores into, through
     :meth:`next_stamp`), ``words[HEADER]`` the generation."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         # A Manager that died here may have left clients mapping its file.
         poison(path)
@@ -160,7 +165,10 @@ class Stamps:
         self._slot_views = (region, region.cast("Q"), region.cast("d"), region.cast("q"))
         self._slot_words: memoryview | None = self._slot_views[1]
         self.slots_ok = SLOTS_OK
-        #: Slots in use: index -> (its namespace's map, key, token, when last filled or reported).
+        self.clock = clock
+        #: Slots in use, least recently filled first: index -> its record, ``[index,
+        #: token, when last filled or reported, its namespace's map, key]``; the
+        #: engine's map of each namespace (key -> record) holds the same lists.
         self._owners: OrderedDict[int, list] = OrderedDict()
         self._free = list(range(SLOTS - 1, -1, -1))
         self._tokens = count(1)
@@ -169,48 +177,41 @@ class Stamps:
 
     # -- value slots ---------------------------------------------------------------------
 
-    def slot_for(self, slotted: dict, key: str, value, deadline: float, now: float) -> tuple[int, int]:
+    def slot_for(self, slotted: dict, key: str, value, deadline: float) -> tuple[int, int]:
         """A TRACK_GET of ``key`` (whose namespace's slots are ``slotted``: key
-        -> index) read ``value``: ``(slot, token)`` for the reply, after
+        -> record) read ``value``: ``(slot, token)`` for the reply, after
         writing the value into the key's slot; ``(-1, 0)`` if it gets none."""
-        i = slotted.get(key)
-        if i is not None:
-            owner = self._owners[i]
-            owner[3] = now
-            self._owners.move_to_end(i)
-            return i, owner[2]
+        record = slotted.get(key)
+        if record is not None:
+            record[2] = self.clock()
+            self._owners.move_to_end(record[0])
+            return record[0], record[1]
         if not self.slots_ok or self._slot_words is None or not _fits(value):
             return -1, 0
-        if self._free:
-            i = self._free.pop()
-        else:
-            i, _ = next(iter(self._owners.items()))
-            self.free_slot(i)
-            i = self._free.pop()
-        token = next(self._tokens)
-        self._owners[i] = [slotted, key, token, now]
-        slotted[key] = i
-        self._write(i, token, value, deadline)
-        return i, token
+        if not self._free:
+            self.free_slot(next(iter(self._owners)))  # the least recently filled
+        i = self._free.pop()
+        record = [i, next(self._tokens), self.clock(), slotted, key]
+        self._owners[i] = slotted[key] = record
+        self._write(i, record[1], value, deadline)
+        return i, record[1]
 
-    def rewrite(self, i: int, value, deadline: float, now: float) -> None:
-        """Key of slot ``i`` changed to ``value`` (expiring at ``deadline``):
-        written in place, or the slot freed (it no longer fits, or no one read
-        the key for SLOT_IDLE seconds)."""
-        owner = self._owners[i]
-        if now - owner[3] > SLOT_IDLE or not _fits(value):
-            self.free_slot(i)
+    def rewrite(self, record: list, value, deadline: float) -> None:
+        """The key of ``record`` (see ``_owners``) changed to ``value``, expiring
+        at ``deadline``: written in place, or the slot freed (it no longer
+        fits, or no one filled or reported the key for SLOT_IDLE seconds)."""
+        kind = type(value)
+        if (
+            (kind is bytes and len(value) <= SLOT_PAYLOAD) or (kind is int and _INT64[0] <= value < _INT64[1])
+        ) and self.clock() - record[2] <= SLOT_IDLE:
+            self._write(record[0], record[1], value, deadline)
         else:
-            self._write(i, owner[2], value, deadline)
-
-    def used(self, i: int, now: float) -> None:
-        """A reported hit of slot ``i``'s key (RECENT): it stays."""
-        self._owners[i][3] = now
+            self.free_slot(record[0])
 
     def free_slot(self, i: int) -> None:
         """Slot ``i`` belongs to no key any more (token 0: its readers ask the Manager)."""
-        slotted, key, _, _ = self._owners.pop(i)
-        del slotted[key]
+        record = self._owners.pop(i)
+        del record[3][record[4]]
         self._free.append(i)
         self.slots_freed += 1
         words = self._slot_words
@@ -223,29 +224,28 @@ class Stamps:
 
     def free_all(self, slotted: dict) -> None:
         """A clear of the namespace whose slots are ``slotted``."""
-        for i in list(slotted.values()):
-            self.free_slot(i)
+        for record in list(slotted.values()):
+            self.free_slot(record[0])
 
     @property
     def slots_used(self) -> int:
         return len(self._owners)
 
     def _write(self, i: int, token: int, value, deadline: float) -> None:
-        # The seqlock's writer: seq odd, the slot, seq even (see the module's docstring).
-        region, words, floats, ints = self._slot_views
+        # The seqlock's writer: seq odd, the slot, seq even (see the module's
+        # docstring). Between the two, nothing needs to be atomic: the header
+        # words in one pack_into, then the payload.
+        region, words, _, _ = self._slot_views
         base = i * SLOT_WORDS
+        start = i * SLOT_SIZE
         seq = words[base]
         words[base] = seq + 1
-        words[base + 1] = token
-        floats[base + 2] = deadline
         if type(value) is int:
-            words[base + 3] = 2 << 32
-            ints[base + 4] = value
+            _SLOT_INT(region, start + 8, token, deadline, 2 << 32, value)
         else:
             n = len(value)
-            words[base + 3] = 1 << 32 | n
-            start = i * SLOT_SIZE + 32
-            region[start : start + n] = value
+            _SLOT_HEADER(region, start + 8, token, deadline, 1 << 32 | n)
+            region[start + 32 : start + 32 + n] = value
         words[base] = seq + 2
         self.slot_writes += 1
 
@@ -265,8 +265,8 @@ class Stamps:
         (the Manager is going away; not in a forked child, whose parent still serves)."""
         words, self.words = self.words, None
         self._slot_words = None
-        for slotted, *_ in self._owners.values():
-            slotted.clear()  # (the engine's maps: no key keeps a slot of a closed file)
+        for record in self._owners.values():
+            record[3].clear()  # (the engine's maps: no key keeps a slot of a closed file)
         self._owners.clear()
         if words is not None:
             if dead:
