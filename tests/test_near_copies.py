@@ -8,6 +8,7 @@ Redis engine's tracker gets them), or whose stamps it moves (as a Manager's).
 
 import threading
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 
@@ -250,6 +251,30 @@ def test_a_stale_copy_with_a_value_slot_is_refilled_from_it(clock):
         tracker.slots[5] = (12, b"x" * (cache.max_bytes + 1), float("inf"))
         tracker.stamps[3] = 8
         assert cache._lookup("k") is None and cache.bytes == 0 and cache.invalidated == 3
+
+
+def test_a_key_read_only_from_its_slot_is_reported_at_least_every_recent_every(clock):
+    """The Manager frees a slot no fill or RECENT named for SLOT_IDLE seconds:
+    a refill reports its key once RECENT_EVERY has passed, whatever the hits."""
+    from django_clustershm.client.near import RECENT_EVERY
+
+    cache = make(clock)
+    tracker = cache.tracker
+    tracker.reports_recent = True
+    posts = []
+    tracker.channel = SimpleNamespace(post=lambda op, args: posts.append((op, args)))
+    tracker.stamps = [0] * 8
+    tracker.slots = {5: (11, b"v1", float("inf"))}
+    with held(cache):
+        cache._put("k", b"v0", None, (3, 0, 5, 11))
+        cache._report_due = clock.now + RECENT_EVERY
+        tracker.stamps[3] = 1
+        assert cache._lookup("k") == b"v1" and posts == []  # not due yet
+        clock.now += RECENT_EVERY
+        tracker.stamps[3] = 2
+        assert cache._lookup("k") == b"v1"
+        assert posts == [(P.RECENT, ["ns", 0, ["k"]])]  # due: reported at once, not at the 64th hit
+        assert cache._report_due == clock.now + RECENT_EVERY
 
 
 # -- reads through the tracker ---------------------------------------------------------------

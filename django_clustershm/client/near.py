@@ -221,6 +221,12 @@ class NearCache:
         entry[2] = size
         entry[3] = (stamp[0], now, slot, token)
         self.refreshed += 1
+        if self.tracker.reports_recent and self.clock() >= self._report_due:
+            # The Manager frees a slot whose key no fill or report named for
+            # SLOT_IDLE seconds: a process that reads a key only from its slot
+            # says so at least every RECENT_EVERY (not only every 64 hits).
+            self._recent[key] = None
+            self._report()
         return True
 
     def _drop(self, key: str) -> None:
