@@ -204,6 +204,13 @@ def test_readers_in_other_processes_never_see_a_torn_slot(cluster):
     try:
         for n in range(1, 20_001):
             call(P.SET, ["", "k", struct.pack("<Q", n) * (1 + n % (P.SLOT_PAYLOAD // 8)), None])
+        # The last write is whole in the slot, length and all.
+        check = _reader(cluster.address, generation)
+        assert check.read_slot(slot, token) == (
+            struct.pack("<Q", 20_000) * (1 + 20_000 % (P.SLOT_PAYLOAD // 8)),
+            math.inf,
+        )
+        check.drop()
     finally:
         os.write(stop_w, b"xx")
         codes = [reap(pid, 30) for pid in pids]

@@ -37,6 +37,7 @@ from ..exceptions import (
 )
 from ..wire import args as A
 from ..wire import frames as F
+from ..wire.frames import SLOT_PAYLOAD
 from ..wire.limits import (
     DEFAULT_BOUNDS,
     DEFAULT_MAX_CACHE_BYTES,
@@ -49,7 +50,8 @@ from .locktable import LockTable
 from .namespace import Namespace
 from .scans import Scans, compile_glob
 from .stamps import MASK as STAMP_MASK
-from .stamps import Stamps, bucket
+from .stamps import SLOT_BYTES, SLOT_IDLE, Stamps, bucket
+from .stamps import SLOT_HEADER as pack_slot_header
 from .subscriptions import Subscriptions
 
 logger = logging.getLogger("django_clustershm.server")
@@ -227,7 +229,22 @@ class Engine:
                     if slotted:
                         slot = slotted.get(key)
                         if slot is not None:
-                            if value is None:  # the key is gone (a delete, expiry, eviction)
+                            if (
+                                type(value) is bytes
+                                and len(value) <= SLOT_PAYLOAD
+                                and stamps.clock() - slot[2] <= SLOT_IDLE
+                            ):
+                                # Stamps.rewrite's usual case, inlined (1 us a change
+                                # of a slotted key; 0.6 us so): the seqlock's writer.
+                                region, slot_words = stamps.slot_region
+                                base, start, n = slot[3], slot[4], len(value)
+                                seq = slot_words[base]
+                                slot_words[base] = seq + 1
+                                pack_slot_header(region, start + 8, slot[1], deadline, SLOT_BYTES | n)
+                                region[start + 32 : start + 32 + n] = value
+                                slot_words[base] = seq + 2
+                                stamps.slot_writes += 1
+                            elif value is None:  # the key is gone (a delete, expiry, eviction)
                                 stamps.free_slot(slot[0])
                             else:
                                 stamps.rewrite(slot, value, deadline)

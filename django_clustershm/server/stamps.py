@@ -97,8 +97,10 @@ SLOTS_OK = platform.machine().lower() in ("x86_64", "amd64")
 SLOT_IDLE = 2.0
 _INT64 = (-(1 << 63), 1 << 63)
 # A slot's words after ``seq``: token, deadline, kind << 32 | length (and an int value).
-_SLOT_HEADER = struct.Struct("=QdQ").pack_into
+SLOT_HEADER = struct.Struct("=QdQ").pack_into
 _SLOT_INT = struct.Struct("=QdQq").pack_into
+#: The kind of a slot that holds bytes, in its third word.
+SLOT_BYTES = 1 << 32
 
 
 def bucket(ns: str, key: str) -> int:
@@ -164,11 +166,14 @@ class Stamps:
         region = memoryview(self._map)[SLOTS_OFFSET:]
         self._slot_views = (region, region.cast("Q"), region.cast("d"), region.cast("q"))
         self._slot_words: memoryview | None = self._slot_views[1]
+        #: What the engine's write path writes a slot through (see Engine._namespace).
+        self.slot_region = (region, self._slot_words)
         self.slots_ok = SLOTS_OK
         self.clock = clock
         #: Slots in use, least recently filled first: index -> its record, ``[index,
-        #: token, when last filled or reported, its namespace's map, key]``; the
-        #: engine's map of each namespace (key -> record) holds the same lists.
+        #: token, when last filled or reported, its first word, its first byte,
+        #: its namespace's map, key]``; the engine's map of each namespace (key ->
+        #: record) holds the same lists.
         self._owners: OrderedDict[int, list] = OrderedDict()
         self._free = list(range(SLOTS - 1, -1, -1))
         self._tokens = count(1)
@@ -191,7 +196,7 @@ class Stamps:
         if not self._free:
             self.free_slot(next(iter(self._owners)))  # the least recently filled
         i = self._free.pop()
-        record = [i, next(self._tokens), self.clock(), slotted, key]
+        record = [i, next(self._tokens), self.clock(), i * SLOT_WORDS, i * SLOT_SIZE, slotted, key]
         self._owners[i] = slotted[key] = record
         self._write(i, record[1], value, deadline)
         return i, record[1]
@@ -211,7 +216,7 @@ class Stamps:
     def free_slot(self, i: int) -> None:
         """Slot ``i`` belongs to no key any more (token 0: its readers ask the Manager)."""
         record = self._owners.pop(i)
-        del record[3][record[4]]
+        del record[5][record[6]]
         self._free.append(i)
         self.slots_freed += 1
         words = self._slot_words
@@ -244,7 +249,7 @@ class Stamps:
             _SLOT_INT(region, start + 8, token, deadline, 2 << 32, value)
         else:
             n = len(value)
-            _SLOT_HEADER(region, start + 8, token, deadline, 1 << 32 | n)
+            SLOT_HEADER(region, start + 8, token, deadline, SLOT_BYTES | n)
             region[start + 32 : start + 32 + n] = value
         words[base] = seq + 2
         self.slot_writes += 1
@@ -265,8 +270,9 @@ class Stamps:
         (the Manager is going away; not in a forked child, whose parent still serves)."""
         words, self.words = self.words, None
         self._slot_words = None
+        self.slot_region = None  # type: ignore[assignment]
         for record in self._owners.values():
-            record[3].clear()  # (the engine's maps: no key keeps a slot of a closed file)
+            record[5].clear()  # (the engine's maps: no key keeps a slot of a closed file)
         self._owners.clear()
         if words is not None:
             if dead:
