@@ -411,6 +411,31 @@ def test_by_default_a_cluster_alias_and_the_store_read_through_adaptive_near_cac
 
 
 @override_settings(CACHES=DEFAULTS)
+def test_a_first_read_keeps_a_copy_of_a_key_another_process_keeps(cluster):
+    """The adaptive policy keeps no copy of a key read once, unless the key
+    has a value slot: another process reads it through its near cache, so
+    it is hot in the cluster and a worker started later need not read it twice."""
+    cache = caches["default"]
+    cache.set_many({"hot": "h", "hot2": "h2", "cold": "c", "cold2": "c2"})
+
+    def other():
+        c = caches["default"]
+        for _ in range(2):  # its second reads keep copies, and give the keys slots
+            assert c.get("hot") == "h" and c.get_many(["hot2"]) == {"hot2": "h2"}
+        assert clustershm.near_stats()["plain-default"]["entries"] == 2
+
+    assert reap(fork_call(other), 10) == 0
+    assert cache.get("hot") == "h" and cache.get("cold") == "c"
+    assert cache.get_many(["hot2", "cold2"]) == {"hot2": "h2", "cold2": "c2"}
+    stats = clustershm.near_stats()["plain-default"]
+    assert (stats["entries"], stats["untracked"], stats["misses"]) == (2, 2, 4)  # the hot keys kept, at once
+    near_cache = clustershm.get_client()._near["plain-default"]
+    assert set(near_cache._entries) == {cache.make_key("hot"), cache.make_key("hot2")}
+    assert cache.get("hot") == "h" and cache.get_many(["hot2"]) == {"hot2": "h2"}
+    assert clustershm.near_stats()["plain-default"]["hits"] == 2
+
+
+@override_settings(CACHES=DEFAULTS)
 def test_near_cache_false_turns_the_default_off(cluster):
     caches["off"].set("k", 1)
     assert [caches["off"].get("k") for _ in range(3)] == [1] * 3

@@ -46,6 +46,7 @@ class StandInTracker:
         self.on_call = None
         self.stamps: list | None = None  # a Manager's stamps, for copies filled with one
         self.slots: dict = {}  # slot -> (token, data, deadline): what read_slot answers
+        self.first_replies: list = []
 
     def read_slot(self, slot, token):
         held = self.slots.get(slot)
@@ -62,6 +63,17 @@ class StandInTracker:
 
     def fetch_untracked(self, ns, key):
         return self.call(P.GET, [ns, key])
+
+    def fetch_first(self, ns, key, sid):
+        # A first read: ``first_replies`` holds a Manager's (a key with a slot
+        # answers a stamp, one without False); without them, a plain GET.
+        if self.first_replies:
+            self.calls.append((P.TRACK_GET, [ns, key, "first"]))
+            return self.first_replies.pop(0)
+        return self.fetch_untracked(ns, key), None, None, False
+
+    def fetch_many_first(self, ns, keys, sid):
+        return {k: (v, None) for k, v in self.fetch_many_untracked(ns, keys).items()}, None, False
 
     def fetch_many_untracked(self, ns, keys):
         return self.call(P.GET_MANY, [ns, keys])
@@ -372,6 +384,20 @@ def test_adaptive_keeps_a_copy_from_the_second_read(clock):
     assert cache.get("k") == b"V"  # second read: tracked, kept
     assert tracker.calls[-1] == (P.TRACK_GET, ["ns", "k", 7]) and len(cache) == 1
     assert cache.get("k") == b"V" and len(tracker.calls) == 2  # then a hit
+    assert (cache.hits, cache.misses, cache.untracked) == (1, 2, 1)
+
+
+def test_adaptive_keeps_a_first_read_of_a_key_another_process_keeps(clock):
+    """A key with a value slot is read through another process's near cache:
+    hot in the cluster, so a first read keeps its copy at once."""
+    cache = make(clock, policy="adaptive")
+    tracker = cache.tracker
+    tracker.stamps = [0] * 8
+    tracker.first_replies = [(b"V", None, None, (2, 0, 5, 9)), (b"W", None, None, False)]
+    assert cache.get("hot") == b"V" and tracker.calls[-1] == (P.TRACK_GET, ["ns", "hot", "first"])
+    assert cache._entries["hot"][3] == (2, 0, 5, 9) and "hot" not in cache._seen and cache.untracked == 0
+    assert cache.get("hot") == b"V" and len(tracker.calls) == 1  # a hit
+    assert cache.get("cold") == b"W" and "cold" not in cache._entries and "cold" in cache._seen
     assert (cache.hits, cache.misses, cache.untracked) == (1, 2, 1)
 
 

@@ -322,9 +322,11 @@ class NearCache:
         if self._resting and self._rests_now():
             return self.tracker.fetch_untracked(self.ns, key)
         data = self._local(key)
-        if data is not None:
-            return data if data is not _UNTRACKED else self.tracker.fetch_untracked(self.ns, key)
+        if data is not None and data is not _UNTRACKED:
+            return data
         sid, sent_at = self.tracker.session_id(), self.clock()
+        if data is _UNTRACKED:
+            return self._remember_first(key, sid, sent_at, *self.tracker.fetch_first(self.ns, key, sid))
         return self._remember(key, sid, sent_at, *self.tracker.fetch(self.ns, key, sid))
 
     async def aget(self, key: str, acall) -> Any:
@@ -335,9 +337,12 @@ class NearCache:
         if self._resting and self._rests_now():
             return await self.tracker.afetch_untracked(acall, self.ns, key)
         data = self._local(key)
-        if data is not None:
-            return data if data is not _UNTRACKED else await self.tracker.afetch_untracked(acall, self.ns, key)
+        if data is not None and data is not _UNTRACKED:
+            return data
         sid, sent_at = self.tracker.session_id(), self.clock()
+        if data is _UNTRACKED:
+            reply = await self.tracker.afetch_first(acall, self.ns, key, sid)
+            return self._remember_first(key, sid, sent_at, *reply)
         return self._remember(key, sid, sent_at, *await self.tracker.afetch(acall, self.ns, key, sid))
 
     def _local(self, key: str):
@@ -357,8 +362,7 @@ class NearCache:
             if self._recent and self.clock() >= self._report_due:
                 self._report()
             if self._seen is not None and not self._admit(key):
-                self.untracked += 1
-                return _UNTRACKED
+                return _UNTRACKED  # (counted in untracked by _remember_first, unless it keeps a copy)
         return None
 
     def _hit(self, key: str) -> None:
@@ -395,16 +399,32 @@ class NearCache:
                     self._put(key, data, None if ttl is None else sent_at + ttl, stamp)
         return data
 
+    def _remember_first(self, key: str, sid, sent_at: float, data, ttl, seq, tracked):
+        """What a first read (which the policy keeps no copy of) read: kept
+        all the same if ``tracked`` (the key has a value slot, so another
+        process reads it through its near cache: it is hot in the cluster)."""
+        tracker = self.tracker
+        with tracker.lock:
+            if data is not None and tracked:
+                stamp = tracker.fill(sid, seq, tracked)
+                if stamp is not False:
+                    self._put(key, data, None if ttl is None else sent_at + ttl, stamp)
+                    if self._seen is not None:
+                        self._seen.pop(key, None)
+                    return data
+            self.untracked += 1
+        return data
+
     def get_many(self, keys: list) -> dict:
         if self._resting and self._rests_now():
             return self.tracker.fetch_many_untracked(self.ns, keys)
         found, missing, track = self._local_many(keys)
         if not missing:
             return found
-        if not track:
-            found.update(self.tracker.fetch_many_untracked(self.ns, missing))
-            return found
         sid, sent_at = self.tracker.session_id(), self.clock()
+        if not track:
+            fetched, seq, tracked = self.tracker.fetch_many_first(self.ns, missing, sid)
+            return self._remember_many(found, sid, sent_at, fetched, seq, tracked, first=len(missing))
         reply = self.tracker.fetch_many(self.ns, missing, sid)
         return self._remember_many(found, sid, sent_at, *reply)
 
@@ -415,10 +435,10 @@ class NearCache:
         found, missing, track = self._local_many(keys)
         if not missing:
             return found
-        if not track:
-            found.update(await self.tracker.afetch_many_untracked(acall, self.ns, missing))
-            return found
         sid, sent_at = self.tracker.session_id(), self.clock()
+        if not track:
+            fetched, seq, tracked = await self.tracker.afetch_many_first(acall, self.ns, missing, sid)
+            return self._remember_many(found, sid, sent_at, fetched, seq, tracked, first=len(missing))
         reply = await self.tracker.afetch_many(acall, self.ns, missing, sid)
         return self._remember_many(found, sid, sent_at, *reply)
 
@@ -446,21 +466,30 @@ class NearCache:
                 # (keys asked for together are usually read together again), else plain.
                 admitted = [self._admit(key) for key in missing]
                 if not any(admitted):
-                    self.untracked += len(missing)
-                    return found, missing, False
+                    return found, missing, False  # (first reads: see _remember_many)
         return found, missing, True
 
-    def _remember_many(self, found: dict, sid, sent_at: float, fetched: dict, seq, tracked) -> dict:
+    def _remember_many(self, found: dict, sid, sent_at: float, fetched: dict, seq, tracked, first: int = 0) -> dict:
         """``tracked``: true (every key's copy is kept valid by invalidations), a
-        dict of each key's stamp, or false (keep nothing)."""
+        dict of each key's stamp, or false (keep nothing). ``first``: these
+        were the first reads of that many keys (see :meth:`_remember_first`):
+        only the keys ``tracked`` names are kept, the others count as untracked."""
         tracker = self.tracker
         with tracker.lock:
             stamps = tracker.fill(sid, seq, tracked) if tracked else False
+            kept = 0
             for key, (data, ttl) in fetched.items():
                 found[key] = data
                 if stamps is not False:
                     stamp = stamps.get(key) if type(stamps) is dict else None
+                    if first and stamp is None:
+                        continue
                     self._put(key, data, None if ttl is None else sent_at + ttl, stamp)
+                    if first:
+                        kept += 1
+                        if self._seen is not None:
+                            self._seen.pop(key, None)
+            self.untracked += first - kept
         return found
 
 
@@ -612,13 +641,36 @@ class Tracker:
     async def afetch_many(self, acall, ns: str, keys: list, sid) -> tuple:
         return self._many(await acall(P.TRACK_GET_MANY, [ns, keys]))
 
+    def fetch_first(self, ns: str, key: str, sid) -> tuple:
+        """A first read (see :meth:`NearCache._remember_first`): :meth:`fetch`'s
+        answer, whose ``tracked`` is False unless the key has a value slot."""
+        return self._first(self.transport.call(P.TRACK_GET, [ns, key, True]))
+
+    async def afetch_first(self, acall, ns: str, key: str, sid) -> tuple:
+        return self._first(await acall(P.TRACK_GET, [ns, key, True]))
+
+    def fetch_many_first(self, ns: str, keys: list, sid) -> tuple:
+        """First reads of several keys: ``tracked`` names the keys that have a value slot."""
+        return self._many(self.transport.call(P.TRACK_GET_MANY, [ns, keys, True]), first=True)
+
+    async def afetch_many_first(self, acall, ns: str, keys: list, sid) -> tuple:
+        return self._many(await acall(P.TRACK_GET_MANY, [ns, keys, True]), first=True)
+
     @staticmethod
-    def _many(reply: dict) -> tuple:
+    def _first(reply: list) -> tuple:
+        value, ttl, bucket, stamp, slot, token = reply
+        slot = _slot(slot)
+        return value, ttl, None, ((bucket, stamp, slot, token) if slot >= 0 else False)
+
+    @staticmethod
+    def _many(reply: dict, first: bool = False) -> tuple:
         fetched, stamps = {}, {}
         for key, (value, ttl, bucket, stamp, slot, token) in reply.items():
             fetched[key] = (value, ttl)
-            stamps[key] = (bucket, stamp, _slot(slot), token)
-        return fetched, None, stamps or True
+            slot = _slot(slot)
+            if not first or slot >= 0:
+                stamps[key] = (bucket, stamp, slot, token)
+        return fetched, None, stamps or (not first)
 
     def check_alive(self) -> None:
         """At a miss (under the lock): if the file died (its Manager went away

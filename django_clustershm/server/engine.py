@@ -689,24 +689,33 @@ class Engine:
                         slot[2] = now
         return NO_REPLY
 
-    def _track_get(self, session, ns, key, *_ignored):
-        """GET, with the key's bucket, the stamp it holds and its value slot (see .stamps)."""
+    def _track_get(self, session, ns, key, first=False, *_ignored):
+        """GET, with the key's bucket, the stamp it holds and its value slot
+        (see .stamps). ``first`` (a process's first read of the key, which its
+        near cache keeps only if another process's did): all that only if the
+        key has a slot already, else just the value."""
         space = self._space(ns)
         key = self._key(key)
         value = space.get(key)
         if value is None:
             return [None, None, 0, 0, -1, 0]
+        if first is True and key not in self._slotted.get(ns, ()):
+            return [value, space.ttl(key), 0, 0, -1, 0]
         self.near_fills += 1
         return self._tracked(ns, space, key, value)
 
-    def _track_get_many(self, session, ns, keys, *_ignored):
+    def _track_get_many(self, session, ns, keys, first=False, *_ignored):
         space = self._space(ns)
+        slotted = self._slotted.get(ns, {}) if first is True else None
         found = {}
         for key in self._keys_list(keys):
             value = space.get(key)
             if value is not None:
-                found[key] = self._tracked(ns, space, key, value)
-        self.near_fills += len(found)
+                if slotted is not None and key not in slotted:
+                    found[key] = [value, space.ttl(key), 0, 0, -1, 0]
+                else:
+                    found[key] = self._tracked(ns, space, key, value)
+                    self.near_fills += 1
         self._check_reply({k: v[0] for k, v in found.items()})
         return found
 

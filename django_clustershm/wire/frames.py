@@ -111,8 +111,10 @@ matches replies by request id).
     TRACKER        []                    -> [session_id, generation]  (this connection
                                              becomes the process's near-cache channel;
                                              generation: the stamps file's, 0 if none)
-    TRACK_GET      [ns, key]             -> [v, ttl, bucket, stamp, slot, token]
-    TRACK_GET_MANY [ns, [key...]]        -> {key: [v, ttl, bucket, stamp, slot, token]}
+    TRACK_GET      [ns, key, first?]     -> [v, ttl, bucket, stamp, slot, token]
+    TRACK_GET_MANY [ns, [key...], first?] -> {key: [v, ttl, bucket, stamp, slot, token]}
+                                             (first true: a key with no value slot is
+                                             answered [v, ttl, 0, 0, -1, 0], not tracked)
     RECENT         [ns, hits, [key...]]  (on the tracker connection; no reply)
 
 Near caches are kept consistent by *stamps*, not by pushes. The Manager
