@@ -8,6 +8,7 @@ Redis engine's tracker gets them), or whose stamps it moves (as a Manager's).
 
 import threading
 from contextlib import contextmanager
+from types import SimpleNamespace
 
 import pytest
 
@@ -44,16 +45,12 @@ class StandInTracker:
         self.pushes: list = []  # (cache, key): invalidations on their way
         self.on_call = None
         self.stamps: list | None = None  # a Manager's stamps, for copies filled with one
-        self.slots: dict = {}  # slot -> (token, data, deadline, stamp): what read_slot answers
-        self.marked: list = []  # the slots mark() marked
+        self.slots: dict = {}  # slot -> (token, data, deadline): what read_slot answers
         self.first_replies: list = []
 
     def read_slot(self, slot, token):
         held = self.slots.get(slot)
         return None if held is None or held[0] != token else held[1:]
-
-    def mark(self, slot):
-        self.marked.append(slot)
 
     def session_id(self):
         return self.sid
@@ -239,39 +236,57 @@ def test_a_stale_copy_with_a_value_slot_is_refilled_from_it(clock):
     cache = make(clock)
     tracker = cache.tracker
     tracker.stamps = [0] * 8
-    tracker.slots = {5: (11, b"new", float("inf"), 4)}
+    tracker.slots = {5: (11, b"new", float("inf"))}
     with held(cache):
         cache._put("k", b"old", None, (3, 0, 5, 11))
-        tracker.stamps[3] = 4  # "k" changed in the Manager, which wrote the slot with that stamp
+        tracker.stamps[3] = 4  # "k" changed in the Manager: the slot holds its value
         assert cache._lookup("k") == b"new" and tracker.calls == []  # no round trip
         assert cache._entries["k"] == [b"new", None, size("k", b"new"), (3, 4, 5, 11)]  # kept with the new stamp
         assert (cache.refreshed, cache.invalidated, cache.bytes) == (1, 0, size("k", b"new"))
-        assert tracker.marked == [5]  # taken from the slot: its next change is written there too
         assert cache._lookup("k") == b"new" and cache.refreshed == 1  # the stamp holds: a plain hit
         # A deadline comes from the slot (the Manager's own) and is honoured.
-        tracker.slots[5] = (11, 42, clock.now + 1, 5)
+        tracker.slots[5] = (11, 42, clock.now + 1)
         tracker.stamps[3] = 5
         assert cache._lookup("k") == 42 and cache._entries["k"][1] == clock.now + 1
         clock.now += 1
         assert cache._lookup("k") is None and "k" not in cache._entries
-        # A slot left as it was at the key's last change (another stamp than the bucket's): the copy goes.
+        # A slot that went to another key (another token), or is missing: the copy goes.
         cache._put("k", b"v", None, (3, 5, 5, 11))
+        tracker.slots[5] = (12, b"someone else's", float("inf"))
         tracker.stamps[3] = 6
         assert cache._lookup("k") is None and cache.invalidated == 1 and cache.refreshed == 2
-        # A slot that went to another key (another token), or is missing: the copy goes.
-        cache._put("k", b"v", None, (3, 6, 5, 11))
-        tracker.slots[5] = (12, b"someone else's", float("inf"), 7)
+        cache._put("k", b"v", None, (3, 6, 6, 13))
         tracker.stamps[3] = 7
-        assert cache._lookup("k") is None and cache.invalidated == 2 and cache.refreshed == 2
-        cache._put("k", b"v", None, (3, 7, 6, 13))
-        tracker.stamps[3] = 8
-        assert cache._lookup("k") is None and cache.invalidated == 3
+        assert cache._lookup("k") is None and cache.invalidated == 2
         # A value larger than the budget is not kept.
-        cache._put("k", b"v", None, (3, 8, 5, 12))
-        tracker.slots[5] = (12, b"x" * (cache.max_bytes + 1), float("inf"), 9)
-        tracker.stamps[3] = 9
-        assert cache._lookup("k") is None and cache.bytes == 0 and cache.invalidated == 4
-        assert tracker.marked == [5, 5]
+        cache._put("k", b"v", None, (3, 7, 5, 12))
+        tracker.slots[5] = (12, b"x" * (cache.max_bytes + 1), float("inf"))
+        tracker.stamps[3] = 8
+        assert cache._lookup("k") is None and cache.bytes == 0 and cache.invalidated == 3
+
+
+def test_a_key_read_only_from_its_slot_is_reported_at_least_every_recent_every(clock):
+    """The Manager frees a slot no fill or RECENT named for SLOT_IDLE seconds:
+    a refill reports its key once RECENT_EVERY has passed, whatever the hits."""
+    from django_clustershm.client.near import RECENT_EVERY
+
+    cache = make(clock)
+    tracker = cache.tracker
+    tracker.reports_recent = True
+    posts = []
+    tracker.channel = SimpleNamespace(post=lambda op, args: posts.append((op, args)))
+    tracker.stamps = [0] * 8
+    tracker.slots = {5: (11, b"v1", float("inf"))}
+    with held(cache):
+        cache._put("k", b"v0", None, (3, 0, 5, 11))
+        cache._report_due = clock.now + RECENT_EVERY
+        tracker.stamps[3] = 1
+        assert cache._lookup("k") == b"v1" and posts == []  # not due yet
+        clock.now += RECENT_EVERY
+        tracker.stamps[3] = 2
+        assert cache._lookup("k") == b"v1"
+        assert posts == [(P.RECENT, ["ns", 0, ["k"]])]  # due: reported at once, not at the 64th hit
+        assert cache._report_due == clock.now + RECENT_EVERY
 
 
 # -- reads through the tracker ---------------------------------------------------------------

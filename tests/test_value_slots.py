@@ -18,6 +18,7 @@ import pytest
 
 from django_clustershm.client.near import Tracker
 from django_clustershm.server import stamps as S
+from django_clustershm.server.engine import Engine
 from django_clustershm.wire import frames as P
 
 from .helpers import fork_call, reap, skip_or_fail, wait_until
@@ -38,99 +39,54 @@ def _reader(address: str, generation: int) -> Tracker:
     return tracker
 
 
-def _value(reader: Tracker, slot: int, token: int):
-    """``(data, deadline)`` the slot holds for ``token`` (whatever its stamp), or None."""
-    read = reader.read_slot(slot, token)
-    return None if read is None else read[:2]
-
-
-def test_a_marked_slot_holds_every_change_before_the_writers_reply(cluster):
+def test_a_keys_slot_holds_its_value_before_the_writers_reply(cluster):
     worker, call = _raw_client(cluster)
     _sid, generation = call(P.TRACKER, [])
     reader = _reader(cluster.address, generation)
-    marks = reader._marks_map
     try:
         call(P.SET, ["", "k", b"v1", None])
-        value, _ttl, bucket, stamp, slot, token = call(P.TRACK_GET, ["", "k"])
+        value, _ttl, _bucket, _stamp, slot, token = call(P.TRACK_GET, ["", "k"])
         assert value == b"v1" and 0 <= slot < P.SLOTS and token > 0
-        assert reader.read_slot(slot, token) == (b"v1", math.inf, stamp)  # written with the reply's stamp
+        assert reader.read_slot(slot, token) == (b"v1", math.inf)
         assert reader.read_slot(slot, token + 1) is None  # another fill's token: not ours
-        assert marks[slot] == 1  # marked when given: its key's next change is written eagerly
-        # A marked slot has the change, with the bucket's new stamp, when the writer's reply arrives.
+        # Every change is in the slot when the writer's reply arrives.
         call(P.SET, ["", "k", b"v2", None])
-        assert reader.read_slot(slot, token) == (b"v2", math.inf, reader.stamps[bucket]) and marks[slot] == 0
-        for op, args, expected in [
-            (P.SET_MANY, ["", ["k", b"v3"], None], b"v3"),
-            (P.TOUCH, ["", "k", 30], b"v3"),
-        ]:
-            reader.mark(slot)  # as a process that took the value from the slot does
-            before = time.monotonic()
-            call(op, args)
-            data, deadline, written = reader.read_slot(slot, token)
-            assert (data, written) == (expected, reader.stamps[bucket]) and marks[slot] == 0
-        assert before + 30 <= deadline <= time.monotonic() + 30  # the touch's: the Manager's own deadline
+        assert reader.read_slot(slot, token) == (b"v2", math.inf)
+        call(P.SET_MANY, ["", ["k", b"v3"], None])
+        assert reader.read_slot(slot, token) == (b"v3", math.inf)
+        before = time.monotonic()
+        call(P.TOUCH, ["", "k", 30])
+        data, deadline = reader.read_slot(slot, token)
+        assert data == b"v3" and before + 30 <= deadline <= time.monotonic() + 30  # the Manager's own deadline
         call(P.SET, ["", "n", 1, None])
         _v, _t, _b, _s, nslot, ntoken = call(P.TRACK_GET, ["", "n"])
-        assert nslot != slot and _value(reader, nslot, ntoken) == (1, math.inf)
+        assert nslot != slot and reader.read_slot(nslot, ntoken) == (1, math.inf)
         call(P.INCR, ["", "n", -(2**40), None, None])
-        assert _value(reader, nslot, ntoken) == (1 - 2**40, math.inf)  # ints stay ints
+        assert reader.read_slot(nslot, ntoken) == (1 - 2**40, math.inf)  # ints stay ints
         # A value too large for a slot: it is freed, and such a value gets none.
-        reader.mark(slot)
         call(P.SET, ["", "k", b"x" * (P.SLOT_PAYLOAD + 1), None])
         assert reader.read_slot(slot, token) is None
         assert call(P.TRACK_GET, ["", "k"])[4:] == [-1, 0]
         call(P.SET, ["", "k", b"x" * P.SLOT_PAYLOAD, None])  # the largest that fits
         _v, _t, _b, _s, slot, token = call(P.TRACK_GET, ["", "k"])
-        assert slot >= 0 and _value(reader, slot, token) == (b"x" * P.SLOT_PAYLOAD, math.inf)
-        # A delete frees the slot, marked or not; a fill after it gets a new token.
+        assert slot >= 0 and reader.read_slot(slot, token) == (b"x" * P.SLOT_PAYLOAD, math.inf)
+        # A delete frees the slot; a fill after it gets a new token.
         call(P.REMOVE, ["", "k"])
         assert reader.read_slot(slot, token) is None
         call(P.SET, ["", "k", b"v4", None])
         _v, _t, _b, _s, slot2, token2 = call(P.TRACK_GET, ["", "k"])
-        assert token2 != token and _value(reader, slot2, token2) == (b"v4", math.inf)
+        assert token2 != token and reader.read_slot(slot2, token2) == (b"v4", math.inf)
         # A clear frees every slot of its namespace.
         call(P.SET_MANY, ["", ["a", b"A", "b", b"B"], None])
         many = call(P.TRACK_GET_MANY, ["", ["a", "b", "absent"]])
         assert set(many) == {"a", "b"}
-        assert [_value(reader, s, t)[0] for _v, _t, _b, _s, s, t in many.values()] == [b"A", b"B"]
+        assert [reader.read_slot(s, t)[0] for _v, _t, _b, _s, s, t in many.values()] == [b"A", b"B"]
         near = call(P.STATS, [])["near"]
         assert near["slots"] == 4 and near["slot_writes"] >= 8  # k, n, a, b
         call(P.CLEAR, [""])
         assert all(reader.read_slot(s, t) is None for _v, _t, _b, _s, s, t in many.values())
         assert reader.read_slot(slot2, token2) is None
         assert call(P.STATS, [])["near"]["slots"] == 0
-    finally:
-        reader.drop()
-        worker.close()
-
-
-def test_an_unmarked_slot_is_left_stale_and_its_next_fill_rewrites_it(cluster):
-    """A change of a key nobody took from its slot since the last one costs the
-    Manager no rewrite: the slot keeps its older stamp, which no reader takes
-    (the bucket holds a newer one), and the next TRACK_GET writes it again."""
-    worker, call = _raw_client(cluster)
-    _sid, generation = call(P.TRACKER, [])
-    reader = _reader(cluster.address, generation)
-    marks = reader._marks_map
-    try:
-        call(P.SET, ["", "k", b"v1", None])
-        _v, _t, bucket, _stamp, slot, token = call(P.TRACK_GET, ["", "k"])
-        call(P.SET, ["", "k", b"v2", None])  # marked when given: written
-        writes = call(P.STATS, [])["near"]["slot_writes"]
-        assert marks[slot] == 0 and reader.read_slot(slot, token) == (b"v2", math.inf, reader.stamps[bucket])
-        call(P.SET, ["", "k", b"v3", None])  # not marked since: left as it is
-        data, _deadline, written = reader.read_slot(slot, token)
-        assert data == b"v2" and written != reader.stamps[bucket]  # an older stamp: no near cache takes it
-        assert call(P.STATS, [])["near"]["slot_writes"] == writes
-        # The next reader asks the Manager, whose answer rewrites the slot (unmarked).
-        value, _t, _b, stamp3, slot3, token3 = call(P.TRACK_GET, ["", "k"])
-        assert (value, slot3, token3, stamp3) == (b"v3", slot, token, reader.stamps[bucket])
-        assert reader.read_slot(slot, token) == (b"v3", math.inf, stamp3) and marks[slot] == 0
-        # A second read since the change finds the slot current: marked, so the next change is written.
-        call(P.TRACK_GET, ["", "k"])
-        assert marks[slot] == 1
-        call(P.SET, ["", "k", b"v4", None])
-        assert reader.read_slot(slot, token) == (b"v4", math.inf, reader.stamps[bucket]) and marks[slot] == 0
     finally:
         reader.drop()
         worker.close()
@@ -146,10 +102,10 @@ def test_expiry_and_eviction_free_the_slot(cluster):
         _v, _t, _b, _s, aslot, atoken = call(P.TRACK_GET, ["c", "a"])
         call(P.SET, ["c", "t", b"T", 0.2, bounds])
         _v, ttl, _b, _s, tslot, ttoken = call(P.TRACK_GET, ["c", "t"])
-        assert 0 < ttl <= 0.2 and _value(reader, tslot, ttoken)[0] == b"T"
+        assert 0 < ttl <= 0.2 and reader.read_slot(tslot, ttoken)[0] == b"T"
         # The Manager's reaper expires "t": its slot goes.
         wait_until(lambda: reader.read_slot(tslot, ttoken) is None, timeout=5, message="the expiry freed the slot")
-        assert _value(reader, aslot, atoken) == (b"A", math.inf)
+        assert reader.read_slot(aslot, atoken) == (b"A", math.inf)
         for key in ("x", "y", "z"):
             call(P.SET, ["c", key, b"X", None, bounds])  # culls "a" in the Manager
         assert call(P.GET, ["c", "a"]) is None
@@ -174,14 +130,40 @@ def test_slots_go_to_the_most_recently_filled_keys(cluster):
         call(P.TRACK_GET, ["", "k0"])  # filled again: now the most recent
         _v, _t, _b, _s, slot, token = call(P.TRACK_GET, ["", keys[-1]])
         assert (slot, token) != (-1, 0) and slot == held["k1"][0]  # k1 was the least recently filled
-        assert reader.read_slot(*held["k1"]) is None and _value(reader, *held["k0"]) == (b"k0", math.inf)
-        assert _value(reader, slot, token) == (keys[-1].encode(), math.inf)
+        assert reader.read_slot(*held["k1"]) is None and reader.read_slot(*held["k0"]) == (b"k0", math.inf)
+        assert reader.read_slot(slot, token) == (keys[-1].encode(), math.inf)
         assert call(P.STATS, [])["near"]["slots"] == P.SLOTS
         call(P.SET, ["", "k1", b"new", None])  # no slot any more: nothing to write, nothing breaks
         assert call(P.TRACK_GET, ["", "k1"])[0] == b"new"
     finally:
         reader.drop()
         worker.close()
+
+
+def test_a_slot_unread_for_a_while_is_freed_at_its_keys_next_change(tmp_path):
+    now = [100.0]
+    engine = Engine(clock=lambda: now[0])
+    engine.stamps = S.Stamps(str(tmp_path / "m.sock") + P.STAMPS_SUFFIX, clock=engine.clock)
+    try:
+        session = engine.open_session()
+        engine.dispatch(session, P.TRACKER, [])
+        engine.dispatch(session, P.SET, ["", "k", b"v1", None])
+        engine.dispatch(session, P.SET, ["", "r", b"r1", None])
+        slot = engine.dispatch(session, P.TRACK_GET, ["", "k"])[4]
+        rslot = engine.dispatch(session, P.TRACK_GET, ["", "r"])[4]
+        assert engine.stamps.slots_used == 2
+        now[0] += S.SLOT_IDLE * 0.9
+        engine.dispatch(session, P.RECENT, ["", 1, ["r"]])  # "r" is still read from near copies
+        engine.dispatch(session, P.SET, ["", "k", b"v2", None])  # within SLOT_IDLE of the fill: rewritten
+        assert {key: record[0] for key, record in engine._slotted[""].items()} == {"k": slot, "r": rslot}
+        now[0] += S.SLOT_IDLE * 0.2  # past SLOT_IDLE since "k"'s fill; not since "r"'s report
+        engine.dispatch(session, P.SET, ["", "r", b"r2", None])
+        engine.dispatch(session, P.SET, ["", "k", b"v3", None])
+        assert list(engine._slotted[""]) == ["r"] and engine.stamps.slots_freed == 1
+        assert engine.dispatch(session, P.STATS, [])["near"]["slots"] == 1
+        assert engine.dispatch(session, P.TRACK_GET, ["", "k"])[4] >= 0  # a fill gives it one again
+    finally:
+        engine.stamps.close(dead=True)
 
 
 def test_readers_in_other_processes_never_see_a_torn_slot(cluster):
@@ -219,18 +201,17 @@ def test_readers_in_other_processes_never_see_a_torn_slot(cluster):
         tracker.drop()
 
     pids = [fork_call(reader, i) for i in range(2)]
-    check = _reader(cluster.address, generation)
     try:
         for n in range(1, 20_001):
-            check.mark(slot)  # every write is written into the slot (see server/stamps.py)
             call(P.SET, ["", "k", struct.pack("<Q", n) * (1 + n % (P.SLOT_PAYLOAD // 8)), None])
         # The last write is whole in the slot, length and all.
-        assert _value(check, slot, token) == (
+        check = _reader(cluster.address, generation)
+        assert check.read_slot(slot, token) == (
             struct.pack("<Q", 20_000) * (1 + 20_000 % (P.SLOT_PAYLOAD // 8)),
             math.inf,
         )
-    finally:
         check.drop()
+    finally:
         os.write(stop_w, b"xx")
         codes = [reap(pid, 30) for pid in pids]
         os.close(stop_r)

@@ -202,15 +202,14 @@ class NearCache:
 
     def _refresh(self, key: str, entry: list, now: int) -> bool:
         """Refill ``entry`` from its key's value slot; ``now``: the stamp its
-        bucket holds, read *before* the slot, which must hold that stamp too
-        (see :mod:`..server.stamps`). False: the slot is no longer the key's,
-        was being written, or was not rewritten at the key's last change; the
-        copy goes and the read asks the Manager (which rewrites the slot)."""
+        bucket holds, read *before* the slot (so the value read is at least
+        as new as it: see :mod:`..server.stamps`). False: the slot is no longer
+        the key's, or was being written; the copy goes and the read asks the Manager."""
         _, _, slot, token = stamp = entry[3]
         read = self.tracker.read_slot(slot, token)
-        if read is None or read[2] != now:
-            return False  # (another stamp: the slot was not rewritten at the key's last change)
-        data, deadline, _ = read
+        if read is None:
+            return False
+        data, deadline = read
         if type(data) is bytes and data[:1] == b"\xc1":
             data = _expanded(data)
         size = len(key) + (len(data) if type(data) is bytes else _INT_SIZE)
@@ -222,7 +221,12 @@ class NearCache:
         entry[2] = size
         entry[3] = (stamp[0], now, slot, token)
         self.refreshed += 1
-        self.tracker.mark(slot)
+        if self.tracker.reports_recent and self.clock() >= self._report_due:
+            # The Manager frees a slot whose key no fill or report named for
+            # SLOT_IDLE seconds: a process that reads a key only from its slot
+            # says so at least every RECENT_EVERY (not only every 64 hits).
+            self._recent[key] = None
+            self._report()
         return True
 
     def _drop(self, key: str) -> None:
@@ -511,8 +515,6 @@ class Tracker:
         self.stamps: memoryview | None = None
         #: The file's value slots (see :meth:`read_slot`): as bytes, 8-byte words, float64s and int64s.
         self._slots: tuple[memoryview[Any], ...] | None = None
-        #: The slots' read marks, mapped writable (see :meth:`mark`).
-        self._marks_map: mmap.mmap | None = None
         self.generation = 0
 
     def near_cache(
@@ -554,16 +556,12 @@ class Tracker:
         path = self.transport.stamps_file
         if path is None or not generation:
             return
-        marks_map = None
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
                 if os.fstat(fd).st_uid != os.getuid():
                     return  # not the Manager's (which runs as this user: the handshake checked)
-                # Read-only but for the slots' read marks: a bug here cannot corrupt a stamp.
                 stamps_map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-                if os.fstat(fd).st_size >= P.SLOT_MARKS_OFFSET + P.SLOTS:
-                    marks_map = mmap.mmap(fd, P.SLOTS, offset=P.SLOT_MARKS_OFFSET)
             finally:
                 os.close(fd)
         except (OSError, ValueError) as exc:
@@ -573,25 +571,15 @@ class Tracker:
         if len(stamps) <= P.STAMP_BUCKETS or stamps[P.STAMP_BUCKETS] != generation:
             stamps.release()
             stamps_map.close()
-            if marks_map is not None:
-                marks_map.close()
             return
         self._stamps_map, self.stamps, self.generation = stamps_map, stamps, generation
-        if marks_map is not None:
-            region = memoryview(stamps_map)[P.SLOTS_OFFSET : P.SLOT_MARKS_OFFSET]
+        if len(stamps_map) >= P.SLOTS_OFFSET + P.SLOTS * P.SLOT_SIZE:
+            region = memoryview(stamps_map)[P.SLOTS_OFFSET :]
             self._slots = (region, region.cast("Q"), region.cast("d"), region.cast("q"))
-            self._marks_map = marks_map
-
-    def mark(self, slot: int) -> None:
-        """This process took a value from ``slot``: its next change is written
-        there too (see :mod:`..server.stamps`). A byte, written only if unset."""
-        marks = self._marks_map
-        if marks is not None and not marks[slot]:
-            marks[slot] = 1
 
     def read_slot(self, slot: int, token: int) -> tuple | None:
-        """``(data, deadline, stamp)`` of value slot ``slot`` if it still holds
-        the value of the key whose fill gave ``token`` (a seqlock's reader: the
+        """``(data, deadline)`` of value slot ``slot`` if it still holds the
+        value of the key whose fill gave ``token`` (a seqlock's reader: the
         Manager writes the slot between two moves of ``seq``; see
         :mod:`..server.stamps`), else None (no lock: shared memory only)."""
         views = self._slots
@@ -604,30 +592,26 @@ class Tracker:
             return None
         deadline = floats[base + 2]
         meta = words[base + 3]
-        stamp = words[base + 4]
         kind = meta >> 32
         if kind == 1:
             n = meta & 0xFFFFFFFF
             if n > P.SLOT_PAYLOAD:
                 return None
-            start = slot * P.SLOT_SIZE + P.SLOT_HEAD
+            start = slot * P.SLOT_SIZE + 32
             data: bytes | int = region[start : start + n].tobytes()
         elif kind == 2:
-            data = ints[base + 5]
+            data = ints[base + 4]
         else:
             return None
         if words[base] != seq:
             return None
-        return data, deadline, stamp
+        return data, deadline
 
     def _unmap_stamps(self) -> None:
         if self._slots is not None:
             for view in reversed(self._slots):
                 view.release()
             self._slots = None
-        if self._marks_map is not None:
-            self._marks_map.close()
-            self._marks_map = None
         if self.stamps is not None:
             self.stamps.release()
             self.stamps = None

@@ -483,7 +483,7 @@ class Manager:
         copies: every read goes to the Manager."""
         path = self.address + STAMPS_SUFFIX
         try:
-            self.engine.stamps = Stamps(path)
+            self.engine.stamps = Stamps(path, clock=self.engine.clock)
         except OSError as exc:
             logger.warning("near caches keep no copies: cannot make %s (%s)", path, exc)
 

@@ -40,35 +40,18 @@ moved costs its process a round trip to the Manager, and read-heavy keys
 written now and then by other workers (a 90/10 mix on 4 workers) lost a
 third of their hits that way when stamps replaced pushed values. So after
 the stamps the file holds :data:`~..wire.frames.SLOTS` slots of
-:data:`~..wire.frames.SLOT_SIZE` bytes (layout: ``wire/frames.py``), each
-with the value of one key, its deadline and the *stamp* its bucket got when
-the slot was written. A TRACK_GET of a value that fits gives its key a slot
-(the least recently filled one when none is free) and writes it, with the
-stamp the reply carries. A process that finds its copy's stamp moved reads
-the bucket's stamp, then the slot, and takes the value only if the slot
-holds that very stamp: then the slot was written at the key's last change
-(or at a fill after it), before that stamp was stored, and keeping the value
-with that stamp is as safe as a fill. A delete, an expiry or an eviction
-frees the slot; a clear frees its namespace's.
-
-**Eager or lazy, per change.** Whether a change of a slotted key rewrites
-its slot is decided by a *read mark*: one byte a slot, after the slots,
-which a process sets when it refills a copy from the slot (the file's only
-part the processes map writable). The Manager marks a slot too when it
-gives it to a key, and at a TRACK_GET that finds it current (the key's
-second read since its last change). A change finds the mark set: the key is
-read between changes, so the Manager rewrites the slot with the new stamp
-before storing it (about 0.8 us) and clears the mark. No mark: the slot is
-left as it is (a byte read), holds an older stamp from then on, and the
-key's next reader asks the Manager, whose TRACK_GET rewrites it unmarked;
-whoever reads it after that marks it again. So
-a key read by several processes between its changes is refilled from shared
-memory, and a key written more often than it is read costs its writers
-nothing more than with no slot (with every change rewritten, a 10/90 mix on
-16 workers ran at 0.90x the ops/s of no near cache, the Manager being the
-bottleneck there). A process gains nothing from a stale mark or a mark of
-another's slot but a useless rewrite: the Manager trusts the marks for its
-own cost only, never for what it answers.
+:data:`~..wire.frames.SLOT_SIZE` bytes (layout: ``wire/frames.py``). A
+TRACK_GET of a value that fits gives its key a slot (the least recently
+filled one when none is free) and writes the value there; every change of
+the key rewrites the slot in place, *before* the bucket's new stamp (a
+delete, expiry or eviction frees it). A process that finds its copy's stamp
+moved reads the bucket's stamp, then the slot: a value read there is at
+least as new as that stamp, so keeping it with that stamp is safe, and the
+read costs a copy out of shared memory instead of a message. What the
+Manager pays: about 1 us per change of a slotted key, nothing per holder.
+A slot nobody filled or reported a hit of (RECENT) for :data:`SLOT_IDLE`
+seconds is freed at the key's next change: a key no near cache reads any
+more stops costing its writers.
 
 Readers and the writer never lock: a slot is a *seqlock*. The Manager makes
 ``seq`` odd, writes, makes it even; a reader reads ``seq``, the slot, then
@@ -91,19 +74,13 @@ import mmap
 import os
 import platform
 import struct
+import time
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from itertools import count
 
-from ..wire.frames import (
-    SLOT_HEAD,
-    SLOT_MARKS_OFFSET,
-    SLOT_PAYLOAD,
-    SLOT_SIZE,
-    SLOTS,
-    SLOTS_OFFSET,
-    STAMP_BUCKETS,
-)
+from ..wire.frames import SLOT_PAYLOAD, SLOT_SIZE, SLOTS, SLOTS_OFFSET, STAMP_BUCKETS
 
 logger = logging.getLogger("django_clustershm.server")
 
@@ -111,15 +88,17 @@ logger = logging.getLogger("django_clustershm.server")
 MASK = STAMP_BUCKETS - 1
 #: The header word: the file's generation (STAMP_DEAD once dead).
 HEADER = STAMP_BUCKETS
-SIZE = SLOT_MARKS_OFFSET + SLOTS
+SIZE = SLOTS_OFFSET + SLOTS * SLOT_SIZE
 #: 8-byte words per slot.
 SLOT_WORDS = SLOT_SIZE // 8
 #: Whether this CPU's memory model makes the slots' seqlock sound (see above).
 SLOTS_OK = platform.machine().lower() in ("x86_64", "amd64")
+#: Seconds a slot lives without a fill or a reported hit of its key (checked at its key's changes).
+SLOT_IDLE = 2.0
 _INT64 = (-(1 << 63), 1 << 63)
-# A slot's words after ``seq``: token, deadline, kind << 32 | length, stamp (and an int value).
-SLOT_HEADER = struct.Struct("=QdQQ").pack_into
-_SLOT_INT = struct.Struct("=QdQQq").pack_into
+# A slot's words after ``seq``: token, deadline, kind << 32 | length (and an int value).
+SLOT_HEADER = struct.Struct("=QdQ").pack_into
+_SLOT_INT = struct.Struct("=QdQq").pack_into
 #: The kind of a slot that holds bytes, in its third word.
 SLOT_BYTES = 1 << 32
 
@@ -154,7 +133,7 @@ class Stamps:
     bucket's stamp (what the engine's write path stores into, through
     :meth:`next_stamp`), ``words[HEADER]`` the generation."""
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, clock: Callable[[], float] = time.monotonic) -> None:
         self.path = path
         # A Manager that died here may have left clients mapping its file.
         poison(path)
@@ -183,59 +162,54 @@ class Stamps:
         self.next_stamp = self._count.__next__
         self.words[HEADER] = self.generation
         # The value slots (see above): the same bytes as 8-byte words,
-        # float64s and int64s, and as bytes; then the slots' read marks.
-        region = memoryview(self._map)[SLOTS_OFFSET:SLOT_MARKS_OFFSET]
+        # float64s and int64s, and as bytes.
+        region = memoryview(self._map)[SLOTS_OFFSET:]
         self._slot_views = (region, region.cast("Q"), region.cast("d"), region.cast("q"))
         self._slot_words: memoryview | None = self._slot_views[1]
-        #: One byte a slot, set by a process that refilled a copy from it (see above).
-        self.marks: memoryview | None = memoryview(self._map)[SLOT_MARKS_OFFSET:SIZE]
         #: What the engine's write path writes a slot through (see Engine._namespace).
         self.slot_region = (region, self._slot_words)
         self.slots_ok = SLOTS_OK
+        self.clock = clock
         #: Slots in use, least recently filled first: index -> its record, ``[index,
-        #: token, the stamp it was last written with, its first word, its first
-        #: byte, its namespace's map, key]``; the engine's map of each namespace
-        #: (key -> record) holds the same lists.
+        #: token, when last filled or reported, its first word, its first byte,
+        #: its namespace's map, key]``; the engine's map of each namespace (key ->
+        #: record) holds the same lists.
         self._owners: OrderedDict[int, list] = OrderedDict()
         self._free = list(range(SLOTS - 1, -1, -1))
         self._tokens = count(1)
-        self.slot_writes = 0  # values written into slots, in all
-        self.slots_freed = 0  # slots freed (their key went, its value grew too large, or another key took it)
+        self.slot_writes = 0  # changes written into slots, in all
+        self.slots_freed = 0  # slots freed (a change that removed the key, idle, or taken by another key)
 
     # -- value slots ---------------------------------------------------------------------
 
-    def slot_for(self, slotted: dict, key: str, value, deadline: float, stamp: int) -> tuple[int, int]:
+    def slot_for(self, slotted: dict, key: str, value, deadline: float) -> tuple[int, int]:
         """A TRACK_GET of ``key`` (whose namespace's slots are ``slotted``: key
-        -> record) read ``value``, and its bucket holds ``stamp``: ``(slot,
-        token)`` for the reply, after writing the value into the key's slot
-        with that stamp if it holds another; ``(-1, 0)`` if it gets none."""
+        -> record) read ``value``: ``(slot, token)`` for the reply, after
+        writing the value into the key's slot; ``(-1, 0)`` if it gets none."""
         record = slotted.get(key)
         if record is not None:
+            record[2] = self.clock()
             self._owners.move_to_end(record[0])
-            if record[2] != stamp:  # changed since, lazily (see above): the slot is stale
-                self.rewrite(record, value, deadline, stamp)
-                if record[0] not in self._owners:
-                    return -1, 0
-            else:  # a second read since the key's last change: its next one is written eagerly
-                self.marks[record[0]] = 1  # type: ignore[index]
             return record[0], record[1]
         if not self.slots_ok or self._slot_words is None or not _fits(value):
             return -1, 0
         if not self._free:
             self.free_slot(next(iter(self._owners)))  # the least recently filled
         i = self._free.pop()
-        record = [i, next(self._tokens), stamp, i * SLOT_WORDS, i * SLOT_SIZE, slotted, key]
+        record = [i, next(self._tokens), self.clock(), i * SLOT_WORDS, i * SLOT_SIZE, slotted, key]
         self._owners[i] = slotted[key] = record
-        self._write(record, value, deadline, stamp)
-        self.marks[i] = 1  # type: ignore[index]
+        self._write(i, record[1], value, deadline)
         return i, record[1]
 
-    def rewrite(self, record: list, value, deadline: float, stamp: int) -> None:
-        """The key of ``record`` (see ``_owners``) is now ``value``, expiring at
-        ``deadline``, and its bucket's stamp will be ``stamp``: written in
-        place, or the slot freed if the value no longer fits."""
-        if _fits(value):
-            self._write(record, value, deadline, stamp)
+    def rewrite(self, record: list, value, deadline: float) -> None:
+        """The key of ``record`` (see ``_owners``) changed to ``value``, expiring
+        at ``deadline``: written in place, or the slot freed (it no longer
+        fits, or no one filled or reported the key for SLOT_IDLE seconds)."""
+        kind = type(value)
+        if (
+            (kind is bytes and len(value) <= SLOT_PAYLOAD) or (kind is int and _INT64[0] <= value < _INT64[1])
+        ) and self.clock() - record[2] <= SLOT_IDLE:
+            self._write(record[0], record[1], value, deadline)
         else:
             self.free_slot(record[0])
 
@@ -245,8 +219,6 @@ class Stamps:
         del record[5][record[6]]
         self._free.append(i)
         self.slots_freed += 1
-        if self.marks is not None:
-            self.marks[i] = 0
         words = self._slot_words
         if words is not None:
             base = i * SLOT_WORDS
@@ -264,22 +236,22 @@ class Stamps:
     def slots_used(self) -> int:
         return len(self._owners)
 
-    def _write(self, record: list, value, deadline: float, stamp: int) -> None:
+    def _write(self, i: int, token: int, value, deadline: float) -> None:
         # The seqlock's writer: seq odd, the slot, seq even (see the module's
         # docstring). Between the two, nothing needs to be atomic: the header
         # words in one pack_into, then the payload.
         region, words, _, _ = self._slot_views
-        base, start = record[3], record[4]
+        base = i * SLOT_WORDS
+        start = i * SLOT_SIZE
         seq = words[base]
         words[base] = seq + 1
         if type(value) is int:
-            _SLOT_INT(region, start + 8, record[1], deadline, 2 << 32, stamp, value)
+            _SLOT_INT(region, start + 8, token, deadline, 2 << 32, value)
         else:
             n = len(value)
-            SLOT_HEADER(region, start + 8, record[1], deadline, SLOT_BYTES | n, stamp)
-            region[start + SLOT_HEAD : start + SLOT_HEAD + n] = value
+            SLOT_HEADER(region, start + 8, token, deadline, SLOT_BYTES | n)
+            region[start + 32 : start + 32 + n] = value
         words[base] = seq + 2
-        record[2] = stamp
         self.slot_writes += 1
 
     @property
@@ -299,7 +271,6 @@ class Stamps:
         words, self.words = self.words, None
         self._slot_words = None
         self.slot_region = None  # type: ignore[assignment]
-        marks, self.marks = self.marks, None
         for record in self._owners.values():
             record[5].clear()  # (the engine's maps: no key keeps a slot of a closed file)
         self._owners.clear()
@@ -309,8 +280,6 @@ class Stamps:
             words.release()
             for view in reversed(self._slot_views):
                 view.release()
-            if marks is not None:
-                marks.release()
         if self._map is not None:
             self._map.close()
             self._map = None

@@ -137,21 +137,16 @@ not hold).
 
 After the stamps' words (at :data:`SLOTS_OFFSET`) the file holds
 :data:`SLOTS` *value slots* of :data:`SLOT_SIZE` bytes: the Manager keeps in
-one the value of a key that near caches read (a TRACK_GET answers its
-``slot`` and ``token``; ``slot`` -1: none) with the stamp its bucket had when
-the slot was written, so that a process whose copy's stamp moved takes the
-value there, if the slot holds the bucket's stamp, instead of asking the
-Manager. A slot is five 8-byte words, then its payload
-(:data:`SLOT_PAYLOAD` bytes): ``seq`` (odd while the Manager writes the
-slot, a seqlock), ``token`` (whose slot it is: 0 when free), ``deadline`` (a
-float64, CLOCK_MONOTONIC; inf: none), ``kind << 32 | length`` (kind 1:
-``length`` bytes of value; 2: a signed 64-bit int in the first payload word)
-and ``stamp``. After the slots (at :data:`SLOT_MARKS_OFFSET`), one *read
-mark* byte a slot, the only part a process maps writable: it sets its slot's
-mark when it takes a value from the slot, and the Manager rewrites a slot
-at its key's change only if the mark is set (else the next reader asks it).
-Only on x86-64 (whose aligned 8-byte loads and stores are atomic and kept in
-order), see ``server/stamps.py``.
+one the current value of a key that near caches read (a TRACK_GET answers
+its ``slot`` and ``token``; ``slot`` -1: none), rewritten in place at every
+change of the key before the stamp moves, so that a process whose copy's
+stamp moved reads the new value there instead of asking the Manager. A slot
+is four 8-byte words, then its payload: ``seq`` (odd while the Manager
+writes the slot, a seqlock), ``token`` (whose slot it is: 0 when free),
+``deadline`` (a float64, CLOCK_MONOTONIC; inf: none) and ``kind << 32 |
+length`` (kind 1: ``length`` bytes of value; 2: a signed 64-bit int in the
+first payload word). Only on x86-64 (whose aligned 8-byte loads and stores
+are atomic and kept in order), see ``server/stamps.py``.
 A tracker reports its process's hits now and then with RECENT: the keys hit
 (at most :data:`MAX_RECENT` of them) become the most recently used in their
 cache, as if read there, and ``hits`` counts into the cache's hits, so that
@@ -247,13 +242,10 @@ STAMP_BUCKETS = 1 << 16
 STAMP_DEAD = (1 << 64) - 1
 #: Where the value slots start in the stamps file (after the stamps and the header word, page-aligned).
 SLOTS_OFFSET = ((STAMP_BUCKETS + 1) * 8 + 4095) // 4096 * 4096
-#: Value slots in the file, and the bytes of each (five header words, then the payload).
+#: Value slots in the file, and the bytes of each (four header words, then the payload).
 SLOTS = 4096
 SLOT_SIZE = 1024
-SLOT_HEAD = 40
-SLOT_PAYLOAD = SLOT_SIZE - SLOT_HEAD
-#: Where the slots' read marks start (one byte a slot, page-aligned: a process maps them writable).
-SLOT_MARKS_OFFSET = SLOTS_OFFSET + SLOTS * SLOT_SIZE
+SLOT_PAYLOAD = SLOT_SIZE - 32
 
 #: Keys one RECENT may name.
 MAX_RECENT = 1024
