@@ -425,14 +425,21 @@ def test_a_first_read_keeps_a_copy_of_a_key_another_process_keeps(cluster):
         assert clustershm.near_stats()["plain-default"]["entries"] == 2
 
     assert reap(fork_call(other), 10) == 0
+    # A process that has kept no copy yet has no channel, and a first read opens none: plain.
+    assert cache.get("hot") == "h" and clustershm.near_stats()["plain-default"]["entries"] == 0
+    cache.set("warm", "w")
+    assert cache.get("warm") == "w" and cache.get("warm") == "w"  # a copy kept: the channel is open
+    near_cache = clustershm.get_client()._near["plain-default"]
+    near_cache._seen.clear()  # (forget that "hot" was read once here)
+    before = clustershm.near_stats()["plain-default"]
     assert cache.get("hot") == "h" and cache.get("cold") == "c"
     assert cache.get_many(["hot2", "cold2"]) == {"hot2": "h2", "cold2": "c2"}
     stats = clustershm.near_stats()["plain-default"]
-    assert (stats["entries"], stats["untracked"], stats["misses"]) == (2, 2, 4)  # the hot keys kept, at once
-    near_cache = clustershm.get_client()._near["plain-default"]
-    assert set(near_cache._entries) == {cache.make_key("hot"), cache.make_key("hot2")}
+    assert stats["entries"] == 3  # "warm", and the hot keys kept at their first read here
+    assert (stats["untracked"] - before["untracked"], stats["misses"] - before["misses"]) == (2, 4)
+    assert set(near_cache._entries) == {cache.make_key(k) for k in ("warm", "hot", "hot2")}
     assert cache.get("hot") == "h" and cache.get_many(["hot2"]) == {"hot2": "h2"}
-    assert clustershm.near_stats()["plain-default"]["hits"] == 2
+    assert clustershm.near_stats()["plain-default"]["hits"] == before["hits"] + 2
 
 
 @override_settings(CACHES=DEFAULTS)

@@ -324,9 +324,14 @@ class NearCache:
         data = self._local(key)
         if data is not None and data is not _UNTRACKED:
             return data
-        sid, sent_at = self.tracker.session_id(), self.clock()
         if data is _UNTRACKED:
+            sid, sent_at = self.tracker.sid, self.clock()
+            if sid is None:  # a first read opens no channel: read plainly (see _remember_first)
+                return self._remember_first(
+                    key, None, sent_at, self.tracker.fetch_untracked(self.ns, key), None, None, False
+                )
             return self._remember_first(key, sid, sent_at, *self.tracker.fetch_first(self.ns, key, sid))
+        sid, sent_at = self.tracker.session_id(), self.clock()
         return self._remember(key, sid, sent_at, *self.tracker.fetch(self.ns, key, sid))
 
     async def aget(self, key: str, acall) -> Any:
@@ -339,10 +344,14 @@ class NearCache:
         data = self._local(key)
         if data is not None and data is not _UNTRACKED:
             return data
-        sid, sent_at = self.tracker.session_id(), self.clock()
         if data is _UNTRACKED:
+            sid, sent_at = self.tracker.sid, self.clock()
+            if sid is None:  # a first read opens no channel: read plainly (see _remember_first)
+                data = await self.tracker.afetch_untracked(acall, self.ns, key)
+                return self._remember_first(key, None, sent_at, data, None, None, False)
             reply = await self.tracker.afetch_first(acall, self.ns, key, sid)
             return self._remember_first(key, sid, sent_at, *reply)
+        sid, sent_at = self.tracker.session_id(), self.clock()
         return self._remember(key, sid, sent_at, *await self.tracker.afetch(acall, self.ns, key, sid))
 
     def _local(self, key: str):
@@ -402,7 +411,9 @@ class NearCache:
     def _remember_first(self, key: str, sid, sent_at: float, data, ttl, seq, tracked):
         """What a first read (which the policy keeps no copy of) read: kept
         all the same if ``tracked`` (the key has a value slot, so another
-        process reads it through its near cache: it is hot in the cluster)."""
+        process reads it through its near cache: it is hot in the cluster).
+        A process whose near caches have kept nothing yet has no channel,
+        and its first reads do not open one: they are plain reads."""
         tracker = self.tracker
         with tracker.lock:
             if data is not None and tracked:
@@ -421,10 +432,14 @@ class NearCache:
         found, missing, track = self._local_many(keys)
         if not missing:
             return found
-        sid, sent_at = self.tracker.session_id(), self.clock()
         if not track:
+            sid, sent_at = self.tracker.sid, self.clock()
+            if sid is None:  # first reads open no channel: read plainly
+                fetched = {k: (v, None) for k, v in self.tracker.fetch_many_untracked(self.ns, missing).items()}
+                return self._remember_many(found, None, sent_at, fetched, None, False, first=len(missing))
             fetched, seq, tracked = self.tracker.fetch_many_first(self.ns, missing, sid)
             return self._remember_many(found, sid, sent_at, fetched, seq, tracked, first=len(missing))
+        sid, sent_at = self.tracker.session_id(), self.clock()
         reply = self.tracker.fetch_many(self.ns, missing, sid)
         return self._remember_many(found, sid, sent_at, *reply)
 
@@ -435,10 +450,15 @@ class NearCache:
         found, missing, track = self._local_many(keys)
         if not missing:
             return found
-        sid, sent_at = self.tracker.session_id(), self.clock()
         if not track:
+            sid, sent_at = self.tracker.sid, self.clock()
+            if sid is None:  # first reads open no channel: read plainly
+                plain = await self.tracker.afetch_many_untracked(acall, self.ns, missing)
+                fetched = {k: (v, None) for k, v in plain.items()}
+                return self._remember_many(found, None, sent_at, fetched, None, False, first=len(missing))
             fetched, seq, tracked = await self.tracker.afetch_many_first(acall, self.ns, missing, sid)
             return self._remember_many(found, sid, sent_at, fetched, seq, tracked, first=len(missing))
+        sid, sent_at = self.tracker.session_id(), self.clock()
         reply = await self.tracker.afetch_many(acall, self.ns, missing, sid)
         return self._remember_many(found, sid, sent_at, *reply)
 
