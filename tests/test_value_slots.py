@@ -39,105 +39,99 @@ def _reader(address: str, generation: int) -> Tracker:
     return tracker
 
 
-def test_a_keys_slot_holds_its_value_before_the_writers_reply(cluster):
+@pytest.fixture
+def raw(cluster):
+    """``(call, reader, generation)``: a raw connection made its process's
+    tracker channel, and the Manager's file mapped as a worker maps it."""
     worker, call = _raw_client(cluster)
     _sid, generation = call(P.TRACKER, [])
     reader = _reader(cluster.address, generation)
-    try:
-        call(P.SET, ["", "k", b"v1", None])
-        value, _ttl, _bucket, _stamp, slot, token = call(P.TRACK_GET, ["", "k"])
-        assert value == b"v1" and 0 <= slot < P.SLOTS and token > 0
-        assert reader.read_slot(slot, token) == (b"v1", math.inf)
-        assert reader.read_slot(slot, token + 1) is None  # another fill's token: not ours
-        # Every change is in the slot when the writer's reply arrives.
-        call(P.SET, ["", "k", b"v2", None])
-        assert reader.read_slot(slot, token) == (b"v2", math.inf)
-        call(P.SET_MANY, ["", ["k", b"v3"], None])
-        assert reader.read_slot(slot, token) == (b"v3", math.inf)
-        before = time.monotonic()
-        call(P.TOUCH, ["", "k", 30])
-        data, deadline = reader.read_slot(slot, token)
-        assert data == b"v3" and before + 30 <= deadline <= time.monotonic() + 30  # the Manager's own deadline
-        call(P.SET, ["", "n", 1, None])
-        _v, _t, _b, _s, nslot, ntoken = call(P.TRACK_GET, ["", "n"])
-        assert nslot != slot and reader.read_slot(nslot, ntoken) == (1, math.inf)
-        call(P.INCR, ["", "n", -(2**40), None, None])
-        assert reader.read_slot(nslot, ntoken) == (1 - 2**40, math.inf)  # ints stay ints
-        # A value too large for a slot: it is freed, and such a value gets none.
-        call(P.SET, ["", "k", b"x" * (P.SLOT_PAYLOAD + 1), None])
-        assert reader.read_slot(slot, token) is None
-        assert call(P.TRACK_GET, ["", "k"])[4:] == [-1, 0]
-        call(P.SET, ["", "k", b"x" * P.SLOT_PAYLOAD, None])  # the largest that fits
-        _v, _t, _b, _s, slot, token = call(P.TRACK_GET, ["", "k"])
-        assert slot >= 0 and reader.read_slot(slot, token) == (b"x" * P.SLOT_PAYLOAD, math.inf)
-        # A delete frees the slot; a fill after it gets a new token.
-        call(P.REMOVE, ["", "k"])
-        assert reader.read_slot(slot, token) is None
-        call(P.SET, ["", "k", b"v4", None])
-        _v, _t, _b, _s, slot2, token2 = call(P.TRACK_GET, ["", "k"])
-        assert token2 != token and reader.read_slot(slot2, token2) == (b"v4", math.inf)
-        # A clear frees every slot of its namespace.
-        call(P.SET_MANY, ["", ["a", b"A", "b", b"B"], None])
-        many = call(P.TRACK_GET_MANY, ["", ["a", "b", "absent"]])
-        assert set(many) == {"a", "b"}
-        assert [reader.read_slot(s, t)[0] for _v, _t, _b, _s, s, t in many.values()] == [b"A", b"B"]
-        near = call(P.STATS, [])["near"]
-        assert near["slots"] == 4 and near["slot_writes"] >= 8  # k, n, a, b
-        call(P.CLEAR, [""])
-        assert all(reader.read_slot(s, t) is None for _v, _t, _b, _s, s, t in many.values())
-        assert reader.read_slot(slot2, token2) is None
-        assert call(P.STATS, [])["near"]["slots"] == 0
-    finally:
-        reader.drop()
-        worker.close()
+    yield call, reader, generation
+    reader.drop()
+    worker.close()
 
 
-def test_expiry_and_eviction_free_the_slot(cluster):
-    worker, call = _raw_client(cluster)
-    _sid, generation = call(P.TRACKER, [])
-    reader = _reader(cluster.address, generation)
-    try:
-        bounds = [2, 3, 1 << 20]  # a cache of at most two entries (MAX_ENTRIES, CULL_FREQUENCY, MAX_BYTES)
-        call(P.SET, ["c", "a", b"A", None, bounds])
-        _v, _t, _b, _s, aslot, atoken = call(P.TRACK_GET, ["c", "a"])
-        call(P.SET, ["c", "t", b"T", 0.2, bounds])
-        _v, ttl, _b, _s, tslot, ttoken = call(P.TRACK_GET, ["c", "t"])
-        assert 0 < ttl <= 0.2 and reader.read_slot(tslot, ttoken)[0] == b"T"
-        # The Manager's reaper expires "t": its slot goes.
-        wait_until(lambda: reader.read_slot(tslot, ttoken) is None, timeout=5, message="the expiry freed the slot")
-        assert reader.read_slot(aslot, atoken) == (b"A", math.inf)
-        for key in ("x", "y", "z"):
-            call(P.SET, ["c", key, b"X", None, bounds])  # culls "a" in the Manager
-        assert call(P.GET, ["c", "a"]) is None
-        assert reader.read_slot(aslot, atoken) is None
-    finally:
-        reader.drop()
-        worker.close()
+def test_a_keys_slot_holds_its_value_before_the_writers_reply(raw):
+    call, reader, _generation = raw
+    call(P.SET, ["", "k", b"v1", None])
+    value, _ttl, _bucket, _stamp, slot, token = call(P.TRACK_GET, ["", "k"])
+    assert value == b"v1" and 0 <= slot < P.SLOTS and token > 0
+    assert reader.read_slot(slot, token) == (b"v1", math.inf)
+    assert reader.read_slot(slot, token + 1) is None  # another fill's token: not ours
+    # Every change is in the slot when the writer's reply arrives.
+    call(P.SET, ["", "k", b"v2", None])
+    assert reader.read_slot(slot, token) == (b"v2", math.inf)
+    call(P.SET_MANY, ["", ["k", b"v3"], None])
+    assert reader.read_slot(slot, token) == (b"v3", math.inf)
+    before = time.monotonic()
+    call(P.TOUCH, ["", "k", 30])
+    data, deadline = reader.read_slot(slot, token)
+    assert data == b"v3" and before + 30 <= deadline <= time.monotonic() + 30  # the Manager's own deadline
+    call(P.SET, ["", "n", 1, None])
+    _v, _t, _b, _s, nslot, ntoken = call(P.TRACK_GET, ["", "n"])
+    assert nslot != slot and reader.read_slot(nslot, ntoken) == (1, math.inf)
+    call(P.INCR, ["", "n", -(2**40), None, None])
+    assert reader.read_slot(nslot, ntoken) == (1 - 2**40, math.inf)  # ints stay ints
+    # A value too large for a slot: it is freed, and such a value gets none.
+    call(P.SET, ["", "k", b"x" * (P.SLOT_PAYLOAD + 1), None])
+    assert reader.read_slot(slot, token) is None
+    assert call(P.TRACK_GET, ["", "k"])[4:] == [-1, 0]
+    call(P.SET, ["", "k", b"x" * P.SLOT_PAYLOAD, None])  # the largest that fits
+    _v, _t, _b, _s, slot, token = call(P.TRACK_GET, ["", "k"])
+    assert slot >= 0 and reader.read_slot(slot, token) == (b"x" * P.SLOT_PAYLOAD, math.inf)
+    # A delete frees the slot; a fill after it gets a new token.
+    call(P.REMOVE, ["", "k"])
+    assert reader.read_slot(slot, token) is None
+    call(P.SET, ["", "k", b"v4", None])
+    _v, _t, _b, _s, slot2, token2 = call(P.TRACK_GET, ["", "k"])
+    assert token2 != token and reader.read_slot(slot2, token2) == (b"v4", math.inf)
+    # A clear frees every slot of its namespace.
+    call(P.SET_MANY, ["", ["a", b"A", "b", b"B"], None])
+    many = call(P.TRACK_GET_MANY, ["", ["a", "b", "absent"]])
+    assert set(many) == {"a", "b"}
+    assert [reader.read_slot(s, t)[0] for _v, _t, _b, _s, s, t in many.values()] == [b"A", b"B"]
+    near = call(P.STATS, [])["near"]
+    assert near["slots"] == 4 and near["slot_writes"] >= 8  # k, n, a, b
+    call(P.CLEAR, [""])
+    assert all(reader.read_slot(s, t) is None for _v, _t, _b, _s, s, t in many.values())
+    assert reader.read_slot(slot2, token2) is None
+    assert call(P.STATS, [])["near"]["slots"] == 0
 
 
-def test_slots_go_to_the_most_recently_filled_keys(cluster):
-    worker, call = _raw_client(cluster)
-    _sid, generation = call(P.TRACKER, [])
-    reader = _reader(cluster.address, generation)
-    try:
-        keys = [f"k{i}" for i in range(P.SLOTS + 1)]
-        call(P.SET_MANY, ["", [x for key in keys for x in (key, key.encode())], None])
-        held = {}
-        for start in range(0, P.SLOTS, 512):
-            reply = call(P.TRACK_GET_MANY, ["", keys[start : start + 512]])
-            held.update({key: tuple(entry[4:]) for key, entry in reply.items()})
-        assert len({slot for slot, _ in held.values()}) == P.SLOTS  # every slot, once
-        call(P.TRACK_GET, ["", "k0"])  # filled again: now the most recent
-        _v, _t, _b, _s, slot, token = call(P.TRACK_GET, ["", keys[-1]])
-        assert (slot, token) != (-1, 0) and slot == held["k1"][0]  # k1 was the least recently filled
-        assert reader.read_slot(*held["k1"]) is None and reader.read_slot(*held["k0"]) == (b"k0", math.inf)
-        assert reader.read_slot(slot, token) == (keys[-1].encode(), math.inf)
-        assert call(P.STATS, [])["near"]["slots"] == P.SLOTS
-        call(P.SET, ["", "k1", b"new", None])  # no slot any more: nothing to write, nothing breaks
-        assert call(P.TRACK_GET, ["", "k1"])[0] == b"new"
-    finally:
-        reader.drop()
-        worker.close()
+def test_expiry_and_eviction_free_the_slot(raw):
+    call, reader, _generation = raw
+    bounds = [2, 3, 1 << 20]  # a cache of at most two entries (MAX_ENTRIES, CULL_FREQUENCY, MAX_BYTES)
+    call(P.SET, ["c", "a", b"A", None, bounds])
+    _v, _t, _b, _s, aslot, atoken = call(P.TRACK_GET, ["c", "a"])
+    call(P.SET, ["c", "t", b"T", 0.2, bounds])
+    _v, ttl, _b, _s, tslot, ttoken = call(P.TRACK_GET, ["c", "t"])
+    assert 0 < ttl <= 0.2 and reader.read_slot(tslot, ttoken)[0] == b"T"
+    # The Manager's reaper expires "t": its slot goes.
+    wait_until(lambda: reader.read_slot(tslot, ttoken) is None, timeout=5, message="the expiry freed the slot")
+    assert reader.read_slot(aslot, atoken) == (b"A", math.inf)
+    for key in ("x", "y", "z"):
+        call(P.SET, ["c", key, b"X", None, bounds])  # culls "a" in the Manager
+    assert call(P.GET, ["c", "a"]) is None
+    assert reader.read_slot(aslot, atoken) is None
+
+
+def test_slots_go_to_the_most_recently_filled_keys(raw):
+    call, reader, _generation = raw
+    keys = [f"k{i}" for i in range(P.SLOTS + 1)]
+    call(P.SET_MANY, ["", [x for key in keys for x in (key, key.encode())], None])
+    held = {}
+    for start in range(0, P.SLOTS, 512):
+        reply = call(P.TRACK_GET_MANY, ["", keys[start : start + 512]])
+        held.update({key: tuple(entry[4:]) for key, entry in reply.items()})
+    assert len({slot for slot, _ in held.values()}) == P.SLOTS  # every slot, once
+    call(P.TRACK_GET, ["", "k0"])  # filled again: now the most recent
+    _v, _t, _b, _s, slot, token = call(P.TRACK_GET, ["", keys[-1]])
+    assert (slot, token) != (-1, 0) and slot == held["k1"][0]  # k1 was the least recently filled
+    assert reader.read_slot(*held["k1"]) is None and reader.read_slot(*held["k0"]) == (b"k0", math.inf)
+    assert reader.read_slot(slot, token) == (keys[-1].encode(), math.inf)
+    assert call(P.STATS, [])["near"]["slots"] == P.SLOTS
+    call(P.SET, ["", "k1", b"new", None])  # no slot any more: nothing to write, nothing breaks
+    assert call(P.TRACK_GET, ["", "k1"])[0] == b"new"
 
 
 def test_a_slot_unread_for_a_while_is_freed_at_its_keys_next_change(tmp_path):
