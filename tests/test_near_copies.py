@@ -47,10 +47,14 @@ class StandInTracker:
         self.stamps: list | None = None  # a Manager's stamps, for copies filled with one
         self.slots: dict = {}  # slot -> (token, data, deadline): what read_slot answers
         self.first_replies: list = []
+        self.counted: list = []  # the slots count_read() counted
 
     def read_slot(self, slot, token):
         held = self.slots.get(slot)
         return None if held is None or held[0] != token else held[1:]
+
+    def count_read(self, slot):
+        self.counted.append(slot)
 
     def session_id(self):
         return self.sid
@@ -243,6 +247,7 @@ def test_a_stale_copy_with_a_value_slot_is_refilled_from_it(clock):
         assert cache._lookup("k") == b"new" and tracker.calls == []  # no round trip
         assert cache._entries["k"] == [b"new", None, size("k", b"new"), (3, 4, 5, 11)]  # kept with the new stamp
         assert (cache.refreshed, cache.invalidated, cache.bytes) == (1, 0, size("k", b"new"))
+        assert tracker.counted == [5]  # a read the Manager weighs against the slot's rewrites
         assert cache._lookup("k") == b"new" and cache.refreshed == 1  # the stamp holds: a plain hit
         # A deadline comes from the slot (the Manager's own) and is honoured.
         tracker.slots[5] = (11, 42, clock.now + 1)

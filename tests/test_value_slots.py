@@ -160,6 +160,38 @@ def test_a_slot_unread_for_a_while_is_freed_at_its_keys_next_change(tmp_path):
         engine.stamps.close(dead=True)
 
 
+def test_a_slot_written_much_more_than_read_is_freed_and_held_back(tmp_path):
+    now = [100.0]
+    engine = Engine(clock=lambda: now[0])
+    engine.stamps = S.Stamps(str(tmp_path / "m.sock") + P.STAMPS_SUFFIX, clock=engine.clock)
+    reads = engine.stamps.reads
+    try:
+        session = engine.open_session()
+        engine.dispatch(session, P.TRACKER, [])
+        engine.dispatch(session, P.SET, ["", "hot", b"h", None])
+        engine.dispatch(session, P.SET, ["", "busy", b"b", None])
+        hot = engine.dispatch(session, P.TRACK_GET, ["", "hot"])[4]
+        assert engine.dispatch(session, P.TRACK_GET, ["", "busy"])[4] >= 0
+        for n in range(S.SLOT_CHECK * 3):
+            if n % 2:
+                reads[hot] += 1  # "hot" is read once every two writes: its slot pays
+            engine.dispatch(session, P.SET, ["", "hot", b"h%d" % n, None])
+            engine.dispatch(session, P.SET, ["", "busy", b"b%d" % n, None])  # never read
+        assert list(engine._slotted[""]) == ["hot"] and engine.stamps.slots_banned == 1
+        assert engine.dispatch(session, P.STATS, [])["near"]["slots_banned"] == 1
+        # A few reads per SLOT_CHECK rewrites are not enough either (fewer than 1 per SLOT_WRITES_PER_READ).
+        reads[hot] += S.SLOT_CHECK // S.SLOT_WRITES_PER_READ - 1
+        for n in range(S.SLOT_CHECK):
+            engine.dispatch(session, P.SET, ["", "hot", b"x%d" % n, None])
+        assert engine._slotted[""] == {} and engine.stamps.slots_banned == 2
+        # Held back for SLOT_BAN seconds, then a fill gives a slot again.
+        assert engine.dispatch(session, P.TRACK_GET, ["", "busy"])[4:] == [-1, 0]
+        now[0] += S.SLOT_BAN
+        assert engine.dispatch(session, P.TRACK_GET, ["", "busy"])[4] >= 0
+    finally:
+        engine.stamps.close(dead=True)
+
+
 def test_readers_in_other_processes_never_see_a_torn_slot(cluster):
     """Forked readers read a slot while the Manager rewrites it as fast as a
     writer can send: every read the seqlock lets through is one whole value
@@ -195,17 +227,18 @@ def test_readers_in_other_processes_never_see_a_torn_slot(cluster):
         tracker.drop()
 
     pids = [fork_call(reader, i) for i in range(2)]
+    check = _reader(cluster.address, generation)
     try:
         for n in range(1, 20_001):
+            check.count_read(slot)  # read as often as written: the slot is kept (see Stamps.weigh)
             call(P.SET, ["", "k", struct.pack("<Q", n) * (1 + n % (P.SLOT_PAYLOAD // 8)), None])
         # The last write is whole in the slot, length and all.
-        check = _reader(cluster.address, generation)
         assert check.read_slot(slot, token) == (
             struct.pack("<Q", 20_000) * (1 + 20_000 % (P.SLOT_PAYLOAD // 8)),
             math.inf,
         )
-        check.drop()
     finally:
+        check.drop()
         os.write(stop_w, b"xx")
         codes = [reap(pid, 30) for pid in pids]
         os.close(stop_r)

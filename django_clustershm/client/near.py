@@ -221,6 +221,7 @@ class NearCache:
         entry[2] = size
         entry[3] = (stamp[0], now, slot, token)
         self.refreshed += 1
+        self.tracker.count_read(slot)
         if self.tracker.reports_recent and self.clock() >= self._report_due:
             # The Manager frees a slot whose key no fill or report named for
             # SLOT_IDLE seconds: a process that reads a key only from its slot
@@ -535,6 +536,9 @@ class Tracker:
         self.stamps: memoryview | None = None
         #: The file's value slots (see :meth:`read_slot`): as bytes, 8-byte words, float64s and int64s.
         self._slots: tuple[memoryview[Any], ...] | None = None
+        #: The slots' read counts, mapped writable (see :meth:`count_read`), and their map.
+        self._reads: memoryview[int] | None = None
+        self._reads_map: mmap.mmap | None = None
         self.generation = 0
 
     def near_cache(
@@ -576,12 +580,16 @@ class Tracker:
         path = self.transport.stamps_file
         if path is None or not generation:
             return
+        reads_map = None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+            fd = os.open(path, os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW)
             try:
                 if os.fstat(fd).st_uid != os.getuid():
                     return  # not the Manager's (which runs as this user: the handshake checked)
+                # Read-only but for the slots' read counts: a bug here cannot corrupt a stamp.
                 stamps_map = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+                if os.fstat(fd).st_size >= P.SLOT_READS_OFFSET + P.SLOTS * 8:
+                    reads_map = mmap.mmap(fd, P.SLOTS * 8, offset=P.SLOT_READS_OFFSET)
             finally:
                 os.close(fd)
         except (OSError, ValueError) as exc:
@@ -591,11 +599,21 @@ class Tracker:
         if len(stamps) <= P.STAMP_BUCKETS or stamps[P.STAMP_BUCKETS] != generation:
             stamps.release()
             stamps_map.close()
+            if reads_map is not None:
+                reads_map.close()
             return
         self._stamps_map, self.stamps, self.generation = stamps_map, stamps, generation
-        if len(stamps_map) >= P.SLOTS_OFFSET + P.SLOTS * P.SLOT_SIZE:
-            region = memoryview(stamps_map)[P.SLOTS_OFFSET :]
+        if reads_map is not None:
+            region = memoryview(stamps_map)[P.SLOTS_OFFSET : P.SLOT_READS_OFFSET]
             self._slots = (region, region.cast("Q"), region.cast("d"), region.cast("q"))
+            self._reads_map, self._reads = reads_map, memoryview(reads_map).cast("Q")
+
+    def count_read(self, slot: int) -> None:
+        """This process took a value from ``slot``: one more read in its count,
+        which the Manager weighs against its rewrites (see :mod:`..server.stamps`)."""
+        reads = self._reads
+        if reads is not None:
+            reads[slot] += 1
 
     def read_slot(self, slot: int, token: int) -> tuple | None:
         """``(data, deadline)`` of value slot ``slot`` if it still holds the
@@ -632,6 +650,12 @@ class Tracker:
             for view in reversed(self._slots):
                 view.release()
             self._slots = None
+        if self._reads is not None:
+            self._reads.release()
+            self._reads = None
+        if self._reads_map is not None:
+            self._reads_map.close()
+            self._reads_map = None
         if self.stamps is not None:
             self.stamps.release()
             self.stamps = None

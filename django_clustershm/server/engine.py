@@ -50,7 +50,7 @@ from .locktable import LockTable
 from .namespace import Namespace
 from .scans import Scans, compile_glob
 from .stamps import MASK as STAMP_MASK
-from .stamps import SLOT_BYTES, SLOT_IDLE, Stamps, bucket
+from .stamps import SLOT_BYTES, SLOT_CHECK, SLOT_IDLE, Stamps, bucket
 from .stamps import SLOT_HEADER as pack_slot_header
 from .subscriptions import Subscriptions
 
@@ -244,6 +244,9 @@ class Engine:
                                 region[start + 32 : start + 32 + n] = value
                                 slot_words[base] = seq + 2
                                 stamps.slot_writes += 1
+                                slot[7] += 1
+                                if slot[7] >= SLOT_CHECK:
+                                    stamps.weigh(slot)
                             elif value is None:  # the key is gone (a delete, expiry, eviction)
                                 stamps.free_slot(slot[0])
                             else:
@@ -781,6 +784,7 @@ class Engine:
                 "slots": self.stamps.slots_used if self.stamps is not None else 0,
                 "slot_writes": self.stamps.slot_writes if self.stamps is not None else 0,
                 "slots_freed": self.stamps.slots_freed if self.stamps is not None else 0,
+                "slots_banned": self.stamps.slots_banned if self.stamps is not None else 0,
             },
             "max_total_cache_bytes": self.max_total_cache_bytes,
             "sweep": {"pending": self.sweep_pending, "swept": self.swept, "largest": self.sweep_largest},

@@ -145,8 +145,11 @@ is four 8-byte words, then its payload: ``seq`` (odd while the Manager
 writes the slot, a seqlock), ``token`` (whose slot it is: 0 when free),
 ``deadline`` (a float64, CLOCK_MONOTONIC; inf: none) and ``kind << 32 |
 length`` (kind 1: ``length`` bytes of value; 2: a signed 64-bit int in the
-first payload word). Only on x86-64 (whose aligned 8-byte loads and stores
-are atomic and kept in order), see ``server/stamps.py``.
+first payload word). After the slots (at :data:`SLOT_READS_OFFSET`), one 8-byte
+*read count* a slot, the only part a process maps writable: it adds one
+when it takes a value from the slot (races may lose counts: the Manager only
+weighs them). Only on x86-64 (whose aligned 8-byte loads and stores are
+atomic and kept in order), see ``server/stamps.py``.
 A tracker reports its process's hits now and then with RECENT: the keys hit
 (at most :data:`MAX_RECENT` of them) become the most recently used in their
 cache, as if read there, and ``hits`` counts into the cache's hits, so that
@@ -246,6 +249,8 @@ SLOTS_OFFSET = ((STAMP_BUCKETS + 1) * 8 + 4095) // 4096 * 4096
 SLOTS = 4096
 SLOT_SIZE = 1024
 SLOT_PAYLOAD = SLOT_SIZE - 32
+#: Where the slots' read counts start (an 8-byte count a slot, page-aligned: processes map them writable).
+SLOT_READS_OFFSET = SLOTS_OFFSET + SLOTS * SLOT_SIZE
 
 #: Keys one RECENT may name.
 MAX_RECENT = 1024
