@@ -134,62 +134,61 @@ def test_slots_go_to_the_most_recently_filled_keys(raw):
     assert call(P.TRACK_GET, ["", "k1"])[0] == b"new"
 
 
-def test_a_slot_unread_for_a_while_is_freed_at_its_keys_next_change(tmp_path):
+@pytest.fixture
+def timed(tmp_path):
+    """``(engine, session, now)``: an engine with a stamps file and a clock of
+    its own (``now[0]``), and a session made its process's tracker channel."""
     now = [100.0]
     engine = Engine(clock=lambda: now[0])
     engine.stamps = S.Stamps(str(tmp_path / "m.sock") + P.STAMPS_SUFFIX, clock=engine.clock)
-    try:
-        session = engine.open_session()
-        engine.dispatch(session, P.TRACKER, [])
-        engine.dispatch(session, P.SET, ["", "k", b"v1", None])
-        engine.dispatch(session, P.SET, ["", "r", b"r1", None])
-        slot = engine.dispatch(session, P.TRACK_GET, ["", "k"])[4]
-        rslot = engine.dispatch(session, P.TRACK_GET, ["", "r"])[4]
-        assert engine.stamps.slots_used == 2
-        now[0] += S.SLOT_IDLE * 0.9
-        engine.dispatch(session, P.RECENT, ["", 1, ["r"]])  # "r" is still read from near copies
-        engine.dispatch(session, P.SET, ["", "k", b"v2", None])  # within SLOT_IDLE of the fill: rewritten
-        assert {key: record[0] for key, record in engine._slotted[""].items()} == {"k": slot, "r": rslot}
-        now[0] += S.SLOT_IDLE * 0.2  # past SLOT_IDLE since "k"'s fill; not since "r"'s report
-        engine.dispatch(session, P.SET, ["", "r", b"r2", None])
-        engine.dispatch(session, P.SET, ["", "k", b"v3", None])
-        assert list(engine._slotted[""]) == ["r"] and engine.stamps.slots_freed == 1
-        assert engine.dispatch(session, P.STATS, [])["near"]["slots"] == 1
-        assert engine.dispatch(session, P.TRACK_GET, ["", "k"])[4] >= 0  # a fill gives it one again
-    finally:
-        engine.stamps.close(dead=True)
+    session = engine.open_session()
+    engine.dispatch(session, P.TRACKER, [])
+    yield engine, session, now
+    engine.stamps.close(dead=True)
 
 
-def test_a_slot_written_much_more_than_read_is_freed_and_held_back(tmp_path):
-    now = [100.0]
-    engine = Engine(clock=lambda: now[0])
-    engine.stamps = S.Stamps(str(tmp_path / "m.sock") + P.STAMPS_SUFFIX, clock=engine.clock)
+def test_a_slot_unread_for_a_while_is_freed_at_its_keys_next_change(timed):
+    engine, session, now = timed
+    engine.dispatch(session, P.SET, ["", "k", b"v1", None])
+    engine.dispatch(session, P.SET, ["", "r", b"r1", None])
+    slot = engine.dispatch(session, P.TRACK_GET, ["", "k"])[4]
+    rslot = engine.dispatch(session, P.TRACK_GET, ["", "r"])[4]
+    assert engine.stamps.slots_used == 2
+    now[0] += S.SLOT_IDLE * 0.9
+    engine.dispatch(session, P.RECENT, ["", 1, ["r"]])  # "r" is still read from near copies
+    engine.dispatch(session, P.SET, ["", "k", b"v2", None])  # within SLOT_IDLE of the fill: rewritten
+    assert {key: record[0] for key, record in engine._slotted[""].items()} == {"k": slot, "r": rslot}
+    now[0] += S.SLOT_IDLE * 0.2  # past SLOT_IDLE since "k"'s fill; not since "r"'s report
+    engine.dispatch(session, P.SET, ["", "r", b"r2", None])
+    engine.dispatch(session, P.SET, ["", "k", b"v3", None])
+    assert list(engine._slotted[""]) == ["r"] and engine.stamps.slots_freed == 1
+    assert engine.dispatch(session, P.STATS, [])["near"]["slots"] == 1
+    assert engine.dispatch(session, P.TRACK_GET, ["", "k"])[4] >= 0  # a fill gives it one again
+
+
+def test_a_slot_written_much_more_than_read_is_freed_and_held_back(timed):
+    engine, session, now = timed
     reads = engine.stamps.reads
-    try:
-        session = engine.open_session()
-        engine.dispatch(session, P.TRACKER, [])
-        engine.dispatch(session, P.SET, ["", "hot", b"h", None])
-        engine.dispatch(session, P.SET, ["", "busy", b"b", None])
-        hot = engine.dispatch(session, P.TRACK_GET, ["", "hot"])[4]
-        assert engine.dispatch(session, P.TRACK_GET, ["", "busy"])[4] >= 0
-        for n in range(S.SLOT_CHECK * 3):
-            if n % 2:
-                reads[hot] += 1  # "hot" is read once every two writes: its slot pays
-            engine.dispatch(session, P.SET, ["", "hot", b"h%d" % n, None])
-            engine.dispatch(session, P.SET, ["", "busy", b"b%d" % n, None])  # never read
-        assert list(engine._slotted[""]) == ["hot"] and engine.stamps.slots_banned == 1
-        assert engine.dispatch(session, P.STATS, [])["near"]["slots_banned"] == 1
-        # A few reads per SLOT_CHECK rewrites are not enough either (fewer than 1 per SLOT_WRITES_PER_READ).
-        reads[hot] += S.SLOT_CHECK // S.SLOT_WRITES_PER_READ - 1
-        for n in range(S.SLOT_CHECK):
-            engine.dispatch(session, P.SET, ["", "hot", b"x%d" % n, None])
-        assert engine._slotted[""] == {} and engine.stamps.slots_banned == 2
-        # Held back for SLOT_BAN seconds, then a fill gives a slot again.
-        assert engine.dispatch(session, P.TRACK_GET, ["", "busy"])[4:] == [-1, 0]
-        now[0] += S.SLOT_BAN
-        assert engine.dispatch(session, P.TRACK_GET, ["", "busy"])[4] >= 0
-    finally:
-        engine.stamps.close(dead=True)
+    engine.dispatch(session, P.SET, ["", "hot", b"h", None])
+    engine.dispatch(session, P.SET, ["", "busy", b"b", None])
+    hot = engine.dispatch(session, P.TRACK_GET, ["", "hot"])[4]
+    assert engine.dispatch(session, P.TRACK_GET, ["", "busy"])[4] >= 0
+    for n in range(S.SLOT_CHECK * 3):
+        if n % 2:
+            reads[hot] += 1  # "hot" is read once every two writes: its slot pays
+        engine.dispatch(session, P.SET, ["", "hot", b"h%d" % n, None])
+        engine.dispatch(session, P.SET, ["", "busy", b"b%d" % n, None])  # never read
+    assert list(engine._slotted[""]) == ["hot"] and engine.stamps.slots_banned == 1
+    assert engine.dispatch(session, P.STATS, [])["near"]["slots_banned"] == 1
+    # A few reads per SLOT_CHECK rewrites are not enough either (fewer than 1 per SLOT_WRITES_PER_READ).
+    reads[hot] += S.SLOT_CHECK // S.SLOT_WRITES_PER_READ - 1
+    for n in range(S.SLOT_CHECK):
+        engine.dispatch(session, P.SET, ["", "hot", b"x%d" % n, None])
+    assert engine._slotted[""] == {} and engine.stamps.slots_banned == 2
+    # Held back for SLOT_BAN seconds, then a fill gives a slot again.
+    assert engine.dispatch(session, P.TRACK_GET, ["", "busy"])[4:] == [-1, 0]
+    now[0] += S.SLOT_BAN
+    assert engine.dispatch(session, P.TRACK_GET, ["", "busy"])[4] >= 0
 
 
 def test_readers_in_other_processes_never_see_a_torn_slot(cluster):
