@@ -646,22 +646,15 @@ class Tracker:
         return data, deadline
 
     def _unmap_stamps(self) -> None:
-        if self._slots is not None:
-            for view in reversed(self._slots):
+        # Every view first, then the maps they are views of.
+        for view in (*reversed(self._slots or ()), self._reads, self.stamps):
+            if view is not None:
                 view.release()
-            self._slots = None
-        if self._reads is not None:
-            self._reads.release()
-            self._reads = None
-        if self._reads_map is not None:
-            self._reads_map.close()
-            self._reads_map = None
-        if self.stamps is not None:
-            self.stamps.release()
-            self.stamps = None
-        if self._stamps_map is not None:
-            self._stamps_map.close()
-            self._stamps_map = None
+        for mapped in (self._reads_map, self._stamps_map):
+            if mapped is not None:
+                mapped.close()
+        self._slots = self._reads = self.stamps = None
+        self._reads_map = self._stamps_map = None
 
     # -- how misses travel (the Redis engine's tracker reads them on its tracking connection) --
 

@@ -235,10 +235,7 @@ class Stamps:
         """The key of ``record`` (see ``_owners``) changed to ``value``, expiring
         at ``deadline``: written in place, or the slot freed (it no longer
         fits, or no one filled or reported the key for SLOT_IDLE seconds)."""
-        kind = type(value)
-        if (
-            (kind is bytes and len(value) <= SLOT_PAYLOAD) or (kind is int and _INT64[0] <= value < _INT64[1])
-        ) and self.clock() - record[2] <= SLOT_IDLE:
+        if _fits(value) and self.clock() - record[2] <= SLOT_IDLE:
             self._write(record[0], record[1], value, deadline)
             record[7] += 1
             if record[7] >= SLOT_CHECK:
