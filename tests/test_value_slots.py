@@ -230,6 +230,8 @@ def test_readers_in_other_processes_never_see_a_torn_slot(cluster):
     try:
         for n in range(1, 20_001):
             check.count_read(slot)  # read as often as written: the slot is kept (see Stamps.weigh)
+            if not n % 1000:  # and named now and then, as a near cache's RECENT does (SLOT_IDLE)
+                assert call(P.TRACK_GET, ["", "k"])[4:] == [slot, token]
             call(P.SET, ["", "k", struct.pack("<Q", n) * (1 + n % (P.SLOT_PAYLOAD // 8)), None])
         # The last write is whole in the slot, length and all.
         assert check.read_slot(slot, token) == (
