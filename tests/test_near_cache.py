@@ -442,6 +442,39 @@ def test_a_first_read_keeps_a_copy_of_a_key_another_process_keeps(cluster):
     assert clustershm.near_stats()["plain-default"]["hits"] == before["hits"] + 2
 
 
+def _written_elsewhere(key: str, value) -> None:
+    """``cache.set(key, value)`` in another process (forked, then reaped)."""
+    assert reap(fork_call(lambda: caches["default"].set(key, value)), 10) == 0
+
+
+@override_settings(CACHES=DEFAULTS)
+def test_a_second_read_keeps_no_copy_if_the_key_changed_since_the_first(cluster):
+    """The adaptive policy keeps a copy at a key's second read only if one kept
+    at its first would have answered: a key another process writes between
+    each two reads here costs no fill (and gets no value slot)."""
+    cache = caches["default"]
+    cache.set_many({"warm": 0, "k": 0, "m": 0})
+    assert cache.get("warm") == 0 and cache.get("warm") == 0  # a copy kept: the channel is open
+    fills = lambda: clustershm.stats()["near"]["fills"]  # noqa: E731
+    before = fills()
+    assert cache.get("k") == 0 and cache.get_many(["m"]) == {"m": 0}  # first reads: each leaves a mark
+    for n in (1, 2):
+        _written_elsewhere("k", n)
+        _written_elsewhere("m", n)
+        assert cache.get("k") == n and cache.get_many(["m"]) == {"m": n}  # changed since: declined
+    stats = clustershm.near_stats()["plain-default"]
+    assert (stats["declined"], stats["entries"], fills()) == (4, 1, before)  # only "warm" kept
+    # Read again with no write in between: a copy kept at the last read would answer, so one is kept now.
+    assert cache.get("k") == 2 and cache.get_many(["m"]) == {"m": 2}
+    assert (clustershm.near_stats()["plain-default"]["entries"], fills()) == (3, before + 2)
+    hits = clustershm.near_stats()["plain-default"]["hits"]
+    assert cache.get("k") == 2 and cache.get_many(["m"]) == {"m": 2}
+    assert clustershm.near_stats()["plain-default"]["hits"] == hits + 2
+    # And the copies are exact: a write elsewhere is seen at once.
+    _written_elsewhere("k", 3)
+    assert cache.get("k") == 3
+
+
 @override_settings(CACHES=DEFAULTS)
 def test_near_cache_false_turns_the_default_off(cluster):
     caches["off"].set("k", 1)

@@ -70,14 +70,17 @@ class StandInTracker:
 
     def fetch_first(self, ns, key, sid):
         # A first read: ``first_replies`` holds a Manager's (a key with a slot
-        # answers a stamp, one without False); without them, a plain GET.
+        # answers a stamp, one without False; then the key's mark, or None);
+        # without them, a plain GET.
         if self.first_replies:
             self.calls.append((P.TRACK_GET, [ns, key, "first"]))
+            if self.on_call is not None:
+                self.on_call()
             return self.first_replies.pop(0)
-        return self.fetch_untracked(ns, key), None, None, False
+        return self.fetch_untracked(ns, key), None, None, False, None
 
     def fetch_many_first(self, ns, keys, sid):
-        return {k: (v, None) for k, v in self.fetch_many_untracked(ns, keys).items()}, None, False
+        return {k: (v, None) for k, v in self.fetch_many_untracked(ns, keys).items()}, None, False, None
 
     def fetch_many_untracked(self, ns, keys):
         return self.call(P.GET_MANY, [ns, keys])
@@ -245,7 +248,8 @@ def test_a_stale_copy_with_a_value_slot_is_refilled_from_it(clock):
         cache._put("k", b"old", None, (3, 0, 5, 11))
         tracker.stamps[3] = 4  # "k" changed in the Manager: the slot holds its value
         assert cache._lookup("k") == b"new" and tracker.calls == []  # no round trip
-        assert cache._entries["k"] == [b"new", None, size("k", b"new"), (3, 4, 5, 11)]  # kept with the new stamp
+        # Kept with the new stamp, and marked as having answered a read.
+        assert cache._entries["k"] == [b"new", None, size("k", b"new"), (3, 4, 5, 11), True]
         assert (cache.refreshed, cache.invalidated, cache.bytes) == (1, 0, size("k", b"new"))
         assert tracker.counted == [5]  # a read the Manager weighs against the slot's rewrites
         assert cache._lookup("k") == b"new" and cache.refreshed == 1  # the stamp holds: a plain hit
@@ -398,7 +402,7 @@ def test_adaptive_keeps_a_first_read_of_a_key_another_process_keeps(clock):
     cache = make(clock, policy="adaptive")
     tracker = cache.tracker
     tracker.stamps = [0] * 8
-    tracker.first_replies = [(b"V", None, None, (2, 0, 5, 9)), (b"W", None, None, False)]
+    tracker.first_replies = [(b"V", None, None, (2, 0, 5, 9), (2, 0)), (b"W", None, None, False, (3, 0))]
     assert cache.get("hot") == b"V" and tracker.calls[-1] == (P.TRACK_GET, ["ns", "hot", "first"])
     assert cache._entries["hot"][3] == (2, 0, 5, 9) and "hot" not in cache._seen and cache.untracked == 0
     assert cache.get("hot") == b"V" and len(tracker.calls) == 1  # a hit
@@ -425,9 +429,46 @@ def test_adaptive_an_invalidated_copy_is_kept_again_at_its_next_read(clock):
     tracker.replies = [b"V", (b"V", None, 0, True)]
     cache.get("k")
     cache.get("k")
+    assert cache.get("k") == b"V" and cache.hits == 1  # the copy answered a read
     tracker.pushes.append((cache, "k"))  # written, deleted, touched, expired in the Manager
     tracker.replies = [(b"X", None, 1, True)]
     assert cache.get("k") == b"X" and tracker.calls[-1][0] == P.TRACK_GET and len(cache) == 1
+
+
+def test_adaptive_a_copy_invalidated_before_it_answered_goes_back_to_a_first_read(clock):
+    """Its fill was wasted: the key changed before a read here used it."""
+    cache = make(clock, policy="adaptive")
+    tracker = cache.tracker
+    tracker.replies = [b"V", (b"V", None, 0, True)]
+    cache.get("k")
+    cache.get("k")  # kept, never read
+    tracker.pushes.append((cache, "k"))
+    tracker.replies = [b"X", (b"X", None, 1, True)]
+    assert cache.get("k") == b"X" and tracker.calls[-1][0] == P.GET and len(cache) == 0  # a first read
+    assert cache.invalidated == 1 and cache.untracked == 2
+    assert cache.get("k") == b"X" and tracker.calls[-1][0] == P.TRACK_GET and len(cache) == 1  # then kept
+
+
+def test_adaptive_keeps_a_second_read_only_if_the_key_did_not_change_since_the_first(clock):
+    """The first read notes the (bucket, stamp) its reply carried; the second
+    keeps a copy only if the bucket holds that stamp still."""
+    cache = make(clock, policy="adaptive")
+    tracker = cache.tracker
+    tracker.stamps = [0] * 8
+    tracker.first_replies = [(b"V", None, None, False, (2, 0))]
+    assert cache.get("k") == b"V" and cache._seen["k"] == (2, 0) and len(cache) == 0
+    tracker.stamps[2] = 1  # "k" changed since: a copy kept at the first read would not answer now
+    tracker.first_replies = [(b"W", None, None, False, (2, 1))]
+    assert cache.get("k") == b"W" and tracker.calls[-1] == (P.TRACK_GET, ["ns", "k", "first"])
+    assert len(cache) == 0 and cache.declined == 1 and cache._seen["k"] == (2, 1)  # a new mark
+    tracker.replies = [(b"W", None, None, (2, 1, -1, 0))]
+    assert cache.get("k") == b"W" and tracker.calls[-1] == (P.TRACK_GET, ["ns", "k", 7])  # unchanged: kept
+    assert cache._entries["k"][3] == (2, 1, -1, 0) and "k" not in cache._seen and cache.declined == 1
+    assert cache.get("k") == b"W" and cache.hits == 1
+    # A mark taken on an earlier connection (whose buckets may be another Manager's) is not kept.
+    tracker.first_replies = [(b"Z", None, None, False, (5, 0))]
+    tracker.on_call = lambda: setattr(tracker, "sid", 8)
+    assert cache.get("z") == b"Z" and cache._seen["z"] is None
 
 
 def test_adaptive_get_many_is_one_request_tracked_if_any_key_is_admitted(clock):
@@ -523,3 +564,24 @@ def test_adaptive_rests_twice_as_long_when_it_must_rest_again_at_once(clock, mon
     for i in range(20):
         cache.get(f"once{i}")
     assert cache.rests == 7 and cache._rest_for == near_module.REST_FOR
+
+
+def test_adaptive_declined_second_reads_weigh_toward_a_rest(clock, monkeypatch):
+    """A declined second read is a fill that would have been wasted: it weighs as an invalidation does."""
+    import django_clustershm.client.near as near_module
+
+    monkeypatch.setattr(near_module, "JUDGE_EVERY", 16)
+    cache = make(clock, policy="adaptive")
+    cache._judge_at = 16
+    tracker = cache.tracker
+    tracker.stamps = [0] * 8
+    for i in range(15):  # each key changes between its two reads here
+        tracker.first_replies = [(b"v", None, None, False, (1, tracker.stamps[1]))]
+        assert cache.get(f"k{i % 8}") == b"v"
+        tracker.stamps[1] += 1
+    assert (cache.declined, cache.invalidated, cache.hits, cache.rests, len(cache)) == (7, 0, 0, 0, 0)
+    tracker.first_replies = [(b"v", None, None, False, (1, tracker.stamps[1]))]
+    cache.get("k7")  # the 16th miss: weighed, 7 wasted against no hit
+    assert cache.rests == 1 and cache._resting > clock.now
+    tracker.replies = [b"v"]
+    assert cache.get("k0") == b"v" and tracker.calls[-1] == (P.GET, ["ns", "k0"])  # resting: a plain read

@@ -534,12 +534,14 @@ class Client(Keyspace):
 
     def near_stats(self) -> dict:
         """This process's near caches: ``{namespace: {"entries", "bytes", "hits",
-        "misses", "untracked", "invalidated", "refreshed", "rests", "policy"}}``
+        "misses", "untracked", "invalidated", "refreshed", "declined", "rests", "policy"}}``
         (``untracked``: misses read without keeping a copy; ``invalidated``:
         copies dropped because their key changed in the Manager; ``refreshed``:
         copies whose key changed, refilled from its value slot in shared
-        memory with no round trip (counted in ``hits``); ``rests``: times the adaptive policy found the
-        copies cost more than they saved, see :class:`.near.NearCache`)."""
+        memory with no round trip (counted in ``hits``); ``declined``: second
+        reads the adaptive policy kept no copy of, the key having changed since
+        the first; ``rests``: times the adaptive policy found the copies cost
+        more than they saved, see :class:`.near.NearCache`)."""
         return {
             ns: {
                 "entries": len(cache),
@@ -549,6 +551,7 @@ class Client(Keyspace):
                 "untracked": cache.untracked + rested,
                 "invalidated": cache.invalidated,
                 "refreshed": cache.refreshed,
+                "declined": cache.declined,
                 "rests": cache.rests,
                 "policy": cache.policy,
             }

@@ -102,12 +102,17 @@ class NearCache:
 
     ``policy`` says which keys get copies. "always": every key read (each
     miss keeps a copy). "adaptive", the default: a key read for the first
-    time is read plainly (a GET: no copy) and remembered among the last
+    time is read without keeping a copy and remembered among the last
     ``max_entries`` such keys; a second miss of it while it is remembered
-    keeps a copy. So a key read once (a page of a long tail, a scan) does not
-    evict a hot copy from the local budget. It is TinyLFU's doorkeeper. A key
-    whose copy was invalidated (written, deleted, touched, expired in the
-    Manager) is remembered, so its next miss keeps a copy again. Every
+    keeps a copy, if a copy kept at the first read would have answered it:
+    the first read noted the stamp of the key's bucket, and the bucket must
+    hold it still (see :meth:`_admit`). So a key read once (a page of a long
+    tail, a scan) does not evict a hot copy from the local budget (TinyLFU's
+    doorkeeper), and a key written between each two reads here costs no
+    fills that nothing would read. A key whose copy was invalidated (written,
+    deleted, touched, expired in the Manager) after it answered a read is
+    remembered, so its next miss keeps a copy again; one invalidated before
+    it answered anything goes back to a first read. Every
     :data:`JUDGE_EVERY` misses the copies are weighed (see :meth:`_judge`).
 
     ``clock`` gives the copies' deadlines their time: CLOCK_MONOTONIC, the
@@ -129,19 +134,22 @@ class NearCache:
         self.max_entries = int(max_entries)
         self.max_bytes = int(max_bytes)
         self.policy = policy
-        # key -> [data, deadline, size, stamp]; stamp: (bucket, the stamp it held
-        # at the fill, the key's value slot or -1, the slot's token), or None
-        # for a copy its tracker keeps valid by invalidations.
+        # key -> [data, deadline, size, stamp, answered]; stamp: (bucket, the
+        # stamp it held at the fill, the key's value slot or -1, the slot's
+        # token), or None for a copy its tracker keeps valid by invalidations;
+        # answered: whether the copy answered a read since its fill.
         self._entries: OrderedDict[str, list] = OrderedDict()
         # "adaptive": keys read once (and not kept), oldest first, at most
-        # max_entries of them: a second miss while a key is here keeps a copy.
-        self._seen: dict[str, None] | None = {} if policy == "adaptive" else None
+        # max_entries of them: a second miss while a key is here keeps a copy
+        # (if its mark, the (bucket, stamp) its first read saw, still holds).
+        self._seen: dict[str, tuple[int, int] | None] | None = {} if policy == "adaptive" else None
         self.bytes = 0
         self.hits = 0
         self.misses = 0
         self.untracked = 0  # misses read without keeping a copy (the policy's first reads)
         self.invalidated = 0  # copies found stale or invalidated (changed in the Manager)
         self.refreshed = 0  # stale copies refilled from their key's value slot (counted in hits too)
+        self.declined = 0  # "adaptive": second reads not kept, the key having changed since the first
         # "adaptive": when the copies were last weighed (see _judge), and until when they rest.
         self._judge_at = JUDGE_EVERY
         self._judged = (0, 0)
@@ -190,12 +198,13 @@ class NearCache:
                 # bucket did): the new value from the key's slot, if it has one.
                 refreshed = stamp[2] >= 0 and now is not None and self._refresh(key, entry, now)
                 if not refreshed:
-                    self.invalidate(key)
+                    self._invalidated(key, entry)
                     return None
         if entry[1] is not None and entry[1] <= self.clock():
             self._drop(key)
             return None
         self._entries.move_to_end(key)
+        entry[4] = True
         if refreshed and self.bytes > self.max_bytes:
             self._shrink()  # (the refreshed copy is the newest: it goes last)
         return entry[0]
@@ -236,7 +245,14 @@ class NearCache:
             self.bytes -= entry[2]
 
     def _admit(self, key: str) -> bool:
-        """A miss of ``key``: whether to keep a copy of what it reads (see the policy above)."""
+        """A miss of ``key``: whether to keep a copy of what it reads (see the
+        policy above). A key remembered with a mark (the ``(bucket, stamp)``
+        its first read saw) is kept only if its bucket holds that stamp
+        still: a copy kept then would have answered now. If it moved, the key
+        changed in between (or, rarely, another key of its bucket did): this
+        read is *declined*, read as a first read again, and leaves a new mark.
+        This is what keeps a key written in every other process between two
+        reads here (10/90 on 16 workers) from costing a fill per read."""
         seen = self._seen
         if seen is None:
             return True
@@ -247,17 +263,26 @@ class NearCache:
                 return False
             self._resting = 0.0
         if key in seen:
-            del seen[key]
-            return True
+            mark = seen.pop(key)
+            if mark is None:
+                return True
+            # Would a copy kept at the last read still answer? Only if its
+            # bucket still holds the stamp it held then (see _remember_first).
+            stamps = self.tracker.stamps
+            if stamps is not None and stamps[mark[0]] == mark[1]:
+                return True
+            self.declined += 1
         self._remember_seen(key)
         return False
 
     def _judge(self) -> None:
         """Every :data:`JUDGE_EVERY` misses, weigh the copies' invalidations
         (each a change elsewhere, or here, of a key this process held: a fill
-        wasted) against their hits since the last time. More invalidations
+        wasted) and the declined second reads (each a fill that would have
+        been wasted) against their hits since the last time. More of those
         than hits: the namespace is written more often than its copies are
-        read, and keeping them only costs this process the fills; the copies
+        read, and keeping them only costs this process the fills (and its
+        first reads their marks); the copies
         are dropped and keys are read plainly for :data:`REST_FOR` seconds,
         then kept again from their second read. A namespace that must rest
         again at the first weighing after a rest rests twice as long (up to
@@ -265,10 +290,11 @@ class NearCache:
         fills and bookkeeping, which a namespace that stays write-heavy
         (16 workers on 2 CPUs, where a copy is stale before its worker reads
         it again) then pays less often."""
-        hits, invalidated = self.hits - self._judged[0], self.invalidated - self._judged[1]
-        self._judged = (self.hits, self.invalidated)
+        wasted_now = self.invalidated + self.declined
+        hits, wasted = self.hits - self._judged[0], wasted_now - self._judged[1]
+        self._judged = (self.hits, wasted_now)
         self._judge_at = self.misses + JUDGE_EVERY
-        if invalidated >= JUDGE_EVERY // 8 and invalidated > hits:
+        if wasted >= JUDGE_EVERY // 8 and wasted > hits:
             self._resting = self.clock() + self._rest_for
             self._rest_for = min(self._rest_for * 2, MAX_REST_FOR)
             self.rests += 1
@@ -278,10 +304,10 @@ class NearCache:
         else:
             self._rest_for = REST_FOR
 
-    def _remember_seen(self, key: str) -> None:
+    def _remember_seen(self, key: str, mark: tuple[int, int] | None = None) -> None:
         seen = self._seen
         if seen is not None:
-            seen[key] = None
+            seen[key] = mark
             if len(seen) > self.max_entries:
                 del seen[next(iter(seen))]
 
@@ -292,23 +318,33 @@ class NearCache:
         size = len(key) + (len(data) if type(data) is bytes else _INT_SIZE)
         if size > self.max_bytes:
             return
-        self._entries[key] = [data, deadline, size, stamp]
+        self._entries[key] = [data, deadline, size, stamp, False]
         self.bytes += size
         self._shrink()
 
     def _shrink(self) -> None:
         while len(self._entries) > self.max_entries or self.bytes > self.max_bytes:
-            _, (_, _, old, _) = self._entries.popitem(last=False)
+            old = self._entries.popitem(last=False)[1][2]
             self.bytes -= old
 
     def invalidate(self, key) -> None:
         """``key`` changed in the Manager (None: every key): its copy goes."""
         if key is None:
             self.drop_all()
-        elif key in self._entries:
-            self.invalidated += 1
-            self._drop(key)
-            self._remember_seen(key)  # read here before: its next miss keeps a copy again
+        else:
+            entry = self._entries.get(key)
+            if entry is not None:
+                self._invalidated(key, entry)
+
+    def _invalidated(self, key: str, entry: list) -> None:
+        """``key``'s copy went stale: it goes. If it answered a read since its
+        fill, the key's next miss keeps a copy again. If not, the fill was
+        wasted (the key changed before a read here used it), and the key's
+        next read is a first read again (see :meth:`_admit`)."""
+        self.invalidated += 1
+        self._drop(key)
+        if entry[4]:
+            self._remember_seen(key)
 
     def drop_all(self) -> None:
         self._entries.clear()
@@ -409,7 +445,7 @@ class NearCache:
                     self._put(key, data, None if ttl is None else sent_at + ttl, stamp)
         return data
 
-    def _remember_first(self, key: str, sid, sent_at: float, data, ttl, seq, tracked):
+    def _remember_first(self, key: str, sid, sent_at: float, data, ttl, seq, tracked, mark=None):
         """What a first read (which the policy keeps no copy of) read: kept
         all the same if ``tracked`` (the key has a value slot, so another
         process reads it through its near cache: it is hot in the cluster).
@@ -424,8 +460,17 @@ class NearCache:
                     if self._seen is not None:
                         self._seen.pop(key, None)
                     return data
+            if mark is not None and sid == tracker.sid:
+                self._mark(key, mark)
             self.untracked += 1
         return data
+
+    def _mark(self, key: str, mark: tuple[int, int]) -> None:
+        """A first read of ``key`` found its bucket holding ``mark[1]``: its
+        next read keeps a copy only if the bucket holds it still (see :meth:`_admit`)."""
+        seen = self._seen
+        if seen is not None and key in seen:
+            seen[key] = mark
 
     def get_many(self, keys: list) -> dict:
         if self._resting and self._rests_now():
@@ -438,8 +483,8 @@ class NearCache:
             if sid is None:  # first reads open no channel: read plainly
                 fetched = {k: (v, None) for k, v in self.tracker.fetch_many_untracked(self.ns, missing).items()}
                 return self._remember_many(found, None, sent_at, fetched, None, False, first=len(missing))
-            fetched, seq, tracked = self.tracker.fetch_many_first(self.ns, missing, sid)
-            return self._remember_many(found, sid, sent_at, fetched, seq, tracked, first=len(missing))
+            fetched, seq, tracked, marks = self.tracker.fetch_many_first(self.ns, missing, sid)
+            return self._remember_many(found, sid, sent_at, fetched, seq, tracked, first=len(missing), marks=marks)
         sid, sent_at = self.tracker.session_id(), self.clock()
         reply = self.tracker.fetch_many(self.ns, missing, sid)
         return self._remember_many(found, sid, sent_at, *reply)
@@ -457,8 +502,8 @@ class NearCache:
                 plain = await self.tracker.afetch_many_untracked(acall, self.ns, missing)
                 fetched = {k: (v, None) for k, v in plain.items()}
                 return self._remember_many(found, None, sent_at, fetched, None, False, first=len(missing))
-            fetched, seq, tracked = await self.tracker.afetch_many_first(acall, self.ns, missing, sid)
-            return self._remember_many(found, sid, sent_at, fetched, seq, tracked, first=len(missing))
+            fetched, seq, tracked, marks = await self.tracker.afetch_many_first(acall, self.ns, missing, sid)
+            return self._remember_many(found, sid, sent_at, fetched, seq, tracked, first=len(missing), marks=marks)
         sid, sent_at = self.tracker.session_id(), self.clock()
         reply = await self.tracker.afetch_many(acall, self.ns, missing, sid)
         return self._remember_many(found, sid, sent_at, *reply)
@@ -490,7 +535,9 @@ class NearCache:
                     return found, missing, False  # (first reads: see _remember_many)
         return found, missing, True
 
-    def _remember_many(self, found: dict, sid, sent_at: float, fetched: dict, seq, tracked, first: int = 0) -> dict:
+    def _remember_many(
+        self, found: dict, sid, sent_at: float, fetched: dict, seq, tracked, first: int = 0, marks=None
+    ) -> dict:
         """``tracked``: true (every key's copy is kept valid by invalidations), a
         dict of each key's stamp, or false (keep nothing). ``first``: these
         were the first reads of that many keys (see :meth:`_remember_first`):
@@ -511,6 +558,9 @@ class NearCache:
                         if self._seen is not None:
                             self._seen.pop(key, None)
             self.untracked += first - kept
+            if marks and sid == tracker.sid:
+                for key, mark in marks.items():
+                    self._mark(key, mark)
         return found
 
 
@@ -680,14 +730,17 @@ class Tracker:
 
     def fetch_first(self, ns: str, key: str, sid) -> tuple:
         """A first read (see :meth:`NearCache._remember_first`): :meth:`fetch`'s
-        answer, whose ``tracked`` is False unless the key has a value slot."""
+        answer, whose ``tracked`` is False unless the key has a value slot,
+        and the key's ``(bucket, stamp)``, which its next read compares (see
+        :meth:`NearCache._admit`)."""
         return self._first(self.transport.call(P.TRACK_GET, [ns, key, True]))
 
     async def afetch_first(self, acall, ns: str, key: str, sid) -> tuple:
         return self._first(await acall(P.TRACK_GET, [ns, key, True]))
 
     def fetch_many_first(self, ns: str, keys: list, sid) -> tuple:
-        """First reads of several keys: ``tracked`` names the keys that have a value slot."""
+        """First reads of several keys: ``tracked`` names the keys that have a
+        value slot, and ``marks`` each other key's ``(bucket, stamp)``."""
         return self._many(self.transport.call(P.TRACK_GET_MANY, [ns, keys, True]), first=True)
 
     async def afetch_many_first(self, acall, ns: str, keys: list, sid) -> tuple:
@@ -697,17 +750,21 @@ class Tracker:
     def _first(reply: list) -> tuple:
         value, ttl, bucket, stamp, slot, token = reply
         slot = _slot(slot)
-        return value, ttl, None, ((bucket, stamp, slot, token) if slot >= 0 else False)
+        return value, ttl, None, ((bucket, stamp, slot, token) if slot >= 0 else False), (bucket, stamp)
 
     @staticmethod
     def _many(reply: dict, first: bool = False) -> tuple:
-        fetched, stamps = {}, {}
+        fetched, stamps, marks = {}, {}, {}
         for key, (value, ttl, bucket, stamp, slot, token) in reply.items():
             fetched[key] = (value, ttl)
             slot = _slot(slot)
             if not first or slot >= 0:
                 stamps[key] = (bucket, stamp, slot, token)
-        return fetched, None, stamps or (not first)
+            elif value is not None:
+                marks[key] = (bucket, stamp)
+        if first:
+            return fetched, None, stamps or False, marks
+        return fetched, None, stamps or True
 
     def check_alive(self) -> None:
         """At a miss (under the lock): if the file died (its Manager went away
@@ -780,7 +837,7 @@ class Tracker:
                 cache._seen = {}
             cache._recent = {}
             cache.bytes = cache.hits = cache.misses = cache.untracked = cache._recent_hits = 0  # the child's own
-            cache.invalidated = cache.rests = cache.refreshed = 0
+            cache.invalidated = cache.rests = cache.refreshed = cache.declined = 0
             cache._rest_reads = itertools.count()
             cache._judge_at, cache._judged, cache._resting, cache._rest_for = JUDGE_EVERY, (0, 0), 0.0, REST_FOR
 

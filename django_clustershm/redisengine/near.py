@@ -241,17 +241,17 @@ class RedisTracker(Tracker):
     # value slots on Redis; near caches on Redis keep every key read anyway).
 
     def fetch_first(self, ns: str, key: str, sid) -> tuple:
-        return self.fetch_untracked(ns, key), None, None, False
+        return self.fetch_untracked(ns, key), None, None, False, None
 
     async def afetch_first(self, acall, ns: str, key: str, sid) -> tuple:
-        return await self.afetch_untracked(acall, ns, key), None, None, False
+        return await self.afetch_untracked(acall, ns, key), None, None, False, None
 
     def fetch_many_first(self, ns: str, keys: list, sid) -> tuple:
-        return {key: (value, None) for key, value in self.fetch_many_untracked(ns, keys).items()}, None, False
+        return {key: (value, None) for key, value in self.fetch_many_untracked(ns, keys).items()}, None, False, None
 
     async def afetch_many_first(self, acall, ns: str, keys: list, sid) -> tuple:
         found = await self.afetch_many_untracked(acall, ns, keys)
-        return {key: (value, None) for key, value in found.items()}, None, False
+        return {key: (value, None) for key, value in found.items()}, None, False, None
 
     def check_alive(self) -> None:
         """(No file here: a lost tracking connection is found by drain.)"""

@@ -695,15 +695,17 @@ class Engine:
     def _track_get(self, session, ns, key, first=False, *_ignored):
         """GET, with the key's bucket, the stamp it holds and its value slot
         (see .stamps). ``first`` (a process's first read of the key, which its
-        near cache keeps only if another process's did): all that only if the
-        key has a slot already, else just the value."""
+        near cache keeps only if another process's did): a value slot only if
+        the key has one already; without one, the bucket and its stamp tell
+        the process's next read whether the key changed in between (see
+        NearCache._admit)."""
         space = self._space(ns)
         key = self._key(key)
         value = space.get(key)
         if value is None:
             return [None, None, 0, 0, -1, 0]
         if first is True and key not in self._slotted.get(ns, ()):
-            return [value, space.ttl(key), 0, 0, -1, 0]
+            return self._marked(ns, space, key, value)
         self.near_fills += 1
         return self._tracked(ns, space, key, value)
 
@@ -715,12 +717,20 @@ class Engine:
             value = space.get(key)
             if value is not None:
                 if slotted is not None and key not in slotted:
-                    found[key] = [value, space.ttl(key), 0, 0, -1, 0]
+                    found[key] = self._marked(ns, space, key, value)
                 else:
                     found[key] = self._tracked(ns, space, key, value)
                     self.near_fills += 1
         self._check_reply({k: v[0] for k, v in found.items()})
         return found
+
+    def _marked(self, ns: str, space: Namespace, key: str, value) -> list:
+        """``[value, ttl, bucket, stamp, -1, 0]`` of a first read: no slot, nothing kept."""
+        words = self.stamps.words if self.stamps is not None else None
+        if words is None:
+            return [value, space.ttl(key), 0, 0, -1, 0]
+        b = bucket(ns, key)
+        return [value, space.ttl(key), b, words[b], -1, 0]
 
     def _tracked(self, ns: str, space: Namespace, key: str, value) -> list:
         """``[value, ttl, bucket, stamp, slot, token]`` of a near-cache miss."""
