@@ -139,7 +139,7 @@ def test_value_slots_reach_the_figures_and_the_metrics():
     near = {
         "default": {
             **{"entries": 1, "bytes": 10, "hits": 5, "misses": 1, "untracked": 0, "invalidated": 0},
-            **{"refreshed": 4, "rests": 0, "policy": "adaptive"},
+            **{"refreshed": 4, "declined": 3, "rests": 0, "policy": "adaptive"},
         }
     }
     found = build(stats, near, here=me, now=200.0)
@@ -150,6 +150,7 @@ def test_value_slots_reach_the_figures_and_the_metrics():
     assert _value(families, "clustershm_near_slots") == 2
     assert _value(families, "clustershm_near_slot_writes_total") == 7
     assert _value(families, "clustershm_near_refreshed_total", namespace="default", pid=str(me)) == 4
+    assert _value(families, "clustershm_near_declined_total", namespace="default", pid=str(me)) == 3
 
 
 # -- the views -----------------------------------------------------------------------------------

@@ -174,6 +174,9 @@ def _listeners_and_near(figures: dict) -> Iterator[Metric]:
         "refreshed": _counter(
             "near_refreshed", "Stale copies this process refilled from value slots (in hits)", None, labels
         ),
+        "declined": _counter(
+            "near_declined", "Second reads kept no copy: the key changed since the first", None, labels
+        ),
     }
     pid = str(figures["served_by"])
     for cache in near["here"]:
