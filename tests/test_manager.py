@@ -296,7 +296,10 @@ def test_rogue_process_spraying_garbage_while_others_work(manager_process):
             c.incr("work")
 
     rogue_pid = fork_call(rogue)
-    assert run_forked(3, worker) == [0, 0, 0]
+    # (Failed twice in full runs, unreproduced in 50 runs alone: a worker got
+    # EPIPE sending its AUTH. The Manager logs why it closes a connection.)
+    statuses = run_forked(3, worker)
+    assert statuses == [0, 0, 0], f"the Manager's log ends:\n{manager_process.log()[-6000:]}"
     assert reap(rogue_pid, 60) == 0
     client = socket_client(addr, secret)
     assert client.get("work") == 6000
