@@ -92,6 +92,30 @@ def test_thousands_of_concurrent_calls_share_one_connection(cluster):
     assert len(mine) == 1  # the 2,000 calls went over one connection
 
 
+def test_async_reads_keep_no_copy_of_a_key_written_elsewhere_between_two_reads(cluster):
+    """The adaptive near cache's marks (see test_near_cache.py), through the asyncio client."""
+    clustershm.set_many({"warm": 0, "k": 0, "m": 0})
+
+    def written_elsewhere(n):
+        assert reap(fork_call(lambda: clustershm.set_many({"k": n, "m": n})), 10) == 0
+
+    async def main():
+        assert await clustershm.aget("warm") == 0 and await clustershm.aget("warm") == 0  # the channel opens
+        assert await clustershm.aget("k") == 0 and await clustershm.aget_many(["m"]) == {"m": 0}  # marks
+        written_elsewhere(1)
+        assert await clustershm.aget("k") == 1 and await clustershm.aget_many(["m"]) == {"m": 1}  # declined
+        stats = clustershm.near_stats()[""]
+        assert (stats["declined"], stats["entries"]) == (2, 1)
+        assert await clustershm.aget("k") == 1 and await clustershm.aget_many(["m"]) == {"m": 1}  # kept now
+        hits = clustershm.near_stats()[""]["hits"]
+        assert await clustershm.aget("k") == 1 and await clustershm.aget_many(["m"]) == {"m": 1}
+        assert clustershm.near_stats()[""]["hits"] == hits + 2
+        written_elsewhere(2)
+        assert await clustershm.aget("k") == 2 and await clustershm.aget_many(["m"]) == {"m": 2}
+
+    asyncio.run(main())
+
+
 def test_each_loop_gets_its_own_connection_and_a_closed_loops_goes_quietly(cluster):
     # Warnings are errors in this suite: a socket left open by a closed loop would fail it.
     import gc
