@@ -16,7 +16,9 @@ says which variants have a near cache in this tree. Peers (``--peers``, default 
 A. **Mixes x worker counts.** For each mix (``--mixes``, get/set percentages, default 90/10, 50/50, 10/90), each
 worker count (``--workers``, default 1, 2, 4, 8, 16; the peers at ``--peer-workers``, default the same) and each
 contender (in an order rotated every round), N forked workers, started together, each loop for ``--duration``
-seconds: a busy gap of ``--gap-us`` µs (a spin on ``perf_counter``: no I/O, no sleep, like a view doing its own work),
+seconds: a busy gap of ``--gap-us`` µs (a spin on ``perf_counter``: no I/O, no sleep, like a view doing its own work;
+with ``--gap-clock cpu`` a spin on the thread's CPU time, so a worker preempted mid-gap still spends the whole gap in
+CPU, as a view's own work would: the fairer model when there are more workers than CPUs),
 then one ``get`` or ``set`` (timeout None) of a key drawn from a Zipf-like distribution over ``--keys`` keys (rank r
 has weight 1 / r ** ``--zipf``; 0: uniform), its value a dict of ~200 B pickled. Worker 0 clears the alias and fills
 every key before the start. Only the call is timed. Per run: total ops/s (each worker's calls / its seconds, summed),
@@ -146,6 +148,8 @@ def options(argv) -> argparse.Namespace:
     add("--peer-workers", type=workers_type, help="the peers' worker counts (default: --workers)")
     add("--mixes", type=mixes_type, default="90/10,50/50,10/90", help="GET/SET mixes (default 90/10,50/50,10/90)")
     add("--gap-us", type=float, default=100.0, help="µs of busy-wait before each call (default 100)")
+    add("--gap-clock", choices=("wall", "cpu"), default="wall",
+        help="what part A's gap spins on: wall time (perf_counter, the default) or the thread's CPU time")  # fmt: skip
     add("--keys", type=lab.count, default=1000, help="the key space (default 1000)")
     add("--zipf", type=float, default=1.0, help="Zipf exponent of the key distribution, 0: uniform (default 1)")
     add("--variant", action="append", type=variant_type, metavar="NAME=JSON",
@@ -272,6 +276,7 @@ def _mix_worker(index: int, ready, alias: str, location: str | None, nworkers: i
     gets = sets = misses = errors = checked = stale = backwards = 0
     first_error = first_violation = None
     get, set_, clock, mono, gap = cache.get, cache.set, time.perf_counter, time.monotonic_ns, args.gap_us / 1e6
+    spin_clock = time.thread_time if args.gap_clock == "cpu" else clock
     ready()
     with lab.gc_paused():
         t_start = clock()
@@ -279,8 +284,8 @@ def _mix_worker(index: int, ready, alias: str, location: str | None, nworkers: i
         while True:
             is_set, k = plan[i]
             i = (i + 1) & (PLAN - 1)
-            until = clock() + gap
-            while clock() < until:
+            until = spin_clock() + gap
+            while spin_clock() < until:
                 pass
             key = keys[k]
             if is_set:
@@ -664,7 +669,8 @@ def build_report(args, bench, variants, peers, labels, probes, runs, fanout, fo_
     text = [
         "## The near cache in traffic: mixes x worker counts x variants, and the fan-out cost",
         lab.header(f"bench_near: {args.rounds} round(s); local engine (a forked Manager, Unix socket); part A "
-                   f"{args.duration:g} s per run, a {args.gap_us:g} µs busy gap before each call, {args.keys:,} keys "
+                   f"{args.duration:g} s per run, a {args.gap_us:g} µs busy gap ({args.gap_clock} time) before each call, "
+                   f"{args.keys:,} keys "
                    f"(Zipf s = {args.zipf:g}), values {VALUE_BYTES} B pickled; run took {bench.elapsed:.0f} s",
                    bench.versions),
     ]  # fmt: skip
