@@ -304,10 +304,10 @@ class NearCache:
         else:
             self._rest_for = REST_FOR
 
-    def _remember_seen(self, key: str, mark: tuple[int, int] | None = None) -> None:
+    def _remember_seen(self, key: str) -> None:
         seen = self._seen
         if seen is not None:
-            seen[key] = mark
+            seen[key] = None
             if len(seen) > self.max_entries:
                 del seen[next(iter(seen))]
 

@@ -705,7 +705,7 @@ class Engine:
         if value is None:
             return [None, None, 0, 0, -1, 0]
         if first is True and key not in self._slotted.get(ns, ()):
-            return self._marked(ns, space, key, value)
+            return self._tracked(ns, space, key, value, with_slot=False)
         self.near_fills += 1
         return self._tracked(ns, space, key, value)
 
@@ -717,29 +717,24 @@ class Engine:
             value = space.get(key)
             if value is not None:
                 if slotted is not None and key not in slotted:
-                    found[key] = self._marked(ns, space, key, value)
+                    found[key] = self._tracked(ns, space, key, value, with_slot=False)
                 else:
                     found[key] = self._tracked(ns, space, key, value)
                     self.near_fills += 1
         self._check_reply({k: v[0] for k, v in found.items()})
         return found
 
-    def _marked(self, ns: str, space: Namespace, key: str, value) -> list:
-        """``[value, ttl, bucket, stamp, -1, 0]`` of a first read: no slot, nothing kept."""
-        words = self.stamps.words if self.stamps is not None else None
-        if words is None:
-            return [value, space.ttl(key), 0, 0, -1, 0]
-        b = bucket(ns, key)
-        return [value, space.ttl(key), b, words[b], -1, 0]
-
-    def _tracked(self, ns: str, space: Namespace, key: str, value) -> list:
-        """``[value, ttl, bucket, stamp, slot, token]`` of a near-cache miss."""
+    def _tracked(self, ns: str, space: Namespace, key: str, value, with_slot: bool = True) -> list:
+        """``[value, ttl, bucket, stamp, slot, token]`` of a near-cache miss
+        (``with_slot`` False, a first read's: no slot, -1 and 0)."""
         stamps = self.stamps
         words = stamps.words if stamps is not None else None
         b = bucket(ns, key)
         ttl = space.ttl(key)
         if words is None:
             return [value, ttl, b, 0, -1, 0]
+        if not with_slot:
+            return [value, ttl, b, words[b], -1, 0]
         # The slot gets the Manager's own deadline (peek's), never a later one.
         deadline = space.peek(key)[1]  # type: ignore[index]
         slot, token = stamps.slot_for(self._slotted[ns], key, value, deadline)  # type: ignore[union-attr]

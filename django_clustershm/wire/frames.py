@@ -114,7 +114,8 @@ matches replies by request id).
     TRACK_GET      [ns, key, first?]     -> [v, ttl, bucket, stamp, slot, token]
     TRACK_GET_MANY [ns, [key...], first?] -> {key: [v, ttl, bucket, stamp, slot, token]}
                                              (first true: a key with no value slot is
-                                             answered [v, ttl, 0, 0, -1, 0], not tracked)
+                                             answered [v, ttl, bucket, stamp, -1, 0], not
+                                             tracked: its mark, see client/near.py)
     RECENT         [ns, hits, [key...]]  (on the tracker connection; no reply)
 
 Near caches are kept consistent by *stamps*, not by pushes. The Manager
