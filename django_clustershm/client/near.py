@@ -142,7 +142,11 @@ class NearCache:
         # "adaptive": keys read once (and not kept), oldest first, at most
         # max_entries of them: a second miss while a key is here keeps a copy
         # (if its mark, the (bucket, stamp) its first read saw, still holds).
-        self._seen: dict[str, tuple[int, int] | None] | None = {} if policy == "adaptive" else None
+        # An OrderedDict, not a dict: forgetting the oldest of a full dict
+        # (del d[next(iter(d))]) scans the holes its earlier deletions left
+        # at the front, 1.5 us a first read on average and 4.6 us measured in
+        # _local; popitem(last=False) on the linked order is O(1) (0.4 us).
+        self._seen: OrderedDict[str, tuple[int, int] | None] | None = OrderedDict() if policy == "adaptive" else None
         self.bytes = 0
         self.hits = 0
         self.misses = 0
@@ -309,7 +313,7 @@ class NearCache:
         if seen is not None:
             seen[key] = None
             if len(seen) > self.max_entries:
-                del seen[next(iter(seen))]
+                seen.popitem(last=False)
 
     def _put(self, key: str, data, deadline, stamp: tuple[int, int, int, int] | None = None) -> None:
         if type(data) is bytes and data[:1] == b"\xc1":
@@ -834,7 +838,7 @@ class Tracker:
         for cache in self.caches.values():
             cache._entries = OrderedDict()
             if cache._seen is not None:
-                cache._seen = {}
+                cache._seen = OrderedDict()
             cache._recent = {}
             cache.bytes = cache.hits = cache.misses = cache.untracked = cache._recent_hits = 0  # the child's own
             cache.invalidated = cache.rests = cache.refreshed = cache.declined = 0
