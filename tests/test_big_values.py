@@ -17,11 +17,11 @@ import pytest
 from django_clustershm import Manager
 from django_clustershm.client.serializer import Serializer
 from django_clustershm.compressors import ZlibCompressor
-from django_clustershm.exceptions import ProtocolError
+from django_clustershm.exceptions import ProtocolError, ValueTooLarge
 from django_clustershm.serializers import JSONSerializer
 from django_clustershm.wire import frames as P
 
-from .helpers import ManagerProcess, socket_client, wait_until
+from .helpers import ManagerProcess, embedded_client, run_forked, socket_client, wait_until
 from .test_manager import _handshaked_socket, _listening_socket
 
 BIG = P.BIG
@@ -51,6 +51,38 @@ def test_encode_parts_puts_the_same_bytes_on_the_wire_as_encode(obj):
     for item in [obj] if isinstance(obj, bytes) else obj if isinstance(obj, (list, tuple)) else []:
         if isinstance(item, bytes) and len(item) >= BIG:
             assert any(p is item for p in parts), "a big value was copied into the frame"
+
+
+@pytest.mark.parametrize(
+    "parts",
+    [
+        (b"\x80\x05B" + (BIG).to_bytes(4, "little"), os.urandom(BIG), b"\x94."),
+        (b"head", os.urandom(3 * BIG), os.urandom(BIG + 1), b"tail"),
+        (b"only", b"small"),
+    ],
+    ids=["pickle", "two-big", "all-small"],
+)
+def test_a_spliced_value_is_one_bin_of_its_parts_and_its_big_parts_are_not_copied(parts):
+    spliced = P.Spliced(parts)
+    joined = b"".join(parts)
+    for obj in (["ns", "key", spliced, None], [spliced]):
+        frame = P.encode_parts(P.SET, 9, obj)
+        plain = [joined if item is spliced else item for item in obj]
+        wire = b"".join(bytes(p) for p in frame)
+        assert P.decode_payload(wire[P.HEADER_SIZE :]) == plain and P.parts_size(frame) == len(wire)
+        assert P.HEADER.unpack(wire[: P.HEADER_SIZE])[2:] == (P.SET, 9, len(wire) - P.HEADER_SIZE)
+        if len(joined) >= 1 << 16:  # (a bin of that size is a bin 32 in msgpack too: the very same bytes)
+            assert wire == P.encode(P.SET, 9, plain)
+        assert len(spliced) == len(joined) == spliced.size
+        for part in parts:
+            if len(part) >= BIG:
+                assert any(p is part for p in frame), "a big part was copied into the frame"
+    assert bytes(spliced) == joined
+
+
+def test_a_spliced_value_given_to_plain_encode_fails_instead_of_packing_a_list():
+    with pytest.raises(TypeError):
+        P.encode(P.SET_MANY, 1, ["ns", ["k", P.Spliced((b"a", b"b"))], None])
 
 
 def _stream(*frames: bytes) -> bytes:
@@ -122,6 +154,29 @@ def test_every_serializer_reads_a_value_from_a_buffer():
     assert Serializer().loads(memoryview(pickle.dumps(b"raw" * BIG))) == b"raw" * BIG
 
 
+def test_a_big_bytes_value_is_pickled_without_a_copy_into_the_same_bytes_as_pickle():
+    from django_clustershm.client import serializer as S
+
+    assert S.SPLICES  # this Python's pickle writes the layout the splice makes
+    codec = Serializer()
+    for size in (BIG, BIG + 1, 5 * BIG + 3):
+        value = os.urandom(size)
+        data = codec.dumps(value, 64 * MIB, splice=True)
+        assert type(data) is P.Spliced and data.parts[1] is value  # the value's own buffer
+        assert bytes(data) == pickle.dumps(value, codec.protocol) and codec.loads(bytes(data)) == value
+        assert codec.dumps(value, 64 * MIB) == bytes(data)  # without splice: the same bytes, as bytes
+    # Only a big exact bytes, pickled and not compressed:
+    for value in (b"x" * (BIG - 1), bytearray(BIG), "x" * BIG, [b"x" * BIG]):
+        assert type(codec.dumps(value, 64 * MIB, splice=True)) is bytes
+    for other in (Serializer(None, ZlibCompressor()), Serializer(JSONSerializer())):
+        assert type(other.dumps(b"x" * BIG if other.serializer is None else "x" * BIG, 64 * MIB, splice=True)) is bytes
+    # The limit counts the pickle's 9 bytes around the value, as pickle.dumps' length does:
+    value = os.urandom(BIG)
+    with pytest.raises(ValueTooLarge):
+        codec.dumps(value, BIG + 8, splice=True)
+    assert len(codec.dumps(value, BIG + 9, splice=True)) == BIG + 9
+
+
 @pytest.fixture
 def big_manager():
     proc = ManagerProcess().start()
@@ -154,6 +209,78 @@ def test_big_values_round_trip_through_the_socket_and_asyncio_clients(big_manage
         asyncio.run(main())
     finally:
         client.close()
+
+
+def test_big_bytes_written_without_a_copy_are_stored_as_their_pickle_and_read_by_other_processes(
+    big_manager, monkeypatch
+):
+    """set, add and replace of a big bytes value, from the socket and asyncio
+    clients (which send it spliced, not copied: see Serializer.dumps): the
+    Manager stores the bytes pickle.dumps makes, and forked processes read it."""
+    from django_clustershm.client import socket as socket_module
+
+    spliced = []
+
+    def encode_parts(op, rid, obj):
+        spliced.extend(item for item in obj if type(item) is P.Spliced)
+        return P.encode_parts(op, rid, obj)
+
+    monkeypatch.setattr(socket_module, "_encode_parts", encode_parts)
+    addr, secret = big_manager.address, big_manager.secret
+    client = socket_client(addr, secret, timeout=30)
+    values = {
+        name: os.urandom(3 * MIB + i) for i, name in enumerate(("set", "add", "replace", "aset", "aadd", "areplace"))
+    }
+    try:
+        assert client.transport.splices and client.aio.transport.splices
+        client.set("set", values["set"])
+        assert client.add("add", values["add"]) and not client.add("add", b"other" * BIG)
+        client.set("replace", b"old")
+        assert client.replace("replace", values["replace"])
+        cache = client.cache("c")  # a cache's writes carry its bounds after the value
+        cache.set("set", values["set"])
+
+        async def main():
+            aio = client.aio
+            await aio.aset("aset", values["aset"])
+            assert await aio.aadd("aadd", values["aadd"])
+            await aio.aset("areplace", b"old")
+            assert await aio.areplace("areplace", values["areplace"])
+            await aio.aclose()
+
+        asyncio.run(main())
+        for key, value in values.items():
+            assert bytes(client.transport.call(P.GET, ["", key])) == pickle.dumps(value, Serializer.protocol), key
+        assert cache.get("set") == values["set"] and client.incr("n") == 1  # the stream is in step
+        # Every big write went spliced: 5 from the socket client (the refused add sent its value too), 3 from asyncio.
+        assert len(spliced) == 8 and {id(s.parts[1]) for s in spliced} >= {id(v) for v in values.values()}
+
+        def reader(i):
+            other = socket_client(addr, secret, timeout=30)
+            try:
+                assert other.get_many(list(values)) == values
+            finally:
+                other.close()
+
+        assert run_forked(2, reader) == [0, 0]
+    finally:
+        client.close()
+
+
+def test_transports_that_cannot_send_buffers_get_the_pickle_as_bytes():
+    from django_clustershm.client.aio import AsyncEmbeddedTransport
+    from django_clustershm.client.embedded import EmbeddedTransport
+    from django_clustershm.redisengine.transport import AsyncRedisTransport, RedisTransport
+
+    for transport in (EmbeddedTransport, AsyncEmbeddedTransport, RedisTransport, AsyncRedisTransport):
+        assert not getattr(transport, "splices", False), transport
+    client = embedded_client()
+    value = os.urandom(BIG)
+    client.set("k", value)  # the engine takes bytes or an int only: a Spliced would be refused
+    assert client.add("k2", value) and client.replace("k2", value)
+    assert client.get("k") == value == client.get("k2")
+    assert bytes(client.transport.call(P.GET, ["", "k"])) == pickle.dumps(value, Serializer.protocol)
+    client.close()
 
 
 def test_a_client_that_reads_a_big_reply_slowly_holds_up_nobody(big_manager):

@@ -447,6 +447,7 @@ class AsyncSocketTransport:
 
     name = "socket"
     remote = True
+    splices = True  # (see Transport.splices)
 
     def __init__(
         self, address: str, secret: bytes, *, timeout: float = DEFAULT_TIMEOUT, spin: float = DEFAULT_SPIN
@@ -747,7 +748,8 @@ class AsyncKeyspace:
     async def aset(self, key: str, value: Any, timeout: float | None = None) -> None:
         ks = await self._ready()
         key = ks._key(key)
-        await self._aio.transport.call(F.SET, ks._write_args(key, ks._value(value), A.timeout(timeout)))
+        transport = self._aio.transport
+        await transport.call(F.SET, ks._write_args(key, ks._value(value, transport), A.timeout(timeout)))
         await self._written((key,))
 
     async def aremove(self, key: str) -> bool:
@@ -768,7 +770,8 @@ class AsyncKeyspace:
     async def aadd(self, key: str, value: Any, timeout: float | None = None) -> bool:
         ks = await self._ready()
         key = ks._key(key)
-        stored = await self._aio.transport.call(F.ADD, ks._write_args(key, ks._value(value), A.timeout(timeout)))
+        transport = self._aio.transport
+        stored = await transport.call(F.ADD, ks._write_args(key, ks._value(value, transport), A.timeout(timeout)))
         await self._written((key,))
         return stored
 
@@ -844,7 +847,8 @@ class AsyncKeyspace:
     async def areplace(self, key: str, value: Any, timeout: float | None = None) -> bool:
         ks = await self._ready()
         key = ks._key(key)
-        stored = await self._aio.transport.call(F.REPLACE, ks._write_args(key, ks._value(value), A.timeout(timeout)))
+        transport = self._aio.transport
+        stored = await transport.call(F.REPLACE, ks._write_args(key, ks._value(value, transport), A.timeout(timeout)))
         await self._written((key,))
         return stored
 

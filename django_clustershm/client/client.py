@@ -103,8 +103,12 @@ class Keyspace:
             return key  # the common case, without a call
         return A.key(key, client.limits.max_key)
 
-    def _value(self, value):
-        return self.serializer.dumps(value, self._client.limits.max_value)
+    def _value(self, value, transport=None):
+        """``value``'s stored form; given the ``transport`` a SET, ADD or REPLACE
+        goes through, a big ``bytes`` value is not copied if it can send it as
+        several buffers (its ``splices``: see :class:`.serializer.Serializer`)."""
+        splice = transport is not None and getattr(transport, "splices", False)
+        return self.serializer.dumps(value, self._client.limits.max_value, splice)
 
     def _write_args(self, *args) -> list:
         return [self._ns, *args] if self._bounds is None else [self._ns, *args, self._bounds]
@@ -134,9 +138,9 @@ class Keyspace:
         key = self._key(key)
         bounds = self._bounds  # a cache's: sent with each write (aliases of one cache keep their own)
         if bounds is None:
-            args = [self._ns, key, self._value(value), A.timeout(timeout)]
+            args = [self._ns, key, self._value(value, self._client.transport), A.timeout(timeout)]
         else:
-            args = [self._ns, key, self._value(value), A.timeout(timeout), bounds]
+            args = [self._ns, key, self._value(value, self._client.transport), A.timeout(timeout), bounds]
         self._client.transport.call(_SET, args)
         self._written((key,))
 
@@ -159,7 +163,8 @@ class Keyspace:
     def add(self, key: str, value: Any, timeout: float | None = None) -> bool:
         """Store ``value`` only if ``key`` is absent; True if it was stored."""
         key = self._key(key)
-        stored = self._client.transport.call(_ADD, self._write_args(key, self._value(value), A.timeout(timeout)))
+        transport = self._client.transport
+        stored = transport.call(_ADD, self._write_args(key, self._value(value, transport), A.timeout(timeout)))
         self._written((key,))
         return stored
 
@@ -276,7 +281,8 @@ class Keyspace:
     def replace(self, key: str, value: Any, timeout: float | None = None) -> bool:
         """Store ``value`` only if ``key`` exists (Redis's SET XX); True if it did."""
         key = self._key(key)
-        stored = self._client.transport.call(F.REPLACE, self._write_args(key, self._value(value), A.timeout(timeout)))
+        transport = self._client.transport
+        stored = transport.call(F.REPLACE, self._write_args(key, self._value(value, transport), A.timeout(timeout)))
         self._written((key,))
         return stored
 

@@ -326,6 +326,7 @@ class SocketTransport(Transport):
     name = "socket"
     remote = True
     near_by_default = True
+    splices = True
     yields_on_handoff = True
 
     def __init__(

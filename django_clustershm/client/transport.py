@@ -131,6 +131,10 @@ class Transport(ABC):
     #: Whether a cache or the store gets a near cache when NEAR_CACHE is left
     #: out (the local engine over a socket: strict, and cheap to keep).
     near_by_default: bool = False
+    #: Whether SET, ADD and REPLACE may carry a :class:`~..wire.frames.Spliced`
+    #: value (a big value's pickle sent as several buffers, not copied): the
+    #: socket transports; the others get the pickle's bytes.
+    splices: bool = False
     #: Seconds a call waits for its reply by default.
     timeout: float = DEFAULT_TIMEOUT
     #: What this engine guarantees (the Redis engine declares its own).

@@ -306,6 +306,27 @@ _header_pack = HEADER.pack
 _bin32 = struct.Struct("!BI").pack  # msgpack's bin 32 header: 0xC6 and the length
 
 
+class Spliced:
+    """One msgpack ``bin`` value whose bytes are the concatenation of ``parts``,
+    sent as those buffers (:func:`encode_parts`) and never joined in the
+    sender: a big ``bytes`` value's pickle, made of a 7-byte head, the value's
+    own buffer and a 2-byte tail (:mod:`..client.serializer`). The receiver
+    sees a plain ``bin``. Only :func:`encode_parts` knows it: given to
+    :func:`encode` (msgpack) it fails loudly instead of packing a list."""
+
+    __slots__ = ("parts", "size")
+
+    def __init__(self, parts: tuple) -> None:
+        self.parts = parts
+        self.size = sum(map(len, parts))
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __bytes__(self) -> bytes:
+        return b"".join(self.parts)
+
+
 def encode(op: int, rid: int, obj) -> bytes:
     """One frame: the header and the msgpack payload of ``obj``, in one buffer."""
     payload = _pack(obj)
@@ -315,7 +336,8 @@ def encode(op: int, rid: int, obj) -> bytes:
 def encode_parts(op: int, rid: int, obj) -> list:
     """:func:`encode` as a list of buffers to send in turn (``sendmsg()``), the same bytes on the wire, and
     each ``bytes`` of :data:`BIG` bytes or more (``obj`` itself, or an item of ``obj`` as a list) a buffer
-    of its own: a big value goes from the store (or the serializer) to the socket without a copy. Anything
+    of its own: a big value goes from the store (or the serializer) to the socket without a copy. An item
+    that is a :class:`Spliced` is one ``bin`` of its parts, each big part a buffer of its own. Anything
     else, including every small frame, is ``[encode(op, rid, obj)]``."""
     kind = type(obj)
     if kind is bytes:
@@ -325,7 +347,7 @@ def encode_parts(op: int, rid: int, obj) -> list:
     if kind is not list and kind is not tuple:
         return [encode(op, rid, obj)]
     for item in obj:
-        if type(item) is bytes and len(item) >= BIG:
+        if (type(item) is bytes and len(item) >= BIG) or type(item) is Spliced:
             break
     else:
         return [encode(op, rid, obj)]
@@ -338,6 +360,15 @@ def encode_parts(op: int, rid: int, obj) -> list:
             parts.append(b"".join(small))
             parts.append(item)
             small = []
+        elif type(item) is Spliced:
+            small.append(_bin32(0xC6, item.size))
+            for part in item.parts:
+                if len(part) >= BIG:
+                    parts.append(b"".join(small))
+                    parts.append(part)
+                    small = []
+                else:
+                    small.append(part)
         else:
             small.append(_pack(item))
     if small:
