@@ -845,6 +845,58 @@ def test_silent_half_open_peers_cannot_keep_a_client_out():
         proc.cleanup()
 
 
+@pytest.mark.parametrize("flavour", ["sync", "asyncio"])
+def test_a_client_dropped_between_hello_and_auth_connects_again(monkeypatch, flavour):
+    """A half-open peer dropped to make room for a new one (the cap's oldest)
+    may learn it only when it sends its AUTH: EPIPE, not an EOF. That is a
+    lost handshake too, tried again like one, not an error (the failure of
+    test_rogue_process_spraying_garbage_while_others_work's worker: EPIPE
+    sending its AUTH)."""
+    import asyncio
+    import select
+    import sys
+
+    from django_clustershm.client.aio import AsyncSocketTransport
+    from django_clustershm.client.socket import SocketTransport
+
+    proc = ManagerProcess(max_unauthenticated=1).start()
+    intruders: list[socket.socket] = []
+    answered = []
+    real_answer = H.answer_hello
+
+    def answer_hello(op, payload, secret):
+        answered.append(op)
+        if len(answered) == 1:
+            mine = sys._getframe(1).f_locals["sock"]  # the connection being made
+            intruder = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            intruders.append(intruder)
+            intruder.connect(proc.address)
+            intruder.recv(512)  # its HELLO: accepted, so the Manager dropped the oldest half-open peer, us
+            poller = select.poll()
+            poller.register(mine.fileno(), select.POLLIN | select.POLLHUP)
+            wait_until(lambda: poller.poll(0), message="the Manager closed the first connection")
+        return real_answer(op, payload, secret)
+
+    monkeypatch.setattr(H, "answer_hello", answer_hello)
+    try:
+        if flavour == "sync":
+            conn = SocketTransport(proc.address, proc.secret, timeout=5).connect()
+            conn.close()
+        else:
+
+            async def main():
+                conn = await AsyncSocketTransport(proc.address, proc.secret, timeout=5)._open()
+                conn.sock.close()
+
+            asyncio.run(main())
+        assert answered == [P.HELLO, P.HELLO]  # dropped once, then in
+        assert "make room for a new peer" in proc.log()
+    finally:
+        for s in intruders:
+            s.close()
+        proc.cleanup()
+
+
 def _fill(keyspace, count: int, timeout=None, batch: int = 2000) -> int:
     """Write up to ``count`` small keys (as an app would: a pickled short str); return how many fit."""
     from django_clustershm.exceptions import StoreFull

@@ -165,7 +165,10 @@ class AsyncConnection:
                     raise ManagerUnavailable(f"cannot connect to the Manager on {address}: {exc}") from exc
                 op, _rid, payload = await conn._handshake_frame()
                 auth, client_nonce = H.answer_hello(op, payload, secret)
-                await loop.sock_sendall(sock, auth)
+                try:
+                    await loop.sock_sendall(sock, auth)
+                except OSError as exc:  # dropped after its HELLO: see socket.Connection
+                    raise HandshakeLost(f"the Manager closed the connection during the handshake: {exc}") from exc
                 op, _rid, payload = await conn._handshake_frame()
                 conn.limits, conn.session_id = H.check_welcome(op, payload, secret, client_nonce)
         except TimeoutError as exc:

@@ -157,7 +157,13 @@ class Connection:
                 raise ManagerUnavailable(f"cannot connect to the Manager on {address}: {exc}") from exc
             op, _rid, payload = self._handshake_frame()
             auth, client_nonce = H.answer_hello(op, payload, secret)
-            sock.sendall(auth)
+            try:
+                sock.sendall(auth)
+            except OSError as exc:
+                # Dropped after its HELLO (the half-open cap's oldest): a peer
+                # that learns it by sending gets EPIPE, not an EOF. The AUTH
+                # never arrived, so connecting again is safe (HandshakeLost).
+                raise HandshakeLost(f"the Manager closed the connection during the handshake: {exc}") from exc
             op, _rid, payload = self._handshake_frame()
             self.limits, self.session_id = H.check_welcome(op, payload, secret, client_nonce)
             self.reader.max_frame = self.limits.max_frame
