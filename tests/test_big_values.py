@@ -154,27 +154,39 @@ def test_every_serializer_reads_a_value_from_a_buffer():
     assert Serializer().loads(memoryview(pickle.dumps(b"raw" * BIG))) == b"raw" * BIG
 
 
-def test_a_big_bytes_value_is_pickled_without_a_copy_into_the_same_bytes_as_pickle():
+def test_a_big_bytes_or_str_value_is_pickled_without_a_copy_into_the_same_bytes_as_pickle():
+    from django.utils.safestring import mark_safe
+
     from django_clustershm.client import serializer as S
 
-    assert S.SPLICES  # this Python's pickle writes the layout the splice makes
+    assert S.splices()  # this Python's pickle writes the layout the splice makes
     codec = Serializer()
-    for size in (BIG, BIG + 1, 5 * BIG + 3):
-        value = os.urandom(size)
+    texts = [
+        "a" * BIG,  # ASCII: one byte a character
+        "é" * (BIG // 2),  # two bytes
+        "€\udc80" * (BIG // 6 + 1),  # three, and a lone surrogate (pickle passes it through)
+        "🙂x" * (BIG // 5 + 1),  # four
+    ]
+    for value in [os.urandom(BIG), os.urandom(BIG + 1), os.urandom(5 * BIG + 3), *texts]:
         data = codec.dumps(value, 64 * MIB, splice=True)
-        assert type(data) is P.Spliced and data.parts[1] is value  # the value's own buffer
+        assert type(data) is P.Spliced and len(data.parts) == 3
+        if type(value) is bytes:
+            assert data.parts[1] is value  # the value's own buffer
         assert bytes(data) == pickle.dumps(value, codec.protocol) and codec.loads(bytes(data)) == value
         assert codec.dumps(value, 64 * MIB) == bytes(data)  # without splice: the same bytes, as bytes
-    # Only a big exact bytes, pickled and not compressed:
-    for value in (b"x" * (BIG - 1), bytearray(BIG), "x" * BIG, [b"x" * BIG]):
-        assert type(codec.dumps(value, 64 * MIB, splice=True)) is bytes
+    # Only a big exact bytes or str, pickled and not compressed (a str subclass, such as
+    # Django's SafeString, pickles as its class: not spliced):
+    small = ["é" * (BIG // 2 - 1), "x" * (BIG - 1), b"x" * (BIG - 1)]
+    for value in [*small, bytearray(BIG), mark_safe("x" * BIG), [b"x" * BIG]]:
+        data = codec.dumps(value, 64 * MIB, splice=True)
+        assert type(data) is bytes and codec.loads(data) == value
     for other in (Serializer(None, ZlibCompressor()), Serializer(JSONSerializer())):
         assert type(other.dumps(b"x" * BIG if other.serializer is None else "x" * BIG, 64 * MIB, splice=True)) is bytes
     # The limit counts the pickle's 9 bytes around the value, as pickle.dumps' length does:
-    value = os.urandom(BIG)
-    with pytest.raises(ValueTooLarge):
-        codec.dumps(value, BIG + 8, splice=True)
-    assert len(codec.dumps(value, BIG + 9, splice=True)) == BIG + 9
+    for value in (os.urandom(BIG), "é" * (BIG // 2)):
+        with pytest.raises(ValueTooLarge):
+            codec.dumps(value, BIG + 8, splice=True)
+        assert len(codec.dumps(value, BIG + 9, splice=True)) == BIG + 9
 
 
 @pytest.fixture
@@ -228,9 +240,10 @@ def test_big_bytes_written_without_a_copy_are_stored_as_their_pickle_and_read_by
     monkeypatch.setattr(socket_module, "_encode_parts", encode_parts)
     addr, secret = big_manager.address, big_manager.secret
     client = socket_client(addr, secret, timeout=30)
-    values = {
+    values: dict = {
         name: os.urandom(3 * MIB + i) for i, name in enumerate(("set", "add", "replace", "aset", "aadd", "areplace"))
     }
+    values["set"] = "é🙂" * MIB  # a str: its UTF-8 goes spliced
     try:
         assert client.transport.splices and client.aio.transport.splices
         client.set("set", values["set"])
@@ -253,7 +266,8 @@ def test_big_bytes_written_without_a_copy_are_stored_as_their_pickle_and_read_by
             assert bytes(client.transport.call(P.GET, ["", key])) == pickle.dumps(value, Serializer.protocol), key
         assert cache.get("set") == values["set"] and client.incr("n") == 1  # the stream is in step
         # Every big write went spliced: 5 from the socket client (the refused add sent its value too), 3 from asyncio.
-        assert len(spliced) == 8 and {id(s.parts[1]) for s in spliced} >= {id(v) for v in values.values()}
+        assert len(spliced) == 8
+        assert {id(s.parts[1]) for s in spliced} >= {id(v) for v in values.values() if type(v) is bytes}
 
         def reader(i):
             other = socket_client(addr, secret, timeout=30)

@@ -16,6 +16,7 @@ compressor's id byte, the data) is described in :mod:`..compressors`.
 
 from __future__ import annotations
 
+import functools
 import pickle
 import struct
 from typing import TYPE_CHECKING, Any
@@ -32,31 +33,37 @@ _dumps = pickle.dumps
 _loads = pickle.loads
 _MARKER = 0xC1
 
-# A big ``bytes`` value's pickle, made without copying the value (#19 part 4).
-# pickle.dumps copies the whole value into the pickle it returns, and that copy
-# (a fresh allocation of the value's size, its pages faulted in) was most of a
-# big set: 9.9 of 17.2 ms at 16 MiB. Protocol 5 writes a bytes object of 64 KiB
-# or more as PROTO 5, BINBYTES and its 4-byte length, the bytes, MEMOIZE, STOP,
-# with no frame around it; a socket transport sends those as the buffers of a
-# Spliced (..wire.frames), so the value's own buffer goes to the socket and the
-# Manager stores the very bytes pickle.dumps would have made. Checked once here
-# against pickle itself: where it differs (another Python), values are pickled.
+# A big ``bytes`` or ``str`` value's pickle, made without pickle's copies (#19 part 4).
+# pickle.dumps writes the value into a buffer it grows as it goes, and that
+# copying (fresh allocations, their pages faulted in) was most of a big set: 9.9
+# of 17.2 ms at 16 MiB. Protocol 5 writes a bytes object of 64 KiB or more as
+# PROTO 5, BINBYTES and its 4-byte length, the bytes, MEMOIZE, STOP, with no frame
+# around it; a str the same way with BINUNICODE and its UTF-8 bytes (lone
+# surrogates passed through). A socket transport sends those as the buffers of a
+# Spliced (..wire.frames): a bytes value's own buffer goes to the socket (a str
+# costs one encode, 1.2 ms at 16 MiB against pickle's 8), and the Manager stores
+# the very bytes pickle.dumps would have made. Checked once here against pickle
+# itself: where it differs (another Python), values are pickled as before.
 _SPLICE_TAIL = b"\x94."
+_BINBYTES, _BINUNICODE = b"\x80\x05B", b"\x80\x05X"
+_length = struct.Struct("<I").pack
 
 
-def _splice_head(n: int) -> bytes:
-    return b"\x80\x05B" + struct.pack("<I", n)
-
-
-def _splices() -> bool:
-    probe = bytes(range(256)) * (BIG // 256)
+@functools.cache
+def splices() -> bool:
+    """Whether this Python's pickle writes big bytes and str values as the
+    splice does (checked at the first big value: 1.4 ms, not at import)."""
+    raw = bytes(range(256)) * (BIG // 256)
+    text = "é\udc80x🙂" * (BIG // 10 + 1)  # every UTF-8 width, and a lone surrogate: 10 bytes a round
+    encoded = text.encode("utf-8", "surrogatepass")
     try:
-        return pickle.HIGHEST_PROTOCOL >= 5 and _dumps(probe, 5) == _splice_head(len(probe)) + probe + _SPLICE_TAIL
+        return (
+            pickle.HIGHEST_PROTOCOL >= 5
+            and _dumps(raw, 5) == _BINBYTES + _length(len(raw)) + raw + _SPLICE_TAIL
+            and _dumps(text, 5) == _BINUNICODE + _length(len(encoded)) + encoded + _SPLICE_TAIL
+        )
     except Exception:
         return False
-
-
-SPLICES = _splices()
 
 
 class Serializer:
@@ -75,26 +82,34 @@ class Serializer:
         """The stored form of ``value``; SerializationError or ValueTooLarge, raised before anything is sent.
 
         ``splice`` (a socket transport's SET, ADD or REPLACE): a ``bytes`` value
-        of :data:`~..wire.frames.BIG` bytes or more, pickled and not compressed,
-        comes back as a :class:`~..wire.frames.Spliced` of its pickle's head,
-        the value itself and its tail: the same bytes, not copied."""
+        of :data:`~..wire.frames.BIG` bytes or more, or a ``str`` whose UTF-8
+        is, pickled and not compressed, comes back as a
+        :class:`~..wire.frames.Spliced` of its pickle's head, the value (or
+        its UTF-8) and its tail: the same bytes as pickle's, without its copies."""
         kind = type(value)
         if kind is int and INT64_MIN <= value <= INT64_MAX:
             return value
         serializer = self.serializer
         if (
             splice
-            and kind is bytes
+            and (kind is bytes or kind is str)
+            and len(value) >= (BIG if kind is bytes or value.isascii() else BIG // 4)
             and serializer is None
             and self.compressor is None
-            and BIG <= len(value) < 2**32
             and self.protocol == 5
-            and SPLICES
+            and splices()
         ):
-            size = len(value) + 9
-            if size > max_value:
-                raise ValueTooLarge(f"value serializes to {size} bytes; the maximum is {max_value} (MAX_VALUE_SIZE)")
-            return Spliced((_splice_head(len(value)), value, _SPLICE_TAIL))
+            if kind is bytes:
+                head, data = _BINBYTES, value
+            else:
+                head, data = _BINUNICODE, value.encode("utf-8", "surrogatepass")
+            n = len(data)
+            if BIG <= n < 2**32:
+                if n + 9 > max_value:
+                    raise ValueTooLarge(
+                        f"value serializes to {n + 9} bytes; the maximum is {max_value} (MAX_VALUE_SIZE)"
+                    )
+                return Spliced((head + _length(n), data, _SPLICE_TAIL))
         if serializer is None:
             try:
                 data = _dumps(value, self.protocol)
