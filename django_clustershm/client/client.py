@@ -105,8 +105,9 @@ class Keyspace:
 
     def _value(self, value, transport=None):
         """``value``'s stored form; given the ``transport`` a SET, ADD or REPLACE
-        goes through, a big ``bytes`` value is not copied if it can send it as
-        several buffers (its ``splices``: see :class:`.serializer.Serializer`)."""
+        goes through, a big ``bytes`` or ``str`` value skips pickle's copies if
+        it can send it as several buffers (its ``splices``: see
+        :meth:`.serializer.Serializer.dumps`)."""
         splice = transport is not None and getattr(transport, "splices", False)
         return self.serializer.dumps(value, self._client.limits.max_value, splice)
 

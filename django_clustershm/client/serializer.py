@@ -93,6 +93,8 @@ class Serializer:
         if (
             splice
             and (kind is bytes or kind is str)
+            # (A str's UTF-8 takes 1-4 bytes a character: one of BIG // 4 characters or more
+            # may be big enough, known once encoded; if not, it is pickled all the same.)
             and len(value) >= (BIG if kind is bytes or value.isascii() else BIG // 4)
             and serializer is None
             and self.compressor is None

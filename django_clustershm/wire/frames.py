@@ -309,8 +309,9 @@ _bin32 = struct.Struct("!BI").pack  # msgpack's bin 32 header: 0xC6 and the leng
 class Spliced:
     """One msgpack ``bin`` value whose bytes are the concatenation of ``parts``,
     sent as those buffers (:func:`encode_parts`) and never joined in the
-    sender: a big ``bytes`` value's pickle, made of a 7-byte head, the value's
-    own buffer and a 2-byte tail (:mod:`..client.serializer`). The receiver
+    sender: a big ``bytes`` (or ``str``) value's pickle, made of a 7-byte head,
+    the value's own buffer (or its UTF-8) and a 2-byte tail
+    (:mod:`..client.serializer`). The receiver
     sees a plain ``bin``. Only :func:`encode_parts` knows it: given to
     :func:`encode` (msgpack) it fails loudly instead of packing a list."""
 
