@@ -35,6 +35,8 @@ MIB = 1 << 20
         b"x" * (BIG - 1),
         os.urandom(3 * BIG),
         ["ns", "key", os.urandom(BIG + 7), None, [300, 3, 1 << 30]],
+        ["ns", ["k1", os.urandom(BIG), "k2", b"small", "k3", 7, "k4", os.urandom(BIG + 2)], None],  # SET_MANY's
+        ["ns", [["deeper", os.urandom(BIG)], []], [1, 2]],
         ("ns", os.urandom(BIG), os.urandom(BIG + 1), 5),
         [os.urandom(BIG)],
         [b"small", 1, "two", None],
@@ -48,8 +50,12 @@ def test_encode_parts_puts_the_same_bytes_on_the_wire_as_encode(obj):
     parts = P.encode_parts(P.OK, 77, obj)
     assert b"".join(bytes(p) for p in parts) == P.encode(P.OK, 77, obj)
     assert P.parts_size(parts) == len(P.encode(P.OK, 77, obj))
-    for item in [obj] if isinstance(obj, bytes) else obj if isinstance(obj, (list, tuple)) else []:
-        if isinstance(item, bytes) and len(item) >= BIG:
+
+    def flat(x):
+        return [x] if isinstance(x, bytes) else [y for item in x for y in flat(item)] if isinstance(x, list) else []
+
+    for item in [obj] if isinstance(obj, bytes) else flat(list(obj)) if isinstance(obj, (list, tuple)) else []:
+        if len(item) >= BIG:
             assert any(p is item for p in parts), "a big value was copied into the frame"
 
 
@@ -65,9 +71,13 @@ def test_encode_parts_puts_the_same_bytes_on_the_wire_as_encode(obj):
 def test_a_spliced_value_is_one_bin_of_its_parts_and_its_big_parts_are_not_copied(parts):
     spliced = P.Spliced(parts)
     joined = b"".join(parts)
-    for obj in (["ns", "key", spliced, None], [spliced]):
+    for obj in (["ns", "key", spliced, None], [spliced], ["ns", ["k", spliced, "k2", b"v"], None]):
         frame = P.encode_parts(P.SET, 9, obj)
-        plain = [joined if item is spliced else item for item in obj]
+
+        def plain_of(x):
+            return joined if x is spliced else [plain_of(y) for y in x] if isinstance(x, list) else x
+
+        plain = plain_of(obj)
         wire = b"".join(bytes(p) for p in frame)
         assert P.decode_payload(wire[P.HEADER_SIZE :]) == plain and P.parts_size(frame) == len(wire)
         assert P.HEADER.unpack(wire[: P.HEADER_SIZE])[2:] == (P.SET, 9, len(wire) - P.HEADER_SIZE)
@@ -234,7 +244,8 @@ def test_big_bytes_written_without_a_copy_are_stored_as_their_pickle_and_read_by
     spliced = []
 
     def encode_parts(op, rid, obj):
-        spliced.extend(item for item in obj if type(item) is P.Spliced)
+        for item in obj:  # (SET_MANY's values are in a list in it)
+            spliced.extend(x for x in (item if type(item) is list else [item]) if type(x) is P.Spliced)
         return P.encode_parts(op, rid, obj)
 
     monkeypatch.setattr(socket_module, "_encode_parts", encode_parts)
@@ -252,6 +263,8 @@ def test_big_bytes_written_without_a_copy_are_stored_as_their_pickle_and_read_by
         assert client.replace("replace", values["replace"])
         cache = client.cache("c")  # a cache's writes carry its bounds after the value
         cache.set("set", values["set"])
+        many = {"m1": os.urandom(MIB), "m2": "ü" * MIB, "m3": b"small", "m4": 5}
+        client.set_many(many)
 
         async def main():
             aio = client.aio
@@ -259,14 +272,22 @@ def test_big_bytes_written_without_a_copy_are_stored_as_their_pickle_and_read_by
             assert await aio.aadd("aadd", values["aadd"])
             await aio.aset("areplace", b"old")
             assert await aio.areplace("areplace", values["areplace"])
+            await aio.aset_many({"am1": values["aset"], "am2": b"small"})
             await aio.aclose()
 
         asyncio.run(main())
         for key, value in values.items():
             assert bytes(client.transport.call(P.GET, ["", key])) == pickle.dumps(value, Serializer.protocol), key
         assert cache.get("set") == values["set"] and client.incr("n") == 1  # the stream is in step
-        # Every big write went spliced: 5 from the socket client (the refused add sent its value too), 3 from asyncio.
-        assert len(spliced) == 8
+        for key, value in [*many.items(), ("am1", values["aset"])]:
+            stored = client.transport.call(P.GET, ["", key])
+            assert (
+                (stored == value) if type(value) is int else bytes(stored) == pickle.dumps(value, Serializer.protocol)
+            )
+        assert client.get_many([*many, "am1", "am2"]) == {**many, "am1": values["aset"], "am2": b"small"}
+        # Every big value went spliced: 5 writes from the socket client (the refused add sent its value too)
+        # and 2 of set_many's values; 3 writes from asyncio and 1 of aset_many's values.
+        assert len(spliced) == 11
         assert {id(s.parts[1]) for s in spliced} >= {id(v) for v in values.values() if type(v) is bytes}
 
         def reader(i):

@@ -810,8 +810,9 @@ class AsyncKeyspace:
 
     async def aset_many(self, mapping: Mapping[str, Any], timeout: float | None = None) -> None:
         ks = await self._ready()
-        items, keys = ks._set_many_items(mapping)
-        await self._aio.transport.call(F.SET_MANY, ks._write_args(items, A.timeout(timeout)))
+        transport = self._aio.transport
+        items, keys = ks._set_many_items(mapping, transport)
+        await transport.call(F.SET_MANY, ks._write_args(items, A.timeout(timeout)))
         await self._written(keys)
 
     async def adelete_many(self, keys: Iterable[str]) -> int:

@@ -104,7 +104,7 @@ class Keyspace:
         return A.key(key, client.limits.max_key)
 
     def _value(self, value, transport=None):
-        """``value``'s stored form; given the ``transport`` a SET, ADD or REPLACE
+        """``value``'s stored form; given the ``transport`` a SET, ADD, REPLACE or SET_MANY
         goes through, a big ``bytes`` or ``str`` value skips pickle's copies if
         it can send it as several buffers (its ``splices``: see
         :meth:`.serializer.Serializer.dumps`)."""
@@ -211,17 +211,19 @@ class Keyspace:
     def set_many(self, mapping: Mapping[str, Any], timeout: float | None = None) -> None:
         """Store every item in one round trip (all or none)."""
         ttl = A.timeout(timeout)
-        items, keys = self._set_many_items(mapping)
-        self._client.transport.call(F.SET_MANY, self._write_args(items, ttl))
+        transport = self._client.transport
+        items, keys = self._set_many_items(mapping, transport)
+        transport.call(F.SET_MANY, self._write_args(items, ttl))
         self._written(keys)
 
-    def _set_many_items(self, mapping: Mapping[str, Any]) -> tuple[list, list]:
-        """SET_MANY's flat [key, value...] list, checked against the frame limit, and its keys."""
-        encoded = {self._key(k): self._value(v) for k, v in mapping.items()}
+    def _set_many_items(self, mapping: Mapping[str, Any], transport=None) -> tuple[list, list]:
+        """SET_MANY's flat [key, value...] list, checked against the frame limit, and its keys
+        (``transport``: the one it goes through, see :meth:`_value`)."""
+        encoded = {self._key(k): self._value(v, transport) for k, v in mapping.items()}
         max_frame = self._client.limits.max_frame
         size = 0
         for key, data in encoded.items():
-            size += (len(key) if key.isascii() else len(key.encode())) + (len(data) if type(data) is bytes else 9)
+            size += (len(key) if key.isascii() else len(key.encode())) + (9 if type(data) is int else len(data))
             size += F.ITEM_OVERHEAD
         if size > max_frame:
             # Checked here for both transports alike (an embedded call has no frame).

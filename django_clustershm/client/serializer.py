@@ -81,7 +81,7 @@ class Serializer:
     def dumps(self, value: Any, max_value: int, splice: bool = False) -> bytes | int | Spliced:
         """The stored form of ``value``; SerializationError or ValueTooLarge, raised before anything is sent.
 
-        ``splice`` (a socket transport's SET, ADD or REPLACE): a ``bytes`` value
+        ``splice`` (a socket transport's SET, ADD, REPLACE or SET_MANY): a ``bytes`` value
         of :data:`~..wire.frames.BIG` bytes or more, or a ``str`` whose UTF-8
         is, pickled and not compressed, comes back as a
         :class:`~..wire.frames.Spliced` of its pickle's head, the value (or

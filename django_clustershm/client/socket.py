@@ -72,8 +72,9 @@ class HandshakeLost(ManagerUnavailable):
 HANDSHAKE_ATTEMPTS = 3
 
 
-#: Requests whose arguments carry a value (at the top of the list, where encode_parts looks).
-_VALUE_OPS = frozenset({F.SET, F.ADD, F.REPLACE})
+#: Requests whose arguments carry values (at the top of the list, or in SET_MANY's items: where
+#: encode_parts looks).
+_VALUE_OPS = frozenset({F.SET, F.ADD, F.REPLACE, F.SET_MANY})
 
 
 def request_frame(op: int, rid: int, args: list, max_frame: int) -> bytes | list:

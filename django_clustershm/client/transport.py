@@ -131,7 +131,7 @@ class Transport(ABC):
     #: Whether a cache or the store gets a near cache when NEAR_CACHE is left
     #: out (the local engine over a socket: strict, and cheap to keep).
     near_by_default: bool = False
-    #: Whether SET, ADD and REPLACE may carry a :class:`~..wire.frames.Spliced`
+    #: Whether SET, ADD, REPLACE and SET_MANY may carry a :class:`~..wire.frames.Spliced`
     #: value (a big value's pickle sent as several buffers, not copied): the
     #: socket transports; the others get the pickle's bytes.
     splices: bool = False

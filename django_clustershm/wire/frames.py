@@ -334,44 +334,65 @@ def encode(op: int, rid: int, obj) -> bytes:
     return _header_pack(MAGIC, VERSION, op, rid, len(payload)) + payload
 
 
+def _big(item) -> bool:
+    kind = type(item)
+    return (kind is bytes and len(item) >= BIG) or kind is Spliced
+
+
+def _holds_big(items) -> bool:
+    """Whether ``items`` (a list) holds a big value, or a list that holds one (SET_MANY's items)."""
+    for item in items:
+        if _big(item) or (type(item) is list and _holds_big(item)):
+            return True
+    return False
+
+
+def _add_part(item, small: list, parts: list) -> list:
+    """Append ``item``, packed, to the frame being made: small bytes to ``small``
+    (joined later), each big buffer to ``parts`` on its own. Returns the new ``small``."""
+    kind = type(item)
+    if kind is bytes and len(item) >= BIG:
+        small.append(_bin32(0xC6, len(item)))
+        parts.append(b"".join(small))
+        parts.append(item)
+        return []
+    if kind is Spliced:
+        small.append(_bin32(0xC6, item.size))
+        for part in item.parts:
+            if len(part) >= BIG:
+                parts.append(b"".join(small))
+                parts.append(part)
+                small = []
+            else:
+                small.append(part)
+        return small
+    if kind is list and _holds_big(item):
+        small.append(_pack_array_header(len(item)))
+        for sub in item:
+            small = _add_part(sub, small, parts)
+        return small
+    small.append(_pack(item))
+    return small
+
+
 def encode_parts(op: int, rid: int, obj) -> list:
     """:func:`encode` as a list of buffers to send in turn (``sendmsg()``), the same bytes on the wire, and
-    each ``bytes`` of :data:`BIG` bytes or more (``obj`` itself, or an item of ``obj`` as a list) a buffer
-    of its own: a big value goes from the store (or the serializer) to the socket without a copy. An item
-    that is a :class:`Spliced` is one ``bin`` of its parts, each big part a buffer of its own. Anything
-    else, including every small frame, is ``[encode(op, rid, obj)]``."""
+    each ``bytes`` of :data:`BIG` bytes or more (``obj`` itself, an item of ``obj`` as a list, or an item of
+    a list in it: SET_MANY's items) a buffer of its own: a big value goes from the store (or the serializer)
+    to the socket without a copy. A :class:`Spliced` is one ``bin`` of its parts, each big part a buffer of
+    its own. Anything else, including every small frame, is ``[encode(op, rid, obj)]``."""
     kind = type(obj)
     if kind is bytes:
         if len(obj) < BIG:
             return [encode(op, rid, obj)]
         return [_header_pack(MAGIC, VERSION, op, rid, 5 + len(obj)) + _bin32(0xC6, len(obj)), obj]
-    if kind is not list and kind is not tuple:
-        return [encode(op, rid, obj)]
-    for item in obj:
-        if (type(item) is bytes and len(item) >= BIG) or type(item) is Spliced:
-            break
-    else:
+    if (kind is not list and kind is not tuple) or not _holds_big(obj):
         return [encode(op, rid, obj)]
     # msgpack is concatenative: an array's header, then each item packed alone, is the array packed.
     parts: list = []
     small = [_pack_array_header(len(obj))]
     for item in obj:
-        if type(item) is bytes and len(item) >= BIG:
-            small.append(_bin32(0xC6, len(item)))
-            parts.append(b"".join(small))
-            parts.append(item)
-            small = []
-        elif type(item) is Spliced:
-            small.append(_bin32(0xC6, item.size))
-            for part in item.parts:
-                if len(part) >= BIG:
-                    parts.append(b"".join(small))
-                    parts.append(part)
-                    small = []
-                else:
-                    small.append(part)
-        else:
-            small.append(_pack(item))
+        small = _add_part(item, small, parts)
     if small:
         parts.append(b"".join(small))
     parts[0] = _header_pack(MAGIC, VERSION, op, rid, sum(map(len, parts))) + parts[0]
