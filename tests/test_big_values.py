@@ -40,7 +40,9 @@ MIB = 1 << 20
         ("ns", os.urandom(BIG), os.urandom(BIG + 1), 5),
         [os.urandom(BIG)],
         [b"small", 1, "two", None],
-        {"k": os.urandom(BIG)},  # a map is encoded whole
+        {"k": os.urandom(BIG), "small": b"s", "n": 1},  # GET_MANY's reply
+        {"k1": [os.urandom(BIG), None, 3, 4, -1, 0], "k2": [b"s", 1.5, 3, 4, 7, 9]},  # TRACK_GET_MANY's
+        {"k": b"small", "l": [1, 2]},
         None,
         12345,
     ],
@@ -52,9 +54,11 @@ def test_encode_parts_puts_the_same_bytes_on_the_wire_as_encode(obj):
     assert P.parts_size(parts) == len(P.encode(P.OK, 77, obj))
 
     def flat(x):
+        if isinstance(x, dict):
+            return [y for value in x.values() for y in flat(value)]
         return [x] if isinstance(x, bytes) else [y for item in x for y in flat(item)] if isinstance(x, list) else []
 
-    for item in [obj] if isinstance(obj, bytes) else flat(list(obj)) if isinstance(obj, (list, tuple)) else []:
+    for item in flat(obj if not isinstance(obj, tuple) else list(obj)):
         if len(item) >= BIG:
             assert any(p is item for p in parts), "a big value was copied into the frame"
 

@@ -834,8 +834,9 @@ class Manager:
                 if result is NO_REPLY:
                     continue
                 kind = type(result)
-                if kind is list or (kind is bytes and len(result) >= big):
-                    # A big value goes out as a buffer of its own: the store's bytes, never copied.
+                if kind is list or kind is dict or (kind is bytes and len(result) >= big):
+                    # A big value goes out as a buffer of its own: the store's bytes, never copied
+                    # (a list's or a dict's too: GET_MANY's, TRACK_GET's; see encode_parts).
                     parts = encode_parts(P.OK, rid, result)
                     size = parts_size(parts)
                 else:

@@ -302,6 +302,7 @@ OPCODE_NAMES = {
 _packer = msgpack.Packer(use_bin_type=True)
 _pack = _packer.pack
 _pack_array_header = _packer.pack_array_header
+_pack_map_header = _packer.pack_map_header
 _header_pack = HEADER.pack
 _bin32 = struct.Struct("!BI").pack  # msgpack's bin 32 header: 0xC6 and the length
 
@@ -340,9 +341,11 @@ def _big(item) -> bool:
 
 
 def _holds_big(items) -> bool:
-    """Whether ``items`` (a list) holds a big value, or a list that holds one (SET_MANY's items)."""
+    """Whether ``items`` (a list, or a dict's values) holds a big value, or a list or
+    dict that holds one (SET_MANY's items, GET_MANY's and TRACK_GET_MANY's replies)."""
     for item in items:
-        if _big(item) or (type(item) is list and _holds_big(item)):
+        kind = type(item)
+        if _big(item) or (kind is list and _holds_big(item)) or (kind is dict and _holds_big(item.values())):
             return True
     return False
 
@@ -371,28 +374,37 @@ def _add_part(item, small: list, parts: list) -> list:
         for sub in item:
             small = _add_part(sub, small, parts)
         return small
+    if kind is dict and _holds_big(item.values()):
+        small.append(_pack_map_header(len(item)))
+        for key, value in item.items():
+            small.append(_pack(key))
+            small = _add_part(value, small, parts)
+        return small
     small.append(_pack(item))
     return small
 
 
 def encode_parts(op: int, rid: int, obj) -> list:
     """:func:`encode` as a list of buffers to send in turn (``sendmsg()``), the same bytes on the wire, and
-    each ``bytes`` of :data:`BIG` bytes or more (``obj`` itself, an item of ``obj`` as a list, or an item of
-    a list in it: SET_MANY's items) a buffer of its own: a big value goes from the store (or the serializer)
-    to the socket without a copy. A :class:`Spliced` is one ``bin`` of its parts, each big part a buffer of
-    its own. Anything else, including every small frame, is ``[encode(op, rid, obj)]``."""
+    each ``bytes`` of :data:`BIG` bytes or more a buffer of its own: ``obj`` itself, or an item of it (a
+    list, or a dict's value) at any depth, through lists and dicts (SET_MANY's items, GET_MANY's replies).
+    A big value goes from the store (or the serializer) to the socket without a copy. A :class:`Spliced`
+    is one ``bin`` of its parts, each big part a buffer of its own. Anything else, including every small
+    frame, is ``[encode(op, rid, obj)]``."""
     kind = type(obj)
     if kind is bytes:
         if len(obj) < BIG:
             return [encode(op, rid, obj)]
         return [_header_pack(MAGIC, VERSION, op, rid, 5 + len(obj)) + _bin32(0xC6, len(obj)), obj]
-    if (kind is not list and kind is not tuple) or not _holds_big(obj):
+    if kind is dict:
+        if not _holds_big(obj.values()):
+            return [encode(op, rid, obj)]
+    elif (kind is not list and kind is not tuple) or not _holds_big(obj):
         return [encode(op, rid, obj)]
-    # msgpack is concatenative: an array's header, then each item packed alone, is the array packed.
+    # msgpack is concatenative: an array's (or a map's) header, then each item packed alone, is it packed.
     parts: list = []
-    small = [_pack_array_header(len(obj))]
-    for item in obj:
-        small = _add_part(item, small, parts)
+    small: list = []
+    small = _add_part(obj if kind is not tuple else list(obj), small, parts)
     if small:
         parts.append(b"".join(small))
     parts[0] = _header_pack(MAGIC, VERSION, op, rid, sum(map(len, parts))) + parts[0]
