@@ -151,13 +151,45 @@ def test_a_big_frame_fed_in_odd_pieces_and_a_bad_header_after_it():
     assert P.decode_reply(got[2][2]) == ["", "a"]  # small: decoded as ever
 
 
-def test_decode_reply_copies_nothing_only_for_a_bare_big_bin():
+def test_decode_reply_copies_nothing_only_for_a_bare_big_bin_or_a_track_gets_value():
     value = os.urandom(BIG)
     listed = memoryview(bytearray(msgpack.packb([value, 1])))
     assert P.decode_reply(listed) == [value, 1]
     bare = memoryview(bytearray(msgpack.packb(value)))
     assert type(P.decode_reply(bare)) is memoryview and P.decode_reply(bare) == value
     assert P.decode_reply(msgpack.packb(value)) == value  # bytes: a small frame's payload
+    # A TRACK_GET's reply (a near cache's read): [value, ttl, bucket, stamp, slot, token].
+    for fields in ([None, 7, 12, -1, 0], [2.5, 65535, 1 << 40, 4095, 123456789]):
+        reply = [value, *fields]
+        decoded = P.decode_reply(memoryview(bytearray(msgpack.packb(reply))))
+        assert type(decoded[0]) is memoryview and decoded == reply
+    for broken in ([value, 1, 2, 3, 4], [value, 1, 2, 3, 4, 5, 6]):  # not six fields: refused, as msgpack would
+        payload = bytearray(msgpack.packb([value, 1, 2, 3, 4, 5]))
+        payload[1 + 5 + BIG :] = msgpack.packb(broken[1:])[1:]  # the five fields' bytes replaced
+        with pytest.raises(ProtocolError):
+            P.decode_reply(memoryview(payload))
+
+
+def test_a_near_cache_keeps_a_big_value_as_bytes_and_never_one_over_its_budget(big_manager):
+    """A near cache's miss of a big value reads it in place from its reply's buffer (decode_reply):
+    a copy it keeps must be bytes of its own (a view would hold the whole buffer, uncounted), and a
+    value over its budget is read, not kept."""
+    client = socket_client(big_manager.address, big_manager.secret, timeout=30)
+    try:
+        near = client.cache("n", near_cache=(100, 2 * MIB, None, "always"))
+        small, large = os.urandom(BIG + 1), os.urandom(3 * MIB)
+        near.set("small", small)
+        near.set("large", large)
+        for _ in range(3):
+            assert near.get("small") == small and near.get("large") == large
+            assert near.get_many(["small", "large"]) == {"small": small, "large": large}
+        cache = client._near["n"]
+        assert list(cache._entries) == ["small"]
+        entry = next(iter(cache._entries.values()))
+        assert type(entry[0]) is bytes and cache.bytes <= 2 * MIB and cache.hits >= 4
+    finally:
+        client.shutdown()  # (its near caches' channel)
+        client.close()
 
 
 def test_every_serializer_reads_a_value_from_a_buffer():

@@ -316,6 +316,13 @@ class NearCache:
                 seen.popitem(last=False)
 
     def _put(self, key: str, data, deadline, stamp: tuple[int, int, int, int] | None = None) -> None:
+        if type(data) is memoryview:
+            # A big value, read in place from its reply's buffer (..wire.frames.decode_reply):
+            # copied only if it may be kept (a view would hold the whole buffer, uncounted).
+            if len(key) + len(data) > self.max_bytes:
+                self._drop(key)
+                return
+            data = bytes(data)
         if type(data) is bytes and data[:1] == b"\xc1":
             data = _expanded(data)
         self._drop(key)  # first: a value too large to keep must not leave the old one behind
