@@ -40,8 +40,10 @@ MIB = 1 << 20
         ("ns", os.urandom(BIG), os.urandom(BIG + 1), 5),
         [os.urandom(BIG)],
         [b"small", 1, "two", None],
-        {"k": os.urandom(BIG), "small": b"s", "n": 1},  # GET_MANY's reply
-        {"k1": [os.urandom(BIG), None, 3, 4, -1, 0], "k2": [b"s", 1.5, 3, 4, 7, 9]},  # TRACK_GET_MANY's
+        P.BigList([os.urandom(BIG), None, 3, 4, -1, 0]),  # a TRACK_GET's reply, marked by the engine
+        P.BigMap({"k": os.urandom(BIG), "small": b"s", "n": 1}),  # GET_MANY's
+        P.BigMap({"k1": [os.urandom(BIG), None, 3, 4, -1, 0], "k2": [b"s", 1.5, 3, 4, 7, 9]}),  # TRACK_GET_MANY's
+        {"k": os.urandom(BIG)},  # a plain dict is encoded whole, its values not looked at
         {"k": b"small", "l": [1, 2]},
         None,
         12345,
@@ -54,13 +56,15 @@ def test_encode_parts_puts_the_same_bytes_on_the_wire_as_encode(obj):
     assert P.parts_size(parts) == len(P.encode(P.OK, 77, obj))
 
     def flat(x):
-        if isinstance(x, dict):
+        if type(x) is P.BigMap:
             return [y for value in x.values() for y in flat(value)]
         return [x] if isinstance(x, bytes) else [y for item in x for y in flat(item)] if isinstance(x, list) else []
 
     for item in flat(obj if not isinstance(obj, tuple) else list(obj)):
         if len(item) >= BIG:
             assert any(p is item for p in parts), "a big value was copied into the frame"
+    if type(obj) is dict:
+        assert len(parts) == 1
 
 
 @pytest.mark.parametrize(
@@ -168,6 +172,32 @@ def test_decode_reply_copies_nothing_only_for_a_bare_big_bin_or_a_track_gets_val
         payload[1 + 5 + BIG :] = msgpack.packb(broken[1:])[1:]  # the five fields' bytes replaced
         with pytest.raises(ProtocolError):
             P.decode_reply(memoryview(payload))
+
+
+def test_the_engine_marks_the_replies_that_hold_a_big_value():
+    """The Manager gives encode_parts only big bytes and marked replies (BigList, BigMap), and
+    encodes every other reply whole without looking at its items: a TRACK_GET's and a
+    GET_MANY's of small values pay nothing for big ones."""
+    from django_clustershm.server.engine import Engine
+
+    engine = Engine()
+    session = engine.open_session(pid=os.getpid(), peer_uid=os.getuid())
+    big, small = os.urandom(BIG), b"small"
+    for rid, (key, value) in enumerate({"big": big, "small": small}.items()):
+        engine.dispatch(session, P.SET, ["", key, value, None], rid)
+
+    def reply(op, args):
+        return engine.dispatch(session, op, args, 99)
+
+    for first in (False, True):
+        assert type(reply(P.TRACK_GET, ["", "big", first])) is P.BigList
+        assert type(reply(P.TRACK_GET, ["", "small", first])) is list
+    for op in (P.GET_MANY, P.TRACK_GET_MANY):
+        assert type(reply(op, ["", ["big", "small"]])) is P.BigMap
+        assert type(reply(op, ["", ["small", "missing"]])) is dict
+    got = reply(P.GET_MANY, ["", ["big", "small"]])
+    assert got == {"big": big, "small": small}
+    engine.close_session(session)
 
 
 def test_a_near_cache_keeps_a_big_value_as_bytes_and_never_one_over_its_budget(big_manager):

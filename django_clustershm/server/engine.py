@@ -507,17 +507,26 @@ class Engine:
             raise ArgumentTypeError("set_many takes a flat list of keys and values, [key, value, key, value...]")
         return {self._key(items[i]): self._value(items[i + 1]) for i in range(0, len(items), 2)}
 
-    def _check_reply(self, found: dict) -> dict:
-        """A batch reply must fit in one frame, in both modes alike."""
+    def _check_reply(self, found: dict, values: dict | None = None) -> dict:
+        """A batch reply must fit in one frame, in both modes alike (``values``: each key's
+        value, if ``found`` holds more than it). One that holds a big value comes back as a
+        :class:`~..wire.frames.BigMap`, whose big values the Manager sends as buffers of their own."""
         size = 0
-        for key, value in found.items():
-            size += len(key) + (len(value) if type(value) is bytes else 9) + F.ITEM_OVERHEAD
+        big = False
+        for key, value in (found if values is None else values).items():
+            if type(value) is bytes:
+                n = len(value)
+                size += len(key) + n + F.ITEM_OVERHEAD
+                if n >= F.BIG:
+                    big = True
+            else:
+                size += len(key) + 9 + F.ITEM_OVERHEAD
         if size > self.limits.max_frame:
             raise ValueTooLarge(
                 f"the reply would be about {size} bytes, over the maximum frame of {self.limits.max_frame}; "
                 "ask for fewer keys at once"
             )
-        return found
+        return F.BigMap(found) if big else found
 
     # -- the store and the caches --------------------------------------------------------
 
@@ -705,9 +714,13 @@ class Engine:
         if value is None:
             return [None, None, 0, 0, -1, 0]
         if first is True and key not in self._slotted.get(ns, ()):
-            return self._tracked(ns, space, key, value, with_slot=False)
-        self.near_fills += 1
-        return self._tracked(ns, space, key, value)
+            reply = self._tracked(ns, space, key, value, with_slot=False)
+        else:
+            self.near_fills += 1
+            reply = self._tracked(ns, space, key, value)
+        # A big value's reply is marked, so that the Manager sends the value as a buffer of its own
+        # (a TRACK_GET_MANY's map is marked by _check_reply).
+        return F.BigList(reply) if type(value) is bytes and len(value) >= F.BIG else reply
 
     def _track_get_many(self, session, ns, keys, first=False, *_ignored):
         space = self._space(ns)
@@ -721,8 +734,7 @@ class Engine:
                 else:
                     found[key] = self._tracked(ns, space, key, value)
                     self.near_fills += 1
-        self._check_reply({k: v[0] for k, v in found.items()})
-        return found
+        return self._check_reply(found, {k: v[0] for k, v in found.items()})
 
     def _tracked(self, ns: str, space: Namespace, key: str, value, with_slot: bool = True) -> list:
         """``[value, ttl, bucket, stamp, slot, token]`` of a near-cache miss

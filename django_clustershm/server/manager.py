@@ -799,6 +799,8 @@ class Manager:
         encode_parts = P.encode_parts
         parts_size = P.parts_size
         big = P.BIG
+        big_map = P.BigMap
+        big_list = P.BigList
         max_frame = self.engine.limits.max_frame
         max_output = self.max_pending_output
         budget = self.max_total_output
@@ -834,9 +836,9 @@ class Manager:
                 if result is NO_REPLY:
                     continue
                 kind = type(result)
-                if kind is list or kind is dict or (kind is bytes and len(result) >= big):
+                if (kind is bytes and len(result) >= big) or kind is big_list or kind is big_map:
                     # A big value goes out as a buffer of its own: the store's bytes, never copied
-                    # (a list's or a dict's too: GET_MANY's, TRACK_GET's; see encode_parts).
+                    # (in the reply of a TRACK_GET or a GET_MANY too, marked as such: see encode_parts).
                     parts = encode_parts(P.OK, rid, result)
                     size = parts_size(parts)
                 else:

@@ -335,17 +335,31 @@ def encode(op: int, rid: int, obj) -> bytes:
     return _header_pack(MAGIC, VERSION, op, rid, len(payload)) + payload
 
 
-def _big(item) -> bool:
-    kind = type(item)
-    return (kind is bytes and len(item) >= BIG) or kind is Spliced
+class BigList(list):
+    """A reply array that holds a value of :data:`BIG` bytes or more (the engine's TRACK_GET reply for a
+    big value): :func:`encode_parts` sends it as a buffer of its own. The Manager gives encode_parts only
+    these, BigMaps and big bytes; any other reply is encoded whole, without looking at its items."""
+
+    __slots__ = ()
+
+
+class BigMap(dict):
+    """A reply map that holds a value of :data:`BIG` bytes or more (the Manager's engine marks its
+    GET_MANY and TRACK_GET_MANY replies so): :func:`encode_parts` sends its big values as buffers of
+    their own. A plain dict is encoded whole, without looking at its values (a get_many of small
+    values pays nothing for the big ones)."""
+
+    __slots__ = ()
 
 
 def _holds_big(items) -> bool:
-    """Whether ``items`` (a list, or a dict's values) holds a big value, or a list or
-    dict that holds one (SET_MANY's items, GET_MANY's and TRACK_GET_MANY's replies)."""
+    """Whether list ``items`` holds a big value, or a list that holds one (SET_MANY's items)."""
     for item in items:
         kind = type(item)
-        if _big(item) or (kind is list and _holds_big(item)) or (kind is dict and _holds_big(item.values())):
+        if kind is bytes:
+            if len(item) >= BIG:
+                return True
+        elif kind is Spliced or kind is BigMap or kind is BigList or (kind is list and _holds_big(item)):
             return True
     return False
 
@@ -369,12 +383,12 @@ def _add_part(item, small: list, parts: list) -> list:
             else:
                 small.append(part)
         return small
-    if kind is list and _holds_big(item):
+    if kind is BigList or (kind is list and _holds_big(item)):
         small.append(_pack_array_header(len(item)))
         for sub in item:
             small = _add_part(sub, small, parts)
         return small
-    if kind is dict and _holds_big(item.values()):
+    if kind is BigMap:
         small.append(_pack_map_header(len(item)))
         for key, value in item.items():
             small.append(_pack(key))
@@ -386,20 +400,18 @@ def _add_part(item, small: list, parts: list) -> list:
 
 def encode_parts(op: int, rid: int, obj) -> list:
     """:func:`encode` as a list of buffers to send in turn (``sendmsg()``), the same bytes on the wire, and
-    each ``bytes`` of :data:`BIG` bytes or more a buffer of its own: ``obj`` itself, or an item of it (a
-    list, or a dict's value) at any depth, through lists and dicts (SET_MANY's items, GET_MANY's replies).
-    A big value goes from the store (or the serializer) to the socket without a copy. A :class:`Spliced`
-    is one ``bin`` of its parts, each big part a buffer of its own. Anything else, including every small
-    frame, is ``[encode(op, rid, obj)]``."""
+    each ``bytes`` of :data:`BIG` bytes or more a buffer of its own: ``obj`` itself, or an item of it at
+    any depth through lists, BigLists and BigMaps (SET_MANY's items, TRACK_GET's and GET_MANY's replies).
+    A big value goes
+    from the store (or the serializer) to the socket without a copy. A :class:`Spliced` is one ``bin`` of
+    its parts, each big part a buffer of its own. Anything else, including every small frame, is
+    ``[encode(op, rid, obj)]``."""
     kind = type(obj)
     if kind is bytes:
         if len(obj) < BIG:
             return [encode(op, rid, obj)]
         return [_header_pack(MAGIC, VERSION, op, rid, 5 + len(obj)) + _bin32(0xC6, len(obj)), obj]
-    if kind is dict:
-        if not _holds_big(obj.values()):
-            return [encode(op, rid, obj)]
-    elif (kind is not list and kind is not tuple) or not _holds_big(obj):
+    if kind is not BigMap and kind is not BigList and ((kind is not list and kind is not tuple) or not _holds_big(obj)):
         return [encode(op, rid, obj)]
     # msgpack is concatenative: an array's (or a map's) header, then each item packed alone, is it packed.
     parts: list = []
