@@ -66,6 +66,11 @@ def splices() -> bool:
         return False
 
 
+def _check_size(size: int, max_value: int) -> None:
+    if size > max_value:
+        raise ValueTooLarge(f"value serializes to {size} bytes; the maximum is {max_value} (MAX_VALUE_SIZE)")
+
+
 class Serializer:
     """A keyspace's codec: ``serializer`` (a :class:`~django_clustershm.serializers.BaseSerializer`;
     None: pickle) then, for values of ``compressor.min_length`` bytes or more, ``compressor``."""
@@ -107,10 +112,7 @@ class Serializer:
                 head, data = _BINUNICODE, value.encode("utf-8", "surrogatepass")
             n = len(data)
             if BIG <= n < 2**32:
-                if n + 9 > max_value:
-                    raise ValueTooLarge(
-                        f"value serializes to {n + 9} bytes; the maximum is {max_value} (MAX_VALUE_SIZE)"
-                    )
+                _check_size(n + 9, max_value)
                 return Spliced((head + _length(n), data, _SPLICE_TAIL))
         if serializer is None:
             try:
@@ -133,8 +135,7 @@ class Serializer:
             packed = self._header + compressor.compress(data)
             if len(packed) < len(data):
                 data = packed
-        if len(data) > max_value:
-            raise ValueTooLarge(f"value serializes to {len(data)} bytes; the maximum is {max_value} (MAX_VALUE_SIZE)")
+        _check_size(len(data), max_value)
         return data
 
     def loads(self, data: bytes | memoryview | int) -> Any:

@@ -368,20 +368,16 @@ def _add_part(item, small: list, parts: list) -> list:
     """Append ``item``, packed, to the frame being made: small bytes to ``small``
     (joined later), each big buffer to ``parts`` on its own. Returns the new ``small``."""
     kind = type(item)
-    if kind is bytes and len(item) >= BIG:
-        small.append(_bin32(0xC6, len(item)))
-        parts.append(b"".join(small))
-        parts.append(item)
-        return []
-    if kind is Spliced:
-        small.append(_bin32(0xC6, item.size))
-        for part in item.parts:
-            if len(part) >= BIG:
+    if kind is Spliced or (kind is bytes and len(item) >= BIG):
+        pieces, size = (item.parts, item.size) if kind is Spliced else ((item,), len(item))
+        small.append(_bin32(0xC6, size))
+        for piece in pieces:
+            if len(piece) >= BIG:
                 parts.append(b"".join(small))
-                parts.append(part)
+                parts.append(piece)
                 small = []
             else:
-                small.append(part)
+                small.append(piece)
         return small
     if kind is BigList or (kind is list and _holds_big(item)):
         small.append(_pack_array_header(len(item)))
@@ -402,21 +398,21 @@ def encode_parts(op: int, rid: int, obj) -> list:
     """:func:`encode` as a list of buffers to send in turn (``sendmsg()``), the same bytes on the wire, and
     each ``bytes`` of :data:`BIG` bytes or more a buffer of its own: ``obj`` itself, or an item of it at
     any depth through lists, BigLists and BigMaps (SET_MANY's items, TRACK_GET's and GET_MANY's replies).
-    A big value goes
-    from the store (or the serializer) to the socket without a copy. A :class:`Spliced` is one ``bin`` of
-    its parts, each big part a buffer of its own. Anything else, including every small frame, is
-    ``[encode(op, rid, obj)]``."""
+    A big value goes from the store (or the serializer) to the socket without a copy. A :class:`Spliced`
+    is one ``bin`` of its parts, each big part a buffer of its own. Anything else, including every small
+    frame, is ``[encode(op, rid, obj)]``."""
     kind = type(obj)
     if kind is bytes:
         if len(obj) < BIG:
             return [encode(op, rid, obj)]
         return [_header_pack(MAGIC, VERSION, op, rid, 5 + len(obj)) + _bin32(0xC6, len(obj)), obj]
-    if kind is not BigMap and kind is not BigList and ((kind is not list and kind is not tuple) or not _holds_big(obj)):
-        return [encode(op, rid, obj)]
+    if kind is not BigMap and kind is not BigList:
+        if (kind is not list and kind is not tuple) or not _holds_big(obj):
+            return [encode(op, rid, obj)]
+        obj = BigList(obj)  # known to hold one: not looked through a second time
     # msgpack is concatenative: an array's (or a map's) header, then each item packed alone, is it packed.
     parts: list = []
-    small: list = []
-    small = _add_part(obj if kind is not tuple else list(obj), small, parts)
+    small = _add_part(obj, [], parts)
     if small:
         parts.append(b"".join(small))
     parts[0] = _header_pack(MAGIC, VERSION, op, rid, sum(map(len, parts))) + parts[0]
