@@ -6,7 +6,6 @@ a stand-in tracker whose replies and invalidations the test scripts (as the
 Redis engine's tracker gets them), or whose stamps it moves (as a Manager's).
 """
 
-import itertools
 import threading
 from contextlib import contextmanager
 from types import SimpleNamespace
@@ -487,8 +486,8 @@ def test_adaptive_rests_while_invalidations_outnumber_hits_then_keeps_copies_aga
     import django_clustershm.client.near as near_module
 
     monkeypatch.setattr(near_module, "JUDGE_EVERY", 16)
-    monkeypatch.setattr(near_module, "JUDGE_SOON", 16)
     cache = make(clock, policy="adaptive")
+    cache._judge_at = 16
     tracker = cache.tracker
     tracked = lambda key: (key.encode(), None, tracker.seq, True)  # noqa: E731
 
@@ -527,8 +526,8 @@ def test_adaptive_rests_twice_as_long_when_it_must_rest_again_at_once(clock, mon
     import django_clustershm.client.near as near_module
 
     monkeypatch.setattr(near_module, "JUDGE_EVERY", 16)
-    monkeypatch.setattr(near_module, "JUDGE_SOON", 16)
     cache = make(clock, policy="adaptive")
+    cache._judge_at = 16
     tracker = cache.tracker
     tracked = lambda key: (key.encode(), None, tracker.seq, True)  # noqa: E731
 
@@ -567,67 +566,13 @@ def test_adaptive_rests_twice_as_long_when_it_must_rest_again_at_once(clock, mon
     assert cache.rests == 7 and cache._rest_for == near_module.REST_FOR
 
 
-def test_adaptive_weighs_soon_at_first_and_after_a_rest_then_every_judge_every(clock):
-    """The first weighing comes after JUDGE_SOON misses, and so does the one
-    that ends a rest's probation; a namespace kept is weighed every
-    JUDGE_EVERY misses. The verdict needs one wasted fill per 8 misses weighed."""
-    import django_clustershm.client.near as near_module
-
-    soon, every = near_module.JUDGE_SOON, near_module.JUDGE_EVERY
-    assert soon < every
-    keys = itertools.count()
-
-    def neutral(cache, n):  # first reads of new keys: nothing wasted, nothing kept
-        for _ in range(n):
-            cache.tracker.replies = [b"v"]
-            assert cache.get(f"n{next(keys)}") == b"v"
-
-    def declined(cache, n):  # n keys changed between their two reads here: 2 misses each
-        tracker = cache.tracker
-        for _ in range(n):
-            key = f"d{next(keys)}"
-            tracker.first_replies = [(b"v", None, None, False, (1, tracker.stamps[1]))]
-            assert cache.get(key) == b"v"
-            tracker.stamps[1] += 1
-            tracker.replies = [b"v"]
-            assert cache.get(key) == b"v"
-
-    def fresh():
-        cache = make(clock, policy="adaptive")
-        cache.tracker.stamps = [0] * 8
-        return cache
-
-    # One wasted fill short of one per 8 misses at the first weighing: kept, next weighed JUDGE_EVERY later.
-    cache = fresh()
-    declined(cache, soon // 8 - 1)
-    neutral(cache, soon - 2 * (soon // 8 - 1))
-    assert (cache.misses, cache.declined, cache.rests) == (soon, soon // 8 - 1, 0)
-    assert cache._judge_at == soon + every
-
-    # One per 8 misses: the first weighing, at miss JUDGE_SOON, rests.
-    cache = fresh()
-    declined(cache, soon // 8)
-    neutral(cache, soon - 2 * (soon // 8) - 1)
-    assert cache.rests == 0 and cache.misses == soon - 1
-    neutral(cache, 1)
-    assert cache.rests == 1 and cache._resting == clock.now + near_module.REST_FOR
-    # The rest over, the copies are on probation: weighed again JUDGE_SOON misses later.
-    clock.now += near_module.REST_FOR
-    start = cache.misses
-    declined(cache, soon // 8)
-    neutral(cache, soon - 2 * (soon // 8) - 1)
-    assert cache.rests == 1 and cache.misses == start + soon - 1
-    neutral(cache, 1)
-    assert cache.rests == 2 and cache._resting == clock.now + 2 * near_module.REST_FOR
-
-
 def test_adaptive_declined_second_reads_weigh_toward_a_rest(clock, monkeypatch):
     """A declined second read is a fill that would have been wasted: it weighs as an invalidation does."""
     import django_clustershm.client.near as near_module
 
     monkeypatch.setattr(near_module, "JUDGE_EVERY", 16)
-    monkeypatch.setattr(near_module, "JUDGE_SOON", 16)
     cache = make(clock, policy="adaptive")
+    cache._judge_at = 16
     tracker = cache.tracker
     tracker.stamps = [0] * 8
     for i in range(15):  # each key changes between its two reads here

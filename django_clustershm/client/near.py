@@ -75,9 +75,6 @@ logger = logging.getLogger("django_clustershm.near")
 _INT_SIZE = 8
 #: "adaptive": misses between two weighings of a near cache's copies (see NearCache._judge).
 JUDGE_EVERY = 256
-#: "adaptive": misses before a near cache's first weighing, and before the one that ends a rest's
-#: probation (see NearCache._judge).
-JUDGE_SOON = 64
 #: "adaptive": seconds a near cache keeps no copies once they cost more than they saved
 #: (doubled at each rest that follows a rest at once, up to MAX_REST_FOR).
 REST_FOR = 2.0
@@ -115,9 +112,8 @@ class NearCache:
     fills that nothing would read. A key whose copy was invalidated (written,
     deleted, touched, expired in the Manager) after it answered a read is
     remembered, so its next miss keeps a copy again; one invalidated before
-    it answered anything goes back to a first read. The copies are weighed
-    after the first :data:`JUDGE_SOON` misses, then every :data:`JUDGE_EVERY`
-    (see :meth:`_judge`).
+    it answered anything goes back to a first read. Every
+    :data:`JUDGE_EVERY` misses the copies are weighed (see :meth:`_judge`).
 
     ``clock`` gives the copies' deadlines their time: CLOCK_MONOTONIC, the
     Manager's own (a test may pass another)."""
@@ -159,9 +155,8 @@ class NearCache:
         self.refreshed = 0  # stale copies refilled from their key's value slot (counted in hits too)
         self.declined = 0  # "adaptive": second reads not kept, the key having changed since the first
         # "adaptive": when the copies were last weighed (see _judge), and until when they rest.
-        self._judge_at = JUDGE_SOON
-        # (hits, invalidated + declined, misses) at the last weighing
-        self._judged = (0, 0, 0)
+        self._judge_at = JUDGE_EVERY
+        self._judged = (0, 0)
         self._resting = 0.0
         self._rest_for = REST_FOR
         self.rests = 0
@@ -285,35 +280,25 @@ class NearCache:
         return False
 
     def _judge(self) -> None:
-        """Weigh the copies' invalidations (each a change elsewhere, or here,
-        of a key this process held: a fill wasted) and the declined second
-        reads (each a fill that would have been wasted) against their hits
-        since the last weighing. More of those than hits (and at least one
-        per 8 misses): the namespace is written more often than its copies
-        are read, and keeping them only costs this process the fills (and its
-        first reads their marks); the copies are dropped and keys are read
-        plainly for :data:`REST_FOR` seconds, then kept again from their
-        second read. A namespace that must rest again at the first weighing
-        after a rest rests twice as long (up to :data:`MAX_REST_FOR`): each
-        return costs fills and bookkeeping, which a namespace that stays
-        write-heavy (16 workers on 2 CPUs, where a copy is stale before its
-        worker reads it again) then pays less often.
-
-        When: after a near cache's first :data:`JUDGE_SOON` misses, then
-        every :data:`JUDGE_EVERY`; and :data:`JUDGE_SOON` misses after a
-        rest ends (its probation). A worker on 16 workers at 10/90 makes
-        about 100 reads a second: at 256 misses, its first weighing came
-        after 2.5 s of copies that cost more than they saved, and so did each
-        return from a rest (in 12-s runs the copies were kept more than half
-        the time; 0.97-0.98x ``NEAR_CACHE: False``'s ops/s, and 1.00x twice
-        at 64). A read-heavy namespace still has few invalidations and
-        declines over 64 misses: 90/10 did not move (see docs/benchmarks.md)."""
+        """Every :data:`JUDGE_EVERY` misses, weigh the copies' invalidations
+        (each a change elsewhere, or here, of a key this process held: a fill
+        wasted) and the declined second reads (each a fill that would have
+        been wasted) against their hits since the last time. More of those
+        than hits: the namespace is written more often than its copies are
+        read, and keeping them only costs this process the fills (and its
+        first reads their marks); the copies
+        are dropped and keys are read plainly for :data:`REST_FOR` seconds,
+        then kept again from their second read. A namespace that must rest
+        again at the first weighing after a rest rests twice as long (up to
+        :data:`MAX_REST_FOR`): each return costs JUDGE_EVERY misses' worth of
+        fills and bookkeeping, which a namespace that stays write-heavy
+        (16 workers on 2 CPUs, where a copy is stale before its worker reads
+        it again) then pays less often."""
         wasted_now = self.invalidated + self.declined
         hits, wasted = self.hits - self._judged[0], wasted_now - self._judged[1]
-        window = self.misses - self._judged[2]
-        self._judged = (self.hits, wasted_now, self.misses)
-        if wasted >= window // 8 and wasted > hits:
-            self._judge_at = self.misses + JUDGE_SOON  # (a rest's reads are not misses)
+        self._judged = (self.hits, wasted_now)
+        self._judge_at = self.misses + JUDGE_EVERY
+        if wasted >= JUDGE_EVERY // 8 and wasted > hits:
             self._resting = self.clock() + self._rest_for
             self._rest_for = min(self._rest_for * 2, MAX_REST_FOR)
             self.rests += 1
@@ -321,7 +306,6 @@ class NearCache:
             self.bytes = 0
             self._seen.clear()  # type: ignore[union-attr]
         else:
-            self._judge_at = self.misses + JUDGE_EVERY
             self._rest_for = REST_FOR
 
     def _remember_seen(self, key: str) -> None:
@@ -866,7 +850,7 @@ class Tracker:
             cache.bytes = cache.hits = cache.misses = cache.untracked = cache._recent_hits = 0  # the child's own
             cache.invalidated = cache.rests = cache.refreshed = cache.declined = 0
             cache._rest_reads = itertools.count()
-            cache._judge_at, cache._judged, cache._resting, cache._rest_for = JUDGE_SOON, (0, 0, 0), 0.0, REST_FOR
+            cache._judge_at, cache._judged, cache._resting, cache._rest_for = JUDGE_EVERY, (0, 0), 0.0, REST_FOR
 
 
 def _slot(slot) -> int:
