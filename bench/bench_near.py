@@ -21,7 +21,9 @@ with ``--gap-clock cpu`` a spin on the thread's CPU time, so a worker preempted 
 CPU, as a view's own work would: the fairer model when there are more workers than CPUs),
 then one ``get`` or ``set`` (timeout None) of a key drawn from a Zipf-like distribution over ``--keys`` keys (rank r
 has weight 1 / r ** ``--zipf``; 0: uniform), its value a dict of ~200 B pickled. Worker 0 clears the alias and fills
-every key before the start. Only the call is timed. Per run: total ops/s (each worker's calls / its seconds, summed),
+every key before the start. With ``--warmup S`` each worker first runs the same loop for S seconds untimed (its writes
+published and its reads checked as below), and the run then times workers that have served S seconds, with their near
+caches as that left them, instead of freshly forked ones. Only the call is timed. Per run: total ops/s (each worker's calls / its seconds, summed),
 the median of every timed get and of every timed set (all workers' samples pooled), the share of gets answered from
 the near cache (``near_stats()`` counters) and the correctness counters. Figures: the median over the rounds and
 the spread ((max - min) / median); ratios are taken within a round (same machine state), then their median.
@@ -144,6 +146,9 @@ def options(argv) -> argparse.Namespace:
     add = p.add_argument
     add("--rounds", type=lab.count, default=3, help="rounds; figures are medians over them (default 3)")
     add("--duration", type=lab.seconds, default=1.2, help="seconds of each part-A run (default 1.2)")
+    add("--warmup", type=float, default=0.0,
+        help="seconds each part-A worker first runs its loop untimed, so that the run times workers that have "
+             "served that long rather than freshly forked ones (default 0)")  # fmt: skip
     add("--workers", type=workers_type, default="1,2,4,8,16", help="worker counts (default 1,2,4,8,16)")
     add("--peer-workers", type=workers_type, help="the peers' worker counts (default: --workers)")
     add("--mixes", type=mixes_type, default="90/10,50/50,10/90", help="GET/SET mixes (default 90/10,50/50,10/90)")
@@ -166,6 +171,8 @@ def options(argv) -> argparse.Namespace:
         args = p.parse_args(argv)
     if args.gap_us < 0:
         p.error("--gap-us: must be >= 0")
+    if args.warmup < 0:
+        p.error("--warmup: must be >= 0")
     if args.zipf < 0:
         p.error("--zipf: must be >= 0")
     args.variants = dict(args.variant or [variant_type(v) for v in VARIANTS])
@@ -279,87 +286,98 @@ def _mix_worker(index: int, ready, alias: str, location: str | None, nworkers: i
     spin_clock = time.thread_time if args.gap_clock == "cpu" else clock
     ready()
     with lab.gc_paused():
-        t_start = clock()
-        deadline, i = t_start + args.duration, 0
-        while True:
-            is_set, k = plan[i]
-            i = (i + 1) & (PLAN - 1)
-            until = spin_clock() + gap
-            while spin_clock() < until:
-                pass
-            key = keys[k]
-            if is_set:
-                n = seqs[k] + 1
-                value = {"w": index, "n": n, "pad": PAD}
-                began = mono()
-                t0 = clock()
-                try:
-                    set_(key, value, None)
-                except Exception as exc:  # counted and reported; the run goes on
-                    errors += 1
-                    first_error = first_error or repr(exc)[:300]
-                    if clock() >= deadline:
-                        break
-                    continue
-                t1 = clock()
-                ended = mono()
-                set_s.append(t1 - t0)
-                seqs[k] = n
-                # Completed: no read that begins from here may return an older value. The number last, so that a
-                # reader that sees it sees this write's times (or a later write's).
-                at = (k * W + index) * 3
-                slots[at + 1] = began
-                slots[at + 2] = ended
-                slots[at] = n
-                seen[k * W + index] = n
-                seen_any[k] = True
-                sets += 1
-            else:
-                check = not (gets + 1) % CHECK_EVERY
-                before = slots[k * W * 3 : (k + 1) * W * 3].tolist() if check else None
-                t0 = clock()
-                try:
-                    v = get(key)
-                except Exception as exc:  # counted and reported; the run goes on
-                    errors += 1
-                    first_error = first_error or repr(exc)[:300]
-                    if clock() >= deadline:
-                        break
-                    continue
-                t1 = clock()
-                get_s.append(t1 - t0)
-                gets += 1
-                checked += check
-                if v is None:
-                    misses += 1
-                elif (w := v["w"]) < 0:  # the fill: older than any write
-                    if seen_any[k]:
-                        backwards += 1
-                        first_violation = first_violation or f"{key}: the fill value after a written one"
-                    if check and max(before[::3]) > 0:
-                        stale += 1
-                        first_violation = first_violation or f"{key}: the fill value after a completed write"
-                else:
-                    m, j = v["n"], k * W + w
-                    if m < seen[j]:
-                        backwards += 1
-                        first_violation = first_violation or f"{key}: writer {w}'s {m} after its {seen[j]}"
-                    else:
-                        seen[j] = m
+        # --warmup: the same loop untimed first (its writes published, its reads checked), then the timed run
+        # from the state it left: workers that have served a while, not freshly forked ones.
+        i = 0
+        for seconds, timed in ((args.warmup, False), (args.duration, True)):
+            if not seconds:
+                continue
+            if timed and args.warmup:
+                get_s.clear()
+                set_s.clear()
+                gets = sets = misses = checked = 0
+                near0 = near_counts(location)
+            t_start = clock()
+            deadline = t_start + seconds
+            while True:
+                is_set, k = plan[i]
+                i = (i + 1) & (PLAN - 1)
+                until = spin_clock() + gap
+                while spin_clock() < until:
+                    pass
+                key = keys[k]
+                if is_set:
+                    n = seqs[k] + 1
+                    value = {"w": index, "n": n, "pad": PAD}
+                    began = mono()
+                    t0 = clock()
+                    try:
+                        set_(key, value, None)
+                    except Exception as exc:  # counted and reported; the run goes on
+                        errors += 1
+                        first_error = first_error or repr(exc)[:300]
+                        if clock() >= deadline:
+                            break
+                        continue
+                    t1 = clock()
+                    ended = mono()
+                    set_s.append(t1 - t0)
+                    seqs[k] = n
+                    # Completed: no read that begins from here may return an older value. The number last, so that a
+                    # reader that sees it sees this write's times (or a later write's).
+                    at = (k * W + index) * 3
+                    slots[at + 1] = began
+                    slots[at + 2] = ended
+                    slots[at] = n
+                    seen[k * W + index] = n
                     seen_any[k] = True
-                    if check and (last := before[w * 3]) and m <= last:
-                        if m < last:
+                    sets += 1
+                else:
+                    check = not (gets + 1) % CHECK_EVERY
+                    before = slots[k * W * 3 : (k + 1) * W * 3].tolist() if check else None
+                    t0 = clock()
+                    try:
+                        v = get(key)
+                    except Exception as exc:  # counted and reported; the run goes on
+                        errors += 1
+                        first_error = first_error or repr(exc)[:300]
+                        if clock() >= deadline:
+                            break
+                        continue
+                    t1 = clock()
+                    get_s.append(t1 - t0)
+                    gets += 1
+                    checked += check
+                    if v is None:
+                        misses += 1
+                    elif (w := v["w"]) < 0:  # the fill: older than any write
+                        if seen_any[k]:
+                            backwards += 1
+                            first_violation = first_violation or f"{key}: the fill value after a written one"
+                        if check and max(before[::3]) > 0:
                             stale += 1
-                            first_violation = first_violation or f"{key}: writer {w}'s {m} after its {last} completed"
-                        elif (newer := max(before[1::3])) > before[w * 3 + 2]:  # ended before another write began
-                            stale += 1
-                            first_violation = first_violation or (
-                                f"{key}: writer {w}'s {m}, though a write begun {(newer - before[w * 3 + 2]) / 1e3:.0f} "
-                                "µs after it completed had completed too"
-                            )
-            if t1 >= deadline:
-                break
-        elapsed = clock() - t_start
+                            first_violation = first_violation or f"{key}: the fill value after a completed write"
+                    else:
+                        m, j = v["n"], k * W + w
+                        if m < seen[j]:
+                            backwards += 1
+                            first_violation = first_violation or f"{key}: writer {w}'s {m} after its {seen[j]}"
+                        else:
+                            seen[j] = m
+                        seen_any[k] = True
+                        if check and (last := before[w * 3]) and m <= last:
+                            if m < last:
+                                stale += 1
+                                first_violation = first_violation or f"{key}: writer {w}'s {m} after its {last} completed"
+                            elif (newer := max(before[1::3])) > before[w * 3 + 2]:  # ended before another write began
+                                stale += 1
+                                first_violation = first_violation or (
+                                    f"{key}: writer {w}'s {m}, though a write begun {(newer - before[w * 3 + 2]) / 1e3:.0f} "
+                                    "µs after it completed had completed too"
+                                )
+                if t1 >= deadline:
+                    break
+            elapsed = clock() - t_start
     slots.release()
     near1 = near_counts(location)
     near = [near1[0] - near0[0], near1[1] - near0[1]] if near0 and near1 else None
@@ -374,7 +392,7 @@ def run_mix(alias: str, location: str | None, nworkers: int, mix: str, args, see
     buf = mmap.mmap(-1, args.keys * nworkers * 3 * 8)  # shared with the forked workers; zeroed
     try:
         workers = lab.run_workers(nworkers, _mix_worker, (alias, location, nworkers, set_share, args, seed, buf),
-                                  timeout=args.duration + 120)  # fmt: skip
+                                  timeout=args.warmup + args.duration + 120)  # fmt: skip
     finally:
         buf.close()
     get_us = [x for w in workers for x in w.pop("get_us")]
@@ -669,7 +687,9 @@ def build_report(args, bench, variants, peers, labels, probes, runs, fanout, fo_
     text = [
         "## The near cache in traffic: mixes x worker counts x variants, and the fan-out cost",
         lab.header(f"bench_near: {args.rounds} round(s); local engine (a forked Manager, Unix socket); part A "
-                   f"{args.duration:g} s per run, a {args.gap_us:g} µs busy gap ({args.gap_clock} time) before each call, "
+                   f"{args.duration:g} s per run"
+                   f"{f' after {args.warmup:g} s untimed (workers that have served)' if args.warmup else ''}, "
+                   f"a {args.gap_us:g} µs busy gap ({args.gap_clock} time) before each call, "
                    f"{args.keys:,} keys "
                    f"(Zipf s = {args.zipf:g}), values {VALUE_BYTES} B pickled; run took {bench.elapsed:.0f} s",
                    bench.versions),
