@@ -13,7 +13,7 @@ With a config file of your own, import the hooks into it; if you already
 define one of them, call ours from yours (or use :func:`chain`)::
 
     # gunicorn.conf.py
-    from django_clustershm.gunicorn_conf import on_starting, post_fork, child_exit, on_exit  # noqa: F401
+    from django_clustershm.gunicorn_conf import on_starting, post_fork, post_worker_init, child_exit, on_exit  # noqa: F401
 
     # or, keeping your own hooks:
     from django_clustershm.gunicorn_conf import chain, on_starting as cs_on_starting
@@ -27,9 +27,11 @@ define one of them, call ours from yours (or use :func:`chain`)::
 ``--preload`` too, what the app stores at import (or in ``AppConfig.ready()``)
 goes to the Manager the workers share. ``post_fork`` ties each worker to the
 master (it exits within about a second if the master dies, even by SIGKILL)
-and keeps its heartbeat going while it waits for a lock.
+and keeps its heartbeat going while it waits for a lock; with
+``post_worker_init``, a worker told to stop while it boots exits before it
+serves (gunicorn alone loses that signal).
 """
 
-from .serve.cluster import chain, child_exit, on_exit, on_starting, post_fork
+from .serve.cluster import chain, child_exit, on_exit, on_starting, post_fork, post_worker_init
 
-__all__ = ["chain", "child_exit", "on_exit", "on_starting", "post_fork"]
+__all__ = ["chain", "child_exit", "on_exit", "on_starting", "post_fork", "post_worker_init"]

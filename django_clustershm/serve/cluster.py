@@ -310,6 +310,10 @@ def post_fork(server, worker) -> None:
     lifeline.post_fork(server, worker)
 
 
+def post_worker_init(worker) -> None:
+    lifeline.exit_if_stopped_early(worker)
+
+
 def child_exit(server, worker) -> None:
     if _manager is not None:
         _manager.forget_pid(worker.pid)
@@ -321,7 +325,13 @@ def on_exit(server) -> None:
         raise SystemExit(EXIT_MANAGER_DIED)  # out of gunicorn's halt(), instead of its exit 0
 
 
-HOOKS = {"on_starting": on_starting, "post_fork": post_fork, "child_exit": child_exit, "on_exit": on_exit}
+HOOKS = {
+    "on_starting": on_starting,
+    "post_fork": post_fork,
+    "post_worker_init": post_worker_init,
+    "child_exit": child_exit,
+    "on_exit": on_exit,
+}
 
 
 def chain(ours, theirs):

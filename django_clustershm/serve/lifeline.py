@@ -21,6 +21,17 @@ and held the port: a sync worker looks at its parent only when it is idle
 The master is the process that forked the worker: gunicorn's arbiter forks
 from its main thread, which is what the parent-death signal watches.
 
+**A stop that comes while it boots is not lost.** Until gunicorn's worker
+installs its own signal handlers (``init_signals``, after ``post_fork``), a
+new worker still has the arbiter's, which queue the signal in the worker's
+copy of the arbiter's queue, where nothing reads it (gunicorn #1910): a
+worker forked just before a stop or a reload (after another died, or at
+start on a loaded machine) then booted and served on, and the master
+SIGKILLed it at the end of ``--graceful-timeout``, leaving it to init to
+reap. ``post_fork`` now notes a SIGTERM, SIGINT or SIGQUIT from its first
+line on (:func:`catch_early_stop`), and ``post_worker_init`` ends a worker
+that got one before it serves anything (:func:`exit_if_stopped_early`).
+
 **Its lock waits are not hangs.** gunicorn's arbiter kills a worker whose
 heartbeat (``worker.notify()``) is older than ``--timeout``; a sync worker
 beats only between requests, so a view waiting for a lock longer than that
@@ -123,11 +134,47 @@ def watch_master(master_pid: int, grace: float = ORPHAN_GRACE) -> threading.Thre
     return thread
 
 
+#: The signals that stop a gunicorn worker (SIGTERM gracefully, the others at once).
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGQUIT)
+#: The first stop signal this worker got before gunicorn's handlers took over (see catch_early_stop).
+_early_stop: int | None = None
+
+
+def _note_stop(signum: int, frame) -> None:
+    global _early_stop
+    if _early_stop is None:
+        _early_stop = signum
+
+
+def catch_early_stop() -> None:
+    """In a new worker, first thing: note a stop signal instead of the
+    arbiter's inherited handlers losing it (until gunicorn installs the
+    worker's own; see the module's docstring)."""
+    global _early_stop
+    _early_stop = None
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, _note_stop)
+
+
+def exit_if_stopped_early(worker) -> None:
+    """gunicorn's ``post_worker_init``: end a worker that was told to stop
+    while it booted, before it serves anything (status 0, as a stop's)."""
+    if _early_stop is not None:
+        logger.info(
+            "django-clustershm: worker %d got %s while it booted; exiting before it serves",
+            os.getpid(),
+            signal.Signals(_early_stop).name,
+        )
+        sys.exit(0)
+
+
 def post_fork(server, worker) -> None:
-    """gunicorn's ``post_fork`` hook, in the new worker: its lifeline, and its
-    heartbeat during lock waits."""
+    """gunicorn's ``post_fork`` hook, in the new worker: a stop signal noted
+    until gunicorn's handlers take over, its lifeline, and its heartbeat
+    during lock waits."""
     from .asgi import is_asgi_worker
 
+    catch_early_stop()
     watch_master(server.pid)
     if worker.timeout and not is_asgi_worker(type(worker)):
         # worker.timeout is gunicorn's --timeout / 2: the cadence at which
