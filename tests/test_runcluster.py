@@ -31,33 +31,24 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def children_of(pid: int) -> set[int]:
-    found = set()
+def processes():
+    """Every process now: ``(pid, [state, ppid, pgrp, ...])`` from ``/proc/<pid>/stat``."""
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
+                    yield int(entry), fh.read().rsplit(")", 1)[1].split()
             except OSError:
                 continue
-            if int(fields[1]) == pid and fields[0] != "Z":
-                found.add(int(entry))
-    return found
+
+
+def children_of(pid: int) -> set[int]:
+    return {child for child, fields in processes() if int(fields[1]) == pid and fields[0] != "Z"}
 
 
 def group_members(pgid: int) -> dict[int, str]:
     """The processes of process group ``pgid``, zombies included: pid -> state."""
-    found = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as fh:
-                    fields = fh.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid:
-                found[int(entry)] = fields[0]
-    return found
+    return {member: fields[0] for member, fields in processes() if int(fields[2]) == pgid}
 
 
 class Server:
